@@ -1,0 +1,55 @@
+"""One output helper: the same result as a rich table for people or as JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tuner.units import fmt_bytes
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def emit(result: dict[str, Any], *, as_json: bool, render: Callable[[Console], None]) -> None:
+    """Print ``result`` as one JSON document, or call ``render`` to draw it for a person."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+    else:
+        render(console)
+
+
+def emit_json_line(obj: dict[str, Any]) -> None:
+    """One JSON object on one line (streaming events such as serve's memory_check)."""
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def bytes_cell(n_bytes: int) -> str:
+    return fmt_bytes(n_bytes) if n_bytes else "-"
+
+
+def memory_table(memory: dict[str, Any], title: str = "Memory estimate") -> Table:
+    """The per-device breakdown of an estimate's ``memory`` object (see MemoryEstimate.to_dict)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("device")
+    for col in ("weights", "KV cache", "recurrent", "compute", "output", "total"):
+        table.add_column(col, justify="right")
+    for dev in memory["devices"]:
+        table.add_row(dev["name"], bytes_cell(dev["weights_bytes"]), bytes_cell(dev["kv_bytes"]),
+                      bytes_cell(dev["recurrent_bytes"]), bytes_cell(dev["compute_bytes"]),
+                      bytes_cell(dev["output_bytes"]), fmt_bytes(dev["total_bytes"]))
+    host = memory.get("host", {})
+    if host.get("checkpoints_bytes"):
+        table.add_row("CPU ctx checkpoints", "", "", bytes_cell(host["checkpoints_bytes"]), "", "",
+                      fmt_bytes(host["checkpoints_bytes"]), style="dim")
+    if host.get("prompt_cache_bytes"):
+        table.add_row("CPU prompt cache (max)", "", "", "", "", "", fmt_bytes(host["prompt_cache_bytes"]),
+                      style="dim")
+    return table

@@ -1,0 +1,434 @@
+"""The memory estimate: bytes per device that llama-server will allocate for a model and a flag set.
+
+Each rule below names where llama.cpp implements it (paths relative to its tree; see
+``../shared/reference/llamacpp-memory.md`` for the full derivation and the measurements behind the compute model).
+
+* context: ``n_ctx = pad256(-c or n_ctx_train)``; unified KV: ``n_ctx_seq = n_ctx``; else
+  ``n_ctx_seq = pad256(n_ctx / np)`` and ``n_ctx = n_ctx_seq * np`` (llama-context.cpp:288-313). llama-server with
+  no ``-np`` uses 4 slots and a unified cache (tools/server/server.cpp:156-160).
+* KV: attention layers only; one K and one V tensor of ``n_ctx`` cells per layer, ``row_size(type, n_head_kv *
+  head_dim)`` bytes a cell (llama-kv-cache.cpp:208-237). Same total for unified and per-slot streams.
+* recurrent state: f32 whatever the cache type; ``(d_conv-1)*(d_inner+2*n_group*d_state) + d_state*d_inner``
+  floats per recurrent layer and sequence, ``max(1, np) * (1 + n_rs_seq)`` sequences, ``n_rs_seq`` =
+  ``--spec-draft-n-max`` with MTP drafting (llama-memory-recurrent.cpp:76-103, common/common.h:396-402).
+* weights: ``-ngl N`` offloads the last N-1 blocks and the output layer, ``token_embd`` stays on the CPU, ``--n-cpu-moe
+  N`` / ``--cpu-moe`` move the expert tensors of the first N / all blocks to the CPU, MTP tensors are skipped unless
+  drafting with MTP (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290, common/common.h:1198-1217). CUDA
+  pads quantized rows to a multiple of 512 elements (ggml-cuda.cu:911-916).
+* compute buffer (sched_reserve, llama-context.cpp:615-765), a model fitted to 27 CPU runs to within 0.1 MiB:
+  ``n_tok = roundup(min(n_ctx, n_ubatch), np)``; activations ``n_tok*4*(n_used*n_embd + 3*n_used*n_ff_exp +
+  4*n_embd)`` (the MoE block is the peak); KQ mask ``n_kv*n_tok*2`` (f16) with FA; without FA the f32 KQ matrix
+  ``n_kv*n_tok*n_head*4`` dominates. CUDA adds, read from code (not measured here): an f16 copy of the full K/V views
+  for quantized caches on the MMA FA path (fattn.cu:722-756), and the largest CPU-resident expert tensor when
+  expert weights stay on the CPU (op offload, ggml-backend.cpp:961-981). Inputs (mask, embeddings) also live in the
+  pinned host compute buffer.
+* output buffer: ``n_vocab * 4 * np`` bytes in host memory (llama-context.cpp:2116-2230; llama-server caps outputs at
+  ``np * (1 + n_draft)``, server-context.cpp:41-53).
+* host extras: context checkpoints (``--ctx-checkpoints`` per slot, each one sequence's recurrent state) and the prompt
+  cache (``--cache-ram`` MiB, 8192 by default), both host RAM (server-context.cpp:2290-2356, server-task.cpp:1691+).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tuner.errors import TunerError
+from tuner.ggml import CUDA_MATRIX_ROW_PADDING, is_quantized, kv_cache_type, row_bytes
+from tuner.layout import ModelLayout, TensorClass
+from tuner.units import MiB
+
+CPU = "CPU"
+SPEC_MTP = "draft-mtp"
+FLASH_ATTN_MODES = ("on", "off", "auto")
+# Small constants of the fitted compute model (llamacpp-memory.md section 4.2).
+_COMPUTE_BASE_BYTES = int(0.02 * MiB)
+_HADAMARD_ROT_BYTES = 256 * 256 * 4  # attn_rot_k input when K is quantized (llama-kv-cache.cpp:321-362)
+OP_OFFLOAD_MIN_BATCH = 32  # GGML_OP_OFFLOAD_MIN_BATCH (ggml-cuda.cu:5825)
+
+
+def pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ServerFlags:
+    """A llama-server flag set, by its long option names. Defaults are llama-server's own."""
+
+    ctx_size: int = 0  # 0 = the model's n_ctx_train
+    parallel: int = -1  # -1 = auto: 4 slots and a unified cache
+    kv_unified: bool | None = None
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    batch_size: int = 2048
+    ubatch_size: int = 512
+    flash_attn: str = "auto"
+    n_gpu_layers: int | None = None  # None / negative = all
+    n_cpu_moe: int = 0
+    cpu_moe: bool = False
+    cache_ram_mib: int = 8192
+    ctx_checkpoints: int = 32
+    spec_type: str | None = None
+    spec_draft_n_max: int = 3
+    no_kv_offload: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "ubatch_size"):
+            if getattr(self, name) <= 0:
+                raise TunerError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.ctx_size < 0:
+            raise TunerError(f"--ctx-size must be 0 (the model's) or positive, got {self.ctx_size}")
+        if self.parallel == 0 or self.parallel < -1:
+            raise TunerError(f"--parallel must be positive (or -1 for auto), got {self.parallel}")
+        if self.n_cpu_moe < 0:
+            raise TunerError(f"--n-cpu-moe must be 0 or positive, got {self.n_cpu_moe}")
+        if self.ctx_checkpoints < 0 or self.spec_draft_n_max < 0:
+            raise TunerError("--ctx-checkpoints and --spec-draft-n-max must be 0 or positive")
+        if self.flash_attn not in FLASH_ATTN_MODES:
+            raise TunerError(f"--flash-attn must be one of on, off, auto; got {self.flash_attn!r}")
+        if self.spec_type not in (None, SPEC_MTP):
+            raise TunerError(f"--spec-type {self.spec_type!r} is not sized by tuner (supported: {SPEC_MTP})")
+        kv_cache_type(self.cache_type_k)
+        kv_cache_type(self.cache_type_v)
+
+    @property
+    def n_seq(self) -> int:
+        return 4 if self.parallel == -1 else self.parallel
+
+    @property
+    def unified(self) -> bool:
+        return True if self.parallel == -1 else bool(self.kv_unified)
+
+    def with_(self, **changes: Any) -> ServerFlags:
+        return replace(self, **changes)
+
+    def to_args(self) -> list[str]:
+        """The llama-server arguments for this flag set (explicit values, so a command line reads complete)."""
+        args = ["--ctx-size", str(self.ctx_size)]
+        if self.parallel != -1:
+            args += ["--parallel", str(self.parallel)]
+        if self.kv_unified is not None and self.parallel != -1:
+            args.append("--kv-unified" if self.kv_unified else "--no-kv-unified")
+        args += ["--cache-type-k", self.cache_type_k, "--cache-type-v", self.cache_type_v]
+        args += ["--batch-size", str(self.batch_size), "--ubatch-size", str(self.ubatch_size)]
+        args += ["--flash-attn", self.flash_attn]
+        args += ["--n-gpu-layers", "all" if self.n_gpu_layers is None or self.n_gpu_layers < 0
+                 else str(self.n_gpu_layers)]
+        if self.cpu_moe:
+            args.append("--cpu-moe")
+        elif self.n_cpu_moe:
+            args += ["--n-cpu-moe", str(self.n_cpu_moe)]
+        if self.cache_ram_mib != 8192:
+            args += ["--cache-ram", str(self.cache_ram_mib)]
+        if self.ctx_checkpoints != 32:
+            args += ["--ctx-checkpoints", str(self.ctx_checkpoints)]
+        if self.spec_type:
+            args += ["--spec-type", self.spec_type]
+            if self.spec_draft_n_max != 3:
+                args += ["--spec-draft-n-max", str(self.spec_draft_n_max)]
+        if self.no_kv_offload:
+            args.append("--no-kv-offload")
+        return args
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    name: str  # as llama.cpp prints it: CUDA0, CUDA1, CPU (host)
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    recurrent_bytes: int = 0
+    compute_bytes: int = 0
+    output_bytes: int = 0
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name != CPU
+
+    @property
+    def context_bytes(self) -> int:
+        return self.kv_bytes + self.recurrent_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.compute_bytes + self.output_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    n_ctx: int
+    n_ctx_seq: int
+    n_seq: int
+    kv_unified: bool
+    flash_attn: bool
+    n_batch: int
+    n_ubatch: int
+    n_gpu_layers: int  # blocks (and the output layer) on a GPU, as llama.cpp counts them
+    devices: tuple[DeviceMemory, ...]
+    checkpoints_bytes: int = 0  # host RAM, worst case: --ctx-checkpoints per slot
+    prompt_cache_bytes: int = 0  # host RAM, upper bound: --cache-ram
+    mtp_bytes: int = 0  # part of the totals above that the MTP draft context adds
+    notes: tuple[str, ...] = field(default=())
+
+    def _sum(self, attr: str) -> int:
+        return sum(getattr(d, attr) for d in self.devices)
+
+    @property
+    def weights_bytes(self) -> int:
+        return self._sum("weights_bytes")
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._sum("kv_bytes")
+
+    @property
+    def recurrent_bytes(self) -> int:
+        return self._sum("recurrent_bytes")
+
+    @property
+    def compute_bytes(self) -> int:
+        return self._sum("compute_bytes")
+
+    @property
+    def output_bytes(self) -> int:
+        return self._sum("output_bytes")
+
+    @property
+    def total_bytes(self) -> int:
+        return self._sum("total_bytes")
+
+    def device(self, name: str) -> DeviceMemory:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        return DeviceMemory(name)
+
+    @property
+    def gpu_devices(self) -> tuple[DeviceMemory, ...]:
+        return tuple(d for d in self.devices if d.is_gpu)
+
+    @property
+    def host(self) -> DeviceMemory:
+        return self.device(CPU)
+
+    @property
+    def host_total_bytes(self) -> int:
+        """Host RAM at worst: CPU buffers, pinned buffers, checkpoints and a full prompt cache."""
+        return self.host.total_bytes + self.checkpoints_bytes + self.prompt_cache_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "context": {"n_ctx": self.n_ctx, "n_ctx_seq": self.n_ctx_seq, "n_seq": self.n_seq,
+                        "kv_unified": self.kv_unified, "flash_attn": self.flash_attn,
+                        "n_batch": self.n_batch, "n_ubatch": self.n_ubatch, "n_gpu_layers": self.n_gpu_layers},
+            "memory": {
+                "weights_bytes": self.weights_bytes,
+                "kv_bytes": self.kv_bytes,
+                "recurrent_bytes": self.recurrent_bytes,
+                "compute_bytes": self.compute_bytes,
+                "output_bytes": self.output_bytes,
+                "total_bytes": self.total_bytes,
+                "devices": [d.to_dict() for d in self.devices],
+                "host": {"checkpoints_bytes": self.checkpoints_bytes,
+                         "prompt_cache_bytes": self.prompt_cache_bytes,
+                         "total_bytes": self.host_total_bytes},
+                "mtp_bytes": self.mtp_bytes,
+            },
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    n_ctx: int
+    n_ctx_seq: int
+    n_seq: int
+    unified: bool
+    n_batch: int
+    n_ubatch: int
+
+
+def context_shape(layout: ModelLayout, flags: ServerFlags) -> ContextShape:
+    """n_ctx, n_ctx_seq and batch sizes after llama.cpp's rounding (llama-context.cpp:246-313)."""
+    n_seq = flags.n_seq
+    n_ctx = pad(flags.ctx_size or layout.n_ctx_train, 256)
+    if flags.unified:
+        n_ctx_seq = n_ctx
+    else:
+        n_ctx_seq = pad(n_ctx // n_seq, 256)
+        n_ctx = n_ctx_seq * n_seq
+    n_batch = min(flags.batch_size, n_ctx)
+    n_ubatch = min(flags.ubatch_size, n_batch)
+    return ContextShape(n_ctx, n_ctx_seq, n_seq, flags.unified, n_batch, n_ubatch)
+
+
+def layer_devices(n_layer_all: int, n_gpu_layers: int | None, gpu_names: Sequence[str],
+                  gpu_split: Sequence[float] | None = None) -> list[str]:
+    """Device of every block and, last, of the output layer (index ``n_layer_all``), as llama-model.cpp:1589-1614."""
+    if not gpu_names:
+        return [CPU] * (n_layer_all + 1)
+    ngl = n_layer_all + 1 if n_gpu_layers is None or n_gpu_layers < 0 else n_gpu_layers
+    start = max(n_layer_all + 1 - ngl, 0)
+    n_off = n_layer_all + 1 - start
+    weights = list(gpu_split) if gpu_split else [1.0] * len(gpu_names)
+    total = sum(weights) or 1.0
+    cum, acc = [], 0.0
+    for w in weights:
+        acc += w / total
+        cum.append(acc)
+    out: list[str] = []
+    for il in range(n_layer_all + 1):
+        if il < start:
+            out.append(CPU)
+            continue
+        frac = (il - start) / n_off
+        dev = next((i for i, c in enumerate(cum) if frac < c - 1e-12), len(gpu_names) - 1)
+        out.append(gpu_names[dev])
+    return out
+
+
+def activation_bytes(layout: ModelLayout, n_tok: int) -> int:
+    """Peak activations of one ubatch: the FFN block (MoE: n_used experts' up/gate/down, fitted on 2 shapes)."""
+    if layout.is_moe:
+        floats = layout.n_expert_used * layout.n_embd + 3 * layout.n_expert_used * layout.n_ff_exp + 4 * layout.n_embd
+    else:
+        floats = 3 * max(layout.n_ff, layout.n_embd) + 4 * layout.n_embd
+    return n_tok * 4 * floats
+
+
+def compute_bytes_cpu(layout: ModelLayout, shape: ContextShape, flash_attn: bool, k_quantized: bool,
+                      n_outputs: int) -> int:
+    """The compute buffer of the backend that runs the repeating layers (CPU-fitted model)."""
+    n_tok = pad(shape.n_ubatch, shape.n_seq)
+    n_kvm = shape.n_ctx if shape.unified else shape.n_ctx_seq
+    act = activation_bytes(layout, n_tok)
+    logits = min(n_tok, n_outputs) * layout.n_vocab * 4 + n_tok * layout.n_embd * 4
+    peak = max(act, logits)
+    if not layout.attention_layers:
+        return peak + _COMPUTE_BASE_BYTES
+    if flash_attn:
+        attn = n_kvm * n_tok * 2
+    else:
+        n_head = max(layout.n_head[i] for i in layout.attention_layers)
+        attn = n_kvm * n_tok * n_head * 4 + n_kvm * n_tok * 4
+        peak = max(peak, int(n_tok * 4 * (5 * layout.n_embd + 2.75 * n_head * layout.head_k)))
+    return peak + attn + _COMPUTE_BASE_BYTES + (_HADAMARD_ROT_BYTES if k_quantized else 0)
+
+
+def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
+                    gpu_split: Sequence[float] | None = None) -> MemoryEstimate:
+    """Bytes per device llama-server allocates for ``layout`` with ``flags`` on GPUs named ``gpu_names``."""
+    shape = context_shape(layout, flags)
+    tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
+    notes: list[str] = []
+    if flags.flash_attn == "off" and is_quantized(tv):
+        raise TunerError("a quantized V cache requires flash attention: use --flash-attn on (or auto)")
+    flash_attn = flags.flash_attn != "off"
+    mtp = flags.spec_type == SPEC_MTP
+    if mtp and not layout.has_mtp:
+        raise TunerError("--spec-type draft-mtp needs a GGUF with the MTP layer (nextn_predict_layers = 0 here)")
+    if gpu_names and (tk.name == "iq4_nl" or tv.name == "iq4_nl"):
+        notes.append("CUDA flash attention has no iq4_nl kernel: attention would fall back to the CPU")
+
+    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
+    out_dev = devs[layout.n_layer_all]
+    acc: dict[str, dict[str, int]] = {n: {} for n in [*gpu_names, CPU]}
+
+    def add(dev: str, kind: str, n: int) -> None:
+        acc[dev][kind] = acc[dev].get(kind, 0) + n
+
+    # weights
+    largest_cpu_expert = 0
+    mtp_bytes = 0
+    for t in layout.tensors:
+        if t.cls is TensorClass.MTP and not mtp:
+            continue
+        if t.cls is TensorClass.TOKEN_EMBD:
+            add(CPU, "weights", t.nbytes)
+            if layout.tied_embeddings and out_dev != CPU:
+                add(out_dev, "weights", t.nbytes)
+            continue
+        dev = out_dev if t.layer is None else devs[t.layer]
+        if dev != CPU and t.is_expert and (flags.cpu_moe or (t.layer is not None and t.layer < flags.n_cpu_moe)):
+            dev = CPU
+        nbytes = t.nbytes
+        if dev != CPU and is_quantized(t.ggml_type) and t.shape and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
+            nbytes += row_bytes(t.ggml_type, CUDA_MATRIX_ROW_PADDING - t.shape[0] % CUDA_MATRIX_ROW_PADDING)
+        if dev == CPU and t.is_expert:
+            largest_cpu_expert = max(largest_cpu_expert, t.nbytes)
+        if t.cls is TensorClass.MTP:
+            mtp_bytes += nbytes
+        add(dev, "weights", nbytes)
+
+    # KV cache and recurrent state, with their layers (or on the CPU with --no-kv-offload)
+    def ctx_dev(il: int) -> str:
+        return CPU if flags.no_kv_offload else devs[il]
+
+    for il in layout.attention_layers:
+        add(ctx_dev(il), "kv", shape.n_ctx * layout.kv_bytes_per_cell(tk.name, tv.name, [il]))
+    n_rs_seq = flags.spec_draft_n_max if mtp else 0
+    rs_rows = max(1, shape.n_seq) * (1 + n_rs_seq)
+    per_layer_rs = layout.recurrent_bytes_per_seq([0])
+    for il in layout.recurrent_layers:
+        add(ctx_dev(il), "recurrent", per_layer_rs * rs_rows)
+
+    # compute buffers
+    n_outputs = shape.n_seq * (1 + (flags.spec_draft_n_max if mtp else 0))
+    main_compute = compute_bytes_cpu(layout, shape, flash_attn, is_quantized(tk), n_outputs)
+    n_tok = pad(shape.n_ubatch, shape.n_seq)
+    n_kvm = shape.n_ctx if shape.unified else shape.n_ctx_seq
+    layer_gpus = sorted({d for d in devs[: layout.n_layer_all] if d != CPU}, key=list(gpu_names).index)
+    cpu_runs_layers = any(d == CPU for d in devs[: layout.n_layer]) or not gpu_names
+    for g in layer_gpus:
+        c = main_compute
+        if flash_attn and (is_quantized(tk) or is_quantized(tv)) and layout.attention_layers:
+            kv_heads = max(layout.n_head_kv[i] for i in layout.attention_layers)
+            c += shape.n_ctx * kv_heads * ((layout.head_k if is_quantized(tk) else 0)
+                                           + (layout.head_v if is_quantized(tv) else 0)) * 2
+        if g == layer_gpus[0] and largest_cpu_expert and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
+            c += largest_cpu_expert
+        add(g, "compute", c)
+    if cpu_runs_layers:
+        add(CPU, "compute", main_compute)
+    else:
+        mask = n_kvm * n_tok * (2 if flash_attn else 4) if layout.attention_layers else 0
+        add(CPU, "compute", mask + n_tok * layout.n_embd * 4)
+
+    # MTP draft context: one more attention layer of KV and its own compute buffer
+    if mtp:
+        for il in range(layout.n_layer, layout.n_layer_all):
+            kv = shape.n_ctx * layout.kv_bytes_per_cell(tk.name, tv.name, [il])
+            add(ctx_dev(il), "kv", kv)
+            add(devs[il], "compute", main_compute)
+            mtp_bytes += kv + main_compute
+        mtp_bytes += per_layer_rs * len(layout.recurrent_layers) * max(1, shape.n_seq) * n_rs_seq
+        notes.append("MTP drafting: RS keeps draft snapshots; the draft context's compute buffer is approximate")
+
+    add(CPU, "output", layout.n_vocab * 4 * shape.n_seq)
+
+    devices = tuple(
+        DeviceMemory(name, v.get("weights", 0), v.get("kv", 0), v.get("recurrent", 0), v.get("compute", 0),
+                     v.get("output", 0))
+        for name, v in acc.items()
+    )
+    checkpoints = (shape.n_seq * flags.ctx_checkpoints * layout.recurrent_bytes_per_seq()
+                   if layout.is_hybrid else 0)
+    n_gpu = sum(1 for d in devs if d != CPU)
+    return MemoryEstimate(
+        n_ctx=shape.n_ctx,
+        n_ctx_seq=shape.n_ctx_seq,
+        n_seq=shape.n_seq,
+        kv_unified=shape.unified,
+        flash_attn=flash_attn,
+        n_batch=shape.n_batch,
+        n_ubatch=shape.n_ubatch,
+        n_gpu_layers=n_gpu,
+        devices=devices,
+        checkpoints_bytes=checkpoints,
+        prompt_cache_bytes=max(flags.cache_ram_mib, 0) * MiB,
+        mtp_bytes=mtp_bytes,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,311 @@
+"""Reading a GGUF file's header: metadata and the tensor table, never the tensor data.
+
+A model reference is a ``.gguf`` path or the first shard of a split model (``*-00001-of-0000N.gguf``): every shard's
+header is read and the tensor tables are joined. The parser works on a byte prefix of the file, so the same code reads
+a local file (a few reads from the start) and a remote one (HTTP range requests, :mod:`tuner.remote`): when the
+prefix is too short it raises :class:`NeedMoreBytes` and the caller fetches more.
+
+Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (magic ``GGUF``, version 2 or 3, little endian).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import TunerError
+from tuner.ggml import GGML_TYPES, GgmlType, tensor_bytes
+
+GGUF_MAGIC = b"GGUF"
+GGUF_DEFAULT_ALIGNMENT = 32
+# String arrays longer than this (tokenizer vocabularies, merges) are counted, not decoded.
+MAX_DECODED_STRING_ARRAY = 4096
+# A local read starts with this many bytes: real Qwen3.5 headers (tokenizer + merges) are 10-13 MB.
+LOCAL_FIRST_READ = 16 << 20
+# Sanity limits that catch random bytes masquerading as a header before they allocate anything.
+_MAX_COUNT = 1 << 40
+_MAX_STRING = 1 << 30
+_MAX_DIMS = 4
+
+_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+# GGUF value types (gguf.md): id -> struct format (scalars)
+_SCALAR_FORMATS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                                   10: "<Q", 11: "<q", 12: "<d"}
+_TYPE_STRING = 8
+_U64 = struct.Struct("<Q")
+_TYPE_ARRAY = 9
+
+
+class NeedMoreBytes(Exception):
+    """The byte prefix ended inside the header; at least ``needed`` bytes are required."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+
+
+@dataclass(frozen=True)
+class StringArraySummary:
+    """A long string array (e.g. ``tokenizer.ggml.tokens``) kept as its length only."""
+
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the tensor table. ``shape[0]`` is the row length (ggml ``ne[0]``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GgmlType
+    offset: int  # relative to the data section of its shard
+    nbytes: int
+    shard: int = 0
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What one GGUF file (or all shards of a split model) says about itself."""
+
+    paths: tuple[str, ...]  # one per shard: local paths or URLs
+    version: int
+    metadata: dict[str, Any] = field(repr=False)
+    tensors: tuple[TensorInfo, ...] = field(repr=False)
+    file_bytes: int  # all shards together
+    header_bytes: int  # all shards' headers (metadata + tensor table + alignment padding)
+
+    @property
+    def arch(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+
+class _Cursor:
+    """Little-endian reads from a byte prefix; running off its end raises NeedMoreBytes."""
+
+    def __init__(self, buf: bytes | memoryview, *, grow_hint: int) -> None:
+        self.raw = bytes(buf) if isinstance(buf, memoryview) else buf
+        self.buf = memoryview(self.raw)
+        self.pos = 0
+        self.grow_hint = grow_hint
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if end > len(self.buf):
+            raise NeedMoreBytes(max(end, len(self.buf) + self.grow_hint))
+        out = self.buf[self.pos:end]
+        self.pos = end
+        return out
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, self.take(size))[0]
+
+    def u32(self) -> int:
+        return self.unpack("<I")
+
+    def u64(self) -> int:
+        return self.unpack("<Q")
+
+    def string(self) -> str:
+        n = self.u64()
+        if n > _MAX_STRING:
+            raise TunerError(f"corrupt GGUF header: a string claims {n} bytes")
+        return bytes(self.take(n)).decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int) -> None:
+        """Skip ``count`` length-prefixed strings (a vocabulary of 250k tokens in a few tens of ms)."""
+        buf, pos = self.raw, self.pos
+        unpack_from = _U64.unpack_from
+        try:
+            for _ in repeat(None, count):
+                pos += 8 + unpack_from(buf, pos)[0]
+        except struct.error:
+            raise NeedMoreBytes(len(buf) + self.grow_hint) from None
+        if pos > len(buf):
+            raise NeedMoreBytes(pos + self.grow_hint)
+        self.pos = pos
+
+
+def _read_value(cur: _Cursor, vtype: int) -> Any:
+    fmt = _SCALAR_FORMATS.get(vtype)
+    if fmt is not None:
+        return cur.unpack(fmt)
+    if vtype == _TYPE_STRING:
+        return cur.string()
+    if vtype == _TYPE_ARRAY:
+        etype = cur.u32()
+        count = cur.u64()
+        if count > _MAX_COUNT:
+            raise TunerError(f"corrupt GGUF header: an array claims {count} elements")
+        efmt = _SCALAR_FORMATS.get(etype)
+        if efmt is not None:
+            size = struct.calcsize(efmt)
+            raw = cur.take(size * count)
+            return list(struct.unpack(f"<{count}{efmt[1]}", raw))
+        if etype == _TYPE_STRING:
+            if count > MAX_DECODED_STRING_ARRAY:
+                cur.skip_strings(count)
+                return StringArraySummary(count)
+            return [cur.string() for _ in range(count)]
+        if etype == _TYPE_ARRAY:
+            return [_read_value(cur, _TYPE_ARRAY) for _ in range(count)]
+        raise TunerError(f"corrupt GGUF header: unknown array element type {etype}")
+    raise TunerError(f"corrupt GGUF header: unknown value type {vtype}")
+
+
+@dataclass(frozen=True)
+class _ParsedShard:
+    version: int
+    metadata: dict[str, Any]
+    tensors: tuple[TensorInfo, ...]
+    data_offset: int  # where the tensor data section starts
+
+
+def parse_header(buf: bytes | memoryview, *, shard: int = 0, source: str = "GGUF file") -> _ParsedShard:
+    """Parse a GGUF header from a prefix of the file. Raises NeedMoreBytes when the prefix is too short."""
+    cur = _Cursor(buf, grow_hint=max(1 << 20, len(buf)))
+    magic = bytes(cur.take(4))
+    if magic != GGUF_MAGIC:
+        raise TunerError(f"{source} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    version = cur.u32()
+    if version not in (2, 3):
+        raise TunerError(f"{source}: unsupported GGUF version {version} (tuner reads versions 2 and 3)")
+    n_tensors = cur.u64()
+    n_kv = cur.u64()
+    if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
+        raise TunerError(f"{source}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = _read_value(cur, cur.u32())
+    tensors: list[TensorInfo] = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.u32()
+        if n_dims > _MAX_DIMS:
+            raise TunerError(f"{source}: corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
+        shape = tuple(cur.u64() for _ in range(n_dims))
+        type_id = cur.u32()
+        offset = cur.u64()
+        gtype = GGML_TYPES.get(type_id)
+        if gtype is None:
+            raise TunerError(f"{source}: tensor {name!r} has unknown ggml type {type_id}")
+        try:
+            nbytes = tensor_bytes(gtype, shape)
+        except TunerError as exc:
+            raise TunerError(f"{source}: tensor {name!r}: {exc}") from None
+        tensors.append(TensorInfo(name, shape, gtype, offset, nbytes, shard))
+    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)) or GGUF_DEFAULT_ALIGNMENT
+    data_offset = -(-cur.pos // alignment) * alignment
+    return _ParsedShard(version, metadata, tuple(tensors), data_offset)
+
+
+def parse_growing(read_prefix: Callable[[int], bytes], size_bytes: int, *, shard: int, source: str,
+                  first_read: int = 1 << 20) -> _ParsedShard:
+    """Parse with a reader of file prefixes, asking for more bytes until the header is complete."""
+    want = min(first_read, size_bytes)
+    while True:
+        buf = read_prefix(want)
+        try:
+            return parse_header(buf, shard=shard, source=source)
+        except NeedMoreBytes as more:
+            if len(buf) >= size_bytes:
+                raise TunerError(f"{source} is truncated: the header ends at byte {size_bytes}"
+                                 " before the tensor table is complete") from None
+            want = min(max(more.needed, want * 4), size_bytes)
+
+
+def check_data_fits(parsed: _ParsedShard, size_bytes: int, source: str) -> None:
+    """Every tensor's data must lie inside the file: a short file is a truncated download."""
+    end = max((t.offset + t.nbytes for t in parsed.tensors), default=0) + parsed.data_offset
+    if end > size_bytes:
+        missing = end - size_bytes
+        raise TunerError(f"{source} is truncated: tensor data needs {end} bytes but the file has {size_bytes}"
+                         f" ({missing} bytes missing; re-download it)")
+
+
+def shard_paths(first: str) -> list[str]:
+    """All shard names of a split model given the first (``…-00001-of-00003.gguf``); else ``[first]``."""
+    m = _SPLIT_RE.match(first)
+    if not m:
+        return [first]
+    count = int(m.group("count"))
+    if int(m.group("no")) != 1:
+        raise TunerError(f"{first} is shard {int(m.group('no'))} of {count}: give the first shard (-00001-of-…)")
+    return [f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def join_shards(paths: list[str], parsed: list[_ParsedShard], sizes: list[int]) -> GgufHeader:
+    """One header for a (possibly split) model: metadata of the first shard, all tensors."""
+    first = parsed[0]
+    split_count = first.metadata.get("split.count")
+    if split_count is not None and int(split_count) != len(paths):
+        raise TunerError(f"{paths[0]} says it is split into {split_count} files, found {len(paths)}")
+    tensors = tuple(t for p in parsed for t in p.tensors)
+    expected = first.metadata.get("split.tensors.count")
+    if expected is not None and int(expected) != len(tensors):
+        raise TunerError(f"split model {paths[0]}: shards hold {len(tensors)} tensors, expected {expected}")
+    return GgufHeader(
+        paths=tuple(paths),
+        version=first.version,
+        metadata=first.metadata,
+        tensors=tensors,
+        file_bytes=sum(sizes),
+        header_bytes=sum(p.data_offset for p in parsed),
+    )
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GgufHeader:
+    """Read the header of a local GGUF file or split model. Reads only the header bytes of each shard."""
+    first = str(path)
+    p = Path(first)
+    if p.is_dir():
+        raise TunerError(f"{first} is a directory, not a GGUF file")
+    if not p.exists():
+        raise TunerError(f"no such file: {first}")
+    paths = shard_paths(first)
+    missing = [q for q in paths if not Path(q).is_file()]
+    if missing:
+        raise TunerError(f"split model is missing {len(missing)} of {len(paths)} shards: {Path(missing[0]).name}"
+                         + (" …" if len(missing) > 1 else ""))
+    parsed: list[_ParsedShard] = []
+    sizes: list[int] = []
+    for i, shard_path in enumerate(paths):
+        size = Path(shard_path).stat().st_size
+        if size == 0:
+            raise TunerError(f"{shard_path} is empty (0 bytes)")
+        with open(shard_path, "rb") as fh:
+
+            def read_prefix(n: int, fh: Any = fh) -> bytes:
+                fh.seek(0)
+                return fh.read(n)
+
+            shard = parse_growing(read_prefix, size, shard=i, source=shard_path, first_read=LOCAL_FIRST_READ)
+        check_data_fits(shard, size, shard_path)
+        parsed.append(shard)
+        sizes.append(size)
+    return join_shards(paths, parsed, sizes)
