@@ -27,9 +27,10 @@ def _root() -> None:
 
 
 def _register() -> None:
-    from tuner.cli import estimate
+    from tuner.cli import estimate, hardware
 
     estimate.register(app)
+    hardware.register(app)
 
 
 _register()

@@ -10,7 +10,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
         no_kv_offload: o.NoKvOffloadOpt = False,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
-        check: bool = typer.Option(False, "--check", help="Also run llama.cpp's dry run (llama-fit-params)."),
+        check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
         server_bin: o.ServerBinOpt = None,
         as_json: o.JsonOpt = False,
     ) -> None:
