@@ -185,7 +185,7 @@ def test_index_html_page_gives_the_sdist_url_and_hash() -> None:
     )
     url, sha = find_sdist_in_index(page, "text/html", "https://idx/simple/llama-cpp-python/", "0.3.36")
     assert (url, sha) == ("https://idx/p/llama_cpp_python-0.3.36.tar.gz", "cd")
-    with pytest.raises(TunerError, match="no llama-cpp-python 9.9"):
+    with pytest.raises(TunerError, match=r"no llama-cpp-python 9\.9"):
         find_sdist_in_index(page, "text/html", "https://idx/simple/llama-cpp-python/", "9.9")
 
 
@@ -285,8 +285,7 @@ def _nvml_capabilities() -> tuple[tuple[int, int], ...]:
     try:
         count = pynvml.nvmlDeviceGetCount()
         return tuple(
-            tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i)))
-            for i in range(count)
+            tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(count)
         )
     finally:
         pynvml.nvmlShutdown()
@@ -390,7 +389,12 @@ def test_cached_entry_is_reused_without_running_pip_git_or_cmake(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = BuildSpec("pypi", "0.3.36", False)
-    meta = {"source": "pypi:0.3.36", "commit": "0c1e570", "cmake_options": {"GGML_NATIVE": "ON"}, "cuda": False}
+    meta = {
+        "source": "pypi:0.3.36",
+        "commit": "0c1e57098bba43ac29e6e3b677cdceebdd22334f",  # read back the way --version prints it
+        "cmake_options": {"GGML_NATIVE": "ON"},
+        "cuda": False,
+    }
     published = publish_build(build_key(spec), _fake_bins(tmp_path / "bin"), meta)
     _forbid_subprocesses(monkeypatch)
     events: list[str] = []

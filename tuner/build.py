@@ -53,6 +53,7 @@ import re
 import secrets
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -569,13 +570,13 @@ def _run_logged(
     return rc, list(tail)
 
 
-def llama_version(server_bin: Path) -> tuple[str, str]:
+def llama_version(server_bin: Path | str) -> tuple[str, str]:
     """Run ``server_bin --version``: (version text, commit). TunerError if it does not run or is not llama.cpp."""
     text = _version_output(server_bin)
     return parse_version_output(text)
 
 
-def _version_output(server_bin: Path) -> str:
+def _version_output(server_bin: Path | str) -> str:
     try:
         proc = subprocess.run(
             [str(server_bin), "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -593,7 +594,7 @@ def _version_output(server_bin: Path) -> str:
     return text
 
 
-def build_from_binary(server_bin: Path) -> LlamaBuild:
+def build_from_binary(server_bin: Path | str) -> LlamaBuild:
     """An existing ``llama-server`` (``--server-bin``): check it runs, and take the other tools from beside it."""
     path = Path(server_bin).expanduser().absolute()
     if path.is_dir():
@@ -639,13 +640,18 @@ def _read_build(entry: Path) -> LlamaBuild | None:
             bench_bin=bins["llama-bench"],
             fit_params_bin=bins["llama-fit-params"],
             version_text=meta["version_text"],
-            commit=meta["commit"],
+            commit=_short_commit(meta["commit"]),
             cuda=bool(meta["cuda"]),
             options=dict(meta.get("cmake_options", {})),
             source=meta.get("source", ""),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _short_commit(commit: str) -> str:
+    """Commits the way ``--version`` prints them: 7 hex digits."""
+    return commit[:7] if _SHA_RE.match(commit) else commit
 
 
 def find_build(spec: BuildSpec) -> LlamaBuild | None:
@@ -695,7 +701,8 @@ def ensure_build(spec: BuildSpec, on_progress: ProgressFn | None = None) -> Llam
             "version": spec.source_ref if spec.source_kind != "local" else "local",
             "source_dir": str(source.path),
             "origin": source.origin,
-            "commit": source.commit,
+            "commit": _short_commit(source.commit),
+            "source_commit": source.commit,
             "build_number": source.build_number,
             "cmake_options": options,
             "cuda": spec.cuda,
@@ -842,6 +849,8 @@ def _ensure_source(spec: BuildSpec, on_progress: ProgressFn | None) -> SourceTre
         if existing is not None:
             return existing
         root.parent.mkdir(parents=True, exist_ok=True)
+        for stale in root.parent.glob(f".tmp-{sid}-*"):  # a fetch killed too hard to clean up after itself
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root.parent / f".tmp-{sid}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             tmp.mkdir()
@@ -987,7 +996,7 @@ def _download_sdist_from_index(version: str, dest: Path, on_progress: ProgressFn
     config = "" if os.environ.get("PIP_INDEX_URL") else _pip_config()
     index = os.environ.get("PIP_INDEX_URL") or pip_setting(config, "index-url") or "https://pypi.org/simple"
     cert = os.environ.get("PIP_CERT") or pip_setting(config, "cert")
-    verify: str | bool = cert if cert and Path(cert).is_file() else True
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cert) if cert and Path(cert).is_file() else True
     page_url = index.rstrip("/") + f"/{PYPI_PROJECT}/"
     headers = {"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"}
     with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(60.0, connect=20.0), verify=verify) as client:

@@ -15,13 +15,19 @@ Each rule below names where llama.cpp implements it (paths relative to its tree;
   N`` / ``--cpu-moe`` move the expert tensors of the first N / all blocks to the CPU, MTP tensors are skipped unless
   drafting with MTP (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290, common/common.h:1198-1217). CUDA
   pads quantized rows to a multiple of 512 elements (ggml-cuda.cu:911-916).
-* compute buffer (sched_reserve, llama-context.cpp:615-765), a model fitted to 27 CPU runs to within 0.1 MiB:
-  ``n_tok = roundup(min(n_ctx, n_ubatch), np)``; activations ``n_tok*4*(n_used*n_embd + 3*n_used*n_ff_exp +
-  4*n_embd)`` (the MoE block is the peak); KQ mask ``n_kv*n_tok*2`` (f16) with FA; without FA the f32 KQ matrix
-  ``n_kv*n_tok*n_head*4`` dominates. CUDA adds, read from code (not measured here): an f16 copy of the full K/V views
-  for quantized caches on the MMA FA path (fattn.cu:722-756), and the largest CPU-resident expert tensor when
-  expert weights stay on the CPU (op offload, ggml-backend.cpp:961-981). Inputs (mask, embeddings) also live in the
-  pinned host compute buffer.
+* compute buffer (sched_reserve, llama-context.cpp:615-765): ggml-alloc's peak over the worst-case graph, a ubatch of
+  ``n_tok = roundup(min(n_ctx, n_ubatch), np)`` tokens against the full cache. Derived from the graph code
+  (src/models/qwen35moe.cpp, qwen35.cpp, delta-net-base.cpp, llama-graph.cpp) and fitted to the CPU backend's
+  reported buffers (``tests/test_estimate_vs_llama.py`` re-measures it on every run): the largest of the per-block
+  peaks of :func:`activation_peaks` (MoE or dense FFN, DeltaNet conv, DeltaNet state, attention), plus the KQ mask
+  ``n_kv*n_tok`` (f16 with FA, f32 without; ``n_kv = n_ctx`` unified, ``n_ctx_seq`` per-slot streams). Without FA
+  the f32 ``KQ`` matrix ``n_kv*n_tok*n_head*4`` and its block dominate. Measured: the 27 runs of the reference
+  notes (appendix B) are reproduced to 0.1 MiB; 99 runs over 9 shapes (the 27B, 35B-A3B, 122B, 397B and
+  Qwen3-Next widths and 4 small ones) x 11 flag sets are within 18 % (median 1.5 %). The MTP draft context has
+  its own, smaller buffer (:func:`mtp_compute_bytes`). CUDA adds, read from code (not measured here): an f16 copy
+  of the full K/V views for quantized caches on the MMA FA path (fattn.cu:722-756), and the largest CPU-resident
+  expert tensor when expert weights stay on the CPU (op offload, ggml-backend.cpp:961-981). Inputs (mask,
+  embeddings) also live in the pinned host compute buffer.
 * output buffer: ``n_vocab * 4 * np`` bytes in host memory (llama-context.cpp:2116-2230; llama-server caps outputs at
   ``np * (1 + n_draft)``, server-context.cpp:41-53).
 * host extras: context checkpoints (``--ctx-checkpoints`` per slot, each one sequence's recurrent state) and the prompt
@@ -42,10 +48,14 @@ from tuner.units import MiB
 CPU = "CPU"
 SPEC_MTP = "draft-mtp"
 FLASH_ATTN_MODES = ("on", "off", "auto")
-# Small constants of the fitted compute model (llamacpp-memory.md section 4.2).
-_COMPUTE_BASE_BYTES = int(0.02 * MiB)
-_HADAMARD_ROT_BYTES = 256 * 256 * 4  # attn_rot_k input when K is quantized (llama-kv-cache.cpp:321-362)
+# Architectures with M-RoPE / IMRoPE: four positions per token (llama-graph.cpp build_inp_pos).
+MROPE_ARCHS: frozenset[str] = frozenset({"qwen35", "qwen35moe"})
 OP_OFFLOAD_MIN_BATCH = 32  # GGML_OP_OFFLOAD_MIN_BATCH (ggml-cuda.cu:5825)
+# Architectures whose recurrent state keeps --spec-draft-n-max rollback snapshots (llm_arch_supports_rs_rollback,
+# llama-arch.cpp:1123-1139); for the others llama.cpp clamps n_rs_seq to 0 (llama-context.cpp:105-110).
+RS_ROLLBACK_ARCHS: frozenset[str] = frozenset({"qwen35", "qwen35moe"})
+# The draft context's KV cache type unless --cache-type-k-draft / --cache-type-v-draft say otherwise (common.h).
+DRAFT_CACHE_TYPE = "f16"
 
 
 def pad(n: int, multiple: int) -> int:
@@ -290,32 +300,128 @@ def layer_devices(n_layer_all: int, n_gpu_layers: int | None, gpu_names: Sequenc
     return out
 
 
-def activation_bytes(layout: ModelLayout, n_tok: int) -> int:
-    """Peak activations of one ubatch: the FFN block (MoE: n_used experts' up/gate/down, fitted on 2 shapes)."""
+def activation_peaks(layout: ModelLayout, n_tok: int, n_seq: int = 1, n_rs_seq: int = 0) -> dict[str, int]:
+    """Bytes of intermediate tensors live at the peak of each kind of block, for one ubatch of ``n_tok`` tokens
+    in ``n_seq`` sequences (the compute buffer holds the largest, see the module docstring for the derivation).
+
+    Floats per token (E = n_embd, U = experts used, F = expert FFN width, NF = dense FFN width, C = conv channels
+    ``2*n_group*d_state + d_inner``, K = ``n_group*d_state``, V = d_inner, H*D = query heads * head size):
+
+    * ``moe_ffn``  ``U*E + 3*U*F + 4*E``: up, gate and SwiGLU ``[F, U]`` outputs and the down projection ``[E, U]``
+      (``build_moe_ffn``, llama-graph.cpp:2007-2370) beside the block's residual and normed input;
+    * ``dense_ffn`` ``3*NF + 3*E`` (up, gate, SwiGLU);
+    * ``deltanet_conv`` ``3*C + 3*E`` plus the ``d_conv - 1`` conv-state columns of each sequence, twice: the
+      projected qkv, the concatenated conv input and the ssm_conv output (delta-net-base.cpp:447-525);
+    * ``deltanet_state`` ``2*E + 2*C + 2*K + V`` plus ``(1 + K_snap)`` f32 recurrent states of each sequence,
+      ``K_snap = 1 + n_rs_seq`` (the gated-delta-net op writes the output and K_snap state snapshots next to the
+      gathered input state, delta-net-base.cpp:527-590): it wins with many slots or MTP snapshots;
+    * ``attention`` ``5*H*D + E``: the fused Q+gate projection, the gate copy, the normed and roped Q, the attention
+      output (qwen35moe.cpp:258-350; FA on, the KQ mask is counted apart).
+
+    The coefficients count ggml-alloc's best-fit fragmentation as well as the live tensors: they were fitted to the
+    CPU backend's buffers over 9 shapes (the 27B dense, 35B-A3B, 122B-A10B, 397B-A17B and Qwen3-Next-80B widths and
+    4 small ones) x 11 flag sets, and the ``moe_ffn``/``dense_ffn``/``deltanet_conv`` terms are exact there (to
+    0.1 MiB); ``deltanet_state`` is within about 15 %.
+    """
+    e = layout.n_embd
+    t = max(n_tok, 1)
+    peaks: dict[str, float] = {}
     if layout.is_moe:
-        floats = layout.n_expert_used * layout.n_embd + 3 * layout.n_expert_used * layout.n_ff_exp + 4 * layout.n_embd
-    else:
-        floats = 3 * max(layout.n_ff, layout.n_embd) + 4 * layout.n_embd
-    return n_tok * 4 * floats
+        u, f = layout.n_expert_used, layout.n_ff_exp
+        peaks["moe_ffn"] = u * e + 3 * u * f + 4 * e
+    elif layout.n_ff:
+        peaks["dense_ffn"] = 3 * layout.n_ff + 3 * e
+    if layout.is_hybrid:
+        k = layout.ssm_n_group * layout.ssm_d_state
+        v = layout.ssm_d_inner
+        c = 2 * k + v
+        k_snap = 1 + n_rs_seq
+        peaks["deltanet_conv"] = 3 * c + 3 * e + 2 * (layout.ssm_d_conv - 1) * c * n_seq / t
+        peaks["deltanet_state"] = 2 * e + 2 * c + 2 * k + v + (1 + k_snap) * layout.n_embd_s * n_seq / t
+    if layout.attention_layers:
+        n_head = max(layout.n_head[i] for i in layout.attention_layers)
+        peaks["attention"] = 5 * n_head * layout.head_k + e
+    if not peaks:
+        peaks["embeddings"] = 4 * e
+    return {name: int(n_tok * 4 * floats) for name, floats in peaks.items()}
+
+
+def activation_bytes(layout: ModelLayout, n_tok: int, n_seq: int = 1, n_rs_seq: int = 0) -> int:
+    """Peak intermediate tensors of one ubatch: the largest of :func:`activation_peaks`."""
+    return max(activation_peaks(layout, n_tok, n_seq, n_rs_seq).values())
+
+
+def _input_bytes(layout: ModelLayout, n_tok: int) -> int:
+    """Per-token graph inputs that stay allocated: token ids (i32), positions (i32, four per token with M-RoPE) and,
+    with attention layers, the K and V cache row indices (i64 each). 36 B/token for Qwen3.5: the "+0.02 MiB" of
+    the reference's fit at ub 512, 0.14 MiB at ub 4096."""
+    per_token = 4 + 4 * (4 if layout.arch in MROPE_ARCHS else 1) + (16 if layout.attention_layers else 0)
+    return n_tok * per_token
+
+
+def _rotation_bytes(layout: ModelLayout, k_quantized: bool, v_quantized: bool) -> int:
+    """The Hadamard matrix input used when K or V is quantized and the head size is a multiple of 64
+    (llama-kv-cache.cpp:321-362): head_dim^2 f32."""
+    head = max(layout.head_k, layout.head_v)
+    if (k_quantized or v_quantized) and head % 64 == 0 and layout.attention_layers:
+        return head * head * 4
+    return 0
 
 
 def compute_bytes_cpu(layout: ModelLayout, shape: ContextShape, flash_attn: bool, k_quantized: bool,
-                      n_outputs: int) -> int:
-    """The compute buffer of the backend that runs the repeating layers (CPU-fitted model)."""
+                      n_outputs: int, *, v_quantized: bool = False, n_rs_seq: int = 0) -> int:
+    """The compute buffer of the backend that runs the repeating layers, as the CPU backend reserves it.
+
+    FA on: activations + f16 KQ mask ``[n_kv, n_tok]``. FA off: the larger of (activations + f32 mask) and the
+    attention block, whose f32 ``KQ [n_kv, n_tok, n_head]`` (llama-graph.cpp:2688-2722) and f32 mask come with
+    ``5*E + 2.75*H*D`` floats per token of other tensors (+ a rotated f32 Q ``[D, H, n_tok]`` when K is
+    quantized). ``n_kv`` is the whole cache (``n_ctx``) when unified, one stream (``n_ctx_seq``) otherwise.
+    """
     n_tok = pad(shape.n_ubatch, shape.n_seq)
     n_kvm = shape.n_ctx if shape.unified else shape.n_ctx_seq
-    act = activation_bytes(layout, n_tok)
+    act = activation_bytes(layout, n_tok, shape.n_seq, n_rs_seq)
     logits = min(n_tok, n_outputs) * layout.n_vocab * 4 + n_tok * layout.n_embd * 4
     peak = max(act, logits)
+    base = _input_bytes(layout, n_tok) + _rotation_bytes(layout, k_quantized, v_quantized)
     if not layout.attention_layers:
-        return peak + _COMPUTE_BASE_BYTES
+        return peak + base
     if flash_attn:
-        attn = n_kvm * n_tok * 2
+        return peak + n_kvm * n_tok * 2 + base
+    n_head = max(layout.n_head[i] for i in layout.attention_layers)
+    mask = n_kvm * n_tok * 4
+    attention = (n_kvm * n_tok * n_head * 4 + mask
+                 + int(n_tok * 4 * (5 * layout.n_embd + 2.75 * n_head * layout.head_k))
+                 + (n_tok * n_head * layout.head_k * 4 if k_quantized else 0))
+    return max(peak + mask, attention) + base
+
+
+def mtp_compute_bytes(layout: ModelLayout, shape: ContextShape, flash_attn: bool, k_quantized: bool,
+                      n_outputs: int, *, v_quantized: bool = False) -> int:
+    """The compute buffer of the MTP draft context (graph_mtp, qwen35moe.cpp:553-741): one full-attention block
+    with the token embedding and the trunk's hidden state concatenated in front, its FFN, and the LM head.
+
+    Floats per token: the FFN ``U*E + 3*U*F + 2*E`` (MoE) or ``3*NF + 2*E`` (dense), or the attention block
+    ``4*H*D + 3*E`` together with the KQ mask, whichever is larger (fitted on the same CPU runs as
+    :func:`activation_peaks`, within about 10 %). Qwen3-Next's draft head runs its FFN on the output rows only.
+    """
+    n_tok = pad(shape.n_ubatch, shape.n_seq)
+    n_kvm = shape.n_ctx if shape.unified else shape.n_ctx_seq
+    e = layout.n_embd
+    if layout.is_moe:
+        ffn = layout.n_expert_used * e + 3 * layout.n_expert_used * layout.n_ff_exp + 2 * e
     else:
-        n_head = max(layout.n_head[i] for i in layout.attention_layers)
-        attn = n_kvm * n_tok * n_head * 4 + n_kvm * n_tok * 4
-        peak = max(peak, int(n_tok * 4 * (5 * layout.n_embd + 2.75 * n_head * layout.head_k)))
-    return peak + attn + _COMPUTE_BASE_BYTES + (_HADAMARD_ROT_BYTES if k_quantized else 0)
+        ffn = 3 * layout.n_ff + 2 * e
+    # Qwen3-Next's draft head keeps only the output rows before its FFN (qwen3next.cpp:749-752)
+    ffn_tok = min(n_tok, n_outputs) if layout.arch == "qwen3next" else n_tok
+    n_head = max(layout.n_head[layout.n_layer:] or layout.n_head)
+    attention = n_tok * 4 * (4 * n_head * layout.head_k + 3 * e)
+    if flash_attn:
+        attention += n_kvm * n_tok * 2
+    else:
+        attention += n_kvm * n_tok * (n_head + 1) * 4
+    logits = min(n_tok, n_outputs) * layout.n_vocab * 4 + n_tok * e * 4
+    return (max(ffn_tok * 4 * ffn, attention, logits) + _input_bytes(layout, n_tok)
+            + _rotation_bytes(layout, k_quantized, v_quantized))
 
 
 def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
@@ -327,6 +433,11 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     if flags.flash_attn == "off" and is_quantized(tv):
         raise TunerError("a quantized V cache requires flash attention: use --flash-attn on (or auto)")
     flash_attn = flags.flash_attn != "off"
+    if flash_attn and layout.attention_layers:  # llama_init_from_model, llama-context.cpp:3851-3870
+        for which, t, head in (("K", tk, layout.head_k), ("V", tv, layout.head_v)):
+            if is_quantized(t) and head % t.block_size:
+                raise TunerError(f"{which} cache type {t.name} (blocks of {t.block_size}) does not divide the head "
+                                 f"size {head} of this model: pick f16, bf16 or f32 for --cache-type-{which.lower()}")
     mtp = flags.spec_type == SPEC_MTP
     if mtp and not layout.has_mtp:
         raise TunerError("--spec-type draft-mtp needs a GGUF with the MTP layer (nextn_predict_layers = 0 here)")
@@ -369,7 +480,8 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
 
     for il in layout.attention_layers:
         add(ctx_dev(il), "kv", shape.n_ctx * layout.kv_bytes_per_cell(tk.name, tv.name, [il]))
-    n_rs_seq = flags.spec_draft_n_max if mtp else 0
+    # rollback snapshots only where the architecture supports them; llama.cpp clamps n_rs_seq to 0 elsewhere
+    n_rs_seq = flags.spec_draft_n_max if mtp and layout.arch in RS_ROLLBACK_ARCHS else 0
     rs_rows = max(1, shape.n_seq) * (1 + n_rs_seq)
     per_layer_rs = layout.recurrent_bytes_per_seq([0])
     for il in layout.recurrent_layers:
@@ -377,7 +489,8 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
 
     # compute buffers
     n_outputs = shape.n_seq * (1 + (flags.spec_draft_n_max if mtp else 0))
-    main_compute = compute_bytes_cpu(layout, shape, flash_attn, is_quantized(tk), n_outputs)
+    main_compute = compute_bytes_cpu(layout, shape, flash_attn, is_quantized(tk), n_outputs,
+                                     v_quantized=is_quantized(tv), n_rs_seq=n_rs_seq)
     n_tok = pad(shape.n_ubatch, shape.n_seq)
     n_kvm = shape.n_ctx if shape.unified else shape.n_ctx_seq
     layer_gpus = sorted({d for d in devs[: layout.n_layer_all] if d != CPU}, key=list(gpu_names).index)
@@ -397,17 +510,21 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
         mask = n_kvm * n_tok * (2 if flash_attn else 4) if layout.attention_layers else 0
         add(CPU, "compute", mask + n_tok * layout.n_embd * 4)
 
-    # MTP draft context: one more attention layer of KV and its own compute buffer
+    output = layout.n_vocab * 4 * shape.n_seq
+    add(CPU, "output", output)
+
+    # MTP draft context (common/common.cpp:1195-1232): same n_ctx and slots, one attention layer of KV in the draft
+    # cache types (--cache-type-k/v-draft, f16 by default, not the main ones), its own compute and output buffers
     if mtp:
         for il in range(layout.n_layer, layout.n_layer_all):
-            kv = shape.n_ctx * layout.kv_bytes_per_cell(tk.name, tv.name, [il])
+            kv = shape.n_ctx * layout.kv_bytes_per_cell(DRAFT_CACHE_TYPE, DRAFT_CACHE_TYPE, [il])
             add(ctx_dev(il), "kv", kv)
-            add(devs[il], "compute", main_compute)
-            mtp_bytes += kv + main_compute
+            draft_compute = mtp_compute_bytes(layout, shape, flash_attn, False, shape.n_seq)
+            add(devs[il], "compute", draft_compute)
+            add(CPU, "output", output)
+            mtp_bytes += kv + draft_compute + output
         mtp_bytes += per_layer_rs * len(layout.recurrent_layers) * max(1, shape.n_seq) * n_rs_seq
         notes.append("MTP drafting: RS keeps draft snapshots; the draft context's compute buffer is approximate")
-
-    add(CPU, "output", layout.n_vocab * 4 * shape.n_seq)
 
     devices = tuple(
         DeviceMemory(name, v.get("weights", 0), v.get("kv", 0), v.get("recurrent", 0), v.get("compute", 0),

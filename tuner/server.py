@@ -6,6 +6,13 @@
 * The HTTP server comes up before the model is loaded and answers 503 while loading (llamacpp-memory.md §7); a
   process that exits while we wait is reported with the tail of its log, not as a timeout.
 * ``stop()`` sends SIGTERM (llama-server prints its memory breakdown and exits), then SIGKILL after a grace period.
+* ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` is set for the child (unless the caller's ``env`` says otherwise), so llama.cpp's
+  ``CUDAn`` is NVML's GPU ``n`` (see :mod:`tuner.hardware`).
+* CPU-resident weights of a CUDA build go into pinned host memory (``CUDA_Host``) when mmap is off, and a few
+  pinned buffers exist always; ``ggml_cuda_host_malloc`` falls back to pageable memory when ``cudaMallocHost`` fails
+  (ggml-cuda.cu:1271-1297, logged only at debug level), but a pinned allocation can still take the process down (a
+  CUDA error, the OOM killer). :func:`pinned_memory_failure` recognises that in a log, and
+  :data:`NO_PINNED_ENV` is what a caller sets to retry without pinned memory (ggml-cuda.cu:1272, 5116).
 """
 
 from __future__ import annotations
@@ -29,13 +36,115 @@ import httpx
 from tuner.errors import TunerError
 
 PR_SET_PDEATHSIG = 1
+NO_PINNED_ENV = {"GGML_CUDA_NO_PINNED": "1"}
+CHILD_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# What a failed pinned (page-locked) host allocation leaves in a log: ggml-cuda.cu's debug lines (1281, 4934), a
+# CUDA_CHECK of cudaMallocHost/cudaHostRegister/cudaFreeHost, "unable to allocate CUDA_Host buffer"
+# (llama-model.cpp:1870) or "failed to allocate CUDA_Host buffer of size" (ggml-alloc.c:941, 1134).
+PINNED_FAILURE_RE = re.compile(
+    r"(failed to (?:allocate|register) [\d.]+ MiB of pinned memory"
+    r"|cudaMallocHost|cudaHostRegister|cudaHostAlloc|cudaFreeHost"
+    r"|(?:unable|failed) to allocate \w*_Host buffer)", re.IGNORECASE)
 _ERROR_LINE_RE = re.compile(r"(error|failed|fatal|abort|exception|terminate|cannot|unable)", re.IGNORECASE)
-LOADING_PROGRESS_RE = re.compile(r"load_tensors|llama_kv_cache|llama_memory_recurrent|sched_reserve|model loaded")
+# Causes, most specific first (llama-model-loader / llama.cpp / ggml-cuda messages); the generic follow-up lines
+# ("failed to load model", "exiting due to model loading error") say nothing the cause does not.
+_CAUSE_RES: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
+    r"error loading model: .*",
+    r"CUDA error: .*",
+    r"quantized V cache requires .*",
+    r"(?:unable|failed) to allocate .*",
+    r"cudaMalloc[^\n]*failed.*",
+    r"out of memory.*",
+    r"couldn't bind HTTP server socket.*",
+    r"(?:invalid argument|error while handling argument|unknown argument): .*",
+))
+_GENERIC_ERROR_RE = re.compile(r"failed to load model|exiting due to model loading error|encountered an error while "
+                               r"trying to fit")
+_LOG_PREFIX_RE = re.compile(r"^\s*\d+\.\d+\.\d+\.\d+ [A-Z] ")
+_ERROR_LEVEL_RE = re.compile(r"^\s*\d+\.\d+\.\d+\.\d+ E ")
+# Load stages as the log shows them, in order, and how to say them.
+LOAD_STAGES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"llama_model_loader: loaded meta data"), "reading the model"),
+    (re.compile(r"load_tensors: loading model tensors"), "loading weights"),
+    (re.compile(r"llama_context: constructing llama_context|llama_context: n_seq_max"), "creating the context"),
+    (re.compile(r"llama_kv_cache: "), "allocating the KV cache"),
+    (re.compile(r"llama_memory_recurrent: "), "allocating the recurrent state"),
+    (re.compile(r"sched_reserve: "), "reserving compute buffers"),
+    (re.compile(r"warming up the model"), "warming up"),
+    (re.compile(r"model loaded"), "model loaded"),
+)
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with SIGKILL when tuner dies, and do not start at all if tuner
+    died between the fork and here (the signal would never come)."""
+
+    def preexec() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+def is_loopback(host: str) -> bool:
+    """True if binding ``host`` exposes the server to this machine only."""
+    h = host.strip().strip("[]").lower()
+    return h in LOOPBACK_HOSTS or h.startswith("127.")
+
+
+def check_bind(host: str, port: int, api_key: str | None) -> None:
+    """Refuse what must not be launched: a public bind without an API key, or a port already taken."""
+    if not host.strip():
+        raise TunerError("--host is empty")
+    if not is_loopback(host) and not api_key:
+        raise TunerError(f"--host {host} makes the server reachable from other machines, and there is no --api-key",
+                         hint="add --api-key SECRET, or keep the default --host 127.0.0.1")
+    ensure_port_free(host, port)
+
+
+def pinned_memory_failure(log_text: str) -> str | None:
+    """The log line that says a pinned host allocation failed, or None."""
+    for line in log_text.splitlines():
+        if PINNED_FAILURE_RE.search(line):
+            return " ".join(line.split())[:300]
+    return None
+
+
+def load_stage(log_text: str) -> str | None:
+    """The furthest load stage the log has reached (see :data:`LOAD_STAGES`), or None before the first one."""
+    reached = None
+    for pattern, label in LOAD_STAGES:
+        if pattern.search(log_text):
+            reached = label
+    return reached
+
+
+def exit_reason(returncode: int | None) -> str:
+    """``exit code 1`` / ``killed by SIGKILL`` / ``still running``."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text from llama-server's ``/metrics`` (``--metrics``) → ``{"llamacpp:tokens_predicted_total": …}``."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition(" ")
+        with contextlib.suppress(ValueError, IndexError):
+            values[name.split("{", 1)[0]] = float(rest.split()[0])
+    return values
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,11 +174,23 @@ def log_tail(text: str, n_lines: int = 12) -> list[str]:
 
 
 def error_summary(text: str) -> str:
-    """The most telling line of a failed llama-server log: its last error-like line, else its last line."""
-    lines = log_tail(text, 200)
-    errors = [line for line in lines if _ERROR_LINE_RE.search(line)]
+    """The most telling line of a failed llama-server log: the cause if a known one is there (``error loading
+    model: …``, a CUDA error, an allocation that failed …), else the first error-level (``E``) line that is not a
+    generic consequence ("failed to load model" …), else the last error-like line, else the last line. The log's
+    timestamp/level prefix is dropped."""
+    lines = log_tail(text, 400)
+    for pattern in _CAUSE_RES:
+        for line in reversed(lines):
+            m = pattern.search(line)
+            if m:
+                return " ".join(m.group(0).split())[:300]
+    specific = [line for line in lines if not _GENERIC_ERROR_RE.search(line)]
+    first_error_level = next((line for line in specific if _ERROR_LEVEL_RE.match(line)), None)
+    if first_error_level is not None:  # llama.cpp logs the cause first, then what failed because of it
+        return " ".join(_LOG_PREFIX_RE.sub("", first_error_level).split())[:300]
+    errors = [line for line in specific if _ERROR_LINE_RE.search(line)]
     chosen = errors[-1] if errors else (lines[-1] if lines else "no output")
-    return " ".join(chosen.split())[:300]
+    return " ".join(_LOG_PREFIX_RE.sub("", chosen).split())[:300]
 
 
 class LlamaServer:
@@ -111,17 +232,29 @@ class LlamaServer:
         if not self.server_bin.is_file():
             raise TunerError(f"llama-server not found at {self.server_bin} (run `tuner build`)")
         ensure_port_free(self.host, self.port)
-        env = {**os.environ, **self.env}
+        env = {**os.environ, **CHILD_ENV, **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_set_pdeathsig,
-            )
+            try:
+                self.proc = subprocess.Popen(
+                    self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True, preexec_fn=_pdeathsig_preexec(os.getpid()),
+                )
+            except OSError as exc:
+                raise TunerError(f"cannot run {self.server_bin}: {exc.strerror or exc}") from None
         self.started_at = time.monotonic()
 
     def poll(self) -> int | None:
         return self.proc.poll() if self.proc else None
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """Block up to ``timeout_s`` for the process to exit (returns at once when it does): its code, or None."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -162,10 +295,12 @@ class LlamaServer:
         except OSError:
             return ""
 
+    def log_tail(self, n_lines: int = 12) -> list[str]:
+        return log_tail(self.log_text(), n_lines)
+
     def _raise_exited(self, what: str) -> None:
-        code = self.poll()
-        raise TunerError(f"llama-server exited with code {code} {what}: {error_summary(self.log_text())} "
-                         f"(full log: {self.log_path})")
+        raise TunerError(f"llama-server stopped ({exit_reason(self.poll())}) {what}: {error_summary(self.log_text())}"
+                         f" (full log: {self.log_path})")
 
     def wait_for_log(self, pattern: str | re.Pattern[str], timeout_s: float = 120.0) -> re.Match[str]:
         """Wait until the log matches ``pattern``; TunerError if the process exits or time runs out."""
@@ -185,30 +320,44 @@ class LlamaServer:
     def wait_ready(self, timeout_s: float = 600.0, on_progress: Callable[[str], None] | None = None) -> float:
         """Poll /health until 200. Returns seconds since start. Fails fast, with the log's error, on exit."""
         deadline = time.monotonic() + timeout_s
-        last_stage = ""
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        last_stage: str | None = None
         with httpx.Client(timeout=2.0) as client:
             while True:
                 if not self.running():
                     self._raise_exited("while loading the model")
                 with contextlib.suppress(httpx.HTTPError):
-                    r = client.get(f"{self.base_url}/health", headers=headers)
+                    r = client.get(f"{self.base_url}/health", headers=self._headers())
                     if r.status_code == 200:
                         return time.monotonic() - self.started_at
                 if on_progress:
-                    stages = LOADING_PROGRESS_RE.findall(self.log_text())
-                    if stages and stages[-1] != last_stage:
-                        last_stage = stages[-1]
-                        on_progress(last_stage)
+                    stage = load_stage(self.log_text())
+                    if stage and stage != last_stage:
+                        last_stage = stage
+                        on_progress(stage)
                 if time.monotonic() > deadline:
                     raise TunerError(f"llama-server was not healthy after {timeout_s:.0f} s (log: {self.log_path})")
-                time.sleep(0.2)
+                time.sleep(0.05 if time.monotonic() - self.started_at < 2.0 else 0.2)
 
     # --- requests -------------------------------------------------------------------------------------------------
-    def post(self, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def get_text(self, path: str, timeout_s: float = 10.0) -> str | None:
+        """GET ``path``; its body on 200, None on any other answer or when the server does not answer."""
         try:
-            r = httpx.post(f"{self.base_url}{path}", json=payload, headers=headers, timeout=timeout_s)
+            r = httpx.get(f"{self.base_url}{path}", headers=self._headers(), timeout=timeout_s)
+        except httpx.HTTPError:
+            return None
+        return r.text if r.status_code == 200 else None
+
+    def metrics(self) -> dict[str, float] | None:
+        """``/metrics`` parsed (:func:`parse_metrics`); None when the server runs without ``--metrics``."""
+        text = self.get_text("/metrics")
+        return parse_metrics(text) if text is not None else None
+
+    def post(self, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+        try:
+            r = httpx.post(f"{self.base_url}{path}", json=payload, headers=self._headers(), timeout=timeout_s)
         except httpx.HTTPError as exc:
             if not self.running():
                 self._raise_exited(f"during a request to {path}")

@@ -25,6 +25,9 @@ backend re-lays out for its matmul kernels), ``CUDA_Host`` (pinned) and any othe
 A log can hold several contexts: llama-server with ``--spec-type draft-mtp`` creates a second (draft) context after the
 target one. Each ``llama_context: constructing`` line (or the first context line) starts a new
 :class:`ContextReport`; the per-kind totals of :class:`ReportedMemory` add all of them up, as the estimate does.
+A context that reserves its graph again (the draft context does) replaces its compute buffer, so only its last
+``compute buffer size`` line per buffer counts. ``--fit`` probes log below ``-lv 4`` and add no lines (measured).
+``CPU_REPACK`` buffers are copies of weights that also stay mapped: see :attr:`ReportedMemory.repacked_bytes`.
 """
 
 from __future__ import annotations
@@ -155,6 +158,13 @@ class ReportedMemory:
         return tuple(seen)
 
     @property
+    def repacked_bytes(self) -> int:
+        """Weights the CPU backend copied into ``CPU_REPACK`` buffers to re-lay them out for its kernels. They are in
+        :meth:`total` ``("weights")`` twice: once repacked (anonymous memory) and once as mapped file pages
+        (``CPU_Mapped``, page cache the kernel can drop once they were read)."""
+        return sum(b.bytes for b in self.buffers if b.kind == "weights" and b.buffer.upper() == "CPU_REPACK")
+
+    @property
     def loaded(self) -> bool:
         """The log reached the compute buffers of a context and names no load error."""
         return not self.errors and any(b.kind == "compute" for b in self.buffers)
@@ -212,6 +222,16 @@ def _last_breakdown(text: str) -> dict[str, Any] | None:
             data = obj.get("data")
             found = data if isinstance(data, dict) else obj
     return found
+
+
+def _latest_reservations(buffers: list[ReportedBuffer]) -> list[ReportedBuffer]:
+    """A context may reserve its compute graph again (the MTP draft context does): each reservation replaces the
+    scheduler's buffers (llama-context.cpp:630), so only the last compute line per context and buffer counts."""
+    last: dict[tuple[int, str], int] = {}
+    for i, b in enumerate(buffers):
+        if b.kind == "compute":
+            last[(b.context, b.buffer)] = i
+    return [b for i, b in enumerate(buffers) if b.kind != "compute" or last[(b.context, b.buffer)] == i]
 
 
 def _ctx_value(key: str, value: str) -> Any:
@@ -277,6 +297,7 @@ def parse_load_log(text: str) -> ReportedMemory:
                 if e and e.group(0) not in errors:
                     errors.append(e.group(0).strip())
 
+    buffers = _latest_reservations(buffers)
     per_kind: dict[str, dict[str, int]] = {k: {} for k in KINDS}
     for b in buffers:
         per_kind[b.kind][b.device] = per_kind[b.kind].get(b.device, 0) + b.bytes

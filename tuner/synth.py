@@ -34,6 +34,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Architectures whose attention normalises Q and K per head (llama and qwen2 do not).
+QK_NORM_ARCHS = frozenset({"qwen35moe", "qwen35", "qwen3next", "qwen3", "qwen3moe"})
 _MERGES = ("Ġ t", "h e", "i n", "Ġ a", "e r", "o n", "Ġt he", "r e", "a t", "e n")
 
 
@@ -60,7 +62,7 @@ class SynthSpec:
     ssm_n_group: int = 2  # number of K heads
     ssm_dt_rank: int = 4  # number of V heads
     n_ctx_train: int = 4096
-    rope_dims: int = 0  # 0 = head_dim / 4 (partial rotary as in Qwen3.5)
+    rope_dims: int = 0  # 0 = head_dim / 4 in the hybrids (partial rotary as in Qwen3.5), head_dim otherwise
     mtp: bool = False  # add the MTP (NextN) block as layer n_layer
     tie_embeddings: bool = False
     # ggml type per tensor role: "matrix" (2-D+ weights), "experts", "embd", "output"; 1-D tensors are f32.
@@ -69,6 +71,7 @@ class SynthSpec:
     fill: str = "random"
     seed: int = 0
     extra_vocab: int = 0  # pad the vocabulary with this many unused tokens
+    extra_merges: int = 0  # add this many never-applicable BPE merges (a real Qwen3.5 header has 247,587)
 
     @property
     def ssm_d_inner(self) -> int:
@@ -101,6 +104,8 @@ def vocabulary(spec: SynthSpec) -> tuple[list[str], list[int], list[str]]:
         merged = m.replace(" ", "")
         if merged not in tokens:
             tokens.append(merged)
+    # pairs of symbols that byte-level pre-tokenization never produces: they fill the header, never change a token
+    merges += [f"[PAD{i}] [PAD{i + 1}]" for i in range(spec.extra_merges)]
     types = [int(TokenType.NORMAL)] * len(tokens)
     tokens += [f"[PAD{i}]" for i in range(spec.extra_vocab)]
     types += [int(TokenType.UNUSED)] * spec.extra_vocab
@@ -139,8 +144,13 @@ def tensor_plan(spec: SynthSpec, n_vocab: int) -> TensorPlan:
                 (b + "ssm_conv1d.weight", (spec.ssm_d_conv, key_dim * 2 + value_dim), "norm"),
                 (b + "ssm_dt.bias", (spec.ssm_dt_rank,), "norm"),
                 (b + "ssm_a", (spec.ssm_dt_rank,), "norm"),
-                (b + "ssm_beta.weight", (e, spec.ssm_dt_rank), "matrix"),
-                (b + "ssm_alpha.weight", (e, spec.ssm_dt_rank), "matrix"),
+            ]
+            if spec.arch == "qwen3next":  # one fused beta/alpha projection (src/models/qwen3next.cpp)
+                plan.append((b + "ssm_ba.weight", (e, 2 * spec.ssm_dt_rank), "matrix"))
+            else:
+                plan += [(b + "ssm_beta.weight", (e, spec.ssm_dt_rank), "matrix"),
+                         (b + "ssm_alpha.weight", (e, spec.ssm_dt_rank), "matrix")]
+            plan += [
                 (b + "ssm_norm.weight", (spec.ssm_d_state,), "norm"),
                 (b + "ssm_out.weight", (value_dim, e), "matrix"),
             ]
@@ -151,9 +161,9 @@ def tensor_plan(spec: SynthSpec, n_vocab: int) -> TensorPlan:
                 (b + "attn_k.weight", (e, hd * spec.n_head_kv), "matrix"),
                 (b + "attn_v.weight", (e, hd * spec.n_head_kv), "matrix"),
                 (b + "attn_output.weight", (hd * spec.n_head, e), "matrix"),
-                (b + "attn_q_norm.weight", (hd,), "norm"),
-                (b + "attn_k_norm.weight", (hd,), "norm"),
             ]
+            if spec.arch in QK_NORM_ARCHS:
+                plan += [(b + "attn_q_norm.weight", (hd,), "norm"), (b + "attn_k_norm.weight", (hd,), "norm")]
         if moe:
             plan += [
                 (b + "ffn_gate_inp.weight", (e, spec.n_expert), "router"),
@@ -192,6 +202,14 @@ def _role_type(spec: SynthSpec, role: str) -> str:
     return spec.types.get(role, spec.types.get("matrix", "f16"))
 
 
+def rope_dims(spec: SynthSpec) -> int:
+    """Rotary dimensions: a quarter of the head in the hybrids (partial_rotary_factor 0.25), the whole head in the
+    plain transformers (llama.cpp checks ``n_rot == head_dim`` for them)."""
+    if spec.rope_dims:
+        return spec.rope_dims
+    return max(2, spec.head_dim // 4) if spec.arch in HYBRID_ARCHS else spec.head_dim
+
+
 def _metadata(spec: SynthSpec, writer: GGUFWriter) -> None:
     a = spec.arch
     w = writer
@@ -205,10 +223,10 @@ def _metadata(spec: SynthSpec, writer: GGUFWriter) -> None:
     w.add_uint32(f"{a}.attention.value_length", spec.head_dim)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32(f"{a}.rope.freq_base", 10_000_000.0)
-    w.add_uint32(f"{a}.rope.dimension_count", spec.rope_dims or max(2, spec.head_dim // 4))
+    w.add_uint32(f"{a}.rope.dimension_count", rope_dims(spec))
     if a in ("qwen35moe", "qwen35"):
         # IMRoPE sections must sum to rope dims / 2 (converter default [11, 11, 10, 0] for 64 dims)
-        half = (spec.rope_dims or max(2, spec.head_dim // 4)) // 2
+        half = rope_dims(spec) // 2
         s0 = -(-half * 11 // 32)
         s1 = -(-half * 11 // 32)
         w.add_array(f"{a}.rope.dimension_sections", [s0, s1, max(half - s0 - s1, 0), 0])
@@ -263,8 +281,10 @@ def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], type_name: 
     qtype = GGMLQuantizationType(t.type_id)
     try:
         return gguf_quants.quantize(data, qtype)
-    except NotImplementedError as exc:
-        raise TunerError(f"gguf-py cannot quantize to {t.name}; use fill='zeros' for that type") from exc
+    except NotImplementedError:
+        raise TunerError(f"gguf-py cannot quantize to {t.name}; use fill='zeros' for that type") from None
+    except gguf_quants.QuantError as exc:  # rows that are not whole blocks of the type
+        raise TunerError(f"cannot write a {t.name} tensor of shape {shape}: {exc}") from None
 
 
 def write_synthetic_gguf(path: str | os.PathLike[str], spec: SynthSpec | None = None, *,
@@ -325,10 +345,22 @@ def write_synthetic_gguf(path: str | os.PathLike[str], spec: SynthSpec | None = 
     return [path]
 
 
+REAL_QWEN35_VOCAB = 248_320
+REAL_QWEN35_MERGES = 247_587
+
+
+def real_vocab_overrides() -> dict[str, int]:
+    """``extra_vocab`` / ``extra_merges`` that give the synthetic tokenizer Qwen3.5's real vocabulary and merge count,
+    so the header is as long as a real one (≈ 10 MB)."""
+    base_tokens, _, base_merges = vocabulary(SynthSpec())
+    return {"extra_vocab": REAL_QWEN35_VOCAB - len(base_tokens), "extra_merges": REAL_QWEN35_MERGES - len(base_merges)}
+
+
 def qwen35_35b_a3b_spec(**overrides: Any) -> SynthSpec:
     """The real Qwen3.5-35B-A3B hyperparameters (qwen35-family.md) with a tiny vocabulary placeholder.
 
-    The real vocabulary is 248,320 tokens: pass ``extra_vocab`` to reach it (the tokenizer stays byte-level).
+    The real vocabulary is 248,320 tokens and 247,587 merges: pass ``extra_vocab`` / ``extra_merges`` to reach them
+    (see :func:`real_vocab_overrides`; the tokenizer stays byte-level).
     """
     base = SynthSpec(
         arch="qwen35moe", name="Qwen3.5-35B-A3B (synthetic)", n_layer=40, n_embd=2048, n_head=16, n_head_kv=2,

@@ -6,7 +6,12 @@ stderr and a non-zero exit code; nothing below the CLI prints or exits.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# huggingface_hub 2.x asks the endpoint about "agent harnesses" on its first call (3 s timeout): tuner only wants
+# the repo listing and files, so keep it quiet and fast (set before huggingface_hub is imported anywhere).
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import typer
 
@@ -26,20 +31,38 @@ def _root() -> None:
     """Size, plan, build, serve and benchmark llama.cpp for the Qwen3.5 / Qwen3.6 hybrid models."""
 
 
-def _register() -> None:
-    from tuner.cli import estimate, hardware
+# One module per command (each has a ``register(app)``), in the order ``tuner --help`` lists them.
+COMMANDS: dict[str, str] = {
+    "estimate": "tuner.cli.estimate",
+    "recommend": "tuner.cli.recommend",
+    "build": "tuner.cli.build",
+    "serve": "tuner.cli.serve",
+    "bench": "tuner.cli.bench",
+    "profile": "tuner.cli.profile",
+    "hardware": "tuner.cli.hardware",
+}
+_registered: set[str] = set()
 
-    estimate.register(app)
-    hardware.register(app)
 
+def _register(argv: list[str]) -> None:
+    """Import only the command being run (all of them for help or a typo): every command module pulls in its
+    own layers, and a start-up that imports all of them costs more than a whole ``tuner estimate``."""
+    import importlib
 
-_register()
+    first = next((a for a in argv if not a.startswith("-")), None)
+    names = [first] if first in COMMANDS else list(COMMANDS)
+    for name in names:
+        if name not in _registered:
+            importlib.import_module(COMMANDS[name]).register(app)
+            _registered.add(name)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning TunerError (and Ctrl-C) into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, standalone_mode=False)
+        _register(args)
+        app(args=args, standalone_mode=False)
     except TunerError as exc:
         sys.stderr.write(f"tuner: error: {exc.one_line()}\n")
         return exc.exit_code

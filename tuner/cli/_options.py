@@ -38,3 +38,27 @@ CtxCheckpointsOpt = Annotated[int, typer.Option("--ctx-checkpoints", "-ctxcp",
 SpecTypeOpt = Annotated[str | None, typer.Option("--spec-type", help="Speculative decoding: draft-mtp.")]
 SpecDraftOpt = Annotated[int, typer.Option("--spec-draft-n-max", help="Tokens drafted per step.")]
 NoKvOffloadOpt = Annotated[bool, typer.Option("--no-kv-offload", "-nkvo", help="Keep KV and state on the CPU.")]
+
+# Building llama.cpp (tuner build, tuner serve).
+SourceOpt = Annotated[str, typer.Option(
+    "--source", help="llama.cpp to build: pypi[:VERSION] (llama-cpp-python's vendored copy), git[:REF] or a "
+                     "llama.cpp directory.")]
+CudaOpt = Annotated[bool | None, typer.Option(
+    "--cuda/--no-cuda", help="Build with CUDA (default: only when NVML sees a GPU and nvcc is installed).",
+    show_default=False)]
+
+# Planner wishes (recommend, serve, bench): what the user asks for; the planner decides the rest.
+PlanCtxOpt = Annotated[int | None, typer.Option(
+    "--ctx-size", "-c", help="Context per slot (default: the largest that fits, at least 32768 if it can).",
+    show_default=False)]
+PlanParallelOpt = Annotated[int, typer.Option("--parallel", "-np", help="Slots (concurrent requests).")]
+PreferOpt = Annotated[str, typer.Option("--prefer", help="What to favour: speed, quality or context.")]
+VisionOpt = Annotated[bool, typer.Option("--vision/--no-vision", help="Load the vision projector (mmproj).")]
+BufferOpt = Annotated[str | None, typer.Option(
+    "--buffer", help="Memory to keep free on each GPU, e.g. 1.5G (default 1.25G; RAM when CPU only: 1G).",
+    show_default=False)]
+QuantOpt = Annotated[str | None, typer.Option("--quant", help="Use this quant (Q4_K_M, UD-Q4_K_XL, …).",
+                                              show_default=False)]
+CacheTypeOpt = Annotated[str | None, typer.Option(
+    "--cache-type", "-ct", help="KV cache type for K and V (f16, q8_0, q4_0; default: chosen).", show_default=False)]
+AllowYarnOpt = Annotated[bool, typer.Option("--allow-yarn", help="Allow context beyond the native length (YaRN).")]

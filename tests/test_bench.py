@@ -1,0 +1,342 @@
+"""tuner.bench: flag sets, memory checks, prompts, and real measurements against llama-server on the CPU."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tuner import bench as b
+from tuner.errors import TunerError
+from tuner.estimate import ServerFlags, estimate_memory
+from tuner.hardware import hardware_for
+from tuner.models import local_layout
+from tuner.planner import Budget, Wishes, fits, plan_for
+from tuner.synth import SynthSpec, write_synthetic_gguf
+
+# head_dim 32: llama.cpp refuses a q8_0 cache whose blocks (32) do not divide the head size (16 in the default spec)
+Q8_SPEC = SynthSpec(head_dim=32, name="bench-qwen35moe")
+
+
+@pytest.fixture(scope="module")
+def moe_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "bench-qwen35moe.gguf"
+    write_synthetic_gguf(path, Q8_SPEC)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mtp_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "bench-qwen35moe-mtp.gguf"
+    write_synthetic_gguf(path, replace(Q8_SPEC, mtp=True, name="bench-mtp"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cpu():  # -> Hardware
+    return hardware_for("none")
+
+
+# --------------------------------------------------------------------------------------------- flag sets
+
+
+def test_parse_set_maps_estimate_flags_and_passes_the_rest_through() -> None:
+    fs = b.parse_set("q8=-c 4096 -np 2 -ctk q8_0 -ctv q8_0 -ub 1024 --n-gpu-layers all -t 4 --load-mode none")
+    assert fs.name == "q8"
+    assert fs.args == ("-c", "4096", "-np", "2", "-ctk", "q8_0", "-ctv", "q8_0", "-ub", "1024", "--n-gpu-layers",
+                       "all", "-t", "4", "--load-mode", "none")
+    assert fs.flags == ServerFlags(ctx_size=4096, parallel=2, cache_type_k="q8_0", cache_type_v="q8_0",
+                                   ubatch_size=1024, n_gpu_layers=None)
+    assert fs.extra == ("-t", "4", "--load-mode", "none")
+
+
+def test_parse_set_reads_equals_form_and_bare_flash_attn() -> None:
+    fs = b.parse_set("x=--ctx-size=8192 -fa --cpu-moe --spec-type draft-mtp")
+    assert fs.flags is not None
+    assert (fs.flags.ctx_size, fs.flags.flash_attn, fs.flags.cpu_moe, fs.flags.spec_type) == (
+        8192, "on", True, "draft-mtp")
+    assert b.parse_set("y=-fa off").flags.flash_attn == "off"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("spec", ["a=-m other.gguf", "a=--port 9000", "a=--host 0.0.0.0", "a=--no-cache-prompt"])
+def test_parse_set_refuses_options_tuner_owns(spec: str) -> None:
+    with pytest.raises(TunerError, match="set by tuner itself"):
+        b.parse_set(spec)
+
+
+@pytest.mark.parametrize("spec", ["-c 4096", "=-c 4096", "bad name=-c 1", "a=-c", "a=-c many", "a=-ub 0"])
+def test_parse_set_rejects_malformed_specs(spec: str) -> None:
+    with pytest.raises(TunerError):
+        b.parse_set(spec)
+
+
+def test_two_sets_with_one_name_are_refused() -> None:
+    with pytest.raises(TunerError, match="two flag sets"):
+        b.check_unique_names([b.parse_set("a=-c 1024"), b.parse_set("a=-c 2048")])
+
+
+def test_uses_fit_only_when_llama_server_is_left_to_size_things() -> None:
+    assert b.uses_fit(b.DEFAULTS_ARGS) and b.uses_fit(b.DEFAULTS_ARGS, gpu=False)
+    assert b.uses_fit(["-ctk", "q8_0"], gpu=False), "no -c: fit may shrink the context"
+    assert b.uses_fit(["-c", "4096"]), "on a GPU without -ngl fit may still move weights"
+    assert not b.uses_fit(["-c", "4096"], gpu=False)
+    assert not b.uses_fit(["-c", "4096", "-ngl", "99"])
+    assert not b.uses_fit(["-c", "4096", "--n-cpu-moe", "3"])
+    assert not b.uses_fit(["-ctk", "q8_0", "--fit", "off"])
+    assert not b.uses_fit(ServerFlags(ctx_size=4096).to_args())
+
+
+def test_parse_depths_sorts_dedups_and_reads_k() -> None:
+    assert b.parse_depths("32k, 0,8192,8k") == (0, 8192, 32768)
+    with pytest.raises(TunerError):
+        b.parse_depths("lots")
+    with pytest.raises(TunerError):
+        b.parse_depths("-5")
+
+
+def test_bench_config_rejects_degenerate_runs() -> None:
+    for bad in ({"repeat": 0}, {"gen_tokens": 1}, {"concurrency": 0}, {"depths": ()}):
+        with pytest.raises(TunerError):
+            b.BenchConfig(**bad)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def test_a_set_that_does_not_fit_the_budget_is_refused_but_a_fit_set_is_not(moe_gguf: Path, cpu) -> None:
+    layout = local_layout(moe_gguf)
+    sets = [b.parse_set("big=-c 4096 -np 1 -ngl 0"), b.defaults_set()]
+    est = b.estimate_for(layout, sets[0], cpu)
+    budget = Budget("CPU", 0, 0, 0, est.host_total_bytes - 1)
+    with pytest.raises(TunerError, match="'big' does not fit: RAM is 1 B short"):
+        b.check_sets_fit(layout, sets, cpu, budget)
+    ok = b.check_sets_fit(layout, sets[1:], cpu, budget)  # llama-server's own --fit decides for the defaults
+    assert set(ok) == {b.DEFAULTS_NAME}
+
+
+def test_quantized_kv_that_does_not_divide_the_head_size_is_refused_before_launch(tmp_path: Path, cpu) -> None:
+    path = tmp_path / "head16.gguf"
+    write_synthetic_gguf(path, SynthSpec())  # head_dim 16
+    layout = local_layout(path)
+    with pytest.raises(TunerError, match=r"q8_0 .*does not divide the head size 16"):
+        b.check_sets_fit(layout, [b.parse_set("q8=-c 1024 -ctk q8_0 -ctv q8_0")], cpu, b.default_budget(cpu))
+
+
+def test_servers_side_by_side_count_mapped_weights_once(moe_gguf: Path, cpu) -> None:
+    layout = local_layout(moe_gguf)
+    mapped = [b.parse_set("a=-c 1024 -np 1"), b.parse_set("b=-c 1024 -np 1 -ub 256")]
+    loaded = [b.parse_set("a=-c 1024 -np 1 --load-mode none"), b.parse_set("b=-c 1024 -np 1 -ub 256 -lm none")]
+    ests = [b.estimate_for(layout, fs, cpu) for fs in mapped]
+    weights = ests[0].host.weights_bytes
+    together_mapped = sum(b.host_bytes(e) for e in ests) - weights
+    budget = Budget("CPU", 0, 0, 0, together_mapped + weights // 2)
+    assert b.memory_problem(list(zip(mapped, ests, strict=True)), budget) is None
+    problem = b.memory_problem(list(zip(loaded, ests, strict=True)), budget)
+    assert problem is not None and problem.startswith("host RAM would need")
+    assert b.decide_together(layout, loaded, cpu, budget)[0] is False
+
+
+def test_tune_dimensions_follow_the_hardware_and_the_model(moe_gguf: Path, mtp_gguf: Path, cpu) -> None:
+    base = b.TuneConfig(ServerFlags(ctx_size=2048, parallel=1, n_gpu_layers=0))
+    names = [d.name for d in b.tune_dimensions(base, local_layout(moe_gguf), cpu)]
+    assert "n_cpu_moe" not in names and "mtp" not in names  # no GPU; no MTP layer
+    assert {"ubatch", "batch", "kv", "load_mode", "parallel"} <= set(names)
+    mtp_dims = {d.name: d.values for d in b.tune_dimensions(base, local_layout(mtp_gguf), cpu)}
+    assert mtp_dims["mtp"] == (None, "draft-mtp")
+    assert mtp_dims["ubatch"][0] == 512  # the base's own value first
+    gpu = hardware_for("rtx-4090")
+    gpu_base = b.TuneConfig(ServerFlags(ctx_size=2048, parallel=1, n_cpu_moe=2))
+    gpu_dims = {d.name: d.values for d in b.tune_dimensions(gpu_base, local_layout(moe_gguf), gpu)}
+    assert gpu_dims["n_cpu_moe"][0] == 2 and set(gpu_dims["n_cpu_moe"]) == {2, 0, 1, 3, 4}  # 4 layers
+    only = b.tune_dimensions(base, local_layout(moe_gguf), cpu, only=["kv"])
+    assert [d.name for d in only] == ["kv"]
+    with pytest.raises(TunerError, match="unknown tuning dimension"):
+        b.tune_dimensions(base, local_layout(moe_gguf), cpu, only=["warp"])
+    assert b.grid_size(only) == 2
+
+
+def test_tune_config_args_and_labels() -> None:
+    base = b.TuneConfig(ServerFlags(ctx_size=2048, parallel=1))
+    other = replace(base, flags=base.flags.with_(ubatch_size=1024, cache_type_k="q8_0", cache_type_v="q8_0"),
+                    threads=1, load_mode="none")
+    assert other.label(base) == "ub1024+q8_0kv+t1+lm-none"
+    assert base.label(base) == b.PLAN_NAME
+    assert other.args()[-6:] == ("--fit", "off", "--threads", "1", "--load-mode", "none")
+
+
+# --------------------------------------------------------------------------------------------- prompts and stats
+
+
+def test_prompt_source_gives_every_set_the_same_slice_per_key_and_never_reuses_one() -> None:
+    calls: list[str] = []
+
+    def tokenize(text: str) -> list[int]:  # a byte-level tokenizer, as the synthetic models have
+        calls.append(text)
+        return list(text.encode())
+
+    src = b.PromptSource(tokenize)
+    first = src.fresh(("bench", 0, 0), 100)
+    assert src.fresh(("bench", 0, 0), 100) == first
+    second = src.fresh(("bench", 0, 1), 100)
+    assert len(first) == len(second) == 100 and first != second
+    assert src.prefix(5000)[:100] == src.prefix(100)
+    assert len(src.prefix(5000)) == 5000
+    with pytest.raises(TunerError):
+        src.fresh(("bench", 0, 0), 50)
+    assert b.pseudo_text(50, 1) == b.pseudo_text(50, 1) != b.pseudo_text(50, 2)
+
+
+def test_prompt_source_tokenizes_with_the_server_bound_last() -> None:
+    used: list[str] = []
+
+    def server(name: str):  # each "server" tokenizes the same way (one GGUF) and records that it was asked
+        def tokenize(text: str) -> list[int]:
+            used.append(name)
+            return list(text.encode())
+        return tokenize
+
+    src = b.PromptSource()
+    src.bind(server("first"))
+    src.fresh(("k", 0), 10)
+    src.bind(server("second"))  # the first one has been stopped (cycle mode): growing must not ask it
+    src.fresh(("k", 1), 100_000)
+    assert used[0] == "first" and set(used[1:]) == {"second"}
+
+
+def test_stats_and_verdict_rank_by_the_objective(cpu) -> None:
+    samples = [b.Sample(i, name, 0, i // 2, pp, tg, 32, 0, 8)
+               for i, (name, pp, tg) in enumerate([("a", 100.0, 10.0), ("b", 400.0, 9.0), ("a", 120.0, 11.0),
+                                                   ("b", 380.0, 8.0)])]
+    ra = b.summarize(b.parse_set("a=-c 1024"), samples, 0)
+    rb = b.summarize(b.parse_set("b=-c 1024"), samples, 0)
+    assert ra.at(0).tg == b.Stats(10.5, 10.0, 11.0, 2)  # type: ignore[union-attr]
+    assert b.verdict([ra, rb], "tg")["winner"] == "a"
+    v = b.verdict([ra, rb], "both")
+    assert v["winner"] == "b" and v["ratios_to_reference"]["b"]["pp"] == round(390 / 110, 3)
+
+
+def test_results_land_in_model_and_hardware_folders_atomically(tmp_path: Path, cpu) -> None:
+    path = b.results_path(tmp_path, "/m/Qwen3.5-35B-A3B-Q4_K_M-00001-of-00002.gguf", cpu, "20260101T000000Z")
+    assert path.relative_to(tmp_path).parts[:1] == ("Qwen3.5-35B-A3B-Q4_K_M",)
+    assert path.parent.name.startswith("cpu-") and path.name == "20260101T000000Z.json"
+    b.write_json_atomic(path, {"a": 1})
+    b.write_json_atomic(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+# --------------------------------------------------------------------------------------------- real servers
+
+
+def _sets_f16_q8(ctx: int = 2048) -> list[b.FlagSet]:
+    return [b.parse_set(f"f16=-c {ctx} -np 1 -ctk f16 -ctv f16"),
+            b.parse_set(f"q8=-c {ctx} -np 1 -ctk q8_0 -ctv q8_0")]
+
+
+@pytest.mark.server
+def test_two_kv_sets_run_interleaved_at_every_depth(server_bin: Path, moe_gguf: Path, cpu) -> None:
+    cfg = b.BenchConfig(depths=(0, 512), repeat=3, prompt_tokens=32, gen_tokens=8)
+    lines: list[str] = []
+    run = b.run_bench(moe_gguf, _sets_f16_q8(), cfg, server_bin=server_bin, layout=local_layout(moe_gguf),
+                      hardware=cpu, on_progress=lines.append)
+    assert run.mode == "together" and len(run.launches) == 2
+    order = [(s.set_name, s.depth, s.repeat) for s in run.samples]
+    assert order == [(name, d, r) for d in (0, 512) for r in range(3) for name in ("f16", "q8")]
+    assert [s.seq for s in run.samples] == list(range(12))
+    for s in run.samples:
+        assert s.predicted_n == 8, "ignore_eos + n_predict: exactly the asked generation length"
+        assert 32 <= s.prompt_n <= 32 + 8, "only the fresh tokens (and the few re-evaluated) are processed"
+        assert s.cache_hit and s.cache_n >= s.depth - 8
+        assert s.pp_tok_s > 0 and s.tg_tok_s > 0
+    for r in run.results:
+        assert r.ref_depth == 512 and [d.depth for d in r.by_depth] == [0, 512]
+        for d in r.by_depth:
+            assert d.tg.n == 3 and d.tg.min <= d.tg.median <= d.tg.max
+        assert r.tg_tok_s == r.at(512).tg.median  # type: ignore[union-attr]
+        assert r.launches[0].command[-8:] == r.fs.args
+    assert any("f16 ready" in line for line in lines)
+
+
+@pytest.mark.server
+def test_cycle_mode_relaunches_each_repeat_and_keeps_the_order(server_bin: Path, moe_gguf: Path, cpu) -> None:
+    cfg = b.BenchConfig(depths=(0,), repeat=2, prompt_tokens=16, gen_tokens=4)
+    run = b.run_bench(moe_gguf, _sets_f16_q8(1024), cfg, server_bin=server_bin, layout=local_layout(moe_gguf),
+                      hardware=cpu, together=False)
+    assert run.mode == "cycle"
+    assert [la.name for la in run.launches] == ["f16", "q8", "f16", "q8"]
+    assert [s.set_name for s in run.samples] == ["f16", "q8", "f16", "q8"]
+
+
+@pytest.mark.server
+def test_depths_beyond_a_sets_context_are_skipped_and_noted(server_bin: Path, moe_gguf: Path, cpu) -> None:
+    sets = [b.parse_set("small=-c 512 -np 1"), b.parse_set("large=-c 2048 -np 1")]
+    cfg = b.BenchConfig(depths=(0, 1024), repeat=1, prompt_tokens=16, gen_tokens=4)
+    run = b.run_bench(moe_gguf, sets, cfg, server_bin=server_bin, layout=local_layout(moe_gguf), hardware=cpu)
+    assert run.result("small").skipped_depths == (1024,)
+    assert [d.depth for d in run.result("large").by_depth] == [0, 1024]
+    assert all(r.ref_depth == 0 for r in run.results), "the reference depth is one every set measured"
+    assert any("small: depth(s) 1024 skipped" in n for n in run.notes)
+
+
+@pytest.mark.server
+def test_concurrency_sends_requests_at_once_and_aggregates_their_timings(server_bin: Path, moe_gguf: Path,
+                                                                        cpu) -> None:
+    cfg = b.BenchConfig(depths=(256,), repeat=1, prompt_tokens=16, gen_tokens=6, concurrency=2)
+    sets = [b.parse_set("np2=-c 2048 -np 2 --no-kv-unified")]
+    run = b.run_bench(moe_gguf, sets, cfg, server_bin=server_bin, layout=local_layout(moe_gguf), hardware=cpu)
+    (s,) = run.samples
+    assert s.concurrency == 2 and len(s.requests) == 2
+    assert all(r.predicted_n == 6 and r.cache_n >= 256 - 8 for r in s.requests)
+    expected_tg = sum(r.predicted_n - 1 for r in s.requests) / max(r.predicted_ms for r in s.requests) * 1000
+    assert s.tg_tok_s == pytest.approx(expected_tg, rel=1e-3)
+    assert run.results[0].by_depth[0].per_request_tg is not None
+    too_many = b.BenchConfig(depths=(0,), repeat=1, prompt_tokens=16, gen_tokens=4, concurrency=3)
+    with pytest.raises(TunerError, match="needs -np 3"):
+        b.run_bench(moe_gguf, sets, too_many, server_bin=server_bin, layout=local_layout(moe_gguf), hardware=cpu)
+
+
+@pytest.mark.server
+def test_tune_searches_far_fewer_launches_than_the_grid_and_never_launches_what_does_not_fit(
+        server_bin: Path, mtp_gguf: Path, cpu) -> None:
+    layout = local_layout(mtp_gguf)
+    plan = plan_for(str(mtp_gguf), cpu, Wishes(ctx_size=2048)).plan
+    # a budget between the plan's host memory and the same plan with a 2048-token ubatch: that one must be skipped
+    host = {ub: estimate_memory(layout, plan.flags.with_(ubatch_size=ub)).host_total_bytes for ub in (512, 2048)}
+    assert host[2048] > host[512]
+    budget = Budget("CPU", 0, 0, 0, (host[512] + host[2048]) // 2)
+    cfg = b.BenchConfig(repeat=2, prompt_tokens=24, gen_tokens=6)
+    res = b.run_tune(mtp_gguf, plan.flags, cfg, server_bin=server_bin, layout=layout, hardware=cpu, budget=budget,
+                     plan_extra=plan.extra_args)
+    launched = {la.name for la in res.launches}
+    measured = {t.name for t in res.trials if t.fits}
+    skipped = {t.name for t in res.trials if not t.fits}
+    assert "ub2048" in skipped and not skipped & launched
+    assert launched == measured | {b.DEFAULTS_NAME}
+    for t in res.trials:
+        if t.fits:
+            assert fits(estimate_memory(layout, t.config.flags), budget)
+    assert len(res.launches) < res.grid_size / 4
+    assert dict(res.dimensions)["mtp"] == (None, "draft-mtp")
+    names = [la.name for la in res.launches]
+    assert len(names) == len(set(names)), "each configuration launched once: the incumbent and plan stay up"
+    depth = 2048 - cfg.room()
+    verdict_round = max(s.round for s in res.samples)
+    final = [s for s in res.samples if s.round == verdict_round]
+    assert {s.set_name for s in final} == {b.DEFAULTS_NAME, b.PLAN_NAME, res.search_best}
+    if res.winner.fs.name != b.PLAN_NAME:  # the verdict confirmed the search's best against the plan
+        assert res.winner.fs.name == res.search_best
+        assert b.score(res.winner.tg_tok_s, res.winner.pp_tok_s, "both") > b.score(res.plan.tg_tok_s,
+                                                                                    res.plan.pp_tok_s, "both")
+    assert all(s.depth == depth for s in final), "measured at the context the plan serves"
+    assert all(s.depth == depth for s in res.samples if s.set_name != b.DEFAULTS_NAME)
+    ratio = res.ratio(res.defaults)
+    assert ratio is not None and res.defaults is not None
+    assert ratio["tg"] == round(res.winner.tg_tok_s / res.defaults.tg_tok_s, 3)
+    doc = b.tune_document(res, model_path=mtp_gguf, layout=layout, hardware=cpu, build=None, cfg=cfg)
+    assert doc["tune"]["launches"] == len(res.launches) and doc["tune"]["grid_size"] == res.grid_size
+    assert doc["verdict"]["winner"] == res.winner.fs.name
+    print(f"\ntune: {len(res.launches)} launches for a grid of {res.grid_size}; best {res.search_best}, winner "
+          f"{res.winner.fs.name}: "
+          f"vs defaults {ratio}, vs plan {res.ratio(res.plan)}")

@@ -1,0 +1,297 @@
+"""The planner on Qwen3.5-35B-A3B's card ladder: plans fit with the buffer kept, spill experts minimally, take the
+most context, and say why; CPU-only planning, host-RAM levers, the no-fit error and the plan's command."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from tuner.errors import TunerError
+from tuner.estimate import ServerFlags, estimate_memory
+from tuner.hardware import GB, Hardware, hardware_for
+from tuner.models import QuantCandidate, resolve_candidates
+from tuner.planner import (
+    DEFAULT_RAM_BUFFER_BYTES,
+    DEFAULT_VRAM_BUFFER_BYTES,
+    VISION_COMPUTE_BYTES,
+    Plan,
+    Prediction,
+    Wishes,
+    budget_for,
+    fits,
+    headroom_bytes,
+    plan_for,
+    recommend,
+)
+from tuner.units import GiB, MiB
+
+NATIVE_CTX = 262_144
+
+
+@pytest.fixture(scope="module")
+def ladder() -> list[QuantCandidate]:
+    return resolve_candidates(None)
+
+
+def machine(gpu: str, ram_gib: float = 64) -> Hardware:
+    """A catalog GPU (or none) with a fixed host, so plans do not depend on the machine running the tests."""
+    return replace(hardware_for(gpu), ram_total_bytes=int(ram_gib * GiB), ram_available_bytes=int(ram_gib * GiB),
+                   ram_bandwidth_bytes_s=50 * GB, cpu_physical_cores=8)
+
+
+def reestimate(plan: Plan, flags: ServerFlags, hardware: Hardware):  # -> MemoryEstimate
+    return estimate_memory(plan.candidate.layout, flags, [g.llama_name for g in hardware.gpus])
+
+
+def assert_minimal_experts_and_maximal_context(plan: Plan, hardware: Hardware, *, ctx_asked: bool = False) -> None:
+    f = plan.flags
+    own = reestimate(plan, f, hardware)
+    assert own == plan.estimate
+    assert fits(own, plan.budget)
+    assert all(v >= 0 for v in headroom_bytes(own, plan.budget).values())
+    for name, free in plan.budget.gpu_free_bytes:  # the buffer is really kept on every GPU
+        assert own.device(name).total_bytes + plan.budget.buffer_bytes <= free
+    if f.n_cpu_moe > 0:
+        assert not fits(reestimate(plan, f.with_(n_cpu_moe=f.n_cpu_moe - 1), hardware), plan.budget)
+    if ctx_asked:
+        return
+    if own.n_ctx_seq < NATIVE_CTX:
+        bigger = f.with_(ctx_size=(own.n_ctx_seq + 256) * f.n_seq)
+        assert not fits(reestimate(plan, bigger, hardware), plan.budget)
+    else:
+        assert own.n_ctx_seq == NATIVE_CTX
+
+
+@pytest.mark.parametrize("gpu", ["rtx-3090", "rtx-4090", "rtx-5080", "rtx-5060-ti", "h100-80gb"])
+@pytest.mark.parametrize("prefer", ["speed", "quality", "context"])
+def test_plan_fits_with_the_buffer_kept_fewest_experts_in_ram_and_the_most_context(
+        ladder: list[QuantCandidate], gpu: str, prefer: str) -> None:
+    hw = machine(gpu)
+    rec = recommend(ladder, hw, Wishes(prefer=prefer))
+    assert rec.plan.budget.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES
+    assert_minimal_experts_and_maximal_context(rec.plan, hw)
+    assert 2 <= len(rec.alternatives) <= 4
+    for alt, why in rec.alternatives:
+        assert why and alt is not rec.plan
+        assert_minimal_experts_and_maximal_context(alt, hw)
+
+
+def test_the_80gb_card_holds_the_whole_model_at_native_context(ladder: list[QuantCandidate]) -> None:
+    for prefer in ("speed", "quality", "context"):
+        plan = recommend(ladder, machine("h100-80gb"), Wishes(prefer=prefer)).plan
+        assert plan.flags.n_cpu_moe == 0 and plan.flags.n_gpu_layers is None
+        assert plan.estimate.n_ctx_seq == NATIVE_CTX
+        assert plan.estimate.host.weights_bytes < 1 * GiB  # token_embd only
+    # and with --prefer quality, its best quant: BF16 (64.6 GiB) still fits whole
+    assert recommend(ladder, machine("h100-80gb"), Wishes(prefer="quality")).plan.quant == "BF16"
+
+
+@pytest.mark.parametrize("gpu", ["rtx-5080", "rtx-5060-ti"])
+def test_16gb_cards_offload_experts_or_drop_a_quant_and_say_which_and_why(
+        ladder: list[QuantCandidate], gpu: str) -> None:
+    rec = recommend(ladder, machine(gpu), Wishes())
+    plan = rec.plan
+    q4 = next(c for c in ladder if c.quant == "Q4_K_M")
+    assert plan.flags.n_cpu_moe > 0 or plan.candidate.quality_rank < q4.quality_rank
+    text = " ".join(plan.reasons)
+    if plan.flags.n_cpu_moe > 0:
+        assert f"--n-cpu-moe {plan.flags.n_cpu_moe}: the fewest expert layers in RAM" in text
+        assert "attention, DeltaNet" in text and "stay on the GPU" in text
+    if plan.candidate.quality_rank < q4.quality_rank:  # dropped below Q4_K_M: says what Q4_K_M would cost
+        assert "Q4_K_M, the next better quant, would need --n-cpu-moe" in text
+    assert "rather than drop to" in text  # and what fitting entirely on the GPU would have meant
+
+    forced = recommend(ladder, machine(gpu), Wishes(quant="Q4_K_M")).plan
+    assert forced.quant == "Q4_K_M" and forced.flags.n_cpu_moe > 0
+    assert_minimal_experts_and_maximal_context(forced, machine(gpu))
+
+
+def test_speed_keeps_an_exact_kv_cache_when_quantizing_buys_little(ladder: list[QuantCandidate]) -> None:
+    rec = recommend(ladder, machine("rtx-3090"), Wishes())
+    assert rec.plan.flags.cache_type_k == "f16" and rec.plan.flags.cache_type_v == "f16"
+    kv_alt = [(a, why) for a, why in rec.alternatives if a.candidate is rec.plan.candidate]
+    assert kv_alt and kv_alt[0][0].flags.cache_type_k == "q8_0"
+    assert "not worth quantizing" in kv_alt[0][1]
+
+
+def test_prefer_context_reaches_native_context_on_a_24gb_card(ladder: list[QuantCandidate]) -> None:
+    speed = recommend(ladder, machine("rtx-3090"), Wishes(prefer="speed")).plan
+    context = recommend(ladder, machine("rtx-3090"), Wishes(prefer="context")).plan
+    assert speed.estimate.n_ctx_seq < NATIVE_CTX
+    assert context.estimate.n_ctx_seq == NATIVE_CTX
+    assert any("native maximum" in r for r in context.reasons)
+
+
+def test_prefer_quality_takes_a_better_quant_than_speed(ladder: list[QuantCandidate]) -> None:
+    speed = recommend(ladder, machine("rtx-4090"), Wishes(prefer="speed")).plan
+    quality = recommend(ladder, machine("rtx-4090"), Wishes(prefer="quality")).plan
+    assert quality.candidate.quality_rank > speed.candidate.quality_rank
+    assert quality.predicted.tg_tok_s >= speed.predicted.tg_tok_s / 3
+
+
+def test_cpu_only_plans_for_ram(ladder: list[QuantCandidate]) -> None:
+    hw = machine("none", ram_gib=64)
+    rec = recommend(ladder, hw, Wishes())
+    plan = rec.plan
+    assert plan.budget.cpu_only and plan.budget.device == "CPU"
+    assert plan.budget.buffer_bytes == DEFAULT_RAM_BUFFER_BYTES
+    assert plan.estimate.gpu_devices == ()
+    assert plan.estimate.host_total_bytes + plan.budget.buffer_bytes <= hw.ram_available_bytes
+    assert_minimal_experts_and_maximal_context(plan, hw)
+    assert any("no GPU" in r for r in plan.reasons)
+
+
+def test_small_ram_lowers_the_prompt_cache_before_giving_up(ladder: list[QuantCandidate]) -> None:
+    hw = machine("none", ram_gib=24)
+    plan = recommend(ladder, hw, Wishes(quant="Q4_K_M", ctx_size=32768)).plan
+    assert plan.flags.cache_ram_mib < 8192
+    assert fits(plan.estimate, plan.budget)
+    assert any(r.startswith(f"--cache-ram {plan.flags.cache_ram_mib}") for r in plan.reasons)
+    assert f"--cache-ram {plan.flags.cache_ram_mib}" in " ".join(plan.command())
+
+
+def test_tighter_ram_also_lowers_context_checkpoints(ladder: list[QuantCandidate]) -> None:
+    q4 = next(c for c in ladder if c.quant == "Q4_K_M")
+    hw = machine("none", ram_gib=(q4.layout.weights_bytes + 1.5 * GiB + 300 * MiB) / GiB)
+    plan = recommend(ladder, hw, Wishes(quant="Q4_K_M", ctx_size=4096)).plan
+    assert plan.flags.cache_ram_mib == 0 and plan.flags.ctx_checkpoints < 32
+    assert fits(plan.estimate, plan.budget)
+
+
+def test_nothing_fits_is_an_error_saying_the_smallest_need_and_what_is_available(
+        ladder: list[QuantCandidate]) -> None:
+    with pytest.raises(TunerError) as err:
+        recommend(ladder, machine("none", ram_gib=8), Wishes())
+    message = str(err.value)
+    assert "nothing fits at 4096 tokens of context" in message
+    assert "Q2_K" in message and "needs" in message and "available" in message
+
+
+def test_a_16gb_card_with_a_small_host_cannot_hold_experts_in_ram(ladder: list[QuantCandidate]) -> None:
+    with pytest.raises(TunerError, match=r"\(Q4_K_M, .*\) needs .* of VRAM and .* of RAM"):
+        recommend(ladder, machine("rtx-5080", ram_gib=3), Wishes(quant="Q4_K_M"))
+    # the same host holds a quant that needs no experts in RAM
+    assert recommend(ladder, machine("rtx-5080", ram_gib=3), Wishes()).plan.flags.n_cpu_moe == 0
+
+
+def test_parallel_slots_get_separate_caches_and_their_own_state(ladder: list[QuantCandidate]) -> None:
+    hw = machine("rtx-4090")
+    plan = recommend(ladder, hw, Wishes(parallel=2, ctx_size=65536)).plan
+    assert plan.flags.parallel == 2 and plan.flags.kv_unified is False
+    assert plan.estimate.n_ctx_seq == 65536 and plan.flags.ctx_size == 131072
+    assert plan.estimate.recurrent_bytes == 2 * plan.candidate.layout.recurrent_bytes_per_seq()
+    assert_minimal_experts_and_maximal_context(plan, hw, ctx_asked=True)
+
+
+def test_an_asked_context_is_kept_exactly_and_beyond_native_needs_yarn(ladder: list[QuantCandidate]) -> None:
+    hw = machine("h100-80gb")
+    plan = recommend(ladder, hw, Wishes(ctx_size=100_000)).plan
+    assert plan.estimate.n_ctx_seq == 100_096  # padded to 256 as llama.cpp does
+    with pytest.raises(TunerError, match="beyond the model's native context"):
+        recommend(ladder, hw, Wishes(ctx_size=500_000))
+    yarn = recommend(ladder, hw, Wishes(ctx_size=500_000, allow_yarn=True)).plan
+    command = yarn.command()
+    assert command[command.index("--rope-scaling") + 1] == "yarn"
+    assert command[command.index("--rope-scale") + 1] == "2"
+
+
+def test_forced_cache_type_and_unknown_quant(ladder: list[QuantCandidate]) -> None:
+    plan = recommend(ladder, machine("rtx-3090"), Wishes(cache_type="q8_0")).plan
+    assert plan.flags.cache_type_k == plan.flags.cache_type_v == "q8_0"
+    with pytest.raises(TunerError, match="no quant 'Q9_X'"):
+        recommend(ladder, machine("rtx-3090"), Wishes(quant="Q9_X"))
+
+
+def test_vision_reserves_the_projector_and_loads_it(ladder: list[QuantCandidate]) -> None:
+    hw = machine("rtx-3090")
+    plain = recommend(ladder, hw, Wishes(quant="Q4_K_M")).plan
+    vision = recommend(ladder, hw, Wishes(quant="Q4_K_M", vision=True)).plan
+    mmproj = vision.candidate
+    assert vision.budget.reserved_bytes == mmproj.mmproj_bytes + VISION_COMPUTE_BYTES
+    assert vision.estimate.n_ctx_seq < plain.estimate.n_ctx_seq
+    command = vision.command(model_path="/m/q4.gguf", mmproj_path="/m/mmproj.gguf")
+    assert command[-2:] == ["--mmproj", "/m/mmproj.gguf"]
+
+
+def test_vision_without_a_gpu_reserves_the_projector_in_ram(ladder: list[QuantCandidate]) -> None:
+    hw = machine("none", ram_gib=64)
+    plan = recommend(ladder, hw, Wishes(vision=True)).plan
+    b = plan.budget
+    assert b.reserved_bytes == plan.candidate.mmproj_bytes + VISION_COMPUTE_BYTES
+    assert plan.estimate.host_total_bytes + b.buffer_bytes + b.reserved_bytes <= hw.ram_available_bytes
+    assert "--mmproj" in plan.command()
+
+
+def test_plan_command_is_the_flags_with_fit_off_and_jinja(ladder: list[QuantCandidate]) -> None:
+    plan = recommend(ladder, machine("rtx-5080"), Wishes()).plan
+    command = plan.command("/opt/llama-server", model_path="/models/x.gguf")
+    assert command[:3] == ["/opt/llama-server", "-m", "/models/x.gguf"]
+    assert command[3:3 + len(plan.flags.to_args())] == plan.flags.to_args()
+    assert command[-3:] == ["--fit", "off", "--jinja"]
+    assert plan.command()[2] == plan.candidate.files[0]
+    d = plan.to_dict()
+    for key in ("model", "quant", "file", "cache_type_k", "cache_type_v", "n_cpu_moe", "n_gpu_layers", "ctx_size",
+                "parallel", "batch_size", "ubatch_size", "flash_attn", "kv_unified"):
+        assert key in d
+    assert d["n_cpu_moe"] == plan.flags.n_cpu_moe and d["ubatch_size"] == plan.flags.ubatch_size
+
+
+def test_experts_in_ram_raise_the_ubatch_only_within_the_speed_tolerance(ladder: list[QuantCandidate]) -> None:
+    plan = recommend(ladder, machine("rtx-5080"), Wishes()).plan
+    assert plan.flags.n_cpu_moe > 0 and plan.flags.ubatch_size in (1024, 2048)
+    assert any(r.startswith(f"--ubatch-size {plan.flags.ubatch_size}") for r in plan.reasons)
+    assert recommend(ladder, machine("rtx-3090"), Wishes()).plan.flags.ubatch_size == 512  # nothing in RAM
+
+
+def test_measured_speeds_replace_the_roofline(ladder: list[QuantCandidate]) -> None:
+    seen: list[ServerFlags] = []
+
+    def measured(cand: QuantCandidate, flags: ServerFlags, hw: Hardware) -> Prediction | None:
+        seen.append(flags)
+        if cand.quant != "Q6_K":
+            return None
+        return Prediction(tg_tok_s=500.0, pp_tok_s=9000.0, tg_bound_tok_s=600.0, pp_bound_tok_s=20000.0,
+                          efficiency=500 / 600, source="measured")
+
+    plan = recommend(ladder, machine("h100-80gb"), Wishes(), measured=measured).plan
+    assert seen
+    assert plan.quant == "Q6_K" and plan.predicted.source == "measured" and plan.predicted.tg_tok_s == 500.0
+
+
+def test_budget_takes_free_vram_and_the_buffer_asked_for() -> None:
+    hw = machine("rtx-4090")
+    b = budget_for(hw, Wishes(buffer_bytes=2 * GiB))
+    assert (b.device, b.buffer_bytes, b.vram_free_bytes) == ("CUDA0", 2 * GiB, hw.gpus[0].vram_free_bytes)
+    assert b.gpu_free_bytes == (("CUDA0", hw.gpus[0].vram_free_bytes),)
+    two = budget_for(machine("rtx-3090x2"), Wishes())
+    assert two.device == "CUDA0+CUDA1" and two.vram_total_bytes == 2 * hardware_for("rtx-3090").gpus[0].vram_total_bytes
+
+
+def test_a_bigger_buffer_never_gives_a_bigger_plan(ladder: list[QuantCandidate]) -> None:
+    hw = machine("rtx-5080")
+    small = recommend(ladder, hw, Wishes(quant="Q4_K_M", buffer_bytes=512 * MiB)).plan
+    large = recommend(ladder, hw, Wishes(quant="Q4_K_M", buffer_bytes=3 * GiB)).plan
+    assert large.flags.n_cpu_moe > small.flags.n_cpu_moe
+
+
+def test_two_gpus_split_layers_and_every_gpu_keeps_its_buffer(ladder: list[QuantCandidate]) -> None:
+    hw = machine("rtx-3090x2")
+    plan = recommend(ladder, hw, Wishes(prefer="quality")).plan
+    assert {d.name for d in plan.estimate.gpu_devices} == {"CUDA0", "CUDA1"}
+    assert fits(plan.estimate, plan.budget)
+
+
+def test_wishes_are_checked() -> None:
+    with pytest.raises(TunerError, match="--prefer"):
+        Wishes(prefer="fast")
+    with pytest.raises(TunerError, match="--parallel"):
+        Wishes(parallel=0)
+    with pytest.raises(TunerError):
+        Wishes(cache_type="q3_0")
+
+
+def test_plan_for_uses_the_card_ladder_by_default() -> None:
+    rec = plan_for(None, machine("rtx-4090"), Wishes())
+    assert rec.plan.candidate.card_key == "qwen3.5-35b-a3b"
+    assert rec.planning_s > 0

@@ -1,0 +1,555 @@
+"""Built-in model cards: what the tuner knows about a model without reading any file.
+
+A card (``profiles/models/<key>.yaml``) holds the GGUF hyperparameters of one model, the Hub repos that carry its
+GGUFs, known file sizes, sampling presets and notes. Together with the quant recipes (``profiles/models/
+_recipes.yaml``: which ggml type llama-quantize gives each tensor class, derived from src/llama-quant.cpp) a card
+yields the full :class:`~tuner.layout.ModelLayout` of any of its quants offline: the tensor names and shapes come
+from :func:`tuner.synth.tensor_plan` (the one shape table of the package), the types from the recipe, and
+:func:`tuner.layout.layout_from_metadata` does the rest, as for a real header.
+
+``qwen3.5-35b-a3b:Q4_K_M`` names a card and a quant; :func:`card_candidates` is a card's whole ladder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuner.errors import TunerError
+from tuner.ggml import GgmlType, ggml_type, tensor_bytes
+from tuner.layout import ModelLayout, layout_from_metadata
+from tuner.models import QuantCandidate
+from tuner.paths import profiles_dir
+from tuner.synth import SynthSpec, tensor_plan
+from tuner.units import GiB
+
+CARDS_SUBDIR = "models"
+RECIPES_FILE = "_recipes.yaml"  # files starting with "_" are not cards
+DEFAULT_CARD = "qwen3.5-35b-a3b"
+# llama-server flag of each sampling-preset key.
+SAMPLING_FLAGS: dict[str, str] = {
+    "temp": "--temp",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "min_p": "--min-p",
+    "presence_penalty": "--presence-penalty",
+}
+REASONING_OFF_ARGS: tuple[str, ...] = ("--reasoning", "off")  # common/arg.cpp:3690 (-rea, --reasoning)
+HUB_MAX_FILE_BYTES = 50 * 10**9  # the Hub's per-file limit: bigger quants come split
+# tensor_type_fallback (llama-quant.cpp:390-444): a row that is not a whole number of blocks gets a 32-block type.
+_FALLBACK_TYPES: dict[str, str] = {
+    "iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
+    "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl", "q2_K": "q4_0", "q3_K": "q4_0", "tq1_0": "q4_0",
+    "tq2_0": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0",
+}
+# Recipe class of a tensor, by its name after ``blk.N.`` (first match wins); see _recipes.yaml.
+_BLOCK_RECIPE_CLASSES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(p), c) for p, c in (
+        (r"^ffn_(gate|up|gate_up)_exps\.", "experts_gate_up"),
+        (r"^ffn_down_exps\.", "experts_down"),
+        (r"^ffn_(gate|up)_shexp\.", "shared_gate_up"),
+        (r"^ffn_down_shexp\.", "shared_down"),
+        (r"^ffn_gate_inp\.weight$", "router"),
+        (r"^ffn_(gate|up)\.", "ffn_gate_up"),
+        (r"^ffn_down\.", "ffn_down"),
+        (r"^attn_q\.weight$", "attn_q"),
+        (r"^attn_k\.weight$", "attn_k"),
+        (r"^attn_v\.weight$", "attn_v"),
+        (r"^attn_output\.weight$", "attn_output"),
+        (r"^attn_qkv\.weight$", "deltanet_qkv"),
+        (r"^attn_gate\.weight$", "deltanet_gate"),
+        (r"^ssm_out\.weight$", "deltanet_out"),
+        (r"^ssm_(alpha|beta)\.weight$", "deltanet_alpha_beta"),
+        (r"^nextn\.eh_proj\.weight$", "mtp_proj"),
+        (r"(norm\.weight|^ssm_conv1d\.weight|^ssm_a|^ssm_dt\.bias|^ffn_gate_inp_shexp\.weight)$", "small"),
+    )
+)
+RECIPE_CLASSES: tuple[str, ...] = (
+    "experts_gate_up", "experts_down", "shared_gate_up", "shared_down", "ffn_gate_up", "ffn_down", "attn_q",
+    "attn_k", "attn_v", "attn_output", "deltanet_qkv", "deltanet_gate", "deltanet_out", "deltanet_alpha_beta",
+    "mtp_proj", "router", "small", "token_embd", "output",
+)
+_WHERE_RE = re.compile(r"^layer\s*<\s*(?:(\d+)|n\s*/\s*(\d+))$")
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+# --- recipes ------------------------------------------------------------------------------------------------------
+
+def use_more_bits(layer: int, n_layer: int) -> bool:
+    """llama-quant.cpp:452-454, with C integer semantics (``%`` truncates toward zero)."""
+    eighth = n_layer // 8
+    if layer < eighth or layer >= 7 * n_layer // 8:
+        return True
+    return (layer - eighth) % 3 == 2  # layer >= eighth here, so Python and C agree
+
+
+@dataclass(frozen=True)
+class TypeRule:
+    """The ggml type of one tensor class; ``upgrade`` replaces it on the layers ``where`` selects."""
+
+    type: str
+    upgrade: str | None = None
+    where: str | None = None  # "more_bits" | "layer < K" | "layer < n/K"
+
+    def type_for(self, layer: int | None, n_layer_all: int) -> str:
+        if self.upgrade is None or self.where is None or layer is None:
+            return self.type
+        if self.where == "more_bits":
+            hit = use_more_bits(layer, n_layer_all)
+        else:
+            m = _WHERE_RE.match(self.where)
+            if not m:
+                raise TunerError(f"quant recipe: cannot read layer rule {self.where!r}")
+            limit = int(m.group(1)) if m.group(1) else n_layer_all // int(m.group(2))
+            hit = layer < limit
+        return self.upgrade if hit else self.type
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One llama-quantize file type: the ggml type of every tensor class."""
+
+    quant: str
+    ftype: str
+    types: Mapping[str, TypeRule]
+
+    def type_name(self, recipe_class: str, layer: int | None, n_layer_all: int) -> str:
+        rule = self.types.get(recipe_class)
+        if rule is None:
+            raise TunerError(f"quant recipe {self.quant} has no type for tensor class {recipe_class!r}")
+        return rule.type_for(layer, n_layer_all)
+
+
+def recipe_class(name: str) -> str:
+    """The recipe class of a tensor (see ``_recipes.yaml``)."""
+    if name == "token_embd.weight":
+        return "token_embd"
+    if name == "output.weight":
+        return "output"
+    if name == "output_norm.weight":
+        return "small"
+    m = _BLOCK_RE.match(name)
+    if m:
+        for pattern, cls in _BLOCK_RECIPE_CLASSES:
+            if pattern.search(m.group(2)):
+                return cls
+    raise TunerError(f"no quant recipe class for tensor {name!r}")
+
+
+def _parse_rule(value: Any, where: str) -> TypeRule:
+    if isinstance(value, str):
+        rule = TypeRule(value)
+    elif isinstance(value, dict) and "type" in value:
+        rule = TypeRule(str(value["type"]), value.get("upgrade"), value.get("where"))
+    else:
+        raise TunerError(f"{where}: expected a ggml type or {{type, upgrade, where}}, got {value!r}")
+    for name in (rule.type, rule.upgrade):
+        if name is not None:
+            ggml_type(name)  # raises on a typo
+    if rule.upgrade is not None and rule.where != "more_bits" and not _WHERE_RE.match(str(rule.where)):
+        raise TunerError(f"{where}: cannot read layer rule {rule.where!r}")
+    return rule
+
+
+def _parse_recipes(data: Any, source: Path) -> dict[str, Recipe]:
+    if not isinstance(data, dict) or not isinstance(data.get("recipes"), dict):
+        raise TunerError(f"{source}: expected a 'recipes' mapping")
+    out: dict[str, Recipe] = {}
+    for quant, body in data["recipes"].items():
+        types = body.get("types") if isinstance(body, dict) else None
+        if not isinstance(types, dict):
+            raise TunerError(f"{source}: recipe {quant} has no 'types' mapping")
+        missing = [c for c in RECIPE_CLASSES if c not in types]
+        if missing:
+            raise TunerError(f"{source}: recipe {quant} lacks tensor classes {', '.join(missing)}")
+        rules = {c: _parse_rule(v, f"{source}: {quant}.{c}") for c, v in types.items()}
+        out[str(quant).upper()] = Recipe(str(quant), str(body.get("ftype", "")), rules)
+    return out
+
+
+# --- cards --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CardRepo:
+    """A Hub repo that carries the model's GGUFs, and how its files are named."""
+
+    repo: str
+    file: str  # "{quant}" template of a single-file quant
+    split_file: str | None = None  # "{quant}", "{shard}", "{count}" template of a split quant
+    splits: Mapping[str, int] = field(default_factory=dict)  # known shard counts per quant
+    mtp: bool = False  # whether its GGUFs keep the MTP block
+    mmproj: str | None = None
+    mmproj_bytes: int = 0
+    chat_template_fixed: str | None = None  # date after which its chat template is the fixed one
+
+    def files_for(self, quant: str, file_bytes: int) -> tuple[str, ...]:
+        """The expected file name(s) of ``quant``: split when known to be, or when over the Hub's file limit."""
+        count = self.splits.get(quant) or (-(-file_bytes // HUB_MAX_FILE_BYTES) if self.split_file else 1)
+        if count <= 1 or not self.split_file:
+            return (self.file.format(quant=quant),)
+        return tuple(self.split_file.format(quant=quant, shard=f"{i:05d}", count=f"{count:05d}")
+                     for i in range(1, count + 1))
+
+
+@dataclass(frozen=True)
+class KnownSize:
+    """A real file size recorded on the card, to check the recipes against."""
+
+    repo: str
+    quant: str
+    file_bytes: int | None  # whole file(s), header included
+    tensor_bytes: int | None  # tensor data only (llama-bench "size", rounded)
+    recipe: str  # "llama-quantize" (plain recipe), "uploader" (the uploader's own mix), "mmproj"
+    note: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class ModelCard:
+    """What the tuner knows about one model without reading any of its files."""
+
+    key: str
+    name: str
+    arch: str
+    aliases: tuple[str, ...]
+    vocab_size: int
+    tie_embeddings: bool
+    mtp_layers: int
+    gguf: Mapping[str, Any]  # GGUF metadata values, keys without the "<arch>." prefix
+    header_bytes: int
+    default_repo: str
+    repos: tuple[CardRepo, ...]
+    quants: tuple[str, ...]  # the ladder, best first
+    quality_order: tuple[str, ...]  # quant labels, best first
+    known_sizes: tuple[KnownSize, ...]
+    sampling_presets: Mapping[str, Mapping[str, float]]
+    default_preset: str
+    reasoning_off: tuple[str, ...]
+    notes: tuple[str, ...]
+    recipes: Mapping[str, Recipe]
+    path: str = ""
+
+    def repo(self, name: str | None = None) -> CardRepo:
+        want = (name or self.default_repo).lower()
+        for r in self.repos:
+            if r.repo.lower() == want:
+                return r
+        raise TunerError(f"card {self.key} lists no repo {name!r} (it lists: {', '.join(r.repo for r in self.repos)})")
+
+    def quant(self, label: str) -> str:
+        """The card's spelling of a quant label (case-insensitive); TunerError listing the ladder if unknown."""
+        for q in self.quants:
+            if q.lower() == label.strip().lower():
+                return q
+        raise TunerError(f"{self.key} has no quant {label!r} (known: {', '.join(self.quants)})")
+
+    def recipe(self, quant: str) -> Recipe:
+        q = self.quant(quant)
+        found = self.recipes.get(q.upper())
+        if found is None:
+            raise TunerError(f"no quant recipe for {q} (recipes: {', '.join(sorted(self.recipes))})")
+        return found
+
+    def _preset(self, preset: str | None) -> tuple[str, Mapping[str, float]]:
+        name = preset or self.default_preset
+        values = self.sampling_presets.get(name)
+        if values is None:
+            raise TunerError(f"{self.key} has no sampling preset {name!r} "
+                             f"(presets: {', '.join(self.sampling_presets)})")
+        return name, values
+
+    def sampling_args(self, preset: str | None = None) -> list[str]:
+        """llama-server sampling flags of a preset (default: the card's default preset)."""
+        _, values = self._preset(preset)
+        args: list[str] = []
+        for key, value in values.items():
+            args += [SAMPLING_FLAGS[key], _fmt_number(value)]
+        return args
+
+    def reasoning_args(self, preset: str | None = None) -> list[str]:
+        """``--reasoning off`` for presets that turn thinking off, else nothing."""
+        name, _ = self._preset(preset)
+        return list(REASONING_OFF_ARGS) if name in self.reasoning_off else []
+
+    def shape_key(self) -> tuple[Any, ...]:
+        """What :func:`match_card` compares: arch, layers, widths, heads, experts, DeltaNet dims."""
+        g = self.gguf
+        n_expert = int(g.get("expert_count", 0))
+        return (self.arch, int(g["block_count"]), int(g["embedding_length"]), int(g["attention.head_count"]),
+                int(g["attention.head_count_kv"]), int(g["attention.key_length"]), n_expert,
+                int(g.get("expert_feed_forward_length", 0)), 0 if n_expert else int(g.get("feed_forward_length", 0)),
+                int(g.get("ssm.inner_size", 0)), int(g.get("ssm.state_size", 0)))
+
+
+def _fmt_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _require(data: dict[str, Any], key: str, source: Path) -> Any:
+    if key not in data:
+        raise TunerError(f"model card {source} lacks '{key}'")
+    return data[key]
+
+
+def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCard:
+    if not isinstance(data, dict):
+        raise TunerError(f"model card {source} is not a mapping")
+    repos = []
+    for r in _require(data, "repos", source) or []:
+        repos.append(CardRepo(
+            repo=str(r["repo"]), file=str(r["file"]), split_file=r.get("split_file"),
+            splits={str(k): int(v) for k, v in (r.get("splits") or {}).items()}, mtp=bool(r.get("mtp", False)),
+            mmproj=r.get("mmproj"), mmproj_bytes=int(r.get("mmproj_bytes", 0)),
+            chat_template_fixed=str(r["chat_template_fixed"]) if r.get("chat_template_fixed") else None))
+    known = []
+    for k in data.get("known_sizes") or []:
+        gib = k.get("tensor_gib")
+        known.append(KnownSize(
+            repo=str(k["repo"]), quant=str(k["quant"]),
+            file_bytes=int(k["file_bytes"]) if k.get("file_bytes") is not None else None,
+            tensor_bytes=round(float(gib) * GiB) if gib is not None else None,
+            recipe=str(k.get("recipe", "uploader")), note=str(k.get("note", ""))))
+    presets = {str(n): {str(k): float(v) for k, v in vals.items()}
+               for n, vals in (_require(data, "sampling_presets", source) or {}).items()}
+    for name, vals in presets.items():
+        unknown = [k for k in vals if k not in SAMPLING_FLAGS]
+        if unknown:
+            raise TunerError(f"model card {source}: preset {name} has unknown keys {', '.join(unknown)}")
+    card = ModelCard(
+        key=str(_require(data, "key", source)).lower(),
+        name=str(_require(data, "name", source)),
+        arch=str(_require(data, "arch", source)),
+        aliases=tuple(str(a).lower() for a in data.get("aliases") or ()),
+        vocab_size=int(_require(data, "vocab_size", source)),
+        tie_embeddings=bool(data.get("tie_embeddings", False)),
+        mtp_layers=int(data.get("mtp_layers", 0)),
+        gguf=dict(_require(data, "gguf", source)),
+        header_bytes=int(data.get("header_bytes", 0)),
+        default_repo=str(_require(data, "default_repo", source)),
+        repos=tuple(repos),
+        quants=tuple(str(q) for q in _require(data, "quants", source)),
+        quality_order=tuple(str(q) for q in data.get("quality_order") or data["quants"]),
+        known_sizes=tuple(known),
+        sampling_presets=presets,
+        default_preset=str(_require(data, "default_preset", source)),
+        reasoning_off=tuple(str(p) for p in data.get("reasoning_off") or ()),
+        notes=tuple(str(n) for n in data.get("notes") or ()),
+        recipes=recipes,
+        path=str(source),
+    )
+    card.repo()  # the default repo must be listed
+    card._preset(None)
+    for q in card.quants:
+        if q.upper() not in recipes:
+            raise TunerError(f"model card {source}: no recipe for quant {q}")
+    return card
+
+
+def _cards_dir() -> Path:
+    return profiles_dir() / CARDS_SUBDIR
+
+
+_CACHE: dict[tuple[Any, ...], tuple[ModelCard, ...]] = {}
+
+
+def _load_all() -> tuple[ModelCard, ...]:
+    folder = _cards_dir()
+    if not folder.is_dir():
+        raise TunerError(f"no model cards: {folder} is not a folder",
+                         hint="TUNER_PROFILES_DIR must name the folder holding models/")
+    files = sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("_"))
+    recipes_path = folder / RECIPES_FILE
+    stamp = (str(folder), *((p.name, p.stat().st_mtime_ns) for p in [*files, recipes_path] if p.exists()))
+    cached = _CACHE.get(stamp)
+    if cached is not None:
+        return cached
+    try:
+        recipes = _parse_recipes(yaml.safe_load(recipes_path.read_text(encoding="utf-8")), recipes_path)
+        cards = tuple(_parse_card(yaml.safe_load(p.read_text(encoding="utf-8")), p, recipes) for p in files)
+    except FileNotFoundError as error:
+        raise TunerError(f"cannot read {error.filename}") from None
+    except yaml.YAMLError as error:
+        raise TunerError(f"model cards: bad YAML ({' '.join(str(error).split())})") from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise TunerError(f"model cards in {folder}: malformed entry ({error!r})") from None
+    _CACHE.clear()
+    _CACHE[stamp] = cards
+    return cards
+
+
+def list_cards() -> list[ModelCard]:
+    """Every built-in card, the default (Qwen3.5-35B-A3B) first."""
+    cards = sorted(_load_all(), key=lambda c: c.key)
+    return sorted(cards, key=lambda c: c.key != DEFAULT_CARD)
+
+
+def find_card(key: str) -> ModelCard | None:
+    want = key.strip().lower()
+    for card in _load_all():
+        if want == card.key or want in card.aliases or want == card.name.lower():
+            return card
+    return None
+
+
+def load_card(key: str) -> ModelCard:
+    """A card by key, alias or model name, case-insensitive (``qwen3.5-35b-a3b``, ``Qwen3.5-35B-A3B``)."""
+    card = find_card(key)
+    if card is None:
+        raise TunerError(f"no model card {key!r} (cards: {', '.join(c.key for c in list_cards())})")
+    return card
+
+
+# --- layouts from cards -------------------------------------------------------------------------------------------
+
+def synth_spec(card: ModelCard, *, mtp: bool = False) -> SynthSpec:
+    """The card's hyperparameters as a :class:`~tuner.synth.SynthSpec` (for :func:`tensor_plan`)."""
+    g = card.gguf
+    try:
+        return SynthSpec(
+            arch=card.arch, name=card.name, n_layer=int(g["block_count"]), n_embd=int(g["embedding_length"]),
+            n_head=int(g["attention.head_count"]), n_head_kv=int(g["attention.head_count_kv"]),
+            head_dim=int(g["attention.key_length"]), full_attention_interval=int(g.get("full_attention_interval", 4)),
+            n_expert=int(g.get("expert_count", 0)), n_expert_used=int(g.get("expert_used_count", 0)),
+            n_ff_exp=int(g.get("expert_feed_forward_length", 0)),
+            n_ff_shexp=int(g.get("expert_shared_feed_forward_length", 0)), n_ff=int(g.get("feed_forward_length", 0)),
+            ssm_d_conv=int(g.get("ssm.conv_kernel", 0)), ssm_d_state=int(g.get("ssm.state_size", 0)),
+            ssm_n_group=int(g.get("ssm.group_count", 0)), ssm_dt_rank=int(g.get("ssm.time_step_rank", 0)),
+            n_ctx_train=int(g.get("context_length", 4096)), rope_dims=int(g.get("rope.dimension_count", 0)),
+            mtp=mtp, tie_embeddings=card.tie_embeddings, fill="zeros")
+    except KeyError as error:
+        raise TunerError(f"model card {card.key} lacks GGUF key {error.args[0]}") from None
+
+
+def card_metadata(card: ModelCard, *, mtp: bool = False) -> dict[str, Any]:
+    """GGUF metadata the card stands for (what a converted file's header would say, tokenizer aside)."""
+    meta: dict[str, Any] = {"general.architecture": card.arch, "general.name": card.name}
+    meta.update({f"{card.arch}.{k}": v for k, v in card.gguf.items()})
+    if mtp and card.mtp_layers:
+        meta[f"{card.arch}.block_count"] = int(card.gguf["block_count"]) + card.mtp_layers
+        meta[f"{card.arch}.nextn_predict_layers"] = card.mtp_layers
+    return meta
+
+
+def recipe_tensors(card: ModelCard, recipe: Recipe, *,
+                   mtp: bool = False) -> list[tuple[str, GgmlType, tuple[int, ...], int]]:
+    """(name, ggml type, shape, bytes) of every tensor of the card's model quantized with ``recipe``."""
+    if mtp and card.mtp_layers != 1:
+        raise TunerError(f"{card.key}: only one MTP layer is supported, the card says {card.mtp_layers}")
+    spec = synth_spec(card, mtp=mtp and card.mtp_layers > 0)
+    n_layer_all = spec.n_layer_all
+    out = []
+    for name, shape, _role in tensor_plan(spec, card.vocab_size):
+        m = _BLOCK_RE.match(name)
+        layer = int(m.group(1)) if m else None
+        tname = recipe.type_name(recipe_class(name), layer, n_layer_all)
+        t = ggml_type(tname)
+        if shape and shape[0] % t.block_size:
+            t = ggml_type(_FALLBACK_TYPES.get(t.name, "f16"))
+            if shape[0] % t.block_size:
+                t = ggml_type("f16")
+        out.append((name, t, tuple(shape), tensor_bytes(t, shape)))
+    return out
+
+
+_LAYOUTS: dict[tuple[str, str, str, bool], ModelLayout] = {}
+
+
+def card_layout(card: ModelCard, quant: str, *, mtp: bool | None = None) -> ModelLayout:
+    """The full layout of ``quant`` of the card's model, built without any file. ``mtp`` None: as the card's
+    default repo ships it. ``file_bytes`` is tensor data plus the card's typical header."""
+    q = card.quant(quant)
+    with_mtp = card.repo().mtp if mtp is None else mtp
+    cache_key = (card.path, card.key, q, with_mtp)
+    found = _LAYOUTS.get(cache_key)
+    if found is not None:
+        return found
+    tensors = recipe_tensors(card, card.recipe(q), mtp=with_mtp)
+    data_bytes = sum(t[3] for t in tensors)
+    layout = layout_from_metadata(card_metadata(card, mtp=with_mtp), tensors,
+                                  file_bytes=data_bytes + card.header_bytes, source=f"{card.key}:{q}")
+    _LAYOUTS[cache_key] = layout
+    return layout
+
+
+def card_candidates(card: ModelCard, repo: str | None = None) -> list[QuantCandidate]:
+    """The card's ladder as planner candidates (source "card"), best quality first."""
+    card_repo = card.repo(repo)
+    out = []
+    for q in card.quants:
+        layout = card_layout(card, q, mtp=card_repo.mtp)
+        out.append(QuantCandidate(
+            quant=q, layout=layout, files=card_repo.files_for(q, layout.file_bytes), file_bytes=layout.file_bytes,
+            source="card", repo=card_repo.repo, revision=None, mmproj=card_repo.mmproj,
+            mmproj_bytes=card_repo.mmproj_bytes if card_repo.mmproj else 0, card_key=card.key))
+    return rank_by_quality(out, card)
+
+
+def match_card(layout: ModelLayout) -> ModelCard | None:
+    """The card whose shapes the layout has (arch, layers, widths, heads, experts, DeltaNet dims), or None.
+    Several cards with one shape (Qwen3.5 / Qwen3.6 35B-A3B) are told apart by the model's name."""
+    key = (layout.arch, layout.n_layer, layout.n_embd, layout.n_head[0] if layout.n_head else 0,
+           layout.n_head_kv[0] if layout.n_head_kv else 0, layout.head_k, layout.n_expert, layout.n_ff_exp,
+           layout.n_ff if not layout.n_expert else 0, layout.ssm_d_inner, layout.ssm_d_state)
+    matches = [c for c in list_cards() if c.shape_key() == key]
+    if not matches:
+        return None
+    name = _squash(layout.name)
+    for card in sorted(matches, key=lambda c: -len(c.name)):
+        if _squash(card.name) in name or any(_squash(a) in name for a in card.aliases):
+            return card
+    return matches[0]
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]", "", text.lower())
+
+
+# --- quality ------------------------------------------------------------------------------------------------------
+
+def rank_by_quality(candidates: Sequence[QuantCandidate], card: ModelCard | None) -> list[QuantCandidate]:
+    """Candidates best first, each with ``quality_rank`` set (higher = better).
+
+    Order by bits per weight, then put the labels the card's ``quality_order`` knows in its order (within the
+    positions they already hold), so measured exceptions (Q4_K_M above the larger UD-Q4_K_XL) win over size."""
+    ordered = sorted(candidates, key=lambda c: (-c.bits_per_weight, c.quant))
+    if card is not None:
+        known = {q.lower(): i for i, q in enumerate(card.quality_order)}
+        slots = [i for i, c in enumerate(ordered) if c.quant.lower() in known]
+        listed = sorted((ordered[i] for i in slots), key=lambda c: known[c.quant.lower()])
+        for slot, cand in zip(slots, listed, strict=True):
+            ordered[slot] = cand
+    n = len(ordered)
+    return [replace(c, quality_rank=n - i) for i, c in enumerate(ordered)]
+
+
+def known_size_rows(card: ModelCard) -> list[dict[str, Any]]:
+    """Each known real size beside the card's recipe for it (plain llama-quantize recipes only compare exactly)."""
+    rows = []
+    for k in card.known_sizes:
+        if k.recipe == "mmproj":
+            continue
+        label = k.quant.removeprefix("UD-")
+        if label.upper() not in card.recipes:
+            continue
+        layout = card_layout(card, label, mtp=card.repo(k.repo).mtp if _has_repo(card, k.repo) else None)
+        data = sum(t.nbytes for t in layout.tensors)
+        real = k.file_bytes if k.file_bytes is not None else k.tensor_bytes
+        computed = layout.file_bytes if k.file_bytes is not None else data
+        rows.append({"repo": k.repo, "quant": k.quant, "recipe": k.recipe, "real_bytes": real,
+                     "computed_bytes": computed, "what": "file" if k.file_bytes is not None else "tensor data",
+                     "error": (computed - real) / real if real else 0.0, "note": k.note})
+    return rows
+
+
+def _has_repo(card: ModelCard, repo: str) -> bool:
+    return any(r.repo.lower() == repo.lower() for r in card.repos)
+
+
+def iter_recipe_types(card: ModelCard, quant: str, *, mtp: bool = False) -> Iterable[tuple[str, str, str]]:
+    """(tensor name, recipe class, ggml type name) for every tensor of a card's quant: the recipe, spelled out."""
+    for name, t, _shape, _nbytes in recipe_tensors(card, card.recipe(quant), mtp=mtp):
+        yield name, recipe_class(name), t.name

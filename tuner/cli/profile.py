@@ -1,0 +1,163 @@
+"""``tuner profile``: the speeds ``tuner bench`` measured on this machine, which ``tuner recommend`` reads.
+
+The profile lives in ``profiles.yaml`` under tuner's config folder (``TUNER_CONFIG_DIR`` moves it). One entry per
+GGUF file × GPU models and driver × llama.cpp build; see :mod:`tuner.profile_store`.
+
+Examples:
+
+    tuner profile show                 # entries, best flags, measured tok/s and roofline efficiency
+    tuner profile show --json
+    tuner profile export profile.yaml  # a copy (YAML); no PATH: print it
+    tuner profile reset --yes          # forget everything measured
+"""
+
+from __future__ import annotations
+
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from tuner.cli import _options as o
+from tuner.cli._output import emit
+from tuner.errors import TunerError
+from tuner.hardware import Hardware
+from tuner.profile_store import ProfileEntry, ProfileStore, measured_hook
+
+
+def current_build(server_bin: str | None) -> Any | None:
+    """The build ``recommend`` would run with: ``--server-bin``'s, else the cached default build; None when there
+    is none yet (then measurements of any build count)."""
+    from tuner.build import build_from_binary, find_build, resolve_spec
+    from tuner.hardware import read_gpus
+
+    if server_bin:
+        return build_from_binary(Path(server_bin))
+    try:
+        caps = [g.compute_capability for g in read_gpus()[0] if g.compute_capability]
+        return find_build(resolve_spec("pypi", cuda=None, gpu_compute_capabilities=caps))
+    except TunerError:
+        return None
+
+
+def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
+    """The planner's ``measured`` hook for ``tuner recommend`` (the profile of this machine and build); None when
+    the profile cannot be read (the roofline then stands alone)."""
+    try:
+        return measured_hook(hardware, current_build(server_bin))
+    except TunerError:
+        return None
+
+
+def entry_summary(e: ProfileEntry) -> dict[str, Any]:
+    best = e.best
+    tg_eff, pp_eff = e.efficiencies()
+    return {
+        "id": e.key.id(),
+        "model": e.key.model.to_dict(),
+        "hardware": e.key.hardware.to_dict(),
+        "build": e.key.build.to_dict(),
+        "updated_at": e.updated_at,
+        "measurements": len(e.measurements),
+        "best": best.to_dict() if best else None,
+        "tg_efficiency_median": round(statistics.median(tg_eff), 4) if tg_eff else None,
+        "pp_efficiency_median": round(statistics.median(pp_eff), 4) if pp_eff else None,
+        "memory_observations": [dict(x) for x in e.memory_observations],
+    }
+
+
+def render_show(console: Console, result: dict[str, Any]) -> None:
+    console.print(f"profile: {result['path']}", highlight=False)
+    if not result["entries"]:
+        console.print("nothing measured yet: run `tuner bench`")
+        return
+    for e in result["entries"]:
+        model = e["model"]
+        console.print()
+        console.print(f"[bold]{model['name']}[/bold] ({model['file_bytes']:,} bytes"
+                      + (f", {model['repo']}@{(model['revision'] or '')[:12]}" if model.get("repo") else "") + ")")
+        hw = e["hardware"]
+        console.print(f"  on {' + '.join(hw['gpus']) or 'CPU ' + str(hw['cpu'])}"
+                      + (f", driver {hw['driver']}" if hw.get("driver") else "")
+                      + f"; llama.cpp {e['build']['commit'][:12]}{' CUDA' if e['build']['cuda'] else ''}; "
+                      f"{e['measurements']} measurement(s), updated {e['updated_at']}", highlight=False)
+        best = e["best"]
+        if best:
+            console.print(f"  best at depth {best['depth']}: [bold]{best['set_name']}[/bold] — tg "
+                          f"{best['tg_tok_s']:,.1f} tok/s, pp {best['pp_tok_s']:,.1f} tok/s", highlight=False)
+            console.print(f"    llama-server {shlex.join(best['args'])}", highlight=False, markup=False,
+                          soft_wrap=True)
+        if e["tg_efficiency_median"] is not None:
+            console.print(f"  roofline efficiency (measured / bound), median: tg {e['tg_efficiency_median']:.3f}"
+                          + (f", pp {e['pp_efficiency_median']:.3f}" if e["pp_efficiency_median"] else ""))
+        if e["memory_observations"]:
+            table = Table(title="  memory observed by tuner serve (reported − estimated)", title_justify="left")
+            for col in ("observed", "weights", "kv", "recurrent", "compute", "beyond tolerance"):
+                table.add_column(col, justify="left" if col in ("observed", "beyond tolerance") else "right")
+            for obs in e["memory_observations"]:
+                kinds = obs.get("kinds", {})
+
+                def diff(k: str, kinds: dict[str, Any] = kinds) -> str:
+                    d = (kinds.get(k) or {}).get("diff_bytes")
+                    return f"{d / 2**20:+,.1f} MiB" if isinstance(d, int | float) else "-"
+
+                table.add_row(str(obs.get("observed_at", "")), diff("weights"), diff("kv"), diff("recurrent"),
+                              diff("compute"), ", ".join(obs.get("mismatches") or []) or "none")
+            console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    profile_app = typer.Typer(name="profile", help="The measured-speed profile that `tuner recommend` reads.",
+                              no_args_is_help=True)
+    app.add_typer(profile_app, name="profile")
+
+    @profile_app.command("show")
+    def show_cmd(as_json: o.JsonOpt = False) -> None:
+        """Show what was measured: per model file, hardware and build, the best flags and tok/s."""
+        store = ProfileStore()
+        store.absorb_observations()
+        entries = sorted(store.load(), key=lambda e: e.updated_at, reverse=True)
+        result = {"path": str(store.path), "entries": [entry_summary(e) for e in entries]}
+        emit(result, as_json=as_json, render=lambda c: render_show(c, result))
+
+    @profile_app.command("export")
+    def export_cmd(
+        path: Annotated[Path | None, typer.Argument(help="Write here (YAML); default: print it.",
+                                                    show_default=False)] = None,
+        as_json: o.JsonOpt = False,
+    ) -> None:
+        """Export the profile as YAML (or JSON with --json), to PATH or stdout."""
+        store = ProfileStore()
+        if path is not None and not as_json:
+            written = store.export(path)
+            sys.stderr.write(f"profile exported to {written}\n")
+            return
+        data = {"format": 1, "entries": [e.to_dict() for e in store.load()]}
+        if as_json:
+            import json
+
+            text = json.dumps(data, indent=2) + "\n"
+        else:
+            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+        if path is not None:
+            path.write_text(text, encoding="utf-8")
+            sys.stderr.write(f"profile exported to {path}\n")
+        else:
+            sys.stdout.write(text)
+
+    @profile_app.command("reset")
+    def reset_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
+        """Forget every measurement (removes the profile file)."""
+        store = ProfileStore()
+        if not yes:
+            if not sys.stdin.isatty():
+                raise TunerError(f"this removes {store.path}; add --yes to confirm")
+            typer.confirm(f"Remove {store.path}?", abort=True)
+        removed = store.reset()
+        sys.stderr.write(f"profile {'removed' if removed else 'was already empty'}: {store.path}\n")

@@ -1,0 +1,147 @@
+"""``tuner recommend``: the fastest llama-server setup that fits, with the reasons and the exact command.
+
+Examples:
+
+    tuner recommend                                   # Qwen3.5-35B-A3B's quant ladder on this machine
+    tuner recommend --gpu rtx-5080                    # plan for a catalog card
+    tuner recommend --gpu rtx-3090 --prefer context   # the most context, then speed
+    tuner recommend qwen3.6-35b-a3b --gpu rtx-4090 --ctx-size 131072 --parallel 2
+    tuner recommend model.gguf --vram 12G --buffer 1G --cache-type q8_0
+    tuner recommend --gpu none --json                 # CPU only, one JSON document
+
+Speeds are tuner.speed's roofline predictions, or what ``tuner bench`` measured on this machine for the same model,
+flags, hardware and build (shown as measured).
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tuner.cli import _options as o
+from tuner.cli._output import emit, memory_table
+from tuner.cli.hardware import hardware_dict, render_hardware
+from tuner.hardware import hardware_for
+from tuner.planner import Recommendation, Wishes, plan_for
+from tuner.units import fmt_bytes, parse_size_bytes
+
+
+def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vision: bool, buffer: str | None,
+                        quant: str | None, cache_type: str | None, allow_yarn: bool) -> Wishes:
+    """The planner's wishes from the shared planner options (``recommend``, ``serve`` and ``bench`` alike)."""
+    return Wishes(ctx_size=ctx_size or None, parallel=parallel, prefer=prefer.lower(), vision=vision,
+                  buffer_bytes=parse_size_bytes(buffer, default_unit="g") if buffer is not None else None,
+                  quant=quant, allow_yarn=allow_yarn, cache_type=cache_type.lower() if cache_type else None)
+
+
+def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> dict[str, Any]:
+    return {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware)}
+
+
+def _tok_s(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def render_recommendation(console: Console, result: dict[str, Any]) -> None:
+    render_hardware(console, result["hardware"])
+    plan, pred, budget = result["plan"], result["predicted"], result["budget"]
+    console.print()
+    console.print(f"[bold]Plan:[/bold] {plan['model']} [bold]{plan['quant']}[/bold] "
+                  f"({plan['bits_per_weight']} bits/weight, {fmt_bytes(plan['file_bytes'])}"
+                  + (f", {plan['repo']}" if plan["repo"] else "") + f") — file {plan['file']}")
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    ctx = f"{plan['ctx_size']}"
+    if plan["parallel"] > 1:
+        ctx += f" ({plan['ctx_per_slot']} per slot × {plan['parallel']} slots)"
+    for key, value in (
+        ("KV cache", f"K {plan['cache_type_k']}, V {plan['cache_type_v']}"),
+        ("experts in RAM", f"--n-cpu-moe {plan['n_cpu_moe']}" if plan["n_cpu_moe"] else "none (all on the GPU)"
+         if budget["gpus"] else "everything (no GPU)"),
+        ("GPU layers", str(plan["n_gpu_layers"]) if budget["gpus"] else "-"),
+        ("context", ctx),
+        ("slots", str(plan["parallel"])),
+        ("batch / ubatch", f"{plan['batch_size']} / {plan['ubatch_size']}"),
+        ("flash attention", plan["flash_attn"]),
+        ("prompt cache / checkpoints", f"{plan['cache_ram_mib']} MiB / {plan['ctx_checkpoints']} per slot"),
+    ):
+        table.add_row(key, value)
+    console.print(table)
+    for reason in result["reasons"]:
+        console.print(f"  • {reason}")
+
+    console.print()
+    console.print(memory_table(result["memory"], title="Memory (estimate)"))
+    devices = {d["name"]: d for d in result["memory"]["devices"]}
+    left = result["headroom_bytes"]
+    for gpu in budget["gpus"]:
+        used = devices.get(gpu["name"], {}).get("total_bytes", 0)
+        console.print(f"{gpu['name']}: {fmt_bytes(used)} planned of {fmt_bytes(gpu['vram_free_bytes'])} free; "
+                      f"buffer {fmt_bytes(budget['buffer_bytes'])} kept"
+                      + (f", {fmt_bytes(budget['reserved_bytes'])} for the vision projector"
+                         if budget["reserved_bytes"] else "")
+                      + f", {fmt_bytes(left[gpu['name']])} more to spare")
+    host = result["memory"]["host"]
+    console.print(f"RAM at worst: {fmt_bytes(host['total_bytes'])} of {fmt_bytes(budget['ram_available_bytes'])} "
+                  f"available" + (f" (buffer {fmt_bytes(budget['buffer_bytes'])})" if not budget["gpus"] else "")
+                  + f", {fmt_bytes(left['CPU'])} to spare")
+
+    console.print()
+    source = "measured" if pred["source"] == "measured" else "predicted (roofline)"
+    console.print(f"[bold]Speed, {source}:[/bold] generation {_tok_s(pred['tg_tok_s'])} tok/s "
+                  f"(bound {_tok_s(pred['tg_bound_tok_s'])}, efficiency {pred['efficiency']:.2f}), prompt "
+                  f"{_tok_s(pred['pp_tok_s'])} tok/s (bound {_tok_s(pred['pp_bound_tok_s'])})")
+    for note in pred["notes"]:
+        console.print(f"  [dim]{note}[/dim]")
+
+    if result["alternatives"]:
+        alt = Table(title="Alternatives", title_justify="left")
+        for col in ("#", "quant", "KV", "n-cpu-moe", "context", "ubatch", "tg tok/s", "pp tok/s", "why not"):
+            alt.add_column(col, justify="right" if col not in ("quant", "KV", "why not") else "left")
+        for i, a in enumerate(result["alternatives"], 1):
+            alt.add_row(str(i), a["quant"], a["cache_type_k"], str(a["n_cpu_moe"]), str(a["ctx_size"]),
+                        str(a["ubatch_size"]), _tok_s(a["predicted"]["tg_tok_s"])
+                        + (" (measured)" if a["predicted"]["source"] == "measured" else ""),
+                        _tok_s(a["predicted"]["pp_tok_s"]),
+                        a["why_not"])
+        console.print()
+        console.print(alt)
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print()
+    console.print("[bold]Command:[/bold]")
+    console.print(shlex.join(result["command"]), soft_wrap=True, markup=False, highlight=False)
+    console.print(f"[dim]planned in {result['planning_s'] * 1000:.0f} ms[/dim]")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("recommend")
+    def recommend_cmd(
+        model: o.OptionalModelArg = None,
+        ctx_size: o.PlanCtxOpt = None,
+        parallel: o.PlanParallelOpt = 1,
+        prefer: o.PreferOpt = "speed",
+        vision: o.VisionOpt = False,
+        buffer: o.BufferOpt = None,
+        quant: o.QuantOpt = None,
+        cache_type: o.CacheTypeOpt = None,
+        allow_yarn: o.AllowYarnOpt = False,
+        gpu: o.GpuOpt = None,
+        vram: o.VramOpt = None,
+        server_bin: o.ServerBinOpt = None,
+        as_json: o.JsonOpt = False,
+    ) -> None:
+        """Recommend quant, KV cache, --n-cpu-moe, context and batch sizes for MODEL on this machine (or --gpu)."""
+        wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=vision,
+                                     buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
+        hardware = hardware_for(gpu, vram)
+        from tuner.cli.profile import recommend_hook
+
+        rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin))
+        result = recommend_result(rec, server_bin or "llama-server")
+        emit(result, as_json=as_json, render=lambda c: render_recommendation(c, result))

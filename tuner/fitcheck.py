@@ -1,0 +1,126 @@
+"""``tuner estimate --check``: llama.cpp's own dry run of a flag set, beside tuner's estimate.
+
+``llama-fit-params -m MODEL --fit off --fit-print on <flags>`` loads the model and creates the context with
+``no_alloc`` (no weights are read, nothing is allocated) and prints, per device, ``<dev> <model> <context> <compute>``
+in MiB, rounded down, then a ``Host`` row (common/fit.cpp:1088-1113, tools/fit-params/fit-params.cpp).
+
+It is not llama-server, and three differences matter (llamacpp-memory.md 6.3):
+
+* its ``n_outputs_max`` is ``n_batch``, not llama-server's one per slot, so its compute buffer holds the logits of a
+  whole ubatch, ``n_ubatch * n_vocab * 4`` bytes (485 MiB at ub 512 for a 248k vocabulary);
+* it has no ``--kv-unified`` (server-only), so with several slots it sizes one KV stream per slot, and its ``-np``
+  default is 1 where llama-server's is 4 unified: tuner passes ``-np`` explicitly;
+* it has no ``--spec-type``, so an MTP draft context is not part of its figures.
+
+The flags it accepts are passed through; the others are named in the result's notes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import TunerError
+from tuner.estimate import ServerFlags, context_shape
+from tuner.layout import ModelLayout
+from tuner.units import MiB, fmt_bytes
+
+FIT_PARAMS = "llama-fit-params"
+_ROW_RE = re.compile(r"^(?P<dev>\S+) (?P<model>\d+) (?P<context>\d+) (?P<compute>\d+)\s*$")
+TIMEOUT_S = 600
+
+
+def fit_params_args(flags: ServerFlags) -> tuple[list[str], list[str]]:
+    """The llama-fit-params arguments for ``flags``, and notes on the flags it cannot take."""
+    args = ["--ctx-size", str(flags.ctx_size), "--parallel", str(flags.n_seq),
+            "--cache-type-k", flags.cache_type_k, "--cache-type-v", flags.cache_type_v,
+            "--batch-size", str(flags.batch_size), "--ubatch-size", str(flags.ubatch_size),
+            "--flash-attn", flags.flash_attn]
+    all_layers = flags.n_gpu_layers is None or flags.n_gpu_layers < 0
+    args += ["--n-gpu-layers", "all" if all_layers else str(flags.n_gpu_layers)]
+    if flags.cpu_moe:
+        args.append("--cpu-moe")
+    elif flags.n_cpu_moe:
+        args += ["--n-cpu-moe", str(flags.n_cpu_moe)]
+    if flags.no_kv_offload:
+        args.append("--no-kv-offload")
+    notes: list[str] = []
+    if flags.unified and flags.n_seq > 1:
+        notes.append(f"llama-fit-params has no --kv-unified: it sized {flags.n_seq} per-slot KV streams, so its "
+                     "n_ctx rounding and attention mask differ from llama-server's unified cache")
+    if flags.spec_type:
+        notes.append(f"llama-fit-params has no --spec-type: the {flags.spec_type} draft context and its snapshots "
+                     "are not in its figures")
+    return args, notes
+
+
+def find_fit_params(server_bin: str | Path | None = None) -> Path:
+    """llama-fit-params beside ``server_bin``, else the one of tuner's own build of the PyPI llama.cpp."""
+    if server_bin:
+        path = Path(server_bin).expanduser()
+        candidate = (path if path.is_dir() else path.parent) / FIT_PARAMS
+        if candidate.is_file():
+            return candidate
+        raise TunerError(f"no {FIT_PARAMS} beside {path}: --check needs the llama.cpp tools of that build")
+    from tuner.build import find_build, resolve_spec
+
+    for cuda in (None, False):
+        with contextlib.suppress(TunerError):
+            build = find_build(resolve_spec("pypi", cuda=cuda))
+            if build is not None and build.fit_params_bin is not None:
+                return Path(build.fit_params_bin)
+    raise TunerError(f"--check needs llama.cpp's {FIT_PARAMS} and there is no build yet: run `tuner build` first "
+                     "(or pass --server-bin of a build that has it)")
+
+
+def parse_fit_print(stdout: str) -> list[dict[str, Any]]:
+    """``<dev> <model> <context> <compute>`` rows (MiB, rounded down) into bytes; ``Host`` is named ``CPU``."""
+    rows: list[dict[str, Any]] = []
+    for line in stdout.splitlines():
+        m = _ROW_RE.match(line.strip())
+        if not m:
+            continue
+        dev = m.group("dev")
+        rows.append({"name": "CPU" if dev == "Host" else dev,
+                     "model_bytes": int(m.group("model")) * MiB,
+                     "context_bytes": int(m.group("context")) * MiB,
+                     "compute_bytes": int(m.group("compute")) * MiB})
+    return rows
+
+
+def _last_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.search(r"error|failed|exception|cannot|unable", line, re.IGNORECASE):
+            return " ".join(line.split())[:300]
+    return " ".join(lines[-1].split())[:300] if lines else "no output"
+
+
+def run_fit_check(layout: ModelLayout, flags: ServerFlags, server_bin: str | Path | None = None) -> dict[str, Any]:
+    """Run llama-fit-params on ``layout.source`` with ``flags``; its per-device figures in bytes, with notes."""
+    model = Path(layout.source) if layout.source else None
+    if model is None or not model.is_file():
+        raise TunerError("--check runs llama.cpp on the model file itself: give a local .gguf")
+    binary = find_fit_params(server_bin)
+    args, notes = fit_params_args(flags)
+    cmd = [str(binary), "-m", str(model), "--fit", "off", "--fit-print", "on", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise TunerError(f"{FIT_PARAMS} did not finish within {TIMEOUT_S} s") from None
+    except OSError as exc:
+        raise TunerError(f"cannot run {binary}: {exc.strerror or exc}") from None
+    rows = parse_fit_print(proc.stdout)
+    if proc.returncode != 0 or not rows:
+        why = f"exit code {proc.returncode}" if proc.returncode else "it printed no figures"
+        raise TunerError(f"{FIT_PARAMS} failed ({why}): {_last_error(proc.stderr + proc.stdout)}")
+    shape = context_shape(layout, flags)
+    logits = shape.n_ubatch * layout.n_vocab * 4
+    notes.insert(0, f"{FIT_PARAMS} reserves logits for a whole ubatch (n_outputs = n_batch): its compute includes "
+                    f"~{fmt_bytes(logits)} ({shape.n_ubatch} x {layout.n_vocab} x 4 B) that llama-server, with one "
+                    "output per slot, does not allocate")
+    notes.append(f"{FIT_PARAMS} prints whole MiB, rounded down")
+    return {"tool": FIT_PARAMS, "command": cmd, "devices": rows, "notes": notes}

@@ -1,0 +1,871 @@
+"""The planner: which quant, KV cache type, ``--n-cpu-moe``, context, ubatch and slots to run on this hardware.
+
+What it searches, per quant candidate × KV cache type (f16 and q8_0; q4_0 only when nothing else reaches the
+context; or the one type asked for):
+
+1. **placement** — the smallest ``--n-cpu-moe`` (expert tensors of the first N layers in RAM) that fits the GPU at the
+   context floor, by binary search (GPU memory falls monotonically with N). Only experts are spilled: attention,
+   DeltaNet, the shared expert, router, norms, the output head, the KV cache and the recurrent state stay on the GPU.
+   Only when even every expert on the CPU does not fit are whole layers left on the CPU (``--n-gpu-layers``).
+2. **host RAM** — the estimate's host part (CPU weights, pinned buffers, worst-case context checkpoints and a full
+   prompt cache) must fit the available RAM; if it does not, ``--cache-ram`` and then ``--ctx-checkpoints`` are
+   lowered before the option is given up.
+3. **context** — the largest ``--ctx-size`` (a multiple of 256 per slot) that still fits with that placement, by
+   binary search, up to the model's native ``n_ctx_train`` (4 × that with ``allow_yarn``).
+4. **ubatch** — 512, except with experts on the CPU: those are copied to the GPU once per ubatch, so a 2048 (or
+   1024) ubatch multiplies prompt speed. The chosen plan is placed again at that ubatch (steps 1-3) and takes it
+   when generation stays within :data:`SPEED_TOLERANCE` and prompts get :data:`UBATCH_MIN_PP_GAIN` times faster
+   (never with ``--prefer context``, which keeps every token of context).
+5. **slots** — ``--parallel 1`` unless asked: each slot costs one recurrent state (62.8 MiB for 35B-A3B) in VRAM and
+   up to ``--ctx-checkpoints`` more in RAM. More slots get separate per-slot caches (``--no-kv-unified``), so every
+   slot is guaranteed its context.
+
+The **context floor** a plan must reach: ``Wishes.ctx_size`` when given (exactly that); otherwise
+:data:`WORKING_CTX` (32768) for ``speed`` and ``quality`` — then grown to the largest that fits — and the model's
+maximum for ``context``. When nothing reaches the floor, it drops to :data:`MIN_CTX` (4096) and the largest context
+that fits wins; when nothing fits even then, :class:`~tuner.errors.TunerError` says what the smallest plan needs.
+
+**Scoring** (``Wishes.prefer``), over the options that fit; quant quality is the candidates' own order
+(``quality_rank``, then bits per weight), KV quality is f16 > q8_0 > q4_0:
+
+* first, one KV type per quant: the most exact one (f16), unless a more compact one (q8_0) predicts more than
+  :data:`SPEED_TOLERANCE` (5%) faster generation, i.e. it saves expert layers in RAM — VRAM goes to experts before
+  the cache is quantized. With ``context``, the type that reaches more context, then that rule.
+* ``speed`` (default): the fastest predicted generation among quants of at least
+  :data:`SPEED_MIN_BITS_PER_WEIGHT` bits per weight (below that only if nothing else fits); plans within
+  :data:`SPEED_TOLERANCE` (5%, below the accuracy of the prediction) of the fastest count as equally fast, and among
+  those the best quant wins, then the most context. A smaller quant is thus taken only when it is clearly faster
+  (on a 16 GB card it keeps more experts on the GPU).
+* ``quality``: the best quant among plans at least :data:`QUALITY_MIN_SPEED_FRACTION` (a third) as fast as the
+  fastest plan of at least 4 bits per weight; then speed, then context.
+* ``context``: the most context; among equal context, the ``speed`` rule.
+
+The VRAM **buffer** kept free on every GPU defaults to :data:`DEFAULT_VRAM_BUFFER_BYTES` (1280 MiB): the 768 MiB of
+headroom the community keeps (qwen35-family.md: even 200 MB spilled to shared memory cut 70 tok/s to 10-20) plus
+512 MiB for the CUDA context, cuBLAS workspace and memory pools, which llama.cpp's breakdown does not count and the
+estimate does not include (llamacpp-memory.md 4.3: ~450 MiB on an RTX 4090, 749 MiB on an RTX PRO 6000; "budget
+0.5-1 GiB"). Without a GPU the buffer applies to RAM and defaults to :data:`DEFAULT_RAM_BUFFER_BYTES`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tuner.errors import TunerError
+from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, pad
+from tuner.ggml import kv_cache_type
+from tuner.hardware import Hardware
+from tuner.layout import ModelLayout
+from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
+from tuner.speed import Prediction, predict_speed
+from tuner.units import GiB, MiB, fmt_bytes
+
+__all__ = [
+    "Budget", "Measured", "Plan", "Prediction", "Recommendation", "Wishes", "budget_for", "fits", "gpu_split",
+    "headroom_bytes", "plan_for", "recommend",
+]
+
+COMMUNITY_HEADROOM_BYTES = 768 * MiB
+CUDA_UNACCOUNTED_BYTES = 512 * MiB
+DEFAULT_VRAM_BUFFER_BYTES = COMMUNITY_HEADROOM_BYTES + CUDA_UNACCOUNTED_BYTES
+DEFAULT_RAM_BUFFER_BYTES = 1 * GiB
+"""CPU only: RAM kept free for the OS and the server process itself."""
+VISION_COMPUTE_BYTES = 384 * MiB
+"""Allowance for the vision encoder's compute buffer, on top of the mmproj weights (llamacpp-memory.md 8): its
+warm-up image is 8464 patches, and one f32 activation of the encoder's MLP (1152 → 4304) is 8464 × 4304 × 4 B =
+139 MiB; a few of those live at once. Not measured."""
+
+MIN_CTX = 4096
+"""The smallest context a plan may have (llama.cpp's --fit stops at the same 4096)."""
+WORKING_CTX = 32768
+"""The context a speed or quality plan must reach before anything else (then grown to the most that fits)."""
+CTX_STEP = 256
+YARN_FACTOR = 4
+KV_TYPES = ("f16", "q8_0")
+KV_LAST_RESORT = ("q4_0",)
+KV_QUALITY = {"f32": 4, "f16": 3, "bf16": 3, "q8_0": 2, "q5_1": 1, "q5_0": 1, "q4_1": 0, "q4_0": 0, "iq4_nl": 0}
+DEFAULT_UBATCH = 512
+OFFLOAD_UBATCHES = (2048, 1024)
+UBATCH_MIN_PP_GAIN = 1.5
+PREFERENCES = ("speed", "quality", "context")
+SPEED_TOLERANCE = 0.05
+SPEED_MIN_BITS_PER_WEIGHT = 4.0
+QUALITY_MIN_SPEED_FRACTION = 1 / 3
+MAX_ALTERNATIVES = 4
+
+Measured = Callable[[QuantCandidate, ServerFlags, Hardware], Prediction | None]
+
+
+# ------------------------------------------------------------------------------------------------ data model
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a plan may use: every GPU's free memory less the buffer, and the available RAM."""
+
+    device: str  # "CUDA0", "CUDA0+CUDA1", or "CPU" when planning for RAM alone
+    vram_total_bytes: int
+    vram_free_bytes: int
+    buffer_bytes: int
+    ram_available_bytes: int
+    gpu_free_bytes: tuple[tuple[str, int], ...] = ()  # per GPU, llama.cpp's name and its free bytes
+    reserved_bytes: int = 0  # what the estimate does not count, the vision projector: first GPU (RAM if none)
+
+    @property
+    def cpu_only(self) -> bool:
+        return not self.gpu_free_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "vram_total_bytes": self.vram_total_bytes,
+                "vram_free_bytes": self.vram_free_bytes, "buffer_bytes": self.buffer_bytes,
+                "ram_available_bytes": self.ram_available_bytes, "reserved_bytes": self.reserved_bytes,
+                "gpus": [{"name": n, "vram_free_bytes": b} for n, b in self.gpu_free_bytes]}
+
+
+@dataclass(frozen=True)
+class Wishes:
+    """What the user asked for; everything else the planner decides."""
+
+    ctx_size: int | None = None  # context per slot; None = the largest that fits
+    parallel: int = 1
+    prefer: str = "speed"  # speed | quality | context
+    vision: bool = False
+    buffer_bytes: int | None = None  # None = DEFAULT_VRAM_BUFFER_BYTES (GPU) / DEFAULT_RAM_BUFFER_BYTES (CPU only)
+    quant: str | None = None
+    allow_yarn: bool = False
+    cache_type: str | None = None  # force this KV type for K and V
+
+    def __post_init__(self) -> None:
+        if self.prefer not in PREFERENCES:
+            raise TunerError(f"--prefer must be one of {', '.join(PREFERENCES)}; got {self.prefer!r}")
+        if self.parallel < 1:
+            raise TunerError(f"--parallel must be 1 or more for planning, got {self.parallel}")
+        if self.ctx_size is not None and self.ctx_size < CTX_STEP:
+            raise TunerError(f"--ctx-size must be at least {CTX_STEP}, got {self.ctx_size}")
+        if self.buffer_bytes is not None and self.buffer_bytes < 0:
+            raise TunerError("--buffer must not be negative")
+        if self.cache_type is not None:
+            kv_cache_type(self.cache_type)
+
+
+@dataclass(frozen=True)
+class Plan:
+    candidate: QuantCandidate
+    flags: ServerFlags
+    estimate: MemoryEstimate
+    budget: Budget
+    predicted: Prediction
+    reasons: tuple[str, ...] = ()
+    vision: bool = False
+    extra_args: tuple[str, ...] = ()  # beyond ServerFlags: YaRN rope scaling
+
+    @property
+    def quant(self) -> str:
+        return self.candidate.quant
+
+    @property
+    def model_name(self) -> str:
+        return self.candidate.card_key or self.candidate.layout.name or self.candidate.layout.source
+
+    def command(self, server_bin: str = "llama-server", model_path: str | None = None,
+                mmproj_path: str | None = None) -> list[str]:
+        """The llama-server command line: ``--fit off`` because the plan already fits, ``--jinja`` for the
+        model's chat template (tool calls)."""
+        model = model_path or (self.candidate.files[0] if self.candidate.files else None)
+        if not model:
+            raise TunerError(f"{self.model_name} {self.quant}: no model file to put on the command line")
+        args = [server_bin, "-m", str(model), *self.flags.to_args(), *self.extra_args, "--fit", "off", "--jinja"]
+        if self.vision:
+            mmproj = mmproj_path or self.candidate.mmproj
+            if not mmproj:
+                raise TunerError(f"{self.model_name} {self.quant}: no vision projector (mmproj) known")
+            args += ["--mmproj", str(mmproj)]
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        f, c = self.flags, self.candidate
+        return {
+            "model": self.model_name, "quant": c.quant, "file": c.files[0] if c.files else None,
+            "files": list(c.files), "source": c.source, "repo": c.repo, "revision": c.revision,
+            "file_bytes": c.file_bytes, "bits_per_weight": round(c.bits_per_weight, 2),
+            "cache_type_k": f.cache_type_k, "cache_type_v": f.cache_type_v,
+            "n_cpu_moe": f.n_cpu_moe, "n_gpu_layers": "all" if f.n_gpu_layers is None else f.n_gpu_layers,
+            "ctx_size": f.ctx_size, "ctx_per_slot": self.estimate.n_ctx_seq, "parallel": f.n_seq,
+            "kv_unified": self.estimate.kv_unified, "batch_size": f.batch_size, "ubatch_size": f.ubatch_size,
+            "flash_attn": f.flash_attn, "cache_ram_mib": f.cache_ram_mib, "ctx_checkpoints": f.ctx_checkpoints,
+            "vision": self.vision, "mmproj": c.mmproj if self.vision else None,
+            "extra_args": list(self.extra_args), "args": f.to_args() + list(self.extra_args),
+        }
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    plan: Plan
+    alternatives: tuple[tuple[Plan, str], ...]  # ranked, each with why it lost
+    hardware: Hardware
+    notes: tuple[str, ...] = ()
+    wishes: Wishes = field(default_factory=Wishes)
+    planning_s: float = 0.0
+
+    def to_dict(self, server_bin: str = "llama-server") -> dict[str, Any]:
+        p = self.plan
+        return {
+            "plan": p.to_dict(),
+            "memory": p.estimate.to_dict()["memory"],
+            "budget": p.budget.to_dict(),
+            "headroom_bytes": headroom_bytes(p.estimate, p.budget),
+            "predicted": p.predicted.to_dict(),
+            "reasons": list(p.reasons),
+            "command": p.command(server_bin),
+            "alternatives": [{**a.to_dict(), "predicted": a.predicted.to_dict(), "why_not": why,
+                              "gpu_bytes": sum(d.total_bytes for d in a.estimate.gpu_devices),
+                              "host_bytes": a.estimate.host_total_bytes}
+                             for a, why in self.alternatives],
+            "wishes": {"ctx_size": self.wishes.ctx_size, "parallel": self.wishes.parallel,
+                       "prefer": self.wishes.prefer, "vision": self.wishes.vision, "quant": self.wishes.quant,
+                       "cache_type": self.wishes.cache_type, "allow_yarn": self.wishes.allow_yarn},
+            "notes": list(self.notes),
+            "planning_s": round(self.planning_s, 3),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- the budget
+
+
+def gpu_split(hardware: Hardware) -> list[float] | None:
+    """llama.cpp splits layers across GPUs in proportion to their free memory (None for one GPU)."""
+    if len(hardware.gpus) < 2:
+        return None
+    return [float(g.vram_free_bytes) for g in hardware.gpus]
+
+
+def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:
+    if hardware.cpu_only:
+        buffer = DEFAULT_RAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
+        return Budget("CPU", 0, 0, buffer, hardware.ram_available_bytes)
+    buffer = DEFAULT_VRAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
+    return Budget(
+        device="+".join(g.llama_name for g in hardware.gpus),
+        vram_total_bytes=sum(g.vram_total_bytes for g in hardware.gpus),
+        vram_free_bytes=sum(g.vram_free_bytes for g in hardware.gpus),
+        buffer_bytes=buffer,
+        ram_available_bytes=hardware.ram_available_bytes,
+        gpu_free_bytes=tuple((g.llama_name, g.vram_free_bytes) for g in hardware.gpus),
+    )
+
+
+def headroom_bytes(estimate: MemoryEstimate, budget: Budget) -> dict[str, int]:
+    """Bytes left beyond the buffer on every GPU and in RAM (``"CPU"``); negative where the plan overflows."""
+    out: dict[str, int] = {}
+    for i, (name, free) in enumerate(budget.gpu_free_bytes):
+        used = estimate.device(name).total_bytes + (budget.reserved_bytes if i == 0 else 0)
+        out[name] = free - budget.buffer_bytes - used
+    ram_extra = budget.buffer_bytes + budget.reserved_bytes if budget.cpu_only else 0
+    out[CPU] = budget.ram_available_bytes - ram_extra - estimate.host_total_bytes
+    return out
+
+
+def fits(estimate: MemoryEstimate, budget: Budget) -> bool:
+    """Every GPU keeps its buffer free and the host part fits the available RAM."""
+    return all(v >= 0 for v in headroom_bytes(estimate, budget).values())
+
+
+def _gpus_fit(estimate: MemoryEstimate, budget: Budget) -> bool:
+    return all(v >= 0 for k, v in headroom_bytes(estimate, budget).items() if k != CPU)
+
+
+# ------------------------------------------------------------------------------------------------ the search
+
+
+@dataclass(frozen=True)
+class _Option:
+    candidate: QuantCandidate
+    flags: ServerFlags
+    estimate: MemoryEstimate
+    budget: Budget
+    predicted: Prediction
+    quant_quality: int
+    host_notes: tuple[str, ...] = ()
+
+    @property
+    def kv(self) -> str:
+        return self.flags.cache_type_k
+
+    @property
+    def kv_quality(self) -> int:
+        return KV_QUALITY.get(self.flags.cache_type_k, 0) + KV_QUALITY.get(self.flags.cache_type_v, 0)
+
+    @property
+    def ctx(self) -> int:
+        return self.estimate.n_ctx_seq
+
+    @property
+    def tg(self) -> float:
+        return self.predicted.tg_tok_s
+
+    @property
+    def bpw(self) -> float:
+        return self.candidate.bits_per_weight
+
+    @property
+    def experts_on_cpu(self) -> int:
+        lay = self.candidate.layout
+        if not lay.is_moe or self.budget.cpu_only:
+            return 0
+        return lay.n_layer if self.flags.cpu_moe else min(self.flags.n_cpu_moe, lay.n_layer)
+
+
+@dataclass(frozen=True)
+class _Miss:
+    """An option that does not fit: where it overflows, and what it needs at its leanest."""
+
+    candidate: QuantCandidate
+    kv: str
+    why: str  # "VRAM" | "RAM"
+    gpu_need_bytes: int = 0  # at the placement found (the GPU filled up to its budget)
+    host_need_bytes: int = 0  # with no prompt cache and no checkpoints
+    placement: str = ""  # "--n-cpu-moe 12", "--n-gpu-layers 20", ""
+
+    def describe(self) -> str:
+        return ", ".join(x for x in (self.candidate.quant, f"KV {self.kv}", self.placement) if x)
+
+
+class _Search:
+    """One planning run: hardware, budget, wishes and the quant ladder, with the estimates it needs."""
+
+    def __init__(self, candidates: Sequence[QuantCandidate], hardware: Hardware, wishes: Wishes,
+                 measured: Measured | None) -> None:
+        self.hardware = hardware
+        self.wishes = wishes
+        self.measured = measured
+        self.budget = budget_for(hardware, wishes)
+        self.gpu_names = tuple(g.llama_name for g in hardware.gpus)
+        self.split = gpu_split(hardware)
+        order = sorted({(c.quality_rank, round(c.bits_per_weight, 4)) for c in candidates})
+        self.quality = {id(c): order.index((c.quality_rank, round(c.bits_per_weight, 4))) for c in candidates}
+        self.n_estimates = 0
+
+    # --- primitives -------------------------------------------------------------------------------------------
+    def estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
+        self.n_estimates += 1
+        return estimate_memory(layout, flags, self.gpu_names, self.split)
+
+    def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
+        if self.wishes.vision:
+            return replace(self.budget, reserved_bytes=cand.mmproj_bytes + VISION_COMPUTE_BYTES)
+        return self.budget
+
+    def predict(self, cand: QuantCandidate, flags: ServerFlags) -> Prediction:
+        if self.measured is not None:
+            got = self.measured(cand, flags, self.hardware)
+            if got is not None:
+                return got
+        return predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
+
+    def with_ctx(self, flags: ServerFlags, ctx_per_slot: int) -> ServerFlags:
+        return flags.with_(ctx_size=ctx_per_slot * flags.n_seq)
+
+    # --- one option -------------------------------------------------------------------------------------------
+    def base_flags(self, cand: QuantCandidate, kv: str, ctx_per_slot: int) -> ServerFlags:
+        np_ = self.wishes.parallel
+        return ServerFlags(
+            ctx_size=ctx_per_slot * np_, parallel=np_, kv_unified=False if np_ > 1 else None,
+            cache_type_k=kv, cache_type_v=kv, batch_size=2048, ubatch_size=DEFAULT_UBATCH, flash_attn="on",
+            n_gpu_layers=0 if self.budget.cpu_only else None,
+        )
+
+    def place(self, cand: QuantCandidate, flags: ServerFlags, budget: Budget
+              ) -> tuple[ServerFlags, MemoryEstimate] | None:
+        """The fewest expert layers on the CPU (then the most GPU layers) that fit the GPUs at ``flags``'s
+        context; host RAM is checked separately."""
+        lay = cand.layout
+        if budget.cpu_only:
+            return flags, self.estimate(lay, flags)
+
+        def try_(f: ServerFlags) -> MemoryEstimate | None:
+            est = self.estimate(lay, f)
+            return est if _gpus_fit(est, budget) else None
+
+        est = try_(flags)
+        if est is not None:
+            return flags, est
+        if lay.is_moe:
+            all_cpu = flags.with_(n_cpu_moe=lay.n_layer)
+            est_all = try_(all_cpu)
+            if est_all is not None:
+                lo, hi, best = 0, lay.n_layer, (all_cpu, est_all)  # lo fails, hi fits
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    f = flags.with_(n_cpu_moe=mid)
+                    e = try_(f)
+                    if e is not None:
+                        hi, best = mid, (f, e)
+                    else:
+                        lo = mid
+                return best
+            flags = all_cpu
+        # not even with every expert in RAM: leave whole layers on the CPU as well (largest -ngl that fits)
+        lo, hi = 0, lay.n_layer_all + 1  # lo fits (nothing on the GPU), hi fails
+        best_f = flags.with_(n_gpu_layers=0)
+        best: tuple[ServerFlags, MemoryEstimate] | None = None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            f = flags.with_(n_gpu_layers=mid)
+            e = try_(f)
+            if e is not None:
+                lo, best = mid, (f, e)
+            else:
+                hi = mid
+        if best is None:
+            e0 = try_(best_f)
+            return (best_f, e0) if e0 is not None else None
+        return best
+
+    def fit_host(self, cand: QuantCandidate, flags: ServerFlags, est: MemoryEstimate, budget: Budget
+                 ) -> tuple[ServerFlags, MemoryEstimate, tuple[str, ...]] | None:
+        """Lower ``--cache-ram``, then ``--ctx-checkpoints``, until the host part fits; None if it never does."""
+        over = -headroom_bytes(est, budget)[CPU]
+        if over <= 0:
+            return flags, est, ()
+        notes = []
+        cut_mib = -(-over // MiB)
+        if cut_mib <= flags.cache_ram_mib:
+            cache = (flags.cache_ram_mib - cut_mib) // 256 * 256
+            flags = flags.with_(cache_ram_mib=cache)
+            notes.append(f"--cache-ram {cache}: the default 8192 MiB prompt cache would not fit in RAM")
+        else:
+            over -= flags.cache_ram_mib * MiB
+            per = flags.n_seq * cand.layout.recurrent_bytes_per_seq()
+            need = -(-over // per) if per else flags.ctx_checkpoints + 1
+            if need > flags.ctx_checkpoints:
+                return None
+            cp = flags.ctx_checkpoints - need
+            flags = flags.with_(cache_ram_mib=0, ctx_checkpoints=cp)
+            notes.append("--cache-ram 0: no RAM left for a prompt cache")
+            notes.append(f"--ctx-checkpoints {cp}: fewer recurrent-state snapshots per slot so RAM fits"
+                         + (" (0 = every turn re-processes the whole prompt)" if cp == 0 else ""))
+        est = self.estimate(cand.layout, flags)
+        return (flags, est, tuple(notes)) if fits(est, budget) else None
+
+    def largest_ctx(self, cand: QuantCandidate, flags: ServerFlags, est: MemoryEstimate, budget: Budget,
+                    floor: int, cap: int) -> tuple[ServerFlags, MemoryEstimate]:
+        """Grow the per-slot context from ``floor`` (which fits) to the largest multiple of 256 that fits.
+
+        Every term that grows with context (KV, KQ mask, f16 conversion copy, pinned mask) is linear in it once
+        it exceeds the batch, so the limit is interpolated from the estimates at ``floor`` and ``cap`` and then
+        checked; a binary search finishes whatever the interpolation leaves open."""
+        if cap <= floor:
+            return flags, est
+        f_cap = self.with_ctx(flags, cap)
+        e_cap = self.estimate(cand.layout, f_cap)
+        if fits(e_cap, budget):
+            return f_cap, e_cap
+        lo, hi = floor // CTX_STEP, cap // CTX_STEP  # in steps: lo fits, hi fails (cap is a multiple of 256)
+        best = (flags, est)
+        h_lo, h_hi = headroom_bytes(est, budget), headroom_bytes(e_cap, budget)
+        guess = hi - 1
+        for dev, left in h_lo.items():
+            slope = (h_hi[dev] - left) / (cap - floor)
+            if h_hi[dev] < 0 and slope < 0:
+                guess = min(guess, int((floor + left / -slope) // CTX_STEP))
+        for probe in (guess, guess + 1):  # the interpolated limit and the step above it
+            if not lo < probe < hi:
+                continue
+            f = self.with_ctx(flags, probe * CTX_STEP)
+            e = self.estimate(cand.layout, f)
+            if fits(e, budget):
+                lo, best = probe, (f, e)
+            else:
+                hi = probe
+                break
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            f = self.with_ctx(flags, mid * CTX_STEP)
+            e = self.estimate(cand.layout, f)
+            if fits(e, budget):
+                lo, best = mid, (f, e)
+            else:
+                hi = mid
+        return best
+
+    def option(self, cand: QuantCandidate, kv: str, floor: int, cap: int) -> _Option | _Miss:
+        budget = self.budget_for_candidate(cand)
+        placed = self.place(cand, self.base_flags(cand, kv, floor), budget)
+        if placed is None:
+            e = self.estimate(cand.layout, self.base_flags(cand, kv, floor).with_(
+                n_gpu_layers=0, cache_ram_mib=0, ctx_checkpoints=0))
+            return _Miss(cand, kv, "VRAM", budget.reserved_bytes, e.host_total_bytes, "--n-gpu-layers 0")
+        flags, est = placed
+        hosted = self.fit_host(cand, flags, est, budget)
+        if hosted is None:
+            lean = self.estimate(cand.layout, flags.with_(cache_ram_mib=0, ctx_checkpoints=0))
+            return _Miss(cand, kv, "RAM", sum(d.total_bytes for d in est.gpu_devices), lean.host_total_bytes,
+                         _placement(flags, budget))
+        flags, est, host_notes = hosted
+        flags, est = self.largest_ctx(cand, flags, est, budget, floor, cap)
+        return _Option(cand, flags, est, budget, self.predict(cand, flags), self.quality[id(cand)], host_notes)
+
+    def raise_ubatch(self, opt: _Option, floor: int, cap: int) -> tuple[_Option, str | None]:
+        """With experts in RAM, a larger ubatch amortises their per-ubatch copy to the GPU: take 2048 (or 1024)
+        when, re-placed at that ubatch, generation stays within the speed tolerance and prompts get faster by
+        at least :data:`UBATCH_MIN_PP_GAIN`."""
+        if opt.experts_on_cpu == 0 or opt.budget.cpu_only or opt.flags.n_gpu_layers is not None:
+            return opt, None
+        cand = opt.candidate
+        for ub in OFFLOAD_UBATCHES:
+            start = opt.flags.with_(ubatch_size=ub, batch_size=max(opt.flags.batch_size, ub), n_cpu_moe=0,
+                                    ctx_size=floor * opt.flags.n_seq)
+            placed = self.place(cand, start, opt.budget)
+            if placed is None or placed[0].n_gpu_layers is not None or not fits(placed[1], opt.budget):
+                continue
+            f, e = self.largest_ctx(cand, *placed, opt.budget, floor, cap)
+            pred = self.predict(cand, f)
+            slower = pred.tg_tok_s < (1 - SPEED_TOLERANCE) * opt.tg
+            if slower or pred.pp_tok_s < UBATCH_MIN_PP_GAIN * opt.predicted.pp_tok_s:
+                continue
+            moved = f.n_cpu_moe - opt.flags.n_cpu_moe
+            why = (f"--ubatch-size {ub}: expert weights in RAM are copied to the GPU once per ubatch, so prompts run "
+                   f"~{pred.pp_tok_s:.0f} instead of ~{opt.predicted.pp_tok_s:.0f} tok/s"
+                   + (f", for {moved} more expert layer(s) in RAM ({pred.tg_tok_s:.0f} vs {opt.tg:.0f} tok/s)"
+                      if moved > 0 else "")
+                   + (f" and context {e.n_ctx_seq} instead of {opt.ctx}" if e.n_ctx_seq < opt.ctx else ""))
+            return replace(opt, flags=f, estimate=e, predicted=pred), why
+        return opt, None
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def _kv_choice(group: Sequence[_Option], prefer: str) -> _Option:
+    """One quant's KV cache type: the most exact type, unless a more compact one is clearly faster (it leaves
+    room for fewer expert layers in RAM) or, with ``--prefer context``, reaches more context."""
+    ordered = sorted(group, key=lambda o: -o.kv_quality)
+    if prefer == "context":
+        most = max(o.ctx for o in ordered)
+        ordered = [o for o in ordered if o.ctx == most]
+    pick = ordered[0]
+    for o in ordered[1:]:
+        if o.tg > (1 + SPEED_TOLERANCE) * pick.tg:
+            pick = o
+    return pick
+
+
+def _kv_why_lost(alt: _Option, best: _Option, prefer: str) -> str:
+    fast = f"{alt.tg:.0f} vs {best.tg:.0f} tok/s predicted"
+    if prefer == "context" and alt.ctx < best.ctx:
+        return f"{alt.kv} KV reaches less context: {alt.ctx} vs {best.ctx} tokens"
+    if alt.kv_quality > best.kv_quality:
+        return f"{alt.kv} KV is slower ({fast}), with experts of {alt.experts_on_cpu} layers in RAM"
+    gain = alt.tg / best.tg - 1 if best.tg else 0.0
+    return (f"{alt.kv} KV would be only {gain:+.0%} in speed ({fast}"
+            + (f", {alt.ctx} tokens of context" if alt.ctx != best.ctx else "")
+            + f"): not worth quantizing; {best.kv} is exact"
+            + ("" if best.budget.cpu_only else " and needs no f16 conversion buffer on CUDA"))
+
+
+def _speed_keys(options: Sequence[_Option]) -> dict[int, tuple]:
+    ok = [o for o in options if o.bpw >= SPEED_MIN_BITS_PER_WEIGHT] or list(options)
+    best = max((o.tg for o in ok), default=0.0)
+    keys = {}
+    for o in options:
+        eligible = o in ok
+        near = eligible and o.tg >= (1 - SPEED_TOLERANCE) * best
+        keys[id(o)] = (eligible, near, o.quant_quality if near else 0, o.kv_quality if near else 0,
+                       o.ctx if near else 0, o.tg)
+    return keys
+
+
+def _rank(options: Sequence[_Option], prefer: str) -> list[tuple[_Option, tuple]]:
+    """Options best first under ``prefer``, each with its sort key (see the module docstring)."""
+    if not options:
+        return []
+    if prefer == "quality":
+        best = max(o.tg for o in [o for o in options if o.bpw >= SPEED_MIN_BITS_PER_WEIGHT] or options)
+        keyed = [(o, (o.tg >= QUALITY_MIN_SPEED_FRACTION * best, o.quant_quality, o.kv_quality, o.tg, o.ctx))
+                 for o in options]
+    elif prefer == "context":
+        keyed = []
+        for ctx in sorted({o.ctx for o in options}):
+            group = [o for o in options if o.ctx == ctx]
+            sk = _speed_keys(group)
+            keyed += [(o, (ctx, *sk[id(o)])) for o in group]
+    else:
+        sk = _speed_keys(options)
+        keyed = [(o, sk[id(o)]) for o in options]
+    return sorted(keyed, key=lambda ok: ok[1], reverse=True)
+
+
+def _why_lost(alt: _Option, key: tuple, best: _Option, best_key: tuple, prefer: str) -> str:
+    fast = f"{alt.tg:.0f} vs {best.tg:.0f} tok/s predicted"
+    cpu = f", experts of {alt.experts_on_cpu} layers in RAM" if alt.experts_on_cpu > best.experts_on_cpu else ""
+    if prefer == "context" and key[0] < best_key[0]:
+        return f"less context: {alt.ctx} vs {best.ctx} tokens"
+    if prefer == "context":
+        key, best_key = key[1:], best_key[1:]
+    if prefer == "quality":
+        if not key[0]:
+            return f"too slow for --prefer quality ({fast}, under a third of the fastest 4-bit plan{cpu})"
+        if key[1] < best_key[1]:
+            return f"lower-quality quant ({alt.bpw:.2f} vs {best.bpw:.2f} bits/weight)"
+        if key[2] < best_key[2]:
+            return f"quantized KV cache ({alt.kv}) where {best.kv} fits as well"
+        if key[3] < best_key[3]:
+            return f"slower: {fast}{cpu}"
+        return f"less context: {alt.ctx} vs {best.ctx} tokens"
+    if not key[0]:
+        return (f"below the {SPEED_MIN_BITS_PER_WEIGHT:g}-bit quality floor of --prefer speed "
+                f"({alt.bpw:.2f} bits/weight, {fast})")
+    if not key[1]:
+        return f"slower: {fast}{cpu}"
+    if key[2] < best_key[2]:
+        return (f"lower-quality quant ({alt.bpw:.2f} vs {best.bpw:.2f} bits/weight) for under "
+                f"{SPEED_TOLERANCE:.0%} of speed ({fast})")
+    if key[3] < best_key[3]:
+        return f"quantized KV cache ({alt.kv}) at a similar speed ({fast})"
+    if key[4] < best_key[4]:
+        return f"less context: {alt.ctx} vs {best.ctx} tokens at a similar speed"
+    return f"slightly slower: {fast}"
+
+
+# ------------------------------------------------------------------------------------------------- recommend
+
+
+def _ctx_bounds(layouts: Sequence[ModelLayout], wishes: Wishes) -> tuple[int, int, int]:
+    """(floor, cap, native) per slot: what every plan must reach, what none may exceed, and n_ctx_train."""
+    native = min(lay.n_ctx_train for lay in layouts)
+    limit = native * YARN_FACTOR if wishes.allow_yarn else native
+    if wishes.ctx_size is not None:
+        want = pad(wishes.ctx_size, CTX_STEP)
+        if want > limit:
+            raise TunerError(
+                f"--ctx-size {wishes.ctx_size} is beyond the model's native context ({native})"
+                + (f" and YaRN's ×{YARN_FACTOR} ({limit})" if wishes.allow_yarn
+                   else "; allow YaRN rope scaling (--allow-yarn) to go further"))
+        return want, want, native
+    cap = native  # YaRN only when a context beyond native was asked for
+    floor = cap if wishes.prefer == "context" else min(WORKING_CTX, cap)
+    return floor, cap, native
+
+
+def _kv_types(wishes: Wishes, last_resort: bool) -> tuple[str, ...]:
+    if wishes.cache_type:
+        return (kv_cache_type(wishes.cache_type).name,)
+    return KV_LAST_RESORT if last_resort else KV_TYPES
+
+
+def _placement(flags: ServerFlags, budget: Budget) -> str:
+    if budget.cpu_only:
+        return ""
+    if flags.n_gpu_layers is not None:
+        return f"--n-gpu-layers {flags.n_gpu_layers}, every expert in RAM"
+    return f"--n-cpu-moe {flags.n_cpu_moe}" if flags.n_cpu_moe else "all on the GPU"
+
+
+def _no_fit_error(misses: Sequence[_Miss], search: _Search, floor: int) -> TunerError:
+    b = search.budget
+    smallest = min(misses, key=lambda m: (m.gpu_need_bytes + m.host_need_bytes))
+    if b.cpu_only:
+        have = f"{fmt_bytes(b.ram_available_bytes - b.buffer_bytes)} of RAM after a {fmt_bytes(b.buffer_bytes)} buffer"
+        need = f"{fmt_bytes(smallest.host_need_bytes)} of RAM (no prompt cache, no checkpoints)"
+    else:
+        free = min(f for _, f in b.gpu_free_bytes)
+        have = (f"{fmt_bytes(free - b.buffer_bytes - b.reserved_bytes)} of VRAM after a "
+                f"{fmt_bytes(b.buffer_bytes)} buffer and {fmt_bytes(b.ram_available_bytes)} of RAM")
+        need = (f"{fmt_bytes(smallest.gpu_need_bytes)} of VRAM and {fmt_bytes(smallest.host_need_bytes)} of RAM"
+                f" (no prompt cache, no checkpoints)")
+    return TunerError(f"nothing fits at {floor} tokens of context: the smallest plan ({smallest.describe()}) "
+                      f"needs {need}; available: {have}",
+                      hint="free memory, lower --buffer, or pick a smaller model"
+                      + ("" if b.cpu_only else "; --gpu none plans for RAM alone"))
+
+
+def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wishes, *,
+              measured: Measured | None = None) -> Recommendation:
+    """The best plan for ``candidates`` (the quants of one model) on ``hardware``, and the runners-up."""
+    started = time.perf_counter()
+    if not candidates:
+        raise TunerError("no model files to plan for")
+    pool = list(candidates)
+    if wishes.quant:
+        pool = [c for c in pool if c.quant.lower() == wishes.quant.lower()]
+        if not pool:
+            raise TunerError(f"no quant {wishes.quant!r} for this model; known: "
+                             + ", ".join(c.quant for c in candidates))
+    if wishes.vision:
+        pool = [c for c in pool if c.mmproj]
+        if not pool:
+            raise TunerError("--vision: no vision projector (mmproj) is known for this model")
+    search = _Search(pool, hardware, wishes, measured)
+    floor, cap, native = _ctx_bounds([c.layout for c in pool], wishes)
+    notes: list[str] = []
+
+    def run(floor_: int, last_resort: bool) -> tuple[list[_Option], list[_Miss]]:
+        opts: list[_Option] = []
+        misses: list[_Miss] = []
+        for cand in pool:
+            for kv in _kv_types(wishes, last_resort):
+                got = search.option(cand, kv, floor_, cap)
+                if isinstance(got, _Option):
+                    opts.append(got)
+                else:
+                    misses.append(got)
+        return opts, misses
+
+    floors = [floor] + ([MIN_CTX] if wishes.ctx_size is None and floor > MIN_CTX else [])
+    options: list[_Option] = []
+    misses: list[_Miss] = []
+    for floor in floors:
+        options, misses = run(floor, False)
+        if not options and not wishes.cache_type:
+            options, _ = run(floor, True)
+            if options:
+                notes.append(f"only a {KV_LAST_RESORT[0]} KV cache reaches {floor} tokens of context")
+        if options:
+            break
+        notes.append(f"nothing reaches {floor} tokens of context")
+    if not options:
+        raise _no_fit_error(misses, search, floor)
+    if floor < floors[0]:
+        notes.append(f"planned from {floor} tokens of context instead")
+
+    # one KV type per quant, then the quants ranked
+    groups: dict[int, list[_Option]] = {}
+    for o in options:
+        groups.setdefault(id(o.candidate), []).append(o)
+    winners = [_kv_choice(g, wishes.prefer) for g in groups.values()]
+    ranked = _rank(winners, wishes.prefer)
+    best, best_key = ranked[0]
+    kv_losers = [o for o in groups[id(best.candidate)] if o is not best]
+    ub_reason = None
+    if wishes.prefer != "context":
+        best, ub_reason = search.raise_ubatch(best, floor, cap)
+
+    def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
+        return search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+
+    alts: list[tuple[_Option, str]] = []
+    for o in kv_losers[:1]:
+        o = as_planned(o)
+        alts.append((o, _kv_why_lost(o, best, wishes.prefer)))
+    for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
+        opt = as_planned(opt)
+        alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
+
+    reasons = _reasons(best, best_key, ranked, kv_losers, search, floor, cap, native, ub_reason)
+    plan = _to_plan(best, reasons, wishes, native)
+    alt_plans = tuple((_to_plan(o, (), wishes, native), why) for o, why in alts)
+    missing: dict[int, _Miss] = {}
+    for m in sorted(misses, key=lambda m: m.gpu_need_bytes + m.host_need_bytes):
+        if not any(o.candidate is m.candidate for o in options):
+            missing.setdefault(id(m.candidate), m)
+    for m in missing.values():
+        gpu = "" if search.budget.cpu_only else f" with {fmt_bytes(m.gpu_need_bytes)} on the GPU ({m.placement})"
+        notes.append(f"{m.candidate.quant} does not fit in {m.why}: it needs {fmt_bytes(m.host_need_bytes)} of "
+                     f"RAM at least{gpu}")
+    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started)
+
+
+def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int) -> Plan:
+    extra: tuple[str, ...] = ()
+    if opt.estimate.n_ctx_seq > native:
+        scale = -(-opt.estimate.n_ctx_seq // native)
+        extra = ("--rope-scaling", "yarn", "--rope-scale", str(scale), "--yarn-orig-ctx", str(native))
+    return Plan(opt.candidate, opt.flags, opt.estimate, opt.budget, opt.predicted, reasons, wishes.vision, extra)
+
+
+def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tuple]],
+             kv_losers: Sequence[_Option], search: _Search, floor: int, cap: int, native: int,
+             ub_reason: str | None) -> tuple[str, ...]:
+    w = search.wishes
+    out: list[str] = []
+    lay = best.candidate.layout
+    rule = {
+        "speed": (f"the fastest predicted generation among quants of at least {SPEED_MIN_BITS_PER_WEIGHT:g} bits/"
+                  f"weight, counting plans within {SPEED_TOLERANCE:.0%} as equal and then taking the best quality"),
+        "quality": (f"the best quality among plans at least a third as fast as the fastest plan of at least "
+                    f"{SPEED_MIN_BITS_PER_WEIGHT:g} bits/weight"),
+        "context": "the most context, then the speed rule",
+    }[w.prefer]
+    if w.prefer != "context" and best.bpw < SPEED_MIN_BITS_PER_WEIGHT:
+        rule += f" (no quant of {SPEED_MIN_BITS_PER_WEIGHT:g} bits/weight or more fits)"
+    out.append(f"{best.candidate.quant} ({best.bpw:.2f} bits/weight): --prefer {w.prefer} takes {rule}; "
+               f"{best.tg:.0f} tok/s predicted")
+    b = best.budget
+    if b.cpu_only:
+        out.append(f"no GPU: everything runs from RAM ({fmt_bytes(b.ram_available_bytes)} available, "
+                   f"{fmt_bytes(b.buffer_bytes)} kept free"
+                   + (f", {fmt_bytes(b.reserved_bytes)} for the vision projector" if b.reserved_bytes else "") + ")")
+    else:
+        out.append(f"{fmt_bytes(b.buffer_bytes)} of VRAM kept free on every GPU"
+                   + (" (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
+                      "count)" if b.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES else " (--buffer)")
+                   + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision projector" if b.reserved_bytes else ""))
+        n = best.experts_on_cpu
+        if best.flags.n_gpu_layers is not None:
+            out.append(f"--n-gpu-layers {best.flags.n_gpu_layers}: even with every expert in RAM the model does "
+                       f"not fit, so {lay.n_layer_all + 1 - best.flags.n_gpu_layers} layers run on the CPU")
+        elif n == 0:
+            out.append("every layer, expert and cache on the GPU")
+        else:
+            out.append(f"--n-cpu-moe {n}: the fewest expert layers in RAM that fit {floor} tokens of context "
+                       f"({n} × {fmt_bytes(lay.expert_bytes_by_layer().get(0, 0))}); attention, DeltaNet, shared "
+                       f"experts, router, output head, KV cache and recurrent state stay on the GPU")
+            on_gpu = [o for o, _ in ranked if o.experts_on_cpu == 0]
+            if on_gpu:
+                o = max(on_gpu, key=lambda x: (x.quant_quality, x.tg))
+                if o.candidate is not best.candidate:
+                    okey = next(k for x, k in ranked if x is o)
+                    out.append(f"kept {best.candidate.quant} with experts in RAM rather than drop to "
+                               f"{o.candidate.quant}, which fits entirely on the GPU: "
+                               + _why_lost(o, okey, best, best_key, w.prefer))
+            else:
+                out.append("no quant fits entirely on the GPU with that context, so experts are offloaded")
+        bigger = [o for o, _ in ranked if o.quant_quality > best.quant_quality]
+        if bigger:
+            step = min(o.quant_quality for o in bigger)
+            o = max((x for x in bigger if x.quant_quality == step), key=lambda x: x.tg)
+            if o.experts_on_cpu > n:
+                out.append(f"{o.candidate.quant}, the next better quant, would need --n-cpu-moe {o.experts_on_cpu} "
+                           f"here: {o.tg:.0f} vs {best.tg:.0f} tok/s")
+    if w.ctx_size is not None:
+        out.append(f"context {best.ctx} per slot, as asked")
+    elif best.ctx >= cap:
+        out.append(f"context {best.ctx}: the model's native maximum" if cap == native
+                   else f"context {best.ctx} with YaRN")
+    else:
+        out.append(f"context {best.ctx}: the largest that fits with this placement (native {native})")
+    alt = next(iter(kv_losers), None)
+    if w.cache_type:
+        out.append(f"KV cache {best.kv}, as asked")
+    elif alt is None:
+        out.append(f"KV cache {best.kv}: the only type that fits")
+    elif best.kv_quality > alt.kv_quality:
+        out.append(f"KV cache {best.kv}: " + _kv_why_lost(alt, best, w.prefer))
+    else:
+        why = (f"reaches {best.ctx} tokens where {alt.kv} reaches {alt.ctx}" if best.ctx > alt.ctx
+               else f"{best.tg:.0f} vs {alt.tg:.0f} tok/s with {alt.kv}, which needs experts of "
+                    f"{alt.experts_on_cpu} layers in RAM")
+        out.append(f"KV cache {best.kv}: {why}" + ("" if b.cpu_only else
+                                                  " (on CUDA it also costs an f16 conversion buffer, counted)"))
+    if ub_reason:
+        out.append(ub_reason)
+    if w.parallel == 1:
+        out.append(f"--parallel 1: every extra slot costs a {fmt_bytes(lay.recurrent_bytes_per_seq())} recurrent "
+                   f"state in VRAM and up to {best.flags.ctx_checkpoints} checkpoints of that size in RAM")
+    else:
+        out.append(f"--parallel {w.parallel} with separate caches: every slot is guaranteed {best.ctx} tokens")
+    out.extend(best.host_notes)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def plan_for(model_ref: str | None, hardware: Hardware, wishes: Wishes, *, measured: Measured | None = None,
+             on_progress: ProgressFn | None = None) -> Recommendation:
+    """Plan for a model reference as the CLI takes it (None = the Qwen3.5-35B-A3B card's quant ladder, offline):
+    the one planning entry ``recommend``, ``serve`` and ``bench`` share."""
+    return recommend(resolve_candidates(model_ref, on_progress), hardware, wishes, measured=measured)

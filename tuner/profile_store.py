@@ -1,0 +1,655 @@
+"""The profile: what ``tuner bench`` measured on this machine, kept per user, read back by ``tuner recommend``.
+
+Where: ``tuner.paths.config_dir()/profiles.yaml`` (one YAML file; written through a temporary file and a rename,
+under a lock file, so concurrent writers do not lose each other's entries).
+
+One **entry** per key, and a key is everything that changes speed without changing the flags:
+
+* the **GGUF file**: its total size and the sha256 of its first ``header_bytes`` bytes (the metadata and tensor
+  table; for a split model the same count of bytes of every shard), plus the Hub repo and revision when the file
+  sits in a Hugging Face cache snapshot (``…/models--owner--name/snapshots/<rev>/…``) or the candidate came from the
+  Hub. Two identities match when their header hashes are equal, or, if one side has no hash (a Hub candidate that
+  is not downloaded), when repo, revision, file name and size are equal;
+* the **hardware**: the GPU models in order and the driver version (no GPU: the CPU model);
+* the **llama.cpp build**: its commit, CUDA or not, and the sha256 of its CMake options.
+
+An entry holds every measurement (set name, llama-server arguments, the :class:`ServerFlags` they map to, depth,
+tok/s, the roofline bounds and efficiency = measured / bound from :mod:`tuner.speed`, the results file), the
+**best** flags (the highest score — geometric mean of pp and tg — among the measurements at the deepest depth the
+entry has), and the **memory observations** of ``tuner serve``.
+
+Invalidation: when a new measurement arrives, entries for the same file name on the same GPU models whose model
+hash, driver, or llama.cpp build differ are dropped (the file, the driver or the build changed: old speeds no
+longer hold). Lookups only ever use an entry whose whole key matches.
+
+What is read from ``config_dir()/observations/*.json`` (written by ``tuner serve``, format 1, see
+:mod:`tuner.serve`): ``model.path`` / ``model.file`` / ``model.bytes``, ``flags``, ``build.commit``, ``gpus[].name``,
+``observed_at``, ``mismatches`` and, per kind of ``memory_check`` (weights, kv, recurrent, compute),
+``predicted_bytes``, ``reported_bytes``, ``diff_bytes`` and ``diff_ratio``. An observation joins the entry with the
+same model identity (hashed from ``model.path`` when the file is there, else by file name and size), GPU models
+and build commit; others are skipped.
+
+:func:`measured_hook` is the planner's ``measured`` hook: for a candidate and flag set it returns the measured
+:class:`~tuner.speed.Prediction` (``source="measured"``, with the roofline bounds and efficiency recorded at
+measurement time) when this exact flag set (the fields that change speed) was measured, single stream and without
+extra arguments, on the same model file, hardware and build; else None, and the planner keeps its roofline. Measured
+efficiencies are not spread to unmeasured flag sets or quants: a factor measured on one quant would tilt the
+planner's comparison between quants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuner.errors import TunerError
+from tuner.estimate import ServerFlags
+from tuner.hardware import Hardware
+from tuner.paths import config_dir
+
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+else:
+    import fcntl
+
+STORE_FORMAT = 1
+STORE_FILE = "profiles.yaml"
+OBSERVATIONS_DIR = "observations"
+MAX_MEASUREMENTS = 400
+MAX_HASH_BYTES = 64 * 1024 * 1024
+_HF_SNAPSHOT_RE = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{7,64})/")
+# ServerFlags fields that do not change speed (host RAM limits only): ignored when matching a measurement.
+_SPEED_NEUTRAL = {"cache_ram_mib", "ctx_checkpoints"}
+_GPU_ONLY = {"n_gpu_layers", "n_cpu_moe", "cpu_moe", "no_kv_offload"}
+
+
+def store_path() -> Path:
+    return config_dir() / STORE_FILE
+
+
+def observations_dir() -> Path:
+    return config_dir() / OBSERVATIONS_DIR
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str  # file name of the (first shard of the) GGUF
+    file_bytes: int
+    header_sha256: str | None = None
+    repo: str | None = None
+    revision: str | None = None
+
+    def matches(self, other: ModelIdentity) -> bool:
+        if self.header_sha256 and other.header_sha256:
+            return self.header_sha256 == other.header_sha256 and self.file_bytes == other.file_bytes
+        return (bool(self.repo) and self.repo == other.repo and self.revision == other.revision
+                and self.name == other.name and (not self.file_bytes or not other.file_bytes
+                                                 or self.file_bytes == other.file_bytes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelIdentity:
+        return cls(str(d.get("name", "")), int(d.get("file_bytes") or 0), d.get("header_sha256"), d.get("repo"),
+                   d.get("revision"))
+
+
+def hub_origin(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(repo, revision) of a file inside a Hugging Face cache snapshot, else None."""
+    m = _HF_SNAPSHOT_RE.search(Path(path).as_posix())
+    return (f"{m['owner']}/{m['name']}", m["rev"]) if m else None
+
+
+_identity_cache: dict[tuple[str, int, float], ModelIdentity] = {}
+
+
+def model_identity(path: str | os.PathLike[str]) -> ModelIdentity:
+    """The identity of a local GGUF (or split model): size and sha256 of the header bytes (see the module doc)."""
+    from tuner.gguf_file import read_gguf
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise TunerError(f"cannot read {p}: {exc.strerror}") from None
+    memo = (str(p.resolve()), st.st_size, st.st_mtime)
+    if memo in _identity_cache:
+        return _identity_cache[memo]
+    header = read_gguf(p)
+    n = min(header.header_bytes, MAX_HASH_BYTES)
+    h = hashlib.sha256()
+    for shard in header.paths:
+        with open(shard, "rb") as fh:
+            h.update(fh.read(n))
+    origin = hub_origin(p.resolve()) or hub_origin(p)
+    ident = ModelIdentity(p.name, header.file_bytes, h.hexdigest(), origin[0] if origin else None,
+                          origin[1] if origin else None)
+    _identity_cache[memo] = ident
+    return ident
+
+
+def candidate_identity(candidate: Any) -> ModelIdentity | None:
+    """The identity of a :class:`tuner.models.QuantCandidate`: hashed if its first file is local, else by Hub
+    repo, revision, file name and size; None when neither is known."""
+    files = list(getattr(candidate, "files", ()) or ())
+    if files and Path(files[0]).is_file():
+        try:
+            return model_identity(files[0])
+        except TunerError:
+            return None
+    repo = getattr(candidate, "repo", None)
+    if repo and files:
+        return ModelIdentity(Path(files[0]).name, int(getattr(candidate, "file_bytes", 0) or 0), None, repo,
+                             getattr(candidate, "revision", None))
+    return None
+
+
+@dataclass(frozen=True)
+class HardwareKey:
+    gpus: tuple[str, ...]
+    driver: str | None
+    cpu: str | None  # only when there is no GPU
+
+    @classmethod
+    def of(cls, hardware: Hardware) -> HardwareKey:
+        if hardware.gpus:
+            return cls(tuple(g.name for g in hardware.gpus), hardware.gpus[0].driver_version, None)
+        return cls((), None, hardware.cpu_model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpus": list(self.gpus), "driver": self.driver, "cpu": self.cpu}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HardwareKey:
+        return cls(tuple(d.get("gpus") or ()), d.get("driver"), d.get("cpu"))
+
+    def label(self) -> str:
+        if self.gpus:
+            return " + ".join(self.gpus) + (f" (driver {self.driver})" if self.driver else "")
+        return f"CPU {self.cpu}"
+
+
+@dataclass(frozen=True)
+class BuildKey:
+    commit: str
+    cuda: bool
+    options_sha256: str
+
+    @classmethod
+    def of(cls, build: Any) -> BuildKey:
+        """From a :class:`tuner.build.LlamaBuild` (or the ``llama_cpp`` part of a results file)."""
+        if isinstance(build, dict):
+            commit, cuda, options = build.get("commit", ""), build.get("cuda", False), build.get("options", {})
+        else:
+            commit, cuda, options = build.commit, build.cuda, build.options
+        blob = json.dumps(sorted((options or {}).items()), sort_keys=True)
+        return cls(str(commit or "unknown"), bool(cuda), hashlib.sha256(blob.encode()).hexdigest()[:16])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BuildKey:
+        return cls(str(d.get("commit", "")), bool(d.get("cuda", False)), str(d.get("options_sha256", "")))
+
+    def same_commit(self, commit: str | None) -> bool:
+        if not commit:
+            return False
+        a, b = self.commit.lower(), commit.lower()
+        return a.startswith(b) or b.startswith(a)
+
+
+@dataclass(frozen=True)
+class ProfileKey:
+    model: ModelIdentity
+    hardware: HardwareKey
+    build: BuildKey
+
+    def matches(self, other: ProfileKey, *, check_build: bool = True) -> bool:
+        return (self.model.matches(other.model) and self.hardware == other.hardware
+                and (not check_build or self.build == other.build))
+
+    def id(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "hardware": self.hardware.to_dict(), "build": self.build.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProfileKey:
+        return cls(ModelIdentity.from_dict(d.get("model") or {}), HardwareKey.from_dict(d.get("hardware") or {}),
+                   BuildKey.from_dict(d.get("build") or {}))
+
+
+# --------------------------------------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True)
+class Measurement:
+    set_name: str
+    args: tuple[str, ...]
+    server_flags: dict[str, Any] | None  # asdict(ServerFlags) or None (llama-server sized itself)
+    extra_args: tuple[str, ...]
+    depth: int
+    pp_tok_s: float
+    tg_tok_s: float
+    n_samples: int
+    kind: str  # bench | tune
+    measured_at: str
+    results_file: str = ""
+    tg_bound_tok_s: float | None = None
+    pp_bound_tok_s: float | None = None
+    tg_efficiency: float | None = None  # measured / roofline bound
+    pp_efficiency: float | None = None
+    concurrency: int = 1
+
+    @property
+    def score(self) -> float:
+        return (max(self.pp_tok_s, 0.0) * max(self.tg_tok_s, 0.0)) ** 0.5
+
+    def flags(self) -> ServerFlags | None:
+        if not self.server_flags:
+            return None
+        known = {f.name for f in fields(ServerFlags)}
+        try:
+            return ServerFlags(**{k: v for k, v in self.server_flags.items() if k in known})
+        except (TunerError, TypeError):
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["args"], d["extra_args"] = list(self.args), list(self.extra_args)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["args"] = tuple(d.get("args") or ())
+        d["extra_args"] = tuple(d.get("extra_args") or ())
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    key: ProfileKey
+    measurements: tuple[Measurement, ...] = ()
+    memory_observations: tuple[dict[str, Any], ...] = ()
+    updated_at: str = ""
+
+    @property
+    def best(self) -> Measurement | None:
+        """The highest score among the measurements at the deepest depth this entry has."""
+        usable = [m for m in self.measurements if m.concurrency == 1 and m.tg_tok_s > 0]
+        if not usable:
+            return None
+        deepest = max(m.depth for m in usable)
+        return max((m for m in usable if m.depth == deepest), key=lambda m: m.score)
+
+    def efficiencies(self) -> tuple[list[float], list[float]]:
+        tg = [m.tg_efficiency for m in self.measurements if m.tg_efficiency and m.concurrency == 1]
+        pp = [m.pp_efficiency for m in self.measurements if m.pp_efficiency and m.concurrency == 1]
+        return tg, pp
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best
+        return {"id": self.key.id(), "key": self.key.to_dict(), "updated_at": self.updated_at,
+                "best": best.to_dict() if best else None,
+                "measurements": [m.to_dict() for m in self.measurements],
+                "memory_observations": [dict(o) for o in self.memory_observations]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProfileEntry:
+        return cls(ProfileKey.from_dict(d.get("key") or {}),
+                   tuple(Measurement.from_dict(m) for m in d.get("measurements") or ()),
+                   tuple(d.get("memory_observations") or ()), str(d.get("updated_at", "")))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------- the store
+
+
+class ProfileStore:
+    """The YAML file of entries. Every change is read-modify-write under a lock, written atomically."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else store_path()
+
+    # --- file ----------------------------------------------------------------------------------------------------
+    def load(self) -> list[ProfileEntry]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise TunerError(f"cannot read the profile {self.path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise TunerError(f"the profile {self.path} is not valid YAML ({exc.__class__.__name__}); "
+                             "`tuner profile reset` starts a new one") from None
+        if not isinstance(data, dict) or int(data.get("format", 0) or 0) > STORE_FORMAT:
+            raise TunerError(f"the profile {self.path} has an unknown format; `tuner profile reset` starts a new one")
+        return [ProfileEntry.from_dict(e) for e in data.get("entries") or () if isinstance(e, dict)]
+
+    def _write(self, entries: Sequence[ProfileEntry]) -> None:
+        data = {"format": STORE_FORMAT, "updated_at": _now(), "entries": [e.to_dict() for e in entries]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(data, fh, sort_keys=False, allow_unicode=True, width=120)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as fh:
+            if sys.platform == "win32":  # pragma: no cover
+                msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
+            else:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if sys.platform != "win32":
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def reset(self) -> bool:
+        """Remove the file; True if there was one."""
+        with self._locked():
+            try:
+                self.path.unlink()
+                return True
+            except FileNotFoundError:
+                return False
+
+    def export(self, dest: str | os.PathLike[str]) -> Path:
+        """Copy the profile (as it is, YAML) to ``dest``, atomically."""
+        entries = self.load()
+        out = ProfileStore(dest)
+        out._write(entries)
+        return out.path
+
+    # --- lookups -------------------------------------------------------------------------------------------------
+    def find(self, key: ProfileKey, *, check_build: bool = True) -> ProfileEntry | None:
+        """The entry whose key matches ``key`` (the newest, if several do)."""
+        found = [e for e in self.load() if e.key.matches(key, check_build=check_build)]
+        return max(found, key=lambda e: e.updated_at) if found else None
+
+    # --- learning ------------------------------------------------------------------------------------------------
+    def learn(self, document: dict[str, Any], *, results_file: str = "") -> ProfileEntry:
+        """Add a results document's measurements (see :func:`measurements_from_document`) and return its entry."""
+        key = key_from_document(document)
+        new = measurements_from_document(document, results_file=results_file)
+        with self._locked():
+            entries = self.load()
+            kept: list[ProfileEntry] = []
+            current: ProfileEntry | None = None
+            for e in entries:
+                if e.key.matches(key):
+                    current = e if current is None else ProfileEntry(
+                        current.key, current.measurements + e.measurements,
+                        current.memory_observations + e.memory_observations, current.updated_at)
+                elif _invalidated_by(e.key, key):
+                    continue  # same file name on the same GPU models, but the file, driver or build changed
+                else:
+                    kept.append(e)
+            base = current or ProfileEntry(key)
+            merged = ProfileEntry(key, (base.measurements + tuple(new))[-MAX_MEASUREMENTS:],
+                                  base.memory_observations, _now())
+            kept.append(merged)
+            self._write(kept)
+        return merged
+
+    def learn_file(self, path: str | os.PathLike[str]) -> ProfileEntry:
+        """Read a results file written by ``tuner bench`` back and learn from it."""
+        p = Path(path)
+        try:
+            document = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TunerError(f"cannot read results file {p}: {exc}") from None
+        return self.learn(document, results_file=str(p))
+
+    def absorb_observations(self, directory: str | os.PathLike[str] | None = None) -> tuple[int, int]:
+        """Attach ``tuner serve``'s memory observations to matching entries; returns (attached, skipped)."""
+        obs = list(read_observations(directory))
+        if not obs:
+            return 0, 0
+        attached = skipped = 0
+        with self._locked():
+            entries = self.load()
+            out: list[ProfileEntry] = []
+            by_entry: dict[int, list[dict[str, Any]]] = {}
+            for o in obs:
+                idx = _observation_entry(o, entries)
+                if idx is None:
+                    skipped += 1
+                    continue
+                by_entry.setdefault(idx, []).append(o["summary"])
+            for i, e in enumerate(entries):
+                if i in by_entry:
+                    merged = {o["file"]: o for o in e.memory_observations}
+                    for s in by_entry[i]:
+                        merged[s["file"]] = s
+                        attached += 1
+                    e = ProfileEntry(e.key, e.measurements, tuple(merged.values()), e.updated_at)
+                out.append(e)
+            if attached:
+                self._write(out)
+        return attached, skipped
+
+
+def _invalidated_by(old: ProfileKey, new: ProfileKey) -> bool:
+    return (old.model.name == new.model.name and old.hardware.gpus == new.hardware.gpus
+            and old.hardware.cpu == new.hardware.cpu and not old.matches(new))
+
+
+def key_from_document(document: dict[str, Any]) -> ProfileKey:
+    """The profile key of a results document (``tuner bench``'s JSON)."""
+    model = document.get("model") or {}
+    ident = model.get("identity")
+    if not ident:
+        path = model.get("path")
+        if not path or not Path(path).is_file():
+            raise TunerError("the results file has no model identity and its GGUF is not there to hash")
+        identity = model_identity(path)
+    else:
+        identity = ModelIdentity.from_dict(ident)
+    hw = document.get("hardware") or {}
+    gpus = hw.get("gpus") or []
+    hardware = (HardwareKey(tuple(g.get("name", "") for g in gpus), gpus[0].get("driver_version"), None) if gpus
+                else HardwareKey((), None, hw.get("cpu_model")))
+    return ProfileKey(identity, hardware, BuildKey.of(document.get("llama_cpp") or {}))
+
+
+def measurements_from_document(document: dict[str, Any], *, results_file: str = "") -> list[Measurement]:
+    """Every set of a results document, at every depth it measured, as :class:`Measurement`\\ s."""
+    kind = str(document.get("kind", "bench"))
+    at = str(document.get("created_at") or _now())
+    conc = int((document.get("config") or {}).get("concurrency", 1) or 1)
+    out: list[Measurement] = []
+    for r in document.get("results") or ():
+        roof = {int(x["depth"]): x for x in r.get("roofline") or () if "depth" in x}
+        for d in r.get("by_depth") or ():
+            depth = int(d["depth"])
+            pp = float(d["pp_tok_s"]["median"])
+            tg = float(d["tg_tok_s"]["median"])
+            bound = roof.get(depth) or {}
+            tg_b, pp_b = bound.get("tg_bound_tok_s"), bound.get("pp_bound_tok_s")
+            out.append(Measurement(
+                set_name=str(r.get("name", "")), args=tuple(r.get("flags") or ()),
+                server_flags=r.get("server_flags"), extra_args=tuple(r.get("extra_args") or ()), depth=depth,
+                pp_tok_s=pp, tg_tok_s=tg, n_samples=int(d["tg_tok_s"].get("n", 0)), kind=kind, measured_at=at,
+                results_file=results_file, tg_bound_tok_s=tg_b, pp_bound_tok_s=pp_b,
+                tg_efficiency=round(tg / tg_b, 4) if tg_b else None,
+                pp_efficiency=round(pp / pp_b, 4) if pp_b else None, concurrency=conc))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- observations
+
+
+def read_observations(directory: str | os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
+    """``tuner serve``'s observation files (format 1), each with a compact ``summary`` of its memory check."""
+    base = Path(directory) if directory is not None else observations_dir()
+    if not base.is_dir():
+        return
+    for p in sorted(base.glob("*.json")):
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or int(data.get("format", 0) or 0) != 1:
+            continue
+        check = data.get("memory_check") or {}
+        kinds = {}
+        for kind in ("weights", "kv", "recurrent", "compute"):
+            k = check.get(kind)
+            if isinstance(k, dict):
+                kinds[kind] = {f: k.get(f) for f in ("predicted_bytes", "reported_bytes", "diff_bytes", "diff_ratio")}
+        data["summary"] = {"file": p.name, "observed_at": data.get("observed_at"), "flags": data.get("flags") or [],
+                           "mismatches": data.get("mismatches") or [], "kinds": kinds}
+        yield data
+
+
+def _observation_entry(o: dict[str, Any], entries: Sequence[ProfileEntry]) -> int | None:
+    model = o.get("model") or {}
+    path = model.get("path")
+    ident: ModelIdentity | None = None
+    if path and Path(path).is_file():
+        with contextlib.suppress(TunerError):
+            ident = model_identity(path)
+    gpus = tuple(g.get("name", "") for g in o.get("gpus") or ())
+    commit = (o.get("build") or {}).get("commit")
+    for i, e in enumerate(entries):
+        if ident is not None:
+            same_model = e.key.model.matches(ident)
+        else:
+            same_model = e.key.model.name == model.get("file") and e.key.model.file_bytes == model.get("bytes")
+        if same_model and e.key.hardware.gpus == gpus and e.key.build.same_commit(commit):
+            return i
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the planner's hook
+
+
+def speed_key(flags: ServerFlags, *, cpu_only: bool = False) -> tuple[Any, ...]:
+    """The fields of a flag set that change speed (host RAM limits left out; without a GPU also the offload
+    fields, which then change nothing), normalized."""
+    d = asdict(flags)
+    for name in _SPEED_NEUTRAL | (_GPU_ONLY if cpu_only else set()):
+        d.pop(name, None)
+    if "n_gpu_layers" in d:
+        d["n_gpu_layers"] = None if d["n_gpu_layers"] is None or d["n_gpu_layers"] < 0 else d["n_gpu_layers"]
+    d["kv_unified"] = flags.unified
+    return tuple(sorted(d.items()))
+
+
+def lookup_measured(entry: ProfileEntry, flags: ServerFlags) -> Measurement | None:
+    """The newest, deepest single-stream measurement of exactly ``flags`` (no extra arguments) in ``entry``."""
+    cpu_only = not entry.key.hardware.gpus
+    want = speed_key(flags, cpu_only=cpu_only)
+    hits = []
+    for m in entry.measurements:
+        f = m.flags()
+        if f is not None and not _extra_changes_speed(m.extra_args) and m.concurrency == 1 \
+                and speed_key(f, cpu_only=cpu_only) == want:
+            hits.append(m)
+    if not hits:
+        return None
+    return max(hits, key=lambda m: (m.measured_at, m.depth))
+
+
+def _extra_changes_speed(extra: Sequence[str]) -> bool:
+    """Arguments beyond ServerFlags other than ``--fit off`` / ``--jinja`` (which a plan's command has too)."""
+    rest = [a for a in extra if a not in ("--jinja", "--fit", "-fit", "off")]
+    return bool(rest)
+
+
+PredictionHook = Callable[[Any, ServerFlags, Hardware], Any]
+
+
+def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore | None = None) -> PredictionHook:
+    """The planner's ``measured`` hook (see the module doc). ``build`` None: entries of any llama.cpp build match
+    (the newest is used); pass the build that will serve to honour the invalidation rule."""
+    from tuner.speed import Prediction
+
+    the_store = store or ProfileStore()
+    entries = the_store.load()
+    hw_key = HardwareKey.of(hardware)
+    build_key = BuildKey.of(build) if build is not None else None
+    memo: dict[tuple[Any, ...], ProfileEntry | None] = {}
+
+    def entry_for(candidate: Any) -> ProfileEntry | None:
+        memo_key = (tuple(getattr(candidate, "files", ()) or ()), getattr(candidate, "repo", None),
+                    getattr(candidate, "revision", None))
+        if memo_key in memo:
+            return memo[memo_key]
+        ident = candidate_identity(candidate)
+        found = None
+        if ident is not None:
+            hits = [e for e in entries if e.key.model.matches(ident) and e.key.hardware == hw_key
+                    and (build_key is None or e.key.build == build_key)]
+            found = max(hits, key=lambda e: e.updated_at) if hits else None
+        memo[memo_key] = found
+        return found
+
+    def hook(candidate: Any, flags: ServerFlags, hw: Hardware) -> Any:
+        entry = entry_for(candidate)
+        if entry is None:
+            return None
+        m = lookup_measured(entry, flags)
+        if m is not None:
+            tg_b = m.tg_bound_tok_s or 0.0
+            return Prediction(tg_tok_s=m.tg_tok_s, pp_tok_s=m.pp_tok_s, tg_bound_tok_s=tg_b,
+                              pp_bound_tok_s=m.pp_bound_tok_s or 0.0,
+                              efficiency=m.tg_tok_s / tg_b if tg_b else 0.0, source="measured",
+                              notes=(f"measured by tuner bench at depth {m.depth} ({m.n_samples} samples, "
+                                     f"{m.measured_at[:10]})",))
+        return None
+
+    return hook
+
+
+def best_flags(hardware: Hardware, build: Any | None, candidate: Any, *,
+               store: ProfileStore | None = None) -> Measurement | None:
+    """The best measured flag set for ``candidate`` on this hardware and build (arguments may include ones the
+    planner does not model, such as ``--threads``); None if nothing was measured."""
+    ident = candidate_identity(candidate)
+    if ident is None:
+        return None
+    key_hw = HardwareKey.of(hardware)
+    bk = BuildKey.of(build) if build is not None else None
+    hits = [e for e in (store or ProfileStore()).load()
+            if e.key.model.matches(ident) and e.key.hardware == key_hw and (bk is None or e.key.build == bk)]
+    if not hits:
+        return None
+    return max(hits, key=lambda e: e.updated_at).best

@@ -1,0 +1,572 @@
+"""Quants in a Hugging Face repo (``owner/repo[@revision][:QUANT]``) or a local folder, found without the weights.
+
+A Hub repo is listed once through ``huggingface_hub`` (file names and sizes, and the commit the revision points to);
+its GGUF files are grouped into quants (split shards ``-00001-of-00003.gguf`` together, the quant label read from the
+file name, ``mmproj`` vision files apart), and each quant's header is read with HTTP range requests to
+``{endpoint}/{repo}/resolve/{commit}/{path}``: a few MB per shard, never the tensor data. Parsed headers are cached
+on disk under ``<cache>/hub-headers/<repo>/<commit>/<path>.json`` (a commit never changes, so neither does the entry),
+and the listing beside them, so a second look costs one API call, or none when the Hub cannot be reached.
+
+``HF_ENDPOINT`` and ``HF_TOKEN`` are honoured (the token also from ``hf auth login``); the token goes to the Hub as
+``Authorization: Bearer`` and is dropped by httpx when the Hub redirects to its CDN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from tuner import __version__
+from tuner.errors import TunerError
+from tuner.ggml import ggml_type, tensor_bytes
+from tuner.gguf_file import (
+    _SPLIT_RE,
+    GgufHeader,
+    NeedMoreBytes,
+    StringArraySummary,
+    TensorInfo,
+    _ParsedShard,
+    check_data_fits,
+    join_shards,
+    parse_header,
+    read_gguf,
+)
+from tuner.layout import layout_from_header
+from tuner.models import QuantCandidate
+from tuner.paths import cache_dir
+
+ProgressFn = Callable[[str, "int | None", "int | None"], None]
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+CACHE_SUBDIR = "hub-headers"
+REMOTE_FIRST_READ = 2 << 20  # first range request per shard; Qwen3.5 headers are 10-13 MB and grow from here
+REMOTE_MIN_GROW = 1 << 20
+HEADER_WORKERS = 8  # parallel range readers
+HTTP_TIMEOUT_S = 30.0
+_CACHE_FORMAT = 1
+# Quant label in a file name: Q4_K_M, UD-Q4_K_XL, IQ4_XS, Q8_0, BF16, MXFP4_MOE, TQ1_0 ... (last match wins).
+_QUANT_RE = re.compile(
+    r"(?:^|[-_.])((?:UD-)?(?:I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|FP16|FP32|MXFP4(?:_MOE)?|TQ\d_\d))(?=$|[-_.])",
+    re.IGNORECASE)
+_HUB_REF_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:@\s]+))?(?::(?P<quant>[\w.-]+))?$")
+_MMPROJ_PREFERENCE = ("f16", "bf16", "q8_0", "f32")
+
+
+# --- references and file names ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HubRef:
+    repo: str
+    revision: str | None = None  # None = main
+    quant: str | None = None
+
+
+def parse_hub_ref(ref: str) -> HubRef:
+    """``owner/repo``, ``owner/repo:Q4_K_M``, ``owner/repo@rev:Q4_K_M``."""
+    m = _HUB_REF_RE.match(ref.strip())
+    if not m or ".." in m.group("repo"):
+        raise TunerError(f"{ref!r} is neither a local path nor a Hugging Face repo (owner/name[@revision][:QUANT])")
+    return HubRef(m.group("repo"), m.group("rev"), m.group("quant"))
+
+
+def quant_label(path: str) -> str:
+    """The quant label of a GGUF file name: ``Qwen3.5-35B-A3B-UD-Q4_K_XL.gguf`` -> ``UD-Q4_K_XL``,
+    ``BF16/x-BF16-00001-of-00002.gguf`` -> ``BF16``; the file's stem when it names none."""
+    name = PurePosixPath(path).name
+    m = _SPLIT_RE.match(name)
+    stem = m.group("prefix") if m else re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE)
+    found = list(_QUANT_RE.finditer(stem))
+    return found[-1].group(1).upper() if found else stem
+
+
+def is_mmproj(path: str) -> bool:
+    return "mmproj" in PurePosixPath(path).name.lower()
+
+
+@dataclass(frozen=True)
+class FileGroup:
+    """One quant: its file(s) (all shards, in order) and their sizes."""
+
+    label: str
+    files: tuple[str, ...]
+    sizes: tuple[int, ...]
+    missing: int = 0  # shards the split names but the listing lacks
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True)
+class GroupedFiles:
+    quants: tuple[FileGroup, ...]  # complete and incomplete
+    mmproj: tuple[tuple[str, int], ...]  # (path, size)
+
+    @property
+    def complete(self) -> tuple[FileGroup, ...]:
+        return tuple(g for g in self.quants if not g.missing)
+
+    def pick_mmproj(self) -> tuple[str, int] | None:
+        """The vision projector to offer: F16 if present, else BF16, Q8_0, F32, else the first."""
+        if not self.mmproj:
+            return None
+        for kind in _MMPROJ_PREFERENCE:
+            for path, size in self.mmproj:
+                if quant_label(path).lower() == kind:
+                    return path, size
+        return sorted(self.mmproj)[0]
+
+    def find(self, quant: str, where: str) -> FileGroup:
+        want = quant.strip().lower()
+        for g in self.quants:
+            if g.label.lower() == want:
+                if g.missing:
+                    raise TunerError(f"{where}: {g.label} is split into {len(g.files) + g.missing} files but "
+                                     f"{g.missing} are missing")
+                return g
+        raise TunerError(f"{where} has no {quant} GGUF (it has: {', '.join(g.label for g in self.complete) or 'none'})")
+
+
+def group_gguf_files(entries: Iterable[tuple[str, int]]) -> GroupedFiles:
+    """Group ``(path, size)`` entries into quants: split shards together, mmproj and imatrix files apart."""
+    singles: list[tuple[str, int]] = []
+    splits: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
+    mmproj: list[tuple[str, int]] = []
+    for path, size in entries:
+        name = PurePosixPath(path).name.lower()
+        if not name.endswith(".gguf") or "imatrix" in name:
+            continue
+        if is_mmproj(path):
+            mmproj.append((path, size))
+            continue
+        m = _SPLIT_RE.match(path)
+        if m:
+            splits.setdefault((m.group("prefix"), int(m.group("count"))), {})[int(m.group("no"))] = (path, size)
+        else:
+            singles.append((path, size))
+    groups: list[tuple[str, str, FileGroup]] = []  # (folder, base label, group)
+    for path, size in singles:
+        groups.append((str(PurePosixPath(path).parent), quant_label(path), FileGroup(quant_label(path), (path,),
+                                                                                      (size,))))
+    for (_prefix, count), shards in splits.items():
+        present = [shards[i] for i in range(1, count + 1) if i in shards]
+        first = present[0][0]
+        label = quant_label(first)
+        groups.append((str(PurePosixPath(first).parent), label,
+                       FileGroup(label, tuple(p for p, _ in present), tuple(s for _, s in present),
+                                 missing=count - len(present))))
+    seen: dict[str, int] = {}
+    for _, label, _ in groups:
+        seen[label.lower()] = seen.get(label.lower(), 0) + 1
+    out = []
+    for folder, label, g in sorted(groups, key=lambda x: x[2].files[0]):
+        if seen[label.lower()] > 1 and folder not in ("", "."):
+            g = FileGroup(f"{folder}/{label}", g.files, g.sizes, g.missing)
+        out.append(g)
+    return GroupedFiles(tuple(out), tuple(sorted(mmproj)))
+
+
+# --- environment ---------------------------------------------------------------------------------------------------
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or DEFAULT_ENDPOINT
+
+
+def hub_token() -> str | None:
+    token = (os.environ.get("HF_TOKEN") or "").strip()
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # a broken token file or OIDC setup must not stop a public read
+        return None
+
+
+# --- the header cache ---------------------------------------------------------------------------------------------
+
+def _safe_parts(path: str) -> list[str]:
+    parts = [p for p in PurePosixPath(path).parts if p not in ("", "/")]
+    if not parts or any(p in (".", "..") or "\\" in p for p in parts):
+        raise TunerError(f"refusing odd repo file path {path!r}")
+    return parts
+
+
+def _repo_cache(repo: str) -> Path:
+    return cache_dir().joinpath(CACHE_SUBDIR, *_safe_parts(repo))
+
+
+def _header_cache_path(listing: HubListing, path: str) -> Path:
+    parts = _safe_parts(path)
+    return _repo_cache(listing.repo).joinpath(listing.commit, *parts[:-1], parts[-1] + ".json")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, StringArraySummary):
+        return {"string_array": value.count}
+    if isinstance(value, list) and value and isinstance(value[0], list | StringArraySummary):
+        return [_encode(v) for v in value]  # GGUF arrays are homogeneous: only nested ones need a walk
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return StringArraySummary(int(value["string_array"]))
+    if isinstance(value, list) and value and isinstance(value[0], list | dict):
+        return [_decode(v) for v in value]
+    return value
+
+
+def shard_to_json(parsed: _ParsedShard, size_bytes: int) -> dict[str, Any]:
+    return {
+        "format": _CACHE_FORMAT, "size": size_bytes, "version": parsed.version, "data_offset": parsed.data_offset,
+        "metadata": {k: _encode(v) for k, v in parsed.metadata.items()},
+        "tensors": [[t.name, list(t.shape), t.ggml_type.type_id, t.offset] for t in parsed.tensors],
+    }
+
+
+def shard_from_json(data: Any, shard: int) -> tuple[_ParsedShard, int] | None:
+    """A cached shard, or None when the entry is unreadable or of another format."""
+    try:
+        if data.get("format") != _CACHE_FORMAT:
+            return None
+        tensors = []
+        for name, shape, type_id, offset in data["tensors"]:
+            t = ggml_type(int(type_id))
+            tensors.append(TensorInfo(str(name), tuple(int(d) for d in shape), t, int(offset),
+                                      tensor_bytes(t, tuple(shape)), shard))
+        metadata = {str(k): _decode(v) for k, v in data["metadata"].items()}
+        return _ParsedShard(int(data["version"]), metadata, tuple(tensors), int(data["data_offset"])), int(data["size"])
+    except (AttributeError, KeyError, TypeError, ValueError, TunerError):
+        return None
+
+
+# --- listing ------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HubListing:
+    repo: str
+    revision: str  # what was asked for ("main" by default)
+    commit: str  # the commit sha it resolved to
+    files: tuple[tuple[str, int], ...]
+    endpoint: str
+    from_cache: bool = False
+
+    def grouped(self) -> GroupedFiles:
+        return group_gguf_files(self.files)
+
+    def url(self, path: str) -> str:
+        return f"{self.endpoint}/{self.repo}/resolve/{self.commit}/{quote(path)}"
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What "the Hub cannot be reached" raises: huggingface_hub's own offline error and its HTTP stack's transport
+    errors (httpx2 in huggingface_hub 2.x, httpx in 1.x, requests before)."""
+    import importlib
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled, OSError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
+                         ("requests", "Timeout")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def list_hub_repo(repo: str, revision: str | None = None) -> HubListing:
+    """The repo's files and sizes at ``revision`` (default main) and the commit it points to: one API call, or the
+    cached listing of that revision when the Hub cannot be reached."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint, rev = hub_endpoint(), revision or "main"
+    ref_file = _repo_cache(repo) / "refs" / f"{quote(rev, safe='')}.json"
+    api = HfApi(endpoint=endpoint, token=hub_token(), library_name="tuner", library_version=__version__)
+    try:
+        info = api.model_info(repo, revision=rev, files_metadata=True, timeout=HTTP_TIMEOUT_S)
+    except GatedRepoError:
+        raise TunerError(f"{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise TunerError(f"Hugging Face repo {repo} has no revision {rev!r}") from None
+    except RepositoryNotFoundError:
+        raise TunerError(f"Hugging Face repo {repo} not found at {endpoint} (a private repo needs HF_TOKEN)") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "?"
+        raise TunerError(f"the Hub answered HTTP {status} listing {repo}") from None
+    except _network_errors() as error:
+        cached = _cached_listing(repo, rev, ref_file, endpoint)
+        if cached is None:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise TunerError(f"cannot reach {endpoint} to list {repo} ({reason}) and it was never listed before") \
+                from None
+        return cached
+    commit = info.sha or rev
+    files = tuple(sorted((s.rfilename, int(s.size if s.size is not None else (s.lfs.size if s.lfs else 0)))
+                         for s in info.siblings or ()))
+    listing = HubListing(repo, rev, commit, files, endpoint)
+    with contextlib.suppress(OSError):  # the cache is an optimisation
+        _write_atomic(_repo_cache(repo) / f"{commit}.listing.json",
+                      json.dumps({"format": _CACHE_FORMAT, "files": [list(f) for f in files]}))
+        _write_atomic(ref_file, json.dumps({"commit": commit}))
+    return listing
+
+
+def _cached_listing(repo: str, rev: str, ref_file: Path, endpoint: str) -> HubListing | None:
+    ref = _read_json(ref_file)
+    commit = ref.get("commit") if isinstance(ref, dict) else None
+    if not commit and re.fullmatch(r"[0-9a-f]{40}", rev):
+        commit = rev
+    if not commit:
+        return None
+    data = _read_json(_repo_cache(repo) / f"{commit}.listing.json")
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+        return None
+    files = tuple((str(p), int(s)) for p, s in data["files"])
+    return HubListing(repo, rev, commit, files, endpoint, from_cache=True)
+
+
+# --- range reads --------------------------------------------------------------------------------------------------
+
+class _RangeReader:
+    """Prefixes of one remote file, fetched incrementally with ``Range`` requests."""
+
+    def __init__(self, client: Any, url: str, size_bytes: int, headers: dict[str, str], label: str) -> None:
+        self.client, self.url, self.size, self.headers, self.label = client, url, size_bytes, headers, label
+        self.buf = bytearray()
+
+    def prefix(self, n: int) -> bytes:
+        n = min(n, self.size)
+        if len(self.buf) < n:
+            self._fetch(len(self.buf), n - 1)
+        return bytes(self.buf[:n])
+
+    def _fetch(self, start: int, end: int) -> None:
+        import httpx
+
+        want = end - start + 1
+        headers = {**self.headers, "Range": f"bytes={start}-{end}"}
+        try:
+            with self.client.stream("GET", self.url, headers=headers) as r:
+                if r.status_code == 416:
+                    raise TunerError(f"{self.label} is truncated: it ends before byte {start}")
+                if r.status_code in (401, 403):
+                    raise TunerError(f"access denied reading {self.label} (HTTP {r.status_code}; set HF_TOKEN)")
+                if r.status_code == 404:
+                    raise TunerError(f"{self.label} not found on the Hub (HTTP 404)")
+                if r.status_code not in (200, 206):
+                    raise TunerError(f"the Hub answered HTTP {r.status_code} reading {self.label}")
+                skip = start if r.status_code == 200 else 0  # a server that ignores Range sends the whole file
+                got = bytearray()
+                for chunk in r.iter_bytes():
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                    got += chunk
+                    if len(got) >= want:
+                        break
+            final = str(r.url)
+        except httpx.HTTPError as error:
+            raise TunerError(f"reading {self.label}: {' '.join(str(error).split()) or type(error).__name__}") from None
+        if final != self.url:  # the Hub redirected to its CDN: go there directly for the next range
+            if httpx.URL(final).host != httpx.URL(self.url).host:
+                self.headers = {k: v for k, v in self.headers.items() if k.lower() != "authorization"}
+            self.url = final
+        if len(got) < want and start + len(got) < self.size:
+            raise TunerError(f"{self.label}: the Hub sent {len(got)} of {want} bytes asked for")
+        self.buf += got[:want]
+
+
+def read_remote_shard(client: Any, url: str, size_bytes: int, headers: dict[str, str], *, shard: int,
+                      label: str, first_read: int | None = None) -> tuple[_ParsedShard, int]:
+    """Parse one remote shard's header, reading only its prefix; returns it and the bytes fetched."""
+    reader = _RangeReader(client, url, size_bytes, headers, label)
+    want = min(first_read or REMOTE_FIRST_READ, size_bytes)
+    while True:
+        buf = reader.prefix(want)
+        try:
+            parsed = parse_header(buf, shard=shard, source=label)
+            break
+        except NeedMoreBytes as more:
+            if len(buf) >= size_bytes:
+                raise TunerError(f"{label} is truncated: the header ends at byte {size_bytes}"
+                                 " before the tensor table is complete") from None
+            want = min(max(more.needed, len(buf) + REMOTE_MIN_GROW), size_bytes)
+    check_data_fits(parsed, size_bytes, label)
+    return parsed, len(reader.buf)
+
+
+def header_size_hint(first_shard_header_bytes: int) -> int:
+    """First read for the other quants of a repo, once one quant's first-shard header is known: the quants of one
+    model share their tokenizer, so their headers are the same size give or take a few kB of metadata."""
+    return first_shard_header_bytes + first_shard_header_bytes // 16 + (64 << 10)
+
+
+@dataclass(frozen=True)
+class HeaderStats:
+    shards: int = 0
+    from_cache: int = 0
+    bytes_fetched: int = 0
+
+
+_Job = tuple[int, int, str, int]  # (group index, shard index, path in repo, size)
+
+
+def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
+                     on_progress: ProgressFn | None = None) -> tuple[list[GgufHeader], HeaderStats]:
+    """The joined header of each group (all shards), from the cache or by range reads.
+
+    Uncached reads start with one first shard alone (its header size tells how much to ask of the others, so they
+    mostly take one request each), then run the rest in parallel."""
+    import httpx
+
+    jobs: list[_Job] = [(gi, si, path, size) for gi, g in enumerate(groups)
+                        for si, (path, size) in enumerate(zip(g.files, g.sizes, strict=True))]
+    results: dict[tuple[int, int], _ParsedShard] = {}
+    todo: list[_Job] = []
+    for gi, si, path, size in jobs:
+        hit = shard_from_json(_read_json(_header_cache_path(listing, path)), si)
+        if hit is not None and hit[1] == size:
+            results[(gi, si)] = hit[0]
+        else:
+            todo.append((gi, si, path, size))
+    cached = len(results)
+    progress = {"done": cached, "fetched": 0}
+    if on_progress:
+        on_progress("reading GGUF headers", progress["done"], len(jobs))
+    if todo:
+        token = hub_token()
+        headers = {"User-Agent": f"tuner/{__version__}"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+
+        def finish(job: _Job, parsed: _ParsedShard, nbytes: int) -> None:
+            results[(job[0], job[1])] = parsed
+            progress["done"] += 1
+            progress["fetched"] += nbytes
+            with contextlib.suppress(OSError):  # the cache is an optimisation
+                _write_atomic(_header_cache_path(listing, job[2]), json.dumps(shard_to_json(parsed, job[3])))
+            if on_progress:
+                on_progress("reading GGUF headers", progress["done"], len(jobs))
+
+        with httpx.Client(follow_redirects=True, timeout=HTTP_TIMEOUT_S) as client:
+            def read(job: _Job, first_read: int | None) -> tuple[_ParsedShard, int]:
+                return read_remote_shard(client, listing.url(job[2]), job[3], headers, shard=job[1],
+                                         label=f"{listing.repo}/{job[2]}", first_read=first_read)
+
+            firsts = [j for j in todo if j[1] == 0]
+            hint = None
+            if len(firsts) > 1:
+                probe = firsts[0]
+                parsed, nbytes = read(probe, None)
+                finish(probe, parsed, nbytes)
+                hint = header_size_hint(parsed.data_offset)
+                todo = [j for j in todo if j is not probe]
+            with ThreadPoolExecutor(max_workers=max(1, min(HEADER_WORKERS, len(todo)))) as pool:
+                futures = {pool.submit(read, job, hint if job[1] == 0 else None): job for job in todo}
+                try:
+                    for fut in as_completed(futures):
+                        finish(futures[fut], *fut.result())
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    headers_out = []
+    for gi, g in enumerate(groups):
+        parsed_shards = [results[(gi, si)] for si in range(len(g.files))]
+        headers_out.append(join_shards([listing.url(p) for p in g.files], parsed_shards, list(g.sizes)))
+    return headers_out, HeaderStats(len(jobs), cached, progress["fetched"])
+
+
+# --- candidates ---------------------------------------------------------------------------------------------------
+
+def _candidates(headers: Sequence[GgufHeader], groups: Sequence[FileGroup], *, source: str, repo: str | None,
+                revision: str | None, mmproj: tuple[str, int] | None) -> list[QuantCandidate]:
+    from tuner.cards import match_card, rank_by_quality
+
+    out = []
+    for header, g in zip(headers, groups, strict=True):
+        out.append(QuantCandidate(
+            quant=g.label, layout=layout_from_header(header), files=g.files, file_bytes=g.file_bytes, source=source,
+            repo=repo, revision=revision, mmproj=mmproj[0] if mmproj else None,
+            mmproj_bytes=mmproj[1] if mmproj else 0))
+    card = match_card(out[0].layout) if out else None
+    if card is not None:
+        out = [replace(c, card_key=card.key) for c in out]
+    return rank_by_quality(out, card)
+
+
+def hub_candidates(ref: str, on_progress: ProgressFn | None = None) -> list[QuantCandidate]:
+    """Every quant of a Hub repo (or the one ``:QUANT`` names), best quality first, from headers only."""
+    hub = parse_hub_ref(ref)
+    if on_progress:
+        on_progress(f"listing {hub.repo}", None, None)
+    listing = list_hub_repo(hub.repo, hub.revision)
+    grouped = listing.grouped()
+    where = f"{hub.repo}@{hub.revision}" if hub.revision else hub.repo
+    if not grouped.complete:
+        raise TunerError(f"{where} holds no GGUF model files" + (" (only mmproj files)" if grouped.mmproj else ""))
+    groups = [grouped.find(hub.quant, where)] if hub.quant else list(grouped.complete)
+    headers, _ = read_hub_headers(listing, groups, on_progress=on_progress)
+    return _candidates(headers, groups, source="hub", repo=hub.repo, revision=listing.commit,
+                       mmproj=grouped.pick_mmproj())
+
+
+def hub_quant_labels(ref: str) -> list[str]:
+    """The quant labels of a Hub repo, from its listing alone (no header is read)."""
+    hub = parse_hub_ref(ref)
+    return [g.label for g in list_hub_repo(hub.repo, hub.revision).grouped().complete]
+
+
+def dir_candidates(path: str | os.PathLike[str], quant: str | None = None) -> list[QuantCandidate]:
+    """Every quant in a local folder (sub-folders included: ``BF16/…-00001-of-00002.gguf``), best first."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise TunerError(f"{root} is not a folder")
+    entries = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in sorted(root.rglob("*.gguf"))
+               if p.is_file()]
+    grouped = group_gguf_files(entries)
+    if not grouped.complete:
+        raise TunerError(f"{root} holds no GGUF model files" + (" (only mmproj files)" if grouped.mmproj else ""))
+    groups = [grouped.find(quant, str(root))] if quant else list(grouped.complete)
+    headers = [read_gguf(root / g.files[0]) for g in groups]
+    local_groups = [FileGroup(g.label, tuple(str(root / f) for f in g.files), g.sizes) for g in groups]
+    mm = grouped.pick_mmproj()
+    return _candidates(headers, local_groups, source="local", repo=None, revision=None,
+                       mmproj=(str(root / mm[0]), mm[1]) if mm else None)
