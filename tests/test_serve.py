@@ -85,9 +85,8 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _cpu_plan(model: Path, **wishes: Any):  # -> tuner.planner.Plan
-    """The plan for the CPU. The tiny models have 16-wide heads, which quantized KV types (blocks of 32) cannot
-    hold, so the cache type is f16 unless a test says otherwise."""
-    return plan_for(str(model), hardware_for("none"), Wishes(**{"cache_type": "f16", **wishes})).plan
+    """The plan for the CPU (the planner skips the quantized KV types the tiny models' 16-wide heads cannot hold)."""
+    return plan_for(str(model), hardware_for("none"), Wishes(**wishes)).plan
 
 
 def _llama_servers_for(model: Path) -> list[int]:
@@ -197,6 +196,23 @@ def test_memory_check_against_a_real_load_log(server_bin: Path, hybrid_gguf: Pat
     assert "kv" in bad.mismatches
     assert any(w.startswith("kv: llama-server reports") for w in bad.warnings())
     assert bad.to_dict()["kv"]["within"] is False
+
+
+@pytest.mark.server
+def test_memory_check_counts_repacked_cpu_weights_once(server_bin: Path, tmp_path: Path) -> None:
+    model = tmp_path / "q4.gguf"
+    write_synthetic_gguf(model, SynthSpec(types={"matrix": "q4_0", "experts": "q4_0", "embd": "f16",
+                                                 "output": "f16"}))
+    plan = _cpu_plan(model)
+    args = server_args(plan.command(str(server_bin), str(model)), plan.estimate, alias="t")
+    server = launch(server_bin, model, args, port=free_port(), log_path=tmp_path / "l.log")
+    try:
+        reported = parse_load_log(server.log_text())
+    finally:
+        server.stop()
+    weights = memory_check(plan.estimate, reported).kind("weights")
+    assert weights.reported_bytes == reported.total("weights") - reported.repacked_bytes
+    assert weights.within, weights.to_dict()
 
 
 def test_missing_log_lines_are_unknown_not_a_match(hybrid_gguf: Path) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from tuner.errors import TunerError
 from tuner.ggml import CUDA_MATRIX_ROW_PADDING, is_quantized, kv_cache_type, row_bytes
-from tuner.layout import ModelLayout, TensorClass
+from tuner.layout import ModelLayout, Tensor, TensorClass
 from tuner.units import MiB
 
 CPU = "CPU"
@@ -424,6 +424,39 @@ def mtp_compute_bytes(layout: ModelLayout, shape: ContextShape, flash_attn: bool
             + _rotation_bytes(layout, k_quantized, v_quantized))
 
 
+def kv_cache_type_supported(layout: ModelLayout, type_name: str, *, flash_attn: bool = True) -> bool:
+    """Whether llama.cpp accepts this K/V cache type for the model: with flash attention a quantized type's block
+    must divide the head size (llama_init_from_model, llama-context.cpp:3851-3870)."""
+    t = kv_cache_type(type_name)
+    if not (flash_attn and layout.attention_layers and is_quantized(t)):
+        return True
+    return layout.head_k % t.block_size == 0 and layout.head_v % t.block_size == 0
+
+
+def tensor_placement(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
+                     gpu_split: Sequence[float] | None = None) -> list[tuple[Tensor, str]]:
+    """Every tensor llama-server loads with the device it lands on: ``-ngl``, ``--n-cpu-moe``/``--cpu-moe``, the
+    input embedding on the CPU (and loaded a second time on the output device when the embeddings are tied), the
+    MTP block only when drafting with it (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290)."""
+    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
+    out_dev = devs[layout.n_layer_all]
+    mtp = flags.spec_type == SPEC_MTP
+    placed: list[tuple[Tensor, str]] = []
+    for t in layout.tensors:
+        if t.cls is TensorClass.MTP and not mtp:
+            continue
+        if t.cls is TensorClass.TOKEN_EMBD:
+            placed.append((t, CPU))
+            if layout.tied_embeddings and out_dev != CPU:
+                placed.append((t, out_dev))
+            continue
+        dev = out_dev if t.layer is None else devs[t.layer]
+        if dev != CPU and t.is_expert and (flags.cpu_moe or (t.layer is not None and t.layer < flags.n_cpu_moe)):
+            dev = CPU
+        placed.append((t, dev))
+    return placed
+
+
 def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
                     gpu_split: Sequence[float] | None = None) -> MemoryEstimate:
     """Bytes per device llama-server allocates for ``layout`` with ``flags`` on GPUs named ``gpu_names``."""
@@ -433,9 +466,9 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     if flags.flash_attn == "off" and is_quantized(tv):
         raise TunerError("a quantized V cache requires flash attention: use --flash-attn on (or auto)")
     flash_attn = flags.flash_attn != "off"
-    if flash_attn and layout.attention_layers:  # llama_init_from_model, llama-context.cpp:3851-3870
+    if flash_attn:
         for which, t, head in (("K", tk, layout.head_k), ("V", tv, layout.head_v)):
-            if is_quantized(t) and head % t.block_size:
+            if not kv_cache_type_supported(layout, t.name, flash_attn=True):
                 raise TunerError(f"{which} cache type {t.name} (blocks of {t.block_size}) does not divide the head "
                                  f"size {head} of this model: pick f16, bf16 or f32 for --cache-type-{which.lower()}")
     mtp = flags.spec_type == SPEC_MTP
@@ -445,7 +478,6 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
         notes.append("CUDA flash attention has no iq4_nl kernel: attention would fall back to the CPU")
 
     devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
-    out_dev = devs[layout.n_layer_all]
     acc: dict[str, dict[str, int]] = {n: {} for n in [*gpu_names, CPU]}
 
     def add(dev: str, kind: str, n: int) -> None:
@@ -454,17 +486,7 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     # weights
     largest_cpu_expert = 0
     mtp_bytes = 0
-    for t in layout.tensors:
-        if t.cls is TensorClass.MTP and not mtp:
-            continue
-        if t.cls is TensorClass.TOKEN_EMBD:
-            add(CPU, "weights", t.nbytes)
-            if layout.tied_embeddings and out_dev != CPU:
-                add(out_dev, "weights", t.nbytes)
-            continue
-        dev = out_dev if t.layer is None else devs[t.layer]
-        if dev != CPU and t.is_expert and (flags.cpu_moe or (t.layer is not None and t.layer < flags.n_cpu_moe)):
-            dev = CPU
+    for t, dev in tensor_placement(layout, flags, gpu_names, gpu_split):
         nbytes = t.nbytes
         if dev != CPU and is_quantized(t.ggml_type) and t.shape and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
             nbytes += row_bytes(t.ggml_type, CUDA_MATRIX_ROW_PADDING - t.shape[0] % CUDA_MATRIX_ROW_PADDING)

@@ -884,6 +884,13 @@ def override_vram(hardware: Hardware, vram_bytes: int) -> Hardware:
     return replace(hardware, gpus=(first, *hardware.gpus[1:]), notes=(*hardware.notes, note))
 
 
+def gpu_split(hardware: Hardware) -> list[float] | None:
+    """How llama.cpp splits layers across GPUs: in proportion to their free memory (None for one GPU)."""
+    if len(hardware.gpus) < 2:
+        return None
+    return [float(g.vram_free_bytes) for g in hardware.gpus]
+
+
 def hardware_for(gpu: str | None, vram: str | None = None, nvml: NvmlApi | None = None) -> Hardware:
     """The hardware to plan for, from ``--gpu`` and ``--vram``.
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from math import prod
 from typing import Any
 
 from tuner.errors import TunerError
@@ -72,6 +73,10 @@ class Tensor:
     ggml_type: GgmlType
     shape: tuple[int, ...]
     nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return prod(self.shape) if self.shape else 0
 
     @property
     def is_expert(self) -> bool:

@@ -168,16 +168,9 @@ class QuantCandidate:
     @property
     def n_params(self) -> int:
         """Weights of the trunk (the MTP block excluded, as in ``layout.weights_bytes``)."""
-        return sum(_prod(t.shape) for t in self.layout.tensors if t.cls is not TensorClass.MTP)
+        return sum(t.n_elements for t in self.layout.tensors if t.cls is not TensorClass.MTP)
 
     @property
     def bits_per_weight(self) -> float:
         n = self.n_params
         return 8.0 * self.layout.weights_bytes / n if n else 0.0
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -55,17 +55,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuner.errors import TunerError
-from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, pad
+from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.ggml import kv_cache_type
-from tuner.hardware import Hardware
+from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
 from tuner.speed import Prediction, predict_speed
 from tuner.units import GiB, MiB, fmt_bytes
 
 __all__ = [
-    "Budget", "Measured", "Plan", "Prediction", "Recommendation", "Wishes", "budget_for", "fits", "gpu_split",
-    "headroom_bytes", "plan_for", "recommend",
+    "Budget", "Measured", "Plan", "Prediction", "Recommendation", "Wishes", "budget_for", "estimate_on", "fits",
+    "gpu_split", "headroom_bytes", "plan_for", "recommend",
 ]
 
 COMMUNITY_HEADROOM_BYTES = 768 * MiB
@@ -235,11 +235,9 @@ class Recommendation:
 # ---------------------------------------------------------------------------------------------- the budget
 
 
-def gpu_split(hardware: Hardware) -> list[float] | None:
-    """llama.cpp splits layers across GPUs in proportion to their free memory (None for one GPU)."""
-    if len(hardware.gpus) < 2:
-        return None
-    return [float(g.vram_free_bytes) for g in hardware.gpus]
+def estimate_on(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> MemoryEstimate:
+    """The memory estimate on this hardware's GPUs, layers split as llama.cpp splits them."""
+    return estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
 
 
 def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:
@@ -650,10 +648,11 @@ def _ctx_bounds(layouts: Sequence[ModelLayout], wishes: Wishes) -> tuple[int, in
     return floor, cap, native
 
 
-def _kv_types(wishes: Wishes, last_resort: bool) -> tuple[str, ...]:
+def _kv_types(wishes: Wishes, last_resort: bool, layout: ModelLayout) -> tuple[str, ...]:
+    """The KV cache types to try for this model (only those llama.cpp accepts for its head size)."""
     if wishes.cache_type:
         return (kv_cache_type(wishes.cache_type).name,)
-    return KV_LAST_RESORT if last_resort else KV_TYPES
+    return tuple(t for t in (KV_LAST_RESORT if last_resort else KV_TYPES) if kv_cache_type_supported(layout, t))
 
 
 def _placement(flags: ServerFlags, budget: Budget) -> str:
@@ -706,7 +705,7 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         opts: list[_Option] = []
         misses: list[_Miss] = []
         for cand in pool:
-            for kv in _kv_types(wishes, last_resort):
+            for kv in _kv_types(wishes, last_resort, cand.layout):
                 got = search.option(cand, kv, floor_, cap)
                 if isinstance(got, _Option):
                     opts.append(got)

@@ -32,10 +32,17 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from tuner.estimate import CPU, OP_OFFLOAD_MIN_BATCH, SPEC_MTP, ServerFlags, context_shape, layer_devices
+from tuner.estimate import (
+    CPU,
+    OP_OFFLOAD_MIN_BATCH,
+    ServerFlags,
+    context_shape,
+    layer_devices,
+    tensor_placement,
+)
 from tuner.ggml import is_quantized, kv_cache_type
 from tuner.hardware import GB, Gpu, Hardware
-from tuner.layout import ModelLayout, Tensor, TensorClass
+from tuner.layout import ModelLayout, TensorClass
 from tuner.paths import profiles_dir
 
 PLANNING_DEPTH_TOKENS = 4096
@@ -114,38 +121,6 @@ class Roofline:
 # --------------------------------------------------------------------------------------------- placement
 
 
-def tensor_placement(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str],
-                     gpu_split: Sequence[float] | None = None) -> list[tuple[Tensor, str]]:
-    """Every tensor llama-server loads, with the device it sits on (the rules of :mod:`tuner.estimate`).
-
-    ``token_embd`` appears once on the CPU (the input lookup) and, for tied embeddings with an offloaded output
-    layer, once more on the output device (llama.cpp loads it twice)."""
-    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
-    out_dev = devs[layout.n_layer_all]
-    mtp = flags.spec_type == SPEC_MTP
-    placed: list[tuple[Tensor, str]] = []
-    for t in layout.tensors:
-        if t.cls is TensorClass.MTP and not mtp:
-            continue
-        if t.cls is TensorClass.TOKEN_EMBD:
-            placed.append((t, CPU))
-            if layout.tied_embeddings and out_dev != CPU:
-                placed.append((t, out_dev))
-            continue
-        dev = out_dev if t.layer is None else devs[t.layer]
-        if dev != CPU and t.is_expert and (flags.cpu_moe or (t.layer is not None and t.layer < flags.n_cpu_moe)):
-            dev = CPU
-        placed.append((t, dev))
-    return placed
-
-
-def _prod(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 # ---------------------------------------------------------------------------------------------- roofline
 
 
@@ -175,7 +150,7 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
         add(tg, dev, round(t.nbytes * active) if t.is_expert else t.nbytes)
         if is_head or len(t.shape) < 2:  # logits only for the last prompt token; 1-D tensors cost nothing
             continue
-        f = 2.0 * _prod(t.shape) * (active if t.is_expert else 1.0)
+        f = 2.0 * t.n_elements * (active if t.is_expert else 1.0)
         if dev == CPU and t.is_expert and op_offload:  # copied to the GPU once per ubatch, multiplied there
             offload += t.nbytes
             add(flops, first_gpu, f)

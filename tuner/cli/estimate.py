@@ -19,10 +19,11 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli._output import emit, memory_table
 from tuner.errors import TunerError
-from tuner.estimate import ServerFlags, estimate_memory
+from tuner.estimate import ServerFlags
 from tuner.hardware import Hardware, hardware_for
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
+from tuner.planner import estimate_on
 from tuner.units import fmt_bytes
 
 
@@ -39,15 +40,8 @@ def parse_ngl(text: str) -> int | None:
     return value
 
 
-def gpu_split(hardware: Hardware) -> list[float] | None:
-    """llama.cpp splits layers across GPUs in proportion to their free memory."""
-    if len(hardware.gpus) < 2:
-        return None
-    return [float(g.vram_free_bytes) for g in hardware.gpus]
-
-
 def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> dict[str, Any]:
-    est = estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
+    est = estimate_on(layout, flags, hardware)
     result: dict[str, Any] = {"model": layout.source or layout.name, "arch": layout.arch, **est.to_dict()}
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
