@@ -68,11 +68,10 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import TunerError
-from tuner.estimate import CPU, SPEC_MTP, MemoryEstimate, ServerFlags, estimate_memory
-from tuner.ggml import kv_cache_type
+from tuner.estimate import CPU, SPEC_MTP, MemoryEstimate, ServerFlags
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout
-from tuner.planner import Budget, Wishes, budget_for, fits, gpu_split, headroom_bytes
+from tuner.planner import Budget, Wishes, budget_for, estimate_on, fits, gpu_split, headroom_bytes
 from tuner.server import LlamaServer
 from tuner.units import fmt_bytes
 
@@ -270,19 +269,7 @@ def _load_mode(args: Sequence[str]) -> str:
 
 def estimate_for(layout: ModelLayout, fs: FlagSet, hardware: Hardware) -> MemoryEstimate:
     """The estimate of a set; a ``--fit`` set is estimated as llama-server's defaults would start."""
-    flags = fs.flags or ServerFlags()
-    check_kv_types(layout, flags)
-    return estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
-
-
-def check_kv_types(layout: ModelLayout, flags: ServerFlags) -> None:
-    """llama.cpp refuses a quantized cache whose blocks do not divide the head size (llama-context.cpp:
-    "K cache type q8_0 with block size 32 does not divide n_embd_head_k"): say so before launching."""
-    for which, name, head in (("K", flags.cache_type_k, layout.head_k), ("V", flags.cache_type_v, layout.head_v)):
-        block = kv_cache_type(name).block_size
-        if head and head % block:
-            raise TunerError(f"{which} cache type {name} (blocks of {block}) does not divide the head size {head} "
-                             "of this model")
+    return estimate_on(layout, fs.flags or ServerFlags(), hardware)
 
 
 def default_budget(hardware: Hardware) -> Budget:
@@ -1240,9 +1227,7 @@ class _Search:
     def estimate(self, c: TuneConfig) -> MemoryEstimate | None:
         if c not in self._estimates:
             try:
-                check_kv_types(self.layout, c.flags)
-                self._estimates[c] = estimate_memory(self.layout, c.flags, [g.llama_name for g in self.hardware.gpus],
-                                                     gpu_split(self.hardware))
+                self._estimates[c] = estimate_on(self.layout, c.flags, self.hardware)
             except TunerError as exc:
                 self._estimates[c] = str(exc)
         est = self._estimates[c]

@@ -30,7 +30,8 @@ that fits wins; when nothing fits even then, :class:`~tuner.errors.TunerError` s
 
 * first, one KV type per quant: the most exact one (f16), unless a more compact one (q8_0) predicts more than
   :data:`SPEED_TOLERANCE` (5%) faster generation, i.e. it saves expert layers in RAM — VRAM goes to experts before
-  the cache is quantized. With ``context``, the type that reaches more context, then that rule.
+  the cache is quantized; without a GPU, only when context needs it. With ``context``, the type that reaches more
+  context, then that rule.
 * ``speed`` (default): the fastest predicted generation among quants of at least
   :data:`SPEED_MIN_BITS_PER_WEIGHT` bits per weight (below that only if nothing else fits); plans within
   :data:`SPEED_TOLERANCE` (5%, below the accuracy of the prediction) of the fastest count as equally fast, and among
@@ -538,15 +539,19 @@ class _Search:
 
 
 def _kv_choice(group: Sequence[_Option], prefer: str) -> _Option:
-    """One quant's KV cache type: the most exact type, unless a more compact one is clearly faster (it leaves
-    room for fewer expert layers in RAM) or, with ``--prefer context``, reaches more context."""
+    """One quant's KV cache type: the most exact type, unless a more compact one is clearly faster because it
+    leaves room for fewer expert layers in RAM, or, with ``--prefer context``, reaches more context.
+
+    Without a GPU there is no VRAM to free: the cache is quantized only for context. The roofline would credit a
+    quantized cache with reading fewer KV bytes, but on the CPU backend it halved prompt speed where we measured it
+    (tuner bench, synthetic qwen35moe at 6144 tokens: 657 vs 1358 tok/s), a cost the roofline does not see."""
     ordered = sorted(group, key=lambda o: -o.kv_quality)
     if prefer == "context":
         most = max(o.ctx for o in ordered)
         ordered = [o for o in ordered if o.ctx == most]
     pick = ordered[0]
     for o in ordered[1:]:
-        if o.tg > (1 + SPEED_TOLERANCE) * pick.tg:
+        if not o.budget.cpu_only and o.tg > (1 + SPEED_TOLERANCE) * pick.tg:
             pick = o
     return pick
 
