@@ -1491,23 +1491,33 @@ def _model_doc(model_path: str | os.PathLike[str], layout: ModelLayout,
             "file_bytes": layout.file_bytes, "has_mtp": layout.has_mtp, "identity": identity}
 
 
+def _document_head(kind: str, model_path: str | os.PathLike[str], layout: ModelLayout, hardware: Hardware,
+                   build: Any, model_identity: dict[str, Any] | None, config: Any, launches: Any, results: Any,
+                   samples: Any) -> dict[str, Any]:
+    """What every results file starts with: the model, the hardware, the build, the runs and their order."""
+    return {
+        "schema": RESULTS_SCHEMA,
+        "kind": kind,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": _model_doc(model_path, layout, model_identity),
+        "hardware": hardware_summary(hardware),
+        "llama_cpp": build_summary(build),
+        "config": asdict(config),
+        "launches": [asdict(la) for la in launches],
+        "results": result_rows(results, layout, hardware),
+        "order": [[s.seq, s.set_name, s.depth, s.repeat] for s in samples],
+    }
+
+
 def bench_document(run: BenchRun, *, model_path: str | os.PathLike[str], layout: ModelLayout, hardware: Hardware,
                    build: Any, objective: str = "both", model_identity: dict[str, Any] | None = None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results file of a plain benchmark (:mod:`tuner.profile_store` learns from it)."""
     return {
-        "schema": RESULTS_SCHEMA,
-        "kind": "bench",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": _model_doc(model_path, layout, model_identity),
-        "hardware": hardware_summary(hardware),
-        "llama_cpp": build_summary(build),
-        "config": asdict(run.config),
+        **_document_head("bench", model_path, layout, hardware, build, model_identity, run.config, run.launches,
+                         run.results, run.samples),
         "mode": run.mode,
         "mode_reason": run.mode_reason,
-        "launches": [asdict(la) for la in run.launches],
-        "results": result_rows(run.results, layout, hardware),
-        "order": [[s.seq, s.set_name, s.depth, s.repeat] for s in run.samples],
         "verdict": verdict(run.results, objective),
         "notes": list(run.notes),
         **(extra or {}),
@@ -1523,16 +1533,8 @@ def tune_document(result: TuneResult, *, model_path: str | os.PathLike[str], lay
     if result.defaults is not None:
         results.append(result.defaults)
     return {
-        "schema": RESULTS_SCHEMA,
-        "kind": "tune",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": _model_doc(model_path, layout, model_identity),
-        "hardware": hardware_summary(hardware),
-        "llama_cpp": build_summary(build),
-        "config": asdict(cfg),
-        "launches": [asdict(la) for la in result.launches],
-        "results": result_rows(results, layout, hardware),
-        "order": [[s.seq, s.set_name, s.depth, s.repeat] for s in result.samples],
+        **_document_head("tune", model_path, layout, hardware, build, model_identity, cfg, result.launches,
+                         results, result.samples),
         "tune": {
             "depth": result.depth,
             "objective": result.objective,

@@ -53,7 +53,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
@@ -332,6 +332,24 @@ class _Miss:
         return ", ".join(x for x in (self.candidate.quant, f"KV {self.kv}", self.placement) if x)
 
 
+_T = TypeVar("_T")
+
+
+def _first_fit(lo: int, hi: int, probe: Callable[[int], _T | None]) -> _T:
+    """Binary search over a monotone fit: ``probe(lo)`` fails, ``probe(hi)`` fits; the result at the smallest
+    fitting value (``probe`` is called O(log(hi - lo)) times)."""
+    best = probe(hi)
+    assert best is not None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        got = probe(mid)
+        if got is not None:
+            hi, best = mid, got
+        else:
+            lo = mid
+    return best
+
+
 class _Search:
     """One planning run: hardware, budget, wishes and the quant ladder, with the estimates it needs."""
 
@@ -384,44 +402,23 @@ class _Search:
         if budget.cpu_only:
             return flags, self.estimate(lay, flags)
 
-        def try_(f: ServerFlags) -> MemoryEstimate | None:
+        def probe(f: ServerFlags) -> tuple[ServerFlags, MemoryEstimate] | None:
             est = self.estimate(lay, f)
-            return est if _gpus_fit(est, budget) else None
+            return (f, est) if _gpus_fit(est, budget) else None
 
-        est = try_(flags)
-        if est is not None:
-            return flags, est
+        first = probe(flags)
+        if first is not None:
+            return first
         if lay.is_moe:
             all_cpu = flags.with_(n_cpu_moe=lay.n_layer)
-            est_all = try_(all_cpu)
-            if est_all is not None:
-                lo, hi, best = 0, lay.n_layer, (all_cpu, est_all)  # lo fails, hi fits
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    f = flags.with_(n_cpu_moe=mid)
-                    e = try_(f)
-                    if e is not None:
-                        hi, best = mid, (f, e)
-                    else:
-                        lo = mid
-                return best
+            if probe(all_cpu) is not None:  # the fewest expert layers in RAM
+                return _first_fit(0, lay.n_layer, lambda n: probe(flags.with_(n_cpu_moe=n)))
             flags = all_cpu
-        # not even with every expert in RAM: leave whole layers on the CPU as well (largest -ngl that fits)
-        lo, hi = 0, lay.n_layer_all + 1  # lo fits (nothing on the GPU), hi fails
-        best_f = flags.with_(n_gpu_layers=0)
-        best: tuple[ServerFlags, MemoryEstimate] | None = None
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            f = flags.with_(n_gpu_layers=mid)
-            e = try_(f)
-            if e is not None:
-                lo, best = mid, (f, e)
-            else:
-                hi = mid
-        if best is None:
-            e0 = try_(best_f)
-            return (best_f, e0) if e0 is not None else None
-        return best
+        # not even with every expert in RAM: leave whole layers on the CPU as well (the most -ngl that fits)
+        n_all = lay.n_layer_all + 1
+        if probe(flags.with_(n_gpu_layers=0)) is None:
+            return None
+        return _first_fit(0, n_all, lambda off: probe(flags.with_(n_gpu_layers=n_all - off)))
 
     def fit_host(self, cand: QuantCandidate, flags: ServerFlags, est: MemoryEstimate, budget: Budget
                  ) -> tuple[ServerFlags, MemoryEstimate, tuple[str, ...]] | None:
