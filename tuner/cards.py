@@ -24,7 +24,7 @@ from tuner.errors import TunerError
 from tuner.ggml import GgmlType, ggml_type, tensor_bytes
 from tuner.layout import ModelLayout, layout_from_metadata
 from tuner.models import QuantCandidate
-from tuner.paths import profiles_dir
+from tuner.paths import load_yaml, profiles_dir
 from tuner.synth import SynthSpec, tensor_plan
 from tuner.units import GiB
 
@@ -368,8 +368,8 @@ def _load_all() -> tuple[ModelCard, ...]:
     if cached is not None:
         return cached
     try:
-        recipes = _parse_recipes(yaml.safe_load(recipes_path.read_text(encoding="utf-8")), recipes_path)
-        cards = tuple(_parse_card(yaml.safe_load(p.read_text(encoding="utf-8")), p, recipes) for p in files)
+        recipes = _parse_recipes(load_yaml(recipes_path), recipes_path)
+        cards = tuple(_parse_card(load_yaml(p), p, recipes) for p in files)
     except FileNotFoundError as error:
         raise TunerError(f"cannot read {error.filename}") from None
     except yaml.YAMLError as error:

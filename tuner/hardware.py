@@ -29,7 +29,9 @@ import pynvml
 import yaml
 
 from tuner.errors import TunerError
-from tuner.paths import profiles_dir
+from tuner.estimate import MemoryEstimate, ServerFlags, estimate_memory
+from tuner.layout import ModelLayout
+from tuner.paths import load_yaml, profiles_dir
 from tuner.units import GiB, MiB, fmt_bytes, parse_size_bytes
 
 GB = 1000**3
@@ -122,6 +124,7 @@ class CatalogGpu:
     source_note: str
     aliases: tuple[str, ...] = ()
     nvml_names: tuple[str, ...] = ()
+    fp16_tflops: float | None = None  # dense FP16 tensor throughput (prompt-processing roofline)
 
     def to_gpu(self, index: int = 0) -> Gpu:
         """The card as a planner sees it: nothing else on it, so all its memory is free."""
@@ -696,7 +699,7 @@ def load_gpu_catalog(path: Path | None = None) -> dict[str, CatalogGpu]:
     """``profiles/gpus.yaml`` (or ``path``), checked: every entry has every field, with sane types."""
     path = path or profiles_dir() / _CATALOG_FILE
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path)
     except OSError as error:
         raise TunerError(
             f"cannot read the GPU catalog {path}: {error.strerror or error}",
@@ -762,6 +765,7 @@ def _catalog_entry(key: str, raw: object, path: Path) -> CatalogGpu:
         source_note=text("source"),
         aliases=texts("aliases"),
         nvml_names=texts("nvml_names"),
+        fp16_tflops=float(number("fp16_tflops")) if raw.get("fp16_tflops") is not None else None,
     )
 
 
@@ -889,6 +893,11 @@ def gpu_split(hardware: Hardware) -> list[float] | None:
     if len(hardware.gpus) < 2:
         return None
     return [float(g.vram_free_bytes) for g in hardware.gpus]
+
+
+def estimate_on(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> MemoryEstimate:
+    """The memory estimate on this hardware's GPUs (named as llama.cpp names them), layers split as it splits them."""
+    return estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
 
 
 def hardware_for(gpu: str | None, vram: str | None = None, nvml: NvmlApi | None = None) -> Hardware:

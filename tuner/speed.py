@@ -30,8 +30,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import yaml
-
+from tuner.errors import TunerError
 from tuner.estimate import (
     CPU,
     OP_OFFLOAD_MIN_BATCH,
@@ -41,9 +40,8 @@ from tuner.estimate import (
     tensor_placement,
 )
 from tuner.ggml import is_quantized, kv_cache_type
-from tuner.hardware import GB, Gpu, Hardware
+from tuner.hardware import GB, Gpu, Hardware, catalog_entry_for_name, load_gpu_catalog
 from tuner.layout import ModelLayout, TensorClass
-from tuner.paths import profiles_dir
 
 PLANNING_DEPTH_TOKENS = 4096
 """Depth (tokens already in the context) at which plans are compared: a typical chat turn. The KV read grows with
@@ -185,25 +183,18 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
 
 
 @functools.cache
-def _catalog_tflops() -> dict[str, float]:
-    """``fp16_tflops`` of every catalog card, keyed by every name NVML or a user may give it (lower case)."""
+def _catalog_tflops(gpu_name: str) -> float | None:
+    """``fp16_tflops`` of the catalog card NVML (or ``--gpu``) names ``gpu_name``, if the catalog knows it."""
     try:
-        data = yaml.safe_load((profiles_dir() / "gpus.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    out: dict[str, float] = {}
-    for key, raw in ((data or {}).get("gpus") or {}).items():
-        if not isinstance(raw, dict) or not isinstance(raw.get("fp16_tflops"), (int, float)):
-            continue
-        for name in (key, raw.get("name"), *(raw.get("nvml_names") or []), *(raw.get("aliases") or [])):
-            if isinstance(name, str):
-                out[name.strip().lower()] = float(raw["fp16_tflops"])
-    return out
+        entry = catalog_entry_for_name(gpu_name, load_gpu_catalog())
+    except TunerError:
+        return None
+    return entry.fp16_tflops if entry else None
 
 
 def gpu_fp16_flops(gpu: Gpu) -> tuple[float, str | None]:
     """Dense FP16 FLOP/s of ``gpu`` from the catalog, or a generic figure and a note saying so."""
-    tflops = _catalog_tflops().get(gpu.name.strip().lower())
+    tflops = _catalog_tflops(gpu.name)
     if tflops:
         return tflops * 1e12, None
     return GENERIC_GPU_FP16_FLOPS, (f"{gpu.name}: no FP16 throughput in the catalog; prompt speed assumes "

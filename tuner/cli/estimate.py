@@ -20,10 +20,9 @@ from tuner.cli import _options as o
 from tuner.cli._output import emit, memory_table
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
-from tuner.hardware import Hardware, hardware_for
+from tuner.hardware import Hardware, estimate_on, hardware_for
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
-from tuner.planner import estimate_on
 from tuner.units import fmt_bytes
 
 
