@@ -742,10 +742,8 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
         return search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
 
-    alts: list[tuple[_Option, str]] = []
-    for o in kv_losers[:1]:
-        o = as_planned(o)
-        alts.append((o, _kv_why_lost(o, best, wishes.prefer)))
+    kv_losers = [as_planned(o) for o in kv_losers]  # the report's reasons and alternatives show the same plans
+    alts: list[tuple[_Option, str]] = [(o, _kv_why_lost(o, best, wishes.prefer)) for o in kv_losers[:1]]
     for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
         opt = as_planned(opt)
         alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
