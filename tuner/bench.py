@@ -50,7 +50,6 @@ Nothing here prints: progress goes to ``on_progress(line)``; failures are :class
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -58,7 +57,6 @@ import random
 import re
 import shlex
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +69,7 @@ from tuner.errors import TunerError
 from tuner.estimate import CPU, SPEC_MTP, MemoryEstimate, ServerFlags
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout
+from tuner.paths import write_atomic
 from tuner.planner import Budget, Wishes, budget_for, estimate_on, fits, gpu_split, headroom_bytes
 from tuner.server import LlamaServer
 from tuner.units import fmt_bytes
@@ -1419,21 +1418,8 @@ def results_path(base_dir: str | os.PathLike[str], model_path: str | os.PathLike
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``data`` as JSON to ``path`` atomically."""
+    return write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def verdict(results: Sequence[SetResult], objective: str = "both") -> dict[str, Any]:

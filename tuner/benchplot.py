@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from tuner.paths import write_atomic
+
 _BACKGROUND_RE = re.compile(r"\x1b\[48;5;\d+m")  # plotext paints a background; the terminal's own reads better
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
@@ -372,12 +374,7 @@ def render_png(series: Sequence[Series], path: str | os.PathLike[str], *, title:
         c.disc(x0 + 14, y + 8, 4.0, colour)
         w = c.text(x0 + 36, y + 8, s.name, ink, 13, "left", "middle")
         x0 += 36 + max(w, 150) + 30
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(png_bytes(c.to_rgb8()))
-    os.replace(tmp, out)
-    return out
+    return write_atomic(Path(path), png_bytes(c.to_rgb8()))
 
 
 # DejaVu Sans, ASCII 32-126: height, baseline, 95 advance widths, then 8-bit coverage rows (zlib, base64).

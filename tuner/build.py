@@ -69,7 +69,7 @@ from urllib.parse import urljoin
 import httpx
 
 from tuner.errors import TunerError
-from tuner.paths import cache_dir
+from tuner.paths import cache_dir, write_atomic
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
@@ -815,9 +815,7 @@ def publish_build(
 
 
 def _write_json(path: Path, data: Mapping[str, object]) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(part, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _swap_in(tmp: Path, final: Path) -> None:

@@ -535,8 +535,9 @@ def _kv_choice(group: Sequence[_Option], prefer: str) -> _Option:
     leaves room for fewer expert layers in RAM, or, with ``--prefer context``, reaches more context.
 
     Without a GPU there is no VRAM to free: the cache is quantized only for context. The roofline would credit a
-    quantized cache with reading fewer KV bytes, but on the CPU backend it halved prompt speed where we measured it
-    (tuner bench, synthetic qwen35moe at 6144 tokens: 657 vs 1358 tok/s), a cost the roofline does not see."""
+    quantized cache with reading fewer KV bytes, but on the CPU backend it cut prompt speed to a third where we
+    measured it (bench_results/mid-qwen35moe/cpu-amd-epyc/20261123T161203150194Z.json, synthetic qwen35moe at 6144
+    tokens: 411 vs 1286 tok/s, generation ×1.18), a cost the roofline does not see."""
     ordered = sorted(group, key=lambda o: -o.kv_quality)
     if prefer == "context":
         most = max(o.ctx for o in ordered)

@@ -45,7 +45,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -57,7 +56,7 @@ import yaml
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
 from tuner.hardware import Hardware
-from tuner.paths import config_dir
+from tuner.paths import config_dir, write_atomic
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
@@ -354,18 +353,7 @@ class ProfileStore:
 
     def _write(self, entries: Sequence[ProfileEntry]) -> None:
         data = {"format": STORE_FORMAT, "updated_at": _now(), "entries": [e.to_dict() for e in entries]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                yaml.safe_dump(data, fh, sort_keys=False, allow_unicode=True, width=120)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -42,7 +41,7 @@ from tuner.gguf_file import (
 )
 from tuner.layout import layout_from_header
 from tuner.models import QuantCandidate
-from tuner.paths import cache_dir
+from tuner.paths import cache_dir, write_atomic
 
 ProgressFn = Callable[[str, "int | None", "int | None"], None]
 
@@ -211,18 +210,6 @@ def _header_cache_path(listing: HubListing, path: str) -> Path:
     return _repo_cache(listing.repo).joinpath(listing.commit, *parts[:-1], parts[-1] + ".json")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -342,9 +329,9 @@ def list_hub_repo(repo: str, revision: str | None = None) -> HubListing:
                          for s in info.siblings or ()))
     listing = HubListing(repo, rev, commit, files, endpoint)
     with contextlib.suppress(OSError):  # the cache is an optimisation
-        _write_atomic(_repo_cache(repo) / f"{commit}.listing.json",
+        write_atomic(_repo_cache(repo) / f"{commit}.listing.json",
                       json.dumps({"format": _CACHE_FORMAT, "files": [list(f) for f in files]}))
-        _write_atomic(ref_file, json.dumps({"commit": commit}))
+        write_atomic(ref_file, json.dumps({"commit": commit}))
     return listing
 
 
@@ -481,7 +468,7 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
             progress["done"] += 1
             progress["fetched"] += nbytes
             with contextlib.suppress(OSError):  # the cache is an optimisation
-                _write_atomic(_header_cache_path(listing, job[2]), json.dumps(shard_to_json(parsed, job[3])))
+                write_atomic(_header_cache_path(listing, job[2]), json.dumps(shard_to_json(parsed, job[3])))
             if on_progress:
                 on_progress("reading GGUF headers", progress["done"], len(jobs))
 

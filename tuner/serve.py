@@ -59,7 +59,7 @@ from tuner.estimate import CPU, MemoryEstimate
 from tuner.fetch import FetchedModel, fetch_candidate
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus
 from tuner.models import QuantCandidate
-from tuner.paths import cache_dir, config_dir
+from tuner.paths import cache_dir, config_dir, write_atomic
 from tuner.planner import Measured, Plan, Wishes, plan_for
 from tuner.server import (
     NO_PINNED_ENV,
@@ -458,11 +458,7 @@ def record_observation(check: MemoryCheck, *, model_path: Path, flags_args: Sequ
         "memory_check": check.to_dict(),
         "mismatches": check.mismatches,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(part, path)
-    return path
+    return write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------ watch
