@@ -20,7 +20,7 @@ def test_write_atomic_replaces_the_file_whole_and_readable(tmp_path: Path) -> No
 def test_write_atomic_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "profile.yaml"
     write_atomic(target, "kept\n")
-    with pytest.raises(AttributeError):
+    with pytest.raises(TypeError):
         write_atomic(target, object())  # type: ignore[arg-type]  # fails after the temporary file exists
     assert target.read_text() == "kept\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.yaml"]
