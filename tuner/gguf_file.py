@@ -33,7 +33,7 @@ _MAX_COUNT = 1 << 40
 _MAX_STRING = 1 << 30
 _MAX_DIMS = 4
 
-_SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 # GGUF value types (gguf.md): id -> struct format (scalars)
 _SCALAR_FORMATS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -178,14 +178,14 @@ def _read_value(cur: _Cursor, vtype: int) -> Any:
 
 
 @dataclass(frozen=True)
-class _ParsedShard:
+class ParsedShard:
     version: int
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...]
     data_offset: int  # where the tensor data section starts
 
 
-def parse_header(buf: bytes | memoryview, *, shard: int = 0, source: str = "GGUF file") -> _ParsedShard:
+def parse_header(buf: bytes | memoryview, *, shard: int = 0, source: str = "GGUF file") -> ParsedShard:
     """Parse a GGUF header from a prefix of the file. Raises NeedMoreBytes when the prefix is too short."""
     cur = _Cursor(buf, grow_hint=max(1 << 20, len(buf)))
     magic = bytes(cur.take(4))
@@ -221,11 +221,11 @@ def parse_header(buf: bytes | memoryview, *, shard: int = 0, source: str = "GGUF
         tensors.append(TensorInfo(name, shape, gtype, offset, nbytes, shard))
     alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)) or GGUF_DEFAULT_ALIGNMENT
     data_offset = -(-cur.pos // alignment) * alignment
-    return _ParsedShard(version, metadata, tuple(tensors), data_offset)
+    return ParsedShard(version, metadata, tuple(tensors), data_offset)
 
 
 def parse_growing(read_prefix: Callable[[int], bytes], size_bytes: int, *, shard: int, source: str,
-                  first_read: int = 1 << 20) -> _ParsedShard:
+                  first_read: int = 1 << 20) -> ParsedShard:
     """Parse with a reader of file prefixes, asking for more bytes until the header is complete."""
     want = min(first_read, size_bytes)
     while True:
@@ -239,7 +239,7 @@ def parse_growing(read_prefix: Callable[[int], bytes], size_bytes: int, *, shard
             want = min(max(more.needed, want * 4), size_bytes)
 
 
-def check_data_fits(parsed: _ParsedShard, size_bytes: int, source: str) -> None:
+def check_data_fits(parsed: ParsedShard, size_bytes: int, source: str) -> None:
     """Every tensor's data must lie inside the file: a short file is a truncated download."""
     end = max((t.offset + t.nbytes for t in parsed.tensors), default=0) + parsed.data_offset
     if end > size_bytes:
@@ -250,7 +250,7 @@ def check_data_fits(parsed: _ParsedShard, size_bytes: int, source: str) -> None:
 
 def shard_paths(first: str) -> list[str]:
     """All shard names of a split model given the first (``…-00001-of-00003.gguf``); else ``[first]``."""
-    m = _SPLIT_RE.match(first)
+    m = SPLIT_RE.match(first)
     if not m:
         return [first]
     count = int(m.group("count"))
@@ -259,7 +259,7 @@ def shard_paths(first: str) -> list[str]:
     return [f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
-def join_shards(paths: list[str], parsed: list[_ParsedShard], sizes: list[int]) -> GgufHeader:
+def join_shards(paths: list[str], parsed: list[ParsedShard], sizes: list[int]) -> GgufHeader:
     """One header for a (possibly split) model: metadata of the first shard, all tensors."""
     first = parsed[0]
     split_count = first.metadata.get("split.count")
@@ -292,7 +292,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GgufHeader:
     if missing:
         raise TunerError(f"split model is missing {len(missing)} of {len(paths)} shards: {Path(missing[0]).name}"
                          + (" …" if len(missing) > 1 else ""))
-    parsed: list[_ParsedShard] = []
+    parsed: list[ParsedShard] = []
     sizes: list[int] = []
     for i, shard_path in enumerate(paths):
         size = Path(shard_path).stat().st_size

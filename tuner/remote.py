@@ -28,12 +28,12 @@ from tuner import __version__
 from tuner.errors import TunerError
 from tuner.ggml import ggml_type, tensor_bytes
 from tuner.gguf_file import (
-    _SPLIT_RE,
+    SPLIT_RE,
     GgufHeader,
     NeedMoreBytes,
+    ParsedShard,
     StringArraySummary,
     TensorInfo,
-    _ParsedShard,
     check_data_fits,
     join_shards,
     parse_header,
@@ -81,7 +81,7 @@ def quant_label(path: str) -> str:
     """The quant label of a GGUF file name: ``Qwen3.5-35B-A3B-UD-Q4_K_XL.gguf`` -> ``UD-Q4_K_XL``,
     ``BF16/x-BF16-00001-of-00002.gguf`` -> ``BF16``; the file's stem when it names none."""
     name = PurePosixPath(path).name
-    m = _SPLIT_RE.match(name)
+    m = SPLIT_RE.match(name)
     stem = m.group("prefix") if m else re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE)
     found = list(_QUANT_RE.finditer(stem))
     return found[-1].group(1).upper() if found else stem
@@ -147,7 +147,7 @@ def group_gguf_files(entries: Iterable[tuple[str, int]]) -> GroupedFiles:
         if is_mmproj(path):
             mmproj.append((path, size))
             continue
-        m = _SPLIT_RE.match(path)
+        m = SPLIT_RE.match(path)
         if m:
             splits.setdefault((m.group("prefix"), int(m.group("count"))), {})[int(m.group("no"))] = (path, size)
         else:
@@ -233,7 +233,7 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def shard_to_json(parsed: _ParsedShard, size_bytes: int) -> dict[str, Any]:
+def shard_to_json(parsed: ParsedShard, size_bytes: int) -> dict[str, Any]:
     return {
         "format": _CACHE_FORMAT, "size": size_bytes, "version": parsed.version, "data_offset": parsed.data_offset,
         "metadata": {k: _encode(v) for k, v in parsed.metadata.items()},
@@ -241,7 +241,7 @@ def shard_to_json(parsed: _ParsedShard, size_bytes: int) -> dict[str, Any]:
     }
 
 
-def shard_from_json(data: Any, shard: int) -> tuple[_ParsedShard, int] | None:
+def shard_from_json(data: Any, shard: int) -> tuple[ParsedShard, int] | None:
     """A cached shard, or None when the entry is unreadable or of another format."""
     try:
         if data.get("format") != _CACHE_FORMAT:
@@ -252,7 +252,7 @@ def shard_from_json(data: Any, shard: int) -> tuple[_ParsedShard, int] | None:
             tensors.append(TensorInfo(str(name), tuple(int(d) for d in shape), t, int(offset),
                                       tensor_bytes(t, tuple(shape)), shard))
         metadata = {str(k): _decode(v) for k, v in data["metadata"].items()}
-        return _ParsedShard(int(data["version"]), metadata, tuple(tensors), int(data["data_offset"])), int(data["size"])
+        return ParsedShard(int(data["version"]), metadata, tuple(tensors), int(data["data_offset"])), int(data["size"])
     except (AttributeError, KeyError, TypeError, ValueError, TunerError):
         return None
 
@@ -401,7 +401,7 @@ class _RangeReader:
 
 
 def read_remote_shard(client: Any, url: str, size_bytes: int, headers: dict[str, str], *, shard: int,
-                      label: str, first_read: int | None = None) -> tuple[_ParsedShard, int]:
+                      label: str, first_read: int | None = None) -> tuple[ParsedShard, int]:
     """Parse one remote shard's header, reading only its prefix; returns it and the bytes fetched."""
     reader = _RangeReader(client, url, size_bytes, headers, label)
     want = min(first_read or REMOTE_FIRST_READ, size_bytes)
@@ -445,7 +445,7 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
 
     jobs: list[_Job] = [(gi, si, path, size) for gi, g in enumerate(groups)
                         for si, (path, size) in enumerate(zip(g.files, g.sizes, strict=True))]
-    results: dict[tuple[int, int], _ParsedShard] = {}
+    results: dict[tuple[int, int], ParsedShard] = {}
     todo: list[_Job] = []
     for gi, si, path, size in jobs:
         hit = shard_from_json(_read_json(_header_cache_path(listing, path)), si)
@@ -463,7 +463,7 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
         if token:
             headers["Authorization"] = f"Bearer {token}"
 
-        def finish(job: _Job, parsed: _ParsedShard, nbytes: int) -> None:
+        def finish(job: _Job, parsed: ParsedShard, nbytes: int) -> None:
             results[(job[0], job[1])] = parsed
             progress["done"] += 1
             progress["fetched"] += nbytes
@@ -473,7 +473,7 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
                 on_progress("reading GGUF headers", progress["done"], len(jobs))
 
         with httpx.Client(follow_redirects=True, timeout=HTTP_TIMEOUT_S) as client:
-            def read(job: _Job, first_read: int | None) -> tuple[_ParsedShard, int]:
+            def read(job: _Job, first_read: int | None) -> tuple[ParsedShard, int]:
                 return read_remote_shard(client, listing.url(job[2]), job[3], headers, shard=job[1],
                                          label=f"{listing.repo}/{job[2]}", first_read=first_read)
 
