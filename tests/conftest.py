@@ -1,13 +1,21 @@
-"""Shared fixtures: synthetic models of the real architectures, and the llama.cpp build (built once, cached in the
-user cache by ``tuner build``'s own code, so CI pays for it once per machine)."""
+"""Shared fixtures: synthetic models of the real architectures, and the llama.cpp build (built once by ``tuner build``
+itself and cached in the user cache, so CI pays for it once per machine)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tuner.build import LlamaBuild
 from tuner.synth import SynthSpec, write_synthetic_gguf
+
+_SESSION_CACHE_DIR = os.environ.get("TUNER_CACHE_DIR")
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +35,62 @@ def tiny_dense_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama_build():  # -> tuner.build.LlamaBuild
-    """llama-server built from the llama-cpp-python sdist's llama.cpp (CPU), or reused from the cache."""
-    from tuner.build import ensure_build, resolve_spec
-
-    return ensure_build(resolve_spec("pypi", cuda=False))
+def bad_tokenizer_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny qwen35moe whose tokenizer model is 'gpX2' (same length as 'gpt2', so every offset holds): the tensors
+    and shapes are fine (tuner plans it), llama.cpp's vocabulary loader refuses it while loading."""
+    path = tmp_path_factory.mktemp("bad") / "bad-tokenizer.gguf"
+    write_synthetic_gguf(path, SynthSpec())
+    data = bytearray(path.read_bytes())
+    at = data.find(b"gpt2", data.find(b"tokenizer.ggml.model"))
+    assert at > 0
+    data[at:at + 4] = b"gpX2"
+    path.write_bytes(bytes(data))
+    return path
 
 
 @pytest.fixture(scope="session")
-def server_bin(llama_build) -> Path:
+def llama_build() -> LlamaBuild:
+    """llama-server built from the llama-cpp-python sdist's llama.cpp (CPU) by ``tuner build --source pypi`` as a user
+    runs it (the first run on a machine compiles, ~5-10 minutes on 2 cores; later runs find it in the user cache)."""
+    from tuner.build import BuildSpec, find_build, parse_source
+
+    with pytest.MonkeyPatch.context() as env:  # the user cache, even if the first test to ask moved it
+        if _SESSION_CACHE_DIR is None:
+            env.delenv("TUNER_CACHE_DIR", raising=False)
+        else:
+            env.setenv("TUNER_CACHE_DIR", _SESSION_CACHE_DIR)
+        proc = subprocess.run([sys.executable, "-m", "tuner", "build", "--source", "pypi", "--no-cuda", "--json"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1500)
+        if proc.returncode != 0:
+            pytest.fail(f"tuner build --source pypi failed ({proc.returncode}): {proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout)
+        built = find_build(BuildSpec(*parse_source("pypi"), cuda=False))
+    assert built is not None and str(built.server_bin) == result["server_bin"], result
+    return built
+
+
+@pytest.fixture(scope="session")
+def server_bin(llama_build: LlamaBuild) -> Path:
     return Path(llama_build.server_bin)
+
+
+def _live_processes_naming(needle: str) -> list[int]:
+    """Live (not zombie) processes other than this one whose command line contains ``needle`` (reads /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if needle in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def processes_naming() -> Callable[[str], list[int]]:
+    """``processes_naming(text)``: live processes whose command line contains ``text``, to show nothing is orphaned."""
+    return _live_processes_naming

@@ -23,6 +23,7 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -365,6 +366,22 @@ def write_ladder(repo_dir: Path, stem: str = "Tiny-A1B", *, split_label: str = "
     write_mmproj(repo_dir / "mmproj-BF16.gguf")
     (repo_dir / "README.md").write_text("# tiny ladder\n", encoding="utf-8")
     (repo_dir / "imatrix_unsloth.gguf").write_bytes(b"GGUF")
+
+
+def write_card_quants(repo_dir: Path, card_key: str, quants: Sequence[str]) -> list[Path]:
+    """Sparse GGUFs of a built-in card's quants: real shapes, the types of the card's recipes and a tokenizer of the
+    real length, so each header is as long as on the Hub (about 13 MB for Qwen3.5); ``{name}-{quant}.gguf``."""
+    from tuner.cards import iter_recipe_types, load_card, synth_spec
+    from tuner.synth import real_vocab_overrides
+
+    card = load_card(card_key)
+    spec = replace(synth_spec(card), **real_vocab_overrides())
+    paths: list[Path] = []
+    for quant in quants:
+        types = {name: t for name, _cls, t in iter_recipe_types(card, quant)}
+        paths += write_synthetic_gguf(repo_dir / f"{card.name}-{quant}.gguf", spec,
+                                      type_for=lambda name, _role, types=types: types[name])
+    return paths
 
 
 def _plan_names(spec: SynthSpec) -> list[str]:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
+import struct
+import threading
+import zlib
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from rich.console import Console
 
 from tuner import bench as b
+from tuner import benchplot as bp
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags, estimate_memory
 from tuner.hardware import hardware_for
@@ -227,6 +235,167 @@ def test_results_land_in_model_and_hardware_folders_atomically(tmp_path: Path, c
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+# --------------------------------------------------------------------------------------------- one measurement
+
+
+class FakeServer:
+    """Answers ``/completion`` as llama-server does for a benchmark client (llamacpp-memory.md §7): a slot keeps its
+    last prompt and reuses the common prefix up to a checkpoint 4 tokens back (unless ``caches`` is False). Slot k
+    processes prompts at 1000/(k+1) tok/s and generates at 100/(k+1) tok/s; the first generated token is free."""
+
+    command = ("llama-server",)
+
+    def __init__(self, caches: bool = True) -> None:
+        self.caches = caches
+        self.calls: list[dict[str, Any]] = []
+        self.slots: dict[int, list[int]] = {}
+        self.lock = threading.Lock()
+
+    def post(self, path: str, payload: dict[str, Any], timeout_s: float = 0.0) -> dict[str, Any]:
+        assert path == "/completion"
+        prompt, slot, n = list(payload["prompt"]), payload["id_slot"], payload["n_predict"]
+        with self.lock:
+            self.calls.append(payload)
+            held = self.slots.get(slot, [])
+            common = 0
+            while common < min(len(held), len(prompt)) and held[common] == prompt[common]:
+                common += 1
+            cache_n = max(min(common, len(prompt) - 1) - 4, 0) if self.caches and payload["cache_prompt"] else 0
+            self.slots[slot] = prompt + [0] * n  # generated tokens: never a prompt byte
+        prompt_n, slow = len(prompt) - cache_n, slot + 1
+        return {"timings": {"cache_n": cache_n, "prompt_n": prompt_n, "prompt_ms": prompt_n * slow,
+                            "prompt_per_second": 1000.0 / slow, "predicted_n": n, "predicted_ms": (n - 1) * 10.0 * slow,
+                            "predicted_per_second": 100.0 / slow}}
+
+
+def _live(name: str, server: FakeServer, n_ctx: int = 4096, slots: int = 1) -> b.LiveServer:
+    return b.LiveServer(b.parse_set(f"{name}=-c {n_ctx} -np {slots}"), server, n_ctx, slots,  # type: ignore[arg-type]
+                        unified=False)
+
+
+def _bytes_tokenizer(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def test_warm_up_then_fill_the_depth_and_measure_fresh_tokens_with_a_fixed_generation() -> None:
+    cfg = b.BenchConfig(depths=(300,), repeat=2, prompt_tokens=40, gen_tokens=8)
+    prompts = b.PromptSource(_bytes_tokenizer)
+    servers = {"a": FakeServer(), "b": FakeServer()}
+    lives = {name: _live(name, srv) for name, srv in servers.items()}
+    for live in lives.values():
+        b.warm_up(live, prompts, cfg)
+        b.warm_up(live, prompts, cfg)
+    assert [len(srv.calls) for srv in servers.values()] == [1, 1], "one warm-up per launch"
+    samples = [b.measure_once(lives[name], prompts, cfg, depth=300, repeat=rep, seq=0, key=("bench", 0, rep))
+               for rep in range(2) for name in ("a", "b")]
+    prefix = prompts.prefix(300)
+    for srv in servers.values():
+        warm, fills, measured = srv.calls[0], srv.calls[1::2], srv.calls[2::2]
+        assert warm["n_predict"] < cfg.gen_tokens and warm["prompt"] != prefix[:len(warm["prompt"])]
+        for fill in fills:
+            assert fill["prompt"] == prefix and fill["n_predict"] == 1 and fill["cache_prompt"]
+        for m in measured:
+            assert m["prompt"][:300] == prefix and len(m["prompt"]) == 340
+            assert m["n_predict"] == 8 and m["ignore_eos"] is True and m["cache_prompt"] is True
+            assert "stop" not in m and m["stream"] is False
+        assert measured[0]["prompt"][300:] != measured[1]["prompt"][300:], "every repeat gets fresh tokens"
+    assert [c["prompt"] for c in servers["a"].calls[2::2]] == [c["prompt"] for c in servers["b"].calls[2::2]], \
+        "every set gets the same prompt for the same measurement"
+    assert servers["a"].calls[3]["prompt"] == prefix and servers["a"].calls[1]["prompt"] == prefix
+    for s in samples:
+        assert (s.prompt_n, s.cache_n, s.predicted_n) == (44, 296, 8), "40 fresh + the 4 always re-evaluated"
+        assert s.cache_hit and (s.pp_tok_s, s.tg_tok_s) == (1000.0, 100.0), "the server's own timings"
+
+
+def test_a_depth_the_server_processed_again_is_counted_as_a_cache_miss() -> None:
+    cfg = b.BenchConfig(depths=(1024,), repeat=1, prompt_tokens=16, gen_tokens=4)
+    live = _live("a", FakeServer(caches=False))
+    s = b.measure_once(live, b.PromptSource(_bytes_tokenizer), cfg, depth=1024, repeat=0, seq=0, key=("k",))
+    assert s.prompt_n == 1024 + 16 and not s.cache_hit
+    assert b.summarize(live.fs, [s], 1024).at(1024).cache_misses == 1  # type: ignore[union-attr]
+
+
+def test_concurrent_requests_fill_every_slot_and_report_aggregate_and_per_request_speed() -> None:
+    cfg = b.BenchConfig(depths=(100,), repeat=1, prompt_tokens=20, gen_tokens=5, concurrency=2)
+    server = FakeServer()
+    live = _live("np2", server, n_ctx=1024, slots=2)
+    s = b.measure_once(live, b.PromptSource(_bytes_tokenizer), cfg, depth=100, repeat=0, seq=0, key=("k",))
+    fills = [c for c in server.calls if c["n_predict"] == 1]
+    assert sorted(c["id_slot"] for c in fills) == [0, 1] and all(len(c["prompt"]) == 100 for c in fills)
+    assert len(s.requests) == 2 and all(r.prompt_n == 24 for r in s.requests)
+    # aggregate: all tokens over the slowest request (slot 1 at half speed); per request: the median of the two
+    assert (s.pp_tok_s, s.tg_tok_s) == (round(48 / 48 * 1000, 3), round(8 / 80 * 1000, 3))
+    assert (s.per_request_pp_tok_s, s.per_request_tg_tok_s) == (750.0, 75.0)
+    d = b.summarize(live.fs, [s], 100).at(100)
+    assert d is not None and d.per_request_tg == b.Stats(75.0, 75.0, 75.0, 1)
+    with pytest.raises(TunerError, match="needs -np 3"):
+        b.measure_once(live, b.PromptSource(_bytes_tokenizer), replace(cfg, concurrency=3), depth=0, repeat=0,
+                       seq=1, key=("k2",))
+
+
+def test_slots_are_checked_before_anything_is_launched() -> None:
+    b.check_slots([b.parse_set("a=-c 1024 -np 2"), b.defaults_set()], 2)
+    b.check_slots([b.parse_set("auto=-c 1024")], 4)  # no -np: llama-server's auto, 4 slots
+    with pytest.raises(TunerError, match=r"'a' has 2 slot.*needs -np 3"):
+        b.check_slots([b.parse_set("a=-c 1024 -np 2")], 3)
+
+
+# --------------------------------------------------------------------------------------------- pictures
+
+
+def _series() -> list[bp.Series]:
+    samples = [b.Sample(i, name, depth, 0, pp, tg, 32, depth, 8) for i, (name, depth, pp, tg) in enumerate(
+        [("flat", 0, 100.0, 10.0), ("flat", 4096, 98.0, 9.8), ("drop", 0, 120.0, 12.0), ("drop", 4096, 60.0, 6.0)])]
+    return bp.series_from_results(b.summarize(b.parse_set(f"{n}=-c 8192"), samples, 4096).to_dict()
+                                  for n in ("flat", "drop"))
+
+
+def test_series_come_from_the_results_rows() -> None:
+    flat, drop = _series()
+    assert (flat.name, flat.depths, flat.tg_tok_s, flat.pp_tok_s) == ("flat", (0, 4096), (10.0, 9.8), (100.0, 98.0))
+    assert drop.tg_min == drop.tg_max == (12.0, 6.0)
+
+
+def test_terminal_chart_draws_one_line_per_set_and_the_bar_table_is_its_fallback() -> None:
+    pytest.importorskip("plotext")
+    chart = bp.terminal_chart(_series(), width=100)
+    assert chart is not None
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", chart)
+    assert "tg tok/s vs depth" in plain and "pp tok/s vs depth" in plain
+    assert "flat" in plain and "drop" in plain and "4k" in plain
+    console = Console(record=True, width=100)
+    console.print(bp.bar_table(_series()))
+    text = console.export_text()
+    assert "flat" in text and "drop" in text and "█" in text
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    pos, idat, width, height = 8, b"", 0, 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, 1 + 3 * width)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(height, width, 3)
+
+
+def test_png_draws_a_line_per_set_in_its_own_colour(tmp_path: Path) -> None:
+    path = bp.render_png(_series(), tmp_path / "chart.png", title="bench", subtitle="median")
+    pixels = _png_pixels(path.read_bytes())
+    assert pixels.shape == (560, 1200, 3)
+
+    def count(colour: tuple[int, int, int]) -> int:
+        return int((pixels == np.array(colour, dtype=np.uint8)).all(axis=2).sum())
+
+    assert count(bp.PALETTE[0]) > 200 and count(bp.PALETTE[1]) > 200, "both sets are drawn"
+    assert count(bp.PALETTE[2]) == 0, "and nothing else in a series colour"
+
+
 # --------------------------------------------------------------------------------------------- real servers
 
 
@@ -293,8 +462,9 @@ def test_concurrency_sends_requests_at_once_and_aggregates_their_timings(server_
     assert s.tg_tok_s == pytest.approx(expected_tg, rel=1e-3)
     assert run.results[0].by_depth[0].per_request_tg is not None
     too_many = b.BenchConfig(depths=(0,), repeat=1, prompt_tokens=16, gen_tokens=4, concurrency=3)
-    with pytest.raises(TunerError, match="needs -np 3"):
-        b.run_bench(moe_gguf, sets, too_many, server_bin=server_bin, layout=local_layout(moe_gguf), hardware=cpu)
+    with pytest.raises(TunerError, match="needs -np 3"):  # refused before a launch (this binary does not exist)
+        b.run_bench(moe_gguf, sets, too_many, server_bin=moe_gguf.parent / "absent", layout=local_layout(moe_gguf),
+                    hardware=cpu)
 
 
 @pytest.mark.server

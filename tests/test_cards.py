@@ -68,6 +68,30 @@ def test_list_cards_holds_the_family_with_the_main_model_first() -> None:
     assert set(keys) == {MAIN, "qwen3.6-35b-a3b", "qwen3.5-27b", "qwen3.5-122b-a10b"}
 
 
+def test_every_card_repo_with_a_vision_projector_knows_its_size(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for card in list_cards():
+        for repo in card.repos:
+            assert not repo.mmproj or repo.mmproj_bytes > 800_000_000, (card.key, repo.repo)
+    assert load_card("qwen3.6-35b-a3b").repo().mmproj_bytes == load_card(MAIN).repo().mmproj_bytes == 899_283_648
+    # the 27B and 122B projectors end in the wider text width: 4608 x (5120 | 3072) instead of 4608 x 2048
+    widen = 4608 * 2 + 4
+    assert load_card("qwen3.5-27b").repo().mmproj_bytes == 899_283_648 + widen * (5120 - 2048)
+    assert load_card("qwen3.5-122b-a10b").repo().mmproj_bytes == 899_283_648 + widen * (3072 - 2048)
+
+    import yaml
+
+    src = Path(__file__).resolve().parent.parent / "profiles" / "models"
+    shutil.copytree(src, tmp_path / "models")
+    card_file = tmp_path / "models" / "qwen3.5-27b.yaml"
+    data = yaml.safe_load(card_file.read_text(encoding="utf-8"))
+    del data["repos"][0]["mmproj_bytes"]
+    card_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path))
+    with pytest.raises(TunerError, match=r"names an mmproj but no mmproj_bytes"):
+        load_card(MAIN)
+
+
 def test_card_with_a_recipe_missing_a_tensor_class_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
@@ -189,10 +213,23 @@ def _size_rows() -> list[dict[str, object]]:
     return [dict(r, card=c.key) for c in list_cards() for r in known_size_rows(c)]
 
 
-@pytest.mark.parametrize("row", _size_rows(), ids=lambda r: f"{r['card']}:{r['repo']}:{r['quant']}")
+@pytest.mark.parametrize("row", [r for r in _size_rows() if not r["calibration"]],
+                         ids=lambda r: f"{r['card']}:{r['repo']}:{r['quant']}")
 def test_recipe_sizes_match_real_files(row: dict[str, object]) -> None:
     tolerance = PLAIN_RECIPE_TOLERANCE if row["recipe"] == "llama-quantize" else UPLOADER_RECIPE_TOLERANCE
     assert abs(float(row["error"])) <= tolerance, json.dumps(row)
+
+
+def test_header_calibration_rows_agree_by_construction_and_are_not_the_only_check() -> None:
+    """``header_bytes`` was taken from one real file per card: that row must agree to the byte (the YAML is
+    consistent), and each card with such a row has another plain-recipe size that checks the recipes for real."""
+    rows = _size_rows()
+    for row in rows:
+        if row["calibration"]:
+            assert row["computed_bytes"] == row["real_bytes"], json.dumps(row)
+            assert any(r["card"] == row["card"] and r["recipe"] == "llama-quantize" and not r["calibration"]
+                       for r in rows), row["card"]
+    assert {r["card"] for r in rows if r["calibration"]} == {MAIN, "qwen3.5-27b"}
 
 
 def test_q8_0_recipe_gives_the_reported_tensor_data() -> None:
@@ -266,6 +303,12 @@ def test_sampling_args_are_llama_server_flags() -> None:
 
 
 # --- matching local files -----------------------------------------------------------------------------------------
+
+def test_every_card_layout_matches_its_own_card() -> None:
+    for card in list_cards():
+        for quant in ("Q8_0", "Q4_K_M"):
+            assert match_card(card_layout(card, quant)) is card, (card.key, quant)
+
 
 def test_match_card_by_shapes_and_name(tmp_path: Path) -> None:
     qwen36 = write_synthetic_gguf(tmp_path / "a.gguf", qwen35_35b_a3b_spec(name="Qwen3.6-35B-A3B Instruct"))[0]

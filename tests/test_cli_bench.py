@@ -112,8 +112,12 @@ def test_bench_tune_reports_launches_grid_and_ratios(llama_build, model: Path, c
     values = {d["name"]: d["values"] for d in tune["dimensions"]}
     assert set(values) <= {"kv", "threads"} and sorted(values["kv"]) == ["f16", "q8_0"]
     assert tune["grid_size"] == len(values["kv"]) * len(values.get("threads", [None]))
-    assert tune["launches"] == out["launches"] <= 1 + 1 + 2  # defaults, plan, one value per dimension
+    # defaults, the plan, and each other value of each dimension at most once (the machine's cores set threads')
+    assert tune["launches"] == out["launches"] <= 2 + sum(len(v) - 1 for v in values.values())
     assert tune["depth"] == 1024 - (16 + 4 + 16)
+    saved = json.loads(Path(out["saved_to"]).read_text())
+    assert saved["config"]["depths"] == [tune["depth"]], "the file says the depth that was measured"
+    assert {s["depth"] for r in saved["results"] for s in r["samples"] if r["name"] != "defaults"} == {tune["depth"]}
     assert out["verdict"]["ratio_to_defaults"]["tg"] > 0 and out["verdict"]["ratio_to_plan"] is not None
     assert out["profile"]["measurements"] >= 2
 
@@ -132,6 +136,10 @@ def test_bench_rejects_tune_with_sets_and_bad_objectives(config: Path, capsys: p
     assert "--tune searches around the plan" in capsys.readouterr().err
     assert main(["bench", "x.gguf", "--objective", "fast"]) == 1
     assert "--objective must be one of" in capsys.readouterr().err
+    assert main(["bench", "x.gguf", "--set", "a=-c 1024 -np 1", "--concurrency", "2"]) == 1
+    assert "set 'a' has 1 slot(s); --concurrency 2 needs -np 2" in capsys.readouterr().err
+    assert main(["bench", "x.gguf", "--gpu", "rtx-4090"]) == 1
+    assert "measures this machine" in capsys.readouterr().err
 
 
 def test_profile_export_and_reset(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,22 +1,45 @@
-"""``tuner recommend`` end to end: the JSON document, the report, errors, through the real entry points."""
+"""``tuner recommend`` end to end: the JSON document, the report, errors, through the real entry points.
+
+In-process runs pin the host (64 GiB of RAM, 8 cores) so plans do not depend on the machine running the tests, and
+point the cache at an empty folder so no measured profile of this machine replaces the roofline."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
-import psutil
 import pytest
 
+from tuner import hardware
 from tuner.cli import main
 from tuner.cli.recommend import wishes_from_options
 from tuner.units import GiB, MiB
 
+HOST_RAM = 64 * GiB
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+
+@pytest.fixture(autouse=True)
+def pinned_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    host = hardware.HostInfo(HOST_RAM, HOST_RAM, 8, 16, "Test CPU")
+    monkeypatch.setattr(hardware, "_read_host", lambda: (host, ()))
+    monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tuner", "recommend", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=120, check=False, env={**os.environ, **(env or {})})
+
+
+def recommend_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    code = main(["recommend", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
 
 
 def test_json_document_through_a_subprocess() -> None:
@@ -44,18 +67,63 @@ def test_json_document_through_a_subprocess() -> None:
 def test_report_shows_plan_memory_speed_alternatives_and_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["recommend", "--gpu", "rtx-5080", "--quant", "Q4_K_M"]) == 0
     out = capsys.readouterr().out
-    for text in ("Plan:", "Q4_K_M", "--n-cpu-moe", "Memory (estimate)", "buffer 1.25 GiB kept", "Speed, predicted",
-                 "Alternatives", "Command:", "llama-server -m Qwen3.5-35B-A3B-Q4_K_M.gguf"):
+    for text in ("NVIDIA GeForce RTX 5080", "Plan:", "Q4_K_M", "--n-cpu-moe", "the fewest expert layers in RAM",
+                 "Memory (estimate)", "buffer 1.25 GiB kept", "Speed, predicted", "(bound", "Alternatives", "why not",
+                 "Command:", "llama-server -m Qwen3.5-35B-A3B-Q4_K_M.gguf"):
         assert text in out, text
 
 
-@pytest.mark.skipif(psutil.virtual_memory().available < 16 * GiB, reason="plans for this machine's RAM")
 def test_cpu_only_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["recommend", "--gpu", "none", "--ctx-size", "8192", "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = recommend_json(capsys, "--gpu", "none", "--ctx-size", "8192")
     assert doc["budget"]["device"] == "CPU" and doc["budget"]["gpus"] == []
-    assert doc["plan"]["ctx_size"] == 8192
+    assert doc["budget"]["ram_available_bytes"] == HOST_RAM and doc["budget"]["buffer_bytes"] == 1 * GiB
+    assert doc["plan"]["ctx_size"] == 8192 and doc["plan"]["n_gpu_layers"] == 0
     assert all(d["name"] == "CPU" for d in doc["memory"]["devices"])
+    assert doc["memory"]["host"]["total_bytes"] + doc["budget"]["buffer_bytes"] <= HOST_RAM
+    assert "--n-gpu-layers" in doc["command"] and doc["command"][doc["command"].index("--n-gpu-layers") + 1] == "0"
+
+
+def test_no_model_plans_offline_from_the_card(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*_args: object, **_kwargs: object) -> None:
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    doc = recommend_json(capsys, "--gpu", "rtx-3090")
+    assert doc["plan"]["model"] == "qwen3.5-35b-a3b" and doc["plan"]["source"] == "card"
+    assert doc["plan"]["repo"] == "unsloth/Qwen3.5-35B-A3B-GGUF"
+
+
+def test_vram_overrides_the_gpu_memory_and_the_buffer_is_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = recommend_json(capsys, "--gpu", "rtx-4090", "--vram", "12G", "--buffer", "2G")
+    budget = doc["budget"]
+    assert budget["vram_total_bytes"] == budget["vram_free_bytes"] == 12 * GiB
+    assert budget["buffer_bytes"] == 2 * GiB
+    cuda0 = next(d for d in doc["memory"]["devices"] if d["name"] == "CUDA0")
+    assert cuda0["total_bytes"] + 2 * GiB <= 12 * GiB
+    assert doc["headroom_bytes"]["CUDA0"] == 12 * GiB - 2 * GiB - cuda0["total_bytes"] >= 0
+    assert doc["plan"]["n_cpu_moe"] > 0  # 10 GiB cannot hold a 4-bit 35B-A3B whole
+    assert any("--buffer" in r for r in doc["reasons"])
+
+
+def test_vision_loads_the_projector_and_reserves_room_for_it(capsys: pytest.CaptureFixture[str]) -> None:
+    plain = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M")
+    vision = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M", "--vision")
+    assert vision["plan"]["vision"] and vision["plan"]["mmproj"] == "mmproj-F16.gguf"
+    assert vision["command"][-2:] == ["--mmproj", "mmproj-F16.gguf"] and "--mmproj" not in plain["command"]
+    assert vision["budget"]["reserved_bytes"] > 899_283_648 and plain["budget"]["reserved_bytes"] == 0
+    assert vision["plan"]["ctx_size"] < plain["plan"]["ctx_size"]
+    cuda0 = next(d for d in vision["memory"]["devices"] if d["name"] == "CUDA0")
+    budget = vision["budget"]
+    assert cuda0["total_bytes"] + budget["reserved_bytes"] + budget["buffer_bytes"] <= budget["vram_free_bytes"]
+
+
+def test_prefer_changes_the_plan_and_the_reason_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    speed = recommend_json(capsys, "--gpu", "rtx-3090")
+    context = recommend_json(capsys, "--gpu", "rtx-3090", "--prefer", "context")
+    assert context["plan"]["ctx_size"] == 262_144 > speed["plan"]["ctx_size"]
+    assert "--prefer context" in context["reasons"][0] and "--prefer speed" in speed["reasons"][0]
 
 
 def test_nothing_fits_is_one_line_on_stderr_and_a_failing_exit() -> None:
@@ -76,3 +144,15 @@ def test_planner_options_become_wishes() -> None:
                             cache_type="Q8_0", allow_yarn=False)
     assert (w.ctx_size, w.parallel, w.prefer, w.vision, w.buffer_bytes, w.quant, w.cache_type) == \
         (None, 2, "quality", True, int(1.5 * GiB), "Q4_K_M", "q8_0")
+
+
+def test_planner_option_help_states_the_planner_defaults() -> None:
+    from typing import get_args
+
+    from tuner.cli import _options as o
+    from tuner.planner import DEFAULT_RAM_BUFFER_BYTES, DEFAULT_VRAM_BUFFER_BYTES, WORKING_CTX
+
+    buffer_help = get_args(o.BufferOpt)[1].help
+    assert f"default {DEFAULT_VRAM_BUFFER_BYTES / GiB:g}G" in buffer_help
+    assert f"RAM when CPU only: {DEFAULT_RAM_BUFFER_BYTES / GiB:g}G" in buffer_help
+    assert f"at least {WORKING_CTX}" in get_args(o.PlanCtxOpt)[1].help

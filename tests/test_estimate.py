@@ -19,6 +19,7 @@ from tuner.estimate import (
     context_shape,
     estimate_memory,
     layer_devices,
+    mtp_compute_bytes,
 )
 from tuner.layout import ModelLayout, TensorClass
 from tuner.models import local_layout
@@ -284,6 +285,59 @@ def test_context_rounding(a3b: ModelLayout, flags: dict[str, object], n_ctx: int
     assert (shape.n_ctx, shape.n_ctx_seq, shape.n_seq, shape.unified) == (n_ctx, n_ctx_seq, n_seq, unified)
 
 
+def test_reserved_graph_tokens_and_mask_width_follow_the_slots(a3b: ModelLayout) -> None:
+    per_slot = context_shape(a3b, ServerFlags(ctx_size=10000, parallel=3))
+    assert (per_slot.n_tok, per_slot.n_kv_mask) == (513, 3584)  # ubatch 512 rounded up to 3 sequences, one stream
+    unified = context_shape(a3b, ServerFlags(ctx_size=10000, parallel=3, kv_unified=True))
+    assert (unified.n_tok, unified.n_kv_mask) == (513, 10240)  # the whole cache
+    small = context_shape(a3b, ServerFlags(ctx_size=256, parallel=1))
+    assert small.n_tok == small.n_ubatch == 256  # the ubatch never exceeds the context
+
+
+def test_host_memory_counts_checkpoints_and_the_prompt_cache(a3b: ModelLayout) -> None:
+    state = a3b.recurrent_bytes_per_seq()
+    assert state == 65_863_680  # 62.81 MiB: one checkpoint
+    est = estimate_memory(a3b, ServerFlags(ctx_size=32768, parallel=2, ctx_checkpoints=8, cache_ram_mib=4096), GPU)
+    assert est.checkpoints_bytes == 2 * 8 * state
+    assert est.prompt_cache_bytes == 4096 * MiB
+    assert est.host_total_bytes == est.host.total_bytes + 2 * 8 * state + 4096 * MiB
+    host = est.to_dict()["memory"]["host"]
+    assert host == {"checkpoints_bytes": 2 * 8 * state, "prompt_cache_bytes": 4096 * MiB,
+                    "total_bytes": est.host_total_bytes}
+    # llama-server's defaults: 4 slots x 32 checkpoints (~7.9 GiB) and an 8 GiB prompt cache, beyond the buffers
+    default = estimate_memory(a3b, ServerFlags(ctx_size=32768), GPU)
+    assert default.checkpoints_bytes == 4 * 32 * state and default.prompt_cache_bytes == 8192 * MiB
+    lean = estimate_memory(a3b, ServerFlags(ctx_size=32768, ctx_checkpoints=0, cache_ram_mib=0), GPU)
+    assert lean.host_total_bytes == lean.host.total_bytes
+    unlimited = estimate_memory(a3b, ServerFlags(ctx_size=32768, cache_ram_mib=-1), GPU)
+    assert unlimited.prompt_cache_bytes == 0 and any("no limit" in note for note in unlimited.notes)
+
+
+def test_plain_transformers_keep_no_checkpoints(tmp_path: Path) -> None:
+    llama = local_layout(write_synthetic_gguf(tmp_path / "llama.gguf", SynthSpec(arch="llama"))[0])
+    est = estimate_memory(llama, ServerFlags(ctx_size=4096, parallel=2))
+    assert est.recurrent_bytes == est.checkpoints_bytes == 0
+    assert est.kv_bytes == 4096 * llama.kv_bytes_per_cell("f16", "f16") == 4096 * 4 * 2 * (2 * 16) * 2
+
+
+def test_mtp_draft_kv_is_one_more_attention_layer_in_f16(a3b: ModelLayout) -> None:
+    q8 = {"ctx_size": 32768, "parallel": 1, "cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+    plain = estimate_memory(a3b, ServerFlags(**q8))  # type: ignore[arg-type]
+    mtp = estimate_memory(a3b, ServerFlags(spec_type="draft-mtp", **q8))  # type: ignore[arg-type]
+    assert a3b.n_layer_all == a3b.n_layer + 1 == 41
+    # the draft context's cache is --cache-type-k/v-draft (f16 by default), not the main q8_0
+    assert mtp.kv_bytes - plain.kv_bytes == 32768 * a3b.kv_bytes_per_cell("f16", "f16", [a3b.n_layer]) == 64 * MiB
+    # the snapshots: --spec-draft-n-max (3) more recurrent states per slot
+    assert mtp.recurrent_bytes == 4 * plain.recurrent_bytes
+    assert mtp.output_bytes == 2 * plain.output_bytes  # one output buffer per context
+    # what the draft adds, named apart: MTP weights, its KV, the snapshots, its output and compute buffers
+    flags = ServerFlags(spec_type="draft-mtp", **q8)  # type: ignore[arg-type]
+    draft_compute = mtp_compute_bytes(a3b, context_shape(a3b, flags), True, False, 1)
+    assert mtp.mtp_bytes == ((mtp.weights_bytes - plain.weights_bytes) + (mtp.kv_bytes - plain.kv_bytes)
+                             + (mtp.recurrent_bytes - plain.recurrent_bytes) + (mtp.output_bytes - plain.output_bytes)
+                             + draft_compute)
+
+
 def test_quantized_v_without_flash_attention_is_refused(a3b: ModelLayout) -> None:
     with pytest.raises(TunerError, match="quantized V cache requires flash attention"):
         estimate_memory(a3b, ServerFlags(ctx_size=8192, cache_type_v="q8_0", flash_attn="off"))
@@ -306,6 +360,8 @@ def test_mtp_drafting_needs_the_mtp_layer(tmp_path: Path) -> None:
     ({"flash_attn": "maybe"}, "--flash-attn must be one of"),
     ({"spec_type": "eagle3"}, "is not sized by tuner"),
     ({"n_cpu_moe": -1}, "--n-cpu-moe must be 0 or positive"),
+    ({"ctx_checkpoints": -1}, "--ctx-checkpoints and --spec-draft-n-max must be 0 or positive"),
+    ({"cache_ram_mib": -2}, "--cache-ram must be -1 (no limit), 0 (off) or a size in MiB"),
 ])
 def test_bad_flags_are_one_line_errors(changes: dict[str, object], message: str) -> None:
     with pytest.raises(TunerError) as exc:

@@ -21,6 +21,7 @@ import pytest
 
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags, estimate_memory
+from tuner.layout import TensorClass
 from tuner.models import local_layout
 from tuner.server import LlamaServer
 from tuner.serverlog import MIB_PRINT_ROUNDING_BYTES, ReportedMemory, parse_load_log
@@ -171,13 +172,19 @@ def test_estimate_matches_llama_server(request: pytest.FixtureRequest, server_bi
     assert target.kv_unified == est.kv_unified
     assert target.n_ubatch == est.n_ubatch
 
+    # weights are the tensor bytes (the MTP block's only when drafting with it)
+    mtp_weights = sum(t.nbytes for t in layout.tensors if t.cls is TensorClass.MTP) if flags.spec_type else 0
+    assert est.weights_bytes == layout.weights_bytes + mtp_weights
     for kind, expected in (("weights", est.weights_bytes), ("kv", est.kv_bytes),
                            ("recurrent", est.recurrent_bytes)):
         assert_close(kind, rep.total(kind), expected, max(rep.tolerance_bytes(kind), MIB_PRINT_ROUNDING_BYTES),
                      config)
-    # the "size = …" summaries of each context say the same, per context
-    assert sum(c.kv_size_bytes or 0 for c in rep.contexts) == pytest.approx(est.kv_bytes,
-                                                                           abs=len(rep.contexts) * 6000)
+    # the "size = …" summaries of each context say the same
+    summary_tolerance = len(rep.contexts) * MIB_PRINT_ROUNDING_BYTES
+    assert_close("kv summary", sum(c.kv_size_bytes or 0 for c in rep.contexts), est.kv_bytes, summary_tolerance,
+                 config)
+    assert_close("recurrent summary", sum(c.recurrent_size_bytes or 0 for c in rep.contexts), est.recurrent_bytes,
+                 summary_tolerance, config)
     assert_close("output", rep.total("output"), est.output_bytes, max(rep.tolerance_bytes("output"),
                                                                         MIB_PRINT_ROUNDING_BYTES), config)
 
@@ -191,6 +198,9 @@ def test_estimate_matches_llama_server(request: pytest.FixtureRequest, server_bi
         assert len(rep.contexts) == 2
         draft = rep.contexts[1]
         assert (draft.n_ctx, draft.n_seq, draft.recurrent_size_bytes) == (est.n_ctx, est.n_seq, None)
+        mtp_kv = est.n_ctx * layout.kv_bytes_per_cell("f16", "f16", [layout.n_layer])  # f16 whatever -ctk/-ctv say
+        assert_close("draft kv", rep.context_total("kv", 1), mtp_kv, MIB_PRINT_ROUNDING_BYTES, config)
+        assert draft.kv_layers == 1
         # recurrent rollback snapshots only where llama.cpp supports them (not qwen3next: clamped to 0)
         assert target.n_rs_seq == (flags.spec_draft_n_max if layout.arch != "qwen3next" else 0)
 

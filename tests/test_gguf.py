@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import pytest
 
 from tuner import gguf_file
 from tuner.errors import TunerError
+from tuner.ggml import GGML_TYPES, KV_CACHE_TYPES, kv_cache_type, row_bytes
 from tuner.gguf_file import NeedMoreBytes, StringArraySummary, parse_growing, parse_header, read_gguf
 from tuner.models import resolve_layout
 from tuner.synth import SynthSpec, qwen35_35b_a3b_spec, tensor_plan, vocabulary, write_synthetic_gguf
@@ -65,8 +67,28 @@ def test_metadata_reads_back_what_the_writer_wrote(tiny: Path) -> None:
     assert header.get("general.name") == spec.name
 
 
+def test_ggml_type_table_matches_gguf_py() -> None:
+    """tuner.ggml writes the table out (no numpy import on the header path): every id, name and block size must be
+    gguf-py's, and every type gguf-py knows must be in it."""
+    for t in GGML_TYPES.values():
+        q = gguf.GGMLQuantizationType[t.name.upper()]
+        assert q.value == t.type_id
+        assert gguf.GGML_QUANT_SIZES[q] == (t.block_size, t.type_bytes), t.name
+    assert {q.value for q in gguf.GGMLQuantizationType} <= set(GGML_TYPES)
+
+
+def test_kv_cache_types_are_llama_cpp_s_list_with_their_block_sizes() -> None:
+    assert KV_CACHE_TYPES == ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+    per_512 = {name: row_bytes(kv_cache_type(name), 512) for name in KV_CACHE_TYPES}
+    assert per_512 == {"f32": 2048, "f16": 1024, "bf16": 1024, "q8_0": 544, "q4_0": 288, "q4_1": 320,
+                       "iq4_nl": 288, "q5_0": 352, "q5_1": 384}
+    with pytest.raises(TunerError, match="unknown cache type 'q4_K'"):
+        kv_cache_type("q4_K")
+
+
 def test_tensor_table_matches_gguf_py_reader(tiny: Path) -> None:
-    ours = {t.name: t for t in read_gguf(tiny).tensors}
+    header = read_gguf(tiny)
+    ours = {t.name: t for t in header.tensors}
     reference = gguf.GGUFReader(tiny)
     assert set(ours) == {t.name for t in reference.tensors}
     for ref in reference.tensors:
@@ -75,7 +97,7 @@ def test_tensor_table_matches_gguf_py_reader(tiny: Path) -> None:
         assert t.ggml_type.type_id == int(ref.tensor_type)
         assert t.nbytes == int(ref.n_bytes)
         assert t.n_elements == int(ref.n_elements)
-        assert read_gguf(tiny).header_bytes + t.offset == int(ref.data_offset)
+        assert header.header_bytes + t.offset == int(ref.data_offset)
 
 
 def test_tensor_table_holds_every_planned_tensor_in_ggml_order(tiny: Path) -> None:
@@ -241,6 +263,16 @@ def test_truncated_tensor_data_is_a_clear_error(tmp_path: Path, tiny: Path) -> N
     assert "truncated" in message and "1000 bytes missing" in message
 
 
+def test_an_unreadable_file_is_a_clear_error(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(gguf_file, "open", denied, raising=False)  # chmod 000 means nothing to root
+    with pytest.raises(TunerError) as exc:
+        read_gguf(tiny)
+    assert one_line_error(exc) == f"cannot read {tiny}: Permission denied"
+
+
 def test_missing_shard_is_a_clear_error(tmp_path: Path) -> None:
     shards = write_synthetic_gguf(tmp_path / "split.gguf", SynthSpec(), split_max_tensors=20)
     shards[-1].unlink()
@@ -250,11 +282,20 @@ def test_missing_shard_is_a_clear_error(tmp_path: Path) -> None:
     assert "missing 1 of" in message and shards[-1].name in message
 
 
+def test_a_renamed_shard_is_refused_by_its_split_metadata(tmp_path: Path) -> None:
+    shards = write_synthetic_gguf(tmp_path / "split.gguf", SynthSpec(), split_max_tensors=20)
+    alone = tmp_path / "alone.gguf"
+    alone.write_bytes(shards[0].read_bytes())
+    with pytest.raises(TunerError) as exc:
+        read_gguf(alone)
+    assert f"says it is split into {len(shards)} files, found 1" in one_line_error(exc)
+
+
 def test_unknown_architecture_is_refused_when_building_the_layout(tmp_path: Path) -> None:
     path = tmp_path / "mamba.gguf"
     writer = gguf.GGUFWriter(path, "mamba")
     writer.add_uint32("mamba.block_count", 2)
-    writer.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 8), dtype="float32"))
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

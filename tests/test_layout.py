@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import TunerError
+from tuner.estimate import ServerFlags, estimate_memory
 from tuner.gguf_file import read_gguf
 from tuner.layout import ModelLayout, TensorClass, layout_from_header, layout_from_metadata
 from tuner.models import local_layout
@@ -76,6 +77,8 @@ def test_per_layer_head_count_kv_array_sizes_each_attention_layer(tmp_path: Path
     assert layout.kv_bytes_per_cell("f16", "f16", [3]) == 2 * 1 * 16 * 2
     assert layout.kv_bytes_per_cell("f16", "f16", [7]) == 2 * 4 * 16 * 2
     assert layout.kv_bytes_per_cell("f16", "f16") == 2 * (1 + 4) * 16 * 2
+    est = estimate_memory(layout, ServerFlags(ctx_size=4096, parallel=1))
+    assert est.kv_bytes == 4096 * 2 * (1 + 4) * 16 * 2  # the scalar 2 heads would give 4096 * 2 * (2 + 2) * 16 * 2
 
 
 def test_head_count_kv_array_of_the_wrong_length_is_an_error(tmp_path: Path) -> None:
@@ -150,6 +153,29 @@ def test_generic_transformers_have_kv_on_every_layer_and_no_state(tmp_path: Path
     assert layout.recurrent_bytes_per_seq() == 0
     assert layout.kv_bytes_per_cell("f16", "f16") == 6 * 2 * (2 * 16) * 2
     assert layout.is_moe == (arch == "qwen3moe")
+
+
+def test_sliding_window_architectures_are_refused_not_over_estimated(tmp_path: Path) -> None:
+    header = read_gguf(write(tmp_path, SynthSpec(arch="llama")))
+    tensors = [(t.name, t.ggml_type, t.shape, t.nbytes) for t in header.tensors]
+
+    def renamed(arch: str, **extra: object) -> dict[str, object]:
+        meta = {k.replace("llama.", f"{arch}.", 1): v for k, v in header.metadata.items()}
+        return {**meta, "general.architecture": arch, **extra}
+
+    with pytest.raises(TunerError, match="olmo2 with sliding-window attention"):
+        layout_from_metadata(renamed("olmo2", **{"olmo2.attention.sliding_window": 4096}), tensors)
+    plain = layout_from_metadata(renamed("olmo2"), tensors)  # OLMo 2 without a window: every layer has full KV
+    assert plain.attention_layers == tuple(range(plain.n_layer))
+    with pytest.raises(TunerError, match="unsupported architecture 'llama4'"):  # chunked attention by default
+        layout_from_metadata(renamed("llama4"), tensors)
+
+
+def test_recurrent_state_is_f32_per_layer_and_sequence(tmp_path: Path) -> None:
+    layout = local_layout(write(tmp_path, SynthSpec(n_layer=8)))
+    assert layout.recurrent_bytes_per_layer == 4 * (layout.n_embd_r + layout.n_embd_s)
+    assert layout.recurrent_bytes_per_seq() == 6 * layout.recurrent_bytes_per_layer
+    assert layout.recurrent_bytes_per_seq([0, 1]) == 2 * layout.recurrent_bytes_per_layer
 
 
 def test_to_dict_is_plain_data(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from tuner.planner import (
     DEFAULT_RAM_BUFFER_BYTES,
     DEFAULT_VRAM_BUFFER_BYTES,
     VISION_COMPUTE_BYTES,
+    WORKING_CTX,
     Plan,
     Prediction,
     Wishes,
@@ -24,7 +25,7 @@ from tuner.planner import (
     plan_for,
     recommend,
 )
-from tuner.units import GiB, MiB
+from tuner.units import GiB, MiB, fmt_bytes
 
 NATIVE_CTX = 262_144
 
@@ -44,7 +45,11 @@ def reestimate(plan: Plan, flags: ServerFlags, hardware: Hardware):  # -> Memory
     return estimate_memory(plan.candidate.layout, flags, [g.llama_name for g in hardware.gpus])
 
 
-def assert_minimal_experts_and_maximal_context(plan: Plan, hardware: Hardware, *, ctx_asked: bool = False) -> None:
+def assert_minimal_experts_and_maximal_context(plan: Plan, hardware: Hardware, *, ctx_asked: bool = False,
+                                               floor: int | None = None) -> None:
+    """The plan's own estimate fits with the buffer kept; one expert layer fewer in RAM does not fit (at the plan's
+    context, and at ``floor``, the context the placement was searched at); 256 more tokens of context do not fit
+    unless the plan is at the native maximum."""
     f = plan.flags
     own = reestimate(plan, f, hardware)
     assert own == plan.estimate
@@ -52,8 +57,14 @@ def assert_minimal_experts_and_maximal_context(plan: Plan, hardware: Hardware, *
     assert all(v >= 0 for v in headroom_bytes(own, plan.budget).values())
     for name, free in plan.budget.gpu_free_bytes:  # the buffer is really kept on every GPU
         assert own.device(name).total_bytes + plan.budget.buffer_bytes <= free
+    assert own.host_total_bytes <= hardware.ram_available_bytes
+    if floor is not None:
+        assert own.n_ctx_seq >= floor
     if f.n_cpu_moe > 0:
-        assert not fits(reestimate(plan, f.with_(n_cpu_moe=f.n_cpu_moe - 1), hardware), plan.budget)
+        fewer = f.with_(n_cpu_moe=f.n_cpu_moe - 1)
+        assert not fits(reestimate(plan, fewer, hardware), plan.budget)
+        if floor is not None:
+            assert not fits(reestimate(plan, fewer.with_(ctx_size=floor * f.n_seq), hardware), plan.budget)
     if ctx_asked:
         return
     if own.n_ctx_seq < NATIVE_CTX:
@@ -70,11 +81,13 @@ def test_plan_fits_with_the_buffer_kept_fewest_experts_in_ram_and_the_most_conte
     hw = machine(gpu)
     rec = recommend(ladder, hw, Wishes(prefer=prefer))
     assert rec.plan.budget.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES
-    assert_minimal_experts_and_maximal_context(rec.plan, hw)
+    assert not rec.notes  # every plan reached its context floor: 32768 tokens, or the native 262144 for context
+    floor = NATIVE_CTX if prefer == "context" else WORKING_CTX
+    assert_minimal_experts_and_maximal_context(rec.plan, hw, floor=floor)
     assert 2 <= len(rec.alternatives) <= 4
     for alt, why in rec.alternatives:
         assert why and alt is not rec.plan
-        assert_minimal_experts_and_maximal_context(alt, hw)
+        assert_minimal_experts_and_maximal_context(alt, hw, floor=floor)
 
 
 def test_the_80gb_card_holds_the_whole_model_at_native_context(ladder: list[QuantCandidate]) -> None:
@@ -295,3 +308,18 @@ def test_plan_for_uses_the_card_ladder_by_default() -> None:
     rec = plan_for(None, machine("rtx-4090"), Wishes())
     assert rec.plan.candidate.card_key == "qwen3.5-35b-a3b"
     assert rec.planning_s > 0
+
+
+def test_a_gpu_too_small_for_the_vision_projector_is_a_no_fit_error_counting_it(
+        ladder: list[QuantCandidate]) -> None:
+    hw = machine("rtx-4090")
+    tiny = replace(hw, gpus=(replace(hw.gpus[0], vram_total_bytes=512 * MiB, vram_free_bytes=512 * MiB),))
+    text = recommend(ladder, tiny, Wishes(buffer_bytes=0)).plan  # text alone: whole layers in RAM
+    assert text.flags.n_gpu_layers is not None and fits(text.estimate, text.budget)
+    with pytest.raises(TunerError) as err:
+        recommend(ladder, tiny, Wishes(buffer_bytes=0, vision=True))
+    message = str(err.value)
+    reserve = fmt_bytes(ladder[0].mmproj_bytes + VISION_COMPUTE_BYTES)
+    assert "nothing fits at 4096 tokens of context" in message
+    assert f"needs {reserve} of VRAM ({reserve} of it for the vision projector)" in message  # -ngl 0: nothing else
+    assert "available: 512.0 MiB of VRAM after a 0 B buffer per GPU" in message

@@ -126,6 +126,33 @@ def test_a_new_build_or_driver_invalidates_the_old_entry(store: ProfileStore, mo
     assert sum(1 for e in store.load() if e.key.model.name == model.name) == 1, "build options count too"
 
 
+def test_a_new_driver_or_a_changed_file_invalidates_but_another_repos_file_of_that_name_does_not(
+        store: ProfileStore, model: Path, cpu: Hardware) -> None:
+    fs = b.parse_set("a=-c 1024 -np 1 -ngl 99")
+    card = hardware_for("rtx-4090")
+
+    def on_driver(driver: str) -> Hardware:
+        return replace(card, gpus=tuple(replace(g, driver_version=driver) for g in card.gpus))
+
+    store.learn(document(model, cpu, [(fs, [(0, 10.0, 1.0)])]))
+    store.learn(document(model, on_driver("550.54"), [(fs, [(0, 100.0, 10.0)])]))
+    store.learn(document(model, on_driver("560.28"), [(fs, [(0, 122.0, 12.2)])]))
+    drivers = sorted((e.key.hardware.driver or "cpu") for e in store.load())
+    assert drivers == ["560.28", "cpu"], "the old driver's entry is gone; the CPU entry is another machine's"
+
+    def with_identity(**ident: Any) -> dict[str, Any]:
+        doc = document(model, cpu, [(fs, [(0, 10.0, 1.0)])])
+        doc["model"]["identity"] = {"name": "q.gguf", "file_bytes": 10, **ident}
+        return doc
+
+    store.reset()
+    store.learn(with_identity(header_sha256="aa", repo="org/one"))
+    store.learn(with_identity(header_sha256="bb", repo="org/two"))
+    assert len(store.load()) == 2, "same file name from two repos: two models"
+    store.learn(with_identity(header_sha256="cc", repo="org/one"))
+    assert sorted(e.key.model.header_sha256 or "" for e in store.load()) == ["bb", "cc"], "org/one's file changed"
+
+
 def test_measured_hook_answers_for_the_measured_flags_only(store: ProfileStore, model: Path, cpu: Hardware) -> None:
     plan = plan_for(str(model), cpu, Wishes(ctx_size=2048, cache_type="q8_0")).plan
     q8 = b.flagset_from_flags("q8", plan.flags, (*plan.extra_args, "--fit", "off"))
@@ -223,3 +250,22 @@ def test_measurements_keep_flags_that_rebuild_server_flags(store: ProfileStore, 
     entry = store.learn(document(model, cpu, [(fs, [(0, 10.0, 1.0)])]))
     assert entry.measurements[0].flags() == ServerFlags(ctx_size=2048, parallel=2, kv_unified=True, ubatch_size=256)
     assert entry.measurements[0].args == fs.args
+
+
+def test_profile_show_prints_the_best_flags_speed_and_efficiency(store: ProfileStore, model: Path, cpu: Hardware,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from tuner.cli import main
+
+    assert main(["profile", "show"]) == 0
+    assert "nothing measured yet" in capsys.readouterr().out
+    fast = b.parse_set("fast=-c 2048 -np 1 -ub 256")
+    store.learn(document(model, cpu, [(b.parse_set("slow=-c 2048 -np 1"), [(0, 500.0, 40.0), (1024, 300.0, 30.0)]),
+                                      (fast, [(0, 400.0, 42.0), (1024, 350.0, 33.0)])]))
+    assert main(["profile", "show"]) == 0
+    out = capsys.readouterr().out
+    assert model.name in out and "4 measurement(s)" in out
+    assert "best at depth 1024: fast — tg 33.0 tok/s, pp 350.0 tok/s" in out
+    assert "llama-server -c 2048 -np 1 -ub 256" in out and "roofline efficiency" in out
+    assert main(["profile", "export", "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["entries"][0]["best"]["set_name"] == "fast"

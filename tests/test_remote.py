@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hubserver import LADDER_SPEC, LADDER_TYPES, FakeHub, write_ladder
+from hubserver import LADDER_SPEC, LADDER_TYPES, FakeHub, write_card_quants, write_ladder, write_mmproj
 
 from tuner import remote
 from tuner.errors import TunerError
-from tuner.gguf_file import parse_header, read_gguf
+from tuner.gguf_file import NeedMoreBytes, parse_header, read_gguf
+from tuner.hardware import GB, hardware_for
 from tuner.models import parse_model_ref, resolve_candidates, resolve_layout
-from tuner.remote import dir_candidates, group_gguf_files, hub_candidates, parse_hub_ref, quant_label
+from tuner.planner import Wishes, plan_for, recommend
+from tuner.remote import HubRef, dir_candidates, group_gguf_files, hub_candidates, parse_hub_ref, quant_label
 from tuner.synth import tensor_plan, vocabulary
 
 REPO = "acme/Tiny-A1B-GGUF"
@@ -82,8 +86,14 @@ def _file_bytes(hub_root: Path, repo: str, suffix: str = ".gguf") -> dict[str, i
 
 def _header_size(path: Path) -> int:
     """Bytes of one file's header (metadata + tensor table + padding): its data offset."""
+    want = 1 << 20
     with open(path, "rb") as fh:
-        return parse_header(fh.read(1 << 20)).data_offset
+        while True:
+            fh.seek(0)
+            try:
+                return parse_header(fh.read(want)).data_offset
+            except NeedMoreBytes as more:
+                want = max(more.needed, 2 * want)
 
 
 def _file_requests(hub: FakeHub) -> list[str]:
@@ -181,6 +191,19 @@ def test_second_read_is_served_from_the_disk_cache(hub: FakeHub, tmp_path: Path)
         [(c.quant, c.file_bytes, c.layout.bytes_by_class()) for c in first]
 
 
+def test_header_stats_count_shards_cache_hits_and_bytes_fetched(hub: FakeHub) -> None:
+    listing = remote.list_hub_repo(REPO)
+    groups = list(listing.grouped().complete)
+    n_shards = sum(len(g.files) for g in groups)
+    headers, stats = remote.read_hub_headers(listing, groups)
+    assert len(headers) == len(groups) and n_shards == 8
+    assert stats == remote.HeaderStats(shards=n_shards, from_cache=0, bytes_fetched=hub.total_bytes_sent())
+    hub.reset_counters()
+    _, again = remote.read_hub_headers(listing, groups)
+    assert again == remote.HeaderStats(shards=n_shards, from_cache=n_shards, bytes_fetched=0)
+    assert hub.total_bytes_sent() == 0
+
+
 def test_cached_repo_is_read_offline(hub_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with FakeHub(hub_root) as short_lived:
         monkeypatch.setenv("HF_ENDPOINT", short_lived.endpoint)
@@ -216,6 +239,8 @@ def test_hf_token_is_sent_as_a_bearer_header(hub: FakeHub, monkeypatch: pytest.M
     assert cand.quant == "Q2_K"
     api_and_resolve = [r for r in hub.requests if r.path.startswith("/api/models/") or "/resolve/" in r.path]
     assert api_and_resolve and all(r.header("Authorization") == f"Bearer {TOKEN}" for r in api_and_resolve)
+    cdn = [r for r in hub.requests if r.path.startswith("/cdn-lfs/")]  # another host: the token stays home
+    assert cdn and all(r.header("Authorization") is None for r in cdn)
 
 
 def test_private_repo_without_token_is_a_one_line_error(hub: FakeHub) -> None:
@@ -273,13 +298,27 @@ def test_resolve_candidates_dispatches_on_the_reference(hub: FakeHub, hub_root: 
 
     local = resolve_candidates(str(ladder_dir / "Tiny-A1B-Q8_0.gguf"))
     assert [(c.quant, c.source) for c in local] == [("Q8_0", "local")]
-    assert local[0].mmproj is not None and Path(local[0].mmproj).name == "mmproj-BF16.gguf"
+    assert local[0].mmproj == str(ladder_dir / "mmproj-F16.gguf")  # F16 first, as in a folder or a repo
     assert [c.quant for c in resolve_candidates(f"{ladder_dir}:q6_k")] == ["Q6_K"]
     assert {c.quant for c in resolve_candidates(f"{REPO}")} == LABELS
     with pytest.raises(TunerError, match="is one GGUF file; drop ':Q8_0'"):
         resolve_candidates(f"{ladder_dir / 'Tiny-A1B-Q8_0.gguf'}:Q8_0")
     with pytest.raises(TunerError, match="no such file"):
         resolve_candidates(str(ladder_dir / "missing.gguf"))
+
+
+def test_resolve_layout_of_a_local_folder_asks_for_a_quant_without_reading_headers(
+        hub_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ladder_dir = hub_root / REPO
+
+    def no_reads(path: object) -> None:
+        raise AssertionError(f"read {path}")
+
+    with monkeypatch.context() as m:
+        m.setattr(remote, "read_gguf", no_reads)
+        with pytest.raises(TunerError, match=rf"comes in 6 quants; name one as {ladder_dir}:QUANT \(F16, Q2_K"):
+            resolve_layout(str(ladder_dir))
+    assert resolve_layout(f"{ladder_dir}:Q2_K").file_bytes == (ladder_dir / "Tiny-A1B-Q2_K.gguf").stat().st_size
 
 
 def test_local_folder_is_a_ladder_too(hub_root: Path) -> None:
@@ -322,23 +361,79 @@ def test_grouping_keeps_mmproj_and_imatrix_apart() -> None:
     assert grouped.pick_mmproj() == ("mmproj-F16.gguf", 2)
 
 
-@pytest.mark.parametrize("ref", ["owner/name", "owner/name:Q4_K_M", "owner/name@main:Q4_K_M",
-                                 "owner/na.me-GGUF@0123abc"])
-def test_hub_refs_parse(ref: str) -> None:
-    hub = parse_hub_ref(ref)
-    assert hub.repo in ("owner/name", "owner/na.me-GGUF")
+@pytest.mark.parametrize(("ref", "want"), [
+    ("owner/name", HubRef("owner/name")),
+    ("owner/name:Q4_K_M", HubRef("owner/name", None, "Q4_K_M")),
+    ("owner/name@main:UD-Q4_K_XL", HubRef("owner/name", "main", "UD-Q4_K_XL")),
+    ("owner/na.me-GGUF@0123abc", HubRef("owner/na.me-GGUF", "0123abc")),
+])
+def test_hub_refs_parse(ref: str, want: HubRef) -> None:
+    assert parse_hub_ref(ref) == want
 
 
-def test_measure_ladder_wall_time(hub: FakeHub, record_property: pytest.RecordProperty) -> None:
-    """Measured, not asserted: the whole remote ladder read cold (no cache) and warm."""
+@pytest.mark.parametrize("ref", ["owner", "owner/../x", "/abs/path/model", "owner/name:"])
+def test_bad_hub_refs_are_refused(ref: str) -> None:
+    with pytest.raises(TunerError, match="neither a local path nor a Hugging Face repo"):
+        parse_hub_ref(ref)
+
+
+# --- a real-size ladder: Qwen3.5-35B-A3B quants with real shapes, recipes and 13 MB headers ---------------------
+
+REAL_REPO = "acme/Qwen3.5-35B-A3B-GGUF"
+REAL_QUANTS = ("Q8_0", "Q4_K_M", "IQ4_XS")
+
+
+@pytest.fixture(scope="module")
+def real_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    root = tmp_path_factory.mktemp("real-hub")
+    write_card_quants(root / REAL_REPO, "qwen3.5-35b-a3b", REAL_QUANTS)
+    write_mmproj(root / REAL_REPO / "mmproj-F16.gguf")
+    with FakeHub(root) as server:
+        yield server
+
+
+def test_recommend_over_a_real_size_remote_ladder_reads_headers_only_and_matches_the_card(
+        real_hub: FakeHub, monkeypatch: pytest.MonkeyPatch, record_property: pytest.RecordProperty) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", real_hub.endpoint)
+    hw = replace(hardware_for("rtx-5080"), ram_total_bytes=64 << 30, ram_available_bytes=64 << 30,
+                 ram_bandwidth_bytes_s=50 * GB, cpu_physical_cores=8)
+    sizes = _file_bytes(real_hub.root, REAL_REPO)
     t0 = time.perf_counter()
-    hub_candidates(REPO)
+    importlib.import_module("huggingface_hub.hf_api")  # once per process, whatever the ladder: timed apart
+    importlib.import_module("httpx")
+    imports = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rec = plan_for(REAL_REPO, hw, Wishes())  # cold: listing, three 13 MB headers over HTTP, then the planner
     cold = time.perf_counter() - t0
-    sent = hub.total_bytes_sent()
+    sent = dict(real_hub.bytes_sent)
+    real_hub.reset_counters()
     t0 = time.perf_counter()
-    hub_candidates(REPO)
+    plan_for(REAL_REPO, hw, Wishes())  # warm: headers from the disk cache
     warm = time.perf_counter() - t0
-    record_property("ladder_cold_s", round(cold, 3))
-    record_property("ladder_warm_s", round(warm, 3))
-    record_property("ladder_cold_bytes", sent)
-    print(f"\nremote ladder ({len(LABELS)} quants, 8 shards): cold {cold:.3f} s, {sent} bytes; warm {warm:.3f} s")
+
+    models = {f"{REAL_REPO}/Qwen3.5-35B-A3B-{q}.gguf" for q in REAL_QUANTS}
+    assert set(sent) == models and real_hub.total_bytes_sent() == 0
+    headers = {name: _header_size(real_hub.root / name) for name in sent}
+    for name, n in sent.items():  # the probe's prefix doubles until its header is whole, the others are sized by it
+        assert 10 << 20 < headers[name] <= n <= 2 * headers[name] + remote.REMOTE_MIN_GROW, name
+    assert sum(n > remote.header_size_hint(headers[name]) for name, n in sent.items()) <= 1
+    model_bytes = sum(sizes[f.removeprefix(REAL_REPO + "/")] for f in models)
+    assert sum(sent.values()) < 0.001 * model_bytes  # ~40 MB of ~77 GB
+
+    # the plan read from the Hub is the plan the card computes offline for the same quants
+    assert rec.plan.candidate.card_key == "qwen3.5-35b-a3b" and rec.plan.candidate.source == "hub"
+    card = recommend([c for c in resolve_candidates(None) if c.quant in REAL_QUANTS], hw, Wishes())
+    assert (rec.plan.quant, rec.plan.flags) == (card.plan.quant, card.plan.flags)
+    assert rec.plan.estimate.to_dict()["memory"] == card.plan.estimate.to_dict()["memory"]
+    assert [(a.quant, a.flags, why) for a, why in rec.alternatives] == \
+        [(a.quant, a.flags, why) for a, why in card.alternatives]
+    assert rec.plan.candidate.mmproj == "mmproj-F16.gguf"
+
+    record_property("remote_recommend_imports_s", round(imports, 3))
+    record_property("remote_recommend_cold_s", round(cold, 3))
+    record_property("remote_recommend_warm_s", round(warm, 3))
+    record_property("remote_recommend_bytes", sum(sent.values()))
+    print(f"\nrecommend over {len(REAL_QUANTS)} remote Qwen3.5-35B-A3B quants ({model_bytes / 1e9:.1f} GB): "
+          f"cold {cold:.2f} s reading {sum(sent.values()) / 1e6:.1f} MB of headers (+{imports:.2f} s of imports); "
+          f"warm {warm:.2f} s")

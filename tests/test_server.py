@@ -29,23 +29,8 @@ from tuner.server import (
     pinned_memory_failure,
     process_alive,
 )
-from tuner.synth import SynthSpec, write_synthetic_gguf
 
 ARGS = ["--ctx-size", "4096", "--parallel", "1", "--fit", "off", "--jinja", "-lv", "4"]
-
-
-@pytest.fixture(scope="module")
-def bad_tokenizer_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny qwen35moe whose tokenizer model is 'gpX2' (same length as 'gpt2', so every offset holds): the
-    tensors and shapes are fine, llama.cpp's vocabulary loader refuses it."""
-    path = tmp_path_factory.mktemp("bad") / "bad-tokenizer.gguf"
-    write_synthetic_gguf(path, SynthSpec())
-    data = bytearray(path.read_bytes())
-    at = data.find(b"gpt2", data.find(b"tokenizer.ggml.model"))
-    assert at > 0
-    data[at:at + 4] = b"gpX2"
-    path.write_bytes(bytes(data))
-    return path
 
 
 def _listening_socket() -> tuple[socket.socket, int]:
@@ -188,6 +173,27 @@ def test_server_refuses_a_port_already_in_use(server_bin: Path, tiny_moe_gguf: P
         with pytest.raises(TunerError, match="already in use"):
             server.start()
         assert server.proc is None  # nothing was launched
+
+
+@pytest.mark.server
+def test_port_is_free_again_right_after_a_stop_with_keep_alive_clients(server_bin: Path, tiny_moe_gguf: Path,
+                                                                        tmp_path: Path) -> None:
+    """A client that keeps its connection open (OpenAI SDKs do) makes llama-server close it on the way out, which
+    leaves the port's connection in TIME_WAIT for a minute: a restart on the same port must not be refused."""
+    client = httpx.Client(timeout=60)
+    try:
+        with LlamaServer(server_bin, tiny_moe_gguf, ARGS, log_path=tmp_path / "1.log") as first:
+            first.wait_ready(120)
+            port = first.port
+            r = client.post(f"{first.base_url}/v1/chat/completions",
+                            json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+            assert r.status_code == 200
+        ensure_port_free("127.0.0.1", port)
+        with LlamaServer(server_bin, tiny_moe_gguf, ARGS, port=port, log_path=tmp_path / "2.log") as second:
+            second.wait_ready(120)
+            assert second.smoke_completion()["usage"]["completion_tokens"] >= 1
+    finally:
+        client.close()
 
 
 @pytest.mark.server

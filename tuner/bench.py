@@ -332,6 +332,16 @@ def check_sets_fit(layout: ModelLayout, sets: Sequence[FlagSet], hardware: Hardw
     return out
 
 
+def check_slots(sets: Sequence[FlagSet], concurrency: int) -> None:
+    """Refuse (TunerError), before anything is launched, a set with fewer slots than ``concurrency`` (a set that
+    does not say ``-np`` gets llama-server's auto: 4). :func:`measure_once` checks again with what the server says."""
+    for fs in sets:
+        slots = fs.flags.n_seq if fs.flags is not None else ServerFlags().n_seq
+        if slots < concurrency:
+            raise TunerError(f"set {fs.name!r} has {slots} slot(s); --concurrency {concurrency} needs "
+                             f"-np {concurrency} or more")
+
+
 def decide_together(layout: ModelLayout, sets: Sequence[FlagSet], hardware: Hardware, budget: Budget,
                     estimates: dict[str, MemoryEstimate] | None = None) -> tuple[bool, str]:
     """Whether all sets' servers can be up at once, and why (see the module doc)."""
@@ -534,6 +544,15 @@ def tokenizer_of(server: LlamaServer) -> Callable[[str], list[int]]:
     return tokenize
 
 
+def ready(pool: ServerPool, prompts: PromptSource, cfg: BenchConfig, fs: FlagSet) -> LiveServer:
+    """``fs``'s server, launched if it is not up, tokenizing for ``prompts`` and warmed up (once per launch)."""
+    live = pool.up(fs)
+    prompts.bind(tokenizer_of(live.server))
+    if cfg.warmup:
+        warm_up(live, prompts, cfg)
+    return live
+
+
 # --------------------------------------------------------------------------------------------- measuring
 
 
@@ -671,7 +690,7 @@ def warm_up(live: LiveServer, prompts: PromptSource, cfg: BenchConfig) -> None:
     """One short request (allocations, page faults, thread start-up) before anything is measured."""
     if live.warmed:
         return
-    tokens = prompts.fresh(("warmup", live.fs.name, len(live.server.command)), min(32, cfg.prompt_tokens))
+    tokens = prompts.fresh(("warmup", live.fs.name), min(32, cfg.prompt_tokens))
     _request(live, _payload(tokens, 4, 0, cfg.seed), cfg.request_timeout_s)
     live.warmed = True
 
@@ -684,8 +703,8 @@ def measure_once(live: LiveServer, prompts: PromptSource, cfg: BenchConfig, *, d
                          f"needs -np {cfg.concurrency} or more")
     prefix = prompts.prefix(depth)
     n = cfg.concurrency
-    for slot in range(n):
-        if depth:
+    if depth:
+        for slot in range(n):
             _request(live, _payload(prefix, 1, slot, cfg.seed), cfg.request_timeout_s)
     payloads = [_payload(prefix + prompts.fresh((*key, i), cfg.prompt_tokens), cfg.gen_tokens, i, cfg.seed)
                 for i in range(n)]
@@ -866,6 +885,7 @@ def run_bench(model_path: str | os.PathLike[str], sets: Sequence[FlagSet], cfg: 
     check_unique_names(sets)
     budget = budget or default_budget(hardware)
     estimates = check_sets_fit(layout, sets, hardware, budget)
+    check_slots(sets, cfg.concurrency)
     if together is None:
         together, reason = decide_together(layout, sets, hardware, budget, estimates)
     else:
@@ -878,13 +898,6 @@ def run_bench(model_path: str | os.PathLike[str], sets: Sequence[FlagSet], cfg: 
     notes: list[str] = []
     with ServerPool(server_bin, model_path, log_dir=log_dir, on_progress=on_progress) as pool:
 
-        def ready(fs: FlagSet) -> LiveServer:
-            live = pool.up(fs)
-            prompts.bind(tokenizer_of(live.server))
-            if cfg.warmup:
-                warm_up(live, prompts, cfg)
-            return live
-
         def one(live: LiveServer, depth: int, rep: int, depth_index: int) -> None:
             if not capacity_ok(live, depth, cfg):
                 skipped[live.fs.name].add(depth)
@@ -896,7 +909,7 @@ def run_bench(model_path: str | os.PathLike[str], sets: Sequence[FlagSet], cfg: 
                 + ("" if s.cache_hit else " (prefix cache missed)"))
 
         if together:
-            lives = [ready(fs) for fs in sets]
+            lives = [ready(pool, prompts, cfg, fs) for fs in sets]
             for di, depth in enumerate(cfg.depths):
                 for rep in range(cfg.repeat):
                     for live in lives:
@@ -904,7 +917,7 @@ def run_bench(model_path: str | os.PathLike[str], sets: Sequence[FlagSet], cfg: 
         else:
             for rep in range(cfg.repeat):
                 for fs in sets:
-                    live = ready(fs)
+                    live = ready(pool, prompts, cfg, fs)
                     for di, depth in enumerate(cfg.depths):
                         one(live, depth, rep, di)
                     pool.down(fs.name)
@@ -1244,15 +1257,8 @@ class _Search:
         est = self.estimate(c) if c is not None else None
         return est or estimate_for(self.layout, fs, self.hardware)
 
-    def _ready(self, fs: FlagSet) -> LiveServer:
-        live = self.pool.up(fs)
-        self.prompts.bind(tokenizer_of(live.server))
-        if self.cfg.warmup:
-            warm_up(live, self.prompts, self.cfg)
-        return live
-
     def _measure(self, fs: FlagSet, rep: int, label: str) -> None:
-        live = self._ready(fs)
+        live = ready(self.pool, self.prompts, self.cfg, fs)
         d = self.depth if capacity_ok(live, self.depth, self.cfg) else max_depth(live, self.cfg)
         if d != self.depth and not any(s.set_name == fs.name for s in self.samples):
             self.notes.append(f"{fs.name}: measured at depth {d}; its context cannot hold {self.depth}")
@@ -1305,9 +1311,8 @@ class _Search:
         return dropped
 
     def _fit_together(self, sets: Sequence[FlagSet]) -> bool:
-        if self.hardware.gpus and any(uses_fit(fs.args) for fs in sets):
-            return len(sets) < 2
-        return memory_problem([(fs, self._estimate_of(fs)) for fs in sets], self.budget) is None
+        estimates = {fs.name: self._estimate_of(fs) for fs in sets}
+        return decide_together(self.layout, sets, self.hardware, self.budget, estimates)[0]
 
     def settle(self, keep: set[str]) -> None:
         """After a round: stop every server not in ``keep`` (the incumbent and the plan)."""
@@ -1332,12 +1337,10 @@ class _Search:
         gain = _score_of([ch[r] for r in reps], self.objective) / inc_score - 1 if inc_score else 0.0
         return gain, wins, len(reps)
 
-    def _round_score(self, name: str, round_no: int | None = None) -> float:
-        rn = self.round_no if round_no is None else round_no
-        return _score_of([s for s in self.samples if s.set_name == name and s.round == rn], self.objective)
-
-    def score(self, c: TuneConfig, round_no: int) -> float:
-        return self._round_score(self.name(c), round_no)
+    def _round_score(self, name: str) -> float:
+        """``name``'s score so far in the round being measured."""
+        return _score_of([s for s in self.samples if s.set_name == name and s.round == self.round_no],
+                         self.objective)
 
     def trial(self, c: TuneConfig, dim: str, dropped_after: int | None = None) -> Trial:
         name = self.name(c)
@@ -1379,9 +1382,9 @@ def hardware_slug(hardware: Hardware) -> str:
     if not hardware.gpus:
         return "cpu-" + _slug(hardware.cpu_model.lower())
     names = [_slug(g.name.lower().replace("nvidia", "").replace("geforce", "")) for g in hardware.gpus]
-    first = names[0]
-    return first if len(set(names)) == 1 and len(names) == 1 else (
-        f"{first}x{len(names)}" if len(set(names)) == 1 else "+".join(names))
+    if len(set(names)) == 1:
+        return names[0] if len(names) == 1 else f"{names[0]}x{len(names)}"
+    return "+".join(names)
 
 
 def hardware_summary(hardware: Hardware) -> dict[str, Any]:
@@ -1519,8 +1522,8 @@ def tune_document(result: TuneResult, *, model_path: str | os.PathLike[str], lay
     if result.defaults is not None:
         results.append(result.defaults)
     return {
-        **_document_head("tune", model_path, layout, hardware, build, model_identity, cfg, result.launches,
-                         results, result.samples),
+        **_document_head("tune", model_path, layout, hardware, build, model_identity,
+                         replace(cfg, depths=(result.depth,)), result.launches, results, result.samples),
         "tune": {
             "depth": result.depth,
             "objective": result.objective,

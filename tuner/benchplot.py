@@ -69,10 +69,6 @@ def depth_label(depth: int) -> str:
     return str(depth)
 
 
-def _metrics(series: Series) -> tuple[tuple[str, tuple[float, ...]], ...]:
-    return (("generation (tg) tok/s", series.tg_tok_s), ("prompt processing (pp) tok/s", series.pp_tok_s))
-
-
 # --------------------------------------------------------------------------------------------- terminal
 
 
@@ -205,11 +201,6 @@ class Canvas:
         a = alpha[ya - y0:yb - y0, xa - x0:xb - x0, None]
         region = self.img[ya:yb, xa:xb]
         region[:] = region * (1 - a) + np.asarray(colour, dtype=np.float32) * a
-
-    def rect(self, x0: float, y0: float, x1: float, y1: float, colour: tuple[int, int, int]) -> None:
-        xa, xb = sorted((round(x0), round(x1)))
-        ya, yb = sorted((round(y0), round(y1)))
-        self._blend(xa, ya, np.ones((max(yb - ya, 1), max(xb - xa, 1)), dtype=np.float32), colour)
 
     def line(self, x0: float, y0: float, x1: float, y1: float, colour: tuple[int, int, int],
              width: float = 2.0) -> None:

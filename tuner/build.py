@@ -9,7 +9,12 @@ What ``tuner build`` does (the command lives in ``tuner/cli/build.py``, over thi
    or fetches the source, configures and builds the three tools with CMake + Ninja, and publishes the result
    atomically. ``--server-bin PATH`` skips all of that: ``build_from_binary(PATH)`` checks that the binary runs
    ``--version`` and picks up ``llama-bench`` / ``llama-fit-params`` beside it.
-3. The CLI prints the build key, the three binaries and the ``llama-server --version`` text.
+3. ``obtain_build(source, cuda, server_bin, gpus, on_progress)`` is the one call ``tuner build``, ``serve`` and
+   ``bench`` make: steps 1 and 2 with the GPUs NVML sees, or ``--server-bin``; it also says whether the build was
+   already there. The CLI prints the build key, the three binaries and the ``llama-server --version`` text.
+
+Compilers run in their own process group, which is stopped as a whole when tuner is interrupted (the CLI turns
+SIGTERM into the same KeyboardInterrupt as Ctrl-C), so no ninja or compiler outlives an interrupted build.
 
 Sources:
 
@@ -53,6 +58,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -63,13 +69,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, TYPE_CHECKING, Literal
 from urllib.parse import urljoin
 
 import httpx
 
 from tuner.errors import TunerError
 from tuner.paths import cache_dir, write_atomic
+
+if TYPE_CHECKING:
+    from tuner.hardware import Gpu
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
@@ -343,7 +352,7 @@ def condense_output(lines: Sequence[str], max_lines: int = 20, width: int = 200)
         line = _ANSI_RE.sub("", raw).strip()
         if not line or parse_progress(line) != (None, None):
             continue
-        if len(line) > 300 and " -c " in line and " -o " in line:  # the command line under ninja's FAILED:
+        if " -c " in line and " -o " in line:  # a compiler command line (ninja prints it under FAILED:)
             continue
         if len(line) > width:
             line = line[: width - 1] + "…"
@@ -536,7 +545,9 @@ def _run_logged(
 ) -> tuple[int, list[str]]:
     """Run ``cmd``, copying its output (stdout + stderr) into ``log`` line by line and to ``on_line``.
 
-    Returns the exit code and the last few hundred lines. The child is stopped if we are interrupted.
+    Returns the exit code and the last few hundred lines. The child runs in its own process group (session), and
+    if we are interrupted (Ctrl-C, or SIGTERM that the CLI turns into KeyboardInterrupt) the whole group is stopped,
+    SIGTERM then SIGKILL: ``cmake --build`` leaves ninja and the compilers running when only it is signalled.
     """
     log.write(f"$ {shlex.join(cmd)}\n")
     log.flush()
@@ -545,6 +556,7 @@ def _run_logged(
         proc = subprocess.Popen(
             list(cmd), cwd=cwd, env=None if env is None else dict(env), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+            start_new_session=sys.platform != "win32",
         )  # fmt: skip
     except OSError as exc:
         raise TunerError(f"cannot run {cmd[0]}: {exc}") from exc
@@ -559,15 +571,31 @@ def _run_logged(
         rc = proc.wait()
     finally:
         if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop_group(proc)
         log.flush()
     log.write(f"[exit code {rc}]\n")
     return rc, list(tail)
+
+
+def _stop_group(proc: subprocess.Popen[str], grace_s: float = 10.0) -> None:
+    """SIGTERM to ``proc``'s process group (it leads one), SIGKILL to the group after ``grace_s``."""
+    if sys.platform == "win32":  # pragma: no cover
+        proc.terminate()
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        if sys.platform == "win32":  # pragma: no cover
+            proc.kill()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if sys.platform != "win32":  # ninja's compilers may outlive ninja by a moment: the group goes too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def llama_version(server_bin: Path | str) -> tuple[str, str]:
@@ -710,6 +738,40 @@ def ensure_build(spec: BuildSpec, on_progress: ProgressFn | None = None) -> Llam
             "build_seconds": round(time.time() - started, 1),
         }
         return publish_build(key, bin_dir, meta, on_progress)
+
+
+def obtain_build(
+    source: str = "pypi",
+    cuda: bool | None = None,
+    server_bin: str | Path | None = None,
+    gpus: Sequence[Gpu] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> tuple[LlamaBuild, bool]:
+    """The llama.cpp build to run, and whether it was already there (a cache hit, or an existing ``--server-bin``).
+
+    What ``tuner build``, ``serve`` and ``bench`` share. CUDA: ``cuda`` if given, else only when there are GPUs
+    (``gpus``; default: what NVML sees) and nvcc is found (:func:`resolve_spec`); the GPUs' compute capabilities
+    pick the CUDA architectures.
+    """
+    if server_bin:
+        return build_from_binary(server_bin), True
+    capabilities: list[tuple[int, int]] = []
+    if cuda is not False:
+        if gpus is None:
+            from tuner.hardware import read_gpus
+
+            gpus = read_gpus()[0]
+        capabilities = [g.compute_capability for g in gpus if g.compute_capability]
+    spec = resolve_spec(source, cuda=cuda, gpu_compute_capabilities=capabilities)
+    cached = False
+
+    def progress(stage: str, done: int | None, total: int | None, line: str | None) -> None:
+        nonlocal cached
+        cached = cached or stage == "cached"
+        _report(on_progress, stage, done, total, line)
+
+    build = ensure_build(spec, progress)
+    return build, cached
 
 
 def _remove_leftovers(key: str) -> None:

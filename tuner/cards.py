@@ -206,6 +206,7 @@ class KnownSize:
     tensor_bytes: int | None  # tensor data only (llama-bench "size", rounded)
     recipe: str  # "llama-quantize" (plain recipe), "uploader" (the uploader's own mix), "mmproj"
     note: str = ""
+    calibration: bool = False  # the card's header_bytes was derived from this file, so it cannot check the recipe
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,13 +277,16 @@ class ModelCard:
         return list(REASONING_OFF_ARGS) if name in self.reasoning_off else []
 
     def shape_key(self) -> tuple[Any, ...]:
-        """What :func:`match_card` compares: arch, layers, widths, heads, experts, DeltaNet dims."""
-        g = self.gguf
-        n_expert = int(g.get("expert_count", 0))
-        return (self.arch, int(g["block_count"]), int(g["embedding_length"]), int(g["attention.head_count"]),
-                int(g["attention.head_count_kv"]), int(g["attention.key_length"]), n_expert,
-                int(g.get("expert_feed_forward_length", 0)), 0 if n_expert else int(g.get("feed_forward_length", 0)),
-                int(g.get("ssm.inner_size", 0)), int(g.get("ssm.state_size", 0)))
+        """What :func:`match_card` compares (see :func:`layout_shape_key`), read from the card's GGUF values the way
+        a real header is read."""
+        return layout_shape_key(layout_from_metadata(card_metadata(self), ()))
+
+
+def layout_shape_key(layout: ModelLayout) -> tuple[Any, ...]:
+    """A model's shape: arch, layers, widths, heads, experts, DeltaNet dims (and the FFN width of dense models)."""
+    return (layout.arch, layout.n_layer, layout.n_embd, layout.n_head[0] if layout.n_head else 0,
+            layout.n_head_kv[0] if layout.n_head_kv else 0, layout.head_k, layout.n_expert, layout.n_ff_exp,
+            layout.n_ff if not layout.n_expert else 0, layout.ssm_d_inner, layout.ssm_d_state)
 
 
 def _fmt_number(value: float) -> str:
@@ -300,6 +304,8 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCar
         raise TunerError(f"model card {source} is not a mapping")
     repos = []
     for r in _require(data, "repos", source) or []:
+        if r.get("mmproj") and not r.get("mmproj_bytes"):  # --vision must reserve its weights
+            raise TunerError(f"model card {source}: repo {r.get('repo')} names an mmproj but no mmproj_bytes")
         repos.append(CardRepo(
             repo=str(r["repo"]), file=str(r["file"]), split_file=r.get("split_file"),
             splits={str(k): int(v) for k, v in (r.get("splits") or {}).items()}, mtp=bool(r.get("mtp", False)),
@@ -312,7 +318,8 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCar
             repo=str(k["repo"]), quant=str(k["quant"]),
             file_bytes=int(k["file_bytes"]) if k.get("file_bytes") is not None else None,
             tensor_bytes=round(float(gib) * GiB) if gib is not None else None,
-            recipe=str(k.get("recipe", "uploader")), note=str(k.get("note", ""))))
+            recipe=str(k.get("recipe", "uploader")), note=str(k.get("note", "")),
+            calibration=bool(k.get("calibration", False))))
     presets = {str(n): {str(k): float(v) for k, v in vals.items()}
                for n, vals in (_require(data, "sampling_presets", source) or {}).items()}
     for name, vals in presets.items():
@@ -354,6 +361,7 @@ def _cards_dir() -> Path:
 
 
 _CACHE: dict[tuple[Any, ...], tuple[ModelCard, ...]] = {}
+_LAYOUTS: dict[tuple[str, str, str, bool], ModelLayout] = {}  # (card path, key, quant, mtp): built once
 
 
 def _load_all() -> tuple[ModelCard, ...]:
@@ -377,6 +385,7 @@ def _load_all() -> tuple[ModelCard, ...]:
     except (KeyError, TypeError, ValueError) as error:
         raise TunerError(f"model cards in {folder}: malformed entry ({error!r})") from None
     _CACHE.clear()
+    _LAYOUTS.clear()  # layouts of the cards this reload replaces
     _CACHE[stamp] = cards
     return cards
 
@@ -455,9 +464,6 @@ def recipe_tensors(card: ModelCard, recipe: Recipe, *,
     return out
 
 
-_LAYOUTS: dict[tuple[str, str, str, bool], ModelLayout] = {}
-
-
 def card_layout(card: ModelCard, quant: str, *, mtp: bool | None = None) -> ModelLayout:
     """The full layout of ``quant`` of the card's model, built without any file. ``mtp`` None: as the card's
     default repo ships it. ``file_bytes`` is tensor data plus the card's typical header."""
@@ -491,9 +497,7 @@ def card_candidates(card: ModelCard, repo: str | None = None) -> list[QuantCandi
 def match_card(layout: ModelLayout) -> ModelCard | None:
     """The card whose shapes the layout has (arch, layers, widths, heads, experts, DeltaNet dims), or None.
     Several cards with one shape (Qwen3.5 / Qwen3.6 35B-A3B) are told apart by the model's name."""
-    key = (layout.arch, layout.n_layer, layout.n_embd, layout.n_head[0] if layout.n_head else 0,
-           layout.n_head_kv[0] if layout.n_head_kv else 0, layout.head_k, layout.n_expert, layout.n_ff_exp,
-           layout.n_ff if not layout.n_expert else 0, layout.ssm_d_inner, layout.ssm_d_state)
+    key = layout_shape_key(layout)
     matches = [c for c in list_cards() if c.shape_key() == key]
     if not matches:
         return None
@@ -527,7 +531,8 @@ def rank_by_quality(candidates: Sequence[QuantCandidate], card: ModelCard | None
 
 
 def known_size_rows(card: ModelCard) -> list[dict[str, Any]]:
-    """Each known real size beside the card's recipe for it (plain llama-quantize recipes only compare exactly)."""
+    """Each known real size beside the card's recipe for it (plain llama-quantize recipes only compare exactly).
+    A ``calibration`` row is the file the card's ``header_bytes`` was taken from: it agrees by construction."""
     rows = []
     for k in card.known_sizes:
         if k.recipe == "mmproj":
@@ -541,7 +546,8 @@ def known_size_rows(card: ModelCard) -> list[dict[str, Any]]:
         computed = layout.file_bytes if k.file_bytes is not None else data
         rows.append({"repo": k.repo, "quant": k.quant, "recipe": k.recipe, "real_bytes": real,
                      "computed_bytes": computed, "what": "file" if k.file_bytes is not None else "tensor data",
-                     "error": (computed - real) / real if real else 0.0, "note": k.note})
+                     "error": (computed - real) / real if real else 0.0, "note": k.note,
+                     "calibration": k.calibration})
     return rows
 
 

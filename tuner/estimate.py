@@ -13,25 +13,32 @@ Each rule below names where llama.cpp implements it (paths relative to its tree;
   ``--spec-draft-n-max`` with MTP drafting (llama-memory-recurrent.cpp:76-103, common/common.h:396-402).
 * weights: ``-ngl N`` offloads the last N-1 blocks and the output layer, ``token_embd`` stays on the CPU, ``--n-cpu-moe
   N`` / ``--cpu-moe`` move the expert tensors of the first N / all blocks to the CPU, MTP tensors are skipped unless
-  drafting with MTP (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290, common/common.h:1198-1217). CUDA
-  pads quantized rows to a multiple of 512 elements (ggml-cuda.cu:911-916).
+  drafting with MTP (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290, common/common.h:1198-1217). On
+  CUDA a quantized tensor whose row length is not a multiple of 512 gets one row's worth of padding
+  (``ggml_backend_cuda_buffer_type_get_alloc_size``, ggml-cuda.cu:903-920).
 * compute buffer (sched_reserve, llama-context.cpp:615-765): ggml-alloc's peak over the worst-case graph, a ubatch of
-  ``n_tok = roundup(min(n_ctx, n_ubatch), np)`` tokens against the full cache. Derived from the graph code
-  (src/models/qwen35moe.cpp, qwen35.cpp, delta-net-base.cpp, llama-graph.cpp) and fitted to the CPU backend's
-  reported buffers (``tests/test_estimate_vs_llama.py`` re-measures it on every run): the largest of the per-block
-  peaks of :func:`activation_peaks` (MoE or dense FFN, DeltaNet conv, DeltaNet state, attention), plus the KQ mask
-  ``n_kv*n_tok`` (f16 with FA, f32 without; ``n_kv = n_ctx`` unified, ``n_ctx_seq`` per-slot streams). Without FA
-  the f32 ``KQ`` matrix ``n_kv*n_tok*n_head*4`` and its block dominate. Measured: the 27 runs of the reference
-  notes (appendix B) are reproduced to 0.1 MiB; 99 runs over 9 shapes (the 27B, 35B-A3B, 122B, 397B and
-  Qwen3-Next widths and 4 small ones) x 11 flag sets are within 18 % (median 1.5 %). The MTP draft context has
-  its own, smaller buffer (:func:`mtp_compute_bytes`). CUDA adds, read from code (not measured here): an f16 copy
-  of the full K/V views for quantized caches on the MMA FA path (fattn.cu:722-756), and the largest CPU-resident
-  expert tensor when expert weights stay on the CPU (op offload, ggml-backend.cpp:961-981). Inputs (mask,
-  embeddings) also live in the pinned host compute buffer.
-* output buffer: ``n_vocab * 4 * np`` bytes in host memory (llama-context.cpp:2116-2230; llama-server caps outputs at
-  ``np * (1 + n_draft)``, server-context.cpp:41-53).
+  ``n_tok = roundup(min(n_ctx, n_ubatch), np)`` tokens (:2528-2531) against the full cache (``init_full``).
+  Derived from the graph code (src/models/qwen35moe.cpp, qwen35.cpp, delta-net-base.cpp, llama-graph.cpp), with the
+  coefficients fitted to the CPU backend's reported buffers (:func:`compute_bytes_cpu`): the largest of the
+  per-block peaks of :func:`activation_peaks` (MoE or dense FFN, DeltaNet conv, DeltaNet state, attention) and the
+  logits of ``min(n_tok, n_outputs)`` rows, plus the KQ mask ``n_kv*n_tok`` (f16 with FA, f32 without; ``n_kv =
+  n_ctx`` unified, ``n_ctx_seq`` per-slot streams, llama-graph.cpp:29-46), the per-token graph inputs (36 B/token)
+  and, with a quantized cache, the ``head^2`` f32 Hadamard matrix (llama-kv-cache.cpp:321-362). Without FA the f32
+  ``KQ`` matrix ``n_kv*n_tok*n_head*4`` (llama-graph.cpp:2688-2722) and its block dominate. Checked: the reference
+  notes' appendix-B runs are reproduced to 0.1 MiB (tests/test_estimate.py), and a live CPU llama-server over 4
+  shapes x 31 flag sets to within 20 % (tests/test_estimate_vs_llama.py, run in CI; most runs to 0.1 MiB, the
+  slot-count and MTP cases within about 12 %). The MTP draft context has its own, smaller buffer
+  (:func:`mtp_compute_bytes`). CUDA adds, read from code (not measured here): an f16 copy of the full K/V views for
+  quantized caches on the MMA FA path (fattn.cu:722-756), and the largest CPU-resident expert tensor when expert
+  weights stay on the CPU and the ubatch is >= 32 (op offload, ggml-backend.cpp:961-981, ggml-cuda.cu:5825). The
+  graph inputs (mask, embeddings) also live in the pinned host (``CUDA_Host``) compute buffer
+  (ggml-backend.cpp:944-948).
+* output buffer: ``n_vocab * 4 * np`` bytes in host memory, one per context: ``output_reserve(n_seq_max)`` at
+  construction (llama-context.cpp:377-383, 2116-2230); llama-server caps outputs at ``np * (1 + n_draft)``
+  (server-context.cpp:41-53), so the logits never dominate its compute buffer.
 * host extras: context checkpoints (``--ctx-checkpoints`` per slot, each one sequence's recurrent state) and the prompt
-  cache (``--cache-ram`` MiB, 8192 by default), both host RAM (server-context.cpp:2290-2356, server-task.cpp:1691+).
+  cache (``--cache-ram`` MiB, 8192 by default, -1 = no limit), both host RAM (server-context.cpp:2290-2356,
+  server-task.cpp:1691+, common/common.h:634).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ DRAFT_CACHE_TYPE = "f16"
 
 
 def pad(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (GGML_PAD)."""
     return -(-n // multiple) * multiple
 
 
@@ -95,6 +103,8 @@ class ServerFlags:
             raise TunerError(f"--n-cpu-moe must be 0 or positive, got {self.n_cpu_moe}")
         if self.ctx_checkpoints < 0 or self.spec_draft_n_max < 0:
             raise TunerError("--ctx-checkpoints and --spec-draft-n-max must be 0 or positive")
+        if self.cache_ram_mib < -1:
+            raise TunerError(f"--cache-ram must be -1 (no limit), 0 (off) or a size in MiB, got {self.cache_ram_mib}")
         if self.flash_attn not in FLASH_ATTN_MODES:
             raise TunerError(f"--flash-attn must be one of on, off, auto; got {self.flash_attn!r}")
         if self.spec_type not in (None, SPEC_MTP):
@@ -156,10 +166,6 @@ class DeviceMemory:
         return self.name != CPU
 
     @property
-    def context_bytes(self) -> int:
-        return self.kv_bytes + self.recurrent_bytes
-
-    @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.compute_bytes + self.output_bytes
 
@@ -179,7 +185,7 @@ class MemoryEstimate:
     n_gpu_layers: int  # blocks (and the output layer) on a GPU, as llama.cpp counts them
     devices: tuple[DeviceMemory, ...]
     checkpoints_bytes: int = 0  # host RAM, worst case: --ctx-checkpoints per slot
-    prompt_cache_bytes: int = 0  # host RAM, upper bound: --cache-ram
+    prompt_cache_bytes: int = 0  # host RAM, upper bound: --cache-ram (0 when -1, no limit: see notes)
     mtp_bytes: int = 0  # part of the totals above that the MTP draft context adds
     notes: tuple[str, ...] = field(default=())
 
@@ -260,6 +266,18 @@ class ContextShape:
     n_batch: int
     n_ubatch: int
 
+    @property
+    def n_tok(self) -> int:
+        """Tokens of the worst-case graph sched_reserve sizes: the ubatch rounded up to a multiple of the sequences
+        (llama-context.cpp:628-629, 2528-2531)."""
+        return pad(self.n_ubatch, self.n_seq)
+
+    @property
+    def n_kv_mask(self) -> int:
+        """KV cells one stream's attention (and its KQ mask) spans: the whole cache when unified, one slot's stream
+        otherwise (llama-graph.cpp:29-46)."""
+        return self.n_ctx if self.unified else self.n_ctx_seq
+
 
 def context_shape(layout: ModelLayout, flags: ServerFlags) -> ContextShape:
     """n_ctx, n_ctx_seq and batch sizes after llama.cpp's rounding (llama-context.cpp:246-313)."""
@@ -319,9 +337,10 @@ def activation_peaks(layout: ModelLayout, n_tok: int, n_seq: int = 1, n_rs_seq: 
       output (qwen35moe.cpp:258-350; FA on, the KQ mask is counted apart).
 
     The coefficients count ggml-alloc's best-fit fragmentation as well as the live tensors: they were fitted to the
-    CPU backend's buffers over 9 shapes (the 27B dense, 35B-A3B, 122B-A10B, 397B-A17B and Qwen3-Next-80B widths and
-    4 small ones) x 11 flag sets, and the ``moe_ffn``/``dense_ffn``/``deltanet_conv`` terms are exact there (to
-    0.1 MiB); ``deltanet_state`` is within about 15 %.
+    CPU backend's reported buffers (the reference notes' appendix B, re-checked by tests/test_estimate.py, and the
+    live qwen35moe / qwen35 / qwen3next runs of tests/test_estimate_vs_llama.py at the 35B-A3B widths): the
+    ``moe_ffn``/``dense_ffn``/``deltanet_conv`` terms are exact there (to 0.1 MiB); ``deltanet_state`` (many slots,
+    MTP snapshots) is within about 15 %.
     """
     e = layout.n_embd
     t = max(n_tok, 1)
@@ -339,8 +358,7 @@ def activation_peaks(layout: ModelLayout, n_tok: int, n_seq: int = 1, n_rs_seq: 
         peaks["deltanet_conv"] = 3 * c + 3 * e + 2 * (layout.ssm_d_conv - 1) * c * n_seq / t
         peaks["deltanet_state"] = 2 * e + 2 * c + 2 * k + v + (1 + k_snap) * layout.n_embd_s * n_seq / t
     if layout.attention_layers:
-        n_head = max(layout.n_head[i] for i in layout.attention_layers)
-        peaks["attention"] = 5 * n_head * layout.head_k + e
+        peaks["attention"] = 5 * layout.n_head_attn * layout.head_k + e
     if not peaks:
         peaks["embeddings"] = 4 * e
     return {name: int(n_tok * 4 * floats) for name, floats in peaks.items()}
@@ -377,8 +395,7 @@ def compute_bytes_cpu(layout: ModelLayout, shape: ContextShape, flash_attn: bool
     ``5*E + 2.75*H*D`` floats per token of other tensors (+ a rotated f32 Q ``[D, H, n_tok]`` when K is
     quantized). ``n_kv`` is the whole cache (``n_ctx``) when unified, one stream (``n_ctx_seq``) otherwise.
     """
-    n_tok = pad(shape.n_ubatch, shape.n_seq)
-    n_kvm = shape.n_ctx if shape.unified else shape.n_ctx_seq
+    n_tok, n_kvm = shape.n_tok, shape.n_kv_mask
     act = activation_bytes(layout, n_tok, shape.n_seq, n_rs_seq)
     logits = min(n_tok, n_outputs) * layout.n_vocab * 4 + n_tok * layout.n_embd * 4
     peak = max(act, logits)
@@ -387,7 +404,7 @@ def compute_bytes_cpu(layout: ModelLayout, shape: ContextShape, flash_attn: bool
         return peak + base
     if flash_attn:
         return peak + n_kvm * n_tok * 2 + base
-    n_head = max(layout.n_head[i] for i in layout.attention_layers)
+    n_head = layout.n_head_attn
     mask = n_kvm * n_tok * 4
     attention = (n_kvm * n_tok * n_head * 4 + mask
                  + int(n_tok * 4 * (5 * layout.n_embd + 2.75 * n_head * layout.head_k))
@@ -404,8 +421,7 @@ def mtp_compute_bytes(layout: ModelLayout, shape: ContextShape, flash_attn: bool
     ``4*H*D + 3*E`` together with the KQ mask, whichever is larger (fitted on the same CPU runs as
     :func:`activation_peaks`, within about 10 %). Qwen3-Next's draft head runs its FFN on the output rows only.
     """
-    n_tok = pad(shape.n_ubatch, shape.n_seq)
-    n_kvm = shape.n_ctx if shape.unified else shape.n_ctx_seq
+    n_tok, n_kvm = shape.n_tok, shape.n_kv_mask
     e = layout.n_embd
     if layout.is_moe:
         ffn = layout.n_expert_used * e + 3 * layout.n_expert_used * layout.n_ff_exp + 2 * e
@@ -505,23 +521,19 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     # rollback snapshots only where the architecture supports them; llama.cpp clamps n_rs_seq to 0 elsewhere
     n_rs_seq = flags.spec_draft_n_max if mtp and layout.arch in RS_ROLLBACK_ARCHS else 0
     rs_rows = max(1, shape.n_seq) * (1 + n_rs_seq)
-    per_layer_rs = layout.recurrent_bytes_per_seq([0])
     for il in layout.recurrent_layers:
-        add(ctx_dev(il), "recurrent", per_layer_rs * rs_rows)
+        add(ctx_dev(il), "recurrent", layout.recurrent_bytes_per_layer * rs_rows)
 
     # compute buffers
     n_outputs = shape.n_seq * (1 + (flags.spec_draft_n_max if mtp else 0))
     main_compute = compute_bytes_cpu(layout, shape, flash_attn, is_quantized(tk), n_outputs,
                                      v_quantized=is_quantized(tv), n_rs_seq=n_rs_seq)
-    n_tok = pad(shape.n_ubatch, shape.n_seq)
-    n_kvm = shape.n_ctx if shape.unified else shape.n_ctx_seq
     layer_gpus = sorted({d for d in devs[: layout.n_layer_all] if d != CPU}, key=list(gpu_names).index)
     cpu_runs_layers = any(d == CPU for d in devs[: layout.n_layer]) or not gpu_names
     for g in layer_gpus:
         c = main_compute
         if flash_attn and (is_quantized(tk) or is_quantized(tv)) and layout.attention_layers:
-            kv_heads = max(layout.n_head_kv[i] for i in layout.attention_layers)
-            c += shape.n_ctx * kv_heads * ((layout.head_k if is_quantized(tk) else 0)
+            c += shape.n_ctx * layout.n_head_kv_attn * ((layout.head_k if is_quantized(tk) else 0)
                                            + (layout.head_v if is_quantized(tv) else 0)) * 2
         if g == layer_gpus[0] and largest_cpu_expert and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
             c += largest_cpu_expert
@@ -529,32 +541,36 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     if cpu_runs_layers:
         add(CPU, "compute", main_compute)
     else:
-        mask = n_kvm * n_tok * (2 if flash_attn else 4) if layout.attention_layers else 0
-        add(CPU, "compute", mask + n_tok * layout.n_embd * 4)
+        mask = shape.n_kv_mask * shape.n_tok * (2 if flash_attn else 4) if layout.attention_layers else 0
+        add(CPU, "compute", mask + shape.n_tok * layout.n_embd * 4)
 
     output = layout.n_vocab * 4 * shape.n_seq
     add(CPU, "output", output)
 
-    # MTP draft context (common/common.cpp:1195-1232): same n_ctx and slots, one attention layer of KV in the draft
-    # cache types (--cache-type-k/v-draft, f16 by default, not the main ones), its own compute and output buffers
+    # MTP draft context (common/common.cpp:1195-1232): same n_ctx and slots, one attention layer of KV per MTP block
+    # in the draft cache types (--cache-type-k/v-draft, f16 by default, not the main ones), and one compute and one
+    # output buffer of its own
     if mtp:
         for il in range(layout.n_layer, layout.n_layer_all):
             kv = shape.n_ctx * layout.kv_bytes_per_cell(DRAFT_CACHE_TYPE, DRAFT_CACHE_TYPE, [il])
             add(ctx_dev(il), "kv", kv)
-            draft_compute = mtp_compute_bytes(layout, shape, flash_attn, False, shape.n_seq)
-            add(devs[il], "compute", draft_compute)
-            add(CPU, "output", output)
-            mtp_bytes += kv + draft_compute + output
-        mtp_bytes += per_layer_rs * len(layout.recurrent_layers) * max(1, shape.n_seq) * n_rs_seq
+            mtp_bytes += kv
+        draft_compute = mtp_compute_bytes(layout, shape, flash_attn, False, shape.n_seq)
+        add(devs[layout.n_layer], "compute", draft_compute)
+        add(CPU, "output", output)
+        mtp_bytes += draft_compute + output
+        mtp_bytes += layout.recurrent_bytes_per_seq() * max(1, shape.n_seq) * n_rs_seq
         notes.append("MTP drafting: RS keeps draft snapshots; the draft context's compute buffer is approximate")
+    if flags.cache_ram_mib < 0:
+        notes.append("--cache-ram -1: the prompt cache has no limit, host RAM below leaves it out")
 
     devices = tuple(
         DeviceMemory(name, v.get("weights", 0), v.get("kv", 0), v.get("recurrent", 0), v.get("compute", 0),
                      v.get("output", 0))
         for name, v in acc.items()
     )
-    checkpoints = (shape.n_seq * flags.ctx_checkpoints * layout.recurrent_bytes_per_seq()
-                   if layout.is_hybrid else 0)
+    # worst case: every slot holds --ctx-checkpoints snapshots of its recurrent state (server-context.cpp:2290-2356)
+    checkpoints = shape.n_seq * flags.ctx_checkpoints * layout.recurrent_bytes_per_seq()
     n_gpu = sum(1 for d in devs if d != CPU)
     return MemoryEstimate(
         n_ctx=shape.n_ctx,

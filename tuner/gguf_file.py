@@ -295,16 +295,19 @@ def read_gguf(path: str | os.PathLike[str]) -> GgufHeader:
     parsed: list[ParsedShard] = []
     sizes: list[int] = []
     for i, shard_path in enumerate(paths):
-        size = Path(shard_path).stat().st_size
-        if size == 0:
-            raise TunerError(f"{shard_path} is empty (0 bytes)")
-        with open(shard_path, "rb") as fh:
+        try:
+            size = Path(shard_path).stat().st_size
+            if size == 0:
+                raise TunerError(f"{shard_path} is empty (0 bytes)")
+            with open(shard_path, "rb") as fh:
 
-            def read_prefix(n: int, fh: Any = fh) -> bytes:
-                fh.seek(0)
-                return fh.read(n)
+                def read_prefix(n: int, fh: Any = fh) -> bytes:
+                    fh.seek(0)
+                    return fh.read(n)
 
-            shard = parse_growing(read_prefix, size, shard=i, source=shard_path, first_read=LOCAL_FIRST_READ)
+                shard = parse_growing(read_prefix, size, shard=i, source=shard_path, first_read=LOCAL_FIRST_READ)
+        except OSError as exc:  # permissions, I/O errors, a file that vanished: still one line
+            raise TunerError(f"cannot read {shard_path}: {exc.strerror or exc}") from None
         check_data_fits(shard, size, shard_path)
         parsed.append(shard)
         sizes.append(size)

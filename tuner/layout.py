@@ -9,7 +9,10 @@ The rules follow llama.cpp (paths relative to its tree, as read in the reference
   (``i >= block_count - nextn_predict_layers``) are never recurrent and get no KV in the main context
   (llama-model.cpp:2699-2704);
 * ``head_count``/``head_count_kv`` may be per-layer arrays; key/value head size default ``n_embd / n_head``
-  (llama-model.cpp:1396-1443).
+  (llama-model.cpp:1396-1443);
+* generic transformers get a KV cache on every layer with ``head_count_kv > 0``; sliding-window caches (llama4's
+  chunked attention, olmo2 with ``attention.sliding_window``: src/models/llama4.cpp:8-19, olmo2.cpp:6-9) are sized
+  differently (llama-kv-cache-iswa.cpp) and refused rather than over-estimated.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ HYBRID_ARCHS: frozenset[str] = frozenset({"qwen35moe", "qwen35", "qwen3next"})
 # Transformers where every layer has a KV cache, sized by the generic keys alone.
 GENERIC_ARCHS: frozenset[str] = frozenset({
     "llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "mistral3", "granite", "granitemoe", "olmoe", "olmo2",
-    "phi3", "internlm2", "starcoder2", "stablelm", "llama4",
+    "phi3", "internlm2", "starcoder2", "stablelm",
 })
+# Generic architectures whose llama.cpp loader honours ``<arch>.attention.sliding_window`` (an iSWA cache).
+_SWA_ARCHS: frozenset[str] = frozenset({"olmo2"})
 SUPPORTED_ARCHS: frozenset[str] = HYBRID_ARCHS | GENERIC_ARCHS
 
 
@@ -76,7 +81,7 @@ class Tensor:
 
     @property
     def n_elements(self) -> int:
-        return prod(self.shape) if self.shape else 0
+        return prod(self.shape)
 
     @property
     def is_expert(self) -> bool:
@@ -132,6 +137,16 @@ class ModelLayout:
     def is_moe(self) -> bool:
         return self.n_expert > 0
 
+    @property
+    def n_head_attn(self) -> int:
+        """Query heads of the widest attention layer (0 without attention layers): sizes the attention scratch."""
+        return max((self.n_head[i] for i in self.attention_layers), default=0)
+
+    @property
+    def n_head_kv_attn(self) -> int:
+        """KV heads of the widest attention layer (0 without attention layers)."""
+        return max((self.n_head_kv[i] for i in self.attention_layers), default=0)
+
     def kv_bytes_per_cell(self, cache_type_k: str, cache_type_v: str, layers: Iterable[int] | None = None) -> int:
         """K+V bytes of one context cell summed over ``layers`` (default: every attention layer)."""
         tk, tv = kv_cache_type(cache_type_k), kv_cache_type(cache_type_v)
@@ -150,10 +165,16 @@ class ModelLayout:
         """Delta-rule state floats per recurrent layer and sequence (llama-hparams.cpp:257)."""
         return self.ssm_d_state * self.ssm_d_inner
 
+    @property
+    def recurrent_bytes_per_layer(self) -> int:
+        """f32 conv + delta state of one sequence in one recurrent layer: ``type_r = type_s = f32`` whatever the
+        cache types (llama-model.cpp:2765-2766, llama-memory-recurrent.cpp:101-103)."""
+        return 4 * (self.n_embd_r + self.n_embd_s)
+
     def recurrent_bytes_per_seq(self, layers: Iterable[int] | None = None) -> int:
         """f32 conv + delta state of one sequence over ``layers`` (default all recurrent layers)."""
         n = len(self.recurrent_layers) if layers is None else sum(1 for _ in layers)
-        return n * 4 * (self.n_embd_r + self.n_embd_s)
+        return n * self.recurrent_bytes_per_layer
 
     # --- tensors ----------------------------------------------------------------------------------------------
     def bytes_by_class(self) -> dict[TensorClass, int]:
@@ -274,10 +295,14 @@ def layout_from_metadata(metadata: dict[str, Any], tensors: Iterable[tuple[str, 
     n_head = _per_layer(key("attention.head_count", required=True), n_layer_all, "attention.head_count")
     n_head_kv = _per_layer(key("attention.head_count_kv", key("attention.head_count")), n_layer_all,
                            "attention.head_count_kv")
-    head0 = max(n_head) or 1
-    head_k = int(key("attention.key_length", n_embd // head0))
-    head_v = int(key("attention.value_length", n_embd // head0))
+    # default head size: n_embd over layer 0's head count, as llama.cpp's n_head() (llama-model.cpp:1435-1443)
+    head_default = n_embd // n_head[0] if n_head[0] else 0
+    head_k = int(key("attention.key_length", head_default))
+    head_v = int(key("attention.value_length", head_default))
 
+    if arch in _SWA_ARCHS and int(key("attention.sliding_window", 0) or 0) > 0:
+        raise TunerError(f"{source or 'model'}: {arch} with sliding-window attention "
+                         f"({arch}.attention.sliding_window = {key('attention.sliding_window')}) is not sized by tuner")
     if arch in HYBRID_ARCHS:
         attention, recurrent = recurrent_pattern(
             n_layer, n_layer_all, key("attention.recurrent_layers"), int(key("full_attention_interval", 4)))

@@ -128,25 +128,25 @@ def _ladder_labels(parsed: ModelRef) -> list[str]:
         from tuner.remote import hub_quant_labels
 
         return hub_quant_labels(parsed.target)
-    from tuner.remote import dir_candidates
+    from tuner.remote import dir_quant_labels
 
-    return [c.quant for c in dir_candidates(parsed.target)]
+    return dir_quant_labels(parsed.target)
 
 
 def _file_candidate(path: str) -> QuantCandidate:
     from tuner.cards import match_card
-    from tuner.remote import is_mmproj, quant_label
+    from tuner.remote import group_gguf_files, quant_label
 
     header = read_gguf(path)
     layout = layout_from_header(header)
     folder = Path(header.paths[0]).parent
-    mmproj = sorted(p for p in folder.glob("*.gguf") if is_mmproj(p.name) and p.is_file())
+    # the vision projector beside it, chosen as in a folder or a repo (F16 first)
+    mmproj = group_gguf_files((str(p), p.stat().st_size) for p in folder.glob("*.gguf") if p.is_file()).pick_mmproj()
     card = match_card(layout)
     return QuantCandidate(
         quant=quant_label(header.paths[0]), layout=layout, files=header.paths, file_bytes=header.file_bytes,
-        source="local", mmproj=str(mmproj[0]) if mmproj else None,
-        mmproj_bytes=mmproj[0].stat().st_size if mmproj else 0, quality_rank=1,
-        card_key=card.key if card else None)
+        source="local", mmproj=mmproj[0] if mmproj else None, mmproj_bytes=mmproj[1] if mmproj else 0,
+        quality_rank=1, card_key=card.key if card else None)
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class QuantCandidate:
     revision: str | None = None  # hub: the commit sha the files were read at
     mmproj: str | None = None  # vision projector file (local path or repo file name)
     mmproj_bytes: int = 0
-    quality_rank: int = 0  # higher = better quality (from the card's ladder; file size order otherwise)
+    quality_rank: int = 0  # higher = better: bits per weight, reordered by the card's quality_order if one matches
     card_key: str | None = None  # the built-in card this model matches, if any
 
     @property

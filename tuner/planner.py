@@ -319,7 +319,7 @@ class _Miss:
     candidate: QuantCandidate
     kv: str
     why: str  # "VRAM" | "RAM"
-    gpu_need_bytes: int = 0  # at the placement found (the GPU filled up to its budget)
+    gpu_need_bytes: int = 0  # the estimate's GPU part at the placement found (the vision reserve not included)
     host_need_bytes: int = 0  # with no prompt cache and no checkpoints
     placement: str = ""  # "--n-cpu-moe 12", "--n-gpu-layers 20", ""
 
@@ -358,11 +358,9 @@ class _Search:
         self.split = gpu_split(hardware)
         order = sorted({(c.quality_rank, round(c.bits_per_weight, 4)) for c in candidates})
         self.quality = {id(c): order.index((c.quality_rank, round(c.bits_per_weight, 4))) for c in candidates}
-        self.n_estimates = 0
 
     # --- primitives -------------------------------------------------------------------------------------------
     def estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
-        self.n_estimates += 1
         return estimate_memory(layout, flags, self.gpu_names, self.split)
 
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
@@ -485,10 +483,11 @@ class _Search:
     def option(self, cand: QuantCandidate, kv: str, floor: int, cap: int) -> _Option | _Miss:
         budget = self.budget_for_candidate(cand)
         placed = self.place(cand, self.base_flags(cand, kv, floor), budget)
-        if placed is None:
+        if placed is None:  # not even -ngl 0 fits the GPU (its compute buffers and the vision reserve)
             e = self.estimate(cand.layout, self.base_flags(cand, kv, floor).with_(
                 n_gpu_layers=0, cache_ram_mib=0, ctx_checkpoints=0))
-            return _Miss(cand, kv, "VRAM", budget.reserved_bytes, e.host_total_bytes, "--n-gpu-layers 0")
+            return _Miss(cand, kv, "VRAM", sum(d.total_bytes for d in e.gpu_devices), e.host_total_bytes,
+                         "--n-gpu-layers 0")
         flags, est = placed
         hosted = self.fit_host(cand, flags, est, budget)
         if hosted is None:
@@ -662,17 +661,19 @@ def _placement(flags: ServerFlags, budget: Budget) -> str:
 
 
 def _no_fit_error(misses: Sequence[_Miss], search: _Search, floor: int) -> TunerError:
-    b = search.budget
     smallest = min(misses, key=lambda m: (m.gpu_need_bytes + m.host_need_bytes))
+    b = search.budget_for_candidate(smallest.candidate)  # with the vision reserve, if any
+    vision = f" ({fmt_bytes(b.reserved_bytes)} of it for the vision projector)" if b.reserved_bytes else ""
     if b.cpu_only:
         have = f"{fmt_bytes(b.ram_available_bytes - b.buffer_bytes)} of RAM after a {fmt_bytes(b.buffer_bytes)} buffer"
-        need = f"{fmt_bytes(smallest.host_need_bytes)} of RAM (no prompt cache, no checkpoints)"
+        need = (f"{fmt_bytes(smallest.host_need_bytes + b.reserved_bytes)} of RAM{vision} "
+                f"(no prompt cache, no checkpoints)")
     else:
-        free = min(f for _, f in b.gpu_free_bytes)
-        have = (f"{fmt_bytes(free - b.buffer_bytes - b.reserved_bytes)} of VRAM after a "
-                f"{fmt_bytes(b.buffer_bytes)} buffer and {fmt_bytes(b.ram_available_bytes)} of RAM")
-        need = (f"{fmt_bytes(smallest.gpu_need_bytes)} of VRAM and {fmt_bytes(smallest.host_need_bytes)} of RAM"
-                f" (no prompt cache, no checkpoints)")
+        free = sum(f - b.buffer_bytes for _, f in b.gpu_free_bytes)  # all GPUs together, as the need
+        have = (f"{fmt_bytes(free)} of VRAM after a {fmt_bytes(b.buffer_bytes)} buffer per GPU, and "
+                f"{fmt_bytes(b.ram_available_bytes)} of RAM")
+        need = (f"{fmt_bytes(smallest.gpu_need_bytes + b.reserved_bytes)} of VRAM{vision} and "
+                f"{fmt_bytes(smallest.host_need_bytes)} of RAM (no prompt cache, no checkpoints)")
     return TunerError(f"nothing fits at {floor} tokens of context: the smallest plan ({smallest.describe()}) "
                       f"needs {need}; available: {have}",
                       hint="free memory, lower --buffer, or pick a smaller model"

@@ -18,9 +18,9 @@ tok/s, the roofline bounds and efficiency = measured / bound from :mod:`tuner.sp
 **best** flags (the highest score — geometric mean of pp and tg — among the measurements at the deepest depth the
 entry has), and the **memory observations** of ``tuner serve``.
 
-Invalidation: when a new measurement arrives, entries for the same file name on the same GPU models whose model
-hash, driver, or llama.cpp build differ are dropped (the file, the driver or the build changed: old speeds no
-longer hold). Lookups only ever use an entry whose whole key matches.
+Invalidation: when a new measurement arrives, entries for the same file name (from the same Hub repo, or from none)
+on the same GPU models (or CPU) whose model hash, driver, or llama.cpp build differ are dropped (the file, the
+driver or the build changed: old speeds no longer hold). Lookups only ever use an entry whose whole key matches.
 
 What is read from ``config_dir()/observations/*.json`` (written by ``tuner serve``, format 1, see
 :mod:`tuner.serve`): ``model.path`` / ``model.file`` / ``model.bytes``, ``flags``, ``build.commit``, ``gpus[].name``,
@@ -455,8 +455,10 @@ class ProfileStore:
 
 
 def _invalidated_by(old: ProfileKey, new: ProfileKey) -> bool:
-    return (old.model.name == new.model.name and old.hardware.gpus == new.hardware.gpus
-            and old.hardware.cpu == new.hardware.cpu and not old.matches(new))
+    """``old`` is the same file on the same hardware in an older state (see the module doc)."""
+    return (old.model.name == new.model.name and old.model.repo == new.model.repo
+            and old.hardware.gpus == new.hardware.gpus and old.hardware.cpu == new.hardware.cpu
+            and not old.matches(new))
 
 
 def key_from_document(document: dict[str, Any]) -> ProfileKey:
@@ -626,18 +628,3 @@ def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore 
 
     return hook
 
-
-def best_flags(hardware: Hardware, build: Any | None, candidate: Any, *,
-               store: ProfileStore | None = None) -> Measurement | None:
-    """The best measured flag set for ``candidate`` on this hardware and build (arguments may include ones the
-    planner does not model, such as ``--threads``); None if nothing was measured."""
-    ident = candidate_identity(candidate)
-    if ident is None:
-        return None
-    key_hw = HardwareKey.of(hardware)
-    bk = BuildKey.of(build) if build is not None else None
-    hits = [e for e in (store or ProfileStore()).load()
-            if e.key.model.matches(ident) and e.key.hardware == key_hw and (bk is None or e.key.build == bk)]
-    if not hits:
-        return None
-    return max(hits, key=lambda e: e.updated_at).best

@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -40,10 +40,8 @@ from tuner.gguf_file import (
     read_gguf,
 )
 from tuner.layout import layout_from_header
-from tuner.models import QuantCandidate
+from tuner.models import ProgressFn, QuantCandidate
 from tuner.paths import cache_dir, write_atomic
-
-ProgressFn = Callable[[str, "int | None", "int | None"], None]
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CACHE_SUBDIR = "hub-headers"
@@ -541,8 +539,8 @@ def hub_quant_labels(ref: str) -> list[str]:
     return [g.label for g in list_hub_repo(hub.repo, hub.revision).grouped().complete]
 
 
-def dir_candidates(path: str | os.PathLike[str], quant: str | None = None) -> list[QuantCandidate]:
-    """Every quant in a local folder (sub-folders included: ``BF16/…-00001-of-00002.gguf``), best first."""
+def _dir_files(path: str | os.PathLike[str]) -> tuple[Path, GroupedFiles]:
+    """A local folder's GGUF files (sub-folders included), grouped into quants; TunerError when it holds none."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise TunerError(f"{root} is not a folder")
@@ -551,6 +549,17 @@ def dir_candidates(path: str | os.PathLike[str], quant: str | None = None) -> li
     grouped = group_gguf_files(entries)
     if not grouped.complete:
         raise TunerError(f"{root} holds no GGUF model files" + (" (only mmproj files)" if grouped.mmproj else ""))
+    return root, grouped
+
+
+def dir_quant_labels(path: str | os.PathLike[str]) -> list[str]:
+    """The quant labels of a local folder, from its file names alone (no header is read)."""
+    return [g.label for g in _dir_files(path)[1].complete]
+
+
+def dir_candidates(path: str | os.PathLike[str], quant: str | None = None) -> list[QuantCandidate]:
+    """Every quant in a local folder (sub-folders included: ``BF16/…-00001-of-00002.gguf``), best first."""
+    root, grouped = _dir_files(path)
     groups = [grouped.find(quant, str(root))] if quant else list(grouped.complete)
     headers = [read_gguf(root / g.files[0]) for g in groups]
     local_groups = [FileGroup(g.label, tuple(str(root / f) for f in g.files), g.sizes) for g in groups]

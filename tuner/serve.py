@@ -53,10 +53,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
-from tuner.build import LlamaBuild, build_from_binary, ensure_build, resolve_spec
+from tuner.build import LlamaBuild, obtain_build
+from tuner.build import ProgressFn as BuildProgressFn
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate
-from tuner.fetch import FetchedModel, fetch_candidate
+from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus
 from tuner.models import QuantCandidate
 from tuner.paths import cache_dir, config_dir, write_atomic
@@ -74,7 +75,6 @@ from tuner.units import MiB, fmt_bytes
 
 Event = dict[str, Any]
 EventFn = Callable[[Event], None]
-BuildProgressFn = Callable[[str, int | None, int | None, str | None], None]
 
 #: How far llama-server's own figures may be from the estimate before it is a warning (fraction of the reported).
 TOLERANCE_RATIOS: Mapping[str, float] = {"weights": 0.01, "kv": 0.01, "recurrent": 0.01, "compute": 0.20}
@@ -128,34 +128,6 @@ def plan_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, measur
 
 
 # ------------------------------------------------------------------------------------------------------ build
-
-
-def obtain_build(source: str = "pypi", cuda: bool | None = None, server_bin: str | None = None,
-                 gpus: Sequence[Gpu] | None = None,
-                 on_progress: BuildProgressFn | None = None) -> tuple[LlamaBuild, bool]:
-    """The llama.cpp build to run, and whether it was already there (cache hit, or an existing ``--server-bin``).
-
-    CUDA: ``cuda`` if given, else only when there are GPUs (``gpus``, default: what NVML sees) and nvcc is found
-    (:func:`tuner.build.resolve_spec`); the GPUs' compute capabilities pick the CUDA architectures.
-    """
-    if server_bin:
-        return build_from_binary(Path(server_bin)), True
-    if cuda is False:
-        capabilities: list[tuple[int, int]] = []
-    else:
-        found = read_gpus()[0] if gpus is None else gpus
-        capabilities = [g.compute_capability for g in found if g.compute_capability]
-    spec = resolve_spec(source, cuda=cuda, gpu_compute_capabilities=capabilities)
-    cached = [False]
-
-    def progress(stage: str, done: int | None, total: int | None, line: str | None) -> None:
-        if stage == "cached":
-            cached[0] = True
-        if on_progress is not None:
-            on_progress(stage, done, total, line)
-
-    build = ensure_build(spec, progress)
-    return build, cached[0]
 
 
 def gpus_for_build(hardware: Hardware) -> list[Gpu]:
@@ -499,8 +471,9 @@ class SpillWatch:
     * ``spill``: a GPU is at capacity (free under ``capacity_bytes``) while generation speed fell under
       ``drop_ratio`` of the best seen: the driver may be paging to system memory (Windows' sysmem fallback) or
       the server is thrashing.
-    Speed is tokens generated per second of generation between two samples, from llama-server's /metrics
-    counters, over at least ``min_tokens`` tokens.
+    Speed is tokens generated per second of generation, from llama-server's /metrics counters, measured from the
+    sample where the last speed was taken over at least ``min_tokens`` tokens (the counters count generation time
+    only, so a slow or idle stretch accumulates into the next measurement instead of never giving one).
     """
 
     def __init__(self, buffer_bytes: int, *, advice: str = "", capacity_bytes: int = 256 * MiB,
@@ -526,12 +499,24 @@ class SpillWatch:
             return None
         return tokens / seconds
 
+    def _restart_base(self, sample: WatchSample, rate: float | None) -> bool:
+        """Whether ``sample`` becomes the base of the next speed: a speed was just taken, there was no base with
+        counters yet, or the counters went backwards (llama-server restarted)."""
+        prev = self._prev
+        if rate is not None or prev is None or prev.tokens_predicted_total is None:
+            return True
+        if sample.tokens_predicted_total is None:
+            return False
+        return sample.tokens_predicted_total < prev.tokens_predicted_total or (
+            (sample.tokens_predicted_seconds_total or 0.0) < (prev.tokens_predicted_seconds_total or 0.0))
+
     def update(self, sample: WatchSample) -> list[Event]:
+        """The warnings that start with ``sample`` (each at most once until its condition clears)."""
         rate = self._rate(sample)
         if rate is not None:
             self.last_tg_tok_s = rate
             self.best_tg_tok_s = max(self.best_tg_tok_s or 0.0, rate)
-        if sample.tokens_predicted_total is not None or self._prev is None:
+        if self._restart_base(sample, rate):
             self._prev = sample
         events: list[Event] = []
         low = {i: f for i, f in sample.gpu_free_bytes.items() if f < self.buffer_bytes}
@@ -647,18 +632,30 @@ class Serving:
     build: LlamaBuild
     fetched: FetchedModel
     alias: str
-    seconds_to_ready: float
+    seconds_to_ready: float  # since start_serving was called
+    seconds_to_load: float  # since llama-server was started
     check: MemoryCheck
     observation_path: Path | None
     gpu_indices: tuple[int, ...]
     advice: str
+    api_key: str | None = None
+
+    def ready_event(self) -> Event:
+        """The ``ready`` event: endpoint, alias, pid, timings, log, observation file and client settings."""
+        base = self.server.base_url
+        return {"status": "ready", "endpoint": f"{base}/v1", "model": self.alias, "pid": self.server.pid,
+                "seconds_to_ready": round(self.seconds_to_ready, 2), "seconds_to_load": round(self.seconds_to_load, 2),
+                "log": str(self.server.log_path),
+                "observation": str(self.observation_path) if self.observation_path else None,
+                "client": client_settings(base, self.alias, self.api_key)}
 
 
 def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, options: ServeOptions, *,
                   on_event: EventFn | None = None, on_build_progress: BuildProgressFn | None = None,
-                  on_fetch_progress: Callable[[str, int, int | None], None] | None = None,
+                  on_fetch_progress: FetchProgressFn | None = None,
                   nvml: NvmlApi | None = None, measured: Measured | None = None) -> Serving:
-    """Plan, build, fetch, launch and verify. The returned server runs until the caller stops it
+    """Plan, build, fetch, launch and verify, with their events up to the memory check (the ``ready`` event is
+    :meth:`Serving.ready_event`, which :func:`run_serve` emits). The returned server runs until the caller stops it
     (``serving.server.stop()``); on failure nothing is left running."""
     t0 = time.monotonic()
     preflight(options)
@@ -708,14 +705,9 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
                                              gpus=[g for g in hardware.gpus if g.index in gpu_indices])
         except OSError as exc:
             _emit(on_event, {"warning": f"could not write the observation: {exc}", "kind": "observation"})
-        base = server.base_url
-        _emit(on_event, {"status": "ready", "endpoint": f"{base}/v1", "model": alias, "pid": server.pid,
-                         "seconds_to_ready": round(time.monotonic() - t0, 2), "seconds_to_load": round(ready_s, 2),
-                         "log": str(server.log_path), "observation": str(observation) if observation else None,
-                         "client": client_settings(base, alias, options.api_key)})
         advice = spill_advice(args, candidate.layout.n_layer)
-        return Serving(server, plan, build, fetched, alias, time.monotonic() - t0, check, observation, gpu_indices,
-                       advice)
+        return Serving(server, plan, build, fetched, alias, time.monotonic() - t0, ready_s, check, observation,
+                       gpu_indices, advice, options.api_key)
     except BaseException:
         server.stop(options.stop_grace_s)
         raise
@@ -723,24 +715,27 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
 
 def run_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, options: ServeOptions, *,
               on_event: EventFn | None = None, on_build_progress: BuildProgressFn | None = None,
-              on_fetch_progress: Callable[[str, int, int | None], None] | None = None,
+              on_fetch_progress: FetchProgressFn | None = None,
               nvml: NvmlApi | None = None, measured: Measured | None = None) -> None:
-    """:func:`start_serving`, then watch until KeyboardInterrupt (Ctrl-C; the CLI maps SIGTERM to it too), then
-    stop llama-server (SIGTERM, SIGKILL after the grace period). Returns normally after a requested stop; raises
-    TunerError if llama-server dies on its own."""
-    serving = start_serving(model_ref, hardware, wishes, options, on_event=on_event,
-                            on_build_progress=on_build_progress, on_fetch_progress=on_fetch_progress, nvml=nvml,
-                            measured=measured)
-    server = serving.server
-    watch = SpillWatch(serving.plan.budget.buffer_bytes, advice=serving.advice)
+    """:func:`start_serving`, the ``ready`` event, then watch until KeyboardInterrupt (Ctrl-C; the CLI maps SIGTERM
+    to it too), then stop llama-server (SIGTERM, SIGKILL after the grace period). Returns normally after a requested
+    stop, however soon after ``ready`` it comes; an interruption before that propagates (nothing is left running);
+    raises TunerError if llama-server dies on its own."""
+    serving: Serving | None = None
     try:
-        watch_until_stopped(server, watch, gpu_indices=serving.gpu_indices, nvml=nvml,
+        serving = start_serving(model_ref, hardware, wishes, options, on_event=on_event,
+                                on_build_progress=on_build_progress, on_fetch_progress=on_fetch_progress, nvml=nvml,
+                                measured=measured)
+        _emit(on_event, serving.ready_event())
+        watch = SpillWatch(serving.plan.budget.buffer_bytes, advice=serving.advice)
+        watch_until_stopped(serving.server, watch, gpu_indices=serving.gpu_indices, nvml=nvml,
                             interval_s=options.watch_interval_s, on_event=on_event)
     except KeyboardInterrupt:
-        _emit(on_event, {"status": "stopping", "pid": server.pid})
-        code = server.stop(options.stop_grace_s)
+        if serving is None:
+            raise
+        _emit(on_event, {"status": "stopping", "pid": serving.server.pid})
+        code = serving.server.stop(options.stop_grace_s)
         _emit(on_event, {"status": "stopped", "reason": exit_reason(code)})
-        return
     finally:
-        server.stop(options.stop_grace_s)
-
+        if serving is not None:
+            serving.server.stop(options.stop_grace_s)

@@ -5,7 +5,8 @@
 * Its stdout and stderr go to a log file, which is what :mod:`tuner.serverlog` parses and what errors quote.
 * The HTTP server comes up before the model is loaded and answers 503 while loading (llamacpp-memory.md §7); a
   process that exits while we wait is reported with the tail of its log, not as a timeout.
-* ``stop()`` sends SIGTERM (llama-server prints its memory breakdown and exits), then SIGKILL after a grace period.
+* ``stop()`` sends SIGTERM (llama-server prints its memory breakdown and exits), then SIGKILL after a grace period,
+  to the child's whole process group, so a wrapper script given as ``--server-bin`` leaves nothing behind either.
 * ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` is set for the child (unless the caller's ``env`` says otherwise), so llama.cpp's
   ``CUDAn`` is NVML's GPU ``n`` (see :mod:`tuner.hardware`).
 * CPU-resident weights of a CUDA build go into pinned host memory (``CUDA_Host``) when mmap is off, and a few
@@ -155,11 +156,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def ensure_port_free(host: str, port: int) -> None:
-    """TunerError if something already listens on host:port (checked before anything is launched)."""
+    """TunerError if something already listens on host:port (checked before anything is launched).
+
+    The test bind uses ``SO_REUSEADDR`` as llama-server's HTTP library does: connections of a server that just
+    stopped linger in TIME_WAIT for a minute (always when it closed keep-alive connections itself), and llama-server
+    binds over them, so they must not count as "in use". On Linux a listening socket still does.
+    """
     if not 0 < port < 65536:
         raise TunerError(f"port {port} is not a valid TCP port")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        if os.name != "nt":  # on Windows SO_REUSEADDR would let us bind over a live listener
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except PermissionError:
@@ -193,6 +201,12 @@ def error_summary(text: str) -> str:
     return " ".join(_LOG_PREFIX_RE.sub("", chosen).split())[:300]
 
 
+def _temp_log_path() -> Path:
+    fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
 class LlamaServer:
     """One llama-server process. Use as a context manager: leaving the block stops it."""
 
@@ -205,7 +219,7 @@ class LlamaServer:
         self.host = host
         self.port = port or free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
         self._own_log = log_path is None
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else _temp_log_path()
         self.env = dict(env or {})
         self.api_key = api_key
         self.proc: subprocess.Popen[bytes] | None = None
@@ -260,19 +274,25 @@ class LlamaServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, grace_s: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``grace_s``. Returns the exit code (None if never started)."""
+        """SIGTERM to its process group, SIGKILL after ``grace_s``, and SIGKILL to whatever is left of the group
+        once it has exited (a ``--server-bin`` wrapper script's children). Returns the exit code (None if never
+        started). Calling it again is harmless."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self._signal_group(signal.SIGKILL)
                 self.proc.wait(timeout=10)
+            self._signal_group(signal.SIGKILL)  # just reaped: the group id cannot have been reused yet
         return self.proc.returncode
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
 
     def cleanup_log(self) -> None:
         if self._own_log:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tuner.errors import TunerError
 from tuner.estimate import (
@@ -96,7 +96,7 @@ class Prediction:
     pp_bound_tok_s: float
     efficiency: float  # tg_tok_s / tg_bound_tok_s
     source: str  # "roofline" | "measured"
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {"tg_tok_s": round(self.tg_tok_s, 1), "pp_tok_s": round(self.pp_tok_s, 1),
@@ -116,9 +116,6 @@ class Roofline:
     n_ubatch: int
 
 
-# --------------------------------------------------------------------------------------------- placement
-
-
 # ---------------------------------------------------------------------------------------------- roofline
 
 
@@ -132,12 +129,12 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
     first_gpu = gpu_names[0] if gpu_names else CPU
     active = layout.n_expert_used / layout.n_expert if layout.n_expert else 1.0
 
-    tg: dict[str, int] = {}
+    tg: dict[str, float] = {}
     flops: dict[str, float] = {}
-    weights: dict[str, int] = {}
+    weights: dict[str, float] = {}
     offload = 0
 
-    def add(acc: dict, dev: str, n: float) -> None:
+    def add(acc: dict[str, float], dev: str, n: float) -> None:
         acc[dev] = acc.get(dev, 0) + n
 
     for t, dev in tensor_placement(layout, flags, gpu_names, gpu_split):
@@ -161,7 +158,7 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
 
     tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
     quantized_kv = is_quantized(tk) or is_quantized(tv)
-    convert: dict[str, int] = {}
+    convert: dict[str, float] = {}
     for il in layout.attention_layers:
         cell = layout.kv_bytes_per_cell(tk.name, tv.name, [il])
         add(tg, ctx_dev(il), depth * cell)
@@ -176,7 +173,7 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
         add(flops, devs[il], float(_DELTANET_FLOPS_PER_STATE * layout.n_embd_s))
     return Roofline(tg_bytes={k: int(v) for k, v in tg.items()}, pp_flops=flops,
                     pp_weight_bytes={k: int(v) for k, v in weights.items()}, pp_offload_bytes=offload,
-                    pp_kv_convert_bytes=convert, n_ubatch=shape.n_ubatch)
+                    pp_kv_convert_bytes={k: int(v) for k, v in convert.items()}, n_ubatch=shape.n_ubatch)
 
 
 # ------------------------------------------------------------------------------------------ device speeds

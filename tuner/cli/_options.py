@@ -30,7 +30,7 @@ UbatchOpt = Annotated[int, typer.Option("--ubatch-size", "-ub", help="Physical b
 FlashAttnOpt = Annotated[str, typer.Option("--flash-attn", "-fa", help="on, off or auto.")]
 NglOpt = Annotated[str, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU: a number, 'all' or 'auto'.")]
 NCpuMoeOpt = Annotated[int, typer.Option("--n-cpu-moe", "-ncmoe",
-                                                    help="Keep the experts of the first N layers on the CPU.")]
+                                         help="Keep the experts of the first N layers on the CPU.")]
 CpuMoeOpt = Annotated[bool, typer.Option("--cpu-moe", "-cmoe", help="Keep all expert tensors on the CPU.")]
 CacheRamOpt = Annotated[int, typer.Option("--cache-ram", "-cram", help="Prompt cache limit in MiB (0 = off).")]
 CtxCheckpointsOpt = Annotated[int, typer.Option("--ctx-checkpoints", "-ctxcp",
@@ -47,7 +47,8 @@ CudaOpt = Annotated[bool | None, typer.Option(
     "--cuda/--no-cuda", help="Build with CUDA (default: only when NVML sees a GPU and nvcc is installed).",
     show_default=False)]
 
-# Planner wishes (recommend, serve, bench): what the user asks for; the planner decides the rest.
+# Planner wishes (recommend, serve, bench): what the user asks for; the planner decides the rest. The defaults in the
+# help texts are tuner.planner's (not imported here: every command loads this module); a test keeps them equal.
 PlanCtxOpt = Annotated[int | None, typer.Option(
     "--ctx-size", "-c", help="Context per slot (default: the largest that fits, at least 32768 if it can).",
     show_default=False)]

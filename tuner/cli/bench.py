@@ -18,6 +18,7 @@ Examples:
     tuner bench model.gguf --set np4='-c 131072 -np 4 -kvu' --concurrency 4   # aggregate and per-request tok/s
     tuner bench model.gguf --tune --ctx-size 65536             # search around the plan at 64k of context
     tuner bench model.gguf --tune --dims ubatch,kv,threads --json
+    tuner bench model.gguf --gpu none                          # the CPU alone, even on a machine with a GPU
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ ObjectiveOpt = Annotated[str, typer.Option("--objective", help="Rank by tg, pp, 
 OutOpt = Annotated[Path, typer.Option("--out", help="Base folder of the results files.")]
 KeepLogsOpt = Annotated[bool, typer.Option("--keep-logs", help="Keep llama-server logs beside the results.")]
 NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Do not record the results in the profile.")]
+BenchGpuOpt = Annotated[str | None, typer.Option(
+    "--gpu", help="'none': measure on the CPU only (a CPU build of llama.cpp). A catalog GPU cannot be measured "
+                  "here: leave --gpu out to use the detected ones.", show_default=False)]
+
+
+def bench_hardware(gpu: str | None, vram: str | None) -> Hardware:
+    """The hardware measured: this machine's (``--vram`` may lower what the plan counts on), or its CPU alone."""
+    if gpu is not None and gpu.strip().lower() not in ("none", "cpu"):
+        raise TunerError(f"--gpu {gpu}: tuner bench measures this machine; --gpu takes only 'none' (CPU only)")
+    return hardware_for(gpu, vram)
 
 
 def _say(line: str) -> None:
@@ -207,6 +218,7 @@ def register(app: typer.Typer) -> None:
         quant: o.QuantOpt = None,
         cache_type: o.CacheTypeOpt = None,
         allow_yarn: o.AllowYarnOpt = False,
+        gpu: BenchGpuOpt = None,
         vram: o.VramOpt = None,
         out: OutOpt = Path("bench_results"),
         keep_logs: KeepLogsOpt = False,
@@ -226,15 +238,21 @@ def register(app: typer.Typer) -> None:
             raise TunerError("--tune searches around the plan; leave out --set (or bench the sets without --tune)")
         user_sets = [b.parse_set(spec) for spec in sets or ()]
         b.check_unique_names(user_sets)
+        b.check_slots(user_sets, concurrency)
         cfg = bench_config(depths, repeat, prompt_tokens, gen_tokens, concurrency)
+        if parallel != -1 and parallel < concurrency:
+            parallel = concurrency  # the plan needs a slot per concurrent request
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=False,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
-        hardware = hardware_for(None, vram)
+        hardware = bench_hardware(gpu, vram)
         budget = budget_for(hardware, wishes)
         model_path, layout, plan = resolve_model(model, hardware, wishes, need_plan=not user_sets)
         b.check_sets_fit(layout, user_sets, hardware, budget)  # refuse before building or launching anything
         with BuildProgress(err_console) as progress:
             build, _cached = obtain_build(server_bin=server_bin, gpus=gpus_for_build(hardware), on_progress=progress)
+        if gpu is not None and build.cuda:
+            raise TunerError("--gpu none with a CUDA build of llama-server would still use the GPU; "
+                             "give --server-bin a CPU build")
         identity = model_identity(model_path).to_dict()
         stamp = b.timestamp()
         log_dir = b.results_path(out, model_path, hardware, stamp).with_suffix(".logs") if keep_logs else None
@@ -261,5 +279,5 @@ def register(app: typer.Typer) -> None:
             "mode": document.get("mode"), "notes": document["notes"], "llama_cpp": document["llama_cpp"],
         }
         if tune:
-            result["tune"] = {k: v for k, v in document["tune"].items()}
+            result["tune"] = dict(document["tune"])
         emit(result, as_json=as_json, render=lambda c: render_bench(c, result))

@@ -21,8 +21,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-from tuner.build import LlamaBuild, build_from_binary, ensure_build, resolve_spec
+from tuner.build import LlamaBuild, obtain_build
 from tuner.cli import _options as o
+from tuner.cli import stop_signals
 from tuner.cli._output import emit, err_console
 
 _STAGE_LABELS = {
@@ -110,18 +111,11 @@ def build_result(build: LlamaBuild, cached: bool, seconds: float) -> dict[str, A
 
 def get_build(source: str, cuda: bool | None, server_bin: str | None,
               progress: BuildProgress | None = None) -> tuple[LlamaBuild, bool]:
-    """The llama.cpp build to use, and whether it came from the cache (an existing ``--server-bin`` counts as such).
-    CUDA by default only when NVML sees a GPU (and nvcc exists): :func:`tuner.build.resolve_spec`."""
-    if server_bin:
-        return build_from_binary(server_bin), True
-    from tuner.hardware import read_gpus
-
-    capabilities = [g.compute_capability for g in read_gpus()[0] if g.compute_capability] if cuda is not False else []
-    spec = resolve_spec(source, cuda=cuda, gpu_compute_capabilities=capabilities)
-    progress = progress or BuildProgress()
-    with progress:
-        build = ensure_build(spec, progress)
-    return build, progress.cached
+    """The llama.cpp build to use, and whether it came from the cache (an existing ``--server-bin`` counts as such),
+    with ``progress`` drawn meanwhile. CUDA by default only when NVML sees a GPU and nvcc exists:
+    :func:`tuner.build.obtain_build`."""
+    with progress or BuildProgress() as shown:
+        return obtain_build(source, cuda, server_bin, on_progress=shown)
 
 
 def render_build(console: Console, result: dict[str, Any]) -> None:
@@ -145,6 +139,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build llama-server (and llama-bench, llama-fit-params) from source, or reuse the cached build."""
         started = time.monotonic()
-        build, cached = get_build(source, cuda, server_bin)
+        with stop_signals():  # SIGTERM, like Ctrl-C, stops the compilers before tuner exits
+            build, cached = get_build(source, cuda, server_bin)
         result = build_result(build, cached, time.monotonic() - started)
         emit(result, as_json=as_json, render=lambda c: render_build(c, result))

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from tuner.cli import _options as o
 from tuner.cli._output import emit, memory_table
+from tuner.cli.hardware import hardware_dict
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
 from tuner.hardware import Hardware, estimate_on, hardware_for
@@ -44,11 +45,7 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware)
     result: dict[str, Any] = {"model": layout.source or layout.name, "arch": layout.arch, **est.to_dict()}
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
-    result["hardware"] = {"gpus": [{"name": g.llama_name, "model": g.name, "vram_total_bytes": g.vram_total_bytes,
-                                    "vram_free_bytes": g.vram_free_bytes} for g in hardware.gpus],
-                          "ram_total_bytes": hardware.ram_total_bytes,
-                          "ram_available_bytes": hardware.ram_available_bytes,
-                          "notes": list(hardware.notes)}
+    result["hardware"] = hardware_dict(hardware)
     return result
 
 

@@ -24,9 +24,11 @@ from tuner.units import fmt_bytes
 
 
 def hardware_dict(hardware: Hardware) -> dict[str, Any]:
+    """Plain data for ``--json`` (and the ``hardware`` part of ``tuner estimate --json``); GPUs by llama.cpp's names."""
     return {
         "gpus": [{"name": g.llama_name, "model": g.name, "vram_total_bytes": g.vram_total_bytes,
-                  "vram_free_bytes": g.vram_free_bytes, "mem_bandwidth_bytes_s": g.mem_bandwidth_bytes_s,
+                  "vram_free_bytes": g.vram_free_bytes, "vram_used_bytes": g.vram_used_bytes,
+                  "mem_bandwidth_bytes_s": g.mem_bandwidth_bytes_s,
                   "pcie_gen": g.pcie_gen, "pcie_width": g.pcie_width,
                   "compute_capability": ".".join(map(str, g.compute_capability)) if g.compute_capability else None,
                   "driver_version": g.driver_version, "source": g.source} for g in hardware.gpus],

@@ -28,6 +28,7 @@ from tuner.cli import _options as o
 from tuner.cli._output import emit
 from tuner.errors import TunerError
 from tuner.hardware import Hardware
+from tuner.paths import write_atomic
 from tuner.profile_store import ProfileEntry, ProfileStore, measured_hook
 
 
@@ -146,8 +147,8 @@ def register(app: typer.Typer) -> None:
         else:
             text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
         if path is not None:
-            path.write_text(text, encoding="utf-8")
-            sys.stderr.write(f"profile exported to {path}\n")
+            written = write_atomic(path, text)
+            sys.stderr.write(f"profile exported to {written}\n")
         else:
             sys.stdout.write(text)
 

@@ -18,12 +18,7 @@ Examples:
 from __future__ import annotations
 
 import json
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -32,12 +27,13 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 
 from tuner.cli import _options as o
+from tuner.cli import stop_signals
 from tuner.cli._output import console, emit_json_line, err_console
 from tuner.cli.build import BuildProgress
 from tuner.cli.profile import recommend_hook
 from tuner.cli.recommend import wishes_from_options
 from tuner.hardware import hardware_for
-from tuner.serve import Event, ServeOptions, run_serve
+from tuner.serve import Event, ServeOptions, preflight, run_serve
 from tuner.units import fmt_bytes
 
 HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on; not loopback needs --api-key.")]
@@ -55,17 +51,22 @@ JsonLinesOpt = Annotated[bool, typer.Option("--json", help="JSON lines (status, 
 
 
 class FetchProgress:
-    """Download bars on stderr (terminal only)."""
+    """Download bars on stderr; not a terminal: one line per file once it is complete, so logs stay readable."""
 
     def __init__(self, out: Console) -> None:
         self.out = out
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                   TransferSpeedColumn(), console=out, transient=True)
         self._tasks: dict[str, TaskID] = {}
+        self._done: set[str] = set()
         self._started = False
 
     def __call__(self, file_name: str, done: int, total: int | None) -> None:
         if not self.out.is_terminal:
+            if total is not None and done >= total and file_name not in self._done:
+                self._done.add(file_name)
+                self.out.print(f"tuner serve: {file_name} ({fmt_bytes(total)}) is in the Hugging Face cache",
+                               highlight=False, soft_wrap=True)
             return
         if not self._started:
             self._progress.start()
@@ -210,29 +211,6 @@ def render_ready(out: Console, event: dict[str, Any]) -> None:
     out.print("\nServing; Ctrl-C stops it.")
 
 
-@contextmanager
-def stop_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM become one KeyboardInterrupt (the first one); later ones are ignored, so a second Ctrl-C
-    cannot cut the orderly stop of llama-server short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = [False]
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if fired[0]:
-            return
-        fired[0] = True
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
@@ -263,8 +241,6 @@ def register(app: typer.Typer) -> None:
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
         options = ServeOptions(host=host, port=port, api_key=api_key, source=source, server_bin=server_bin,
                                cuda=cuda, preset=preset, alias=alias, log_path=log_file)
-        from tuner.serve import preflight
-
         preflight(options)  # before probing hardware or reading the model: cheap refusals first
         hardware = hardware_for(gpu, vram)
         build_progress = BuildProgress(err_console)
