@@ -18,7 +18,7 @@ import pytest
 from tuner import gguf_file
 from tuner.errors import TunerError
 from tuner.ggml import GGML_TYPES, KV_CACHE_TYPES, kv_cache_type, row_bytes
-from tuner.gguf_file import NeedMoreBytes, StringArraySummary, parse_growing, parse_header, read_gguf
+from tuner.gguf_file import ArraySummary, NeedMoreBytes, parse_growing, parse_header, read_gguf
 from tuner.models import resolve_layout
 from tuner.synth import SynthSpec, qwen35_35b_a3b_spec, tensor_plan, vocabulary, write_synthetic_gguf
 
@@ -108,10 +108,12 @@ def test_tensor_table_holds_every_planned_tensor_in_ggml_order(tiny: Path) -> No
     assert header.tensor_bytes + header.header_bytes <= header.file_bytes == tiny.stat().st_size
 
 
-def test_long_string_arrays_are_counted_not_decoded(sparse_35b: Path) -> None:
-    tokens = read_gguf(sparse_35b).get("tokenizer.ggml.tokens")
-    assert isinstance(tokens, StringArraySummary)
-    assert len(tokens) == REAL_VOCAB
+def test_long_arrays_are_counted_not_decoded(sparse_35b: Path) -> None:
+    header = read_gguf(sparse_35b, use_cache=False)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):  # strings and int32s
+        value = header.get(key)
+        assert isinstance(value, ArraySummary) and len(value) == REAL_VOCAB, key
+    assert isinstance(header.get("qwen35moe.rope.dimension_sections"), list)  # short arrays are decoded
 
 
 def test_split_model_joins_all_shards_and_sums_their_sizes(tmp_path: Path, tiny: Path) -> None:
@@ -166,7 +168,7 @@ def test_read_gguf_reads_only_a_prefix_of_a_20_gb_class_file(sparse_35b: Path,
         return _CountingFile(real_open(*args, **kwargs), reads)
 
     monkeypatch.setattr(gguf_file, "open", counting_open, raising=False)
-    header = read_gguf(sparse_35b)
+    header = read_gguf(sparse_35b, use_cache=False)
     assert reads, "the reader did not go through open()"
     assert sum(reads) <= gguf_file.LOCAL_FIRST_READ
     assert sum(reads) < size / 1000
@@ -269,7 +271,7 @@ def test_an_unreadable_file_is_a_clear_error(tiny: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(gguf_file, "open", denied, raising=False)  # chmod 000 means nothing to root
     with pytest.raises(TunerError) as exc:
-        read_gguf(tiny)
+        read_gguf(tiny, use_cache=False)
     assert one_line_error(exc) == f"cannot read {tiny}: Permission denied"
 
 
@@ -304,3 +306,37 @@ def test_unknown_architecture_is_refused_when_building_the_layout(tmp_path: Path
     with pytest.raises(TunerError) as exc:
         resolve_layout(str(path))
     assert "unsupported architecture 'mamba'" in one_line_error(exc)
+
+
+# ------------------------------------------------------------------------------------------------ the header cache
+
+
+def test_unchanged_file_is_read_from_the_header_cache_without_parsing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "cache"))
+    model = write_synthetic_gguf(tmp_path / "m.gguf", SynthSpec(extra_vocab=5000))[0]
+    first = read_gguf(model)
+    assert len(list((tmp_path / "cache" / "gguf-headers").iterdir())) == 1
+
+    def no_parse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an unchanged file was parsed again")
+
+    monkeypatch.setattr(gguf_file, "parse_growing", no_parse)
+    again = read_gguf(model)
+    assert again.metadata == first.metadata and again.tensors == first.tensors
+    assert again.file_bytes == first.file_bytes and again.header_bytes == first.header_bytes
+    assert isinstance(again.metadata["tokenizer.ggml.tokens"], ArraySummary)
+
+
+def test_changed_or_truncated_file_is_parsed_again_not_taken_from_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "cache"))
+    model = write_synthetic_gguf(tmp_path / "m.gguf", SynthSpec(n_layer=4))[0]
+    assert read_gguf(model).metadata["qwen35moe.block_count"] == 4
+    write_synthetic_gguf(model, SynthSpec(n_layer=8))
+    assert read_gguf(model).metadata["qwen35moe.block_count"] == 8
+    size = model.stat().st_size
+    with open(model, "r+b") as fh:
+        fh.truncate(size - 1000)
+    with pytest.raises(TunerError, match="truncated"):
+        read_gguf(model)

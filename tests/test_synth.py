@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tuner.errors import TunerError
-from tuner.gguf_file import StringArraySummary, read_gguf
+from tuner.gguf_file import ArraySummary, read_gguf
 from tuner.models import local_layout
 from tuner.server import LlamaServer
 from tuner.synth import (
@@ -119,7 +119,7 @@ def test_qwen3next_uses_the_fused_beta_alpha_projection() -> None:
 def test_long_tokenizer_arrays_are_written_in_full(tmp_path: Path) -> None:
     (path,) = write_synthetic_gguf(tmp_path / "v.gguf", SynthSpec(fill="zeros", extra_vocab=5000, extra_merges=6000))
     header = read_gguf(path)
-    assert isinstance(header.get("tokenizer.ggml.tokens"), StringArraySummary)
+    assert isinstance(header.get("tokenizer.ggml.tokens"), ArraySummary)
     assert len(header.get("tokenizer.ggml.tokens")) == len(vocabulary(SynthSpec(extra_vocab=5000))[0])
     assert len(header.get("tokenizer.ggml.merges")) == len(vocabulary(SynthSpec())[2]) + 6000
     assert local_layout(path).n_vocab == len(vocabulary(SynthSpec(extra_vocab=5000))[0])

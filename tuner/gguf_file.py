@@ -10,6 +10,9 @@ Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (magic ``GGUF`
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import re
 import struct
@@ -20,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import TunerError
-from tuner.ggml import GGML_TYPES, GgmlType, tensor_bytes
+from tuner.ggml import GGML_TYPES, GgmlType, ggml_type, tensor_bytes
+from tuner.paths import cache_dir, write_atomic
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
-# String arrays longer than this (tokenizer vocabularies, merges) are counted, not decoded.
-MAX_DECODED_STRING_ARRAY = 4096
+# Arrays longer than this (tokenizer vocabularies, merges, token types and scores) are counted, not decoded.
+MAX_DECODED_ARRAY = 4096
 # A local read starts with this many bytes: real Qwen3.5 headers (tokenizer + merges) are 10-13 MB.
 LOCAL_FIRST_READ = 16 << 20
 # Sanity limits that catch random bytes masquerading as a header before they allocate anything.
@@ -52,8 +56,8 @@ class NeedMoreBytes(Exception):
 
 
 @dataclass(frozen=True)
-class StringArraySummary:
-    """A long string array (e.g. ``tokenizer.ggml.tokens``) kept as its length only."""
+class ArraySummary:
+    """A long array (``tokenizer.ggml.tokens``, ``.merges``, ``.token_type`` …) kept as its length only."""
 
     count: int
 
@@ -165,11 +169,13 @@ def _read_value(cur: _Cursor, vtype: int) -> Any:
         if efmt is not None:
             size = struct.calcsize(efmt)
             raw = cur.take(size * count)
+            if count > MAX_DECODED_ARRAY:  # per-token types or scores: nothing tuner sizes depends on them
+                return ArraySummary(count)
             return list(struct.unpack(f"<{count}{efmt[1]}", raw))
         if etype == _TYPE_STRING:
-            if count > MAX_DECODED_STRING_ARRAY:
+            if count > MAX_DECODED_ARRAY:
                 cur.skip_strings(count)
-                return StringArraySummary(count)
+                return ArraySummary(count)
             return [cur.string() for _ in range(count)]
         if etype == _TYPE_ARRAY:
             return [_read_value(cur, _TYPE_ARRAY) for _ in range(count)]
@@ -279,8 +285,94 @@ def join_shards(paths: list[str], parsed: list[ParsedShard], sizes: list[int]) -
     )
 
 
-def read_gguf(path: str | os.PathLike[str]) -> GgufHeader:
-    """Read the header of a local GGUF file or split model. Reads only the header bytes of each shard."""
+# --- a parsed header as plain JSON (the header caches of local files and Hub files) ---------------------------------
+
+HEADER_CACHE_FORMAT = 2
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, ArraySummary):
+        return {"array": value.count}
+    if isinstance(value, list) and value and isinstance(value[0], list | ArraySummary):
+        return [_encode(v) for v in value]  # GGUF arrays are homogeneous: only nested ones need a walk
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ArraySummary(int(value["array"]))
+    if isinstance(value, list) and value and isinstance(value[0], list | dict):
+        return [_decode(v) for v in value]
+    return value
+
+
+def shard_to_dict(parsed: ParsedShard, size_bytes: int) -> dict[str, Any]:
+    """A parsed shard as JSON-ready data, with the size of the file it was read from."""
+    return {
+        "format": HEADER_CACHE_FORMAT, "size": size_bytes, "version": parsed.version,
+        "data_offset": parsed.data_offset,
+        "metadata": {k: _encode(v) for k, v in parsed.metadata.items()},
+        "tensors": [[t.name, list(t.shape), t.ggml_type.type_id, t.offset] for t in parsed.tensors],
+    }
+
+
+def shard_from_dict(data: Any, shard: int) -> tuple[ParsedShard, int] | None:
+    """A shard from :func:`shard_to_dict`'s data, or None when it is unreadable or of another format."""
+    try:
+        if data.get("format") != HEADER_CACHE_FORMAT:
+            return None
+        tensors = []
+        for name, shape, type_id, offset in data["tensors"]:
+            t = ggml_type(int(type_id))
+            tensors.append(TensorInfo(str(name), tuple(int(d) for d in shape), t, int(offset),
+                                      tensor_bytes(t, tuple(shape)), shard))
+        metadata = {str(k): _decode(v) for k, v in data["metadata"].items()}
+        return ParsedShard(int(data["version"]), metadata, tuple(tensors), int(data["data_offset"])), int(data["size"])
+    except (AttributeError, KeyError, TypeError, ValueError, TunerError):
+        return None
+
+
+def _local_cache_path(path: Path, stat: os.stat_result) -> Path:
+    """Where the parsed header of a local file is kept: keyed by its absolute path, size and modification time, so
+    a changed, truncated or replaced file is read again."""
+    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
+    return cache_dir() / "gguf-headers" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+
+def _read_shard(shard_path: str, index: int, *, use_cache: bool) -> tuple[ParsedShard, int]:
+    p = Path(shard_path)
+    try:
+        stat = p.stat()
+        if stat.st_size == 0:
+            raise TunerError(f"{shard_path} is empty (0 bytes)")
+        cache_file = _local_cache_path(p, stat) if use_cache else None
+        if cache_file is not None and cache_file.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                hit = shard_from_dict(json.loads(cache_file.read_text(encoding="utf-8")), index)
+                if hit is not None and hit[1] == stat.st_size:
+                    return hit
+        with open(shard_path, "rb") as fh:
+
+            def read_prefix(n: int) -> bytes:
+                fh.seek(0)
+                return fh.read(n)
+
+            shard = parse_growing(read_prefix, stat.st_size, shard=index, source=shard_path,
+                                  first_read=LOCAL_FIRST_READ)
+    except OSError as exc:  # permissions, I/O errors, a file that vanished: still one line
+        raise TunerError(f"cannot read {shard_path}: {exc.strerror or exc}") from None
+    check_data_fits(shard, stat.st_size, shard_path)
+    if cache_file is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs speed
+            write_atomic(cache_file, json.dumps(shard_to_dict(shard, stat.st_size), separators=(",", ":")),
+                         durable=False)
+    return shard, stat.st_size
+
+
+def read_gguf(path: str | os.PathLike[str], *, use_cache: bool = True) -> GgufHeader:
+    """Read the header of a local GGUF file or split model. Reads only the header bytes of each shard, and keeps
+    what it parsed in the user cache (a Qwen3.5 header holds ~500k tokenizer strings: parsing it is most of a
+    ``tuner estimate``), so the next read of an unchanged file parses nothing."""
     first = str(path)
     p = Path(first)
     if p.is_dir():
@@ -292,23 +384,5 @@ def read_gguf(path: str | os.PathLike[str]) -> GgufHeader:
     if missing:
         raise TunerError(f"split model is missing {len(missing)} of {len(paths)} shards: {Path(missing[0]).name}"
                          + (" …" if len(missing) > 1 else ""))
-    parsed: list[ParsedShard] = []
-    sizes: list[int] = []
-    for i, shard_path in enumerate(paths):
-        try:
-            size = Path(shard_path).stat().st_size
-            if size == 0:
-                raise TunerError(f"{shard_path} is empty (0 bytes)")
-            with open(shard_path, "rb") as fh:
-
-                def read_prefix(n: int, fh: Any = fh) -> bytes:
-                    fh.seek(0)
-                    return fh.read(n)
-
-                shard = parse_growing(read_prefix, size, shard=i, source=shard_path, first_read=LOCAL_FIRST_READ)
-        except OSError as exc:  # permissions, I/O errors, a file that vanished: still one line
-            raise TunerError(f"cannot read {shard_path}: {exc.strerror or exc}") from None
-        check_data_fits(shard, size, shard_path)
-        parsed.append(shard)
-        sizes.append(size)
-    return join_shards(paths, parsed, sizes)
+    shards = [_read_shard(q, i, use_cache=use_cache) for i, q in enumerate(paths)]
+    return join_shards(paths, [parsed for parsed, _ in shards], [size for _, size in shards])

@@ -26,7 +26,7 @@ from typing import Any
 
 from tuner.errors import TunerError
 from tuner.ggml import GgmlType, kv_cache_type, row_bytes
-from tuner.gguf_file import GgufHeader, StringArraySummary
+from tuner.gguf_file import ArraySummary, GgufHeader
 
 HYBRID_ARCHS: frozenset[str] = frozenset({"qwen35moe", "qwen35", "qwen3next"})
 # Transformers where every layer has a KV cache, sized by the generic keys alone.
@@ -315,7 +315,7 @@ def layout_from_metadata(metadata: dict[str, Any], tensors: Iterable[tuple[str, 
             n_vocab = int(shape[1])
     if not n_vocab:
         tokens = metadata.get("tokenizer.ggml.tokens")
-        n_vocab = len(tokens) if isinstance(tokens, list | StringArraySummary) else int(key("vocab_size", 0))
+        n_vocab = len(tokens) if isinstance(tokens, list | ArraySummary) else int(key("vocab_size", 0))
 
     rec_set = frozenset(recurrent)
     classified = []

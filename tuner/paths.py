@@ -43,9 +43,10 @@ def load_yaml(path: Path) -> Any:
     return yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
 
 
-def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644) -> Path:
+def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part: a temporary
-    file in the same folder, flushed to disk, then renamed over ``path``. An interruption leaves no temporary file."""
+    file in the same folder, flushed to disk (unless ``durable`` is False: caches that are checked when read), then
+    renamed over ``path``. An interruption leaves no temporary file."""
     import os
     import tempfile
 
@@ -55,8 +56,9 @@ def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

@@ -26,18 +26,18 @@ from urllib.parse import quote
 
 from tuner import __version__
 from tuner.errors import TunerError
-from tuner.ggml import ggml_type, tensor_bytes
 from tuner.gguf_file import (
+    HEADER_CACHE_FORMAT,
     SPLIT_RE,
     GgufHeader,
     NeedMoreBytes,
     ParsedShard,
-    StringArraySummary,
-    TensorInfo,
     check_data_fits,
     join_shards,
     parse_header,
     read_gguf,
+    shard_from_dict,
+    shard_to_dict,
 )
 from tuner.layout import layout_from_header
 from tuner.models import ProgressFn, QuantCandidate
@@ -49,7 +49,6 @@ REMOTE_FIRST_READ = 2 << 20  # first range request per shard; Qwen3.5 headers ar
 REMOTE_MIN_GROW = 1 << 20
 HEADER_WORKERS = 8  # parallel range readers
 HTTP_TIMEOUT_S = 30.0
-_CACHE_FORMAT = 1
 # Quant label in a file name: Q4_K_M, UD-Q4_K_XL, IQ4_XS, Q8_0, BF16, MXFP4_MOE, TQ1_0 ... (last match wins).
 _QUANT_RE = re.compile(
     r"(?:^|[-_.])((?:UD-)?(?:I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|FP16|FP32|MXFP4(?:_MOE)?|TQ\d_\d))(?=$|[-_.])",
@@ -215,46 +214,6 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, StringArraySummary):
-        return {"string_array": value.count}
-    if isinstance(value, list) and value and isinstance(value[0], list | StringArraySummary):
-        return [_encode(v) for v in value]  # GGUF arrays are homogeneous: only nested ones need a walk
-    return value
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict):
-        return StringArraySummary(int(value["string_array"]))
-    if isinstance(value, list) and value and isinstance(value[0], list | dict):
-        return [_decode(v) for v in value]
-    return value
-
-
-def shard_to_json(parsed: ParsedShard, size_bytes: int) -> dict[str, Any]:
-    return {
-        "format": _CACHE_FORMAT, "size": size_bytes, "version": parsed.version, "data_offset": parsed.data_offset,
-        "metadata": {k: _encode(v) for k, v in parsed.metadata.items()},
-        "tensors": [[t.name, list(t.shape), t.ggml_type.type_id, t.offset] for t in parsed.tensors],
-    }
-
-
-def shard_from_json(data: Any, shard: int) -> tuple[ParsedShard, int] | None:
-    """A cached shard, or None when the entry is unreadable or of another format."""
-    try:
-        if data.get("format") != _CACHE_FORMAT:
-            return None
-        tensors = []
-        for name, shape, type_id, offset in data["tensors"]:
-            t = ggml_type(int(type_id))
-            tensors.append(TensorInfo(str(name), tuple(int(d) for d in shape), t, int(offset),
-                                      tensor_bytes(t, tuple(shape)), shard))
-        metadata = {str(k): _decode(v) for k, v in data["metadata"].items()}
-        return ParsedShard(int(data["version"]), metadata, tuple(tensors), int(data["data_offset"])), int(data["size"])
-    except (AttributeError, KeyError, TypeError, ValueError, TunerError):
-        return None
-
-
 # --- listing ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -328,7 +287,7 @@ def list_hub_repo(repo: str, revision: str | None = None) -> HubListing:
     listing = HubListing(repo, rev, commit, files, endpoint)
     with contextlib.suppress(OSError):  # the cache is an optimisation
         write_atomic(_repo_cache(repo) / f"{commit}.listing.json",
-                      json.dumps({"format": _CACHE_FORMAT, "files": [list(f) for f in files]}))
+                      json.dumps({"format": HEADER_CACHE_FORMAT, "files": [list(f) for f in files]}))
         write_atomic(ref_file, json.dumps({"commit": commit}))
     return listing
 
@@ -341,7 +300,7 @@ def _cached_listing(repo: str, rev: str, ref_file: Path, endpoint: str) -> HubLi
     if not commit:
         return None
     data = _read_json(_repo_cache(repo) / f"{commit}.listing.json")
-    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != HEADER_CACHE_FORMAT:
         return None
     files = tuple((str(p), int(s)) for p, s in data["files"])
     return HubListing(repo, rev, commit, files, endpoint, from_cache=True)
@@ -446,7 +405,7 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
     results: dict[tuple[int, int], ParsedShard] = {}
     todo: list[_Job] = []
     for gi, si, path, size in jobs:
-        hit = shard_from_json(_read_json(_header_cache_path(listing, path)), si)
+        hit = shard_from_dict(_read_json(_header_cache_path(listing, path)), si)
         if hit is not None and hit[1] == size:
             results[(gi, si)] = hit[0]
         else:
@@ -466,7 +425,8 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
             progress["done"] += 1
             progress["fetched"] += nbytes
             with contextlib.suppress(OSError):  # the cache is an optimisation
-                write_atomic(_header_cache_path(listing, job[2]), json.dumps(shard_to_json(parsed, job[3])))
+                write_atomic(_header_cache_path(listing, job[2]), json.dumps(shard_to_dict(parsed, job[3])),
+                             durable=False)
             if on_progress:
                 on_progress("reading GGUF headers", progress["done"], len(jobs))
 
