@@ -94,3 +94,16 @@ def _live_processes_naming(needle: str) -> list[int]:
 def processes_naming() -> Callable[[str], list[int]]:
     """``processes_naming(text)``: live processes whose command line contains ``text``, to show nothing is orphaned."""
     return _live_processes_naming
+
+
+@pytest.fixture
+def broken_llama_source(tmp_path: Path) -> Path:
+    """A folder that passes tuner's llama.cpp source check but whose CMakeLists.txt does not configure."""
+    source = tmp_path / "llama.cpp"
+    (source / "src").mkdir(parents=True)
+    (source / "include").mkdir()
+    (source / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(broken NONE)\n"
+                                           "this_is_not_a_cmake_command(\n")
+    (source / "src" / "llama.cpp").write_text("// not really\n")
+    (source / "include" / "llama.h").write_text("// not really\n")
+    return source

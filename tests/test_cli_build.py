@@ -46,14 +46,9 @@ def test_build_output_for_people_names_binary_version_and_cache(llama_build: Any
     assert "version:" in proc.stdout and "build key: pypi-0.3.36-cpu" in proc.stdout
 
 
-def test_broken_source_dir_fails_with_one_line_naming_the_log(tmp_path: Path, processes_naming: Any) -> None:
-    source = tmp_path / "llama.cpp"
-    (source / "src").mkdir(parents=True)
-    (source / "include").mkdir()
-    (source / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(broken C)\n"
-                                           "this_is_not_a_cmake_command(\n")
-    (source / "src" / "llama.cpp").write_text("// not really\n")
-    (source / "include" / "llama.h").write_text("// not really\n")
+def test_broken_source_dir_fails_with_one_line_naming_the_log(tmp_path: Path, processes_naming: Any,
+                                                                broken_llama_source: Path) -> None:
+    source = broken_llama_source
     cache = tmp_path / "cache"
     proc = _tuner("build", "--source", str(source), "--no-cuda", env={"TUNER_CACHE_DIR": str(cache)})
     assert proc.returncode != 0

@@ -777,14 +777,9 @@ def test_model_larger_than_this_machines_ram_is_refused_before_launch(tmp_path: 
 
 
 def test_build_failure_from_a_broken_source_dir_is_one_line_and_leaves_nothing(
-        tiny_moe_gguf: Path, serve_env: dict[str, str], tmp_path: Path, processes_naming: Any) -> None:
-    source = tmp_path / "llama.cpp"
-    (source / "src").mkdir(parents=True)
-    (source / "include").mkdir()
-    (source / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(broken NONE)\n"
-                                           "this_is_not_a_cmake_command(\n")
-    (source / "src" / "llama.cpp").write_text("// not really\n")
-    (source / "include" / "llama.h").write_text("// not really\n")
+        tiny_moe_gguf: Path, serve_env: dict[str, str], tmp_path: Path, processes_naming: Any,
+        broken_llama_source: Path) -> None:
+    source = broken_llama_source
     cache = tmp_path / "cache"
     serve = ServeProcess([str(tiny_moe_gguf), "--gpu", "none", "--source", str(source), "--port", str(free_port()),
                           "--log-file", str(tmp_path / "never.log")], {**serve_env, "TUNER_CACHE_DIR": str(cache)})
