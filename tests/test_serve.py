@@ -899,3 +899,16 @@ def test_hub_model_is_planned_downloaded_and_served(llama_build: Any, fake_hub: 
         assert serve.finish() == 0
     finally:
         serve.kill()
+
+
+@pytest.mark.server
+def test_unreachable_hub_is_one_line_on_stderr_without_the_hub_librarys_retry_chatter(
+        llama_build: Any, serve_env: dict[str, str], tmp_path: Path) -> None:
+    closed_port = free_port()  # nothing listens there: every request is refused, and huggingface_hub retries
+    env = {**serve_env, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "tuner", "serve", "qwen3.5-35b-a3b:Q2_K", "--gpu", "none",
+                           "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tuner: error: cannot download"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -17,6 +17,9 @@ from types import FrameType
 # huggingface_hub 2.x asks the endpoint about "agent harnesses" on its first call (3 s timeout): tuner only wants
 # the repo listing and files, so keep it quiet and fast (set before huggingface_hub is imported anywhere).
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Its retry warnings ("Retrying in 4s [Retry 3/5]") would go to stderr line by line; tuner reports a failed
+# download once, as one line, when the retries are spent.
+os.environ.setdefault("HF_HUB_VERBOSITY", "error")
 
 import typer
 
