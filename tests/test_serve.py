@@ -158,15 +158,20 @@ def test_client_settings_are_ready_to_paste() -> None:
 # ------------------------------------------------------------------------------------------------ the memory check
 
 
+def _load_log_of(plan: Any, server_bin: Path, model: Path, tmp_path: Path) -> Any:  # -> ReportedMemory
+    """Launch ``plan`` as serve does, read what llama-server reported at load, stop it."""
+    args = server_args(plan.command(str(server_bin), str(model)), plan.estimate, alias="t")
+    server = launch(server_bin, model, args, port=free_port(), log_path=tmp_path / "l.log")
+    try:
+        return parse_load_log(server.log_text())
+    finally:
+        server.stop()
+
+
 @pytest.mark.server
 def test_memory_check_against_a_real_load_log(server_bin: Path, hybrid_gguf: Path, tmp_path: Path) -> None:
     plan = _cpu_plan(hybrid_gguf, cache_type="f16")
-    args = server_args(plan.command(str(server_bin), str(hybrid_gguf)), plan.estimate, alias="t")
-    server = launch(server_bin, hybrid_gguf, args, port=free_port(), log_path=tmp_path / "l.log")
-    try:
-        reported = parse_load_log(server.log_text())
-    finally:
-        server.stop()
+    reported = _load_log_of(plan, server_bin, hybrid_gguf, tmp_path)
     check = memory_check(plan.estimate, reported)
     for kind in ("kv", "recurrent", "weights"):
         k = check.kind(kind)
@@ -192,12 +197,7 @@ def test_memory_check_counts_repacked_cpu_weights_once(server_bin: Path, tmp_pat
     write_synthetic_gguf(model, SynthSpec(types={"matrix": "q4_0", "experts": "q4_0", "embd": "f16",
                                                  "output": "f16"}))
     plan = _cpu_plan(model)
-    args = server_args(plan.command(str(server_bin), str(model)), plan.estimate, alias="t")
-    server = launch(server_bin, model, args, port=free_port(), log_path=tmp_path / "l.log")
-    try:
-        reported = parse_load_log(server.log_text())
-    finally:
-        server.stop()
+    reported = _load_log_of(plan, server_bin, model, tmp_path)
     weights = memory_check(plan.estimate, reported).kind("weights")
     assert weights.reported_bytes == reported.total("weights") - reported.repacked_bytes
     assert weights.within, weights.to_dict()

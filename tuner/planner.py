@@ -330,19 +330,18 @@ class _Miss:
 _T = TypeVar("_T")
 
 
-def _first_fit(lo: int, hi: int, probe: Callable[[int], _T | None]) -> _T:
-    """Binary search over a monotone fit: ``probe(lo)`` fails, ``probe(hi)`` fits; the result at the smallest
-    fitting value (``probe`` is called O(log(hi - lo)) times)."""
-    best = probe(hi)
-    assert best is not None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
+def _bisect(bad: int, good: int, probe: Callable[[int], _T | None], good_result: _T) -> _T:
+    """Binary search over a monotone fit: ``probe(good)`` fits (its result is ``good_result``), ``probe(bad)``
+    does not; the result at the fitting value nearest ``bad`` (``probe`` is called O(log|good - bad|) times).
+    Works in either direction: the fewest expert layers in RAM, the most GPU layers, the largest context."""
+    while abs(good - bad) > 1:
+        mid = (good + bad) // 2
         got = probe(mid)
         if got is not None:
-            hi, best = mid, got
+            good, good_result = mid, got
         else:
-            lo = mid
-    return best
+            bad = mid
+    return good_result
 
 
 class _Search:
@@ -404,14 +403,15 @@ class _Search:
             return first
         if lay.is_moe:
             all_cpu = flags.with_(n_cpu_moe=lay.n_layer)
-            if probe(all_cpu) is not None:  # the fewest expert layers in RAM
-                return _first_fit(0, lay.n_layer, lambda n: probe(flags.with_(n_cpu_moe=n)))
+            fitted = probe(all_cpu)
+            if fitted is not None:  # the fewest expert layers in RAM
+                return _bisect(0, lay.n_layer, lambda n: probe(flags.with_(n_cpu_moe=n)), fitted)
             flags = all_cpu
         # not even with every expert in RAM: leave whole layers on the CPU as well (the most -ngl that fits)
-        n_all = lay.n_layer_all + 1
-        if probe(flags.with_(n_gpu_layers=0)) is None:
+        none_on_gpu = probe(flags.with_(n_gpu_layers=0))
+        if none_on_gpu is None:
             return None
-        return _first_fit(0, n_all, lambda off: probe(flags.with_(n_gpu_layers=n_all - off)))
+        return _bisect(lay.n_layer_all + 1, 0, lambda ngl: probe(flags.with_(n_gpu_layers=ngl)), none_on_gpu)
 
     def fit_host(self, cand: QuantCandidate, flags: ServerFlags, est: MemoryEstimate, budget: Budget
                  ) -> tuple[ServerFlags, MemoryEstimate, tuple[str, ...]] | None:
@@ -460,25 +460,20 @@ class _Search:
             slope = (h_hi[dev] - left) / (cap - floor)
             if h_hi[dev] < 0 and slope < 0:
                 guess = min(guess, int((floor + left / -slope) // CTX_STEP))
-        for probe in (guess, guess + 1):  # the interpolated limit and the step above it
-            if not lo < probe < hi:
+        def probe(step: int) -> tuple[ServerFlags, MemoryEstimate] | None:
+            f = self.with_ctx(flags, step * CTX_STEP)
+            e = self.estimate(cand.layout, f)
+            return (f, e) if fits(e, budget) else None
+
+        for step in (guess, guess + 1):  # the interpolated limit and the step above it
+            if not lo < step < hi:
                 continue
-            f = self.with_ctx(flags, probe * CTX_STEP)
-            e = self.estimate(cand.layout, f)
-            if fits(e, budget):
-                lo, best = probe, (f, e)
-            else:
-                hi = probe
+            got = probe(step)
+            if got is None:
+                hi = step
                 break
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            f = self.with_ctx(flags, mid * CTX_STEP)
-            e = self.estimate(cand.layout, f)
-            if fits(e, budget):
-                lo, best = mid, (f, e)
-            else:
-                hi = mid
-        return best
+            lo, best = step, got
+        return _bisect(hi, lo, probe, best)
 
     def option(self, cand: QuantCandidate, kv: str, floor: int, cap: int) -> _Option | _Miss:
         budget = self.budget_for_candidate(cand)
