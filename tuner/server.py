@@ -1,12 +1,15 @@
 """Running llama-server: start it, watch its log and /health, and stop it so that nothing is left behind.
 
 * The child is started in its own session (a terminal's Ctrl-C reaches tuner only, which then stops the child in
-  order) and with ``PR_SET_PDEATHSIG`` (Linux), so it dies with tuner even when tuner is killed outright.
+  order) and with ``PR_SET_PDEATHSIG`` (Linux), so it dies with tuner even when tuner is killed outright
+  (:func:`tuner.procgroup.start_group`).
 * Its stdout and stderr go to a log file, which is what :mod:`tuner.serverlog` parses and what errors quote.
-* The HTTP server comes up before the model is loaded and answers 503 while loading (llamacpp-memory.md §7); a
-  process that exits while we wait is reported with the tail of its log, not as a timeout.
+* The HTTP server comes up before the model is loaded (tools/server/server.cpp:461-483) and answers 503 while
+  loading (tools/server/server-http.cpp:307-326); a process that exits while we wait is reported with the tail of
+  its log, not as a timeout.
 * ``stop()`` sends SIGTERM (llama-server prints its memory breakdown and exits), then SIGKILL after a grace period,
-  to the child's whole process group, so a wrapper script given as ``--server-bin`` leaves nothing behind either.
+  to the child's whole process group (:func:`tuner.procgroup.stop_group`), so a wrapper script given as
+  ``--server-bin`` leaves nothing behind either.
 * ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` is set for the child (unless the caller's ``env`` says otherwise), so llama.cpp's
   ``CUDAn`` is NVML's GPU ``n`` (see :mod:`tuner.hardware`).
 * CPU-resident weights of a CUDA build go into pinned host memory (``CUDA_Host``) when mmap is off, and a few
@@ -19,7 +22,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -35,8 +37,8 @@ from typing import Any
 import httpx
 
 from tuner.errors import TunerError
+from tuner.procgroup import start_group, stop_group
 
-PR_SET_PDEATHSIG = 1
 NO_PINNED_ENV = {"GGML_CUDA_NO_PINNED": "1"}
 CHILD_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -75,19 +77,6 @@ LOAD_STAGES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"warming up the model"), "warming up"),
     (re.compile(r"model loaded"), "model loaded"),
 )
-
-
-def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec: die with SIGKILL when tuner dies, and do not start at all if tuner
-    died between the fork and here (the signal would never come)."""
-
-    def preexec() -> None:
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
 
 
 def is_loopback(host: str) -> bool:
@@ -250,10 +239,8 @@ class LlamaServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             try:
-                self.proc = subprocess.Popen(
-                    self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True, preexec_fn=_pdeathsig_preexec(os.getpid()),
-                )
+                self.proc = start_group(self.command, die_with_parent=True, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
             except OSError as exc:
                 raise TunerError(f"cannot run {self.server_bin}: {exc.strerror or exc}") from None
         self.started_at = time.monotonic()
@@ -277,22 +264,7 @@ class LlamaServer:
         """SIGTERM to its process group, SIGKILL after ``grace_s``, and SIGKILL to whatever is left of the group
         once it has exited (a ``--server-bin`` wrapper script's children). Returns the exit code (None if never
         started). Calling it again is harmless."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                self.proc.wait(timeout=10)
-            self._signal_group(signal.SIGKILL)  # just reaped: the group id cannot have been reused yet
-        return self.proc.returncode
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
+        return None if self.proc is None else stop_group(self.proc, grace_s)
 
     def cleanup_log(self) -> None:
         if self._own_log:
