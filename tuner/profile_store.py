@@ -44,24 +44,19 @@ import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import filelock
 import yaml
 
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
 from tuner.hardware import Hardware
 from tuner.paths import config_dir, write_atomic
-
-if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-    import msvcrt
-else:
-    import fcntl
 
 STORE_FORMAT = 1
 STORE_FILE = "profiles.yaml"
@@ -358,16 +353,8 @@ class ProfileStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as fh:
-            if sys.platform == "win32":  # pragma: no cover
-                msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
-            else:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if sys.platform != "win32":
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with filelock.FileLock(self.path.with_name(self.path.name + ".lock")):
+            yield
 
     def reset(self) -> bool:
         """Remove the file; True if there was one."""
