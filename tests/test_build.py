@@ -15,30 +15,30 @@ from pathlib import Path
 
 import pytest
 
-import tuner.build as build
-from tuner.build import (
+from tuner.build import cache as build_cache
+from tuner.build import cmake, pypi, source
+from tuner.build import spec as build_spec
+from tuner.build.binaries import LlamaBuild, build_from_binary, parse_version_output
+from tuner.build.cache import current_build, ensure_build, find_build, publish_build
+from tuner.build.cmake import (
+    TARGET_OPTIONS,
+    TARGETS,
+    build_command,
+    cmake_options,
+    configure_command,
+    reset_stale_build_dir,
+)
+from tuner.build.pypi import find_sdist_in_index, pip_download_command, pip_setting
+from tuner.build.source import (
     DEFAULT_GIT_REF,
     DEFAULT_PYPI_VERSION,
-    BuildSpec,
-    LlamaBuild,
-    build_from_binary,
-    build_key,
-    cmake_options,
-    condense_output,
-    cuda_archs,
-    decide_cuda,
-    ensure_build,
-    find_build,
-    find_sdist_in_index,
+    build_number_from_ref,
     git_fetch_commands,
     parse_source,
-    parse_version_output,
-    pip_download_command,
-    pip_setting,
-    publish_build,
-    resolve_spec,
     unpack_sdist,
 )
+from tuner.build.spec import BuildSpec, build_key, cuda_archs, decide_cuda, resolve_spec
+from tuner.build.steps import cache_lock, condense_output, parse_progress
 from tuner.errors import TunerError
 
 FAKE_VERSION = "version: 0.5.0-dev (build 7, commit abc1234)\nbuilt with GNU 12.2.0 for Linux x86_64"
@@ -54,7 +54,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _fake_bins(directory: Path, version_text: str = FAKE_VERSION) -> Path:
     """Three tiny executables; llama-server prints ``version_text`` for --version, on stderr like llama.cpp."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name in build.TARGETS:
+    for name in TARGETS:
         script = directory / name
         body = "".join(f"echo '{line}' >&2\n" for line in version_text.splitlines())
         script.write_text(f"#!/bin/sh\n{body}")
@@ -76,7 +76,8 @@ def _forbid_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError(f"a subprocess was started: {args!r}")
 
     monkeypatch.setattr(subprocess, "Popen", refuse)
-    monkeypatch.setattr(build, "_run_logged", refuse)
+    for module in (pypi, source, cmake):
+        monkeypatch.setattr(module, "run_logged", refuse)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -205,8 +206,8 @@ def test_git_source_is_a_shallow_clone_of_the_pinned_tag(tmp_path: Path) -> None
     assert cmd[-2:] == ["https://github.com/ggml-org/llama.cpp", str(tmp_path / "llama.cpp")]
     assert cmd[cmd.index("--depth") + 1] == "1"
     assert cmd[cmd.index("--branch") + 1] == "b11312"
-    assert build.build_number_from_ref("b11312") == 11312
-    assert build.build_number_from_ref("master") == 0
+    assert build_number_from_ref("b11312") == 11312
+    assert build_number_from_ref("master") == 0
 
 
 def test_git_commit_hash_is_fetched_shallowly_rather_than_cloned(tmp_path: Path) -> None:
@@ -289,19 +290,19 @@ def _nvml_capabilities() -> tuple[tuple[int, int], ...]:
 def test_cuda_auto_builds_for_cuda_only_where_nvml_sees_a_gpu() -> None:
     caps = _nvml_capabilities()
     spec = resolve_spec("pypi", cuda=None, gpu_compute_capabilities=caps)
-    assert spec.cuda is (bool(caps) and build.find_nvcc() is not None)
+    assert spec.cuda is (bool(caps) and build_spec.find_nvcc() is not None)
     if not caps:  # this machine: nvcc, no GPU
         assert build_key(spec) == f"pypi-{DEFAULT_PYPI_VERSION}-cpu"
 
 
 def test_cuda_forced_without_nvcc_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    monkeypatch.setattr(build_spec, "find_nvcc", lambda: None)
     with pytest.raises(TunerError, match="nvcc"):
         resolve_spec("pypi", cuda=True, gpu_compute_capabilities=((8, 9),))
 
 
 def test_cuda_forced_with_gpus_targets_exactly_those_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(build, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    monkeypatch.setattr(build_spec, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
     spec = resolve_spec("pypi:0.3.36", cuda=True, gpu_compute_capabilities=((8, 9), (8, 6)))
     assert build_key(spec) == "pypi-0.3.36-cuda-86-89"
     options = cmake_options(spec, commit_id="0c1e570", build_number=0)
@@ -321,10 +322,18 @@ def test_cmake_options_build_static_native_and_download_nothing() -> None:
         "LLAMA_BUILD_NUMBER": "0",
     }.items():
         assert options[name] == value, name
-    cmd = build.configure_command(Path("/s"), Path("/b"), options, "Ninja")
+    cmd = configure_command(Path("/s"), Path("/b"), options, "Ninja")
     assert cmd[:7] == ["cmake", "-S", "/s", "-B", "/b", "-G", "Ninja"]
     assert "-DLLAMA_USE_PREBUILT_UI=OFF" in cmd
-    assert build.build_command(Path("/b"), 2)[-3:] == ["llama-server", "llama-bench", "llama-fit-params"]
+    assert build_command(Path("/b"), 2)[-3:] == ["llama-server", "llama-bench", "llama-fit-params"]
+
+
+def test_every_target_is_built_with_the_options_it_needs() -> None:
+    options = cmake_options(BuildSpec("pypi", "0.3.36", False), commit_id="x", build_number=0)
+    assert options["LLAMA_BUILD_SERVER"] == "ON"
+    for name, needed in TARGET_OPTIONS.items():
+        assert name in build_command(Path("/b"), 2)
+        assert needed.items() <= options.items(), name
 
 
 def test_extra_cmake_options_override_the_defaults() -> None:
@@ -336,9 +345,9 @@ def test_extra_cmake_options_override_the_defaults() -> None:
 
 
 def test_build_progress_is_read_from_ninja_and_make_lines() -> None:
-    assert build.parse_progress("[63/214] Building CXX object src/x.o") == (63, 214)
-    assert build.parse_progress("[ 45%] Building CXX object src/x.o") == (45, 100)
-    assert build.parse_progress("-- Configuring done") == (None, None)
+    assert parse_progress("[63/214] Building CXX object src/x.o") == (63, 214)
+    assert parse_progress("[ 45%] Building CXX object src/x.o") == (45, 100)
+    assert parse_progress("-- Configuring done") == (None, None)
 
 
 def test_condensed_failure_keeps_errors_and_drops_noise() -> None:
@@ -410,6 +419,29 @@ def test_incomplete_cache_entry_is_not_a_build(cache: Path, tmp_path: Path) -> N
     assert find_build(spec) is None
 
 
+def test_a_cached_build_missing_any_target_is_not_a_build(cache: Path, tmp_path: Path) -> None:
+    spec = BuildSpec("pypi", "0.3.36", False)
+    for name in TARGETS:
+        entry = publish_build(build_key(spec), _fake_bins(tmp_path / name), {"cuda": False}).root
+        (entry / "bin" / name).unlink()
+        assert find_build(spec) is None, name
+
+
+def test_current_build_is_the_cached_default_build_once_there_is_one(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build_cache, "read_gpus", lambda: ((), "no GPUs"))
+    assert current_build() is None
+    published = publish_build(f"pypi-{DEFAULT_PYPI_VERSION}-cpu", _fake_bins(tmp_path / "bin"), {"cuda": False})
+    assert current_build() == published
+
+
+def test_current_build_with_a_server_bin_is_that_binary(tmp_path: Path) -> None:
+    bins = _fake_bins(tmp_path / "bin")
+    got = current_build(str(bins / "llama-server"))
+    assert got is not None and got.server_bin == bins / "llama-server" and got.commit == "abc1234"
+
+
 def test_interrupted_publish_leaves_no_entry_and_no_temp_dir(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -420,7 +452,7 @@ def test_interrupted_publish_leaves_no_entry_and_no_temp_dir(
         assert server_bin.is_file()  # the binaries are already in the temp dir when Ctrl-C comes
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build, "llama_version", interrupted)
+    monkeypatch.setattr(build_cache, "llama_version", interrupted)
     with pytest.raises(KeyboardInterrupt):
         publish_build("pypi-0.3.36-cpu", _fake_bins(tmp_path / "bin"), {"cuda": False})
     assert copied and copied[0].parent.parent.name.startswith(".tmp-pypi-0.3.36-cpu-")
@@ -435,7 +467,7 @@ def test_interrupted_compile_publishes_nothing(cache: Path, tmp_path: Path, monk
             raise KeyboardInterrupt
         return 0, []
 
-    monkeypatch.setattr(build, "_run_logged", runner)
+    monkeypatch.setattr(cmake, "run_logged", runner)
     spec = resolve_spec(str(source), cuda=False)
     with pytest.raises(KeyboardInterrupt):
         ensure_build(spec)
@@ -456,7 +488,7 @@ def test_local_source_is_rebuilt_and_republished_each_time(
             _fake_bins(Path(cmd[cmd.index("--build") + 1]) / "bin", next(versions))
         return 0, []
 
-    monkeypatch.setattr(build, "_run_logged", runner)
+    monkeypatch.setattr(cmake, "run_logged", runner)
     spec = resolve_spec(str(source), cuda=False)
     first = ensure_build(spec)
     second = ensure_build(spec)
@@ -479,26 +511,26 @@ def test_build_dir_made_for_another_source_is_started_afresh(tmp_path: Path) -> 
     (build_dir / "CMakeCache.txt").write_text(
         "CMAKE_GENERATOR:INTERNAL=Ninja\nCMAKE_HOME_DIRECTORY:INTERNAL=/tmp/elsewhere/llama.cpp\n"
     )
-    build._reset_stale_build_dir(build_dir, tmp_path / "src", "Ninja")
+    reset_stale_build_dir(build_dir, tmp_path / "src", "Ninja")
     assert not build_dir.exists()
     build_dir.mkdir()
     (build_dir / "CMakeCache.txt").write_text(
         f"CMAKE_GENERATOR:INTERNAL=Ninja\nCMAKE_HOME_DIRECTORY:INTERNAL={tmp_path / 'src'}\n"
     )
-    build._reset_stale_build_dir(build_dir, tmp_path / "src", "Ninja")
+    reset_stale_build_dir(build_dir, tmp_path / "src", "Ninja")
     assert build_dir.exists()
 
 
-def test_second_builder_of_a_key_waits_for_the_first(tmp_path: Path) -> None:
-    lock = tmp_path / "k.lock"
+def test_second_builder_of_a_key_waits_for_the_first(cache: Path) -> None:
     waited = threading.Event()
     entered = threading.Event()
 
     def second() -> None:
-        with build._file_lock(lock, on_wait=waited.set):
+        with cache_lock("k", on_wait=waited.set):
             entered.set()
 
-    with build._file_lock(lock):
+    with cache_lock("k"):
+        assert (cache / "locks" / "k.lock").exists()
         thread = threading.Thread(target=second)
         thread.start()
         assert waited.wait(5)

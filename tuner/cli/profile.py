@@ -24,27 +24,13 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from tuner.build import current_build
 from tuner.cli import _options as o
 from tuner.cli._output import emit
 from tuner.errors import TunerError
 from tuner.hardware import Hardware
 from tuner.paths import write_atomic
 from tuner.profile_store import ProfileEntry, ProfileStore, measured_hook
-
-
-def current_build(server_bin: str | None) -> Any | None:
-    """The build ``recommend`` would run with: ``--server-bin``'s, else the cached default build; None when there
-    is none yet (then measurements of any build count)."""
-    from tuner.build import build_from_binary, find_build, resolve_spec
-    from tuner.hardware import read_gpus
-
-    if server_bin:
-        return build_from_binary(Path(server_bin))
-    try:
-        caps = [g.compute_capability for g in read_gpus()[0] if g.compute_capability]
-        return find_build(resolve_spec("pypi", cuda=None, gpu_compute_capabilities=caps))
-    except TunerError:
-        return None
 
 
 def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
