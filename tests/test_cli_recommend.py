@@ -18,6 +18,7 @@ import pytest
 from tuner import hardware
 from tuner.cli import main
 from tuner.cli.recommend import wishes_from_options
+from tuner.hardware import machine
 from tuner.units import GiB, MiB
 
 HOST_RAM = 64 * GiB
@@ -26,7 +27,7 @@ HOST_RAM = 64 * GiB
 @pytest.fixture(autouse=True)
 def pinned_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     host = hardware.HostInfo(HOST_RAM, HOST_RAM, 8, 16, "Test CPU")
-    monkeypatch.setattr(hardware, "_read_host", lambda: (host, ()))
+    monkeypatch.setattr(machine, "read_host_noted", lambda: (host, ()))
     monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "cache"))
 
 

@@ -26,7 +26,8 @@ import pytest
 
 from tuner.errors import TunerError
 from tuner.fetch import fetch_candidate
-from tuner.hardware import SnapshotNvml, hardware_for
+from tuner.hardware import hardware_for
+from tuner.hardware.snapshot import SnapshotNvml
 from tuner.models import QuantCandidate, local_layout
 from tuner.planner import Plan, Wishes, plan_for
 from tuner.serve import (

@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.ggml import kv_cache_type
-from tuner.hardware import Hardware, estimate_on, gpu_split
+from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
 from tuner.speed import Prediction, predict_speed
@@ -234,6 +234,11 @@ class Recommendation:
 
 
 # ---------------------------------------------------------------------------------------------- the budget
+
+
+def estimate_on(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> MemoryEstimate:
+    """The memory estimate on this hardware's GPUs (named as llama.cpp names them), layers split as it splits them."""
+    return estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
 
 
 def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:

@@ -21,9 +21,10 @@ from tuner.cli._output import emit, memory_table
 from tuner.cli.hardware import hardware_dict
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
-from tuner.hardware import Hardware, estimate_on, hardware_for
+from tuner.hardware import Hardware, hardware_for
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
+from tuner.planner import estimate_on
 from tuner.units import fmt_bytes
 
 
