@@ -10,8 +10,6 @@ re-published every time, since it can change under us.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +20,7 @@ from tuner.build.binaries import LlamaBuild, build_from_binary, llama_version, s
 from tuner.build.cmake import TARGETS, cmake_options, compile_tree
 from tuner.build.source import ensure_source, is_commit_hash, slug
 from tuner.build.spec import BuildSpec, build_key, find_nvcc, resolve_spec
-from tuner.build.steps import ProgressFn, cache_lock, exe, report
+from tuner.build.steps import ProgressFn, cache_lock, exe, remove_leftovers, replacing, report
 from tuner.errors import TunerError
 from tuner.hardware import Gpu, read_gpus
 from tuner.paths import cache_dir, write_atomic
@@ -41,16 +39,14 @@ def publish_build(
     """Copy the :data:`~tuner.build.cmake.TARGETS` binaries from ``bin_dir`` into ``builds/<key>`` atomically.
 
     Everything goes into ``builds/.tmp-<key>-*`` first; ``llama-server --version`` must run; ``build.json`` is
-    written last; then the directory is renamed into place. If anything fails or we are interrupted, the temp dir
-    is removed and ``builds/<key>`` is left as it was. The caller holds the key's lock.
+    written last; then the directory is renamed into place (:func:`~tuner.build.steps.replacing`). If anything fails
+    or we are interrupted, the temp dir is removed and ``builds/<key>`` is left as it was. The caller holds the key's
+    lock.
     """
     report(on_progress, "publish", None, None, str(builds_dir() / key))
-    root = builds_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / key
-    tmp = root / f".tmp-{key}-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        (tmp / "bin").mkdir(parents=True)
+    final = builds_dir() / key
+    with replacing(final) as tmp:
+        (tmp / "bin").mkdir()
         for name in TARGETS:
             shutil.copy2(bin_dir / exe(name), tmp / "bin" / exe(name))
         version_text, binary_commit = llama_version(tmp / "bin" / exe("llama-server"))
@@ -63,30 +59,11 @@ def publish_build(
         }
         full_meta.setdefault("commit", binary_commit)
         write_atomic(tmp / BUILD_JSON, json.dumps(full_meta, indent=2) + "\n")
-        _swap_in(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     published = _read_build(final)
     if published is None:  # pragma: no cover - we just wrote it
         raise TunerError(f"published build {final} cannot be read back")
     report(on_progress, "done", None, None, str(final))
     return published
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` (a local rebuild, a broken entry) is moved aside first."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_build(entry: Path) -> LlamaBuild | None:
@@ -135,7 +112,7 @@ def ensure_build(spec: BuildSpec, on_progress: ProgressFn | None = None) -> Llam
             if cached is not None:
                 report(on_progress, "cached", None, None, str(cached.root))
                 return cached
-        _remove_leftovers(key)
+        remove_leftovers(builds_dir() / key)
         cmake = shutil.which("cmake")
         if cmake is None:
             raise TunerError("building llama.cpp needs CMake, and cmake was not found", hint="install cmake >= 3.18")
@@ -168,14 +145,6 @@ def ensure_build(spec: BuildSpec, on_progress: ProgressFn | None = None) -> Llam
             "build_seconds": round(time.time() - started, 1),
         }
         return publish_build(key, bin_dir, meta, on_progress)
-
-
-def _remove_leftovers(key: str) -> None:
-    """Temp dirs of a publish that was killed too hard to clean up (we hold the key's lock)."""
-    root = builds_dir()
-    if root.is_dir():
-        for stale in [*root.glob(f".tmp-{key}-*"), *root.glob(f".old-{key}-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def obtain_build(

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shlex
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from tuner.build.pypi import download_sdist
-from tuner.build.steps import ProgressFn, cache_lock, condense_output, report, run_logged
+from tuner.build.steps import ProgressFn, cache_lock, condense_output, remove_leftovers, replacing, report, run_logged
 from tuner.errors import TunerError
 from tuner.paths import cache_dir, write_atomic
 
@@ -219,20 +218,10 @@ def ensure_source(kind: SourceKind, ref: str, on_progress: ProgressFn | None = N
         existing = read_source(root)
         if existing is not None:
             return existing
-        root.parent.mkdir(parents=True, exist_ok=True)
-        for stale in root.parent.glob(f".tmp-{sid}-*"):  # a fetch killed too hard to clean up after itself
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root.parent / f".tmp-{sid}-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            tmp.mkdir()
+        remove_leftovers(root)  # of a fetch killed too hard to clean up after itself
+        with replacing(root) as tmp:  # replaces an unfinished earlier attempt (no source.json)
             info = _fetch_pypi(ref, tmp, on_progress) if kind == "pypi" else _fetch_git(ref, tmp, on_progress)
             write_atomic(tmp / SOURCE_JSON, json.dumps(info, indent=2) + "\n")
-            if root.exists():
-                shutil.rmtree(root)  # an unfinished earlier attempt (no source.json)
-            os.replace(tmp, root)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     source = read_source(root)
     if source is None:  # pragma: no cover - we just wrote it
         raise TunerError(f"llama.cpp source in {root} cannot be read back")

@@ -1,6 +1,6 @@
-"""What every step of getting and building llama.cpp shares: progress reports, the cache's cross-process locks, and
-external tools (pip, git, CMake) run with their output logged, their progress read and a failure condensed to one
-line.
+"""What every step of getting and building llama.cpp shares: progress reports, the cache's cross-process locks,
+cache entries replaced whole (:func:`replacing`), and external tools (pip, git, CMake) run with their output logged,
+their progress read and a failure condensed to one line.
 
 A tool runs in its own process group (:func:`tuner.procgroup.start_group`), and if tuner is interrupted (Ctrl-C, or
 SIGTERM that the CLI turns into the same KeyboardInterrupt) the whole group is stopped, so no ninja or compiler
@@ -10,8 +10,11 @@ outlives an interrupted build.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 from collections import deque
@@ -62,6 +65,38 @@ def cache_lock(name: str, on_wait: Callable[[], None] | None = None) -> Iterator
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def replacing(final: Path) -> Iterator[Path]:
+    """A fresh directory beside ``final`` (``.tmp-<name>-*``) for the block to fill. When the block ends normally it
+    replaces ``final`` by a rename (an existing ``final`` is moved aside to ``.old-<name>-*`` first, then removed);
+    when it raises, or we are interrupted, it is removed and ``final`` is left as it was."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        old = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(final: Path) -> None:
+    """What a :func:`replacing` of ``final`` killed too hard to clean up left behind (the caller holds its lock)."""
+    if final.parent.is_dir():
+        for stale in [*final.parent.glob(f".tmp-{final.name}-*"), *final.parent.glob(f".old-{final.name}-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def run_logged(
