@@ -27,7 +27,8 @@ class Hardware:
     cpu_logical_cores: int
     cpu_model: str
     ram_bandwidth_bytes_s: int
-    """:func:`default_ram_bandwidth_bytes_s` unless a caller measured it (:func:`measure_ram_bandwidth_bytes_s`)."""
+    """:func:`~tuner.hardware.host.default_ram_bandwidth_bytes_s` unless a caller measured it
+    (:func:`~tuner.hardware.host.measure_ram_bandwidth_bytes_s`)."""
     notes: tuple[str, ...] = ()
     """One line each, for the user: what could not be read, what was assumed instead."""
 
