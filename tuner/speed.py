@@ -9,7 +9,7 @@ Token generation (tg, one sequence, batch 1). Every token reads the active weigh
 * the recurrent state (read and written) and the KV cache up to the current depth (attention layers only) —
 
 and runs a chain of small kernels per layer whatever the model's size (norms, projections, the DeltaNet or
-attention core, router, top-k, expert and shared-expert matmuls: src/models/qwen35moe.cpp:168-237,
+attention core, router, top-k, expert and shared-expert matmuls: src/models/qwen35moe.cpp:178-226,
 delta-net-base.cpp); on a GPU each launch and tail costs microseconds even inside a CUDA graph
 (ggml-cuda.cu:2555-2585), so a 3B-active MoE on a fast card is bound by them, not by bandwidth. Seconds per token::
 
@@ -38,8 +38,9 @@ the flash-attention kernels on every ubatch (fattn.cu:722-754): that traffic joi
 
 The coefficients were fitted (:mod:`tuner.speedfit`) on the mainline records of tests/data/speed-measurements.yaml
 and are checked against that fit by tests/test_speedfit.py; each says how many records bear on it. A GPU of a
-generation without a fitted per-layer cost takes the slowest fitted one, with a note. Nothing here reads files
-except the GPU catalog (for FLOP/s), once.
+generation without a fitted per-layer cost takes the slowest fitted one, with a note. Not modelled: prompt
+pipelining across several GPUs (llama-context.cpp:430-457), several busy slots at once, speculative decoding.
+Nothing here reads files except the GPU catalog (for FLOP/s), once.
 """
 
 from __future__ import annotations
