@@ -121,6 +121,10 @@ CPU-only laptop), which alone sets it."""
 
 # ------------------------------------------------------------------------------------------ assumed physics
 
+CPU_PEAK_FLOPS_PER_CORE = 100e9
+"""Peak FP32-equivalent FLOP/s of one core for the prompt bound only: 2 FMA units × 8 lanes × 2 FLOP at ~3 GHz
+(AVX2), rounded; what llama.cpp delivers is :data:`CPU_PP_FLOPS_PER_CORE`."""
+
 GENERIC_GPU_FP16_FLOPS = 50e12
 """FP16 FLOP/s assumed for a GPU that is not in the catalog: below every catalog card but the RTX 3060 (51), so
 prompt-processing predictions for an unknown card err slow."""
@@ -364,8 +368,8 @@ def speed_terms(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *,
         weight_pass += passed / ub
         pp_bound += max(f / peak, passed / ub)
     if CPU in roof.pp_flops:
-        # the CPU's bound: its cores at the fitted FLOP rate, or its weight pass at full RAM bandwidth
-        pp_bound += max(roof.pp_flops[CPU] / cores / CPU_PP_FLOPS_PER_CORE,
+        # the CPU's bound: its cores at their peak FLOP rate, or its weight pass at full RAM bandwidth
+        pp_bound += max(roof.pp_flops[CPU] / cores / CPU_PEAK_FLOPS_PER_CORE,
                         roof.pp_weight_bytes.get(CPU, 0) / ram_bw / ub)
     pcie = 0.0
     if roof.pp_offload_bytes and hardware.gpus:
