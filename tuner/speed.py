@@ -1,33 +1,52 @@
-"""Speed prediction: a roofline from first principles, turned into tok/s by a few stated efficiencies.
+"""Speed prediction: physical terms (bytes over bandwidth, FLOPs over throughput, fixed costs per layer), weighted by
+a few coefficients fitted to published llama.cpp measurements.
 
-Token generation (tg, one sequence, batch 1) is memory bound: every token reads the active weights once —
+Token generation (tg, one sequence, batch 1). Every token reads the active weights once —
 
 * the router-selected experts: ``n_expert_used / n_expert`` of each layer's expert tensors (8/256 here);
 * everything else of the trunk: attention, Gated DeltaNet, shared expert, router, norms, and the output head;
 * one row of ``token_embd`` (a lookup, on the CPU);
-* the KV cache up to the current depth (attention layers only) and the recurrent state, read and written;
+* the recurrent state (read and written) and the KV cache up to the current depth (attention layers only) —
 
-bytes on each GPU / its memory bandwidth + bytes on the CPU / RAM bandwidth = seconds per token; its inverse is the
-upper bound ``tg_bound_tok_s``. Measured llama.cpp falls far short of that bound on a GPU (a 3B-active MoE runs ~40
-layers × a dozen small kernels per token; launch latency, not bandwidth, dominates), so GPU time is divided by
-:data:`GPU_TG_EFFICIENCY`, calibrated on one card (RTX 3090), and CPU time by :data:`CPU_TG_EFFICIENCY`.
+and runs a chain of small kernels per layer whatever the model's size (norms, projections, the DeltaNet or
+attention core, router, top-k, expert and shared-expert matmuls: src/models/qwen35moe.cpp:178-226,
+delta-net-base.cpp); on a GPU each launch and tail costs microseconds even inside a CUDA graph
+(ggml-cuda.cu:2555-2585), so a 3B-active MoE on a fast card is bound by them, not by bandwidth. Seconds per token::
 
-Prompt processing (pp) is compute bound: ``2 × active params`` FLOPs per token (the output head is skipped: the
-server computes logits for the last prompt token only) plus attention at the current depth, over the GPU's dense
-FP16 tensor throughput (``fp16_tflops`` in profiles/gpus.yaml), but never faster than reading every resident weight
-once per ubatch. Expert tensors kept on the CPU are, for ubatches of 32 tokens or more, copied to the GPU once per
-ubatch and multiplied there (llama.cpp's op offload, ggml-backend.cpp:961-981): PCIe bandwidth per ubatch bounds
-that. Without a GPU the CPU's FLOPs bound it. A quantized KV cache on CUDA is converted to f16 for the flash-attention
-MMA kernel on every ubatch (fattn.cu:722-756): that traffic is counted against GPU bandwidth.
+    tg = Σ_gpu [ weights_and_state / (B_gpu·GPU_TG_BANDWIDTH_EFFICIENCY) + kv(depth) / (B_gpu·KV_READ_EFFICIENCY)
+                 + layers_gpu · GPU_LAYER_SECONDS[generation] ]
+       + bytes_cpu / (B_ram·RAM_EFFICIENCY) + layers_cpu · CPU_LAYER_SECONDS
 
-Everything is pure arithmetic on a layout, a flag set and the hardware; nothing here reads files except the GPU
-catalog (for FLOP/s), once.
+``B`` are the spec-sheet bandwidths (profiles/gpus.yaml, :attr:`Hardware.ram_bandwidth_bytes_s`); ``layers_cpu``
+counts trunk layers computed wholly on the CPU, where every graph node ends with a barrier of all threads
+(ggml-cpu.c:3129-3158). Experts kept in RAM cost their bytes at RAM bandwidth.
+
+Prompt processing (pp), seconds per prompt token at the current depth, ``ub`` = the ubatch::
+
+    pp = Σ_gpu [ dense_flops / (P_gpu·PP_DENSE_EFFICIENCY) + expert_flops / (P_gpu·PP_EXPERT_EFFICIENCY)
+                 + attention_flops(depth) / (P_gpu·PP_ATTENTION_EFFICIENCY)
+                 + resident_weights / (B_gpu·PP_WEIGHT_PASS_EFFICIENCY·ub) + layers_gpu · GPU_LAYER_SECONDS / ub ]
+       + cpu_experts / (pcie·PCIE_EFFICIENCY·ub)
+       + cpu_flops / (cores·CPU_PP_FLOPS_PER_CORE) + cpu_weights / (B_ram·RAM_EFFICIENCY·ub)
+         + layers_cpu · CPU_LAYER_SECONDS / ub
+
+``P`` is the dense FP16 tensor throughput (``fp16_tflops`` in profiles/gpus.yaml); the output head is skipped (the
+server computes logits for the last prompt token only). Expert tensors kept on the CPU are, for ubatches of 32 tokens
+or more, copied to the first GPU once per ubatch and multiplied there (llama.cpp's op offload,
+ggml-backend.cpp:965-975, ggml-cuda.cu:5825): the PCIe term. A quantized KV cache on CUDA is converted to f16 for
+the flash-attention kernels on every ubatch (fattn.cu:722-754): that traffic joins the weight pass.
+
+The coefficients were fitted (:mod:`tuner.speedfit`) on the mainline records of tests/data/speed-measurements.yaml
+and are checked against that fit by tests/test_speedfit.py; each says how many records bear on it. A GPU of a
+generation without a fitted per-layer cost takes the slowest fitted one, with a note. Not modelled: prompt
+pipelining across several GPUs (llama-context.cpp:430-457), several busy slots at once, speculative decoding.
+Nothing here reads files except the GPU catalog (for FLOP/s), once.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tuner.errors import TunerError
@@ -40,40 +59,71 @@ from tuner.estimate import (
     tensor_placement,
 )
 from tuner.ggml import is_quantized, kv_cache_type
-from tuner.hardware import GB, Gpu, Hardware, catalog_entry_for_name, load_gpu_catalog
+from tuner.hardware import GB, Gpu, Hardware, catalog_entry_for_name, gpu_split, load_gpu_catalog
 from tuner.layout import ModelLayout, TensorClass
 
 PLANNING_DEPTH_TOKENS = 4096
 """Depth (tokens already in the context) at which plans are compared: a typical chat turn. The KV read grows with
 depth; for this model it is small (10 of 40 layers have a KV cache)."""
 
-GPU_TG_CALIBRATION_TOK_S = 106.0
-"""RTX 3090, Qwen3.5-35B-A3B Q4_K_M, everything on the GPU, q8_0 KV: 100-112 tok/s reported (qwen35-family.md,
-"Community practice"); the middle of that range. The one number the tg prediction is calibrated on."""
+# ------------------------------------------------------------------------------- fitted coefficients
+# Fitted, not guessed: tuner.speedfit.fit_coefficients on the mainline records of tests/data/speed-measurements.yaml
+# (33 tg and 25 pp values for these 13 numbers), rounded to 4 digits; tests/test_speedfit.py re-fits and holds them
+# to the fit. "N records" below: fitted records where the part a coefficient scales is at least 5% of the prediction.
 
-GPU_TG_EFFICIENCY = 0.244
-"""Predicted / bound on a GPU. Derived, not guessed: the roofline bound of the calibration configuration above —
-the qwen3.5-35b-a3b card's Q4_K_M on the catalog RTX 3090 at :data:`PLANNING_DEPTH_TOKENS` — is 435 tok/s, and
-106 / 435 = 0.244 (:func:`calibrated_gpu_tg_efficiency` recomputes it)."""
+GPU_TG_BANDWIDTH_EFFICIENCY = 1.073
+"""Fraction of the spec VRAM bandwidth at which generation streams weights and recurrent state (dimensionless).
+Fitted; 32 records. Above 1 because the cards' plain Q4_K_M / Q3_K_M stand in for the unsloth UD files most records
+ran, which are ~5% larger: the inefficiency of small kernels is in :data:`GPU_LAYER_SECONDS`, not here."""
 
-CPU_TG_EFFICIENCY = 0.7
-"""Predicted / bound for weights read from RAM. An assumption, not calibrated: llama.cpp's CPU matrix-vector
-kernels reach roughly 60-80% of the RAM bandwidth, and :attr:`Hardware.ram_bandwidth_bytes_s` is already a
-delivered (not peak) figure unless measured."""
+KV_READ_EFFICIENCY = 0.6093
+"""Fraction of the spec VRAM bandwidth at which flash attention reads the KV cache in generation (dimensionless; few
+KV heads per layer leave the decode kernel short of parallelism). Fitted; 14 records (8K-131K tokens deep)."""
 
-GPU_PP_EFFICIENCY = 0.12
-"""Fraction of dense FP16 tensor throughput prompt processing of a small-expert MoE reaches. An assumption, not
-calibrated: grouped expert matmuls with ~16 tokens per expert per ubatch keep tensor cores far from their peak."""
+GPU_LAYER_SECONDS: Mapping[str, float] = {"ampere": 134.7e-6, "ada": 108.5e-6, "blackwell": 81.44e-6}
+"""Fixed seconds per trunk layer per token on a GPU, by generation: the launches and tails of a layer's chain of
+small kernels, whatever its weights (also paid once per ubatch in prompt processing). Fitted; ampere 3 records
+(RTX 3090, 2 x 3090 Ti), ada 29 (RTX 4090, 4070), blackwell 6 (RTX 5090, 5070 Ti)."""
 
-PCIE_EFFICIENCY = 0.5
-"""Fraction of the PCIe link the per-ubatch copies of CPU-resident expert weights reach. An assumption: with mmap
-(llama-server's default) those weights sit in pageable memory, which copies at roughly half the pinned rate."""
+RAM_EFFICIENCY = 0.5076
+"""Fraction of the host RAM bandwidth (:attr:`Hardware.ram_bandwidth_bytes_s`: spec-sheet or measured) at which the
+CPU reads weights, state and KV in generation, and its resident weights once per ubatch in prompt processing
+(dimensionless). Fitted; 5 records (4 with experts in RAM, 1 CPU only)."""
 
-CPU_FLOPS_PER_CORE = 100e9
-"""Peak FP32-equivalent FLOP/s of one core: 2 FMA units × 8 lanes × 2 FLOP at ~3 GHz (AVX2), rounded."""
+CPU_LAYER_SECONDS = 874.8e-6
+"""Fixed seconds per trunk layer per token computed wholly on the CPU: a barrier of all threads after each of the
+layer's graph nodes (ggml-cpu.c:3129-3158). Fitted on 1 record (a CPU-only laptop), which alone sets it."""
 
-CPU_PP_EFFICIENCY = 0.5
-"""Fraction of that peak llama.cpp's quantized CPU matmuls reach in prompt processing. An assumption."""
+PP_DENSE_EFFICIENCY = 0.5435
+"""Fraction of dense FP16 tensor throughput that the non-expert matmuls (attention and DeltaNet projections, shared
+expert, dense FFN) reach in prompt processing (dimensionless). Fitted; 23 records."""
+
+PP_EXPERT_EFFICIENCY = 0.09767
+"""Fraction of dense FP16 tensor throughput that the routed-expert matmuls reach in prompt processing
+(dimensionless): with 8 of 256 experts, a 512-token ubatch gives each expert ~16 rows, far below a tensor-core
+tile. Fitted; 20 records."""
+
+PP_ATTENTION_EFFICIENCY = 0.1306
+"""Fraction of dense FP16 tensor throughput that attention over the context (and the DeltaNet state update) reaches
+in prompt processing (dimensionless). Fitted; 18 records."""
+
+PP_WEIGHT_PASS_EFFICIENCY = 0.5172
+"""Fraction of the spec VRAM bandwidth at which prompt processing passes over every resident weight once per
+ubatch (dimensionless): why a bigger ubatch is faster. Fitted; 23 records, ubatch 512 and 2048 among them."""
+
+PCIE_EFFICIENCY = 0.73
+"""Fraction of the PCIe link's rate at which CPU-resident experts are copied to the GPU once per ubatch
+(dimensionless; pageable memory under mmap). Fitted; 2 records (experts in RAM, with a prompt speed)."""
+
+CPU_PP_FLOPS_PER_CORE = 11.81e9
+"""FLOP/s per physical core that llama.cpp's CPU matmuls deliver in prompt processing. Fitted on 1 record (a
+CPU-only laptop), which alone sets it."""
+
+# ------------------------------------------------------------------------------------------ assumed physics
+
+CPU_PEAK_FLOPS_PER_CORE = 100e9
+"""Peak FP32-equivalent FLOP/s of one core for the prompt bound only: 2 FMA units × 8 lanes × 2 FLOP at ~3 GHz
+(AVX2), rounded; what llama.cpp delivers is :data:`CPU_PP_FLOPS_PER_CORE`."""
 
 GENERIC_GPU_FP16_FLOPS = 50e12
 """FP16 FLOP/s assumed for a GPU that is not in the catalog: below every catalog card but the RTX 3060 (51), so
@@ -85,6 +135,19 @@ PCIE_LANE_BYTES_S = {1: 0.25 * GB, 2: 0.5 * GB, 3: 0.985 * GB, 4: 1.969 * GB, 5:
 DEFAULT_PCIE = (4, 16)
 _DELTANET_FLOPS_PER_STATE = 6  # decay, outer-product update and query product over the d_state × d_inner state
 
+GPU_GENERATIONS: tuple[tuple[tuple[int, int], str], ...] = (
+    ((10, 0), "blackwell"), ((9, 0), "hopper"), ((8, 9), "ada"), ((8, 0), "ampere"), ((7, 5), "turing"),
+    ((7, 0), "volta"), ((6, 0), "pascal"),
+)
+"""CUDA compute capability from which each generation starts (the first that is not above the card's wins)."""
+
+
+def gpu_generation(compute_capability: tuple[int, int] | None) -> str | None:
+    """``ada`` for 8.9, ``blackwell`` for 10.x and 12.x …; None when unknown or older than Pascal."""
+    if compute_capability is None:
+        return None
+    return next((name for start, name in GPU_GENERATIONS if tuple(compute_capability) >= start), None)
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -95,7 +158,7 @@ class Prediction:
     tg_bound_tok_s: float
     pp_bound_tok_s: float
     efficiency: float  # tg_tok_s / tg_bound_tok_s
-    source: str  # "roofline" | "measured"
+    source: str  # "roofline" (this module's fitted model) | "measured"
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
@@ -108,12 +171,39 @@ class Prediction:
 class Roofline:
     """The physical quantities behind a prediction, per device name (``CUDA0`` …, ``CPU``)."""
 
-    tg_bytes: dict[str, int]  # bytes read (and the recurrent state written) per generated token
+    tg_bytes: dict[str, int]  # bytes read (and the recurrent state written) per generated token, KV included
+    tg_kv_bytes: dict[str, int]  # of which the KV cache up to the depth
     pp_flops: dict[str, float]  # FLOPs per prompt token, where they run
+    pp_expert_flops: dict[str, float]  # of which routed experts
+    pp_attention_flops: dict[str, float]  # of which attention over the context and the DeltaNet state update
     pp_weight_bytes: dict[str, int]  # weights each device reads once per ubatch in prompt processing
     pp_offload_bytes: int  # CPU-resident expert bytes copied to the first GPU once per ubatch
     pp_kv_convert_bytes: dict[str, int]  # f16 conversion traffic of a quantized KV cache, per ubatch
+    layers: dict[str, int]  # trunk layers computed on each device
     n_ubatch: int
+
+
+@dataclass(frozen=True)
+class SpeedTerms:
+    """A plan's costs at 100% of the hardware's spec rates, one per fitted coefficient (what :mod:`tuner.speedfit`
+    fits on). ``*_s``: seconds per generated (``tg_``) or prompt (``pp_``) token."""
+
+    tg_gpu_weights_s: float  # active weights and recurrent state over VRAM bandwidth
+    tg_gpu_kv_s: float  # KV cache up to the depth over VRAM bandwidth
+    gpu_layers: Mapping[str, int]  # trunk layers on GPUs, by generation name ("?" when unknown)
+    tg_cpu_bytes_s: float  # everything read on the CPU over RAM bandwidth
+    cpu_layers: int  # trunk layers computed wholly on the CPU
+    pp_dense_s: float  # non-expert matmul FLOPs over FP16 throughput
+    pp_expert_s: float  # routed-expert FLOPs over FP16 throughput (op-offloaded ones on the first GPU)
+    pp_attention_s: float  # attention over the context and DeltaNet state FLOPs over FP16 throughput
+    pp_weight_pass_s: float  # resident GPU weights and f16 KV conversion, per ubatch, over VRAM bandwidth, per token
+    pp_pcie_s: float  # CPU experts copied per ubatch over the PCIe link, per token
+    pp_cpu_core_flops: float  # FLOPs the CPU computes per token, per physical core
+    pp_cpu_pass_s: float  # CPU-resident weights per ubatch over RAM bandwidth, per token
+    n_ubatch: int
+    tg_bound_s: float  # bytes over spec bandwidths: the upper bound
+    pp_bound_s: float  # each device's FLOPs at peak or its weight pass, whichever is slower, plus PCIe
+    notes: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------- roofline
@@ -130,7 +220,10 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
     active = layout.n_expert_used / layout.n_expert if layout.n_expert else 1.0
 
     tg: dict[str, float] = {}
+    tg_kv: dict[str, float] = {}
     flops: dict[str, float] = {}
+    expert_flops: dict[str, float] = {}
+    attention_flops: dict[str, float] = {}
     weights: dict[str, float] = {}
     offload = 0
 
@@ -146,12 +239,14 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
         if is_head or len(t.shape) < 2:  # logits only for the last prompt token; 1-D tensors cost nothing
             continue
         f = 2.0 * t.n_elements * (active if t.is_expert else 1.0)
-        if dev == CPU and t.is_expert and op_offload:  # copied to the GPU once per ubatch, multiplied there
+        where = first_gpu if dev == CPU and t.is_expert and op_offload else dev
+        if where != dev:  # copied to the GPU once per ubatch, multiplied there
             offload += t.nbytes
-            add(flops, first_gpu, f)
         else:
-            add(flops, dev, f)
             add(weights, dev, t.nbytes)
+        add(flops, where, f)
+        if t.is_expert:
+            add(expert_flops, where, f)
 
     def ctx_dev(il: int) -> str:
         return CPU if flags.no_kv_offload else devs[il]
@@ -162,18 +257,28 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
     for il in layout.attention_layers:
         cell = layout.kv_bytes_per_cell(tk.name, tv.name, [il])
         add(tg, ctx_dev(il), depth * cell)
+        add(tg_kv, ctx_dev(il), depth * cell)
         heads = layout.n_head[il]
-        add(flops, devs[il], 2.0 * heads * (layout.head_k + layout.head_v) * depth)
+        f = 2.0 * heads * (layout.head_k + layout.head_v) * depth
+        add(flops, devs[il], f)
+        add(attention_flops, devs[il], f)
         if quantized_kv and ctx_dev(il) != CPU:  # read the quantized view, write its f16 copy
             f16_cell = layout.kv_bytes_per_cell("f16", "f16", [il])
             add(convert, ctx_dev(il), depth * (cell + f16_cell))
     per_layer_rs = layout.recurrent_bytes_per_seq([0])
     for il in layout.recurrent_layers:
         add(tg, ctx_dev(il), 2 * per_layer_rs)  # read and write the whole state every token
-        add(flops, devs[il], float(_DELTANET_FLOPS_PER_STATE * layout.n_embd_s))
-    return Roofline(tg_bytes={k: int(v) for k, v in tg.items()}, pp_flops=flops,
+        f = float(_DELTANET_FLOPS_PER_STATE * layout.n_embd_s)
+        add(flops, devs[il], f)
+        add(attention_flops, devs[il], f)
+    layers: dict[str, int] = {}
+    for il in range(layout.n_layer):
+        layers[devs[il]] = layers.get(devs[il], 0) + 1
+    return Roofline(tg_bytes={k: int(v) for k, v in tg.items()}, tg_kv_bytes={k: int(v) for k, v in tg_kv.items()},
+                    pp_flops=flops, pp_expert_flops=expert_flops, pp_attention_flops=attention_flops,
                     pp_weight_bytes={k: int(v) for k, v in weights.items()}, pp_offload_bytes=offload,
-                    pp_kv_convert_bytes={k: int(v) for k, v in convert.items()}, n_ubatch=shape.n_ubatch)
+                    pp_kv_convert_bytes={k: int(v) for k, v in convert.items()}, layers=layers,
+                    n_ubatch=shape.n_ubatch)
 
 
 # ------------------------------------------------------------------------------------------ device speeds
@@ -204,75 +309,141 @@ def pcie_bytes_s(gpu: Gpu) -> float:
     return PCIE_LANE_BYTES_S.get(gen, PCIE_LANE_BYTES_S[max(PCIE_LANE_BYTES_S)]) * width
 
 
-def cpu_flops(hardware: Hardware) -> float:
-    return max(hardware.cpu_physical_cores, 1) * CPU_FLOPS_PER_CORE
+def gpu_layer_seconds(generation: str) -> tuple[float, str | None]:
+    """:data:`GPU_LAYER_SECONDS` of a generation, or the slowest fitted one and a note when it has none."""
+    if generation in GPU_LAYER_SECONDS:
+        return GPU_LAYER_SECONDS[generation], None
+    slowest = max(GPU_LAYER_SECONDS, key=lambda g: GPU_LAYER_SECONDS[g])
+    what = f"{generation} GPUs" if generation != "?" else "a GPU of unknown compute capability"
+    return GPU_LAYER_SECONDS[slowest], (f"no fitted per-layer cost for {what}: generation speed assumes "
+                                        f"{slowest}'s ({GPU_LAYER_SECONDS[slowest] * 1e6:.0f} µs per layer)")
 
 
 # ------------------------------------------------------------------------------------------- prediction
 
 
-def predict_speed(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *,
-                  gpu_split: Sequence[float] | None = None,
-                  depth_tokens: int = PLANNING_DEPTH_TOKENS) -> Prediction:
-    """tg and pp tok/s of one sequence for ``layout`` with ``flags`` on ``hardware`` (see the module docstring)."""
+def speed_terms(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *,
+                gpu_split: Sequence[float] | None = None,
+                depth_tokens: int = PLANNING_DEPTH_TOKENS) -> SpeedTerms:
+    """The physical terms of ``layout`` with ``flags`` on ``hardware`` (see the module docstring)."""
     gpus = {g.llama_name: g for g in hardware.gpus}
     roof = roofline(layout, flags, tuple(gpus), gpu_split, depth_tokens=depth_tokens)
     notes: list[str] = []
     ram_bw = float(hardware.ram_bandwidth_bytes_s)
-
-    tg_bound_s = tg_pred_s = 0.0
-    for dev, n_bytes in roof.tg_bytes.items():
-        if dev == CPU:
-            t = n_bytes / ram_bw
-            tg_bound_s, tg_pred_s = tg_bound_s + t, tg_pred_s + t / CPU_TG_EFFICIENCY
-        else:
-            t = n_bytes / gpus[dev].mem_bandwidth_bytes_s
-            tg_bound_s, tg_pred_s = tg_bound_s + t, tg_pred_s + t / GPU_TG_EFFICIENCY
-
-    pp_bound_s = pp_pred_s = 0.0  # per prompt token
     ub = max(roof.n_ubatch, 1)
-    for dev, f in roof.pp_flops.items():
+    cores = max(hardware.cpu_physical_cores, 1)
+
+    tg_gpu_weights = tg_gpu_kv = tg_cpu = 0.0
+    for dev, n_bytes in roof.tg_bytes.items():
+        kv = roof.tg_kv_bytes.get(dev, 0)
         if dev == CPU:
-            t_compute = f / cpu_flops(hardware)
-            t_memory = roof.pp_weight_bytes.get(dev, 0) / ram_bw / ub
-            pp_bound_s += max(t_compute, t_memory)
-            pp_pred_s += max(t_compute / CPU_PP_EFFICIENCY, t_memory / CPU_TG_EFFICIENCY)
+            tg_cpu += n_bytes / ram_bw
+        else:
+            bw = gpus[dev].mem_bandwidth_bytes_s
+            tg_gpu_weights += (n_bytes - kv) / bw
+            tg_gpu_kv += kv / bw
+
+    gpu_layers: dict[str, int] = {}
+    for dev, n in roof.layers.items():
+        if dev != CPU:
+            gen = gpu_generation(gpus[dev].compute_capability) or "?"
+            gpu_layers[gen] = gpu_layers.get(gen, 0) + n
+
+    dense = expert = attention = weight_pass = cpu_flops = cpu_pass = pp_bound = 0.0
+    for dev, f in roof.pp_flops.items():
+        f_expert = roof.pp_expert_flops.get(dev, 0.0)
+        f_attention = roof.pp_attention_flops.get(dev, 0.0)
+        if dev == CPU:
+            cpu_flops += f / cores
+            cpu_pass += roof.pp_weight_bytes.get(dev, 0) / ram_bw / ub
             continue
         gpu = gpus[dev]
         peak, note = gpu_fp16_flops(gpu)
         if note and note not in notes:
             notes.append(note)
-        t_compute = f / peak
-        t_memory = (roof.pp_weight_bytes.get(dev, 0) + roof.pp_kv_convert_bytes.get(dev, 0)) \
-            / gpu.mem_bandwidth_bytes_s / ub
-        pp_bound_s += max(t_compute, t_memory)
-        pp_pred_s += max(t_compute / GPU_PP_EFFICIENCY, t_memory / GPU_TG_EFFICIENCY)
+        dense += (f - f_expert - f_attention) / peak
+        expert += f_expert / peak
+        attention += f_attention / peak
+        passed = (roof.pp_weight_bytes.get(dev, 0) + roof.pp_kv_convert_bytes.get(dev, 0)) / gpu.mem_bandwidth_bytes_s
+        weight_pass += passed / ub
+        pp_bound += max(f / peak, passed / ub)
+    if CPU in roof.pp_flops:
+        # the CPU's bound: its cores at their peak FLOP rate, or its weight pass at full RAM bandwidth
+        pp_bound += max(roof.pp_flops[CPU] / cores / CPU_PEAK_FLOPS_PER_CORE,
+                        roof.pp_weight_bytes.get(CPU, 0) / ram_bw / ub)
+    pcie = 0.0
     if roof.pp_offload_bytes and hardware.gpus:
-        t = roof.pp_offload_bytes / pcie_bytes_s(hardware.gpus[0]) / ub
-        pp_bound_s += t
-        pp_pred_s += t / PCIE_EFFICIENCY
+        pcie = roof.pp_offload_bytes / pcie_bytes_s(hardware.gpus[0]) / ub
+        pp_bound += pcie
+    return SpeedTerms(
+        tg_gpu_weights_s=tg_gpu_weights, tg_gpu_kv_s=tg_gpu_kv, gpu_layers=gpu_layers, tg_cpu_bytes_s=tg_cpu,
+        cpu_layers=roof.layers.get(CPU, 0), pp_dense_s=dense, pp_expert_s=expert, pp_attention_s=attention,
+        pp_weight_pass_s=weight_pass, pp_pcie_s=pcie, pp_cpu_core_flops=cpu_flops, pp_cpu_pass_s=cpu_pass,
+        n_ubatch=ub, tg_bound_s=tg_gpu_weights + tg_gpu_kv + tg_cpu, pp_bound_s=pp_bound, notes=tuple(notes))
+
+
+def _layer_parts(terms: SpeedTerms, per: float = 1.0) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Fixed seconds of one pass through the layers, divided by ``per``, by coefficient name."""
+    parts: dict[str, float] = {}
+    notes = []
+    for gen, n in terms.gpu_layers.items():
+        seconds, note = gpu_layer_seconds(gen)
+        parts[f"GPU_LAYER_SECONDS.{gen}"] = n * seconds / per
+        if note:
+            notes.append(note)
+    if terms.cpu_layers:
+        parts["CPU_LAYER_SECONDS"] = terms.cpu_layers * CPU_LAYER_SECONDS / per
+    return parts, tuple(notes)
+
+
+def tg_parts(terms: SpeedTerms) -> dict[str, float]:
+    """Predicted seconds per generated token, by the coefficient that scales each part (the module docstring's tg
+    equation: their sum is the prediction)."""
+    return {"GPU_TG_BANDWIDTH_EFFICIENCY": terms.tg_gpu_weights_s / GPU_TG_BANDWIDTH_EFFICIENCY,
+            "KV_READ_EFFICIENCY": terms.tg_gpu_kv_s / KV_READ_EFFICIENCY,
+            "RAM_EFFICIENCY": terms.tg_cpu_bytes_s / RAM_EFFICIENCY,
+            **_layer_parts(terms)[0]}
+
+
+def pp_parts(terms: SpeedTerms) -> dict[str, float]:
+    """Predicted seconds per prompt token, by the coefficient that scales each part (the module docstring's pp
+    equation: their sum is the prediction)."""
+    return {"PP_DENSE_EFFICIENCY": terms.pp_dense_s / PP_DENSE_EFFICIENCY,
+            "PP_EXPERT_EFFICIENCY": terms.pp_expert_s / PP_EXPERT_EFFICIENCY,
+            "PP_ATTENTION_EFFICIENCY": terms.pp_attention_s / PP_ATTENTION_EFFICIENCY,
+            "PP_WEIGHT_PASS_EFFICIENCY": terms.pp_weight_pass_s / PP_WEIGHT_PASS_EFFICIENCY,
+            "PCIE_EFFICIENCY": terms.pp_pcie_s / PCIE_EFFICIENCY,
+            "CPU_PP_FLOPS_PER_CORE": terms.pp_cpu_core_flops / CPU_PP_FLOPS_PER_CORE,
+            "RAM_EFFICIENCY": terms.pp_cpu_pass_s / RAM_EFFICIENCY,
+            **_layer_parts(terms, terms.n_ubatch)[0]}
+
+
+def predict_speed(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *,
+                  gpu_split: Sequence[float] | None = None,
+                  depth_tokens: int = PLANNING_DEPTH_TOKENS) -> Prediction:
+    """tg and pp tok/s of one sequence for ``layout`` with ``flags`` on ``hardware`` at ``depth_tokens`` of context
+    (see the module docstring)."""
+    terms = speed_terms(layout, flags, hardware, gpu_split=gpu_split, depth_tokens=depth_tokens)
+    notes = [*terms.notes, *_layer_parts(terms)[1]]
     if flags.spec_type:
         notes.append("speculative decoding (MTP) is not modelled: the prediction is for plain decoding")
     if flags.n_seq > 1:
         notes.append(f"per sequence with one busy slot; {flags.n_seq} busy slots share the bandwidth")
-
-    tg_bound = 1.0 / tg_bound_s if tg_bound_s else 0.0
-    tg = 1.0 / tg_pred_s if tg_pred_s else 0.0
+    tg_s, pp_s = sum(tg_parts(terms).values()), sum(pp_parts(terms).values())
+    tg_bound = 1.0 / terms.tg_bound_s if terms.tg_bound_s else 0.0
+    tg = 1.0 / tg_s if tg_s else 0.0
     return Prediction(
         tg_tok_s=tg,
-        pp_tok_s=1.0 / pp_pred_s if pp_pred_s else 0.0,
+        pp_tok_s=1.0 / pp_s if pp_s else 0.0,
         tg_bound_tok_s=tg_bound,
-        pp_bound_tok_s=1.0 / pp_bound_s if pp_bound_s else 0.0,
+        pp_bound_tok_s=1.0 / terms.pp_bound_s if terms.pp_bound_s else 0.0,
         efficiency=tg / tg_bound if tg_bound else 0.0,
         source="roofline",
         notes=tuple(notes),
     )
 
 
-def calibrated_gpu_tg_efficiency(layout: ModelLayout, hardware: Hardware,
-                                 measured_tg_tok_s: float = GPU_TG_CALIBRATION_TOK_S) -> float:
-    """The GPU efficiency that makes the full-offload, q8_0-KV bound of ``layout`` on ``hardware`` come out at
-    ``measured_tg_tok_s`` (how :data:`GPU_TG_EFFICIENCY` was derived, for a GPU-only plan)."""
-    flags = ServerFlags(ctx_size=32768, parallel=1, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on")
-    bound = predict_speed(layout, flags, hardware).tg_bound_tok_s
-    return measured_tg_tok_s / bound
+def predict_on(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *,
+               depth_tokens: int = PLANNING_DEPTH_TOKENS) -> Prediction:
+    """:func:`predict_speed` with the layers split over ``hardware``'s GPUs as llama.cpp splits them."""
+    return predict_speed(layout, flags, hardware, gpu_split=gpu_split(hardware), depth_tokens=depth_tokens)

@@ -10,6 +10,7 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -21,10 +22,11 @@ from tuner.cli._output import emit, memory_table
 from tuner.cli.hardware import hardware_dict
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
-from tuner.hardware import Hardware, hardware_for
+from tuner.hardware import GB, Hardware, hardware_for
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
 from tuner.planner import estimate_on
+from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
 
 
@@ -41,9 +43,13 @@ def parse_ngl(text: str) -> int | None:
     return value
 
 
-def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> dict[str, Any]:
+def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
+                    depth_tokens: int = PLANNING_DEPTH_TOKENS) -> dict[str, Any]:
     est = estimate_on(layout, flags, hardware)
     result: dict[str, Any] = {"model": layout.source or layout.name, "arch": layout.arch, **est.to_dict()}
+    pred = predict_on(layout, flags, hardware, depth_tokens=depth_tokens)
+    result["predicted"] = {"depth_tokens": depth_tokens, "tg_tok_s": round(pred.tg_tok_s, 2),
+                           "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2)}
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
     result["hardware"] = hardware_dict(hardware)
@@ -68,6 +74,9 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
     host = result["memory"]["host"]
     console.print(f"host RAM at worst: {fmt_bytes(host['total_bytes'])} "
                   f"(of {fmt_bytes(result['hardware']['ram_available_bytes'])} available)")
+    pred = result["predicted"]
+    console.print(f"predicted at depth {pred['depth_tokens']}: tg {pred['tg_tok_s']:.1f} tok/s "
+                  f"(bound {pred['tg_bound_tok_s']:.1f}), pp {pred['pp_tok_s']:.0f} tok/s")
     for note in result["notes"] + result["hardware"]["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
     check = result.get("check")
@@ -106,6 +115,11 @@ def register(app: typer.Typer) -> None:
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
+        depth: Annotated[int, typer.Option("--depth", min=0, help="Tokens already in the context, for the predicted "
+                                           "speeds.")] = PLANNING_DEPTH_TOKENS,
+        ram_bandwidth: Annotated[float | None, typer.Option("--ram-bandwidth", min=0.1, help="Host RAM bandwidth in "
+                                                            "GB/s (default: assumed from the cores).")] = None,
+        cpu_cores: Annotated[int | None, typer.Option("--cpu-cores", min=1, help="Host physical CPU cores.")] = None,
         server_bin: o.ServerBinOpt = None,
         as_json: o.JsonOpt = False,
     ) -> None:
@@ -119,7 +133,11 @@ def register(app: typer.Typer) -> None:
         )
         layout = resolve_layout(model)
         hardware = hardware_for(gpu, vram)
-        result = estimate_result(layout, flags, hardware)
+        if ram_bandwidth is not None:
+            hardware = replace(hardware, ram_bandwidth_bytes_s=round(ram_bandwidth * GB))
+        if cpu_cores is not None:
+            hardware = replace(hardware, cpu_physical_cores=cpu_cores)
+        result = estimate_result(layout, flags, hardware, depth)
         if check:
             from tuner.fitcheck import run_fit_check
 
