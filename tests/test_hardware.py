@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from tuner import hardware as hw
-from tuner import paths
 from tuner.errors import TunerError
 from tuner.hardware import GB, SnapshotNvml
 from tuner.units import GiB, MiB
@@ -401,16 +400,16 @@ def test_broken_catalog_is_a_tuner_error_naming_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, contents: str
 ) -> None:
     (tmp_path / "gpus.yaml").write_text(contents)
-    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path))
+    monkeypatch.setenv("TUNER_CATALOG_DIR", str(tmp_path))
     with pytest.raises(TunerError, match=r"gpus\.yaml"):
         hw.load_gpu_catalog()
 
 
 def test_missing_catalog_is_a_tuner_error_with_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path))
+    monkeypatch.setenv("TUNER_CATALOG_DIR", str(tmp_path))
     with pytest.raises(TunerError, match="cannot read the GPU catalog") as raised:
         hw.load_gpu_catalog()
-    assert raised.value.hint is not None and "TUNER_PROFILES_DIR" in raised.value.hint
+    assert raised.value.hint is not None and "TUNER_CATALOG_DIR" in raised.value.hint
 
 
 # ------------------------------------------------------------------------------------------------ hardware_for
@@ -489,25 +488,3 @@ def test_bad_vram_is_a_tuner_error(vram: str) -> None:
     with pytest.raises(TunerError):
         hw.hardware_for("rtx-4090", vram)
 
-
-# ------------------------------------------------------------------------------------------------------ paths
-
-
-def test_paths_follow_their_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path / "p"))
-    monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "c"))
-    monkeypatch.setenv("TUNER_CONFIG_DIR", str(tmp_path / "k"))
-    assert (paths.profiles_dir(), paths.cache_dir(), paths.config_dir()) == (
-        tmp_path / "p",
-        tmp_path / "c",
-        tmp_path / "k",
-    )
-
-
-def test_paths_default_to_the_repo_profiles_and_user_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TUNER_PROFILES_DIR", "TUNER_CACHE_DIR", "TUNER_CONFIG_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    assert paths.profiles_dir() == Path(__file__).resolve().parent.parent / "profiles"
-    assert (paths.profiles_dir() / "gpus.yaml").is_file()
-    assert paths.cache_dir().name == "tuner" and paths.config_dir().name == "tuner"
-    assert paths.cache_dir() != paths.config_dir()

@@ -1,6 +1,6 @@
 """Built-in model cards: what the tuner knows about a model without reading any file.
 
-A card (``profiles/models/<key>.yaml``) holds the GGUF hyperparameters of one model, the Hub repos that carry its
+A card (``models/<key>.yaml`` in the shipped catalogs, :func:`tuner.paths.catalog_dir`) holds the GGUF hyperparameters of one model, the Hub repos that carry its
 GGUFs, known file sizes, sampling presets and notes. Together with the quant recipes (``profiles/models/
 _recipes.yaml``: which ggml type llama-quantize gives each tensor class, derived from src/llama-quant.cpp) a card
 yields the full :class:`~tuner.layout.ModelLayout` of any of its quants offline: the tensor names and shapes come
@@ -24,7 +24,7 @@ from tuner.errors import TunerError
 from tuner.ggml import GgmlType, ggml_type, tensor_bytes
 from tuner.layout import ModelLayout, layout_from_metadata
 from tuner.models import QuantCandidate
-from tuner.paths import load_yaml, profiles_dir
+from tuner.paths import CATALOG_ENV, catalog_dir, load_yaml
 from tuner.synth import SynthSpec, tensor_plan
 from tuner.units import GiB
 
@@ -357,7 +357,7 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCar
 
 
 def _cards_dir() -> Path:
-    return profiles_dir() / CARDS_SUBDIR
+    return catalog_dir() / CARDS_SUBDIR
 
 
 _CACHE: dict[tuple[Any, ...], tuple[ModelCard, ...]] = {}
@@ -368,7 +368,7 @@ def _load_all() -> tuple[ModelCard, ...]:
     folder = _cards_dir()
     if not folder.is_dir():
         raise TunerError(f"no model cards: {folder} is not a folder",
-                         hint="TUNER_PROFILES_DIR must name the folder holding models/")
+                         hint=f"{CATALOG_ENV} must name the folder holding models/")
     files = sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("_"))
     recipes_path = folder / RECIPES_FILE
     stamp = (str(folder), *((p.name, p.stat().st_mtime_ns) for p in [*files, recipes_path] if p.exists()))

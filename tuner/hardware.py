@@ -31,7 +31,7 @@ import yaml
 from tuner.errors import TunerError
 from tuner.estimate import MemoryEstimate, ServerFlags, estimate_memory
 from tuner.layout import ModelLayout
-from tuner.paths import load_yaml, profiles_dir
+from tuner.paths import CATALOG_ENV, catalog_dir, load_yaml
 from tuner.units import GiB, MiB, fmt_bytes, parse_size_bytes
 
 GB = 1000**3
@@ -696,14 +696,14 @@ def _cuda_numbering_notes(gpus: Sequence[Gpu], environ: Mapping[str, str]) -> tu
 
 
 def load_gpu_catalog(path: Path | None = None) -> dict[str, CatalogGpu]:
-    """``profiles/gpus.yaml`` (or ``path``), checked: every entry has every field, with sane types."""
-    path = path or profiles_dir() / _CATALOG_FILE
+    """The shipped ``gpus.yaml`` (or ``path``), checked: every entry has every field, with sane types."""
+    path = path or catalog_dir() / _CATALOG_FILE
     try:
         data = load_yaml(path)
     except OSError as error:
         raise TunerError(
             f"cannot read the GPU catalog {path}: {error.strerror or error}",
-            hint="TUNER_PROFILES_DIR must name the folder holding gpus.yaml",
+            hint=f"{CATALOG_ENV} must name the folder holding gpus.yaml",
         ) from error
     except yaml.YAMLError as error:
         raise TunerError(f"the GPU catalog {path} is not valid YAML: {error}") from error
