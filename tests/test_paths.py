@@ -62,3 +62,16 @@ def test_catalogs_inside_a_zip_are_a_tuner_error_naming_the_override(tmp_path: P
     with pytest.raises(TunerError, match="not on the file system") as raised:
         paths.catalog_dir()
     assert raised.value.hint is not None and "TUNER_CATALOG_DIR" in raised.value.hint
+
+
+def test_an_install_without_the_catalogs_package_is_a_tuner_error_saying_to_reinstall(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TUNER_CATALOG_DIR", raising=False)
+
+    def missing(package: str) -> Path:
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(paths, "files", missing)
+    with pytest.raises(TunerError, match=r"no package tuner\.catalogs") as raised:
+        paths.catalog_dir()
+    assert raised.value.hint is not None and "reinstall" in raised.value.hint

@@ -36,7 +36,11 @@ def catalog_dir() -> Path:
     override = _from_env(CATALOG_ENV)
     if override is not None:
         return override
-    found = files(CATALOG_PACKAGE)
+    try:
+        found = files(CATALOG_PACKAGE)
+    except ModuleNotFoundError:  # an editable install made before the catalogs became a package
+        raise TunerError(f"tuner's catalogs are not installed (no package {CATALOG_PACKAGE})",
+                         hint="reinstall tuner: pip install -e . in the checkout") from None
     if not isinstance(found, Path):  # a zipped install: the loaders glob and stat real files
         raise TunerError(f"tuner's catalogs are not on the file system ({found})",
                          hint=f"install tuner unzipped, or set {CATALOG_ENV} to a copy of its profiles/ folder")
