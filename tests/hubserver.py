@@ -34,7 +34,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import numpy as np
 from gguf import GGUFWriter
 
-from tuner.synth import SynthSpec, write_synthetic_gguf
+from tuner.cards import iter_recipe_types, load_card
+from tuner.synth import SynthSpec, real_vocab_overrides, spec_from_card, tensor_plan, vocabulary, write_synthetic_gguf
 
 _CHUNK = 64 * 1024
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
@@ -371,11 +372,8 @@ def write_ladder(repo_dir: Path, stem: str = "Tiny-A1B", *, split_label: str = "
 def write_card_quants(repo_dir: Path, card_key: str, quants: Sequence[str]) -> list[Path]:
     """Sparse GGUFs of a built-in card's quants: real shapes, the types of the card's recipes and a tokenizer of the
     real length, so each header is as long as on the Hub (about 13 MB for Qwen3.5); ``{name}-{quant}.gguf``."""
-    from tuner.cards import iter_recipe_types, load_card, synth_spec
-    from tuner.synth import real_vocab_overrides
-
     card = load_card(card_key)
-    spec = replace(synth_spec(card), **real_vocab_overrides())
+    spec = replace(spec_from_card(card), **real_vocab_overrides())
     paths: list[Path] = []
     for quant in quants:
         types = {name: t for name, _cls, t in iter_recipe_types(card, quant)}
@@ -385,8 +383,6 @@ def write_card_quants(repo_dir: Path, card_key: str, quants: Sequence[str]) -> l
 
 
 def _plan_names(spec: SynthSpec) -> list[str]:
-    from tuner.synth import tensor_plan, vocabulary
-
     return [n for n, _, _ in tensor_plan(spec, len(vocabulary(spec)[0]))]
 
 

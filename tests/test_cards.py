@@ -22,14 +22,13 @@ from tuner.cards import (
     rank_by_quality,
     recipe_class,
     recipe_tensors,
-    synth_spec,
     use_more_bits,
 )
 from tuner.cli import main as cli_main
 from tuner.errors import TunerError
 from tuner.layout import ModelLayout, TensorClass
 from tuner.models import QuantCandidate, local_layout, resolve_candidates, resolve_layout
-from tuner.synth import SynthSpec, qwen35_35b_a3b_spec, vocabulary, write_synthetic_gguf
+from tuner.synth import SynthSpec, qwen35_35b_a3b_spec, spec_from_card, vocabulary, write_synthetic_gguf
 from tuner.units import GiB, MiB
 
 MAIN = "qwen3.5-35b-a3b"
@@ -42,8 +41,8 @@ UPLOADER_RECIPE_TOLERANCE = 0.06
 
 
 @pytest.fixture(autouse=True)
-def _default_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TUNER_PROFILES_DIR", raising=False)
+def _default_catalogs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TUNER_CATALOG_DIR", raising=False)
 
 
 def _params(layout: ModelLayout) -> int:
@@ -87,7 +86,7 @@ def test_every_card_repo_with_a_vision_projector_knows_its_size(tmp_path: Path,
     data = yaml.safe_load(card_file.read_text(encoding="utf-8"))
     del data["repos"][0]["mmproj_bytes"]
     card_file.write_text(yaml.safe_dump(data), encoding="utf-8")
-    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path))
+    monkeypatch.setenv("TUNER_CATALOG_DIR", str(tmp_path))
     with pytest.raises(TunerError, match=r"names an mmproj but no mmproj_bytes"):
         load_card(MAIN)
 
@@ -100,7 +99,7 @@ def test_card_with_a_recipe_missing_a_tensor_class_is_rejected(tmp_path: Path, m
     recipes = yaml.safe_load((tmp_path / "models" / "_recipes.yaml").read_text(encoding="utf-8"))
     del recipes["recipes"]["Q4_K_M"]["types"]["experts_down"]
     (tmp_path / "models" / "_recipes.yaml").write_text(yaml.safe_dump(recipes), encoding="utf-8")
-    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path))
+    monkeypatch.setenv("TUNER_CATALOG_DIR", str(tmp_path))
     with pytest.raises(TunerError, match=r"recipe Q4_K_M lacks tensor classes experts_down$"):
         load_card(MAIN)
 
@@ -314,7 +313,7 @@ def test_match_card_by_shapes_and_name(tmp_path: Path) -> None:
     qwen36 = write_synthetic_gguf(tmp_path / "a.gguf", qwen35_35b_a3b_spec(name="Qwen3.6-35B-A3B Instruct"))[0]
     unnamed = write_synthetic_gguf(tmp_path / "b.gguf", qwen35_35b_a3b_spec(name="my finetune"))[0]
     tiny = write_synthetic_gguf(tmp_path / "c.gguf", SynthSpec(fill="zeros"))[0]
-    dense = write_synthetic_gguf(tmp_path / "d.gguf", synth_spec(load_card("qwen3.5-27b")))[0]
+    dense = write_synthetic_gguf(tmp_path / "d.gguf", spec_from_card(load_card("qwen3.5-27b")))[0]
 
     assert match_card(local_layout(qwen36)).key == "qwen3.6-35b-a3b"
     assert match_card(local_layout(unnamed)).key == MAIN

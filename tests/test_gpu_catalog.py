@@ -111,16 +111,16 @@ def test_broken_catalog_is_a_tuner_error_naming_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, contents: str
 ) -> None:
     (tmp_path / "gpus.yaml").write_text(contents)
-    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path))
+    monkeypatch.setenv("TUNER_CATALOG_DIR", str(tmp_path))
     with pytest.raises(TunerError, match=r"gpus\.yaml"):
         load_gpu_catalog()
 
 
 def test_missing_catalog_is_a_tuner_error_with_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path))
+    monkeypatch.setenv("TUNER_CATALOG_DIR", str(tmp_path))
     with pytest.raises(TunerError, match="cannot read the GPU catalog") as raised:
         load_gpu_catalog()
-    assert raised.value.hint is not None and "TUNER_PROFILES_DIR" in raised.value.hint
+    assert raised.value.hint is not None and "TUNER_CATALOG_DIR" in raised.value.hint
 
 
 def test_unknown_gpu_option_is_a_tuner_error_listing_valid_keys() -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from tuner import hardware as hw
-from tuner import paths
 from tuner.errors import TunerError
 from tuner.hardware import host, machine
 from tuner.hardware.snapshot import SnapshotNvml
@@ -115,26 +114,3 @@ def test_vram_with_gpu_none_is_a_tuner_error() -> None:
 def test_bad_vram_is_a_tuner_error(vram: str) -> None:
     with pytest.raises(TunerError):
         hw.hardware_for("rtx-4090", vram)
-
-
-# ------------------------------------------------------------------------------------------------------ paths
-
-
-def test_paths_follow_their_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TUNER_PROFILES_DIR", str(tmp_path / "p"))
-    monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "c"))
-    monkeypatch.setenv("TUNER_CONFIG_DIR", str(tmp_path / "k"))
-    assert (paths.profiles_dir(), paths.cache_dir(), paths.config_dir()) == (
-        tmp_path / "p",
-        tmp_path / "c",
-        tmp_path / "k",
-    )
-
-
-def test_paths_default_to_the_repo_profiles_and_user_dirs(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TUNER_PROFILES_DIR", "TUNER_CACHE_DIR", "TUNER_CONFIG_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    assert paths.profiles_dir() == Path(__file__).resolve().parent.parent / "profiles"
-    assert (paths.profiles_dir() / "gpus.yaml").is_file()
-    assert paths.cache_dir().name == "tuner" and paths.config_dir().name == "tuner"
-    assert paths.cache_dir() != paths.config_dir()

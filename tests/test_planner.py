@@ -155,6 +155,14 @@ def test_cpu_only_plans_for_ram(ladder: list[QuantCandidate]) -> None:
     assert any("no GPU" in r for r in plan.reasons)
 
 
+def test_a_cpu_only_plan_puts_every_cost_in_ram_and_a_gpu_plan_names_vram(ladder: list[QuantCandidate]) -> None:
+    cpu = recommend(ladder, machine("none", ram_gib=64), Wishes()).plan
+    assert not any("VRAM" in r for r in cpu.reasons), cpu.reasons
+    assert any(r.startswith("--parallel 1: ") and r.endswith("all in RAM") for r in cpu.reasons), cpu.reasons
+    gpu = recommend(ladder, machine("rtx-4090"), Wishes()).plan
+    assert any(r.startswith("--parallel 1: ") and "recurrent state in VRAM" in r for r in gpu.reasons), gpu.reasons
+
+
 def test_small_ram_lowers_the_prompt_cache_before_giving_up(ladder: list[QuantCandidate]) -> None:
     hw = machine("none", ram_gib=24)
     plan = recommend(ladder, hw, Wishes(quant="Q4_K_M", ctx_size=32768)).plan

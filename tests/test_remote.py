@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 from hubserver import LADDER_SPEC, LADDER_TYPES, FakeHub, write_card_quants, write_ladder, write_mmproj
 
-from tuner import remote
+from tuner import local, remote
 from tuner.errors import TunerError
 from tuner.gguf_file import NeedMoreBytes, parse_header, read_gguf
 from tuner.hardware import GB, hardware_for
+from tuner.local import dir_candidates
 from tuner.models import parse_model_ref, resolve_candidates, resolve_layout
 from tuner.planner import Wishes, plan_for, recommend
-from tuner.remote import HubRef, dir_candidates, group_gguf_files, hub_candidates, parse_hub_ref, quant_label
+from tuner.quant_files import group_gguf_files, quant_label
+from tuner.remote import HubRef, hub_candidates, parse_hub_ref
 from tuner.synth import tensor_plan, vocabulary
 
 REPO = "acme/Tiny-A1B-GGUF"
@@ -315,7 +317,7 @@ def test_resolve_layout_of_a_local_folder_asks_for_a_quant_without_reading_heade
         raise AssertionError(f"read {path}")
 
     with monkeypatch.context() as m:
-        m.setattr(remote, "read_gguf", no_reads)
+        m.setattr(local, "read_gguf", no_reads)
         with pytest.raises(TunerError, match=rf"comes in 6 quants; name one as {ladder_dir}:QUANT \(F16, Q2_K"):
             resolve_layout(str(ladder_dir))
     assert resolve_layout(f"{ladder_dir}:Q2_K").file_bytes == (ladder_dir / "Tiny-A1B-Q2_K.gguf").stat().st_size

@@ -1,10 +1,11 @@
 """Built-in model cards: what the tuner knows about a model without reading any file.
 
-A card (``profiles/models/<key>.yaml``) holds the GGUF hyperparameters of one model, the Hub repos that carry its
-GGUFs, known file sizes, sampling presets and notes. Together with the quant recipes (``profiles/models/
-_recipes.yaml``: which ggml type llama-quantize gives each tensor class, derived from src/llama-quant.cpp) a card
-yields the full :class:`~tuner.layout.ModelLayout` of any of its quants offline: the tensor names and shapes come
-from :func:`tuner.synth.tensor_plan` (the one shape table of the package), the types from the recipe, and
+A card (``models/<key>.yaml`` in the shipped catalogs, :func:`tuner.paths.catalog_dir`; edited in the repository's
+``profiles/``) holds the GGUF hyperparameters of one model, the Hub repos that carry its GGUFs, known file sizes,
+sampling presets and notes. Together with the quant recipes (``models/_recipes.yaml``: which ggml type
+llama-quantize gives each tensor class, derived from src/llama-quant.cpp) a card yields the full
+:class:`~tuner.layout.ModelLayout` of any of its quants offline: the tensor names and shapes come from
+:func:`tuner.shapes.tensor_shapes` (the one shape table of the package), the types from the recipe, and
 :func:`tuner.layout.layout_from_metadata` does the rest, as for a real header.
 
 ``qwen3.5-35b-a3b:Q4_K_M`` names a card and a quant; :func:`card_candidates` is a card's whole ladder.
@@ -20,12 +21,12 @@ from typing import Any
 
 import yaml
 
+from tuner.candidate import QuantCandidate
 from tuner.errors import TunerError
 from tuner.ggml import GgmlType, ggml_type, tensor_bytes
 from tuner.layout import ModelLayout, layout_from_metadata
-from tuner.models import QuantCandidate
-from tuner.paths import load_yaml, profiles_dir
-from tuner.synth import SynthSpec, tensor_plan
+from tuner.paths import CATALOG_ENV, catalog_dir, load_yaml
+from tuner.shapes import tensor_shapes
 from tuner.units import GiB
 
 CARDS_SUBDIR = "models"
@@ -357,7 +358,7 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCar
 
 
 def _cards_dir() -> Path:
-    return profiles_dir() / CARDS_SUBDIR
+    return catalog_dir() / CARDS_SUBDIR
 
 
 _CACHE: dict[tuple[Any, ...], tuple[ModelCard, ...]] = {}
@@ -368,7 +369,7 @@ def _load_all() -> tuple[ModelCard, ...]:
     folder = _cards_dir()
     if not folder.is_dir():
         raise TunerError(f"no model cards: {folder} is not a folder",
-                         hint="TUNER_PROFILES_DIR must name the folder holding models/")
+                         hint=f"{CATALOG_ENV} must name the folder holding models/")
     files = sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("_"))
     recipes_path = folder / RECIPES_FILE
     stamp = (str(folder), *((p.name, p.stat().st_mtime_ns) for p in [*files, recipes_path] if p.exists()))
@@ -414,25 +415,6 @@ def load_card(key: str) -> ModelCard:
 
 # --- layouts from cards -------------------------------------------------------------------------------------------
 
-def synth_spec(card: ModelCard, *, mtp: bool = False) -> SynthSpec:
-    """The card's hyperparameters as a :class:`~tuner.synth.SynthSpec` (for :func:`tensor_plan`)."""
-    g = card.gguf
-    try:
-        return SynthSpec(
-            arch=card.arch, name=card.name, n_layer=int(g["block_count"]), n_embd=int(g["embedding_length"]),
-            n_head=int(g["attention.head_count"]), n_head_kv=int(g["attention.head_count_kv"]),
-            head_dim=int(g["attention.key_length"]), full_attention_interval=int(g.get("full_attention_interval", 4)),
-            n_expert=int(g.get("expert_count", 0)), n_expert_used=int(g.get("expert_used_count", 0)),
-            n_ff_exp=int(g.get("expert_feed_forward_length", 0)),
-            n_ff_shexp=int(g.get("expert_shared_feed_forward_length", 0)), n_ff=int(g.get("feed_forward_length", 0)),
-            ssm_d_conv=int(g.get("ssm.conv_kernel", 0)), ssm_d_state=int(g.get("ssm.state_size", 0)),
-            ssm_n_group=int(g.get("ssm.group_count", 0)), ssm_dt_rank=int(g.get("ssm.time_step_rank", 0)),
-            n_ctx_train=int(g.get("context_length", 4096)), rope_dims=int(g.get("rope.dimension_count", 0)),
-            mtp=mtp, tie_embeddings=card.tie_embeddings, fill="zeros")
-    except KeyError as error:
-        raise TunerError(f"model card {card.key} lacks GGUF key {error.args[0]}") from None
-
-
 def card_metadata(card: ModelCard, *, mtp: bool = False) -> dict[str, Any]:
     """GGUF metadata the card stands for (what a converted file's header would say, tokenizer aside)."""
     meta: dict[str, Any] = {"general.architecture": card.arch, "general.name": card.name}
@@ -448,10 +430,10 @@ def recipe_tensors(card: ModelCard, recipe: Recipe, *,
     """(name, ggml type, shape, bytes) of every tensor of the card's model quantized with ``recipe``."""
     if mtp and card.mtp_layers != 1:
         raise TunerError(f"{card.key}: only one MTP layer is supported, the card says {card.mtp_layers}")
-    spec = synth_spec(card, mtp=mtp and card.mtp_layers > 0)
-    n_layer_all = spec.n_layer_all
+    meta = card_metadata(card, mtp=mtp)
+    n_layer_all = int(meta[f"{card.arch}.block_count"])
     out = []
-    for name, shape, _role in tensor_plan(spec, card.vocab_size):
+    for name, shape, _role in tensor_shapes(meta, card.vocab_size, tied_embeddings=card.tie_embeddings):
         m = _BLOCK_RE.match(name)
         layer = int(m.group(1)) if m else None
         tname = recipe.type_name(recipe_class(name), layer, n_layer_all)

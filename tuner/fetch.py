@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.candidate import QuantCandidate
 from tuner.errors import TunerError
-from tuner.models import QuantCandidate
 from tuner.remote import hub_endpoint, hub_token
 
 FetchProgressFn = Callable[[str, int, int | None], None]

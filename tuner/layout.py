@@ -2,7 +2,7 @@
 sorted into a class (routed experts, shared expert, router, attention, DeltaNet, norms, embeddings, output, MTP).
 
 Built from a GGUF header (:func:`layout_from_header`) or, without any file, from a model card (``tuner.cards``).
-The rules follow llama.cpp (paths relative to its tree, as read in the reference notes):
+The rules follow llama.cpp (paths relative to its source tree):
 
 * hybrid pattern: ``<arch>.attention.recurrent_layers`` when present, else layer ``i`` is recurrent iff
   ``(i + 1) % full_attention_interval != 0`` (default 4) — src/models/qwen35moe.cpp:20-26; MTP/NextN layers

@@ -16,9 +16,9 @@ context; or the one type asked for):
    1024) ubatch multiplies prompt speed. The chosen plan is placed again at that ubatch (steps 1-3) and takes it
    when generation stays within :data:`SPEED_TOLERANCE` and prompts get :data:`UBATCH_MIN_PP_GAIN` times faster
    (never with ``--prefer context``, which keeps every token of context).
-5. **slots** — ``--parallel 1`` unless asked: each slot costs one recurrent state (62.8 MiB for 35B-A3B) in VRAM and
-   up to ``--ctx-checkpoints`` more in RAM. More slots get separate per-slot caches (``--no-kv-unified``), so every
-   slot is guaranteed its context.
+5. **slots** — ``--parallel 1`` unless asked: each slot costs one recurrent state (62.8 MiB for 35B-A3B) in VRAM (in
+   RAM without a GPU) and up to ``--ctx-checkpoints`` more in RAM. More slots get separate per-slot caches
+   (``--no-kv-unified``), so every slot is guaranteed its context.
 
 The **context floor** a plan must reach: ``Wishes.ctx_size`` when given (exactly that); otherwise
 :data:`WORKING_CTX` (32768) for ``speed`` and ``quality`` — then grown to the largest that fits — and the model's
@@ -41,11 +41,13 @@ that fits wins; when nothing fits even then, :class:`~tuner.errors.TunerError` s
   fastest plan of at least 4 bits per weight; then speed, then context.
 * ``context``: the most context; among equal context, the ``speed`` rule.
 
-The VRAM **buffer** kept free on every GPU defaults to :data:`DEFAULT_VRAM_BUFFER_BYTES` (1280 MiB): the 768 MiB of
-headroom the community keeps (qwen35-family.md: even 200 MB spilled to shared memory cut 70 tok/s to 10-20) plus
-512 MiB for the CUDA context, cuBLAS workspace and memory pools, which llama.cpp's breakdown does not count and the
-estimate does not include (llamacpp-memory.md 4.3: ~450 MiB on an RTX 4090, 749 MiB on an RTX PRO 6000; "budget
-0.5-1 GiB"). Without a GPU the buffer applies to RAM and defaults to :data:`DEFAULT_RAM_BUFFER_BYTES`.
+The VRAM **buffer** kept free on every GPU defaults to :data:`DEFAULT_VRAM_BUFFER_BYTES` (1280 MiB): 768 MiB of
+headroom against spilling (a driver that spills VRAM into shared system memory slows generation several-fold) plus
+512 MiB for the CUDA context, cuBLAS workspace and memory pools, which the estimate does not include and llama.cpp's
+memory breakdown does not count either (its "unaccounted" column is total − free − model − context − compute,
+common/fit.cpp:984). llama.cpp's own ``--fit`` keeps a margin of the same size, 1024 MiB per device by default
+(``fit_params_target``, common/common.h:482-483). Without a GPU the buffer applies to RAM and defaults to
+:data:`DEFAULT_RAM_BUFFER_BYTES`.
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ DEFAULT_VRAM_BUFFER_BYTES = COMMUNITY_HEADROOM_BYTES + CUDA_UNACCOUNTED_BYTES
 DEFAULT_RAM_BUFFER_BYTES = 1 * GiB
 """CPU only: RAM kept free for the OS and the server process itself."""
 VISION_COMPUTE_BYTES = 384 * MiB
-"""Allowance for the vision encoder's compute buffer, on top of the mmproj weights (llamacpp-memory.md 8): its
-warm-up image is 8464 patches, and one f32 activation of the encoder's MLP (1152 → 4304) is 8464 × 4304 × 4 B =
-139 MiB; a few of those live at once. Not measured."""
+"""Allowance for the vision encoder's compute buffer, on top of the mmproj weights: its warm-up image is 46 × 46
+tokens after a 2 × 2 merge, 8464 patches (tools/mtmd/clip.cpp:1668-1679), and one f32 activation of the encoder's MLP
+(width 1152 → 4304, from the Qwen3.5 mmproj's header) is 8464 × 4304 × 4 B = 139 MiB; a few of those live at once.
+Not measured."""
 
 MIN_CTX = 4096
 """The smallest context a plan may have (llama.cpp's --fit stops at the same 4096)."""
@@ -849,8 +852,12 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
     if ub_reason:
         out.append(ub_reason)
     if w.parallel == 1:
-        out.append(f"--parallel 1: every extra slot costs a {fmt_bytes(lay.recurrent_bytes_per_seq())} recurrent "
-                   f"state in VRAM and up to {best.flags.ctx_checkpoints} checkpoints of that size in RAM")
+        state = fmt_bytes(lay.recurrent_bytes_per_seq())
+        checkpoints = best.flags.ctx_checkpoints
+        out.append(f"--parallel 1: every extra slot costs a {state} recurrent state and up to {checkpoints} "
+                   "checkpoints of that size, all in RAM" if b.cpu_only else
+                   f"--parallel 1: every extra slot costs a {state} recurrent state in VRAM and up to "
+                   f"{checkpoints} checkpoints of that size in RAM")
     else:
         out.append(f"--parallel {w.parallel} with separate caches: every slot is guaranteed {best.ctx} tokens")
     out.extend(best.host_notes)

@@ -1,11 +1,11 @@
-"""Quants in a Hugging Face repo (``owner/repo[@revision][:QUANT]``) or a local folder, found without the weights.
+"""Quants in a Hugging Face repo (``owner/repo[@revision][:QUANT]``), found without the weights.
 
 A Hub repo is listed once through ``huggingface_hub`` (file names and sizes, and the commit the revision points to);
-its GGUF files are grouped into quants (split shards ``-00001-of-00003.gguf`` together, the quant label read from the
-file name, ``mmproj`` vision files apart), and each quant's header is read with HTTP range requests to
-``{endpoint}/{repo}/resolve/{commit}/{path}``: a few MB per shard, never the tensor data. Parsed headers are cached
-on disk under ``<cache>/hub-headers/<repo>/<commit>/<path>.json`` (a commit never changes, so neither does the entry),
-and the listing beside them, so a second look costs one API call, or none when the Hub cannot be reached.
+its GGUF files are grouped into quants by :mod:`tuner.quant_files` (as a local folder's are), and each quant's
+header is read with HTTP range requests to ``{endpoint}/{repo}/resolve/{commit}/{path}``: a few MB per shard, never
+the tensor data. Parsed headers are cached on disk under ``<cache>/hub-headers/<repo>/<commit>/<path>.json`` (a
+commit never changes, so neither does the entry), and the listing beside them, so a second look costs one API call,
+or none when the Hub cannot be reached.
 
 ``HF_ENDPOINT`` and ``HF_TOKEN`` are honoured (the token also from ``hf auth login``); the token goes to the Hub as
 ``Authorization: Bearer`` and is dropped by httpx when the Hub redirects to its CDN.
@@ -17,31 +17,29 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
 from tuner import __version__
+from tuner.candidate import ProgressFn, QuantCandidate
 from tuner.errors import TunerError
 from tuner.gguf_file import (
     HEADER_CACHE_FORMAT,
-    SPLIT_RE,
     GgufHeader,
     NeedMoreBytes,
     ParsedShard,
     check_data_fits,
     join_shards,
     parse_header,
-    read_gguf,
     shard_from_dict,
     shard_to_dict,
 )
-from tuner.layout import layout_from_header
-from tuner.models import ProgressFn, QuantCandidate
 from tuner.paths import cache_dir, write_atomic
+from tuner.quant_files import FileGroup, GroupedFiles, candidates_from_headers, group_gguf_files
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CACHE_SUBDIR = "hub-headers"
@@ -49,15 +47,10 @@ REMOTE_FIRST_READ = 2 << 20  # first range request per shard; Qwen3.5 headers ar
 REMOTE_MIN_GROW = 1 << 20
 HEADER_WORKERS = 8  # parallel range readers
 HTTP_TIMEOUT_S = 30.0
-# Quant label in a file name: Q4_K_M, UD-Q4_K_XL, IQ4_XS, Q8_0, BF16, MXFP4_MOE, TQ1_0 ... (last match wins).
-_QUANT_RE = re.compile(
-    r"(?:^|[-_.])((?:UD-)?(?:I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|FP16|FP32|MXFP4(?:_MOE)?|TQ\d_\d))(?=$|[-_.])",
-    re.IGNORECASE)
 _HUB_REF_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:@\s]+))?(?::(?P<quant>[\w.-]+))?$")
-_MMPROJ_PREFERENCE = ("f16", "bf16", "q8_0", "f32")
 
 
-# --- references and file names ------------------------------------------------------------------------------------
+# --- references -------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class HubRef:
@@ -72,103 +65,6 @@ def parse_hub_ref(ref: str) -> HubRef:
     if not m or ".." in m.group("repo"):
         raise TunerError(f"{ref!r} is neither a local path nor a Hugging Face repo (owner/name[@revision][:QUANT])")
     return HubRef(m.group("repo"), m.group("rev"), m.group("quant"))
-
-
-def quant_label(path: str) -> str:
-    """The quant label of a GGUF file name: ``Qwen3.5-35B-A3B-UD-Q4_K_XL.gguf`` -> ``UD-Q4_K_XL``,
-    ``BF16/x-BF16-00001-of-00002.gguf`` -> ``BF16``; the file's stem when it names none."""
-    name = PurePosixPath(path).name
-    m = SPLIT_RE.match(name)
-    stem = m.group("prefix") if m else re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE)
-    found = list(_QUANT_RE.finditer(stem))
-    return found[-1].group(1).upper() if found else stem
-
-
-def is_mmproj(path: str) -> bool:
-    return "mmproj" in PurePosixPath(path).name.lower()
-
-
-@dataclass(frozen=True)
-class FileGroup:
-    """One quant: its file(s) (all shards, in order) and their sizes."""
-
-    label: str
-    files: tuple[str, ...]
-    sizes: tuple[int, ...]
-    missing: int = 0  # shards the split names but the listing lacks
-
-    @property
-    def file_bytes(self) -> int:
-        return sum(self.sizes)
-
-
-@dataclass(frozen=True)
-class GroupedFiles:
-    quants: tuple[FileGroup, ...]  # complete and incomplete
-    mmproj: tuple[tuple[str, int], ...]  # (path, size)
-
-    @property
-    def complete(self) -> tuple[FileGroup, ...]:
-        return tuple(g for g in self.quants if not g.missing)
-
-    def pick_mmproj(self) -> tuple[str, int] | None:
-        """The vision projector to offer: F16 if present, else BF16, Q8_0, F32, else the first."""
-        if not self.mmproj:
-            return None
-        for kind in _MMPROJ_PREFERENCE:
-            for path, size in self.mmproj:
-                if quant_label(path).lower() == kind:
-                    return path, size
-        return sorted(self.mmproj)[0]
-
-    def find(self, quant: str, where: str) -> FileGroup:
-        want = quant.strip().lower()
-        for g in self.quants:
-            if g.label.lower() == want:
-                if g.missing:
-                    raise TunerError(f"{where}: {g.label} is split into {len(g.files) + g.missing} files but "
-                                     f"{g.missing} are missing")
-                return g
-        raise TunerError(f"{where} has no {quant} GGUF (it has: {', '.join(g.label for g in self.complete) or 'none'})")
-
-
-def group_gguf_files(entries: Iterable[tuple[str, int]]) -> GroupedFiles:
-    """Group ``(path, size)`` entries into quants: split shards together, mmproj and imatrix files apart."""
-    singles: list[tuple[str, int]] = []
-    splits: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
-    mmproj: list[tuple[str, int]] = []
-    for path, size in entries:
-        name = PurePosixPath(path).name.lower()
-        if not name.endswith(".gguf") or "imatrix" in name:
-            continue
-        if is_mmproj(path):
-            mmproj.append((path, size))
-            continue
-        m = SPLIT_RE.match(path)
-        if m:
-            splits.setdefault((m.group("prefix"), int(m.group("count"))), {})[int(m.group("no"))] = (path, size)
-        else:
-            singles.append((path, size))
-    groups: list[tuple[str, str, FileGroup]] = []  # (folder, base label, group)
-    for path, size in singles:
-        groups.append((str(PurePosixPath(path).parent), quant_label(path), FileGroup(quant_label(path), (path,),
-                                                                                      (size,))))
-    for (_prefix, count), shards in splits.items():
-        present = [shards[i] for i in range(1, count + 1) if i in shards]
-        first = present[0][0]
-        label = quant_label(first)
-        groups.append((str(PurePosixPath(first).parent), label,
-                       FileGroup(label, tuple(p for p, _ in present), tuple(s for _, s in present),
-                                 missing=count - len(present))))
-    seen: dict[str, int] = {}
-    for _, label, _ in groups:
-        seen[label.lower()] = seen.get(label.lower(), 0) + 1
-    out = []
-    for folder, label, g in sorted(groups, key=lambda x: x[2].files[0]):
-        if seen[label.lower()] > 1 and folder not in ("", "."):
-            g = FileGroup(f"{folder}/{label}", g.files, g.sizes, g.missing)
-        out.append(g)
-    return GroupedFiles(tuple(out), tuple(sorted(mmproj)))
 
 
 # --- environment ---------------------------------------------------------------------------------------------------
@@ -461,22 +357,6 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
 
 # --- candidates ---------------------------------------------------------------------------------------------------
 
-def _candidates(headers: Sequence[GgufHeader], groups: Sequence[FileGroup], *, source: str, repo: str | None,
-                revision: str | None, mmproj: tuple[str, int] | None) -> list[QuantCandidate]:
-    from tuner.cards import match_card, rank_by_quality
-
-    out = []
-    for header, g in zip(headers, groups, strict=True):
-        out.append(QuantCandidate(
-            quant=g.label, layout=layout_from_header(header), files=g.files, file_bytes=g.file_bytes, source=source,
-            repo=repo, revision=revision, mmproj=mmproj[0] if mmproj else None,
-            mmproj_bytes=mmproj[1] if mmproj else 0))
-    card = match_card(out[0].layout) if out else None
-    if card is not None:
-        out = [replace(c, card_key=card.key) for c in out]
-    return rank_by_quality(out, card)
-
-
 def hub_candidates(ref: str, on_progress: ProgressFn | None = None) -> list[QuantCandidate]:
     """Every quant of a Hub repo (or the one ``:QUANT`` names), best quality first, from headers only."""
     hub = parse_hub_ref(ref)
@@ -489,7 +369,7 @@ def hub_candidates(ref: str, on_progress: ProgressFn | None = None) -> list[Quan
         raise TunerError(f"{where} holds no GGUF model files" + (" (only mmproj files)" if grouped.mmproj else ""))
     groups = [grouped.find(hub.quant, where)] if hub.quant else list(grouped.complete)
     headers, _ = read_hub_headers(listing, groups, on_progress=on_progress)
-    return _candidates(headers, groups, source="hub", repo=hub.repo, revision=listing.commit,
+    return candidates_from_headers(headers, groups, source="hub", repo=hub.repo, revision=listing.commit,
                        mmproj=grouped.pick_mmproj())
 
 
@@ -497,32 +377,3 @@ def hub_quant_labels(ref: str) -> list[str]:
     """The quant labels of a Hub repo, from its listing alone (no header is read)."""
     hub = parse_hub_ref(ref)
     return [g.label for g in list_hub_repo(hub.repo, hub.revision).grouped().complete]
-
-
-def _dir_files(path: str | os.PathLike[str]) -> tuple[Path, GroupedFiles]:
-    """A local folder's GGUF files (sub-folders included), grouped into quants; TunerError when it holds none."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise TunerError(f"{root} is not a folder")
-    entries = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in sorted(root.rglob("*.gguf"))
-               if p.is_file()]
-    grouped = group_gguf_files(entries)
-    if not grouped.complete:
-        raise TunerError(f"{root} holds no GGUF model files" + (" (only mmproj files)" if grouped.mmproj else ""))
-    return root, grouped
-
-
-def dir_quant_labels(path: str | os.PathLike[str]) -> list[str]:
-    """The quant labels of a local folder, from its file names alone (no header is read)."""
-    return [g.label for g in _dir_files(path)[1].complete]
-
-
-def dir_candidates(path: str | os.PathLike[str], quant: str | None = None) -> list[QuantCandidate]:
-    """Every quant in a local folder (sub-folders included: ``BF16/…-00001-of-00002.gguf``), best first."""
-    root, grouped = _dir_files(path)
-    groups = [grouped.find(quant, str(root))] if quant else list(grouped.complete)
-    headers = [read_gguf(root / g.files[0]) for g in groups]
-    local_groups = [FileGroup(g.label, tuple(str(root / f) for f in g.files), g.sizes) for g in groups]
-    mm = grouped.pick_mmproj()
-    return _candidates(headers, local_groups, source="local", repo=None, revision=None,
-                       mmproj=(str(root / mm[0]), mm[1]) if mm else None)

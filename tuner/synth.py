@@ -10,7 +10,9 @@ CPU. Two fillings:
 * ``fill="zeros"``: only the header is written and the file is extended to its full length, a sparse file: a
   20 GB-shaped model takes a few MB on disk and llama-server still loads it (zeros are valid for every ggml type).
 
-Shapes follow llama.cpp's loaders (src/models/qwen35moe.cpp, qwen35.cpp; ggml order ``{ne0, ne1, ne2}``).
+Names and shapes come from the package's one shape table, :func:`tuner.shapes.tensor_shapes`, fed the metadata the
+file carries. The writer needs numpy and gguf, so nothing that plans or sizes a model imports this module: the tests
+use it, and whatever writes a model at run time imports it when it does.
 """
 
 from __future__ import annotations
@@ -25,17 +27,17 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf import quants as gguf_quants
 
+from tuner.cards import ModelCard
 from tuner.errors import TunerError
 from tuner.ggml import ggml_type, tensor_bytes
 from tuner.layout import HYBRID_ARCHS, recurrent_pattern
+from tuner.shapes import MOE_ARCHS, TensorPlan, tensor_shapes
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# Architectures whose attention normalises Q and K per head (llama and qwen2 do not).
-QK_NORM_ARCHS = frozenset({"qwen35moe", "qwen35", "qwen3next", "qwen3", "qwen3moe"})
 _MERGES = ("Ġ t", "h e", "i n", "Ġ a", "e r", "o n", "Ġt he", "r e", "a t", "e n")
 
 
@@ -114,84 +116,10 @@ def vocabulary(spec: SynthSpec) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-TensorPlan = list[tuple[str, tuple[int, ...], str]]  # (name, ggml-order shape, role)
-
-
 def tensor_plan(spec: SynthSpec, n_vocab: int) -> TensorPlan:
-    """Every tensor of the model: name, shape in ggml order, and role (for its type)."""
-    e, hd = spec.n_embd, spec.head_dim
-    plan: TensorPlan = [("token_embd.weight", (e, n_vocab), "embd"), ("output_norm.weight", (e,), "norm")]
-    if not spec.tie_embeddings:
-        plan.append(("output.weight", (e, n_vocab), "output"))
-    hybrid = spec.arch in HYBRID_ARCHS
-    moe = spec.arch in ("qwen35moe", "qwen3next", "qwen3moe", "qwen2moe")
-    _, recurrent = recurrent_pattern(spec.n_layer, spec.n_layer_all, None, spec.full_attention_interval)
-    recurrent_set = set(recurrent) if hybrid else set()
-    key_dim = spec.ssm_d_state * spec.ssm_n_group
-    value_dim = spec.ssm_d_inner
-    for il in range(spec.n_layer_all):
-        b = f"blk.{il}."
-        is_mtp = il >= spec.n_layer
-        plan.append((b + "attn_norm.weight", (e,), "norm"))
-        if hybrid:
-            plan.append((b + "post_attention_norm.weight", (e,), "norm"))
-        else:
-            plan.append((b + "ffn_norm.weight", (e,), "norm"))
-        if il in recurrent_set:
-            plan += [
-                (b + "attn_qkv.weight", (e, key_dim * 2 + value_dim), "matrix"),
-                (b + "attn_gate.weight", (e, value_dim), "matrix"),
-                (b + "ssm_conv1d.weight", (spec.ssm_d_conv, key_dim * 2 + value_dim), "norm"),
-                (b + "ssm_dt.bias", (spec.ssm_dt_rank,), "norm"),
-                (b + "ssm_a", (spec.ssm_dt_rank,), "norm"),
-            ]
-            if spec.arch == "qwen3next":  # one fused beta/alpha projection (src/models/qwen3next.cpp)
-                plan.append((b + "ssm_ba.weight", (e, 2 * spec.ssm_dt_rank), "matrix"))
-            else:
-                plan += [(b + "ssm_beta.weight", (e, spec.ssm_dt_rank), "matrix"),
-                         (b + "ssm_alpha.weight", (e, spec.ssm_dt_rank), "matrix")]
-            plan += [
-                (b + "ssm_norm.weight", (spec.ssm_d_state,), "norm"),
-                (b + "ssm_out.weight", (value_dim, e), "matrix"),
-            ]
-        else:
-            q_rows = hd * spec.n_head * (2 if hybrid else 1)
-            plan += [
-                (b + "attn_q.weight", (e, q_rows), "matrix"),
-                (b + "attn_k.weight", (e, hd * spec.n_head_kv), "matrix"),
-                (b + "attn_v.weight", (e, hd * spec.n_head_kv), "matrix"),
-                (b + "attn_output.weight", (hd * spec.n_head, e), "matrix"),
-            ]
-            if spec.arch in QK_NORM_ARCHS:
-                plan += [(b + "attn_q_norm.weight", (hd,), "norm"), (b + "attn_k_norm.weight", (hd,), "norm")]
-        if moe:
-            plan += [
-                (b + "ffn_gate_inp.weight", (e, spec.n_expert), "router"),
-                (b + "ffn_gate_exps.weight", (e, spec.n_ff_exp, spec.n_expert), "experts"),
-                (b + "ffn_up_exps.weight", (e, spec.n_ff_exp, spec.n_expert), "experts"),
-                (b + "ffn_down_exps.weight", (spec.n_ff_exp, e, spec.n_expert), "experts"),
-            ]
-            if spec.arch != "qwen3moe":
-                plan += [
-                    (b + "ffn_gate_inp_shexp.weight", (e,), "norm"),
-                    (b + "ffn_gate_shexp.weight", (e, spec.n_ff_shexp), "matrix"),
-                    (b + "ffn_up_shexp.weight", (e, spec.n_ff_shexp), "matrix"),
-                    (b + "ffn_down_shexp.weight", (spec.n_ff_shexp, e), "matrix"),
-                ]
-        else:
-            plan += [
-                (b + "ffn_gate.weight", (e, spec.n_ff), "matrix"),
-                (b + "ffn_up.weight", (e, spec.n_ff), "matrix"),
-                (b + "ffn_down.weight", (spec.n_ff, e), "matrix"),
-            ]
-        if is_mtp:
-            plan += [
-                (b + "nextn.eh_proj.weight", (2 * e, e), "matrix"),
-                (b + "nextn.enorm.weight", (e,), "norm"),
-                (b + "nextn.hnorm.weight", (e,), "norm"),
-                (b + "nextn.shared_head_norm.weight", (e,), "norm"),
-            ]
-    return plan
+    """Every tensor of the model: name, shape in ggml order, and role (for its type); the package's one shape table,
+    :func:`tuner.shapes.tensor_shapes`, read from the metadata the file will carry."""
+    return tensor_shapes(hparams_metadata(spec), n_vocab, tied_embeddings=spec.tie_embeddings)
 
 
 def _role_type(spec: SynthSpec, role: str) -> str:
@@ -210,47 +138,68 @@ def rope_dims(spec: SynthSpec) -> int:
     return max(2, spec.head_dim // 4) if spec.arch in HYBRID_ARCHS else spec.head_dim
 
 
-def _metadata(spec: SynthSpec, writer: GGUFWriter) -> None:
+def hparams_metadata(spec: SynthSpec) -> dict[str, Any]:
+    """The GGUF metadata of the model's hyperparameters (the tokenizer aside), in the order the file holds them:
+    ints are written as uint32, floats as float32, lists as arrays."""
     a = spec.arch
-    w = writer
-    w.add_name(spec.name)
-    w.add_uint32(f"{a}.block_count", spec.n_layer_all)
-    w.add_uint32(f"{a}.context_length", spec.n_ctx_train)
-    w.add_uint32(f"{a}.embedding_length", spec.n_embd)
-    w.add_uint32(f"{a}.attention.head_count", spec.n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", spec.n_head_kv)
-    w.add_uint32(f"{a}.attention.key_length", spec.head_dim)
-    w.add_uint32(f"{a}.attention.value_length", spec.head_dim)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32(f"{a}.rope.freq_base", 10_000_000.0)
-    w.add_uint32(f"{a}.rope.dimension_count", rope_dims(spec))
+    meta: dict[str, Any] = {
+        "general.architecture": a,
+        "general.name": spec.name,
+        f"{a}.block_count": spec.n_layer_all,
+        f"{a}.context_length": spec.n_ctx_train,
+        f"{a}.embedding_length": spec.n_embd,
+        f"{a}.attention.head_count": spec.n_head,
+        f"{a}.attention.head_count_kv": spec.n_head_kv,
+        f"{a}.attention.key_length": spec.head_dim,
+        f"{a}.attention.value_length": spec.head_dim,
+        f"{a}.attention.layer_norm_rms_epsilon": 1e-6,
+        f"{a}.rope.freq_base": 10_000_000.0,
+        f"{a}.rope.dimension_count": rope_dims(spec),
+    }
     if a in ("qwen35moe", "qwen35"):
         # IMRoPE sections must sum to rope dims / 2 (converter default [11, 11, 10, 0] for 64 dims)
         half = rope_dims(spec) // 2
         s0 = -(-half * 11 // 32)
         s1 = -(-half * 11 // 32)
-        w.add_array(f"{a}.rope.dimension_sections", [s0, s1, max(half - s0 - s1, 0), 0])
-    if a in ("qwen35moe", "qwen3next", "qwen3moe", "qwen2moe"):
-        w.add_uint32(f"{a}.expert_count", spec.n_expert)
-        w.add_uint32(f"{a}.expert_used_count", spec.n_expert_used)
-        w.add_uint32(f"{a}.expert_feed_forward_length", spec.n_ff_exp)
+        meta[f"{a}.rope.dimension_sections"] = [s0, s1, max(half - s0 - s1, 0), 0]
+    if a in MOE_ARCHS:
+        meta[f"{a}.expert_count"] = spec.n_expert
+        meta[f"{a}.expert_used_count"] = spec.n_expert_used
+        meta[f"{a}.expert_feed_forward_length"] = spec.n_ff_exp
         if a != "qwen3moe":
-            w.add_uint32(f"{a}.expert_shared_feed_forward_length", spec.n_ff_shexp)
+            meta[f"{a}.expert_shared_feed_forward_length"] = spec.n_ff_shexp
     else:
-        w.add_uint32(f"{a}.feed_forward_length", spec.n_ff)
+        meta[f"{a}.feed_forward_length"] = spec.n_ff
     if a in HYBRID_ARCHS:
-        w.add_uint32(f"{a}.ssm.conv_kernel", spec.ssm_d_conv)
-        w.add_uint32(f"{a}.ssm.state_size", spec.ssm_d_state)
-        w.add_uint32(f"{a}.ssm.group_count", spec.ssm_n_group)
-        w.add_uint32(f"{a}.ssm.time_step_rank", spec.ssm_dt_rank)
-        w.add_uint32(f"{a}.ssm.inner_size", spec.ssm_d_inner)
+        meta[f"{a}.ssm.conv_kernel"] = spec.ssm_d_conv
+        meta[f"{a}.ssm.state_size"] = spec.ssm_d_state
+        meta[f"{a}.ssm.group_count"] = spec.ssm_n_group
+        meta[f"{a}.ssm.time_step_rank"] = spec.ssm_dt_rank
+        meta[f"{a}.ssm.inner_size"] = spec.ssm_d_inner
         if spec.write_recurrent_array:
             _, rec = recurrent_pattern(spec.n_layer, spec.n_layer_all, None, spec.full_attention_interval)
-            w.add_array(f"{a}.attention.recurrent_layers", [i in rec for i in range(spec.n_layer_all)])
+            meta[f"{a}.attention.recurrent_layers"] = [i in rec for i in range(spec.n_layer_all)]
         else:
-            w.add_uint32(f"{a}.full_attention_interval", spec.full_attention_interval)
+            meta[f"{a}.full_attention_interval"] = spec.full_attention_interval
     if spec.mtp:
-        w.add_uint32(f"{a}.nextn_predict_layers", 1)
+        meta[f"{a}.nextn_predict_layers"] = 1
+    return meta
+
+
+def _metadata(spec: SynthSpec, writer: GGUFWriter) -> None:
+    w = writer
+    a = spec.arch
+    for key, value in hparams_metadata(spec).items():
+        if key == "general.architecture":  # GGUFWriter writes it itself
+            continue
+        if key == "general.name":
+            w.add_name(value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
     tokens, types, merges = vocabulary(spec)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen35" if a in ("qwen35moe", "qwen35") else "qwen2")
@@ -357,7 +306,8 @@ def real_vocab_overrides() -> dict[str, int]:
 
 
 def qwen35_35b_a3b_spec(**overrides: Any) -> SynthSpec:
-    """The real Qwen3.5-35B-A3B hyperparameters (qwen35-family.md) with a tiny vocabulary placeholder.
+    """The real Qwen3.5-35B-A3B hyperparameters (its card, profiles/models/qwen3.5-35b-a3b.yaml) with a tiny
+    vocabulary placeholder.
 
     The real vocabulary is 248,320 tokens and 247,587 merges: pass ``extra_vocab`` / ``extra_merges`` to reach them
     (see :func:`real_vocab_overrides`; the tokenizer stays byte-level).
@@ -369,3 +319,23 @@ def qwen35_35b_a3b_spec(**overrides: Any) -> SynthSpec:
         fill="zeros",
     )
     return replace(base, **overrides)
+
+
+def spec_from_card(card: ModelCard, *, mtp: bool = False) -> SynthSpec:
+    """A built-in card's hyperparameters as a sparse (``fill="zeros"``) :class:`SynthSpec`, with the tiny
+    vocabulary (see :func:`real_vocab_overrides` for the real one)."""
+    g = card.gguf
+    try:
+        return SynthSpec(
+            arch=card.arch, name=card.name, n_layer=int(g["block_count"]), n_embd=int(g["embedding_length"]),
+            n_head=int(g["attention.head_count"]), n_head_kv=int(g["attention.head_count_kv"]),
+            head_dim=int(g["attention.key_length"]), full_attention_interval=int(g.get("full_attention_interval", 4)),
+            n_expert=int(g.get("expert_count", 0)), n_expert_used=int(g.get("expert_used_count", 0)),
+            n_ff_exp=int(g.get("expert_feed_forward_length", 0)),
+            n_ff_shexp=int(g.get("expert_shared_feed_forward_length", 0)), n_ff=int(g.get("feed_forward_length", 0)),
+            ssm_d_conv=int(g.get("ssm.conv_kernel", 0)), ssm_d_state=int(g.get("ssm.state_size", 0)),
+            ssm_n_group=int(g.get("ssm.group_count", 0)), ssm_dt_rank=int(g.get("ssm.time_step_rank", 0)),
+            n_ctx_train=int(g.get("context_length", 4096)), rope_dims=int(g.get("rope.dimension_count", 0)),
+            mtp=mtp and card.mtp_layers > 0, tie_embeddings=card.tie_embeddings, fill="zeros")
+    except KeyError as error:
+        raise TunerError(f"model card {card.key} lacks GGUF key {error.args[0]}") from None

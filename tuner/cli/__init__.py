@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Annotated
 
 # huggingface_hub 2.x asks the endpoint about "agent harnesses" on its first call (3 s timeout): tuner only wants
 # the repo listing and files, so keep it quiet and fast (set before huggingface_hub is imported anywhere).
@@ -34,8 +35,19 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tuner {version('tuner')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the installed tuner's version and exit.")] = False,
+) -> None:
     """Size, plan, build, serve and benchmark llama.cpp for the Qwen3.5 / Qwen3.6 hybrid models."""
 
 
@@ -53,11 +65,14 @@ _registered: set[str] = set()
 
 
 def _register(argv: list[str]) -> None:
-    """Import only the command being run (all of them for help or a typo): every command module pulls in its
-    own layers, and a start-up that imports all of them costs more than a whole ``tuner estimate``."""
+    """Import only the command being run (all of them for help or a typo, none for ``--version``): every command
+    module pulls in its own layers, and a start-up that imports all of them costs more than a whole
+    ``tuner estimate``."""
     import importlib
 
     first = next((a for a in argv if not a.startswith("-")), None)
+    if first is None and "--version" in argv:
+        return
     names = [first] if first in COMMANDS else list(COMMANDS)
     for name in names:
         if name not in _registered:

@@ -25,6 +25,7 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli._output import emit, memory_table
 from tuner.cli.hardware import hardware_dict, render_hardware
+from tuner.cli.profile import recommend_hook
 from tuner.hardware import hardware_for
 from tuner.planner import Recommendation, Wishes, plan_for
 from tuner.units import fmt_bytes, parse_size_bytes
@@ -140,8 +141,6 @@ def register(app: typer.Typer) -> None:
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=vision,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
         hardware = hardware_for(gpu, vram)
-        from tuner.cli.profile import recommend_hook
-
         rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin))
         result = recommend_result(rec, server_bin or "llama-server")
         emit(result, as_json=as_json, render=lambda c: render_recommendation(c, result))

@@ -2,7 +2,7 @@
 
 ``--gpu rtx-4090`` / ``--gpu "RTX 3090 x2"`` plan for a catalog card (:func:`parse_gpu_spec`), and a detected card
 whose NVML reports no memory bus width takes its bandwidth from here (:func:`catalog_entry_for_name`). The catalog
-is read through :func:`tuner.paths.profiles_dir` and checked field by field (:func:`load_gpu_catalog`).
+is read through :func:`tuner.paths.catalog_dir` and checked field by field (:func:`load_gpu_catalog`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 
 from tuner.errors import TunerError
 from tuner.hardware.gpu import GB, Gpu
-from tuner.paths import load_yaml, profiles_dir
+from tuner.paths import CATALOG_ENV, catalog_dir, load_yaml
 from tuner.units import GiB
 
 GENERIC_GPU_BANDWIDTH_BYTES_S = 300 * GB
@@ -59,13 +59,13 @@ class CatalogGpu:
 
 def load_gpu_catalog(path: Path | None = None) -> dict[str, CatalogGpu]:
     """``profiles/gpus.yaml`` (or ``path``), checked: every entry has every field, with sane types."""
-    path = path or profiles_dir() / _CATALOG_FILE
+    path = path or catalog_dir() / _CATALOG_FILE
     try:
         data = load_yaml(path)
     except OSError as error:
         raise TunerError(
             f"cannot read the GPU catalog {path}: {error.strerror or error}",
-            hint="TUNER_PROFILES_DIR must name the folder holding gpus.yaml",
+            hint=f"{CATALOG_ENV} must name the folder holding gpus.yaml",
         ) from error
     except yaml.YAMLError as error:
         raise TunerError(f"the GPU catalog {path} is not valid YAML: {error}") from error
