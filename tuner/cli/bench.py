@@ -126,15 +126,14 @@ def render_bench(console: Console, result: dict[str, Any]) -> None:
                 console.print(f"  {name} vs {verdict['reference_set']}: tg ×{ratio['tg']:.2f}, pp ×{ratio['pp']:.2f}")
     for note in result.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-    console.print(f"results: {result['saved_to']}", highlight=False, soft_wrap=True)
-    if result["plot"]:
-        console.print(f"chart:   {result['plot']}", highlight=False, soft_wrap=True)
-    else:
-        console.print(f"chart:   not drawn: {result['plot_problem']}", highlight=False, soft_wrap=True)
+    # paths and the install hint as they are: rich would take "[plot]" (or a "[...]" in a path) for markup
+    plain = {"highlight": False, "soft_wrap": True, "markup": False}
+    console.print(f"results: {result['saved_to']}", **plain)
+    console.print(f"chart:   {result['plot'] or 'not drawn: ' + result['plot_problem']}", **plain)
     prof = result.get("profile")
     if prof:
         console.print(f"profile: {prof['path']} ({prof['measurements']} measurements for this model, hardware and "
-                      f"build)", highlight=False, soft_wrap=True)
+                      f"build)", **plain)
 
 
 def register(app: typer.Typer) -> None:
