@@ -1,24 +1,20 @@
-"""tuner.bench: flag sets, memory checks, prompts, and real measurements against llama-server on the CPU."""
+"""tuner.bench: flag sets, memory checks, prompts, statistics, results files, and real measurements and tuning
+against llama-server on the CPU (the chart is tests/test_bench_plot.py; run_benchmark is tests/test_cli_bench.py)."""
 
 from __future__ import annotations
 
 import json
-import re
-import struct
 import threading
-import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from rich.console import Console
 
 from tuner import bench as b
-from tuner import benchplot as bp
 from tuner.errors import TunerError
-from tuner.estimate import ServerFlags, estimate_memory
+from tuner.estimate import estimate_memory
+from tuner.flags import ServerFlags
 from tuner.hardware import hardware_for
 from tuner.models import local_layout
 from tuner.planner import Budget, Wishes, fits, plan_for
@@ -239,8 +235,9 @@ def test_results_land_in_model_and_hardware_folders_atomically(tmp_path: Path, c
 
 
 class FakeServer:
-    """Answers ``/completion`` as llama-server does for a benchmark client (llamacpp-memory.md §7): a slot keeps its
-    last prompt and reuses the common prefix up to a checkpoint 4 tokens back (unless ``caches`` is False). Slot k
+    """Answers ``/completion`` as llama-server does for a benchmark client (tools/server/server-context.cpp:3326-3350,
+    3540-3558 in llama.cpp's tree): a slot keeps its last prompt and reuses the common prefix up to a checkpoint 4
+    tokens back (unless ``caches`` is False). Slot k
     processes prompts at 1000/(k+1) tok/s and generates at 100/(k+1) tok/s; the first generated token is free."""
 
     command = ("llama-server",)
@@ -338,62 +335,6 @@ def test_slots_are_checked_before_anything_is_launched() -> None:
     b.check_slots([b.parse_set("auto=-c 1024")], 4)  # no -np: llama-server's auto, 4 slots
     with pytest.raises(TunerError, match=r"'a' has 2 slot.*needs -np 3"):
         b.check_slots([b.parse_set("a=-c 1024 -np 2")], 3)
-
-
-# --------------------------------------------------------------------------------------------- pictures
-
-
-def _series() -> list[bp.Series]:
-    samples = [b.Sample(i, name, depth, 0, pp, tg, 32, depth, 8) for i, (name, depth, pp, tg) in enumerate(
-        [("flat", 0, 100.0, 10.0), ("flat", 4096, 98.0, 9.8), ("drop", 0, 120.0, 12.0), ("drop", 4096, 60.0, 6.0)])]
-    return bp.series_from_results(b.summarize(b.parse_set(f"{n}=-c 8192"), samples, 4096).to_dict()
-                                  for n in ("flat", "drop"))
-
-
-def test_series_come_from_the_results_rows() -> None:
-    flat, drop = _series()
-    assert (flat.name, flat.depths, flat.tg_tok_s, flat.pp_tok_s) == ("flat", (0, 4096), (10.0, 9.8), (100.0, 98.0))
-    assert drop.tg_min == drop.tg_max == (12.0, 6.0)
-
-
-def test_terminal_chart_draws_one_line_per_set_and_the_bar_table_is_its_fallback() -> None:
-    pytest.importorskip("plotext")
-    chart = bp.terminal_chart(_series(), width=100)
-    assert chart is not None
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", chart)
-    assert "tg tok/s vs depth" in plain and "pp tok/s vs depth" in plain
-    assert "flat" in plain and "drop" in plain and "4k" in plain
-    console = Console(record=True, width=100)
-    console.print(bp.bar_table(_series()))
-    text = console.export_text()
-    assert "flat" in text and "drop" in text and "█" in text
-
-
-def _png_pixels(data: bytes) -> np.ndarray:
-    pos, idat, width, height = 8, b"", 0, 0
-    while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + n]
-        if kind == b"IHDR":
-            width, height = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + n
-    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, 1 + 3 * width)
-    assert (raw[:, 0] == 0).all()
-    return raw[:, 1:].reshape(height, width, 3)
-
-
-def test_png_draws_a_line_per_set_in_its_own_colour(tmp_path: Path) -> None:
-    path = bp.render_png(_series(), tmp_path / "chart.png", title="bench", subtitle="median")
-    pixels = _png_pixels(path.read_bytes())
-    assert pixels.shape == (560, 1200, 3)
-
-    def count(colour: tuple[int, int, int]) -> int:
-        return int((pixels == np.array(colour, dtype=np.uint8)).all(axis=2).sum())
-
-    assert count(bp.PALETTE[0]) > 200 and count(bp.PALETTE[1]) > 200, "both sets are drawn"
-    assert count(bp.PALETTE[2]) == 0, "and nothing else in a series colour"
 
 
 # --------------------------------------------------------------------------------------------- real servers
@@ -510,3 +451,33 @@ def test_tune_searches_far_fewer_launches_than_the_grid_and_never_launches_what_
     print(f"\ntune: {len(res.launches)} launches for a grid of {res.grid_size}; best {res.search_best}, winner "
           f"{res.winner.fs.name}: "
           f"vs defaults {ratio}, vs plan {res.ratio(res.plan)}")
+
+
+@pytest.mark.server
+def test_run_benchmark_builds_measures_writes_and_reports_progress_through_callbacks(
+        llama_build, moe_gguf: Path, cpu, tmp_path: Path) -> None:
+    lines: list[str] = []
+    stages: list[str] = []
+    options = b.BenchOptions(sets=(b.parse_set("one=-c 1024 -np 1"),), out_dir=tmp_path, learn=False,
+                             config=b.BenchConfig(depths=(0,), repeat=1, prompt_tokens=16, gen_tokens=4))
+    report = b.run_benchmark(str(moe_gguf), cpu, Wishes(), options, on_progress=lines.append,
+                             on_build_progress=lambda stage, *_: stages.append(stage))
+    assert report.results_path.parent.parent.parent == tmp_path and report.profile is None
+    assert json.loads(report.results_path.read_text()) == json.loads(json.dumps(report.document, default=str))
+    assert report.plot_path == report.results_path.with_suffix(".png") and report.plot_problem is None
+    assert [r["name"] for r in report.document["results"]] == ["one"]
+    assert any(line.startswith("starting one: llama-server -c 1024 -np 1") for line in lines)
+    assert any("one depth 0 #1" in line for line in lines)
+    assert stages, "the build (found in the cache) reports through its own callback"
+    assert report.document["llama_cpp"]["server_bin"] == str(llama_build.server_bin)
+
+
+def test_bench_options_refuse_what_needs_no_work_to_refuse() -> None:
+    with pytest.raises(TunerError, match="--objective must be one of tg, pp, both"):
+        b.BenchOptions(objective="fast")
+    with pytest.raises(TunerError, match="--tune searches around the plan"):
+        b.BenchOptions(tune=True, sets=(b.parse_set("a=-c 1024"),))
+    with pytest.raises(TunerError, match="two flag sets"):
+        b.BenchOptions(sets=(b.parse_set("a=-c 1024"), b.parse_set("a=-c 2048")))
+    with pytest.raises(TunerError, match=r"needs -np 2"):
+        b.BenchOptions(sets=(b.parse_set("a=-c 1024 -np 1"),), config=b.BenchConfig(concurrency=2))

@@ -152,3 +152,21 @@ def test_profile_export_and_reset(config: Path, tmp_path: Path, capsys: pytest.C
     (config / "profiles.yaml").write_text("format: 1\nentries: []\n")
     assert main(["profile", "reset", "--yes"]) == 0
     assert not (config / "profiles.yaml").exists()
+
+
+def test_without_matplotlib_bench_says_in_one_line_how_to_get_the_chart() -> None:
+    from rich.console import Console
+
+    from tuner.bench.plot import PLOT_INSTALL
+    from tuner.cli.bench import render_bench
+
+    row = {"name": "a", "flags": ["-c", "1024"], "by_depth": [
+        {"depth": 0, "pp_tok_s": {"median": 10.0, "min": 9.0, "max": 11.0, "n": 3},
+         "tg_tok_s": {"median": 2.0, "min": 1.5, "max": 2.5, "n": 3}}]}
+    console = Console(record=True, width=200)
+    render_bench(console, {"results": [row], "saved_to": "/r/x.json", "plot": None, "notes": [], "verdict": {},
+                           "plot_problem": f"the chart needs matplotlib: {PLOT_INSTALL}"})
+    text = console.export_text()
+    (line,) = [t for t in text.splitlines() if t.startswith("chart:")]
+    assert line == "chart:   not drawn: the chart needs matplotlib: pip install 'tuner[plot]'"
+    assert "results: /r/x.json" in text

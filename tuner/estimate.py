@@ -44,17 +44,16 @@ Each rule below names where llama.cpp implements it (paths relative to its tree;
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tuner.errors import TunerError
+from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.ggml import CUDA_MATRIX_ROW_PADDING, is_quantized, kv_cache_type, row_bytes
 from tuner.layout import ModelLayout, Tensor, TensorClass
 from tuner.units import MiB
 
 CPU = "CPU"
-SPEC_MTP = "draft-mtp"
-FLASH_ATTN_MODES = ("on", "off", "auto")
 # Architectures with M-RoPE / IMRoPE: four positions per token (llama-graph.cpp build_inp_pos).
 MROPE_ARCHS: frozenset[str] = frozenset({"qwen35", "qwen35moe"})
 OP_OFFLOAD_MIN_BATCH = 32  # GGML_OP_OFFLOAD_MIN_BATCH (ggml-cuda.cu:5825)
@@ -68,88 +67,6 @@ DRAFT_CACHE_TYPE = "f16"
 def pad(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple`` (GGML_PAD)."""
     return -(-n // multiple) * multiple
-
-
-@dataclass(frozen=True)
-class ServerFlags:
-    """A llama-server flag set, by its long option names. Defaults are llama-server's own."""
-
-    ctx_size: int = 0  # 0 = the model's n_ctx_train
-    parallel: int = -1  # -1 = auto: 4 slots and a unified cache
-    kv_unified: bool | None = None
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    batch_size: int = 2048
-    ubatch_size: int = 512
-    flash_attn: str = "auto"
-    n_gpu_layers: int | None = None  # None / negative = all
-    n_cpu_moe: int = 0
-    cpu_moe: bool = False
-    cache_ram_mib: int = 8192
-    ctx_checkpoints: int = 32
-    spec_type: str | None = None
-    spec_draft_n_max: int = 3
-    no_kv_offload: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "ubatch_size"):
-            if getattr(self, name) <= 0:
-                raise TunerError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.ctx_size < 0:
-            raise TunerError(f"--ctx-size must be 0 (the model's) or positive, got {self.ctx_size}")
-        if self.parallel == 0 or self.parallel < -1:
-            raise TunerError(f"--parallel must be positive (or -1 for auto), got {self.parallel}")
-        if self.n_cpu_moe < 0:
-            raise TunerError(f"--n-cpu-moe must be 0 or positive, got {self.n_cpu_moe}")
-        if self.ctx_checkpoints < 0 or self.spec_draft_n_max < 0:
-            raise TunerError("--ctx-checkpoints and --spec-draft-n-max must be 0 or positive")
-        if self.cache_ram_mib < -1:
-            raise TunerError(f"--cache-ram must be -1 (no limit), 0 (off) or a size in MiB, got {self.cache_ram_mib}")
-        if self.flash_attn not in FLASH_ATTN_MODES:
-            raise TunerError(f"--flash-attn must be one of on, off, auto; got {self.flash_attn!r}")
-        if self.spec_type not in (None, SPEC_MTP):
-            raise TunerError(f"--spec-type {self.spec_type!r} is not sized by tuner (supported: {SPEC_MTP})")
-        kv_cache_type(self.cache_type_k)
-        kv_cache_type(self.cache_type_v)
-
-    @property
-    def n_seq(self) -> int:
-        return 4 if self.parallel == -1 else self.parallel
-
-    @property
-    def unified(self) -> bool:
-        return True if self.parallel == -1 else bool(self.kv_unified)
-
-    def with_(self, **changes: Any) -> ServerFlags:
-        return replace(self, **changes)
-
-    def to_args(self) -> list[str]:
-        """The llama-server arguments for this flag set (explicit values, so a command line reads complete)."""
-        args = ["--ctx-size", str(self.ctx_size)]
-        if self.parallel != -1:
-            args += ["--parallel", str(self.parallel)]
-        if self.kv_unified is not None and self.parallel != -1:
-            args.append("--kv-unified" if self.kv_unified else "--no-kv-unified")
-        args += ["--cache-type-k", self.cache_type_k, "--cache-type-v", self.cache_type_v]
-        args += ["--batch-size", str(self.batch_size), "--ubatch-size", str(self.ubatch_size)]
-        args += ["--flash-attn", self.flash_attn]
-        args += ["--n-gpu-layers", "all" if self.n_gpu_layers is None or self.n_gpu_layers < 0
-                 else str(self.n_gpu_layers)]
-        if self.cpu_moe:
-            args.append("--cpu-moe")
-        elif self.n_cpu_moe:
-            args += ["--n-cpu-moe", str(self.n_cpu_moe)]
-        if self.cache_ram_mib != 8192:
-            args += ["--cache-ram", str(self.cache_ram_mib)]
-        if self.ctx_checkpoints != 32:
-            args += ["--ctx-checkpoints", str(self.ctx_checkpoints)]
-        if self.spec_type:
-            args += ["--spec-type", self.spec_type]
-            if self.spec_draft_n_max != 3:
-                args += ["--spec-draft-n-max", str(self.spec_draft_n_max)]
-        if self.no_kv_offload:
-            args.append("--no-kv-offload")
-        return args
 
 
 @dataclass(frozen=True)

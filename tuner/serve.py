@@ -58,6 +58,7 @@ from tuner.build import ProgressFn as BuildProgressFn
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate
 from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
+from tuner.flags import FLAGS
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus
 from tuner.models import QuantCandidate
 from tuner.paths import cache_dir, config_dir, write_atomic
@@ -80,9 +81,8 @@ EventFn = Callable[[Event], None]
 TOLERANCE_RATIOS: Mapping[str, float] = {"weights": 0.01, "kv": 0.01, "recurrent": 0.01, "compute": 0.20}
 OBSERVATION_FORMAT = 1
 #: Flags tuner sets itself on every launch; a plan's command must not carry other values for them.
-_OWNED_FLAGS_WITH_VALUE = ("-m", "--model", "--host", "--port", "--api-key", "-lv", "--verbosity", "--log-verbosity",
-                           "--alias", "-a", "--mmproj", "-mm")
-_OWNED_SWITCHES = ("--metrics", "--jinja", "-v", "--verbose", "--log-verbose")
+_OWNED_FLAGS_WITH_VALUE = FLAGS.spellings(lambda f: f.serve_owned and f.takes_value)
+_OWNED_SWITCHES = FLAGS.spellings(lambda f: f.serve_owned and not f.takes_value)
 
 
 def _emit(on_event: EventFn | None, event: Event) -> None:

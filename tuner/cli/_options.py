@@ -3,9 +3,34 @@ flags from a llama-server command line."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from types import SimpleNamespace
+from typing import Annotated, Any
 
 import typer
+
+from tuner.flags import FLAGS, Kind
+
+
+def server_option(key: str, *, help: str | None = None, **kwargs: Any) -> Any:
+    """The typer option of llama-server's flag ``key`` as :data:`tuner.flags.FLAGS` spells it: long name, short
+    aliases, a switch's negation (``--kv-unified/--no-kv-unified``), the choices as the metavar."""
+    row = FLAGS[key]
+    decls = list(row.names)
+    if row.negation:
+        pairs = list(zip(row.names, row.negation, strict=False))  # long with long, short with short
+        decls = [f"{on}/{off}" for on, off in pairs] + list(row.names[len(pairs):])
+    return typer.Option(*decls, help=help or row.help, metavar=row.metavar, **kwargs)
+
+
+def default(key: str) -> Any:
+    """llama-server's default for ``key``, as its typer option takes it (``-ngl``: ``all``)."""
+    row = FLAGS[key]
+    return row.format(row.default) if row.kind is Kind.LAYERS else row.default
+
+
+#: llama-server's defaults as the options take them, by ServerFlags field: ``SERVER_DEFAULTS.ctx_size``.
+SERVER_DEFAULTS = SimpleNamespace(**{row.key: default(row.key) for row in FLAGS.planned})
+
 
 ModelArg = Annotated[str, typer.Argument(
     help="A .gguf file, the first shard of a split model, a folder of quants, a card such as "
@@ -19,25 +44,24 @@ GpuOpt = Annotated[str | None, typer.Option(
 VramOpt = Annotated[str | None, typer.Option("--vram", help="Override GPU memory, e.g. 16G.")]
 ServerBinOpt = Annotated[str | None, typer.Option("--server-bin", help="Use this llama-server binary.")]
 
-CtxSizeOpt = Annotated[int, typer.Option("--ctx-size", "-c", help="Context size (0 = the model's).")]
-ParallelOpt = Annotated[int, typer.Option("--parallel", "-np", help="Slots (-1 = llama-server's auto: 4, unified).")]
-KvUnifiedOpt = Annotated[bool | None, typer.Option("--kv-unified/--no-kv-unified", "-kvu/-no-kvu",
-                                                   help="One KV pool shared by all slots.")]
-CacheTypeKOpt = Annotated[str, typer.Option("--cache-type-k", "-ctk", help="K cache type.")]
-CacheTypeVOpt = Annotated[str, typer.Option("--cache-type-v", "-ctv", help="V cache type.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Logical batch size.")]
-UbatchOpt = Annotated[int, typer.Option("--ubatch-size", "-ub", help="Physical batch size.")]
-FlashAttnOpt = Annotated[str, typer.Option("--flash-attn", "-fa", help="on, off or auto.")]
-NglOpt = Annotated[str, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU: a number, 'all' or 'auto'.")]
-NCpuMoeOpt = Annotated[int, typer.Option("--n-cpu-moe", "-ncmoe",
-                                         help="Keep the experts of the first N layers on the CPU.")]
-CpuMoeOpt = Annotated[bool, typer.Option("--cpu-moe", "-cmoe", help="Keep all expert tensors on the CPU.")]
-CacheRamOpt = Annotated[int, typer.Option("--cache-ram", "-cram", help="Prompt cache limit in MiB (0 = off).")]
-CtxCheckpointsOpt = Annotated[int, typer.Option("--ctx-checkpoints", "-ctxcp",
-                                                help="Context checkpoints per slot (hybrid models).")]
-SpecTypeOpt = Annotated[str | None, typer.Option("--spec-type", help="Speculative decoding: draft-mtp.")]
-SpecDraftOpt = Annotated[int, typer.Option("--spec-draft-n-max", help="Tokens drafted per step.")]
-NoKvOffloadOpt = Annotated[bool, typer.Option("--no-kv-offload", "-nkvo", help="Keep KV and state on the CPU.")]
+# llama-server's own flags (tuner estimate; the planner's wishes below reuse ctx_size and parallel): names, help and
+# defaults come from tuner.flags, the one table of llama-server's flags (tests/test_flags.py holds these to it).
+CtxSizeOpt = Annotated[int, server_option("ctx_size")]
+ParallelOpt = Annotated[int, server_option("parallel")]
+KvUnifiedOpt = Annotated[bool | None, server_option("kv_unified")]
+CacheTypeKOpt = Annotated[str, server_option("cache_type_k")]
+CacheTypeVOpt = Annotated[str, server_option("cache_type_v")]
+BatchOpt = Annotated[int, server_option("batch_size")]
+UbatchOpt = Annotated[int, server_option("ubatch_size")]
+FlashAttnOpt = Annotated[str, server_option("flash_attn")]
+NglOpt = Annotated[str, server_option("n_gpu_layers")]
+NCpuMoeOpt = Annotated[int, server_option("n_cpu_moe")]
+CpuMoeOpt = Annotated[bool, server_option("cpu_moe")]
+CacheRamOpt = Annotated[int, server_option("cache_ram_mib")]
+CtxCheckpointsOpt = Annotated[int, server_option("ctx_checkpoints")]
+SpecTypeOpt = Annotated[str | None, server_option("spec_type")]
+SpecDraftOpt = Annotated[int, server_option("spec_draft_n_max")]
+NoKvOffloadOpt = Annotated[bool, server_option("no_kv_offload")]
 
 # Building llama.cpp (tuner build, tuner serve).
 SourceOpt = Annotated[str, typer.Option(
@@ -49,11 +73,13 @@ CudaOpt = Annotated[bool | None, typer.Option(
 
 # Planner wishes (recommend, serve, bench): what the user asks for; the planner decides the rest. The defaults in the
 # help texts are tuner.planner's (not imported here: every command loads this module); a test keeps them equal.
-PlanCtxOpt = Annotated[int | None, typer.Option(
-    "--ctx-size", "-c", help="Context per slot (default: the largest that fits, at least 32768 if it can).",
+PlanCtxOpt = Annotated[int | None, server_option(
+    "ctx_size", help="Context per slot (default: the largest that fits, at least 32768 if it can).",
     show_default=False)]
-PlanParallelOpt = Annotated[int, typer.Option("--parallel", "-np", help="Slots (concurrent requests).")]
-PreferOpt = Annotated[str, typer.Option("--prefer", help="What to favour: speed, quality or context.")]
+PlanParallelOpt = Annotated[int, server_option("parallel", help="Slots (concurrent requests).")]
+PREFER_CHOICES = ("speed", "quality", "context")  # tuner.planner.PREFERENCES (a test keeps them equal)
+PreferOpt = Annotated[str, typer.Option("--prefer", metavar=f"[{'|'.join(PREFER_CHOICES)}]",
+                                        help="What to favour: speed, quality or context.")]
 VisionOpt = Annotated[bool, typer.Option("--vision/--no-vision", help="Load the vision projector (mmproj).")]
 BufferOpt = Annotated[str | None, typer.Option(
     "--buffer", help="Memory to keep free on each GPU, e.g. 1.5G (default 1.25G; RAM when CPU only: 1G).",

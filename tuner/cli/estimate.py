@@ -18,29 +18,16 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.cli import _options as o
+from tuner.cli._options import SERVER_DEFAULTS as D
 from tuner.cli._output import emit, memory_table
 from tuner.cli.hardware import hardware_dict
-from tuner.errors import TunerError
-from tuner.estimate import ServerFlags
+from tuner.flags import ServerFlags
 from tuner.hardware import GB, Hardware, hardware_for
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
 from tuner.planner import estimate_on
 from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
-
-
-def parse_ngl(text: str) -> int | None:
-    """``-ngl`` as llama.cpp reads it: a count, or all/auto (every layer)."""
-    if text.strip().lower() in ("all", "auto", "-1", "-2"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise TunerError(f"--n-gpu-layers must be a number, 'all' or 'auto', got {text!r}") from None
-    if value < 0:
-        raise TunerError(f"--n-gpu-layers must not be negative, got {value}")
-    return value
 
 
 def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
@@ -96,22 +83,22 @@ def register(app: typer.Typer) -> None:
     @app.command("estimate")
     def estimate_cmd(
         model: o.ModelArg,
-        ctx_size: o.CtxSizeOpt = 0,
-        parallel: o.ParallelOpt = -1,
-        kv_unified: o.KvUnifiedOpt = None,
-        cache_type_k: o.CacheTypeKOpt = "f16",
-        cache_type_v: o.CacheTypeVOpt = "f16",
-        batch_size: o.BatchOpt = 2048,
-        ubatch_size: o.UbatchOpt = 512,
-        flash_attn: o.FlashAttnOpt = "auto",
-        n_gpu_layers: o.NglOpt = "all",
-        n_cpu_moe: o.NCpuMoeOpt = 0,
-        cpu_moe: o.CpuMoeOpt = False,
-        cache_ram: o.CacheRamOpt = 8192,
-        ctx_checkpoints: o.CtxCheckpointsOpt = 32,
-        spec_type: o.SpecTypeOpt = None,
-        spec_draft_n_max: o.SpecDraftOpt = 3,
-        no_kv_offload: o.NoKvOffloadOpt = False,
+        ctx_size: o.CtxSizeOpt = D.ctx_size,
+        parallel: o.ParallelOpt = D.parallel,
+        kv_unified: o.KvUnifiedOpt = D.kv_unified,
+        cache_type_k: o.CacheTypeKOpt = D.cache_type_k,
+        cache_type_v: o.CacheTypeVOpt = D.cache_type_v,
+        batch_size: o.BatchOpt = D.batch_size,
+        ubatch_size: o.UbatchOpt = D.ubatch_size,
+        flash_attn: o.FlashAttnOpt = D.flash_attn,
+        n_gpu_layers: o.NglOpt = D.n_gpu_layers,
+        n_cpu_moe: o.NCpuMoeOpt = D.n_cpu_moe,
+        cpu_moe: o.CpuMoeOpt = D.cpu_moe,
+        cache_ram_mib: o.CacheRamOpt = D.cache_ram_mib,
+        ctx_checkpoints: o.CtxCheckpointsOpt = D.ctx_checkpoints,
+        spec_type: o.SpecTypeOpt = D.spec_type,
+        spec_draft_n_max: o.SpecDraftOpt = D.spec_draft_n_max,
+        no_kv_offload: o.NoKvOffloadOpt = D.no_kv_offload,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
@@ -124,13 +111,13 @@ def register(app: typer.Typer) -> None:
         as_json: o.JsonOpt = False,
     ) -> None:
         """Estimate the memory llama-server takes on each device for MODEL and the given flags."""
-        flags = ServerFlags(
-            ctx_size=ctx_size, parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k.lower(),
-            cache_type_v=cache_type_v.lower(), batch_size=batch_size, ubatch_size=ubatch_size,
-            flash_attn=flash_attn.lower(), n_gpu_layers=parse_ngl(n_gpu_layers), n_cpu_moe=n_cpu_moe,
-            cpu_moe=cpu_moe, cache_ram_mib=cache_ram, ctx_checkpoints=ctx_checkpoints, spec_type=spec_type,
-            spec_draft_n_max=spec_draft_n_max, no_kv_offload=no_kv_offload,
-        )
+        # the parameters are named after ServerFlags' fields; values are read as llama-server reads them
+        flags = ServerFlags.from_values(dict(
+            ctx_size=ctx_size, parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
+            cache_type_v=cache_type_v, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
+            n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, cache_ram_mib=cache_ram_mib,
+            ctx_checkpoints=ctx_checkpoints, spec_type=spec_type, spec_draft_n_max=spec_draft_n_max,
+            no_kv_offload=no_kv_offload))
         layout = resolve_layout(model)
         hardware = hardware_for(gpu, vram)
         if ram_bandwidth is not None:

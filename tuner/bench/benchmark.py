@@ -1,0 +1,153 @@
+"""``tuner bench`` as one library call: plan, fetch, build, measure (or tune), write the results and the chart, learn.
+
+:func:`run_benchmark` is to ``tuner bench`` what :func:`tuner.serve.run_serve` is to ``tuner serve``: the command
+line parses options into :class:`BenchOptions`, the hardware and the planner's wishes, calls it, and prints the
+:class:`BenchReport`. Progress goes to ``on_progress(line)`` and the build's to ``on_build_progress``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tuner.bench.flagsets import FIT_OFF_ARGS, PLAN_NAME, FlagSet, check_unique_names, defaults_set, flagset_from_flags
+from tuner.bench.measure import BenchConfig
+from tuner.bench.memory import check_sets_fit, check_slots
+from tuner.bench.plot import PlotUnavailable, render_document_png
+from tuner.bench.results import bench_document, results_path, timestamp, tune_document, write_json_atomic
+from tuner.bench.run import run_bench
+from tuner.bench.servers import ProgressFn
+from tuner.bench.stats import OBJECTIVES
+from tuner.bench.tune import run_tune
+from tuner.build import ProgressFn as BuildProgressFn
+from tuner.build import obtain_build
+from tuner.errors import TunerError
+from tuner.fetch import fetch_candidate
+from tuner.hardware import Hardware, hardware_for
+from tuner.layout import ModelLayout
+from tuner.models import resolve_candidates
+from tuner.planner import Plan, Wishes, budget_for, plan_for
+from tuner.profile_store import ProfileStore, model_identity
+from tuner.serve import gpus_for_build
+
+DEFAULT_OUT_DIR = Path("bench_results")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Everything ``tuner bench`` takes besides the model, the hardware and the planner's wishes. Refuses, when made,
+    what can be refused before any work (a bad objective, ``--tune`` with sets, two sets of one name, too few slots
+    for the concurrency)."""
+
+    sets: tuple[FlagSet, ...] = ()  # none: the plan against llama-server's defaults
+    config: BenchConfig = field(default_factory=BenchConfig)
+    tune: bool = False
+    tune_depth: int | None = None  # --tune: the context depth to measure at (None: the plan's context)
+    dims: tuple[str, ...] | None = None  # --tune: only these dimensions
+    objective: str = "both"
+    server_bin: str | None = None
+    out_dir: Path = DEFAULT_OUT_DIR
+    keep_logs: bool = False
+    learn: bool = True  # record the results in the profile
+    cpu_only: bool = False  # --gpu none: measure the CPU alone (a CUDA build would still use the GPU)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise TunerError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.tune and self.sets:
+            raise TunerError("--tune searches around the plan; leave out --set (or bench the sets without --tune)")
+        check_unique_names(self.sets)
+        check_slots(self.sets, self.config.concurrency)
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """What :func:`run_benchmark` wrote: the results document and file, the chart (None, with the reason, when it
+    could not be drawn) and what the profile learnt (None with ``learn`` off)."""
+
+    document: dict[str, Any]
+    results_path: Path
+    plot_path: Path | None
+    plot_problem: str | None
+    profile: dict[str, Any] | None
+
+
+def bench_hardware(gpu: str | None, vram: str | None) -> Hardware:
+    """The hardware measured: this machine's (``--vram`` may lower what the plan counts on), or its CPU alone."""
+    if gpu is not None and gpu.strip().lower() not in ("none", "cpu"):
+        raise TunerError(f"--gpu {gpu}: tuner bench measures this machine; --gpu takes only 'none' (CPU only)")
+    return hardware_for(gpu, vram)
+
+
+def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *,
+                  need_plan: bool) -> tuple[Path, ModelLayout, Plan | None]:
+    """(local GGUF path, layout, plan or None). A file is used as it is; anything else is planned (to pick the
+    quant) and fetched like ``tuner serve`` does."""
+    plan = None
+    if need_plan or model is None or not Path(model).expanduser().is_file():
+        plan = plan_for(model, hardware, wishes).plan
+        candidate = plan.candidate
+    else:
+        candidate = resolve_candidates(model)[0]
+    fetched = fetch_candidate(candidate)
+    return fetched.model_path, candidate.layout, plan
+
+
+def learn(path: Path) -> dict[str, Any]:
+    """Learn a results file into the profile (read back from disk, as a later import would) with the memory
+    observations ``tuner serve`` left; a summary of the profile entry."""
+    store = ProfileStore()
+    entry = store.learn_file(path)
+    attached, _skipped = store.absorb_observations()
+    best = entry.best
+    return {"path": str(store.path), "entry": entry.key.id(), "measurements": len(entry.measurements),
+            "memory_observations_attached": attached, "best": best.to_dict() if best else None}
+
+
+def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, options: BenchOptions, *,
+                  on_progress: ProgressFn | None = None,
+                  on_build_progress: BuildProgressFn | None = None) -> BenchReport:
+    """Plan (when needed) and fetch the model, build llama.cpp, measure ``options.sets`` side by side (or the plan
+    against llama-server's defaults, or ``--tune`` around the plan), write the results file and its PNG, and learn
+    them into the profile. A set that does not fit is refused before anything is built or launched."""
+    cfg = options.config
+    if wishes.parallel < cfg.concurrency:
+        wishes = replace(wishes, parallel=cfg.concurrency)  # the plan needs a slot per concurrent request
+    budget = budget_for(hardware, wishes)
+    model_path, layout, plan = resolve_model(model_ref, hardware, wishes, need_plan=not options.sets)
+    check_sets_fit(layout, options.sets, hardware, budget)
+    build, _cached = obtain_build(server_bin=options.server_bin, gpus=gpus_for_build(hardware),
+                                  on_progress=on_build_progress)
+    if options.cpu_only and build.cuda:
+        raise TunerError("--gpu none with a CUDA build of llama-server would still use the GPU; "
+                         "give --server-bin a CPU build")
+    identity = model_identity(model_path).to_dict()
+    path = results_path(options.out_dir, model_path, hardware, timestamp())
+    log_dir = path.with_suffix(".logs") if options.keep_logs else None
+    if options.tune:
+        assert plan is not None  # planned: --tune has no sets
+        result = run_tune(model_path, plan.flags, cfg, server_bin=build.server_bin, layout=layout, hardware=hardware,
+                          budget=budget, plan_extra=plan.extra_args, depth=options.tune_depth,
+                          objective=options.objective, only=options.dims,
+                          min_parallel=max(wishes.parallel, cfg.concurrency), log_dir=log_dir,
+                          on_progress=on_progress)
+        document = tune_document(result, model_path=model_path, layout=layout, hardware=hardware, build=build,
+                                 cfg=cfg, model_identity=identity)
+    else:
+        assert options.sets or plan is not None
+        # the baseline first: every ratio in the verdict is then "against llama-server's defaults"
+        sets = list(options.sets) or [defaults_set(),
+                                      flagset_from_flags(PLAN_NAME, plan.flags, (*plan.extra_args, *FIT_OFF_ARGS))]
+        run = run_bench(model_path, sets, cfg, server_bin=build.server_bin, layout=layout, hardware=hardware,
+                        budget=budget, log_dir=log_dir, on_progress=on_progress)
+        document = bench_document(run, model_path=model_path, layout=layout, hardware=hardware, build=build,
+                                  objective=options.objective, model_identity=identity)
+    write_json_atomic(path, document)
+    plot_path: Path | None = None
+    plot_problem = None
+    try:
+        plot_path = render_document_png(document, path.with_suffix(".png"))
+    except PlotUnavailable as exc:
+        plot_problem = str(exc)
+    return BenchReport(document, path, plot_path, plot_problem, learn(path) if options.learn else None)

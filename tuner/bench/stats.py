@@ -1,0 +1,157 @@
+"""Bench statistics: medians and ranges per set and depth, one score per objective, and the verdict of a run."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tuner.bench.flagsets import FlagSet
+from tuner.bench.measure import Sample
+from tuner.bench.servers import Launch
+from tuner.estimate import MemoryEstimate
+
+OBJECTIVES = ("tg", "pp", "both")
+
+
+@dataclass(frozen=True)
+class Stats:
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Stats:
+        vals = list(values)
+        if not vals:
+            return cls(0.0, 0.0, 0.0, 0)
+        return cls(round(statistics.median(vals), 3), round(min(vals), 3), round(max(vals), 3), len(vals))
+
+
+@dataclass(frozen=True)
+class DepthResult:
+    depth: int
+    pp: Stats
+    tg: Stats
+    per_request_pp: Stats | None = None
+    per_request_tg: Stats | None = None
+    cache_misses: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"depth": self.depth, "pp_tok_s": asdict(self.pp), "tg_tok_s": asdict(self.tg),
+                             "cache_misses": self.cache_misses}
+        if self.per_request_pp is not None and self.per_request_tg is not None:
+            d["per_request_pp_tok_s"] = asdict(self.per_request_pp)
+            d["per_request_tg_tok_s"] = asdict(self.per_request_tg)
+        return d
+
+
+@dataclass(frozen=True)
+class SetResult:
+    """What one set measured. ``pp_tok_s`` / ``tg_tok_s`` are medians at ``ref_depth``, the deepest depth every
+    set of the run measured (the context a server is used at); ``by_depth`` has every depth."""
+
+    fs: FlagSet
+    samples: tuple[Sample, ...]
+    by_depth: tuple[DepthResult, ...]
+    ref_depth: int
+    skipped_depths: tuple[int, ...] = ()
+    estimate_bytes: dict[str, int] = field(default_factory=dict)
+    launches: tuple[Launch, ...] = ()
+
+    def at(self, depth: int) -> DepthResult | None:
+        return next((d for d in self.by_depth if d.depth == depth), None)
+
+    @property
+    def ref(self) -> DepthResult | None:
+        return self.at(self.ref_depth)
+
+    @property
+    def pp_tok_s(self) -> float:
+        r = self.ref
+        return r.pp.median if r else 0.0
+
+    @property
+    def tg_tok_s(self) -> float:
+        r = self.ref
+        return r.tg.median if r else 0.0
+
+    def ref_samples(self) -> list[Sample]:
+        return [s for s in self.samples if s.depth == self.ref_depth]
+
+    def to_dict(self) -> dict[str, Any]:
+        ref = self.ref_samples()
+        return {
+            "name": self.fs.name,
+            "flags": list(self.fs.args),
+            "origin": self.fs.origin,
+            "server_flags": asdict(self.fs.flags) if self.fs.flags else None,
+            "extra_args": list(self.fs.extra),
+            "ref_depth": self.ref_depth,
+            "pp_tok_s": self.pp_tok_s,
+            "tg_tok_s": self.tg_tok_s,
+            "pp_samples": [s.pp_tok_s for s in ref],
+            "tg_samples": [s.tg_tok_s for s in ref],
+            "by_depth": [d.to_dict() for d in self.by_depth],
+            "skipped_depths": list(self.skipped_depths),
+            "estimate_bytes": dict(self.estimate_bytes),
+            "commands": [list(launch.command) for launch in self.launches],
+            "load_s": [launch.load_s for launch in self.launches],
+            "n_ctx_slot": self.launches[-1].n_ctx_slot if self.launches else None,
+            "samples": [s.to_dict() for s in self.samples],
+        }
+
+
+def summarize(fs: FlagSet, samples: Sequence[Sample], ref_depth: int, skipped: Iterable[int] = (),
+              estimate: MemoryEstimate | None = None, launches: Iterable[Launch] = ()) -> SetResult:
+    mine = [s for s in samples if s.set_name == fs.name]
+    by_depth = []
+    for depth in sorted({s.depth for s in mine}):
+        at = [s for s in mine if s.depth == depth]
+        conc = any(s.concurrency > 1 for s in at)
+        by_depth.append(DepthResult(
+            depth, Stats.of(s.pp_tok_s for s in at), Stats.of(s.tg_tok_s for s in at),
+            Stats.of(s.per_request_pp_tok_s for s in at) if conc else None,
+            Stats.of(s.per_request_tg_tok_s for s in at) if conc else None,
+            sum(1 for s in at if not s.cache_hit)))
+    est = {}
+    if estimate is not None:
+        est = {d.name: d.total_bytes for d in estimate.devices}
+        est["host_total"] = estimate.host_total_bytes
+    return SetResult(fs, tuple(mine), tuple(by_depth), ref_depth, tuple(sorted(set(skipped))), est,
+                     tuple(la for la in launches if la.name == fs.name))
+
+
+def score(tg_tok_s: float, pp_tok_s: float, objective: str) -> float:
+    """One number to rank by: tg, pp, or their geometric mean (``both``: a 2× gain in either counts the same)."""
+    if objective == "tg":
+        return tg_tok_s
+    if objective == "pp":
+        return pp_tok_s
+    return math.sqrt(max(tg_tok_s, 0.0) * max(pp_tok_s, 0.0))
+
+
+def score_of(samples: Sequence[Sample], objective: str) -> float:
+    """The score of the samples' medians (0 for none)."""
+    if not samples:
+        return 0.0
+    return score(statistics.median(s.tg_tok_s for s in samples), statistics.median(s.pp_tok_s for s in samples),
+                 objective)
+
+
+def verdict(results: Sequence[SetResult], objective: str = "both") -> dict[str, Any]:
+    """Which set won at the reference depth, and every set's ratio to the first one (the reference set)."""
+    if not results:
+        return {}
+    ranked = sorted(results, key=lambda r: -score(r.tg_tok_s, r.pp_tok_s, objective))
+    ref = results[0]
+    ratios = {}
+    for r in results:
+        ratios[r.fs.name] = {"tg": round(r.tg_tok_s / ref.tg_tok_s, 3) if ref.tg_tok_s else None,
+                             "pp": round(r.pp_tok_s / ref.pp_tok_s, 3) if ref.pp_tok_s else None}
+    return {"objective": objective, "winner": ranked[0].fs.name, "ref_depth": results[0].ref_depth,
+            "reference_set": ref.fs.name, "ratios_to_reference": ratios,
+            "ranking": [r.fs.name for r in ranked]}

@@ -1,0 +1,446 @@
+"""llama-server's flags, one row each: the one place tuner spells an option, knows its default and who sets it.
+
+A :class:`Flag` row holds a flag's key (the :class:`ServerFlags` field when tuner plans it), its long name and short
+aliases, the kind of value it takes, llama-server's default (with the line of llama.cpp that sets it, paths relative
+to llama.cpp's tree), and its role: tuner plans it (``planned``), ``tuner serve`` sets it itself on every launch
+(``serve_owned``), a bench flag set may not carry it (``bench_forbidden``), or it moves weights between devices
+(``placement``, which llama-server's ``--fit`` then leaves alone). Derived from :data:`FLAGS`:
+
+* :class:`ServerFlags` (its defaults), :meth:`ServerFlags.to_args` and :meth:`ServerFlags.from_values`;
+* :func:`scan` and :func:`flags_from_args`: a pasted llama-server command line read back;
+* the typer options of ``tuner/cli/_options.py`` (a test holds them to this table), serve's owned flags, bench's
+  forbidden and placement sets.
+
+Adding a flag is one row (and, when tuner plans it, one :class:`ServerFlags` field read from the row), e.g.::
+
+    Flag("tensor_split", "--tensor-split", ("-ts",), Kind.FLOAT, (), "common/arg.cpp:2831",
+         "Fraction of the model on each GPU, e.g. 3,1.", list_sep=",", planned=True, placement=True)
+    tensor_split: tuple[float, ...] = _default("tensor_split")        # in ServerFlags
+
+A list-valued flag (``--tensor-split 3,1``, ``--rpc host:port,...``, ``--device``) sets ``list_sep`` and holds a
+tuple; a repeatable one (``--override-tensor`` given twice) sets ``repeat`` and its occurrences accumulate;
+a switch pair (``--kv-unified`` / ``--no-kv-unified``) names its negation.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tuner.errors import TunerError
+from tuner.ggml import KV_CACHE_TYPES, kv_cache_type
+
+SPEC_MTP = "draft-mtp"
+FLASH_ATTN_MODES = ("on", "off", "auto")
+#: the slots llama-server gives ``-np -1`` (auto), with one unified KV pool (tools/server/server.cpp:156-160).
+AUTO_SLOTS = 4
+#: values llama.cpp reads as "on" for on/off options such as --fit (common_arg_utils::is_truthy, common/arg.cpp:1334).
+TRUTHY = ("on", "enabled", "true", "1")
+#: -ngl words meaning every layer: auto (-1) and all (-2; <= -2 is all) (common/arg.cpp:2789-2797, common.h:475).
+_ALL_LAYERS = ("all", "auto", "-1", "-2")
+
+
+class Kind(enum.Enum):
+    """What a flag's value is. A switch takes none; ``LAYERS`` is a count or all/auto (held as None)."""
+
+    INT = "int"
+    FLOAT = "float"
+    TEXT = "text"
+    CHOICE = "choice"
+    LAYERS = "layers"
+    SWITCH = "switch"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One llama-server flag (see the module doc)."""
+
+    key: str  # the ServerFlags field when planned, else the name other modules ask for (threads, fit, model)
+    long: str
+    aliases: tuple[str, ...]
+    kind: Kind
+    default: Any  # llama-server's default, as tuner holds the value (None: llama-server decides / nothing)
+    source: str  # where llama.cpp defines the flag or its default (path:line in its tree)
+    help: str
+    choices: tuple[str, ...] = ()
+    negation: tuple[str, ...] = ()  # a switch's off spellings, long first: ("--no-kv-unified", "-no-kvu")
+    bare: str | None = None  # the value when given without one (the old bare -fa)
+    legacy: tuple[str, ...] = ()  # spellings older llama.cpp releases took: read, never offered
+    list_sep: str | None = None  # a list in one value: "3,1" -> (3.0, 1.0)
+    repeat: bool = False  # occurrences accumulate (-ot a=CPU -ot b=CPU)
+    planned: bool = False  # a ServerFlags field
+    explicit: bool = False  # to_args writes it even at its default, so a plan's command line reads complete
+    needs: str | None = None  # to_args writes it only when this other flag is off its default
+    yields_to: str | None = None  # to_args leaves it out when this other flag is off its default
+    serve_owned: bool = False
+    bench_forbidden: bool = False
+    placement: bool = False
+
+    @property
+    def takes_value(self) -> bool:
+        return self.kind is not Kind.SWITCH
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The spellings that turn it on or give it a value: long name first."""
+        return (self.long, *self.aliases)
+
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """Every spelling llama-server reads for it, negations and legacy ones included."""
+        return (*self.names, *self.negation, *self.legacy)
+
+    @property
+    def metavar(self) -> str | None:
+        """The choices as a usage line shows them (``[on|off|auto]``), when they are few enough to read there."""
+        shown = f"[{'|'.join(self.choices)}]"
+        return shown if self.kind is Kind.CHOICE and len(shown) <= 24 else None
+
+    # ------------------------------------------------------------------------------------------------ values
+
+    def _item(self, raw: str, option: str) -> Any:
+        if self.kind is Kind.INT:
+            try:
+                return int(raw)
+            except ValueError:
+                raise TunerError(f"{option} needs a number, got {raw!r}") from None
+        if self.kind is Kind.FLOAT:
+            try:
+                return float(raw)
+            except ValueError:
+                raise TunerError(f"{option} needs numbers, got {raw!r}") from None
+        if self.kind is Kind.LAYERS:
+            if raw.strip().lower() in _ALL_LAYERS:
+                return None
+            try:
+                value = int(raw)
+            except ValueError:
+                raise TunerError(f"{option} must be a number, 'all' or 'auto', got {raw!r}") from None
+            if value < 0:
+                raise TunerError(f"{option} must not be negative, got {value}")
+            return value
+        if self.kind is Kind.CHOICE:
+            return raw.lower()
+        return raw
+
+    def parse(self, raw: str, option: str | None = None) -> Any:
+        """The value of one occurrence from its text (``option``: as the user typed it, for errors)."""
+        option = option or self.long
+        if self.kind is Kind.SWITCH:
+            raise TunerError(f"internal: {option} takes no value")
+        if self.list_sep is not None:
+            return tuple(self._item(part.strip(), option) for part in raw.split(self.list_sep) if part.strip())
+        value = self._item(raw, option)
+        return (value,) if self.repeat else value
+
+    def read(self, value: Any) -> Any:
+        """A value from a typed option (typer's): text is parsed as on a command line, the rest kept."""
+        if isinstance(value, str) and (self.kind is not Kind.TEXT or self.list_sep is not None or self.repeat):
+            return self.parse(value)
+        return value
+
+    def _text(self, item: Any) -> str:
+        if self.kind is Kind.LAYERS:
+            return "all" if item is None or item < 0 else str(item)
+        if self.kind is Kind.FLOAT:
+            return f"{item:g}"
+        return str(item)
+
+    def format(self, value: Any) -> str:
+        """One value as llama-server reads it (a list joined by its separator)."""
+        if self.list_sep is not None:
+            return self.list_sep.join(self._text(v) for v in value)
+        return self._text(value)
+
+    def to_args(self, value: Any) -> list[str]:
+        """The arguments that give llama-server ``value``: ``--long VALUE``, a switch's on or off spelling (nothing
+        for None), one occurrence per item of a repeatable flag without a list separator."""
+        if self.kind is Kind.SWITCH:
+            if value is None or (not value and not self.negation):
+                return []
+            return [self.long if value else self.negation[0]]
+        if self.repeat and self.list_sep is None:
+            return [arg for item in value for arg in (self.long, self._text(item))]
+        return [self.long, self.format(value)]
+
+
+class FlagTable:
+    """The rows, by key and by every spelling."""
+
+    def __init__(self, rows: Iterable[Flag]) -> None:
+        self.rows: tuple[Flag, ...] = tuple(rows)
+        self._by_key: dict[str, Flag] = {}
+        self._by_spelling: dict[str, Flag] = {}
+        for row in self.rows:
+            if row.key in self._by_key:
+                raise ValueError(f"two flag rows have the key {row.key!r}")
+            self._by_key[row.key] = row
+            for name in row.spellings:
+                if name in self._by_spelling:
+                    raise ValueError(f"{name} is spelled by two flag rows")
+                self._by_spelling[name] = row
+
+    def __getitem__(self, key: str) -> Flag:
+        return self._by_key[key]
+
+    def __iter__(self) -> Iterator[Flag]:
+        return iter(self.rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_key
+
+    def lookup(self, option: str) -> Flag | None:
+        """The row spelled ``option`` (``-c``, ``--ctx-size``, ``--no-kv-unified`` …), or None."""
+        return self._by_spelling.get(option)
+
+    def spellings(self, keep: Callable[[Flag], bool]) -> tuple[str, ...]:
+        """Every spelling of the rows ``keep`` selects."""
+        return tuple(name for row in self.rows if keep(row) for name in row.spellings)
+
+    @property
+    def planned(self) -> tuple[Flag, ...]:
+        return tuple(row for row in self.rows if row.planned)
+
+
+_H, _A = "common/common.h", "common/arg.cpp"
+
+#: Every llama-server flag tuner knows. The planned rows are in the order :meth:`ServerFlags.to_args` writes them.
+FLAGS = FlagTable((
+    # ------------------------------------------------------------------ planned: ServerFlags fields
+    Flag("ctx_size", "--ctx-size", ("-c",), Kind.INT, 0, f"{_H}:452", "Context size (0 = the model's).",
+         planned=True, explicit=True),
+    Flag("parallel", "--parallel", ("-np",), Kind.INT, -1, f"{_A}:1403",
+         f"Slots (-1 = llama-server's auto: {AUTO_SLOTS}, unified).", planned=True),
+    # None: llama-server decides, unified exactly when -np is auto (common.h:575, tools/server/server.cpp:156-160)
+    Flag("kv_unified", "--kv-unified", ("-kvu",), Kind.SWITCH, None, f"{_A}:1724",
+         "One KV pool shared by all slots.", negation=("--no-kv-unified", "-no-kvu"), planned=True,
+         needs="parallel"),
+    Flag("cache_type_k", "--cache-type-k", ("-ctk",), Kind.CHOICE, "f16", f"{_H}:589", "K cache type.",
+         choices=KV_CACHE_TYPES, planned=True, explicit=True),
+    Flag("cache_type_v", "--cache-type-v", ("-ctv",), Kind.CHOICE, "f16", f"{_H}:590", "V cache type.",
+         choices=KV_CACHE_TYPES, planned=True, explicit=True),
+    Flag("batch_size", "--batch-size", ("-b",), Kind.INT, 2048, f"{_H}:453", "Logical batch size.",
+         planned=True, explicit=True),
+    Flag("ubatch_size", "--ubatch-size", ("-ub",), Kind.INT, 512, f"{_H}:454", "Physical batch size.",
+         planned=True, explicit=True),
+    Flag("flash_attn", "--flash-attn", ("-fa",), Kind.CHOICE, "auto", f"{_H}:501", "Flash attention.",
+         choices=FLASH_ATTN_MODES, bare="on", planned=True, explicit=True),
+    # None = every layer: llama.cpp's default is auto (-1, common.h:475), which tuner sizes as all
+    Flag("n_gpu_layers", "--n-gpu-layers", ("-ngl", "--gpu-layers"), Kind.LAYERS, None, f"{_H}:475",
+         "Layers on the GPU: a number, 'all' or 'auto'.", planned=True, explicit=True, placement=True),
+    Flag("n_cpu_moe", "--n-cpu-moe", ("-ncmoe",), Kind.INT, 0, f"{_A}:2767",
+         "Keep the experts of the first N layers on the CPU.", planned=True, yields_to="cpu_moe", placement=True),
+    Flag("cpu_moe", "--cpu-moe", ("-cmoe",), Kind.SWITCH, False, f"{_A}:2760", "Keep all expert tensors on the CPU.",
+         planned=True, placement=True),
+    Flag("cache_ram_mib", "--cache-ram", ("-cram",), Kind.INT, 8192, f"{_H}:634",
+         "Prompt cache limit in MiB (0 = off).", planned=True),
+    Flag("ctx_checkpoints", "--ctx-checkpoints", ("-ctxcp", "--swa-checkpoints"), Kind.INT, 32, f"{_H}:631",
+         "Context checkpoints per slot (hybrid models).", planned=True),
+    Flag("spec_type", "--spec-type", (), Kind.TEXT, None, f"{_H}:373", f"Speculative decoding: {SPEC_MTP}.",
+         planned=True),
+    # --draft, --draft-n and --draft-max are removed in this llama.cpp (arg.cpp:4387); read from older command lines
+    Flag("spec_draft_n_max", "--spec-draft-n-max", (), Kind.INT, 3, f"{_H}:328", "Tokens drafted per step.",
+         legacy=("--draft-max", "--draft", "--draft-n"), planned=True, needs="spec_type"),
+    Flag("no_kv_offload", "--no-kv-offload", ("-nkvo",), Kind.SWITCH, False, f"{_H}:580",
+         "Keep KV and state on the CPU.", negation=("--kv-offload", "-kvo"), planned=True),
+    # ------------------------------------------------------------------ passed through: bench and serve write them
+    Flag("fit", "--fit", ("-fit",), Kind.TEXT, "on", f"{_H}:478",
+         "Let llama-server shrink unset context and offload to the free memory (on or off)."),
+    Flag("threads", "--threads", ("-t",), Kind.INT, None, f"{_H}:71", "CPU threads (default: physical cores)."),
+    Flag("load_mode", "--load-mode", ("-lm",), Kind.CHOICE, "auto", f"{_A}:2691", "How the model file is loaded.",
+         choices=("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")),
+    Flag("override_tensor", "--override-tensor", ("-ot",), Kind.TEXT, (), f"{_A}:2754",
+         "Tensor buffer overrides: PATTERN=BUFFER_TYPE,...", list_sep=",", repeat=True, placement=True),
+    Flag("tensor_split", "--tensor-split", ("-ts",), Kind.FLOAT, (), f"{_A}:2831",
+         "Fraction of the model on each GPU, e.g. 3,1.", list_sep=",", placement=True),
+    # ------------------------------------------------------------------ set by tuner itself
+    Flag("model", "--model", ("-m",), Kind.TEXT, None, f"{_A}:3035", "Model file.", serve_owned=True,
+         bench_forbidden=True),
+    Flag("model_url", "--model-url", ("-mu",), Kind.TEXT, None, f"{_A}:3044", "Model URL.", bench_forbidden=True),
+    Flag("hf_repo", "--hf-repo", ("-hf", "-hfr"), Kind.TEXT, None, f"{_A}:3060", "Hugging Face repo.",
+         bench_forbidden=True),
+    Flag("host", "--host", (), Kind.TEXT, "127.0.0.1", f"{_H}:639", "Address to listen on.", serve_owned=True,
+         bench_forbidden=True),
+    Flag("port", "--port", (), Kind.INT, 8080, f"{_H}:622", "Port to listen on.", serve_owned=True,
+         bench_forbidden=True),
+    Flag("api_key", "--api-key", (), Kind.TEXT, None, f"{_A}:3492", "API keys.", serve_owned=True,
+         bench_forbidden=True),
+    Flag("api_key_file", "--api-key-file", (), Kind.TEXT, None, f"{_A}:3503", "API keys file.",
+         bench_forbidden=True),
+    Flag("path", "--path", (), Kind.TEXT, "", f"{_H}:636", "Static files to serve.", bench_forbidden=True),
+    # a benchmark's fill-then-measure requests rely on the prompt cache (tuner/bench/measure.py)
+    Flag("cache_prompt", "--cache-prompt", (), Kind.SWITCH, True, f"{_H}:629", "Reuse a slot's cached prompt.",
+         negation=("--no-cache-prompt",), bench_forbidden=True),
+    Flag("slots", "--slots", (), Kind.SWITCH, True, f"{_H}:673", "The /slots endpoint.", negation=("--no-slots",),
+         bench_forbidden=True),
+    Flag("verbosity", "--verbosity", ("-lv", "--log-verbosity"), Kind.INT, 3, f"{_H}:536", "Log verbosity.",
+         serve_owned=True),
+    Flag("verbose", "--verbose", ("-v", "--log-verbose"), Kind.SWITCH, False, f"{_A}:3924", "Log everything.",
+         serve_owned=True),
+    Flag("alias", "--alias", ("-a",), Kind.TEXT, None, f"{_A}:3011", "Model name clients see.", serve_owned=True),
+    Flag("mmproj", "--mmproj", ("-mm",), Kind.TEXT, None, f"{_A}:2578", "Vision projector file.", serve_owned=True),
+    Flag("metrics", "--metrics", (), Kind.SWITCH, False, f"{_H}:675", "The /metrics endpoint.", serve_owned=True),
+    Flag("jinja", "--jinja", (), Kind.SWITCH, True, f"{_H}:640", "The jinja chat template engine.",
+         negation=("--no-jinja",), serve_owned=True),
+))
+
+
+def _default(key: str) -> Any:
+    return FLAGS[key].default
+
+
+def _opt(key: str) -> str:
+    return FLAGS[key].long
+
+
+@dataclass(frozen=True)
+class ServerFlags:
+    """The llama-server flags tuner plans and sizes, by :data:`FLAGS` key. Defaults are llama-server's own."""
+
+    ctx_size: int = _default("ctx_size")  # 0 = the model's n_ctx_train
+    parallel: int = _default("parallel")  # -1 = auto: AUTO_SLOTS slots and a unified cache
+    kv_unified: bool | None = _default("kv_unified")
+    cache_type_k: str = _default("cache_type_k")
+    cache_type_v: str = _default("cache_type_v")
+    batch_size: int = _default("batch_size")
+    ubatch_size: int = _default("ubatch_size")
+    flash_attn: str = _default("flash_attn")
+    n_gpu_layers: int | None = _default("n_gpu_layers")  # None / negative = all
+    n_cpu_moe: int = _default("n_cpu_moe")
+    cpu_moe: bool = _default("cpu_moe")
+    cache_ram_mib: int = _default("cache_ram_mib")
+    ctx_checkpoints: int = _default("ctx_checkpoints")
+    spec_type: str | None = _default("spec_type")
+    spec_draft_n_max: int = _default("spec_draft_n_max")
+    no_kv_offload: bool = _default("no_kv_offload")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "ubatch_size"):
+            if getattr(self, name) <= 0:
+                raise TunerError(f"{_opt(name)} must be positive, got {getattr(self, name)}")
+        if self.ctx_size < 0:
+            raise TunerError(f"{_opt('ctx_size')} must be 0 (the model's) or positive, got {self.ctx_size}")
+        if self.parallel == 0 or self.parallel < -1:
+            raise TunerError(f"{_opt('parallel')} must be positive (or -1 for auto), got {self.parallel}")
+        if self.n_cpu_moe < 0:
+            raise TunerError(f"{_opt('n_cpu_moe')} must be 0 or positive, got {self.n_cpu_moe}")
+        if self.ctx_checkpoints < 0 or self.spec_draft_n_max < 0:
+            raise TunerError(f"{_opt('ctx_checkpoints')} and {_opt('spec_draft_n_max')} must be 0 or positive")
+        if self.cache_ram_mib < -1:
+            raise TunerError(f"{_opt('cache_ram_mib')} must be -1 (no limit), 0 (off) or a size in MiB, "
+                             f"got {self.cache_ram_mib}")
+        fa = FLAGS["flash_attn"]
+        if self.flash_attn not in fa.choices:
+            raise TunerError(f"{fa.long} must be one of {', '.join(fa.choices)}; got {self.flash_attn!r}")
+        if self.spec_type not in (None, SPEC_MTP):
+            raise TunerError(f"{_opt('spec_type')} {self.spec_type!r} is not sized by tuner (supported: {SPEC_MTP})")
+        kv_cache_type(self.cache_type_k)
+        kv_cache_type(self.cache_type_v)
+
+    @property
+    def n_seq(self) -> int:
+        return AUTO_SLOTS if self.parallel == -1 else self.parallel
+
+    @property
+    def unified(self) -> bool:
+        return True if self.parallel == -1 else bool(self.kv_unified)
+
+    def with_(self, **changes: Any) -> ServerFlags:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], base: ServerFlags | None = None) -> ServerFlags:
+        """A flag set from option values by key, as typer gives them (``n_gpu_layers="all"``, ``flash_attn="ON"``)."""
+        return replace(base or cls(), **{key: FLAGS[key].read(value) for key, value in values.items()})
+
+    def to_args(self) -> list[str]:
+        """The llama-server arguments for this flag set: the ``explicit`` rows always (so a command line reads
+        complete), the others when off llama-server's default, in the table's order."""
+        args: list[str] = []
+        for row in FLAGS.planned:
+            value = getattr(self, row.key)
+            if not row.explicit and value == row.default:
+                continue
+            if row.needs is not None and getattr(self, row.needs) == FLAGS[row.needs].default:
+                continue
+            if row.yields_to is not None and getattr(self, row.yields_to) != FLAGS[row.yields_to].default:
+                continue
+            args += row.to_args(value)
+        return args
+
+
+# --------------------------------------------------------------------------------------------- command lines
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One known flag in a command line: its row, the spelling used, its raw value (None for a switch, or a value
+    flag at the end with none), whether it was a negation, and the tokens it took, as typed."""
+
+    row: Flag
+    option: str
+    raw: str | None
+    negated: bool
+    tokens: tuple[str, ...]
+
+    def value(self) -> Any:
+        if self.row.kind is Kind.SWITCH:
+            return not self.negated
+        if self.raw is None:
+            raise TunerError(f"{self.option} needs a value")
+        return self.row.parse(self.raw, self.option)
+
+
+def scan(args: Sequence[str], table: FlagTable = FLAGS) -> list[Occurrence | str]:
+    """A llama-server command line, token by token: each flag ``table`` knows as an :class:`Occurrence` (with its
+    value token; ``--opt=value`` is read like ``--opt value``), every other token as it is. A switch written with
+    ``=`` is left as a token; a flag with ``bare`` given no value (the next token is an option) takes that value."""
+    out: list[Occurrence | str] = []
+    items = list(args)
+    i = 0
+    while i < len(items):
+        token = items[i]
+        opt, eq, inline = token.partition("=") if token.startswith("-") else (token, "", "")
+        row = table.lookup(opt)
+        if row is None or (eq and not row.takes_value):
+            out.append(token)
+        elif not row.takes_value:
+            out.append(Occurrence(row, opt, None, opt in row.negation, (token,)))
+        elif eq:
+            out.append(Occurrence(row, opt, inline, False, (token,)))
+        elif i + 1 >= len(items) or (row.bare is not None and items[i + 1].startswith("-")):
+            out.append(Occurrence(row, opt, row.bare, False, (token,)))
+        else:
+            out.append(Occurrence(row, opt, items[i + 1], False, (token, items[i + 1])))
+            i += 1
+        i += 1
+    return out
+
+
+def values_from(found: Iterable[Occurrence | str], keep: Callable[[Flag], bool]) -> dict[str, Any]:
+    """The values of the occurrences of the rows ``keep`` selects, by key: the last one wins, a repeatable row's
+    accumulate."""
+    values: dict[str, Any] = {}
+    for occ in found:
+        if isinstance(occ, Occurrence) and keep(occ.row):
+            value = occ.value()
+            values[occ.row.key] = (*values.get(occ.row.key, ()), *value) if occ.row.repeat else value
+    return values
+
+
+def flags_from_args(args: Sequence[str], base: ServerFlags | None = None) -> tuple[ServerFlags, list[str]]:
+    """Map llama-server arguments onto :class:`ServerFlags`; return it and the tokens of everything else, as typed.
+
+    ``-ctk X`` alone leaves V at its default, as llama-server does.
+    """
+    found = scan(args)
+    extra = [t for occ in found
+             for t in ((occ,) if isinstance(occ, str) else () if occ.row.planned else occ.tokens)]
+    return ServerFlags.from_values(values_from(found, lambda row: row.planned), base), extra
+
+
+def flag_value(args: Sequence[str], key: str) -> Any:
+    """The value ``args`` give the flag ``key`` (its last occurrence), or its default when they do not name it."""
+    return values_from(scan(args), lambda row: row.key == key).get(key, FLAGS[key].default)
