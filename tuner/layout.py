@@ -27,6 +27,7 @@ from typing import Any
 from tuner.errors import TunerError
 from tuner.ggml import GgmlType, kv_cache_type, row_bytes
 from tuner.gguf_file import ArraySummary, GgufHeader
+from tuner.gguf_schema import check_metadata
 
 HYBRID_ARCHS: frozenset[str] = frozenset({"qwen35moe", "qwen35", "qwen3next"})
 # Transformers where every layer has a KV cache, sized by the generic keys alone.
@@ -276,6 +277,7 @@ def layout_from_metadata(metadata: dict[str, Any], tensors: Iterable[tuple[str, 
     if arch not in SUPPORTED_ARCHS:
         raise TunerError(f"unsupported architecture {arch!r} in {source or 'model'} (tuner knows: "
                          f"{', '.join(sorted(HYBRID_ARCHS))} exactly, and {', '.join(sorted(GENERIC_ARCHS))})")
+    check_metadata(metadata, arch, source or "model")  # types and ranges of every key read below
     tensor_list = list(tensors)
 
     def key(name: str, default: Any = None, *, required: bool = False) -> Any:
