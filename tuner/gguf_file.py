@@ -18,7 +18,6 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,7 +39,7 @@ LOCAL_FIRST_READ = 16 << 20
 MAX_HEADER_BYTES = 64 << 20  # metadata + tensor table: 5x the largest real header
 MAX_KV = 16384  # metadata keys (real: ~50)
 MAX_TENSORS = 65536  # 512 layers (LLAMA_MAX_LAYERS, src/llama-hparams.h:11) x 128 tensors (real: < 2,000)
-MAX_ARRAY = 1 << 24  # elements of one array (real: 248,320 tokens)
+MAX_ARRAY = 1 << 22  # elements of one array: 16x the real 248,320 tokens
 MAX_STRING = 16 << 20  # bytes of one string value (real: a chat template of ~10-20 kB)
 MAX_KEY_BYTES = (1 << 16) - 1  # gguf.md: "It must be at most 2^16-1 (65535) bytes long"
 MAX_TENSOR_NAME = 63  # GGML_MAX_NAME (ggml/include/ggml.h:229) counts the NUL; gguf.cpp:653 refuses longer names
@@ -165,20 +164,21 @@ class _Cursor:
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> None:
-        """Skip ``count`` length-prefixed strings (a vocabulary of 250k tokens in a few tens of ms)."""
-        buf, pos = self.raw, self.pos
+        """Skip ``count`` length-prefixed strings (a vocabulary of 250k tokens in a few tens of ms). Each string
+        takes at least its 8-byte length, so an array that cannot fit in MAX_HEADER_BYTES is refused unread."""
+        if self.pos + 8 * count > MAX_HEADER_BYTES:
+            raise self.fail(f"{count} strings take at least {8 * count} bytes: the header would be larger than the "
+                            f"limit of {MAX_HEADER_BYTES} bytes")
+        buf, pos, end = self.raw, self.pos, len(self.raw)
         unpack_from = _U64.unpack_from
-        try:
-            for _ in repeat(None, count):
-                n = unpack_from(buf, pos)[0]
-                if n > MAX_STRING:
-                    raise self.fail(f"a string of {n} bytes, more than the limit of {MAX_STRING}")
-                pos += 8 + n
-                if pos > len(buf):
-                    break
-        except struct.error:
-            self.grow(len(buf) + 8)
-        if pos > len(buf):
+        for i in range(count):
+            if pos + 8 > end:
+                self.grow(pos + 8 * (count - i))
+            n = unpack_from(buf, pos)[0]
+            if n > MAX_STRING:
+                raise self.fail(f"a string of {n} bytes, more than the limit of {MAX_STRING}")
+            pos += 8 + n
+        if pos > end:
             self.grow(pos)
         self.pos = pos
 
@@ -304,6 +304,8 @@ def parse_growing(read_prefix: Callable[[int], bytes], size_bytes: int, *, shard
 
 def check_data_fits(parsed: ParsedShard, size_bytes: int, source: str) -> None:
     """Every tensor's data must lie inside the file: a short file is a truncated download."""
+    if not parsed.tensors:  # no data section to pad to (gguf.cpp:781 seeks to it only when there are tensors)
+        return
     end = max((t.offset + t.nbytes for t in parsed.tensors), default=0) + parsed.data_offset
     if end > size_bytes:
         missing = end - size_bytes

@@ -87,6 +87,9 @@ def _check_key(full: str, value: Any, spec: KeySpec, n_layers: int | None, sourc
     def wrong_length() -> TunerError:
         return TunerError(f"{source}: GGUF key {full} has {len(value)} entries for {n_layers} layers")
 
+    if isinstance(value, ArraySummary):  # an array too long to decode: longer than any per-layer array
+        raise wrong_length() if (spec.per_layer or spec.flags) and n_layers is not None else refuse(
+            f"a whole number {spec.lo}..{spec.hi}")
     if spec.flags:
         if not isinstance(value, list) or not all(type(v) is bool or v in (0, 1) for v in value):
             raise refuse(f"an array of one boolean per layer ({n_layers or '?'} layers)")
@@ -104,11 +107,15 @@ def _check_key(full: str, value: Any, spec: KeySpec, n_layers: int | None, sourc
         raise refuse(f"a whole number {spec.lo}..{spec.hi}" + (", or one per layer" if spec.per_layer else ""))
 
 
-def check_metadata(metadata: Mapping[str, Any], arch: str, source: str) -> None:
-    """Refuse, with one line naming ``source`` and the key, any key tuner reads whose type or range is wrong."""
-    arch_value = metadata.get("general.architecture")
-    if not isinstance(arch_value, str) or len(arch_value) > MAX_ARCH_CHARS or has_control(arch_value):
-        raise TunerError(f"{source}: GGUF key general.architecture is {_describe(arch_value)}, expected a short name")
+def check_metadata(metadata: Mapping[str, Any], source: str) -> None:
+    """Refuse, with one line naming ``source`` and the key, any key tuner reads whose type or range is wrong
+    (a missing key is the reader's to report: some have defaults)."""
+    arch = metadata.get("general.architecture")
+    if arch is None:
+        return
+    if not isinstance(arch, str) or len(arch) > MAX_ARCH_CHARS or has_control(arch):
+        raise TunerError(f"{source}: GGUF key general.architecture is {_describe(arch)}, expected a short name")
+    arch = arch.strip()
     name = metadata.get("general.name")
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME_CHARS):
         raise TunerError(f"{source}: GGUF key general.name is {_describe(name)}, expected a string of at most "

@@ -170,7 +170,7 @@ async def fetch_repo_files(http: httpx.AsyncClient, endpoint: str, repo: str, re
             body = await _read_capped(r, LISTING_MAX_BYTES, what)
             content_type = r.headers.get("Content-Type", "")
     except httpx.HTTPError as error:
-        raise transport_error(error, f"cannot reach {endpoint} {what}") from None
+        raise transport_error(error, what) from None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):

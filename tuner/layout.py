@@ -271,13 +271,13 @@ def recurrent_pattern(n_layer: int, n_layer_all: int, recurrent_flags: list[Any]
 def layout_from_metadata(metadata: dict[str, Any], tensors: Iterable[tuple[str, GgmlType, tuple[int, ...], int]],
                          *, file_bytes: int = 0, source: str = "") -> ModelLayout:
     """Build a layout from GGUF metadata and (name, type, shape, nbytes) tensor entries."""
+    check_metadata(metadata, source or "model")  # types and ranges of every key read below
     arch = str(metadata.get("general.architecture", "")).strip()
     if not arch:
         raise TunerError(f"{source or 'model'}: no general.architecture in the GGUF metadata")
     if arch not in SUPPORTED_ARCHS:
         raise TunerError(f"unsupported architecture {arch!r} in {source or 'model'} (tuner knows: "
                          f"{', '.join(sorted(HYBRID_ARCHS))} exactly, and {', '.join(sorted(GENERIC_ARCHS))})")
-    check_metadata(metadata, arch, source or "model")  # types and ranges of every key read below
     tensor_list = list(tensors)
 
     def key(name: str, default: Any = None, *, required: bool = False) -> Any:

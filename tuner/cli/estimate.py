@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.cli import _options as o
-from tuner.cli._output import emit, memory_table
+from tuner.cli._output import emit, memory_table, text
 from tuner.cli.hardware import hardware_dict
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
@@ -52,7 +52,7 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware)
 def render_estimate(console: Console, result: dict[str, Any]) -> None:
     ctx = result["context"]
     lay = result["layout"]
-    console.print(f"[bold]{result['model']}[/bold]  ({result['arch']}, {lay['n_layer']} layers: "
+    console.print(f"[bold]{text(result['model'])}[/bold]  ({text(result['arch'])}, {lay['n_layer']} layers: "
                   f"{len(lay['attention_layers'])} attention, {len(lay['recurrent_layers'])} recurrent"
                   + (f"; {lay['n_expert']} experts, {lay['n_expert_used']} used" if lay["n_expert"] else "")
                   + (", MTP layer" if lay["has_mtp"] else "") + ")")
@@ -68,7 +68,7 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
     console.print(f"host RAM at worst: {fmt_bytes(host['total_bytes'])} "
                   f"(of {fmt_bytes(result['hardware']['ram_available_bytes'])} available)")
     for note in result["notes"] + result["hardware"]["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {text(note)}")
     check = result.get("check")
     if check:
         table = Table(title=f"llama.cpp's own dry run ({check['tool']})", title_justify="left")
@@ -79,7 +79,7 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
                           fmt_bytes(row["compute_bytes"]))
         console.print(table)
         for note in check.get("notes", []):
-            console.print(f"[dim]{note}[/dim]")
+            console.print(f"[dim]{text(note)}[/dim]")
 
 
 def register(app: typer.Typer) -> None:
