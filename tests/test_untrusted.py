@@ -212,3 +212,17 @@ def test_the_hub_deadline_must_be_a_positive_number(text: str, monkeypatch: pyte
         hub_api.deadline_s()
     monkeypatch.setenv(hub_api.DEADLINE_ENV, "12.5")
     assert hub_api.deadline_s() == 12.5
+
+
+def test_cached_headers_past_the_parser_bounds_are_not_used(tmp_path: Path) -> None:
+    from tuner.gguf_file import HEADER_CACHE_FORMAT, MAX_TENSORS, read_gguf, shard_from_dict, shard_to_dict
+
+    path = write_synthetic_gguf(tmp_path / "m.gguf", SynthSpec(fill="zeros"))[0]
+    header_ = read_gguf(path, use_cache=False)
+    good = shard_to_dict(parse_header(path.read_bytes()[:header_.header_bytes]), header_.file_bytes)
+    assert shard_from_dict(good, 0) is not None
+    for bad in ({**good, "format": HEADER_CACHE_FORMAT - 1},  # written before the bounds existed
+                {**good, "tensors": good["tensors"] * (MAX_TENSORS // len(good["tensors"]) + 1)},
+                {**good, "data_offset": MAX_HEADER_BYTES + 1},
+                {**good, "metadata": {f"k{i}": 1 for i in range(20_000)}}):
+        assert shard_from_dict(bad, 0) is None

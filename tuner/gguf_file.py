@@ -369,7 +369,8 @@ def join_shards(paths: list[str], parsed: list[ParsedShard], sizes: list[int]) -
 
 # --- a parsed header as plain JSON (the header caches of local files and Hub files) ---------------------------------
 
-HEADER_CACHE_FORMAT = 2
+# 3: written only by a parser that enforces the bounds above (an entry of format 2 may hold a header they refuse)
+HEADER_CACHE_FORMAT = 3
 
 
 def _encode(value: Any) -> Any:
@@ -399,9 +400,11 @@ def shard_to_dict(parsed: ParsedShard, size_bytes: int) -> dict[str, Any]:
 
 
 def shard_from_dict(data: Any, shard: int) -> tuple[ParsedShard, int] | None:
-    """A shard from :func:`shard_to_dict`'s data, or None when it is unreadable or of another format."""
+    """A shard from :func:`shard_to_dict`'s data, or None when it is unreadable, of another format or past the
+    parser's bounds (a cache file is only as trustworthy as the folder it sits in)."""
     try:
-        if data.get("format") != HEADER_CACHE_FORMAT:
+        if data.get("format") != HEADER_CACHE_FORMAT or len(data["tensors"]) > MAX_TENSORS \
+                or len(data["metadata"]) > MAX_KV or not 0 <= int(data["data_offset"]) <= MAX_HEADER_BYTES:
             return None
         tensors = []
         for name, shape, type_id, offset in data["tensors"]:
@@ -429,7 +432,7 @@ def _read_shard(shard_path: str, index: int, *, use_cache: bool) -> tuple[Parsed
             raise TunerError(f"{shard_path} is empty (0 bytes)")
         cache_file = _local_cache_path(p, stat) if use_cache else None
         if cache_file is not None and cache_file.is_file():
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, RecursionError):
                 hit = shard_from_dict(json.loads(cache_file.read_text(encoding="utf-8")), index)
                 if hit is not None and hit[1] == stat.st_size:
                     return hit
