@@ -140,6 +140,8 @@ LOCAL_CASES = [
          _bytes(header(B, n_kv=1 << 40))),
     Case("tensors-claim-2-pow-40", r"GGUF the header: 1099511627776 tensors, more than the limit of 65536",
          _bytes(header(B, n_tensors=1 << 40))),
+    Case("string-in-array-claims-2-pow-63", r"GGUF key 'x\.v': the header would be larger than the limit",
+         _bytes(header([*B, KV("x.v", ARR, raw=struct.pack("<IQ", STR, 5000) + struct.pack("<QQ", 1 << 63, 0))]))),
     Case("nested-array", r"GGUF key 'x\.nest': an array of arrays", _extra(KV("x.nest", ARR, raw=_nested(2)))),
     Case("arrays-nested-5000-deep", r"GGUF key 'x\.deep': an array of arrays",
          _extra(KV("x.deep", ARR, raw=_nested(5000)))),

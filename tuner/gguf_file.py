@@ -18,6 +18,7 @@ import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -169,16 +170,14 @@ class _Cursor:
         if self.pos + 8 * count > MAX_HEADER_BYTES:
             raise self.fail(f"{count} strings take at least {8 * count} bytes: the header would be larger than the "
                             f"limit of {MAX_HEADER_BYTES} bytes")
-        buf, pos, end = self.raw, self.pos, len(self.raw)
+        buf, pos = self.raw, self.pos
         unpack_from = _U64.unpack_from
-        for i in range(count):
-            if pos + 8 > end:
-                self.grow(pos + 8 * (count - i))
-            n = unpack_from(buf, pos)[0]
-            if n > MAX_STRING:
-                raise self.fail(f"a string of {n} bytes, more than the limit of {MAX_STRING}")
-            pos += 8 + n
-        if pos > end:
+        try:
+            for _ in repeat(None, count):
+                pos += 8 + unpack_from(buf, pos)[0]
+        except (struct.error, OverflowError):  # ran off the prefix, or a huge length jumped far past it
+            self.grow(pos + 8)
+        if pos > len(buf):
             self.grow(pos)
         self.pos = pos
 
