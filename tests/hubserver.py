@@ -13,6 +13,10 @@ Repos are folders ``root/<owner>/<name>/``; a repo's commit is a hash of its fil
 recorded (method, path, headers) and every body byte sent is counted per ``owner/name/path``. A repo listed in
 ``tokens`` answers 401 unless the request carries ``Authorization: Bearer <token>``; ``ignore_range`` makes it send
 whole files (200) whatever the ``Range`` header says.
+
+A repo listed in ``misbehave`` answers as a hostile or broken Hub would (:class:`Misbehave`): a patched or replaced
+listing (an absolute ``sha``, ``siblings`` that is no list, HTML), a redirect loop, an endless listing, answers
+trickled one byte at a time, or a request accepted and never answered.
 """
 
 from __future__ import annotations
@@ -38,6 +42,23 @@ from tuner.cards import iter_recipe_types, load_card
 from tuner.synth import SynthSpec, real_vocab_overrides, spec_from_card, tensor_plan, vocabulary, write_synthetic_gguf
 
 _CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Misbehave:
+    """How the fake Hub answers one repo badly."""
+
+    listing_patch: dict[str, Any] = field(default_factory=dict)  # merged into the model-info JSON ({"sha": ...})
+    listing_body: bytes | None = None  # the model-info answer's whole body instead (HTML, broken JSON …)
+    listing_type: str = "application/json"
+    listing_status: int = 200
+    listing_headers: dict[str, str] = field(default_factory=dict)  # e.g. X-Error-Code with a non-200 status
+    sizes: dict[str, int] = field(default_factory=dict)  # file sizes the listing claims instead of the real ones
+    redirect_loop: bool = False  # the model-info call answers 302 to itself, forever
+    endless_listing: bool = False  # a JSON listing whose siblings never end (no Content-Length)
+    slow: str | None = None  # "listing" or "files": send its bytes one at a time, slow_s apart
+    slow_s: float = 5.0
+    stall: str | None = None  # "listing" or "files": take the request, then answer nothing until the server stops
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -57,6 +78,7 @@ class FakeHub:
 
     root: Path
     tokens: dict[str, str] = field(default_factory=dict)  # repo -> the bearer token it requires
+    misbehave: dict[str, Misbehave] = field(default_factory=dict)  # repo -> how it answers badly
     ignore_range: bool = False  # answer every file GET with the whole file (200), as a Range-unaware server
     bytes_sent: dict[str, int] = field(default_factory=dict)
     requests: list[Seen] = field(default_factory=list)
@@ -66,6 +88,7 @@ class FakeHub:
         self._connections: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()  # releases stalled and trickling handlers
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def __enter__(self) -> FakeHub:
@@ -84,6 +107,7 @@ class FakeHub:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         assert self._server is not None and self._thread is not None
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
         with self._lock:  # kept-alive connections would go on answering: cut them, as a dead host would
@@ -208,6 +232,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         commit = self.fake.commit(repo)
         tail = parts[2:]
+        bad = self.fake.misbehave.get(repo)
+        if bad is not None and (not tail or tail[0] == "revision") and self._misbehave_listing(bad, commit):
+            return
         if not tail or tail[0] == "revision":
             rev = "/".join(tail[1:]) if tail else "main"
             if rev not in ("main", commit):
@@ -216,15 +243,22 @@ class _Handler(BaseHTTPRequestHandler):
             blobs = query.get("blobs", ["false"])[0].lower() == "true"
             siblings = []
             for name, size in self.fake.files(repo):
+                size = bad.sizes.get(name, size) if bad is not None else size
                 entry: dict[str, Any] = {"rfilename": name}
                 if blobs:
                     entry.update({"size": size, "blobId": hashlib.sha1(name.encode()).hexdigest()})
                     if name.endswith(".gguf"):
                         entry["lfs"] = _lfs(size)
                 siblings.append(entry)
-            self._json(200, {"_id": hashlib.md5(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
-                             "sha": commit, "private": repo in self.fake.tokens, "gated": False, "disabled": False,
-                             "tags": ["gguf"], "siblings": siblings})
+            info = {"_id": hashlib.md5(repo.encode()).hexdigest()[:24], "id": repo, "modelId": repo,
+                    "sha": commit, "private": repo in self.fake.tokens, "gated": False, "disabled": False,
+                    "tags": ["gguf"], "siblings": siblings}
+            if bad is not None:
+                info.update(bad.listing_patch)
+                if bad.slow == "listing":
+                    self._trickle(200, json.dumps(info).encode(), bad.slow_s, None)
+                    return
+            self._json(200, info)
             return
         if tail[0] == "tree" and len(tail) >= 2:
             rev, sub = tail[1], "/".join(tail[2:])
@@ -252,6 +286,46 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._error(404, "EntryNotFound", "unknown API path")
 
+    # --- misbehaving -----------------------------------------------------------------------------------------------
+    def _misbehave_listing(self, bad: Misbehave, commit: str) -> bool:
+        """Answer the model-info call as ``bad`` says; False to answer it normally (patched later)."""
+        if bad.stall == "listing":
+            self.fake._stopping.wait()
+            return True
+        if bad.redirect_loop:
+            self._send(302, b"", {"Location": self.path})
+            return True
+        if bad.endless_listing:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            self.wfile.write(f'{{"sha": "{commit}", "siblings": ['.encode())
+            entry = b'{"rfilename": "filler.txt", "size": 1},' * 1024
+            while not self.fake._stopping.is_set():
+                self.wfile.write(entry)
+            return True
+        if bad.listing_body is not None:
+            if bad.slow == "listing":
+                self._trickle(bad.listing_status, bad.listing_body, bad.slow_s, bad.listing_type)
+            else:
+                self._send(bad.listing_status, bad.listing_body, bad.listing_headers, content_type=bad.listing_type)
+            return True
+        return False
+
+    def _trickle(self, status: int, body: bytes, every_s: float, content_type: str | None) -> None:
+        """``body`` one byte at a time, ``every_s`` apart (a Content-Length that is honest, a pace that is not)."""
+        self.send_response(status)
+        self.send_header("Content-Type", content_type or "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for i in range(len(body)):
+            self.wfile.write(body[i:i + 1])
+            self.wfile.flush()
+            if self.fake._stopping.wait(every_s):
+                return
+
     # --- files ----------------------------------------------------------------------------------------------------
     def _resolve(self, rest: str) -> None:
         m = re.match(r"^([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", rest)
@@ -260,6 +334,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         repo, rev, name = m.groups()
         if not self._authorized(repo):
+            return
+        bad = self.fake.misbehave.get(repo)
+        if bad is not None and bad.stall == "files":
+            self.fake._stopping.wait()
             return
         commit = self.fake.commit(repo)
         if rev not in ("main", commit):
@@ -321,11 +399,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         key = f"{repo}/{name}"
+        bad = self.fake.misbehave.get(repo)
+        trickle = bad.slow_s if bad is not None and bad.slow == "files" else 0.0
         with open(file, "rb") as fh:
             fh.seek(start)
             left = length
             while left:
-                chunk = fh.read(min(_CHUNK, left))
+                if trickle and self.fake._stopping.wait(trickle):
+                    return
+                chunk = fh.read(1 if trickle else min(_CHUNK, left))
                 if not chunk:
                     break
                 self.wfile.write(chunk)

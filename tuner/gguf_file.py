@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tuner.errors import TunerError
 from tuner.ggml import GGML_TYPES, GgmlType, ggml_type, tensor_bytes
 from tuner.paths import cache_dir, write_atomic
+from tuner.untrusted import shown
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
@@ -32,10 +33,20 @@ GGUF_DEFAULT_ALIGNMENT = 32
 MAX_DECODED_ARRAY = 4096
 # A local read starts with this many bytes: real Qwen3.5 headers (tokenizer + merges) are 10-13 MB.
 LOCAL_FIRST_READ = 16 << 20
-# Sanity limits that catch random bytes masquerading as a header before they allocate anything.
-_MAX_COUNT = 1 << 40
-_MAX_STRING = 1 << 30
-_MAX_DIMS = 4
+# Bounds from the format (gguf.md, llama.cpp's ggml/src/gguf.cpp and src/llama-hparams.h), each far above any real
+# model: the family's largest, Qwen3.5-397B-A17B, has 60 blocks, about 1,100 tensors, ~50 keys and a 10-13 MB header
+# (248,320 tokens and 247,587 merges). A header that claims more is refused with one line naming the key and the limit
+# before anything of the claimed size is allocated or requested.
+MAX_HEADER_BYTES = 64 << 20  # metadata + tensor table: 5x the largest real header
+MAX_KV = 16384  # metadata keys (real: ~50)
+MAX_TENSORS = 65536  # 512 layers (LLAMA_MAX_LAYERS, src/llama-hparams.h:11) x 128 tensors (real: < 2,000)
+MAX_ARRAY = 1 << 22  # elements of one array: 16x the real 248,320 tokens
+MAX_STRING = 16 << 20  # bytes of one string value (real: a chat template of ~10-20 kB)
+MAX_KEY_BYTES = (1 << 16) - 1  # gguf.md: "It must be at most 2^16-1 (65535) bytes long"
+MAX_TENSOR_NAME = 63  # GGML_MAX_NAME (ggml/include/ggml.h:229) counts the NUL; gguf.cpp:653 refuses longer names
+MAX_SHARDS = 1024  # files of one split model (real: at most a few dozen)
+_MAX_DIMS = 4  # GGML_MAX_DIMS: gguf.cpp:679
+_INT64_MAX = (1 << 63) - 1
 
 SPLIT_RE = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
@@ -108,18 +119,31 @@ class GgufHeader:
 
 
 class _Cursor:
-    """Little-endian reads from a byte prefix; running off its end raises NeedMoreBytes."""
+    """Little-endian reads from a byte prefix; running off its end raises NeedMoreBytes, running past
+    MAX_HEADER_BYTES a TunerError naming the key being read (``where``)."""
 
-    def __init__(self, buf: bytes | memoryview, *, grow_hint: int) -> None:
+    def __init__(self, buf: bytes | memoryview, *, grow_hint: int, source: str) -> None:
         self.raw = bytes(buf) if isinstance(buf, memoryview) else buf
         self.buf = memoryview(self.raw)
         self.pos = 0
         self.grow_hint = grow_hint
+        self.source = source
+        self.where = "the header"
+
+    def fail(self, problem: str) -> TunerError:
+        return TunerError(f"{self.source}: GGUF {self.where}: {problem}")
+
+    def grow(self, end: int) -> NoReturn:
+        """Ask for a prefix of at least ``end`` bytes (more, to save round trips), never past MAX_HEADER_BYTES."""
+        if end > MAX_HEADER_BYTES:
+            raise self.fail(f"the header would be larger than the limit of {MAX_HEADER_BYTES} bytes "
+                            f"({MAX_HEADER_BYTES >> 20} MiB; real headers are 10-13 MB)")
+        raise NeedMoreBytes(min(max(end, len(self.buf) + self.grow_hint), MAX_HEADER_BYTES))
 
     def take(self, n: int) -> memoryview:
         end = self.pos + n
         if end > len(self.buf):
-            raise NeedMoreBytes(max(end, len(self.buf) + self.grow_hint))
+            self.grow(end)
         out = self.buf[self.pos:end]
         self.pos = end
         return out
@@ -134,24 +158,50 @@ class _Cursor:
     def u64(self) -> int:
         return self.unpack("<Q")
 
-    def string(self) -> str:
+    def string(self, limit: int = MAX_STRING) -> str:
         n = self.u64()
-        if n > _MAX_STRING:
-            raise TunerError(f"corrupt GGUF header: a string claims {n} bytes")
+        if n > limit:
+            raise self.fail(f"a string of {n} bytes, more than the limit of {limit}")
         return bytes(self.take(n)).decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> None:
-        """Skip ``count`` length-prefixed strings (a vocabulary of 250k tokens in a few tens of ms)."""
+        """Skip ``count`` length-prefixed strings (a vocabulary of 250k tokens in a few tens of ms). Each string
+        takes at least its 8-byte length, so an array that cannot fit in MAX_HEADER_BYTES is refused unread."""
+        if self.pos + 8 * count > MAX_HEADER_BYTES:
+            raise self.fail(f"{count} strings take at least {8 * count} bytes: the header would be larger than the "
+                            f"limit of {MAX_HEADER_BYTES} bytes")
         buf, pos = self.raw, self.pos
         unpack_from = _U64.unpack_from
         try:
             for _ in repeat(None, count):
                 pos += 8 + unpack_from(buf, pos)[0]
-        except struct.error:
-            raise NeedMoreBytes(len(buf) + self.grow_hint) from None
+        except (struct.error, OverflowError):  # ran off the prefix, or a huge length jumped far past it
+            self.grow(pos + 8)
         if pos > len(buf):
-            raise NeedMoreBytes(pos + self.grow_hint)
+            self.grow(pos)
         self.pos = pos
+
+
+def _read_array(cur: _Cursor) -> Any:
+    etype = cur.u32()
+    count = cur.u64()
+    if count > MAX_ARRAY:
+        raise cur.fail(f"an array of {count} elements, more than the limit of {MAX_ARRAY}")
+    efmt = _SCALAR_FORMATS.get(etype)
+    if efmt is not None:
+        size = struct.calcsize(efmt)
+        raw = cur.take(size * count)
+        if count > MAX_DECODED_ARRAY:  # per-token types or scores: nothing tuner sizes depends on them
+            return ArraySummary(count)
+        return list(struct.unpack(f"<{count}{efmt[1]}", raw))
+    if etype == _TYPE_STRING:
+        if count > MAX_DECODED_ARRAY:
+            cur.skip_strings(count)
+            return ArraySummary(count)
+        return [cur.string() for _ in range(count)]
+    if etype == _TYPE_ARRAY:  # gguf.cpp:606-611 refuses them too: nothing can nest
+        raise cur.fail("an array of arrays (llama.cpp reads no nested arrays)")
+    raise cur.fail(f"unknown array element type {etype}")
 
 
 def _read_value(cur: _Cursor, vtype: int) -> Any:
@@ -161,26 +211,8 @@ def _read_value(cur: _Cursor, vtype: int) -> Any:
     if vtype == _TYPE_STRING:
         return cur.string()
     if vtype == _TYPE_ARRAY:
-        etype = cur.u32()
-        count = cur.u64()
-        if count > _MAX_COUNT:
-            raise TunerError(f"corrupt GGUF header: an array claims {count} elements")
-        efmt = _SCALAR_FORMATS.get(etype)
-        if efmt is not None:
-            size = struct.calcsize(efmt)
-            raw = cur.take(size * count)
-            if count > MAX_DECODED_ARRAY:  # per-token types or scores: nothing tuner sizes depends on them
-                return ArraySummary(count)
-            return list(struct.unpack(f"<{count}{efmt[1]}", raw))
-        if etype == _TYPE_STRING:
-            if count > MAX_DECODED_ARRAY:
-                cur.skip_strings(count)
-                return ArraySummary(count)
-            return [cur.string() for _ in range(count)]
-        if etype == _TYPE_ARRAY:
-            return [_read_value(cur, _TYPE_ARRAY) for _ in range(count)]
-        raise TunerError(f"corrupt GGUF header: unknown array element type {etype}")
-    raise TunerError(f"corrupt GGUF header: unknown value type {vtype}")
+        return _read_array(cur)
+    raise cur.fail(f"unknown value type {vtype}")
 
 
 @dataclass(frozen=True)
@@ -192,8 +224,10 @@ class ParsedShard:
 
 
 def parse_header(buf: bytes | memoryview, *, shard: int = 0, source: str = "GGUF file") -> ParsedShard:
-    """Parse a GGUF header from a prefix of the file. Raises NeedMoreBytes when the prefix is too short."""
-    cur = _Cursor(buf, grow_hint=max(1 << 20, len(buf)))
+    """Parse a GGUF header from a prefix of the file. Raises NeedMoreBytes when the prefix is too short, and a
+    TunerError naming the key and the limit when the header breaks one of the bounds above (it never asks for more
+    than MAX_HEADER_BYTES)."""
+    cur = _Cursor(buf, grow_hint=max(1 << 20, len(buf)), source=source)
     magic = bytes(cur.take(4))
     if magic != GGUF_MAGIC:
         raise TunerError(f"{source} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
@@ -202,19 +236,42 @@ def parse_header(buf: bytes | memoryview, *, shard: int = 0, source: str = "GGUF
         raise TunerError(f"{source}: unsupported GGUF version {version} (tuner reads versions 2 and 3)")
     n_tensors = cur.u64()
     n_kv = cur.u64()
-    if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
-        raise TunerError(f"{source}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+    if n_tensors > MAX_TENSORS:
+        raise cur.fail(f"{n_tensors} tensors, more than the limit of {MAX_TENSORS}")
+    if n_kv > MAX_KV:
+        raise cur.fail(f"{n_kv} metadata keys, more than the limit of {MAX_KV}")
     metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key = cur.string()
+    for i in range(n_kv):
+        cur.where = f"key #{i}"
+        key = cur.string(MAX_KEY_BYTES)
+        cur.where = f"key {shown(key)}"
+        if not key:
+            raise cur.fail("an empty key name")
+        if key in metadata:  # gguf.cpp:575-578 refuses them: which value would llama.cpp use?
+            raise cur.fail("the key appears twice")
         metadata[key] = _read_value(cur, cur.u32())
+    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):  # gguf.cpp:614-629
+        cur.where = "key 'general.alignment'"
+        raise cur.fail(f"{shown(alignment)} is not a power of 2")
     tensors: list[TensorInfo] = []
-    for _ in range(n_tensors):
-        name = cur.string()
+    names: set[str] = set()
+    for i in range(n_tensors):
+        cur.where = f"tensor #{i}"
+        name = cur.string(MAX_TENSOR_NAME)
+        cur.where = f"tensor {name!r}"
+        if name in names:  # gguf.cpp:664-667
+            raise cur.fail("the tensor name appears twice")
+        names.add(name)
         n_dims = cur.u32()
         if n_dims > _MAX_DIMS:
-            raise TunerError(f"{source}: corrupt GGUF header (tensor {name!r} has {n_dims} dimensions)")
+            raise cur.fail(f"{n_dims} dimensions, more than ggml's {_MAX_DIMS}")
         shape = tuple(cur.u64() for _ in range(n_dims))
+        n_elements = 1
+        for d in shape:
+            n_elements *= d
+        if any(d > _INT64_MAX for d in shape) or n_elements > _INT64_MAX:  # gguf.cpp:685-718
+            raise cur.fail(f"shape {list(shape)} overflows a 64-bit element count")
         type_id = cur.u32()
         offset = cur.u64()
         gtype = GGML_TYPES.get(type_id)
@@ -225,7 +282,6 @@ def parse_header(buf: bytes | memoryview, *, shard: int = 0, source: str = "GGUF
         except TunerError as exc:
             raise TunerError(f"{source}: tensor {name!r}: {exc}") from None
         tensors.append(TensorInfo(name, shape, gtype, offset, nbytes, shard))
-    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)) or GGUF_DEFAULT_ALIGNMENT
     data_offset = -(-cur.pos // alignment) * alignment
     return ParsedShard(version, metadata, tuple(tensors), data_offset)
 
@@ -242,11 +298,13 @@ def parse_growing(read_prefix: Callable[[int], bytes], size_bytes: int, *, shard
             if len(buf) >= size_bytes:
                 raise TunerError(f"{source} is truncated: the header ends at byte {size_bytes}"
                                  " before the tensor table is complete") from None
-            want = min(max(more.needed, want * 4), size_bytes)
+            want = min(max(more.needed, want * 4), size_bytes, MAX_HEADER_BYTES)
 
 
 def check_data_fits(parsed: ParsedShard, size_bytes: int, source: str) -> None:
     """Every tensor's data must lie inside the file: a short file is a truncated download."""
+    if not parsed.tensors:  # no data section to pad to (gguf.cpp:781 seeks to it only when there are tensors)
+        return
     end = max((t.offset + t.nbytes for t in parsed.tensors), default=0) + parsed.data_offset
     if end > size_bytes:
         missing = end - size_bytes
@@ -254,26 +312,49 @@ def check_data_fits(parsed: ParsedShard, size_bytes: int, source: str) -> None:
                          f" ({missing} bytes missing; re-download it)")
 
 
+def split_name(name: str) -> tuple[str, int, int] | None:
+    """``(prefix, shard number, shard count)`` of a split file name (``…-00002-of-00003.gguf``), None for a file
+    that is not split; a TunerError naming the file when its numbers cannot be (``-00000-of-``, ``-00003-of-00002``,
+    more than MAX_SHARDS)."""
+    m = SPLIT_RE.match(name)
+    if not m:
+        return None
+    no, count = int(m.group("no")), int(m.group("count"))
+    if not 1 <= no <= count or count > MAX_SHARDS:
+        raise TunerError(f"{name!r} is no split model file: shard {no} of {count} (a split has 1 to {MAX_SHARDS} "
+                         "files, numbered from 1)")
+    return m.group("prefix"), no, count
+
+
 def shard_paths(first: str) -> list[str]:
     """All shard names of a split model given the first (``…-00001-of-00003.gguf``); else ``[first]``."""
-    m = SPLIT_RE.match(first)
-    if not m:
+    split = split_name(first)
+    if split is None:
         return [first]
-    count = int(m.group("count"))
-    if int(m.group("no")) != 1:
-        raise TunerError(f"{first} is shard {int(m.group('no'))} of {count}: give the first shard (-00001-of-…)")
-    return [f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    prefix, no, count = split
+    if no != 1:
+        raise TunerError(f"{first} is shard {no} of {count}: give the first shard (-00001-of-…)")
+    return [f"{prefix}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def _split_key(meta: dict[str, Any], key: str, path: str, limit: int) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= limit:
+        raise TunerError(f"{path}: GGUF key {key!r} is {shown(value)}, expected a whole number 0..{limit}")
+    return value
 
 
 def join_shards(paths: list[str], parsed: list[ParsedShard], sizes: list[int]) -> GgufHeader:
     """One header for a (possibly split) model: metadata of the first shard, all tensors."""
     first = parsed[0]
-    split_count = first.metadata.get("split.count")
-    if split_count is not None and int(split_count) != len(paths):
+    split_count = _split_key(first.metadata, "split.count", paths[0], MAX_SHARDS)
+    if split_count is not None and split_count != len(paths):
         raise TunerError(f"{paths[0]} says it is split into {split_count} files, found {len(paths)}")
     tensors = tuple(t for p in parsed for t in p.tensors)
-    expected = first.metadata.get("split.tensors.count")
-    if expected is not None and int(expected) != len(tensors):
+    expected = _split_key(first.metadata, "split.tensors.count", paths[0], MAX_TENSORS * MAX_SHARDS)
+    if expected is not None and expected != len(tensors):
         raise TunerError(f"split model {paths[0]}: shards hold {len(tensors)} tensors, expected {expected}")
     return GgufHeader(
         paths=tuple(paths),
@@ -287,7 +368,8 @@ def join_shards(paths: list[str], parsed: list[ParsedShard], sizes: list[int]) -
 
 # --- a parsed header as plain JSON (the header caches of local files and Hub files) ---------------------------------
 
-HEADER_CACHE_FORMAT = 2
+# 3: written only by a parser that enforces the bounds above (an entry of format 2 may hold a header they refuse)
+HEADER_CACHE_FORMAT = 3
 
 
 def _encode(value: Any) -> Any:
@@ -317,9 +399,11 @@ def shard_to_dict(parsed: ParsedShard, size_bytes: int) -> dict[str, Any]:
 
 
 def shard_from_dict(data: Any, shard: int) -> tuple[ParsedShard, int] | None:
-    """A shard from :func:`shard_to_dict`'s data, or None when it is unreadable or of another format."""
+    """A shard from :func:`shard_to_dict`'s data, or None when it is unreadable, of another format or past the
+    parser's bounds (a cache file is only as trustworthy as the folder it sits in)."""
     try:
-        if data.get("format") != HEADER_CACHE_FORMAT:
+        if data.get("format") != HEADER_CACHE_FORMAT or len(data["tensors"]) > MAX_TENSORS \
+                or len(data["metadata"]) > MAX_KV or not 0 <= int(data["data_offset"]) <= MAX_HEADER_BYTES:
             return None
         tensors = []
         for name, shape, type_id, offset in data["tensors"]:
@@ -347,7 +431,7 @@ def _read_shard(shard_path: str, index: int, *, use_cache: bool) -> tuple[Parsed
             raise TunerError(f"{shard_path} is empty (0 bytes)")
         cache_file = _local_cache_path(p, stat) if use_cache else None
         if cache_file is not None and cache_file.is_file():
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, RecursionError):
                 hit = shard_from_dict(json.loads(cache_file.read_text(encoding="utf-8")), index)
                 if hit is not None and hit[1] == stat.st_size:
                     return hit

@@ -27,6 +27,7 @@ from typing import Any
 from tuner.errors import TunerError
 from tuner.ggml import GgmlType, kv_cache_type, row_bytes
 from tuner.gguf_file import ArraySummary, GgufHeader
+from tuner.gguf_schema import check_metadata
 
 HYBRID_ARCHS: frozenset[str] = frozenset({"qwen35moe", "qwen35", "qwen3next"})
 # Transformers where every layer has a KV cache, sized by the generic keys alone.
@@ -270,6 +271,7 @@ def recurrent_pattern(n_layer: int, n_layer_all: int, recurrent_flags: list[Any]
 def layout_from_metadata(metadata: dict[str, Any], tensors: Iterable[tuple[str, GgmlType, tuple[int, ...], int]],
                          *, file_bytes: int = 0, source: str = "") -> ModelLayout:
     """Build a layout from GGUF metadata and (name, type, shape, nbytes) tensor entries."""
+    check_metadata(metadata, source or "model")  # types and ranges of every key read below
     arch = str(metadata.get("general.architecture", "")).strip()
     if not arch:
         raise TunerError(f"{source or 'model'}: no general.architecture in the GGUF metadata")

@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 from tuner.candidate import QuantCandidate
 from tuner.cards import match_card, rank_by_quality
 from tuner.errors import TunerError
-from tuner.gguf_file import SPLIT_RE, GgufHeader
+from tuner.gguf_file import SPLIT_RE, GgufHeader, split_name
 from tuner.layout import layout_from_header
 
 # Quant label in a file name: Q4_K_M, UD-Q4_K_XL, IQ4_XS, Q8_0, BF16, MXFP4_MOE, TQ1_0 ... (last match wins).
@@ -94,9 +94,9 @@ def group_gguf_files(entries: Iterable[tuple[str, int]]) -> GroupedFiles:
         if is_mmproj(path):
             mmproj.append((path, size))
             continue
-        m = SPLIT_RE.match(path)
-        if m:
-            splits.setdefault((m.group("prefix"), int(m.group("count"))), {})[int(m.group("no"))] = (path, size)
+        split = split_name(path)  # TunerError for impossible numbers (-00001-of-00000)
+        if split:
+            splits.setdefault((split[0], split[2]), {})[split[1]] = (path, size)
         else:
             singles.append((path, size))
     groups: list[tuple[str, str, FileGroup]] = []  # (folder, base label, group)

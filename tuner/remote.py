@@ -7,22 +7,26 @@ the tensor data. Parsed headers are cached on disk under ``<cache>/hub-headers/<
 commit never changes, so neither does the entry), and the listing beside them, so a second look costs one API call,
 or none when the Hub cannot be reached.
 
+Everything the Hub answers is untrusted: the listing and the range reads are bounded in size and time and
+validated (:mod:`tuner.hub_api`), and every cache path built from a repo id, commit or file name is checked to stay
+inside the cache (:func:`tuner.untrusted.path_under`).
+
 ``HF_ENDPOINT`` and ``HF_TOKEN`` are honoured (the token also from ``hf auth login``); the token goes to the Hub as
 ``Authorization: Bearer`` and is dropped by httpx when the Hub redirects to its CDN.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from tuner import __version__
 from tuner.candidate import ProgressFn, QuantCandidate
@@ -40,13 +44,13 @@ from tuner.gguf_file import (
 )
 from tuner.paths import cache_dir, write_atomic
 from tuner.quant_files import FileGroup, GroupedFiles, candidates_from_headers, group_gguf_files
+from tuner.untrusted import check_commit, check_repo_id, check_repo_path, check_revision, is_commit, path_under, shown
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CACHE_SUBDIR = "hub-headers"
 REMOTE_FIRST_READ = 2 << 20  # first range request per shard; Qwen3.5 headers are 10-13 MB and grow from here
 REMOTE_MIN_GROW = 1 << 20
 HEADER_WORKERS = 8  # parallel range readers
-HTTP_TIMEOUT_S = 30.0
 _HUB_REF_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[^:@\s]+))?(?::(?P<quant>[\w.-]+))?$")
 
 
@@ -63,50 +67,61 @@ def parse_hub_ref(ref: str) -> HubRef:
     """``owner/repo``, ``owner/repo:Q4_K_M``, ``owner/repo@rev:Q4_K_M``."""
     m = _HUB_REF_RE.match(ref.strip())
     if not m or ".." in m.group("repo"):
-        raise TunerError(f"{ref!r} is neither a local path nor a Hugging Face repo (owner/name[@revision][:QUANT])")
-    return HubRef(m.group("repo"), m.group("rev"), m.group("quant"))
+        raise TunerError(f"{shown(ref)} is neither a local path nor a Hugging Face repo "
+                         "(owner/name[@revision][:QUANT])")
+    rev = m.group("rev")
+    return HubRef(check_repo_id(m.group("repo")), check_revision(rev) if rev is not None else None, m.group("quant"))
 
 
 # --- environment ---------------------------------------------------------------------------------------------------
 
 def hub_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or DEFAULT_ENDPOINT
+    """``HF_ENDPOINT`` (an http or https URL) or the Hub."""
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or DEFAULT_ENDPOINT
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment \
+            or any(c.isspace() or not c.isprintable() for c in endpoint):
+        raise TunerError(f"HF_ENDPOINT must be an http:// or https:// URL, got {shown(endpoint)}")
+    return endpoint
+
+
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,4096}")
 
 
 def hub_token() -> str | None:
+    """``HF_TOKEN``, else the token ``hf auth login`` saved; it must be printable ASCII, as an HTTP header needs."""
     token = (os.environ.get("HF_TOKEN") or "").strip()
-    if token:
-        return token
-    try:
-        from huggingface_hub import get_token
+    if not token:
+        try:
+            from huggingface_hub import get_token
 
-        return get_token()
-    except Exception:  # a broken token file or OIDC setup must not stop a public read
-        return None
+            token = get_token() or ""
+        except Exception:  # a broken token file or OIDC setup must not stop a public read
+            return None
+    if token and not _TOKEN_RE.fullmatch(token):  # never shown: it is a secret
+        raise TunerError("the Hugging Face token (HF_TOKEN or the saved login) holds characters other than "
+                         "printable ASCII or is over 4096 characters; an HTTP header cannot carry it")
+    return token or None
 
 
 # --- the header cache ---------------------------------------------------------------------------------------------
 
-def _safe_parts(path: str) -> list[str]:
-    parts = [p for p in PurePosixPath(path).parts if p not in ("", "/")]
-    if not parts or any(p in (".", "..") or "\\" in p for p in parts):
-        raise TunerError(f"refusing odd repo file path {path!r}")
-    return parts
-
-
-def _repo_cache(repo: str) -> Path:
-    return cache_dir().joinpath(CACHE_SUBDIR, *_safe_parts(repo))
+def _repo_cache(repo: str, *parts: str) -> Path:
+    """``<cache>/hub-headers/<owner>/<name>/<parts…>``: every part checked by its grammar where it came in, and the
+    whole path checked to stay inside the cache."""
+    check_repo_id(repo)
+    return path_under(cache_dir() / CACHE_SUBDIR, repo, *parts, what=f"a cache path for {repo}")
 
 
 def _header_cache_path(listing: HubListing, path: str) -> Path:
-    parts = _safe_parts(path)
-    return _repo_cache(listing.repo).joinpath(listing.commit, *parts[:-1], parts[-1] + ".json")
+    check_repo_path(path, where=f"the listing of {listing.repo}")
+    return _repo_cache(listing.repo, check_commit(listing.commit, where=listing.repo), path + ".json")
 
 
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -128,138 +143,72 @@ class HubListing:
         return f"{self.endpoint}/{self.repo}/resolve/{self.commit}/{quote(path)}"
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """What "the Hub cannot be reached" raises: huggingface_hub's own offline error and its HTTP stack's transport
-    errors (httpx2 in huggingface_hub 2.x, httpx in 1.x, requests before)."""
-    import importlib
-
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    errors: list[type[BaseException]] = [OfflineModeIsEnabled, OSError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
-                         ("requests", "Timeout")):
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
-
-
 def list_hub_repo(repo: str, revision: str | None = None) -> HubListing:
     """The repo's files and sizes at ``revision`` (default main) and the commit it points to: one API call, or the
-    cached listing of that revision when the Hub cannot be reached."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    cached listing of that revision when the Hub cannot be reached (or ``HF_HUB_OFFLINE`` is set)."""
+    from tuner import hub_api
 
-    endpoint, rev = hub_endpoint(), revision or "main"
-    ref_file = _repo_cache(repo) / "refs" / f"{quote(rev, safe='')}.json"
-    api = HfApi(endpoint=endpoint, token=hub_token(), library_name="tuner", library_version=__version__)
+    check_repo_id(repo)
+    endpoint, rev = hub_endpoint(), check_revision(revision or "main")
+    ref_file = _repo_cache(repo, "refs", f"{quote(rev, safe='')}.json")
     try:
-        info = api.model_info(repo, revision=rev, files_metadata=True, timeout=HTTP_TIMEOUT_S)
-    except GatedRepoError:
-        raise TunerError(f"{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise TunerError(f"Hugging Face repo {repo} has no revision {rev!r}") from None
-    except RepositoryNotFoundError:
-        raise TunerError(f"Hugging Face repo {repo} not found at {endpoint} (a private repo needs HF_TOKEN)") from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else "?"
-        raise TunerError(f"the Hub answered HTTP {status} listing {repo}") from None
-    except _network_errors() as error:
+        if _offline():
+            raise hub_api.HubUnreachable("HF_HUB_OFFLINE is set")
+        token = hub_token()
+        headers = {"User-Agent": f"tuner/{__version__}", **({"Authorization": f"Bearer {token}"} if token else {})}
+
+        async def fetch() -> hub_api.RepoFiles:
+            async with hub_api.client() as http:
+                return await hub_api.fetch_repo_files(http, endpoint, repo, rev, headers)
+
+        found = hub_api.run(fetch, f"listing {repo} at {endpoint}")
+    except hub_api.HubUnreachable as error:
         cached = _cached_listing(repo, rev, ref_file, endpoint)
         if cached is None:
-            reason = " ".join(str(error).split()) or type(error).__name__
-            raise TunerError(f"cannot reach {endpoint} to list {repo} ({reason}) and it was never listed before") \
-                from None
+            raise TunerError(f"cannot reach {endpoint} to list {repo} ({error.one_line()}) and it was never listed "
+                             "before") from None
         return cached
-    commit = info.sha or rev
-    files = tuple(sorted((s.rfilename, int(s.size if s.size is not None else (s.lfs.size if s.lfs else 0)))
-                         for s in info.siblings or ()))
-    listing = HubListing(repo, rev, commit, files, endpoint)
+    listing = HubListing(repo, rev, found.commit, found.files, endpoint)
     with contextlib.suppress(OSError):  # the cache is an optimisation
-        write_atomic(_repo_cache(repo) / f"{commit}.listing.json",
-                      json.dumps({"format": HEADER_CACHE_FORMAT, "files": [list(f) for f in files]}))
-        write_atomic(ref_file, json.dumps({"commit": commit}))
+        write_atomic(_repo_cache(repo, f"{found.commit}.listing.json"),
+                     json.dumps({"format": HEADER_CACHE_FORMAT, "files": [list(f) for f in found.files]}))
+        write_atomic(ref_file, json.dumps({"commit": found.commit}))
     return listing
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _cached_listing(repo: str, rev: str, ref_file: Path, endpoint: str) -> HubListing | None:
+    """The listing cached for ``rev``; None when there is none or it does not pass the listing's own checks."""
+    from tuner.hub_api import check_files
+
     ref = _read_json(ref_file)
     commit = ref.get("commit") if isinstance(ref, dict) else None
-    if not commit and re.fullmatch(r"[0-9a-f]{40}", rev):
+    if not commit and is_commit(rev):
         commit = rev
-    if not commit:
+    if not isinstance(commit, str) or not is_commit(commit):
         return None
-    data = _read_json(_repo_cache(repo) / f"{commit}.listing.json")
+    data = _read_json(_repo_cache(repo, f"{commit}.listing.json"))
     if not isinstance(data, dict) or data.get("format") != HEADER_CACHE_FORMAT:
         return None
-    files = tuple((str(p), int(s)) for p, s in data["files"])
+    try:
+        files = check_files(data.get("files"), f"the cached listing of {repo}")
+    except TunerError:
+        return None
     return HubListing(repo, rev, commit, files, endpoint, from_cache=True)
 
 
 # --- range reads --------------------------------------------------------------------------------------------------
 
-class _RangeReader:
-    """Prefixes of one remote file, fetched incrementally with ``Range`` requests."""
-
-    def __init__(self, client: Any, url: str, size_bytes: int, headers: dict[str, str], label: str) -> None:
-        self.client, self.url, self.size, self.headers, self.label = client, url, size_bytes, headers, label
-        self.buf = bytearray()
-
-    def prefix(self, n: int) -> bytes:
-        n = min(n, self.size)
-        if len(self.buf) < n:
-            self._fetch(len(self.buf), n - 1)
-        return bytes(self.buf[:n])
-
-    def _fetch(self, start: int, end: int) -> None:
-        import httpx
-
-        want = end - start + 1
-        headers = {**self.headers, "Range": f"bytes={start}-{end}"}
-        try:
-            with self.client.stream("GET", self.url, headers=headers) as r:
-                if r.status_code == 416:
-                    raise TunerError(f"{self.label} is truncated: it ends before byte {start}")
-                if r.status_code in (401, 403):
-                    raise TunerError(f"access denied reading {self.label} (HTTP {r.status_code}; set HF_TOKEN)")
-                if r.status_code == 404:
-                    raise TunerError(f"{self.label} not found on the Hub (HTTP 404)")
-                if r.status_code not in (200, 206):
-                    raise TunerError(f"the Hub answered HTTP {r.status_code} reading {self.label}")
-                skip = start if r.status_code == 200 else 0  # a server that ignores Range sends the whole file
-                got = bytearray()
-                for chunk in r.iter_bytes():
-                    if skip:
-                        cut = min(skip, len(chunk))
-                        chunk, skip = chunk[cut:], skip - cut
-                    got += chunk
-                    if len(got) >= want:
-                        break
-            final = str(r.url)
-        except httpx.HTTPError as error:
-            raise TunerError(f"reading {self.label}: {' '.join(str(error).split()) or type(error).__name__}") from None
-        if final != self.url:  # the Hub redirected to its CDN: go there directly for the next range
-            if httpx.URL(final).host != httpx.URL(self.url).host:
-                self.headers = {k: v for k, v in self.headers.items() if k.lower() != "authorization"}
-            self.url = final
-        if len(got) < want and start + len(got) < self.size:
-            raise TunerError(f"{self.label}: the Hub sent {len(got)} of {want} bytes asked for")
-        self.buf += got[:want]
-
-
-def read_remote_shard(client: Any, url: str, size_bytes: int, headers: dict[str, str], *, shard: int,
-                      label: str, first_read: int | None = None) -> tuple[ParsedShard, int]:
-    """Parse one remote shard's header, reading only its prefix; returns it and the bytes fetched."""
-    reader = _RangeReader(client, url, size_bytes, headers, label)
+async def read_remote_shard(reader: Any, size_bytes: int, *, shard: int, label: str,
+                            first_read: int | None = None) -> tuple[ParsedShard, int]:
+    """Parse one remote shard's header from a :class:`tuner.hub_api.RangeReader`, reading only its prefix (never
+    past the parser's MAX_HEADER_BYTES); returns it and the bytes fetched."""
     want = min(first_read or REMOTE_FIRST_READ, size_bytes)
     while True:
-        buf = reader.prefix(want)
+        buf = await reader.prefix(want)
         try:
             parsed = parse_header(buf, shard=shard, source=label)
             break
@@ -293,8 +242,9 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
     """The joined header of each group (all shards), from the cache or by range reads.
 
     Uncached reads start with one first shard alone (its header size tells how much to ask of the others, so they
-    mostly take one request each), then run the rest in parallel."""
-    import httpx
+    mostly take one request each), then run the rest concurrently (HEADER_WORKERS at a time), all under one
+    deadline (:func:`tuner.hub_api.run`); each header is cached as soon as it is read."""
+    from tuner import hub_api
 
     jobs: list[_Job] = [(gi, si, path, size) for gi, g in enumerate(groups)
                         for si, (path, size) in enumerate(zip(g.files, g.sizes, strict=True))]
@@ -326,28 +276,34 @@ def read_hub_headers(listing: HubListing, groups: Sequence[FileGroup], *,
             if on_progress:
                 on_progress("reading GGUF headers", progress["done"], len(jobs))
 
-        with httpx.Client(follow_redirects=True, timeout=HTTP_TIMEOUT_S) as client:
-            def read(job: _Job, first_read: int | None) -> tuple[ParsedShard, int]:
-                return read_remote_shard(client, listing.url(job[2]), job[3], headers, shard=job[1],
-                                         label=f"{listing.repo}/{job[2]}", first_read=first_read)
+        async def read_all() -> None:
+            async with hub_api.client() as http:
+                slots = asyncio.Semaphore(HEADER_WORKERS)
 
-            firsts = [j for j in todo if j[1] == 0]
-            hint = None
-            if len(firsts) > 1:
-                probe = firsts[0]
-                parsed, nbytes = read(probe, None)
-                finish(probe, parsed, nbytes)
-                hint = header_size_hint(parsed.data_offset)
-                todo = [j for j in todo if j is not probe]
-            with ThreadPoolExecutor(max_workers=max(1, min(HEADER_WORKERS, len(todo)))) as pool:
-                futures = {pool.submit(read, job, hint if job[1] == 0 else None): job for job in todo}
+                async def read(job: _Job, first_read: int | None) -> None:
+                    async with slots:
+                        reader = hub_api.RangeReader(http, listing.url(job[2]), job[3], headers,
+                                                     f"{listing.repo}/{job[2]}")
+                        finish(job, *await read_remote_shard(reader, job[3], shard=job[1],
+                                                             label=reader.label, first_read=first_read))
+
+                rest = list(todo)
+                firsts = [j for j in rest if j[1] == 0]
+                hint = None
+                if len(firsts) > 1:
+                    await read(firsts[0], None)
+                    hint = header_size_hint(results[(firsts[0][0], 0)].data_offset)
+                    rest = [j for j in rest if j is not firsts[0]]
+                tasks = [asyncio.ensure_future(read(job, hint if job[1] == 0 else None)) for job in rest]
                 try:
-                    for fut in as_completed(futures):
-                        finish(futures[fut], *fut.result())
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+                    await asyncio.gather(*tasks)
+                finally:  # the first failure (or Ctrl-C) stops the others at once
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+
+        hub_api.run(read_all, f"reading GGUF headers of {listing.repo} from {listing.endpoint}",
+                    hint="the headers read so far are cached")
     headers_out = []
     for gi, g in enumerate(groups):
         parsed_shards = [results[(gi, si)] for si in range(len(g.files))]

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         # Exit(130); older releases raise Abort from the KeyboardInterrupt. Our commands themselves return None.
         result = app(args=args, standalone_mode=False)
     except TunerError as exc:
-        sys.stderr.write(f"tuner: error: {exc.one_line()}\n")
+        sys.stderr.write(f"tuner: error: {_visible(exc.one_line())}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         return _interrupted()
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             if message:  # empty for "no arguments, so help": the help is already printed
                 sys.stderr.write(f"tuner: error: {message}\n")
             return int(exc.exit_code)  # type: ignore[attr-defined]
-        sys.stderr.write(f"tuner: internal error: {type(exc).__name__}: {exc}\n")
+        sys.stderr.write(f"tuner: internal error: {type(exc).__name__}: {_visible(' '.join(str(exc).split()))}\n")
         return 70
     if isinstance(result, int) and not isinstance(result, bool) and result != 0:
         return _interrupted() if result == 130 else result
@@ -149,6 +149,13 @@ def _is_usage_error(exc: Exception) -> bool:
     except ImportError:
         pass
     return isinstance(exc, tuple(classes)) and callable(getattr(exc, "format_message", None))
+
+
+def _visible(line: str) -> str:
+    """An error line as text: a file name or Hub value quoted in it cannot send escape sequences to the terminal."""
+    from tuner.untrusted import visible
+
+    return visible(line)
 
 
 def _interrupted() -> int:

@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tuner.units import fmt_bytes
+from tuner.untrusted import visible
 
 console = Console()
 err_console = Console(stderr=True)
@@ -31,6 +33,13 @@ def emit_json_line(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def text(value: object) -> str:
+    """A value tuner did not write (a model or file name from a GGUF header or the Hub, a quant label, a reason
+    that quotes them) made safe for a rich markup string: brackets escaped, so ``[/bold]x`` prints as itself, and
+    control characters shown as ``\\x1b``, so no escape sequence reaches the terminal."""
+    return escape(visible(str(value)))
+
+
 def bytes_cell(n_bytes: int) -> str:
     return fmt_bytes(n_bytes) if n_bytes else "-"
 
@@ -42,7 +51,7 @@ def memory_table(memory: dict[str, Any], title: str = "Memory estimate") -> Tabl
     for col in ("weights", "KV cache", "recurrent", "compute", "output", "total"):
         table.add_column(col, justify="right")
     for dev in memory["devices"]:
-        table.add_row(dev["name"], bytes_cell(dev["weights_bytes"]), bytes_cell(dev["kv_bytes"]),
+        table.add_row(text(dev["name"]), bytes_cell(dev["weights_bytes"]), bytes_cell(dev["kv_bytes"]),
                       bytes_cell(dev["recurrent_bytes"]), bytes_cell(dev["compute_bytes"]),
                       bytes_cell(dev["output_bytes"]), fmt_bytes(dev["total_bytes"]))
     host = memory.get("host", {})

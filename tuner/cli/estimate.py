@@ -19,7 +19,7 @@ from rich.table import Table
 
 from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
-from tuner.cli._output import emit, memory_table
+from tuner.cli._output import emit, memory_table, text
 from tuner.cli.hardware import hardware_dict
 from tuner.flags import ServerFlags
 from tuner.hardware import GB, Hardware, hardware_for
@@ -46,7 +46,7 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
 def render_estimate(console: Console, result: dict[str, Any]) -> None:
     ctx = result["context"]
     lay = result["layout"]
-    console.print(f"[bold]{result['model']}[/bold]  ({result['arch']}, {lay['n_layer']} layers: "
+    console.print(f"[bold]{text(result['model'])}[/bold]  ({text(result['arch'])}, {lay['n_layer']} layers: "
                   f"{len(lay['attention_layers'])} attention, {len(lay['recurrent_layers'])} recurrent"
                   + (f"; {lay['n_expert']} experts, {lay['n_expert_used']} used" if lay["n_expert"] else "")
                   + (", MTP layer" if lay["has_mtp"] else "") + ")")
@@ -65,7 +65,7 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
     console.print(f"predicted at depth {pred['depth_tokens']}: tg {pred['tg_tok_s']:.1f} tok/s "
                   f"(bound {pred['tg_bound_tok_s']:.1f}), pp {pred['pp_tok_s']:.0f} tok/s")
     for note in result["notes"] + result["hardware"]["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {text(note)}")
     check = result.get("check")
     if check:
         table = Table(title=f"llama.cpp's own dry run ({check['tool']})", title_justify="left")
@@ -76,7 +76,7 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
                           fmt_bytes(row["compute_bytes"]))
         console.print(table)
         for note in check.get("notes", []):
-            console.print(f"[dim]{note}[/dim]")
+            console.print(f"[dim]{text(note)}[/dim]")
 
 
 def register(app: typer.Typer) -> None:

@@ -23,12 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.cli import _options as o
-from tuner.cli._output import emit, memory_table
+from tuner.cli._output import emit, memory_table, text
 from tuner.cli.hardware import hardware_dict, render_hardware
 from tuner.cli.profile import recommend_hook
 from tuner.hardware import hardware_for
 from tuner.planner import Recommendation, Wishes, plan_for
 from tuner.units import fmt_bytes, parse_size_bytes
+from tuner.untrusted import visible
 
 
 def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vision: bool, buffer: str | None,
@@ -51,9 +52,9 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
     render_hardware(console, result["hardware"])
     plan, pred, budget = result["plan"], result["predicted"], result["budget"]
     console.print()
-    console.print(f"[bold]Plan:[/bold] {plan['model']} [bold]{plan['quant']}[/bold] "
+    console.print(f"[bold]Plan:[/bold] {text(plan['model'])} [bold]{text(plan['quant'])}[/bold] "
                   f"({plan['bits_per_weight']} bits/weight, {fmt_bytes(plan['file_bytes'])}"
-                  + (f", {plan['repo']}" if plan["repo"] else "") + f") — file {plan['file']}")
+                  + (f", {text(plan['repo'])}" if plan["repo"] else "") + f") — file {text(plan['file'])}")
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="dim")
     table.add_column()
@@ -74,7 +75,7 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
         table.add_row(key, value)
     console.print(table)
     for reason in result["reasons"]:
-        console.print(f"  • {reason}")
+        console.print(f"  • {text(reason)}")
 
     console.print()
     console.print(memory_table(result["memory"], title="Memory (estimate)"))
@@ -98,25 +99,25 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
                   f"(bound {_tok_s(pred['tg_bound_tok_s'])}, efficiency {pred['efficiency']:.2f}), prompt "
                   f"{_tok_s(pred['pp_tok_s'])} tok/s (bound {_tok_s(pred['pp_bound_tok_s'])})")
     for note in pred["notes"]:
-        console.print(f"  [dim]{note}[/dim]")
+        console.print(f"  [dim]{text(note)}[/dim]")
 
     if result["alternatives"]:
         alt = Table(title="Alternatives", title_justify="left")
         for col in ("#", "quant", "KV", "n-cpu-moe", "context", "ubatch", "tg tok/s", "pp tok/s", "why not"):
             alt.add_column(col, justify="right" if col not in ("quant", "KV", "why not") else "left")
         for i, a in enumerate(result["alternatives"], 1):
-            alt.add_row(str(i), a["quant"], a["cache_type_k"], str(a["n_cpu_moe"]), str(a["ctx_size"]),
+            alt.add_row(str(i), text(a["quant"]), a["cache_type_k"], str(a["n_cpu_moe"]), str(a["ctx_size"]),
                         str(a["ubatch_size"]), _tok_s(a["predicted"]["tg_tok_s"])
                         + (" (measured)" if a["predicted"]["source"] == "measured" else ""),
                         _tok_s(a["predicted"]["pp_tok_s"]),
-                        a["why_not"])
+                        text(a["why_not"]))
         console.print()
         console.print(alt)
     for note in result["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {text(note)}")
     console.print()
     console.print("[bold]Command:[/bold]")
-    console.print(shlex.join(result["command"]), soft_wrap=True, markup=False, highlight=False)
+    console.print(visible(shlex.join(result["command"])), soft_wrap=True, markup=False, highlight=False)
     console.print(f"[dim]planned in {result['planning_s'] * 1000:.0f} ms[/dim]")
 
 
