@@ -1,7 +1,8 @@
 """The memory estimate: bytes per device that llama-server will allocate for a model and a flag set.
 
-Each rule below names where llama.cpp implements it (paths relative to its tree; see
-``../shared/reference/llamacpp-memory.md`` for the full derivation and the measurements behind the compute model).
+Each rule below names where llama.cpp implements it (paths relative to its tree, the llama-cpp-python 0.3.36 sdist's
+``vendor/llama.cpp``); the compute model's measurements are the tests in tests/test_estimate.py and
+tests/test_estimate_vs_llama.py.
 
 * context: ``n_ctx = pad256(-c or n_ctx_train)``; unified KV: ``n_ctx_seq = n_ctx``; else
   ``n_ctx_seq = pad256(n_ctx / np)`` and ``n_ctx = n_ctx_seq * np`` (llama-context.cpp:288-313). llama-server with

@@ -4,7 +4,7 @@
 ``no_alloc`` (no weights are read, nothing is allocated) and prints, per device, ``<dev> <model> <context> <compute>``
 in MiB, rounded down, then a ``Host`` row (common/fit.cpp:1088-1113, tools/fit-params/fit-params.cpp).
 
-It is not llama-server, and three differences matter (llamacpp-memory.md 6.3):
+It is not llama-server, and three differences matter (common/fit.cpp, tools/fit-params/fit-params.cpp):
 
 * its ``n_outputs_max`` is ``n_batch``, not llama-server's one per slot, so its compute buffer holds the logits of a
   whole ubatch, ``n_ubatch * n_vocab * 4`` bytes (485 MiB at ub 512 for a 248k vocabulary);

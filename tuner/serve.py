@@ -14,7 +14,7 @@ Events (each one dict; ``--json`` prints them one per line as they are):
   (see :class:`MemoryCheck`).
 * ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned", ...}``.
 
-Launch rules (llamacpp-memory.md): the plan's flags with ``--fit off`` (the plan already fitted; llama.cpp's own
+Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan already fitted; llama.cpp's own
 fitting would change it) and an explicit ``--ctx-size``; ``--jinja``; ``-lv 4`` because the buffer-size lines
 :mod:`tuner.serverlog` reads are INFO lines (the log goes to a file, not the terminal; measured on a tiny model: 13 kB
 at load, 3 kB per request, more when the prompt cache holds many prompts since each request lists them, and ~90 B per
