@@ -325,7 +325,8 @@ def test_cmake_options_build_static_native_and_download_nothing() -> None:
     cmd = configure_command(Path("/s"), Path("/b"), options, "Ninja")
     assert cmd[:7] == ["cmake", "-S", "/s", "-B", "/b", "-G", "Ninja"]
     assert "-DLLAMA_USE_PREBUILT_UI=OFF" in cmd
-    assert build_command(Path("/b"), 2)[-3:] == ["llama-server", "llama-bench", "llama-fit-params"]
+    assert build_command(Path("/b"), 2)[-4:] == ["llama-server", "llama-bench", "llama-fit-params", "ggml-rpc-server"]
+    assert options["GGML_RPC"] == "ON"
 
 
 def test_every_target_is_built_with_the_options_it_needs() -> None:
@@ -634,4 +635,8 @@ def test_ensure_build_of_the_default_source_gives_a_working_llama_server() -> No
     assert "version:" in proc.stdout + proc.stderr
     assert got.bench_bin is not None and os.access(got.bench_bin, os.X_OK)
     assert got.fit_params_bin is not None and os.access(got.fit_params_bin, os.X_OK)
+    assert got.rpc_server_bin is not None and os.access(got.rpc_server_bin, os.X_OK)
+    rpc = subprocess.run([str(got.server_bin), "--rpc", "127.0.0.1:1", "--version"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+    assert "RPC not supported" not in rpc.stdout + rpc.stderr  # llama-server itself has the --rpc client
     print(f"ensure_build: {seconds:.2f} s ({'cached' if was_cached else 'built'})")

@@ -122,6 +122,7 @@ def test_existing_server_bin_is_checked_and_used(llama_build: Any) -> None:
     assert result["server_bin"] == str(llama_build.server_bin)
     assert result["key"].startswith("external-") and result["cached"] is True
     assert result["bench_bin"] == str(llama_build.bench_bin)
+    assert result["rpc_server_bin"] == str(llama_build.rpc_server_bin)
 
 
 def test_usage_errors_are_one_line_with_clicks_exit_code() -> None:

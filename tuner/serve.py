@@ -14,14 +14,15 @@ Events (each one dict; ``--json`` prints them one per line as they are):
   (see :class:`MemoryCheck`).
 * ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned", ...}``.
 
-Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan already fitted; llama.cpp's own
-fitting would change it) and an explicit ``--ctx-size``; ``--jinja``; ``-lv 4`` because the buffer-size lines
-:mod:`tuner.serverlog` reads are INFO lines (the log goes to a file, not the terminal; measured on a tiny model: 13 kB
-at load, 3 kB per request, more when the prompt cache holds many prompts since each request lists them, and ~90 B per
-/metrics poll of the watcher); ``--metrics`` for the watcher; ``--alias`` so clients see a stable model name; the card's
-sampling preset. After ``/health`` answers 200, one real chat completion must produce a token before the server is
-called ready. If the load fails and the log shows a pinned (page-locked) host allocation failing, the launch is
-retried once with ``GGML_CUDA_NO_PINNED=1`` (:data:`tuner.server.NO_PINNED_ENV`).
+Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan
+already fitted; llama.cpp's own fitting would change it) and an explicit ``--ctx-size``; ``--jinja``; ``-lv 4``
+because the buffer-size lines :mod:`tuner.serverlog` reads are INFO lines (the log goes to a file, not the terminal;
+measured on a tiny model: 13 kB at load, 3 kB per request, more when the prompt cache holds many prompts since each
+request lists them, and ~90 B per /metrics poll of the watcher); ``--metrics`` for the watcher; ``--alias`` so
+clients see a stable model name; the card's sampling preset. After ``/health`` answers 200, one real chat completion
+must produce a token before the server is called ready. If the load fails and the log shows a pinned (page-locked)
+host allocation failing, the launch is retried once with ``GGML_CUDA_NO_PINNED=1``
+(:data:`tuner.server.NO_PINNED_ENV`).
 
 Observations (for the profile store): after every successful launch, the memory check is written to
 ``tuner.paths.config_dir()/observations/<model stem>-<key>.json``, ``key`` = the first 16 hex digits of the sha256 of

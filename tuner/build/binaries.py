@@ -1,7 +1,7 @@
 """A usable set of llama.cpp binaries (:class:`LlamaBuild`), and what ``llama-server --version`` says about them.
 
 ``--server-bin PATH`` is :func:`build_from_binary`: an existing ``llama-server`` that must run ``--version``, with
-``llama-bench`` / ``llama-fit-params`` picked up from beside it.
+``llama-bench`` / ``llama-fit-params`` / ``ggml-rpc-server`` picked up from beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from tuner.errors import TunerError
 
 @dataclass(frozen=True)
 class LlamaBuild:
-    """A usable set of llama.cpp binaries. ``bench_bin`` / ``fit_params_bin`` are None when not found."""
+    """A usable set of llama.cpp binaries. ``bench_bin`` / ``fit_params_bin`` / ``rpc_server_bin`` are None when not
+    found."""
 
     key: str
     root: Path
@@ -31,6 +32,7 @@ class LlamaBuild:
     cuda: bool
     options: dict[str, str] = field(default_factory=dict, hash=False)
     source: str = ""
+    rpc_server_bin: Path | None = None
 
 
 def short_commit(commit: str) -> str:
@@ -100,6 +102,7 @@ def build_from_binary(server_bin: Path | str) -> LlamaBuild:
         server_bin=path,
         bench_bin=sibling("llama-bench"),
         fit_params_bin=sibling("llama-fit-params"),
+        rpc_server_bin=sibling("ggml-rpc-server"),
         version_text=version_text,
         commit=commit,
         cuda=cuda,

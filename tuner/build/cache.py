@@ -79,6 +79,7 @@ def _read_build(entry: Path) -> LlamaBuild | None:
             server_bin=bins["llama-server"],
             bench_bin=bins["llama-bench"],
             fit_params_bin=bins["llama-fit-params"],
+            rpc_server_bin=bins["ggml-rpc-server"],
             version_text=meta["version_text"],
             commit=short_commit(meta["commit"]),
             cuda=bool(meta["cuda"]),

@@ -26,6 +26,9 @@ TARGET_OPTIONS: Mapping[str, Mapping[str, str]] = {
     "llama-server": {"LLAMA_BUILD_SERVER": "ON"},  # tools/CMakeLists.txt:24-28
     "llama-bench": {},
     "llama-fit-params": {},
+    # the RPC worker (tools/CMakeLists.txt:32-33, tools/rpc/CMakeLists.txt:1); GGML_RPC=ON also gives llama-server
+    # its --rpc client (common/arg.cpp:2683-2685 refuses --rpc without it)
+    "ggml-rpc-server": {"GGML_RPC": "ON"},
 }
 TARGETS = tuple(TARGET_OPTIONS)
 

@@ -100,6 +100,7 @@ def build_result(build: LlamaBuild, cached: bool, seconds: float) -> dict[str, A
         "server_bin": str(build.server_bin),
         "bench_bin": str(build.bench_bin) if build.bench_bin else None,
         "fit_params_bin": str(build.fit_params_bin) if build.fit_params_bin else None,
+        "rpc_server_bin": str(build.rpc_server_bin) if build.rpc_server_bin else None,
         "version": build.version_text,
         "commit": build.commit,
         "cuda": build.cuda,
@@ -122,7 +123,8 @@ def render_build(console: Console, result: dict[str, Any]) -> None:
     where = "from the cache" if result["cached"] else f"built in {result['seconds']:.0f} s"
     console.print(f"[bold]llama-server[/bold] {result['server_bin']}  ({where}; {'CUDA' if result['cuda'] else 'CPU'})",
                   highlight=False, soft_wrap=True)
-    for name, key in (("llama-bench", "bench_bin"), ("llama-fit-params", "fit_params_bin")):
+    for name, key in (("llama-bench", "bench_bin"), ("llama-fit-params", "fit_params_bin"),
+                      ("ggml-rpc-server", "rpc_server_bin")):
         if result[key]:
             console.print(f"{name} {result[key]}", highlight=False, soft_wrap=True)
     console.print(f"[dim]{result['version']}[/dim]", highlight=False, soft_wrap=True)
