@@ -570,6 +570,7 @@ def test_compiler_error_is_quoted_with_the_log_path_and_publishes_nothing(cache:
         "cmake_minimum_required(VERSION 3.14)\nproject(broken CXX)\n"
         "add_executable(llama-server src/server.cpp)\n"
         "add_executable(llama-bench src/ok.cpp)\nadd_executable(llama-fit-params src/ok.cpp)\n"
+        "add_executable(ggml-rpc-server src/ok.cpp)\n"
     )
     source = _fake_source(tmp_path / "broken", cmakelists)
     (source / "src" / "ok.cpp").write_text("int main() { return 0; }\n")

@@ -72,7 +72,7 @@ def _slow_source(directory: Path) -> Path:
     (directory / "compile.sh").write_text("#!/bin/sh\nwhile :; do sleep 0.2; done\n")
     (directory / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.14)\nproject(slow NONE)\n"
-        "foreach(t llama-server llama-bench llama-fit-params)\n"
+        "foreach(t llama-server llama-bench llama-fit-params ggml-rpc-server)\n"
         "  add_custom_target(${t} COMMAND /bin/sh ${CMAKE_SOURCE_DIR}/compile.sh ${t})\n"
         "endforeach()\n")
     return directory
