@@ -31,7 +31,8 @@ from tuner.bench.flagsets import FlagSet
 from tuner.bench.prompts import PromptSource
 from tuner.bench.servers import LiveServer, ServerPool, tokenizer_of
 from tuner.errors import TunerError
-from tuner.flags import FLAGS, ServerFlags
+from tuner.flags import FLAGS, INT32_MAX, ServerFlags
+from tuner.untrusted import shown
 
 DEFAULT_DEPTHS: tuple[int, ...] = (0, 8192, 32768)
 #: room kept free at the end of a slot beyond prompt + generation (the ~4 re-evaluated tokens, rounding).
@@ -75,9 +76,12 @@ def parse_depths(text: str) -> tuple[int, ...]:
             continue
         scale = 1024 if part.endswith("k") else 1
         try:
-            out.add(int(float(part.rstrip("k")) * scale))
+            tokens = float(part.rstrip("k")) * scale
         except ValueError:
-            raise TunerError(f"--depths: cannot read {part!r} as a token count") from None
+            raise TunerError(f"--depths: cannot read {shown(part, 40)} as a token count") from None
+        if not math.isfinite(tokens) or tokens > INT32_MAX:  # "inf", 400 digits: no context is that long
+            raise TunerError(f"--depths: {shown(part, 40)} is more tokens than a context holds ({INT32_MAX})")
+        out.add(int(tokens))
     if not out or min(out) < 0:
         raise TunerError(f"--depths needs token counts ≥ 0, got {text!r}")
     return tuple(sorted(out))

@@ -36,6 +36,9 @@ from rich.text import Text
 from tuner import bench as b
 from tuner.cli import _options as o
 from tuner.cli._output import emit, err_console
+from tuner.errors import TunerError
+from tuner.flags import INT32_MAX, MAX_SEQ
+from tuner.untrusted import shown
 
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="NAME=FLAGS: a named llama-server flag set to measure (repeatable). Default: the plan and "
@@ -43,16 +46,20 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 DepthsOpt = Annotated[str | None, typer.Option(
     "--depths", help="Context depths to measure at, tokens: 0,8192,32768 (k suffix allowed). --tune: the plan's "
                      "context unless given (the largest is used).", show_default=False)]
-RepeatOpt = Annotated[int, typer.Option("--repeat", help="Runs per set and depth (--tune: the most per round).")]
-PromptTokensOpt = Annotated[int, typer.Option("--prompt-tokens", help="Fresh prompt tokens per measurement.")]
-GenTokensOpt = Annotated[int, typer.Option("--gen-tokens", help="Tokens generated per measurement.")]
-ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", help="Requests sent at once (needs as many slots).")]
+RepeatOpt = Annotated[int, typer.Option("--repeat", min=1, max=1000,
+                                        help="Runs per set and depth (--tune: the most per round).")]
+PromptTokensOpt = Annotated[int, typer.Option("--prompt-tokens", min=1, max=INT32_MAX,
+                                              help="Fresh prompt tokens per measurement.")]
+GenTokensOpt = Annotated[int, typer.Option("--gen-tokens", min=2, max=INT32_MAX,
+                                           help="Tokens generated per measurement.")]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, max=MAX_SEQ,
+                                             help="Requests sent at once (needs as many slots).")]
 TuneOpt = Annotated[bool, typer.Option("--tune", help="Search around the plan for faster flags.")]
 DimsOpt = Annotated[str | None, typer.Option(
     "--dims", help=f"--tune: only these dimensions ({', '.join(b.TUNE_DIMENSIONS)}).", show_default=False)]
 ObjectiveOpt = Annotated[str, typer.Option("--objective", metavar=f"[{'|'.join(b.OBJECTIVES)}]",
                                            help="Rank by tg, pp, or both (geometric mean).")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Base folder of the results files.")]
+OutOpt = Annotated[Path, typer.Option("--out", callback=o.output_folder, help="Base folder of the results files.")]
 KeepLogsOpt = Annotated[bool, typer.Option("--keep-logs", help="Keep llama-server logs beside the results.")]
 NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Do not record the results in the profile.")]
 BenchGpuOpt = Annotated[str | None, typer.Option(
@@ -169,10 +176,13 @@ def register(app: typer.Typer) -> None:
         from tuner.cli.recommend import wishes_from_options
 
         cfg = bench_config(depths, repeat, prompt_tokens, gen_tokens, concurrency)
+        dim_names = tuple(d.strip() for d in dims.split(",") if d.strip()) if dims else None
+        unknown = [d for d in dim_names or () if d not in b.TUNE_DIMENSIONS]
+        if unknown:  # before any build or launch
+            raise TunerError(f"--dims: unknown dimension {shown(unknown[0])} (known: {', '.join(b.TUNE_DIMENSIONS)})")
         options = b.BenchOptions(
             sets=tuple(b.parse_set(spec) for spec in sets or ()), config=cfg, tune=tune,
-            tune_depth=max(cfg.depths) if depths else None,
-            dims=tuple(d.strip() for d in dims.split(",") if d.strip()) if dims else None, objective=objective,
+            tune_depth=max(cfg.depths) if depths else None, dims=dim_names, objective=objective,
             server_bin=server_bin, out_dir=out, keep_logs=keep_logs, learn=not no_profile, cpu_only=gpu is not None)
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=False,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)

@@ -21,7 +21,7 @@ from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
 from tuner.cli._output import emit, memory_table, text
 from tuner.cli.hardware import hardware_dict
-from tuner.flags import ServerFlags
+from tuner.flags import INT32_MAX, ServerFlags
 from tuner.hardware import GB, Hardware, hardware_for
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
@@ -102,11 +102,13 @@ def register(app: typer.Typer) -> None:
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
-        depth: Annotated[int, typer.Option("--depth", min=0, help="Tokens already in the context, for the predicted "
-                                           "speeds.")] = PLANNING_DEPTH_TOKENS,
-        ram_bandwidth: Annotated[float | None, typer.Option("--ram-bandwidth", min=0.1, help="Host RAM bandwidth in "
-                                                            "GB/s (default: assumed from the cores).")] = None,
-        cpu_cores: Annotated[int | None, typer.Option("--cpu-cores", min=1, help="Host physical CPU cores.")] = None,
+        depth: Annotated[int, typer.Option("--depth", min=0, max=INT32_MAX, help="Tokens already in the context, "
+                                           "for the predicted speeds.")] = PLANNING_DEPTH_TOKENS,
+        ram_bandwidth: Annotated[float | None, typer.Option(
+            "--ram-bandwidth", min=0.1, max=100_000.0, callback=o.finite,
+            help="Host RAM bandwidth in GB/s (default: assumed from the cores).")] = None,
+        cpu_cores: Annotated[int | None, typer.Option("--cpu-cores", min=1, max=1 << 16,
+                                                      help="Host physical CPU cores.")] = None,
         server_bin: o.ServerBinOpt = None,
         as_json: o.JsonOpt = False,
     ) -> None:

@@ -18,8 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.cli import _options as o
-from tuner.cli._output import emit
+from tuner.cli._output import emit, text
+from tuner.errors import TunerError
 from tuner.hardware import Hardware, hardware_for, record_snapshot
+from tuner.paths import write_atomic
 from tuner.units import fmt_bytes
 
 
@@ -47,20 +49,21 @@ def render_hardware(console: Console, result: dict[str, Any]) -> None:
     for col in ("device", "model", "VRAM free / total", "bandwidth", "PCIe", "CC", "source"):
         table.add_column(col)
     for g in result["gpus"]:
-        table.add_row(g["name"], g["model"], f"{fmt_bytes(g['vram_free_bytes'])} / {fmt_bytes(g['vram_total_bytes'])}",
+        table.add_row(text(g["name"]), text(g["model"]),
+                      f"{fmt_bytes(g['vram_free_bytes'])} / {fmt_bytes(g['vram_total_bytes'])}",
                       f"{g['mem_bandwidth_bytes_s'] / 1e9:.0f} GB/s",
                       f"gen{g['pcie_gen']} x{g['pcie_width']}" if g["pcie_gen"] else "-",
-                      g["compute_capability"] or "-", g["source"])
+                      text(g["compute_capability"] or "-"), text(g["source"]))
     if result["gpus"]:
         console.print(table)
     else:
         console.print("GPUs: none (planning for CPU and RAM only)")
-    console.print(f"CPU: {result['cpu_model']} ({result['cpu_physical_cores']} cores, "
+    console.print(f"CPU: {text(result['cpu_model'])} ({result['cpu_physical_cores']} cores, "
                   f"{result['cpu_logical_cores']} threads)")
     console.print(f"RAM: {fmt_bytes(result['ram_available_bytes'])} available of {fmt_bytes(result['ram_total_bytes'])}"
                   f", assumed {result['ram_bandwidth_bytes_s'] / 1e9:.0f} GB/s")
     for note in result["notes"]:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {text(note)}")
 
 
 def register(app: typer.Typer) -> None:
@@ -69,12 +72,16 @@ def register(app: typer.Typer) -> None:
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         record: Annotated[Path | None, typer.Option(
-            "--record-snapshot", help="Write NVML's answers for this machine to a JSON file.")] = None,
+            "--record-snapshot", callback=o.output_file,
+            help="Write NVML's answers for this machine to a JSON file.")] = None,
         as_json: o.JsonOpt = False,
     ) -> None:
         """Show the GPUs, RAM and CPU tuner plans for."""
         result = hardware_dict(hardware_for(gpu, vram))
         if record is not None:
-            record.write_text(json.dumps(record_snapshot(), indent=2) + "\n", encoding="utf-8")
+            try:
+                write_atomic(record, json.dumps(record_snapshot(), indent=2) + "\n")
+            except OSError as error:
+                raise TunerError(f"cannot write {record}: {error.strerror or error}") from None
             result["snapshot"] = str(record)
         emit(result, as_json=as_json, render=lambda c: render_hardware(c, result))
