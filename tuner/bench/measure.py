@@ -32,6 +32,8 @@ from tuner.bench.prompts import PromptSource
 from tuner.bench.servers import LiveServer, ServerPool, tokenizer_of
 from tuner.errors import TunerError
 from tuner.flags import FLAGS, INT32_MAX, ServerFlags
+from tuner.llama_api import COMPLETION
+from tuner.records import RecordError, validate
 from tuner.untrusted import shown
 
 DEFAULT_DEPTHS: tuple[int, ...] = (0, 8192, 32768)
@@ -103,16 +105,16 @@ class RequestTiming:
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any]) -> RequestTiming:
-        t = reply.get("timings")
-        if not isinstance(t, dict):
-            raise TunerError("llama-server's reply has no timings")
+        """From a ``/completion`` answer (checked against :data:`tuner.llama_api.COMPLETION`, which fills in the
+        defaults of missing figures)."""
+        try:
+            t = validate(COMPLETION, reply)["timings"]
+        except RecordError as error:
+            raise TunerError(f"llama-server's /completion answer: {error}") from None
         return cls(
-            prompt_n=int(t.get("prompt_n", 0)), cache_n=int(t.get("cache_n", 0)),
-            prompt_ms=float(t.get("prompt_ms", 0.0)), predicted_n=int(t.get("predicted_n", 0)),
-            predicted_ms=float(t.get("predicted_ms", 0.0)), pp_tok_s=float(t.get("prompt_per_second", 0.0)),
-            tg_tok_s=float(t.get("predicted_per_second", 0.0)),
-            draft_n=int(t["draft_n"]) if "draft_n" in t else None,
-            draft_n_accepted=int(t["draft_n_accepted"]) if "draft_n_accepted" in t else None,
+            prompt_n=t["prompt_n"], cache_n=t["cache_n"], prompt_ms=t["prompt_ms"], predicted_n=t["predicted_n"],
+            predicted_ms=t["predicted_ms"], pp_tok_s=t["prompt_per_second"], tg_tok_s=t["predicted_per_second"],
+            draft_n=t["draft_n"], draft_n_accepted=t["draft_n_accepted"],
         )
 
 
