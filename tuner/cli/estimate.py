@@ -56,8 +56,9 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
     console.print(memory_table(result["memory"]))
     for gpu in result["hardware"]["gpus"]:
         used = next((d["total_bytes"] for d in result["memory"]["devices"] if d["name"] == gpu["name"]), 0)
-        console.print(f"{gpu['name']} ({gpu['model']}): {fmt_bytes(used)} of {fmt_bytes(gpu['vram_total_bytes'])}"
-                      f" — add ~0.5-1 GiB of CUDA context and pools that llama.cpp does not count")
+        console.print(f"{text(gpu['name'])} ({text(gpu['model'])}): {fmt_bytes(used)} of "
+                      f"{fmt_bytes(gpu['vram_total_bytes'])} — add ~0.5-1 GiB of CUDA context and pools that "
+                      "llama.cpp does not count")
     host = result["memory"]["host"]
     console.print(f"host RAM at worst: {fmt_bytes(host['total_bytes'])} "
                   f"(of {fmt_bytes(result['hardware']['ram_available_bytes'])} available)")
@@ -72,7 +73,7 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
         for col in ("device", "model", "context", "compute"):
             table.add_column(col, justify="right" if col != "device" else "left")
         for row in check["devices"]:
-            table.add_row(row["name"], fmt_bytes(row["model_bytes"]), fmt_bytes(row["context_bytes"]),
+            table.add_row(text(row["name"]), fmt_bytes(row["model_bytes"]), fmt_bytes(row["context_bytes"]),
                           fmt_bytes(row["compute_bytes"]))
         console.print(table)
         for note in check.get("notes", []):
