@@ -41,6 +41,7 @@ import httpx
 
 from tuner.errors import TunerError
 from tuner.llama_api import ANY_OBJECT, CHAT_COMPLETION, MAX_METRICS_BYTES, check_answer, parse_metrics, read_body
+from tuner.paths import cache_dir
 from tuner.procgroup import start_group, stop_group
 from tuner.records import Check
 from tuner.untrusted import has_control, shown
@@ -224,7 +225,14 @@ def error_summary(text: str) -> str:
 
 
 def _temp_log_path() -> Path:
-    fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+    """A fresh log file in tuner's cache (``logs/``), not the system's temporary folder: a log a failed launch
+    leaves behind (its error names it) stays among tuner's files."""
+    folder = cache_dir() / "logs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log", dir=folder)
+    except OSError as exc:
+        raise TunerError(f"cannot write llama-server's log in {folder}: {exc.strerror or exc}") from None
     os.close(fd)
     return Path(name)
 
@@ -324,8 +332,11 @@ class LlamaServer:
         return log_tail(self.log_text(), n_lines)
 
     def _raise_exited(self, what: str) -> None:
-        raise TunerError(f"llama-server stopped ({exit_reason(self.poll())}) {what}: {error_summary(self.log_text())}"
-                         f" (full log: {self.log_path})")
+        code = self.poll()
+        hint = ("; a --server-bin must keep llama-server in the foreground (a wrapper script: exec it)"
+                if code == 0 and what == "while loading the model" else "")
+        raise TunerError(f"llama-server stopped ({exit_reason(code)}) {what}: {error_summary(self.log_text())}"
+                         f" (full log: {self.log_path}{hint})")
 
     def wait_for_log(self, pattern: str | re.Pattern[str], timeout_s: float = 120.0) -> re.Match[str]:
         """Wait until the log matches ``pattern``; TunerError if the process exits or time runs out."""
