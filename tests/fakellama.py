@@ -8,6 +8,7 @@ up before the model is loaded) and answer as the mode says:
 * ``garbage-version``: ``--version`` prints noise with escape sequences and no ``version:`` line;
 * ``huge-version``: ``--version`` prints 8 MiB;
 * ``version-fails``: ``--version`` exits 3 after an error line;
+* ``hangs-on-version``: ``--version`` never returns;
 * ``exits-at-once``: logs an error (with an escape sequence) and exits 1 without listening;
 * ``never-listens``: logs load lines, never opens its port;
 * ``never-healthy``: ``/health`` answers 503 for ever;
@@ -60,6 +61,9 @@ def main() -> int:
             for _ in range(8 * 1024):
                 sys.stdout.write(chunk)
             return 0
+        if mode == "hangs-on-version":
+            while True:
+                time.sleep(1)
         if mode == "version-fails":
             sys.stdout.write(f"error while loading shared libraries: libcuda.so.1 {ESC}\n")
             return 3

@@ -84,7 +84,8 @@ def _register(argv: list[str]) -> None:
 def stop_signals() -> Iterator[None]:
     """SIGINT and SIGTERM become one KeyboardInterrupt (the first one); later ones are ignored, so a second Ctrl-C
     cannot cut short the orderly stop of what tuner started (llama-server, a build's compilers). Without this,
-    SIGTERM would end tuner at once, leaving its children running."""
+    SIGTERM would end tuner at once, leaving its children running. Once one has fired, tuner is on its way out:
+    the handler stays, so a second SIGTERM during the last lines cannot turn exit code 130 into a kill."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -101,8 +102,9 @@ def stop_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if not fired:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,4 +166,10 @@ def _interrupted() -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    if code == 130:
+        # On the way out: a second Ctrl-C or SIGTERM must not turn exit code 130 into a kill. Ignored at the OS
+        # level, because the interpreter's shutdown puts Python-level handlers back to the default (signalmodule.c).
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)
