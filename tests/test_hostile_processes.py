@@ -508,8 +508,7 @@ def test_serve_killed_outright_takes_a_wrapped_llama_server_with_it_and_frees_th
     port = free_port()
     argv = ["serve", str(tiny_moe_gguf), "--gpu", "none", "--ctx-size", "1024", "--port", str(port),
             "--server-bin", str(wrapper), "--json"]
-    children, mark = _start_and_kill(argv, case_root, lambda out: '"status": "ready"' in out)
-    assert len(children) >= 3, children  # the wrapper, llama-server, the watchdog
+    _children, mark = _start_and_kill(argv, case_root, lambda out: '"status": "ready"' in out)
     left = wait_until_none_marked(mark, within_s=10)
     assert not left, f"left running after tuner was killed: {left}"
     assert _port_free(port), "llama-server still holds the port"
