@@ -36,12 +36,15 @@ from tuner.untrusted import visible
 
 def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
     """The planner's ``measured`` hook for ``tuner recommend`` (the profile of this machine and build); None when
-    there is no build to match (a bad ``--server-bin`` is the command's to report) or the profile cannot be read:
-    then one warning line names the file and how to reset it, and the roofline stands alone."""
-    try:
+    the profile cannot be read: then one warning line names the file and how to reset it, and the roofline stands
+    alone. A ``--server-bin`` that is no llama-server is refused (TunerError): the plan's command would name it."""
+    if server_bin:
         build = current_build(server_bin)
-    except TunerError:
-        return None
+    else:
+        try:
+            build = current_build()
+        except TunerError:
+            return None
     try:
         return measured_hook(hardware, build)
     except TunerError as error:
