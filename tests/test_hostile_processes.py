@@ -264,6 +264,10 @@ CLI_CASES = [
          r"does not exist"),
     Case("server-bin-not-executable", (*SERVE, "--server-bin", "{root}/home/llama-server"),
          r"home/llama-server is not executable", setup=_write("home/llama-server", "#!/bin/sh\n")),
+    Case("model-a-fifo", ("estimate", "{root}/home/m.gguf"), r"m\.gguf is not a regular file \(a pipe or a device",
+         setup=_fifo("home/m.gguf")),
+    Case("model-a-device", ("estimate", "/dev/zero"), r"/dev/zero is not a regular file"),
+    Case("model-name-too-long", ("estimate", "x" * 5000 + ".gguf"), r"^tuner: error: File name too long: x+$"),
     Case("ready-timeout-not-a-number", SERVE, r"TUNER_READY_TIMEOUT_S must be a positive number of seconds, got "
          r"'soon'", env={"TUNER_READY_TIMEOUT_S": "soon"}),
 ]

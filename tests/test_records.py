@@ -103,6 +103,8 @@ def test_a_profile_that_fails_its_schema_names_the_field_and_how_to_reset(tmp_pa
 def test_llama_server_answers_are_checked_per_endpoint() -> None:
     props = check_answer(b'{"total_slots": 2, "default_generation_settings": {"n_ctx": 8192}}', PROPS, "GET /props")
     assert props == {"total_slots": 2, "default_generation_settings": {"n_ctx": 8192}, "build_info": ""}
+    reply = check_answer(b'{"choices": [1], "usage": {}}', CHAT_COMPLETION, "POST /v1/chat/completions")
+    assert reply == {"choices": [1], "usage": {"completion_tokens": 0}}, "unread fields passed on as they are"
     with pytest.raises(TunerError, match=r"answer to GET /props is not what llama-server sends \(total_slots: 0"):
         check_answer(b'{"total_slots": 0}', PROPS, "GET /props")
     with pytest.raises(TunerError, match=r"usage\.completion_tokens: -1"):

@@ -464,6 +464,8 @@ def read_gguf(path: str | os.PathLike[str], *, use_cache: bool = True) -> GgufHe
         raise TunerError(f"{first} is a directory, not a GGUF file")
     if not p.exists():
         raise TunerError(f"no such file: {first}")
+    if not p.is_file():  # a FIFO would block the read, a device has no size
+        raise TunerError(f"{first} is not a regular file (a pipe or a device?), not a GGUF file")
     paths = shard_paths(first)
     missing = [q for q in paths if not Path(q).is_file()]
     if missing:

@@ -77,9 +77,12 @@ def read_body(response: httpx.Response, what: str, *, max_bytes: int = MAX_ANSWE
 
 
 def check_answer(body: bytes, schema: rec.Check, what: str) -> dict[str, Any]:
-    """``body`` parsed as JSON and checked against ``schema``: the fields tuner reads, with their defaults."""
+    """``body`` parsed as JSON and checked against ``schema``: the answer, with the fields tuner reads replaced by
+    their checked values (defaults filled in); the others are passed on as they are, unread."""
     try:
-        return dict(rec.validate(schema, rec.parse_json(body, MAX_ANSWER_BYTES)))
+        data = rec.parse_json(body, MAX_ANSWER_BYTES)
+        checked = rec.validate(schema, data)
+        return {**data, **checked} if isinstance(data, dict) else dict(checked)
     except rec.RecordError as error:
         start = " ".join(body[:60].decode("utf-8", "replace").split())
         raise TunerError(f"llama-server's answer to {what} is not what llama-server sends ({error}; it began "

@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             return _interrupted()
         sys.stderr.write("tuner: aborted\n")
         return 1
+    except OSError as exc:  # the system refused (a name too long, a full disk, no permission): not a bug
+        where = f": {_visible(str(exc.filename))[:200]}" if exc.filename else ""
+        sys.stderr.write(f"tuner: error: {exc.strerror or type(exc).__name__}{where}\n")
+        return 1
     except Exception as exc:  # usage errors and anything unexpected: still one line, no traceback
         if _is_usage_error(exc):
             message = exc.format_message()  # type: ignore[attr-defined]
