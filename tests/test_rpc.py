@@ -185,22 +185,34 @@ def test_traffic_per_token_matches_the_proxied_byte_counts(proxy_layout) -> None
 
 def test_the_network_term_is_part_of_the_prediction_and_shrinks_with_a_faster_link() -> None:
     hw = _cluster()
-    flags = plan_for("qwen3.5-397b-a17b:Q2_K", hw, Wishes(ctx_size=32768)).plan.flags
-    slow = speed.speed_terms(plan_for("qwen3.5-397b-a17b:Q2_K", hw, Wishes()).plan.candidate.layout, flags, hw)
-    assert slow.network is not None and slow.network.tg_s > 0
-    parts = speed.tg_parts(slow)
-    assert parts[NETWORK_PART] == slow.network.tg_s
-    layout = plan_for("qwen3.5-397b-a17b:Q2_K", hw, Wishes()).plan.candidate.layout
+    plan = plan_for("qwen3.5-397b-a17b:Q2_K", hw, Wishes(ctx_size=32768)).plan
+    layout, flags = plan.candidate.layout, plan.flags
+    terms = speed.speed_terms(layout, flags, hw)
+    assert terms.network is not None and terms.network.tg_s > 0 and terms.network.pp_s > 0
+    assert speed.tg_parts(terms)[NETWORK_PART] == terms.network.tg_s
     pred = predict_on(layout, flags, hw)
-    assert 1 / pred.tg_tok_s == pytest.approx(sum(parts.values()))
-    assert 1 / pred.pp_tok_s == pytest.approx(sum(speed.pp_parts(slow).values()))
-    fast_hw = replace(hw, link=NetworkLink(10.0, 0.05e-3))
-    fast = predict_on(layout, flags, fast_hw)
-    assert fast.network is not None and fast.network.tg_s < pred.network.tg_s  # type: ignore[union-attr]
+    assert 1 / pred.tg_tok_s == pytest.approx(sum(speed.tg_parts(terms).values()))
+    assert 1 / pred.pp_tok_s == pytest.approx(sum(speed.pp_parts(terms).values()))
+    fast = predict_on(layout, flags, replace(hw, link=NetworkLink(10.0, 0.05e-3)))
+    assert fast.network is not None and pred.network is not None and fast.network.tg_s < pred.network.tg_s
     assert fast.tg_tok_s > pred.tg_tok_s and fast.pp_tok_s > pred.pp_tok_s
-    local = predict_on(layout, flags.with_(rpc=()), hardware_for("rtx-3090x8"))
-    assert local.network is None and NETWORK_PART not in speed.tg_parts(
-        speed.speed_terms(layout, flags.with_(rpc=()), hardware_for("rtx-3090x8")))
+    local_hw, local_flags = hardware_for("rtx-3090x8"), flags.with_(rpc=())
+    assert predict_on(layout, local_flags, local_hw).network is None
+    assert NETWORK_PART not in speed.tg_parts(speed.speed_terms(layout, local_flags, local_hw))
+
+
+def test_op_offload_goes_to_the_first_local_gpu_never_to_a_worker() -> None:
+    """Experts in RAM are copied, for ubatches of 32 tokens or more, to the first device that offloads ops: RPC
+    devices have none (ggml-rpc.cpp:2262), so with workers first it is this machine's CUDA0, or none at all."""
+    hw = _cluster()
+    layout = plan_for("qwen3.5-397b-a17b:Q2_K", hw, Wishes(ctx_size=32768)).plan.candidate.layout
+    flags = ServerFlags(rpc=rpc_endpoints(hw.gpus), ctx_size=32768, parallel=1, flash_attn="on", n_cpu_moe=4)
+    names = [g.llama_name for g in hw.gpus]
+    remote = {g.llama_name for g in hw.remote_gpus}
+    with_local = speed.roofline(layout, flags, names, None, remote=remote)
+    assert with_local.pp_offload_bytes > 0 and "CUDA0" in with_local.pp_expert_flops
+    only_workers = speed.roofline(layout, flags, names[:6], None, remote=remote)
+    assert only_workers.pp_offload_bytes == 0
 
 
 def test_logits_cross_the_network_when_the_output_layer_is_on_a_worker(proxy_layout) -> None:  # type: ignore[no-untyped-def]
@@ -349,6 +361,18 @@ def test_the_estimate_over_workers_names_devices_as_llama_cpp_logs_them() -> Non
 def test_recommend_refuses_link_options_without_workers(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["recommend", "--gpu", "rtx-4090", "--link-gbit", "10"]) == 1
     assert "add --rpc or --rpc-gpu" in capsys.readouterr().err
+
+
+def test_estimate_over_what_if_workers_writes_rpc_and_names_their_devices(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["estimate", "qwen3.5-122b-a10b:Q4_K_M", "-c", "16384", "-np", "1", "--gpu", "none", "--rpc-gpu",
+                 "rtx-4090x2@10.0.0.2,rtx-3090@10.0.0.3:50060", "--link-gbit", "2.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["flags"][:2] == ["--rpc", "10.0.0.2:50052,10.0.0.3:50060"]
+    assert [d["name"] for d in result["memory"]["devices"]] == [
+        "RPC0[10.0.0.2:50052]", "RPC1[10.0.0.2:50052]", "RPC0[10.0.0.3:50060]", "CPU"]
+    assert result["predicted"]["network"]["link"]["gbit_s"] == 2.5
+    assert result["predicted"]["network"]["tg_per_token"]["bytes_down"] > 4 * 248320, "the output is on a worker"
 
 
 def test_hardware_lists_what_if_workers_first(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -323,6 +323,10 @@ class ServerFlags:
     no_kv_offload: bool = _default("no_kv_offload")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rpc, tuple):  # read back from JSON as a list
+            object.__setattr__(self, "rpc", tuple(self.rpc))
+        if not all(isinstance(e, str) and e for e in self.rpc):
+            raise TunerError(f"{_opt('rpc')} takes HOST:PORT values, got {self.rpc!r}")
         for name in ("batch_size", "ubatch_size"):
             if getattr(self, name) <= 0:
                 raise TunerError(f"{_opt(name)} must be positive, got {getattr(self, name)}")
