@@ -214,6 +214,21 @@ def test_worker_shows_its_devices_and_ctrl_c_leaves_nothing(llama_build: Any, en
     assert _rpc_servers_on(port) == []
 
 
+def test_killing_tuner_worker_outright_takes_ggml_rpc_server_with_it(llama_build: Any, env: dict[str, str]) -> None:
+    port = free_port()
+    w = Tuner(["worker", "--port", str(port)], env)
+    try:
+        rpc_pid = w.wait_for(_is("listening"))["pid"]
+        w.proc.send_signal(signal.SIGKILL)
+        w.finish(30)
+        deadline = time.monotonic() + 10
+        while process_alive(rpc_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.kill()
+    assert not process_alive(rpc_pid) and _rpc_servers_on(port) == []
+
+
 def test_a_port_in_use_is_one_line_and_starts_nothing(llama_build: Any, env: dict[str, str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -80,13 +80,13 @@ def render_listening(event: dict[str, Any]) -> None:
     if event["loopback_only"]:
         console.print("Only this machine can reach it; from another, forward the port "
                       f"(ssh -L {port}:127.0.0.1:{port} THIS_HOST) or restart with --host ADDRESS --allow-remote.",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         where = f"127.0.0.1:{port}"
     else:
-        err_console.print(f"[yellow]warning:[/yellow] {event['security']}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {event['security']}", highlight=False, soft_wrap=True)
         where = f"{host if host != '0.0.0.0' else 'THIS_HOST'}:{port}"
     console.print(f"Use it from the machine that runs llama-server: tuner serve MODEL --rpc {where}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     console.print("Serving; Ctrl-C stops it.", highlight=False)
 
 
