@@ -268,6 +268,12 @@ CLI_CASES = [
          setup=_fifo("home/m.gguf")),
     Case("model-a-device", ("estimate", "/dev/zero"), r"/dev/zero is not a regular file"),
     Case("model-name-too-long", ("estimate", "x" * 5000 + ".gguf"), r"^tuner: error: File name too long: x+$"),
+    Case("link-gbit-inf", (*RECOMMEND, "--rpc-gpu", "rtx-3090@192.0.2.7", "--link-gbit", "inf"),
+         r"'--link-gbit': inf is not in the range"),
+    Case("link-rtt-nan", (*RECOMMEND, "--rpc-gpu", "rtx-3090@192.0.2.7", "--link-rtt-ms", "nan"),
+         r"'--link-rtt-ms': nan is not a finite number"),
+    Case("worker-port-0", ("worker", "--port", "0"), r"'--port': 0 is not in the range 1<=x<=65535"),
+    Case("worker-threads-400-digits", ("worker", "--threads", NINES), r"'--threads': 9+ is not in the range"),
     Case("ready-timeout-not-a-number", SERVE, r"TUNER_READY_TIMEOUT_S must be a positive number of seconds, got "
          r"'soon'", env={"TUNER_READY_TIMEOUT_S": "soon"}),
 ]

@@ -104,10 +104,11 @@ RpcGpuOpt = Annotated[str | None, typer.Option(
                       "(rtx-3090x2@192.168.1.20; port 50052 if none). With --rpc: the cards those workers hold.",
     show_default=False)]
 LinkGbitOpt = Annotated[float | None, typer.Option(
-    "--link-gbit", min=0.001, help="Network to the RPC workers, Gbit/s (default: 1, gigabit Ethernet).",
-    show_default=False)]
+    "--link-gbit", min=0.001, max=1e5, callback=finite,
+    help="Network to the RPC workers, Gbit/s (default: 1, gigabit Ethernet).", show_default=False)]
 LinkRttOpt = Annotated[float | None, typer.Option(
-    "--link-rtt-ms", min=0.0, help="Round-trip time to the RPC workers, ms (default: 0.2).", show_default=False)]
+    "--link-rtt-ms", min=0.0, max=1e6, callback=finite, help="Round-trip time to the RPC workers, ms (default: 0.2).",
+    show_default=False)]
 
 # Building llama.cpp (tuner build, tuner serve).
 SourceOpt = Annotated[str, typer.Option(
