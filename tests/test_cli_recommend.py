@@ -121,8 +121,8 @@ def test_vision_loads_the_projector_and_reserves_room_for_it(capsys: pytest.Capt
 
 
 def test_prefer_changes_the_plan_and_the_reason_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    speed = recommend_json(capsys, "--gpu", "rtx-3090")
-    context = recommend_json(capsys, "--gpu", "rtx-3090", "--prefer", "context")
+    speed = recommend_json(capsys, "--gpu", "rtx-5080")
+    context = recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "context")
     assert context["plan"]["ctx_size"] == 262_144 > speed["plan"]["ctx_size"]
     assert "--prefer context" in context["reasons"][0] and "--prefer speed" in speed["reasons"][0]
 
