@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tuner import hardware
+from tuner.cards import load_card
 from tuner.cli import main
 from tuner.cli.recommend import wishes_from_options
 from tuner.hardware import machine
@@ -59,7 +60,9 @@ def test_json_document_through_a_subprocess() -> None:
     cuda0 = next(d for d in doc["memory"]["devices"] if d["name"] == "CUDA0")
     assert cuda0["total_bytes"] + doc["budget"]["buffer_bytes"] <= doc["budget"]["vram_free_bytes"]
     command = doc["command"]
-    assert command[:3] == ["llama-server", "-m", plan["file"]] and command[-3:] == ["--fit", "off", "--jinja"]
+    # runs as printed: llama-server fetches the planned file from its repo itself, with the card's sampling preset
+    assert command[:3] == ["llama-server", "--hf-repo", f"{plan['repo']}:{plan['quant']}"]
+    assert command[-14:] == ["--fit", "off", "--jinja", "--no-mmproj", *load_card(plan["model"]).sampling_args()]
     assert command[command.index("--ctx-size") + 1] == str(plan["ctx_size"])
     assert 2 <= len(doc["alternatives"]) <= 4
     assert all(a["why_not"] and "predicted" in a for a in doc["alternatives"])
@@ -70,7 +73,7 @@ def test_report_shows_plan_memory_speed_alternatives_and_command(capsys: pytest.
     out = capsys.readouterr().out
     for text in ("NVIDIA GeForce RTX 5080", "Plan:", "Q4_K_M", "--n-cpu-moe", "the fewest expert layers in RAM",
                  "Memory (estimate)", "buffer 1.25 GiB kept", "Speed, predicted", "(bound", "Alternatives", "why not",
-                 "Command:", "llama-server -m Qwen3.5-35B-A3B-Q4_K_M.gguf"):
+                 "Command:", "llama-server --hf-repo unsloth/Qwen3.5-35B-A3B-GGUF:Q4_K_M"):
         assert text in out, text
 
 
@@ -112,7 +115,9 @@ def test_vision_loads_the_projector_and_reserves_room_for_it(capsys: pytest.Capt
     plain = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M")
     vision = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M", "--vision")
     assert vision["plan"]["vision"] and vision["plan"]["mmproj"] == "mmproj-F16.gguf"
-    assert vision["command"][-2:] == ["--mmproj", "mmproj-F16.gguf"] and "--mmproj" not in plain["command"]
+    # -hf fetches and loads the repo's projector by itself; without vision the command says not to
+    assert "--no-mmproj" in plain["command"] and "--no-mmproj" not in vision["command"]
+    assert not any("mmproj" in a for a in vision["command"])
     assert vision["budget"]["reserved_bytes"] > 899_283_648 and plain["budget"]["reserved_bytes"] == 0
     assert vision["plan"]["ctx_size"] < plain["plan"]["ctx_size"]
     cuda0 = next(d for d in vision["memory"]["devices"] if d["name"] == "CUDA0")

@@ -102,7 +102,7 @@ def test_server_args_keep_the_plan_and_add_what_serving_needs(hybrid_gguf: Path)
     args = server_args(plan.command("/bin/llama-server", str(hybrid_gguf)), plan.estimate, alias="tiny",
                        sampling=["--temp", "0.6"])
     assert "-m" not in args and "/bin/llama-server" not in args and str(hybrid_gguf) not in args
-    for flag_pair in (["--fit", "off"], ["-lv", "4"], ["--alias", "tiny"], ["--temp", "0.6"],
+    for flag_pair in (["--fit", "off"], ["--verbosity", "4"], ["--alias", "tiny"], ["--temp", "0.6"],
                       ["--ctx-size", str(plan.estimate.n_ctx)]):
         i = args.index(flag_pair[0])
         assert args[i:i + 2] == flag_pair
@@ -120,7 +120,7 @@ def test_server_args_make_the_models_context_explicit_and_replace_owned_flags(hy
     assert args[args.index("--ctx-size") + 1] == "65536"
     assert args[args.index("--fit") + 1] == "off"
     assert "--host" not in args and "--port" not in args and "old" not in args
-    assert args[args.index("-lv") + 1] == "4" and args.count("-lv") == 1
+    assert args[args.index("--verbosity") + 1] == "4" and args.count("--verbosity") == 1 and "-lv" not in args
 
 
 def test_alias_is_the_card_or_the_file_without_shard_suffix(hybrid_gguf: Path) -> None:
@@ -610,7 +610,7 @@ def test_serve_becomes_ready_answers_checks_memory_and_stops_cleanly(
         command = next(e for e in serve.events if e.get("status") == "launching")["command"]
         assert command[command.index("--fit") + 1] == "off" and "--jinja" in command
         assert command[command.index("--ctx-size") + 1] == "4096"
-        assert command[command.index("-lv") + 1] == "4"
+        assert command[command.index("--verbosity") + 1] == "4"
 
         check = next(e for e in serve.events if "memory_check" in e)["memory_check"]
         reported = parse_load_log((tmp_path / "server.log").read_text())

@@ -30,6 +30,7 @@ import yaml
 
 from tuner.candidate import QuantCandidate
 from tuner.errors import TunerError
+from tuner.flags import FLAGS, Kind
 from tuner.ggml import GgmlType, ggml_type, tensor_bytes
 from tuner.layout import ModelLayout, layout_from_metadata
 from tuner.paths import CATALOG_ENV, catalog_dir, load_yaml
@@ -39,15 +40,9 @@ from tuner.units import GiB, fmt_bytes
 CARDS_SUBDIR = "models"
 RECIPES_FILE = "_recipes.yaml"  # files starting with "_" are not cards
 DEFAULT_CARD = "qwen3.5-35b-a3b"
-# llama-server flag of each sampling-preset key.
-SAMPLING_FLAGS: dict[str, str] = {
-    "temp": "--temp",
-    "top_p": "--top-p",
-    "top_k": "--top-k",
-    "min_p": "--min-p",
-    "presence_penalty": "--presence-penalty",
-}
-REASONING_OFF_ARGS: tuple[str, ...] = ("--reasoning", "off")  # common/arg.cpp:3690 (-rea, --reasoning)
+# The sampling-preset keys a card may set: each is the key of its llama-server flag in tuner.flags.FLAGS.
+SAMPLING_KEYS: tuple[str, ...] = ("temp", "top_p", "top_k", "min_p", "presence_penalty")
+REASONING_OFF_ARGS: tuple[str, ...] = tuple(FLAGS["reasoning"].to_args("off"))
 HUB_MAX_FILE_BYTES = 50 * 10**9  # the Hub's per-file limit: bigger quants come split
 # tensor_type_fallback (llama-quant.cpp:390-444): a row that is not a whole number of blocks gets a 32-block type.
 _FALLBACK_TYPES: dict[str, str] = {
@@ -333,7 +328,8 @@ class ModelCard:
         _, values = self._preset(preset)
         args: list[str] = []
         for key, value in values.items():
-            args += [SAMPLING_FLAGS[key], _fmt_number(value)]
+            row = FLAGS[key]
+            args += row.to_args(int(value) if row.kind is Kind.INT else value)
         return args
 
     def reasoning_args(self, preset: str | None = None) -> list[str]:
@@ -347,15 +343,24 @@ class ModelCard:
         return layout_shape_key(layout_from_metadata(card_metadata(self), ()))
 
 
+def preset_args(card_key: str | None, layout: ModelLayout, preset: str | None = None) -> list[str]:
+    """The sampling flags (``--temp`` …, and ``--reasoning off`` for presets without thinking) of ``preset``
+    (default: the card's default) for a model: its card by key, else the card its shapes match; [] when it matches
+    none and no preset was asked for."""
+    card = load_card(card_key) if card_key else match_card(layout)
+    if card is None:
+        if preset:
+            raise TunerError(f"--preset {preset} needs a model tuner has a card for, and "
+                             f"{layout.name or 'this model'} matches none")
+        return []
+    return [*card.sampling_args(preset), *card.reasoning_args(preset)]
+
+
 def layout_shape_key(layout: ModelLayout) -> tuple[Any, ...]:
     """A model's shape: arch, layers, widths, heads, experts, DeltaNet dims (and the FFN width of dense models)."""
     return (layout.arch, layout.n_layer, layout.n_embd, layout.n_head[0] if layout.n_head else 0,
             layout.n_head_kv[0] if layout.n_head_kv else 0, layout.head_k, layout.n_expert, layout.n_ff_exp,
             layout.n_ff if not layout.n_expert else 0, layout.ssm_d_inner, layout.ssm_d_state)
-
-
-def _fmt_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _require(data: dict[str, Any], key: str, source: Path) -> Any:
@@ -389,7 +394,7 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe], mixes: dict
     presets = {str(n): {str(k): float(v) for k, v in vals.items()}
                for n, vals in (_require(data, "sampling_presets", source) or {}).items()}
     for name, vals in presets.items():
-        unknown = [k for k in vals if k not in SAMPLING_FLAGS]
+        unknown = [k for k in vals if k not in SAMPLING_KEYS]
         if unknown:
             raise TunerError(f"model card {source}: preset {name} has unknown keys {', '.join(unknown)}")
     card = ModelCard(
