@@ -8,11 +8,13 @@ Events (each one dict; ``--json`` prints them one per line as they are):
 * ``{"status": "planning" | "building" | "fetching" | "launching" | "loading" | "verifying" | "ready" | "stopping"
   | "stopped", ...}``; ``ready`` carries ``endpoint``, ``model`` (the alias), ``seconds_to_ready``, ``pid``,
   ``log`` and ``client`` (:func:`client_settings`).
-* ``{"plan": {...}}``: the plan chosen (``Plan.to_dict()``) and the exact command line.
+* ``{"plan": {...}}``: the plan chosen (``Plan.to_dict()``) and the exact command line; once more, with
+  ``"replanned": true``, when the downloaded file's header is not what the plan was sized for and the plan was made
+  again from it (:mod:`tuner.replan`; a ``replan`` warning before it says what changed).
 * ``{"memory_check": {"weights" | "kv" | "recurrent" | "compute": {"predicted_bytes", "reported_bytes",
   "diff_bytes", "diff_ratio", "tolerance_ratio", "tolerance_bytes", "within", "devices"}, "nvml": {...}}}``
   (see :class:`MemoryCheck`).
-* ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned", ...}``.
+* ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned" | "replan", ...}``.
 
 Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan
 already fitted; llama.cpp's own fitting would change it) and an explicit ``--ctx-size``; ``--jinja``; ``-lv 4``
@@ -65,6 +67,7 @@ from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, rea
 from tuner.models import QuantCandidate
 from tuner.paths import cache_dir, config_dir, write_atomic
 from tuner.planner import Measured, Plan, Wishes, plan_for
+from tuner.replan import replan_from_file
 from tuner.server import (
     NO_PINNED_ENV,
     LlamaServer,
@@ -636,6 +639,12 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
     _emit(on_event, {"status": "fetching", "quant": candidate.quant, "source": candidate.source,
                      "repo": candidate.repo})
     fetched = fetch_candidate(candidate, vision=plan.vision, on_progress=on_fetch_progress)
+    replanned = replan_from_file(plan, fetched.model_path, hardware, wishes, measured=measured)
+    if replanned.replanned:
+        plan = replanned.plan
+        candidate = plan.candidate
+        _emit(on_event, {"warning": replanned.message(), "kind": "replan", "changes": list(replanned.changes)})
+        _emit(on_event, {"plan": plan.to_dict(), "replanned": True})
 
     alias = model_alias(candidate, fetched.model_path, options.alias)
     mmproj = str(fetched.mmproj_path) if fetched.mmproj_path else None
