@@ -763,16 +763,21 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     if wishes.prefer != "context":
         best, ub_reason = search.raise_ubatch(best, floor, cap)
 
-    def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
-        return search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+    planned: dict[int, _Option] = {id(ranked[0][0]): best}
 
-    kv_losers = [as_planned(o) for o in kv_losers]  # the report's reasons and alternatives show the same plans
+    def as_planned(o: _Option) -> _Option:  # an option as it would be planned if it were chosen (once each)
+        if id(o) not in planned:
+            planned[id(o)] = search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+        return planned[id(o)]
+
+    # one computation for the whole report: the reasons quote the same plans as the alternatives table shows
+    kv_losers = [as_planned(o) for o in kv_losers]
+    shown = [(as_planned(o), key) for o, key in ranked]
     alts: list[tuple[_Option, str]] = [(o, _kv_why_lost(o, best, wishes.prefer)) for o in kv_losers[:1]]
-    for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
-        opt = as_planned(opt)
+    for opt, key in shown[1:MAX_ALTERNATIVES + 1 - len(alts)]:
         alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
 
-    reasons = _reasons(best, best_key, ranked, kv_losers, search, floor, cap, native, ub_reason)
+    reasons = _reasons(best, best_key, shown, kv_losers, search, floor, cap, native, ub_reason)
     plan = _to_plan(best, reasons, wishes, native)
     alt_plans = tuple((_to_plan(o, (), wishes, native), why) for o, why in alts)
     missing: dict[int, _Miss] = {}
