@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuner.errors import TunerError
+from tuner.flags import FLAGS
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout
 from tuner.local import local_layout
@@ -22,9 +23,9 @@ from tuner.units import fmt_bytes
 
 #: Plan fields compared to say what a re-plan changed, with how a person reads them.
 _COMPARED: tuple[tuple[str, str], ...] = (
-    ("ctx_per_slot", "context"), ("n_cpu_moe", "--n-cpu-moe"), ("n_gpu_layers", "--n-gpu-layers"),
-    ("cache_type_k", "K cache"), ("cache_type_v", "V cache"), ("ubatch_size", "ubatch"),
-    ("cache_ram_mib", "--cache-ram"), ("ctx_checkpoints", "--ctx-checkpoints"),
+    ("ctx_per_slot", "context"), ("cache_type_k", "K cache"), ("cache_type_v", "V cache"),
+    *((key, FLAGS[key].long) for key in ("n_cpu_moe", "n_gpu_layers", "ubatch_size", "cache_ram_mib",
+                                          "ctx_checkpoints")),
 )
 
 
