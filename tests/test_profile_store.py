@@ -153,7 +153,7 @@ def test_a_new_driver_or_a_changed_file_invalidates_but_another_repos_file_of_th
     assert sorted(e.key.model.header_sha256 or "" for e in store.load()) == ["bb", "cc"], "org/one's file changed"
 
 
-def test_measured_hook_answers_for_the_measured_flags_only(store: ProfileStore, model: Path, cpu: Hardware) -> None:
+def test_measured_hook_gives_the_measured_figure_for_the_measured_flags_only(store: ProfileStore, model: Path, cpu: Hardware) -> None:
     plan = plan_for(str(model), cpu, Wishes(ctx_size=2048, cache_type="q8_0")).plan
     q8 = b.flagset_from_flags("q8", plan.flags, (*plan.extra_args, "--fit", "off"))
     f16 = b.flagset_from_flags("f16", plan.flags.with_(cache_type_k="f16", cache_type_v="f16"), ("--fit", "off"))
@@ -167,7 +167,8 @@ def test_measured_hook_answers_for_the_measured_flags_only(store: ProfileStore, 
     assert (got.tg_tok_s, got.pp_tok_s) == (44.0, 500.0), "the deepest depth measured"
     assert got.tg_bound_tok_s > 0 and got.efficiency == pytest.approx(44.0 / got.tg_bound_tok_s)
     assert hook(cand, plan.flags.with_(cache_ram_mib=0), cpu) is not None, "host RAM limits do not change speed"
-    assert hook(cand, plan.flags.with_(ubatch_size=1024), cpu) is None
+    other = hook(cand, plan.flags.with_(ubatch_size=1024), cpu)
+    assert other is not None and other.source == "rescaled", "an unmeasured flag set is only rescaled"
     assert measured_hook(cpu, FakeBuild("fffffff"), store=store)(cand, plan.flags, cpu) is None
     assert measured_hook(hardware_for("rtx-4090"), FakeBuild(), store=store)(cand, plan.flags, cpu) is None
     store.reset()

@@ -58,6 +58,7 @@ COMMANDS: dict[str, str] = {
     "build": "tuner.cli.build",
     "serve": "tuner.cli.serve",
     "bench": "tuner.cli.bench",
+    "calibrate": "tuner.cli.calibrate",
     "profile": "tuner.cli.profile",
     "hardware": "tuner.cli.hardware",
 }

@@ -27,10 +27,11 @@ from rich.table import Table
 from tuner.build import current_build
 from tuner.cli import _options as o
 from tuner.cli._output import emit
+from tuner.corrections import Calibration
 from tuner.errors import TunerError
 from tuner.hardware import Hardware
 from tuner.paths import write_atomic
-from tuner.profile_store import ProfileEntry, ProfileStore, measured_hook
+from tuner.profile_store import ProfileEntry, ProfileStore, load_calibration, measured_hook
 
 
 def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
@@ -38,6 +39,15 @@ def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
     the profile cannot be read (the roofline then stands alone)."""
     try:
         return measured_hook(hardware, current_build(server_bin))
+    except TunerError:
+        return None
+
+
+def calibration_for(hardware: Hardware, server_bin: str | None = None) -> Calibration | None:
+    """The calibration that applies on ``hardware`` with the build that would run (this machine's points, else the
+    shipped files'); None when there is none or the profile cannot be read."""
+    try:
+        return load_calibration(hardware, current_build(server_bin)) or None
     except TunerError:
         return None
 

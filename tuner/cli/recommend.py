@@ -25,7 +25,7 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli._output import emit, memory_table, text
 from tuner.cli.hardware import hardware_dict, render_hardware
-from tuner.cli.profile import recommend_hook
+from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.hardware import hardware_for
 from tuner.planner import Recommendation, Wishes, plan_for
 from tuner.units import fmt_bytes, parse_size_bytes
@@ -94,7 +94,8 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
                   + f", {fmt_bytes(left['CPU'])} to spare")
 
     console.print()
-    source = "measured" if pred["source"] == "measured" else "predicted (roofline)"
+    source = {"measured": "measured", "rescaled": "predicted, rescaled by bench measurements",
+              "calibrated": "predicted, calibrated"}.get(pred["source"], "predicted (roofline)")
     console.print(f"[bold]Speed, {source}:[/bold] generation {_tok_s(pred['tg_tok_s'])} tok/s "
                   f"(bound {_tok_s(pred['tg_bound_tok_s'])}, efficiency {pred['efficiency']:.2f}), prompt "
                   f"{_tok_s(pred['pp_tok_s'])} tok/s (bound {_tok_s(pred['pp_bound_tok_s'])})")
@@ -115,6 +116,8 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
         console.print(alt)
     for note in result["notes"]:
         console.print(f"[yellow]note:[/yellow] {text(note)}")
+    if result.get("calibration"):
+        console.print(f"[green]{text(result['calibration']['line'])}[/green]")
     console.print()
     console.print("[bold]Command:[/bold]")
     console.print(visible(shlex.join(result["command"])), soft_wrap=True, markup=False, highlight=False)
@@ -142,6 +145,7 @@ def register(app: typer.Typer) -> None:
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=vision,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
         hardware = hardware_for(gpu, vram)
-        rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin))
+        rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin),
+                       calibration=calibration_for(hardware, server_bin))
         result = recommend_result(rec, server_bin or "llama-server")
         emit(result, as_json=as_json, render=lambda c: render_recommendation(c, result))

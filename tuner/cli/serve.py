@@ -30,7 +30,7 @@ from tuner.cli import _options as o
 from tuner.cli import stop_signals
 from tuner.cli._output import console, emit_json_line, err_console
 from tuner.cli.build import BuildProgress
-from tuner.cli.profile import recommend_hook
+from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.cli.recommend import wishes_from_options
 from tuner.hardware import hardware_for
 from tuner.serve import Event, ServeOptions, preflight, run_serve
@@ -249,6 +249,7 @@ def register(app: typer.Typer) -> None:
         try:
             with stop_signals():
                 run_serve(model, hardware, wishes, options, on_event=printer, on_build_progress=build_progress,
-                          on_fetch_progress=fetch_progress, measured=recommend_hook(hardware, server_bin))
+                          on_fetch_progress=fetch_progress, measured=recommend_hook(hardware, server_bin),
+                          calibration=calibration_for(hardware, server_bin))
         finally:
             printer.close()
