@@ -422,9 +422,9 @@ class ProfileStore:
 
     def export(self, dest: str | os.PathLike[str]) -> Path:
         """Copy the profile (as it is, YAML) to ``dest``, atomically."""
-        entries = self.load()
+        entries, points = self.load(), self.load_points()
         out = ProfileStore(dest)
-        out._write(entries)
+        out._write(entries, points)
         return out.path
 
     # --- lookups -------------------------------------------------------------------------------------------------

@@ -69,8 +69,33 @@ def entry_summary(e: ProfileEntry) -> dict[str, Any]:
     }
 
 
+def calibration_rows(points: list[Any]) -> list[dict[str, Any]]:
+    """The store's calibration points grouped by device (memory) or hardware (speed) and build."""
+    from tuner.corrections import MemoryPoint
+
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for p in points:
+        memory = isinstance(p, MemoryPoint)
+        key = ("memory" if memory else "speed", p.device if memory else p.hardware, p.build)
+        g = groups.setdefault(key, {"kind": key[0], "device": key[1], "build": key[2], "points": 0, "shapes": set(),
+                                    "sources": set(), "last": ""})
+        g["points"] += 1
+        g["shapes"].add(p.shape)
+        g["sources"].add(p.source)
+        g["last"] = max(g["last"], p.observed_at)
+    return [{**g, "shapes": sorted(g["shapes"]), "sources": sorted(g["sources"])} for g in groups.values()]
+
+
 def render_show(console: Console, result: dict[str, Any]) -> None:
     console.print(f"profile: {result['path']}", highlight=False)
+    if result.get("calibration"):
+        table = Table(title="calibration points (tuner serve, tuner calibrate)", title_justify="left")
+        for col in ("kind", "device", "llama.cpp", "points", "shapes", "from", "last"):
+            table.add_column(col, justify="right" if col == "points" else "left")
+        for g in result["calibration"]:
+            table.add_row(g["kind"], g["device"], g["build"][:12], str(g["points"]), ", ".join(g["shapes"]),
+                          ", ".join(g["sources"]), g["last"])
+        console.print(table)
     if not result["entries"]:
         console.print("nothing measured yet: run `tuner bench`")
         return
@@ -120,7 +145,8 @@ def register(app: typer.Typer) -> None:
         store = ProfileStore()
         store.absorb_observations()
         entries = sorted(store.load(), key=lambda e: e.updated_at, reverse=True)
-        result = {"path": str(store.path), "entries": [entry_summary(e) for e in entries]}
+        result = {"path": str(store.path), "entries": [entry_summary(e) for e in entries],
+                  "calibration": calibration_rows(store.load_points())}
         emit(result, as_json=as_json, render=lambda c: render_show(c, result))
 
     @profile_app.command("export")
@@ -135,7 +161,8 @@ def register(app: typer.Typer) -> None:
             written = store.export(path)
             sys.stderr.write(f"profile exported to {written}\n")
             return
-        data = {"format": 1, "entries": [e.to_dict() for e in store.load()]}
+        data = {"format": 2, "entries": [e.to_dict() for e in store.load()],
+                "calibration": [p.to_dict() for p in store.load_points()]}
         if as_json:
             import json
 
@@ -150,7 +177,7 @@ def register(app: typer.Typer) -> None:
 
     @profile_app.command("reset")
     def reset_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
-        """Forget every measurement (removes the profile file)."""
+        """Forget every measurement and calibration (removes the profile file and tuner serve's observations)."""
         store = ProfileStore()
         if not yes:
             if not sys.stdin.isatty():
