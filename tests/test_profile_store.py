@@ -340,3 +340,19 @@ def test_a_format_1_profile_still_reads_and_is_rewritten_as_format_2(store: Prof
     assert len(store.load()) == 1 and store.load_points() == []
     store.learn(document(model, cpu, [(b.parse_set("b=-c 1024"), [(0, 11.0, 1.0)])]))
     assert yaml.safe_load(store.path.read_text())["format"] == 2
+
+
+def test_profile_show_lists_the_calibration_points(store: ProfileStore, capsys: pytest.CaptureFixture[str]) -> None:
+    from tuner.cli import main
+    from tuner.corrections import MemoryPoint
+
+    store.add_points([MemoryPoint(id=f"calibrate:r:{i}:CPU", device="CPU: AMD EPYC", build="0c1e570abc", cuda=False,
+                                  shape="qwen35moe-8L-512e-1234abcd", n_ubatch=512, flags=("--ctx-size", "4096"),
+                                  predicted={"compute": 100}, reported={"compute": 101}, source="calibrate",
+                                  observed_at=f"2026-01-01T00:00:0{i}") for i in range(3)])
+    assert main(["profile", "show", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["calibration"]
+    assert row == {"kind": "memory", "device": "CPU: AMD EPYC", "build": "0c1e570abc", "points": 3,
+                   "shapes": ["qwen35moe-8L-512e-1234abcd"], "sources": ["calibrate"], "last": "2026-01-01T00:00:02"}
+    assert main(["profile", "show"]) == 0
+    assert "calibration points" in capsys.readouterr().out

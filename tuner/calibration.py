@@ -88,8 +88,8 @@ class CalibrateOptions:
 
     def config(self) -> BenchConfig:
         depths = self.depths or ((0, 2048) if self.quick else (0, 8192))
-        return BenchConfig(depths=tuple(depths), repeat=1, prompt_tokens=self.prompt_tokens or (256 if self.quick
-                                                                                                else 512),
+        return BenchConfig(depths=tuple(depths), repeat=1 if self.quick else 2,
+                           prompt_tokens=self.prompt_tokens or (256 if self.quick else 512),
                            gen_tokens=self.gen_tokens or (32 if self.quick else 64), warmup=True)
 
 
@@ -277,7 +277,8 @@ def _prior_seconds(layout: ModelLayout, rung: Rung, hardware: Hardware, cfg: Ben
     pred = predict_speed(layout, rung.flags, hardware, gpu_split=gpu_split(hardware))
     pp = max(pred.pp_tok_s, 1.0)
     tg = max(pred.tg_tok_s, 0.1)
-    per_depth = sum(d + cfg.prompt_tokens for d in cfg.depths) / pp + len(cfg.depths) * cfg.gen_tokens / tg
+    per_depth = (sum(d for d in cfg.depths) + cfg.repeat * len(cfg.depths) * cfg.prompt_tokens) / pp \
+        + cfg.repeat * len(cfg.depths) * cfg.gen_tokens / tg
     return 2.0 + layout.weights_bytes / LOAD_BYTES_S + per_depth
 
 
@@ -319,6 +320,9 @@ def run_calibration(model_ref: str | None, hardware: Hardware, options: Calibrat
     if hardware.cpu_only and build.cuda:
         raise TunerError("--gpu none with a CUDA build of llama-server would still use the GPU; "
                          "give --server-bin a CPU build")
+    if not hardware.cpu_only and not build.cuda:
+        raise TunerError(f"{build.server_bin} was built without CUDA, so it cannot calibrate the GPU",
+                         hint="install the CUDA toolkit and run tuner build --cuda, or calibrate the CPU: --gpu none")
     cfg = opts.config()
     total = len(rungs) + 1
     priors = [_prior_seconds(layout, r, hardware, cfg) for r in rungs]
@@ -375,14 +379,15 @@ def _run_rung(rung: Rung, index: int, run_id: str, twin: Path, folder: Path, lay
         reported = parse_load_log(live.server.log_text())
         view = nvml_view(live.server.pid or 0, indices, free_before, nvml) if indices else None
         speed: list[SpeedPoint] = []
-        for di, depth in enumerate(cfg.depths):
+        for rep, (di, depth) in ((r, d) for r in range(cfg.repeat) for d in enumerate(cfg.depths)):
             if not capacity_ok(live, depth, cfg):
                 continue
-            s = measure_once(live, prompts, cfg, depth=depth, repeat=0, seq=di, key=("calibrate", index, di))
+            s = measure_once(live, prompts, cfg, depth=depth, repeat=rep, seq=len(speed),
+                             key=("calibrate", index, di, rep))
             pred = predict_speed(layout, rung.flags, hardware, gpu_split=gpu_split(hardware),
                                  depth_tokens=max(depth, 1))
             speed.append(SpeedPoint(
-                id=f"{launch}:d{depth}", hardware=hardware_label(hardware), build=build.commit, cuda=build.cuda,
+                id=f"{launch}:d{depth}r{rep}", hardware=hardware_label(hardware), build=build.commit, cuda=build.cuda,
                 shape=shape_id(layout), placement=placement_class(layout, rung.flags, hardware),
                 flags=tuple(rung.flags.to_args()), depth=depth, tg_tok_s=s.tg_tok_s, pp_tok_s=s.pp_tok_s,
                 tg_predicted_tok_s=pred.tg_tok_s, pp_predicted_tok_s=pred.pp_tok_s, weights=TWIN_WEIGHTS,
