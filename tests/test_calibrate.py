@@ -21,7 +21,7 @@ from tuner.paths import cache_dir, catalog_dir
 
 MINI = "qwen3.5-mini-a0b"
 MINI_REF = f"{MINI}:Q4_K_M"
-SMALL = ("--depths", "0,128", "--prompt-tokens", "32", "--gen-tokens", "4")
+SMALL = ("--depths", "0,128", "--prompt-tokens", "32", "--gen-tokens", "4", "--ignore-load")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,8 @@ def test_a_cpu_calibration_lands_llama_cpps_buffers_and_corrects_a_biased_comput
     before = set(_twins_left())
     seen: list[Any] = []
     report = run_calibration(MINI_REF, hardware, CalibrateOptions(
-        quick=True, server_bin=str(llama_build.server_bin), depths=(0, 128), prompt_tokens=32, gen_tokens=4),
+        quick=True, server_bin=str(llama_build.server_bin), depths=(0, 128), prompt_tokens=32, gen_tokens=4,
+        ignore_load=True),
         on_progress=seen.append)
     assert [r.rung.name for r in report.rungs] == ["ctx4096-f16", "ctx32768-f16", "ctx32768-q8_0", "ctx4096-ub2048"]
     assert all(r.failed is None for r in report.rungs)
@@ -168,3 +169,21 @@ def test_calibrate_names_no_catalog_gpu_and_export_needs_a_calibration(env: dict
     empty = _tuner(["calibrate", "--export", str(tmp_path / "x.json")], env, timeout=120)
     assert empty.returncode != 0 and "nothing calibrated on this machine yet" in empty.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.server
+def test_speeds_measured_on_a_busy_cpu_are_shown_but_not_recorded(llama_build: Any, env: dict[str, str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.calibration import CalibrateOptions, run_calibration
+    from tuner.hardware import hardware_for
+    from tuner.profile_store import ProfileStore
+
+    hardware = hardware_for("none")
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * hardware.cpu_logical_cores, 0.0, 0.0))
+    report = run_calibration(MINI_REF, hardware, CalibrateOptions(
+        quick=True, server_bin=str(llama_build.server_bin), depths=(0,), prompt_tokens=16, gen_tokens=4))
+    assert all(r.speed for r in report.rungs), "measured and shown"
+    stored = ProfileStore().load_points()
+    assert stored and all(p.__class__.__name__ == "MemoryPoint" for p in stored), "buffer sizes only"
+    assert report.recorded == len(stored) == 4
+    assert "the CPU was busy (load average" in report.notes[0]

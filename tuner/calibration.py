@@ -62,6 +62,10 @@ from tuner.units import GiB, fmt_bytes
 
 BUSY_FRACTION = 0.5
 """Refuse when other processes hold more than this fraction of a GPU's memory."""
+BUSY_CPU_LOAD_PER_CORE = 1.0
+"""A CPU whose 1-minute load average (before the ladder starts) exceeds this many runnable processes per logical
+core is busy: speeds measured on it (CPU-only plans, experts in RAM) say more about the other processes than about
+the machine, so they are reported but not recorded. Buffer sizes do not depend on load and are recorded."""
 TWIN_WEIGHTS = "zeros+routing"
 SERVER_ARGS: tuple[str, ...] = ("--fit", "off", "-lv", "4")
 """What every rung's llama-server gets beyond its flags: the rung is already placed (llama.cpp's fit would change
@@ -85,6 +89,7 @@ class CalibrateOptions:
     gen_tokens: int | None = None  # None: 32 quick, 64 full
     busy_fraction: float = BUSY_FRACTION
     record: bool = True  # add the points to the profile store
+    ignore_load: bool = False  # record CPU speeds even when the CPU is busy
 
     def config(self) -> BenchConfig:
         depths = self.depths or ((0, 2048) if self.quick else (0, 8192))
@@ -155,10 +160,13 @@ class CalibrationReport:
     seconds: float
     recorded: int
     run_id: str
+    notes: tuple[str, ...] = ()
+    load_before: float | None = None
+    kept: tuple[MemoryPoint | SpeedPoint, ...] = ()  # the points recorded (or to record): all but busy-CPU speeds
 
     @property
     def points(self) -> list[MemoryPoint | SpeedPoint]:
-        return [p for r in self.rungs for p in (*r.memory, *r.speed)]
+        return list(self.kept)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "quant": self.quant, "shape": self.shape, "hardware": self.hardware,
@@ -166,6 +174,7 @@ class CalibrationReport:
                 "twin": {"file_bytes": self.twin_file_bytes, "disk_bytes": self.twin_disk_bytes,
                          "weights": TWIN_WEIGHTS},
                 "seconds": round(self.seconds, 1), "recorded_points": self.recorded,
+                "load_average_before": self.load_before, "notes": list(self.notes),
                 "rungs": [r.to_dict() for r in self.rungs], "skipped": list(self.skipped)}
 
 
@@ -308,6 +317,9 @@ def run_calibration(model_ref: str | None, hardware: Hardware, options: Calibrat
     started = time.monotonic()
     say = on_progress or (lambda _p: None)
     check_gpus_idle(hardware, nvml, opts.busy_fraction)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    cpu_busy = (load_before is not None and not opts.ignore_load
+                and load_before > BUSY_CPU_LOAD_PER_CORE * max(hardware.cpu_logical_cores, 1))
     candidate = pick_candidate(model_ref, hardware, opts.quant)
     layout = candidate.layout
     budget = budget_for(hardware, Wishes())
@@ -349,6 +361,14 @@ def run_calibration(model_ref: str | None, hardware: Hardware, options: Calibrat
     if not points:
         failures = "; ".join(f"{r.rung.name}: {r.failed}" for r in results if r.failed)
         raise TunerError(f"no rung of the calibration loaded: {failures}")
+    notes = []
+    if cpu_busy:
+        dropped = [p for p in points if isinstance(p, SpeedPoint) and p.placement in ("cpu", "experts_in_ram")]
+        points = [p for p in points if p not in dropped]
+        if dropped:
+            notes.append(f"the CPU was busy (load average {load_before:.1f} on {hardware.cpu_logical_cores} cores "
+                         f"before the run): {len(dropped)} speed measurements of CPU work are shown but not recorded "
+                         "(--ignore-load records them)")
     recorded = 0
     if opts.record:
         from tuner.profile_store import ProfileStore
@@ -358,7 +378,8 @@ def run_calibration(model_ref: str | None, hardware: Hardware, options: Calibrat
         model=layout.name or candidate.quant, quant=candidate.quant, shape=shape_id(layout),
         shapes={shape_id(layout): shape_summary(layout)}, hardware=hardware_label(hardware), build=build,
         twin_file_bytes=twin_bytes, twin_disk_bytes=twin_disk, rungs=tuple(results), skipped=tuple(skipped),
-        seconds=time.monotonic() - started, recorded=recorded, run_id=run_id)
+        seconds=time.monotonic() - started, recorded=recorded, run_id=run_id, notes=tuple(notes),
+        load_before=round(load_before, 2) if load_before is not None else None, kept=tuple(points))
 
 
 def _run_rung(rung: Rung, index: int, run_id: str, twin: Path, folder: Path, layout: ModelLayout,

@@ -51,6 +51,8 @@ PromptTokensOpt = Annotated[int | None, typer.Option("--prompt-tokens", help="Pr
                                                      show_default=False)]
 GenTokensOpt = Annotated[int | None, typer.Option("--gen-tokens", help="Tokens generated per measurement.",
                                                   show_default=False)]
+IgnoreLoadOpt = Annotated[bool, typer.Option("--ignore-load", help="Record CPU speeds even when other processes keep "
+                                                                   "the CPU busy.")]
 
 
 class CalibrationProgress:
@@ -117,6 +119,8 @@ def render_calibration(console: Console, result: dict[str, Any]) -> None:
         console.print(speed)
         for line in run["skipped"]:
             console.print(f"[yellow]skipped:[/yellow] {text(line)}")
+        for line in run["notes"]:
+            console.print(f"[yellow]note:[/yellow] {text(line)}")
     cal = result.get("calibration") or {}
     for dev, c in (cal.get("devices") or {}).items():
         console.print(f"{dev}: compute ×{c['compute_scale']} ({c['scope']}, {c['compute_runs']} runs)"
@@ -154,6 +158,7 @@ def register(app: typer.Typer) -> None:
         prompt_tokens: PromptTokensOpt = None,
         gen_tokens: GenTokensOpt = None,
         export: ExportOpt = None,
+        ignore_load: IgnoreLoadOpt = False,
         server_bin: o.ServerBinOpt = None,
         as_json: o.JsonOpt = False,
     ) -> None:
@@ -182,7 +187,7 @@ def register(app: typer.Typer) -> None:
         else:
             options = CalibrateOptions(quick=quick, quant=quant, server_bin=server_bin,
                                        depths=parse_depths(depths) if depths else None,
-                                       prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
+                                       prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, ignore_load=ignore_load)
             build_progress = BuildProgress(err_console)
             progress = CalibrationProgress(err_console)
 
