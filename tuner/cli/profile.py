@@ -1,7 +1,9 @@
-"""``tuner profile``: the speeds ``tuner bench`` measured on this machine, which ``tuner recommend`` reads.
+"""``tuner profile``: what this machine measured — ``tuner bench``'s speeds, and the calibration points of ``tuner
+serve`` and ``tuner calibrate`` — which ``tuner recommend`` and ``tuner estimate`` read.
 
 The profile lives in ``profiles.yaml`` under tuner's config folder (``TUNER_CONFIG_DIR`` moves it). One entry per
-GGUF file × GPU models and driver × llama.cpp build; see :mod:`tuner.profile_store`.
+GGUF file × GPU models and driver × llama.cpp build, and the calibration points beside them; see
+:mod:`tuner.profile_store` and, for what the points correct, :mod:`tuner.corrections`.
 
 Examples:
 
