@@ -81,10 +81,11 @@ def cpu_device(cpu_model: str) -> str:
 
 def device_model(llama_name: str, hardware: Hardware) -> str | None:
     """The device model whose points correct llama.cpp's device ``llama_name`` (``CUDA0``, ``CPU``) on
-    ``hardware``: the GPU's name, ``CPU: <model>`` without GPUs, None for the host of a GPU run."""
+    ``hardware``: the GPU's name, ``CPU: <model>`` without GPUs; None for the host of a GPU run and for an RPC
+    worker's device (another machine, whose card RPC does not name)."""
     if llama_name == CPU:
         return cpu_device(hardware.cpu_model) if hardware.cpu_only else None
-    return next((g.name for g in hardware.gpus if g.llama_name == llama_name), None)
+    return next((g.name for g in hardware.local_gpus if g.llama_name == llama_name), None)
 
 
 def hardware_label(hardware: Hardware) -> str:
@@ -419,7 +420,7 @@ def memory_points(*, id_prefix: str, estimate: MemoryEstimate, reported: Mapping
     ``estimate``'s bytes per kind and ``reported`` (kind -> device -> bytes, as :class:`tuner.serverlog.ReportedMemory`
     or a serve observation gives them), and NVML's process memory per device when known."""
     shape = shape_id(layout)
-    driver = hardware.gpus[0].driver_version if hardware.gpus else None
+    driver = hardware.local_gpus[0].driver_version if hardware.local_gpus else None
     out = []
     for d in estimate.devices:
         if devices is not None and d.name not in devices:

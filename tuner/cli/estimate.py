@@ -6,6 +6,7 @@ Examples:
     tuner estimate Qwen3.5-35B-A3B-Q4_K_M-00001-of-00002.gguf -c 262144 -ctk q8_0 -ctv q8_0 --gpu rtx-4090
     tuner estimate model.gguf --n-cpu-moe 20 --gpu rtx-5080 --json
     tuner estimate model.gguf -c 32768 --check      # beside llama.cpp's own dry run (llama-fit-params)
+    tuner estimate model.gguf --rpc 192.168.1.20:50052   # layers on an RPC worker's devices too
 
 What this machine observed (``tuner serve``'s load logs, ``tuner calibrate``) corrects the compute buffers and the
 predicted speeds (:func:`tuner.corrections.corrected_estimate`); the output says "calibrated by N runs" when it did.
@@ -23,13 +24,14 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
 from tuner.cli._output import emit, memory_table, text
-from tuner.cli.hardware import hardware_dict
+from tuner.cli.hardware import hardware_dict, network_line
 from tuner.cli.profile import calibration_for
 from tuner.corrections import Calibration, corrected_estimate, shape_id
 from tuner.flags import ServerFlags
-from tuner.hardware import GB, Hardware, hardware_for
+from tuner.hardware import GB, Hardware, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
+from tuner.rpc import cluster_hardware
 from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
 
@@ -45,6 +47,8 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
     result["predicted"] = {"depth_tokens": depth_tokens, "tg_tok_s": round(pred.tg_tok_s, 2),
                            "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2),
                            "source": pred.source}
+    if pred.network is not None:
+        result["predicted"]["network"] = pred.network.to_dict()
     result["calibration"] = ({"line": calibration.describe(hardware),
                               **calibration.summary(hardware, shape_id(layout), est.n_ubatch)} if calibration else None)
     result["flags"] = flags.to_args()
@@ -70,14 +74,16 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
         measured = ((cal.get("devices") or {}).get(gpu["name"]) or {}).get("uncounted_bytes")
         extra = (f"{fmt_bytes(measured)} of CUDA context and pools measured here" if measured is not None
                  else "~0.5-1 GiB of CUDA context and pools that llama.cpp does not count")
-        console.print(f"{gpu['name']} ({gpu['model']}): {fmt_bytes(used)} of {fmt_bytes(gpu['vram_total_bytes'])}"
-                      f" — add {extra}")
+        console.print(f"{text(gpu['name'])} ({text(gpu['model'])}): {fmt_bytes(used)} of "
+                      f"{fmt_bytes(gpu['vram_total_bytes'])} — add {extra}")
     host = result["memory"]["host"]
     console.print(f"host RAM at worst: {fmt_bytes(host['total_bytes'])} "
                   f"(of {fmt_bytes(result['hardware']['ram_available_bytes'])} available)")
     pred = result["predicted"]
     console.print(f"predicted at depth {pred['depth_tokens']}: tg {pred['tg_tok_s']:.1f} tok/s "
                   f"(bound {pred['tg_bound_tok_s']:.1f}), pp {pred['pp_tok_s']:.0f} tok/s")
+    if "network" in pred:
+        console.print(network_line(pred["network"]), highlight=False, soft_wrap=True)
     if cal.get("line"):
         console.print(f"[green]{text(cal['line'])}[/green] (tuner profile show; tuner profile reset clears it)")
     for note in result["notes"] + result["hardware"]["notes"]:
@@ -115,6 +121,10 @@ def register(app: typer.Typer) -> None:
         spec_type: o.SpecTypeOpt = D.spec_type,
         spec_draft_n_max: o.SpecDraftOpt = D.spec_draft_n_max,
         no_kv_offload: o.NoKvOffloadOpt = D.no_kv_offload,
+        rpc: o.RpcOpt = D.rpc,
+        rpc_gpu: o.RpcGpuOpt = None,
+        link_gbit: o.LinkGbitOpt = None,
+        link_rtt_ms: o.LinkRttOpt = None,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
@@ -129,13 +139,15 @@ def register(app: typer.Typer) -> None:
         """Estimate the memory llama-server takes on each device for MODEL and the given flags."""
         # the parameters are named after ServerFlags' fields; values are read as llama-server reads them
         flags = ServerFlags.from_values(dict(
-            ctx_size=ctx_size, parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
+            rpc=rpc, ctx_size=ctx_size, parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
             cache_type_v=cache_type_v, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
             n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, cache_ram_mib=cache_ram_mib,
             ctx_checkpoints=ctx_checkpoints, spec_type=spec_type, spec_draft_n_max=spec_draft_n_max,
             no_kv_offload=no_kv_offload))
         layout = resolve_layout(model)
-        hardware = hardware_for(gpu, vram)
+        hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc or None, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
+                                    link_rtt_ms=link_rtt_ms, server_bin=server_bin)
+        flags = flags.with_(rpc=rpc_endpoints(hardware.gpus))
         if ram_bandwidth is not None:
             hardware = replace(hardware, ram_bandwidth_bytes_s=round(ram_bandwidth * GB))
         if cpu_cores is not None:
