@@ -38,8 +38,10 @@ MAX_POINTS = 5000
 def export_document(points: Sequence[MemoryPoint | SpeedPoint], *, hardware: Hardware, build: Any,
                     shapes: Mapping[str, Mapping[str, Any]], created_at: str, tuner_version: str) -> dict[str, Any]:
     """The shareable document of ``points`` measured on ``hardware`` with ``build`` (see the module doc)."""
+    shape_ids = {p.shape for p in points}
     summary = Calibration(tuple(p for p in points if isinstance(p, MemoryPoint)),
-                          tuple(p for p in points if isinstance(p, SpeedPoint))).summary(hardware)
+                          tuple(p for p in points if isinstance(p, SpeedPoint))).summary(
+        hardware, shape_ids.pop() if len(shape_ids) == 1 else None)
     return {
         "format": FORMAT,
         "version": VERSION,
