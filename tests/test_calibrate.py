@@ -112,7 +112,10 @@ def test_a_cpu_calibration_lands_llama_cpps_buffers_and_corrects_a_biased_comput
     assert abs(fixed["memory"]["compute_bytes"] - reported) <= 0.01 * reported
     assert fixed["calibration"]["line"] == "calibrated on this machine by 4 runs"
     assert fixed["calibration"]["devices"]["CPU"]["scope"] == "this shape and ubatch"
-    assert fixed["predicted"]["source"] == "calibrated"
+    scale = fixed["calibration"]["speed"]
+    assert scale["scope"] == "cpu" and scale["runs"] == 8
+    plain = estimate_result(layout, flags, hardware)["predicted"]
+    assert fixed["predicted"]["tg_tok_s"] == pytest.approx(plain["tg_tok_s"] * scale["tg_scale"], rel=1e-3)
     unbiased = true_compute
     monkeypatch.setattr(estimate_module, "compute_bytes_cpu", unbiased)
     at_8k = flags.with_(ctx_size=8192)

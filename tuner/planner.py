@@ -268,7 +268,8 @@ def budget_for(hardware: Hardware, wishes: Wishes, calibration: Calibration | No
     if hardware.cpu_only:
         buffer = DEFAULT_RAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
         return Budget("CPU", 0, 0, buffer, hardware.ram_available_bytes)
-    buffer, source = (DEFAULT_VRAM_BUFFER_BYTES, "") if wishes.buffer_bytes is None else (wishes.buffer_bytes, "")
+    buffer = DEFAULT_VRAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
+    source = ""
     calibrated = calibration.buffer_bytes(hardware) if calibration and wishes.buffer_bytes is None else None
     if calibrated is not None:
         buffer, source = calibrated

@@ -45,8 +45,7 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
     if calibration:
         pred = calibration.rescale(pred, layout, flags, hardware)
     result["predicted"] = {"depth_tokens": depth_tokens, "tg_tok_s": round(pred.tg_tok_s, 2),
-                           "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2),
-                           "source": pred.source}
+                           "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2)}
     if pred.network is not None:
         result["predicted"]["network"] = pred.network.to_dict()
     result["calibration"] = ({"line": calibration.describe(hardware),
