@@ -48,6 +48,12 @@ memory breakdown does not count either (its "unaccounted" column is total − fr
 common/fit.cpp:984). llama.cpp's own ``--fit`` keeps a margin of the same size, 1024 MiB per device by default
 (``fit_params_target``, common/common.h:482-483). Without a GPU the buffer applies to RAM and defaults to
 :data:`DEFAULT_RAM_BUFFER_BYTES`.
+
+**Calibration** (a :class:`tuner.corrections.Calibration`, from ``tuner serve``'s observations and ``tuner
+calibrate``): every estimate is :func:`tuner.corrections.corrected_estimate` (compute buffers scaled by what llama.cpp
+reported on this device model and build), roofline predictions are rescaled by the measured speed scale, and when
+the CUDA context and pools were measured on every GPU here, the default buffer becomes that measurement plus a
+margin (:meth:`~tuner.corrections.Calibration.buffer_bytes`).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tuner.cards import preset_args
+from tuner.corrections import Calibration, corrected_estimate, shape_id
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.flags import FLAGS
@@ -120,6 +127,7 @@ class Budget:
     ram_available_bytes: int
     gpu_free_bytes: tuple[tuple[str, int], ...] = ()  # per GPU, llama.cpp's name and its free bytes
     reserved_bytes: int = 0  # what the estimate does not count, the vision projector: first GPU (RAM if none)
+    buffer_source: str = ""  # why buffer_bytes is what it is, when a calibration set it
 
     @property
     def cpu_only(self) -> bool:
@@ -129,6 +137,7 @@ class Budget:
         return {"device": self.device, "vram_total_bytes": self.vram_total_bytes,
                 "vram_free_bytes": self.vram_free_bytes, "buffer_bytes": self.buffer_bytes,
                 "ram_available_bytes": self.ram_available_bytes, "reserved_bytes": self.reserved_bytes,
+                "buffer_source": self.buffer_source or None,
                 "gpus": [{"name": n, "vram_free_bytes": b} for n, b in self.gpu_free_bytes]}
 
 
@@ -232,6 +241,7 @@ class Recommendation:
     notes: tuple[str, ...] = ()
     wishes: Wishes = field(default_factory=Wishes)
     planning_s: float = 0.0
+    calibration: Calibration | None = None
 
     def to_dict(self, server_bin: str = "llama-server") -> dict[str, Any]:
         p = self.plan
@@ -251,8 +261,16 @@ class Recommendation:
                        "prefer": self.wishes.prefer, "vision": self.wishes.vision, "quant": self.wishes.quant,
                        "cache_type": self.wishes.cache_type, "allow_yarn": self.wishes.allow_yarn},
             "notes": list(self.notes),
+            "calibration": self._calibration_dict(),
             "planning_s": round(self.planning_s, 3),
         }
+
+    def _calibration_dict(self) -> dict[str, Any] | None:
+        cal = self.calibration
+        if not cal:
+            return None
+        lay, est = self.plan.candidate.layout, self.plan.estimate
+        return {"line": cal.describe(self.hardware), **cal.summary(self.hardware, shape_id(lay), est.n_ubatch)}
 
 
 # ---------------------------------------------------------------------------------------------- the budget
@@ -263,11 +281,17 @@ def estimate_on(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> 
     return estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
 
 
-def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:
+def budget_for(hardware: Hardware, wishes: Wishes, calibration: Calibration | None = None) -> Budget:
+    """What a plan may use on ``hardware``; the buffer is ``--buffer``, else the calibrated one (see the module
+    doc), else the default."""
     if hardware.cpu_only:
         buffer = DEFAULT_RAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
         return Budget("CPU", 0, 0, buffer, hardware.ram_available_bytes)
     buffer = DEFAULT_VRAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
+    source = ""
+    calibrated = calibration.buffer_bytes(hardware) if calibration and wishes.buffer_bytes is None else None
+    if calibrated is not None:
+        buffer, source = calibrated
     return Budget(
         device="+".join(g.llama_name for g in hardware.gpus),
         vram_total_bytes=sum(g.vram_total_bytes for g in hardware.gpus),
@@ -275,6 +299,7 @@ def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:
         buffer_bytes=buffer,
         ram_available_bytes=hardware.ram_available_bytes,
         gpu_free_bytes=tuple((g.llama_name, g.vram_free_bytes) for g in hardware.gpus),
+        buffer_source=source,
     )
 
 
@@ -375,11 +400,12 @@ class _Search:
     """One planning run: hardware, budget, wishes and the quant ladder, with the estimates it needs."""
 
     def __init__(self, candidates: Sequence[QuantCandidate], hardware: Hardware, wishes: Wishes,
-                 measured: Measured | None) -> None:
+                 measured: Measured | None, calibration: Calibration | None = None) -> None:
         self.hardware = hardware
         self.wishes = wishes
         self.measured = measured
-        self.budget = budget_for(hardware, wishes)
+        self.calibration = calibration
+        self.budget = budget_for(hardware, wishes, calibration)
         self.gpu_names = tuple(g.llama_name for g in hardware.gpus)
         self.split = gpu_split(hardware)
         order = sorted({(c.quality_rank, round(c.bits_per_weight, 4)) for c in candidates})
@@ -387,7 +413,7 @@ class _Search:
 
     # --- primitives -------------------------------------------------------------------------------------------
     def estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
-        return estimate_memory(layout, flags, self.gpu_names, self.split)
+        return corrected_estimate(layout, flags, self.hardware, self.calibration)
 
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
         if self.wishes.vision:
@@ -399,7 +425,8 @@ class _Search:
             got = self.measured(cand, flags, self.hardware)
             if got is not None:
                 return got
-        return predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
+        pred = predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
+        return self.calibration.rescale(pred, cand.layout, flags, self.hardware) if self.calibration else pred
 
     def with_ctx(self, flags: ServerFlags, ctx_per_slot: int) -> ServerFlags:
         return flags.with_(ctx_size=ctx_per_slot * flags.n_seq)
@@ -704,7 +731,7 @@ def _no_fit_error(misses: Sequence[_Miss], search: _Search, floor: int) -> Tuner
 
 
 def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wishes, *,
-              measured: Measured | None = None) -> Recommendation:
+              measured: Measured | None = None, calibration: Calibration | None = None) -> Recommendation:
     """The best plan for ``candidates`` (the quants of one model) on ``hardware``, and the runners-up."""
     started = time.perf_counter()
     if not candidates:
@@ -719,7 +746,7 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         pool = [c for c in pool if c.mmproj]
         if not pool:
             raise TunerError("--vision: no vision projector (mmproj) is known for this model")
-    search = _Search(pool, hardware, wishes, measured)
+    search = _Search(pool, hardware, wishes, measured, calibration)
     floor, cap, native = _ctx_bounds([c.layout for c in pool], wishes)
     notes: list[str] = []
 
@@ -790,7 +817,8 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         notes.append(f"{m.candidate.quant} does not fit in {m.why}: it needs {fmt_bytes(m.host_need_bytes)} of "
                      f"RAM at least{gpu}")
     notes[:0] = plan.candidate.notes  # a card quant sized from another file than its own (tuner.cards.quant_mix)
-    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started)
+    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started,
+                          calibration or None)
 
 
 def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int) -> Plan:
@@ -826,7 +854,8 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                    + (f", {fmt_bytes(b.reserved_bytes)} for the vision projector" if b.reserved_bytes else "") + ")")
     else:
         out.append(f"{fmt_bytes(b.buffer_bytes)} of VRAM kept free on every GPU"
-                   + (" (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
+                   + (f" ({b.buffer_source})" if b.buffer_source else
+                      " (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
                       "count)" if b.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES else " (--buffer)")
                    + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision projector" if b.reserved_bytes else ""))
         n = best.experts_on_cpu
@@ -878,6 +907,10 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                                                   " (on CUDA it also costs an f16 conversion buffer, counted)"))
     if ub_reason:
         out.append(ub_reason)
+    cal = search.calibration.describe(search.hardware) if search.calibration else None
+    if cal:
+        out.append(f"{cal}: memory and speed corrected by what llama.cpp reported and what was measured "
+                   "(tuner profile show; cleared by tuner profile reset)")
     if w.parallel == 1:
         state = fmt_bytes(lay.recurrent_bytes_per_seq())
         checkpoints = best.flags.ctx_checkpoints
@@ -895,7 +928,8 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
 
 
 def plan_for(model_ref: str | None, hardware: Hardware, wishes: Wishes, *, measured: Measured | None = None,
-             on_progress: ProgressFn | None = None) -> Recommendation:
+             on_progress: ProgressFn | None = None, calibration: Calibration | None = None) -> Recommendation:
     """Plan for a model reference as the CLI takes it (None = the Qwen3.5-35B-A3B card's quant ladder, offline):
     the one planning entry ``recommend``, ``serve`` and ``bench`` share."""
-    return recommend(resolve_candidates(model_ref, on_progress), hardware, wishes, measured=measured)
+    return recommend(resolve_candidates(model_ref, on_progress), hardware, wishes, measured=measured,
+                     calibration=calibration)

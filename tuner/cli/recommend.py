@@ -28,7 +28,7 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli._output import bytes_cell, emit, memory_table, text
 from tuner.cli.hardware import hardware_dict, network_line, render_hardware
-from tuner.cli.profile import recommend_hook
+from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.hardware import hardware_for
 from tuner.planner import Recommendation, Wishes, plan_for
 from tuner.rpc import cluster_hardware, memory_by_host
@@ -224,7 +224,8 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
                   + f", {fmt_bytes(left['CPU'])} to spare")
 
     console.print()
-    source = "measured" if pred["source"] == "measured" else "predicted (roofline)"
+    source = {"measured": "measured", "rescaled": "predicted, rescaled by bench measurements",
+              "calibrated": "predicted, calibrated"}.get(pred["source"], "predicted (roofline)")
     console.print(f"[bold]Speed, {source}:[/bold] generation {_tok_s(pred['tg_tok_s'])} tok/s "
                   f"(bound {_tok_s(pred['tg_bound_tok_s'])}, efficiency {pred['efficiency']:.2f}), prompt "
                   f"{_tok_s(pred['pp_tok_s'])} tok/s (bound {_tok_s(pred['pp_bound_tok_s'])})")
@@ -242,6 +243,8 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
             console.print(_alternatives_wide(result["alternatives"]))
     if result["notes"]:
         console.print(_bullets("note:", result["notes"], style="yellow"))
+    if result.get("calibration"):
+        console.print(f"[green]{text(result['calibration']['line'])}[/green]")
     console.print()
     console.print("[bold]Command:[/bold]")
     if narrow:
@@ -278,6 +281,7 @@ def register(app: typer.Typer) -> None:
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
         hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
                                     link_rtt_ms=link_rtt_ms, server_bin=server_bin)
-        rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin))
+        rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin),
+                       calibration=calibration_for(hardware, server_bin))
         result = recommend_result(rec, server_bin or "llama-server")
         emit(result, as_json=as_json, render=lambda c: render_recommendation(c, result))

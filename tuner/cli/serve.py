@@ -32,7 +32,7 @@ from tuner.cli import stop_signals
 from tuner.cli._options import server_option
 from tuner.cli._output import console, emit_json_line, err_console
 from tuner.cli.build import BuildProgress
-from tuner.cli.profile import recommend_hook
+from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.cli.recommend import wishes_from_options
 from tuner.errors import TunerError
 from tuner.hardware import hardware_for
@@ -263,6 +263,7 @@ def register(app: typer.Typer) -> None:
                                             link_rtt_ms=link_rtt_ms, source=source, cuda=cuda, server_bin=server_bin,
                                             on_build_progress=build_progress)
                 run_serve(model, hardware, wishes, options, on_event=printer, on_build_progress=build_progress,
-                          on_fetch_progress=fetch_progress, measured=recommend_hook(hardware, server_bin))
+                          on_fetch_progress=fetch_progress, measured=recommend_hook(hardware, server_bin),
+                          calibration=calibration_for(hardware, server_bin))
         finally:
             printer.close()
