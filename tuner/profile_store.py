@@ -22,6 +22,14 @@ Invalidation: when a new measurement arrives, entries for the same file name (fr
 on the same GPU models (or CPU) whose model hash, driver, or llama.cpp build differ are dropped (the file, the
 driver or the build changed: old speeds no longer hold). Lookups only ever use an entry whose whole key matches.
 
+**Calibration points** (format 2): the store's top-level ``calibration`` list holds the memory and speed points of
+:mod:`tuner.corrections` (``kind: memory`` / ``kind: speed``, their fields in :meth:`MemoryPoint.to_dict` /
+:meth:`SpeedPoint.to_dict`), written by ``tuner serve`` (one memory point per device of each launch, also kept in its
+observation file) and ``tuner calibrate`` (memory and speed points of every rung), replaced by ``id``.
+:func:`load_calibration` picks the ones that apply to a machine and build: this machine's of the same llama.cpp
+commit, else (per device model) those of the shipped calibration files (:mod:`tuner.calibration_file`). A format-1
+file reads as before, with no points. ``tuner profile reset`` removes the store and serve's observation files.
+
 What is read from ``config_dir()/observations/*.json`` (written by ``tuner serve``, format 1, see
 :mod:`tuner.serve`): ``model.path`` / ``model.file`` / ``model.bytes``, ``flags``, ``build.commit``, ``gpus[].name``,
 ``observed_at``, ``mismatches`` and, per kind of ``memory_check`` (weights, kv, recurrent, compute),
@@ -32,9 +40,12 @@ and build commit; others are skipped.
 :func:`measured_hook` is the planner's ``measured`` hook: for a candidate and flag set it returns the measured
 :class:`~tuner.speed.Prediction` (``source="measured"``, with the roofline bounds and efficiency recorded at
 measurement time) when this exact flag set (the fields that change speed) was measured, single stream and without
-extra arguments, on the same model file, hardware and build; else None, and the planner keeps its roofline. Measured
-efficiencies are not spread to unmeasured flag sets or quants: a factor measured on one quant would tilt the
-planner's comparison between quants.
+extra arguments, on the same model file, hardware and build. A flag set of that model file that was not measured
+gets the speed model's prediction rescaled (``source="rescaled"``) by ``measured / predicted`` of the file's
+measurements: the median over those of the same placement (:func:`tuner.corrections.placement_class`), else over
+all of them, each measurement's prediction recomputed with today's speed model at its depth. Else None, and the
+planner keeps its roofline (rescaled by a calibration, if any). Measurements are not spread to other quants: a
+factor measured on one quant would tilt the planner's comparison between quants.
 """
 
 from __future__ import annotations
@@ -44,8 +55,9 @@ import hashlib
 import json
 import os
 import re
+import statistics
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,12 +66,23 @@ import filelock
 import yaml
 
 from tuner import records as rec
+from tuner.corrections import (
+    Calibration,
+    MemoryPoint,
+    SpeedPoint,
+    hardware_label,
+    placement_class,
+    point_from_dict,
+)
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
-from tuner.hardware import Hardware
+from tuner.flags import Occurrence, scan
+from tuner.hardware import Hardware, gpu_split
 from tuner.paths import MAX_YAML_BYTES, YamlRefused, config_dir, load_yaml_text, read_text_bounded, write_atomic
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+MAX_POINTS = 2000
 STORE_FILE = "profiles.yaml"
 OBSERVATIONS_DIR = "observations"
 MAX_MEASUREMENTS = 400
@@ -351,7 +374,28 @@ OBSERVATION_SUMMARY = rec.record(file=rec.string(255), observed_at=_maybe(_WHEN)
 ENTRY = rec.record(key=_or(PROFILE_KEY, {}), updated_at=_or(_WHEN, ""),
                    measurements=_or(rec.seq_of(MEASUREMENT, 4 * MAX_MEASUREMENTS), ()),
                    memory_observations=_or(rec.seq_of(OBSERVATION_SUMMARY, 10_000), ()))
-STORE = rec.record(format=_or(rec.integer(0, 1 << 31), 0), entries=_or(rec.optional(rec.seq_of(ENTRY, 100_000)), ()))
+
+
+def _flags_text(value: Any, where: str) -> Any:
+    """A point's flags: one shell-quoted string (as written), or a list of arguments."""
+    if isinstance(value, str):
+        return rec.string(8192)(value, where)
+    return rec.seq_of(rec.string(4096), 1024)(value, where)
+
+
+_POINT_BYTES = rec.map_of(_BYTES, 16)
+# A calibration point (tuner.corrections' MemoryPoint and SpeedPoint, both kinds in one record): every field the
+# points' from_dict reads, checked here before it does.
+POINT = rec.record(
+    kind=rec.string(32), id=_or(rec.string(512), ""), build=_or(rec.string(128), ""), cuda=_or(rec.boolean(), False),
+    shape=_or(rec.string(512), ""), flags=_or(_flags_text, ""), source=_or(rec.string(64), ""),
+    observed_at=_or(_WHEN, ""), device=_or(_TEXT, ""), driver=_maybe(rec.string(128)),
+    n_ubatch=_or(rec.integer(0, 1 << 31), 0), predicted=_or(_POINT_BYTES, {}), reported=_or(_POINT_BYTES, {}),
+    process_bytes=_maybe(_BYTES), hardware=_or(_TEXT, ""), placement=_or(rec.string(64), ""),
+    depth=_or(rec.integer(0, 1 << 40), 0), tg_tok_s=_or(_TOK_S, 0.0), pp_tok_s=_or(_TOK_S, 0.0),
+    tg_predicted_tok_s=_or(_TOK_S, 0.0), pp_predicted_tok_s=_or(_TOK_S, 0.0), weights=_or(rec.string(64), "real"))
+STORE = rec.record(format=_or(rec.integer(0, 1 << 31), 1), entries=_or(rec.optional(rec.seq_of(ENTRY, 100_000)), ()),
+                   calibration=_or(rec.optional(rec.seq_of(POINT, 4 * MAX_POINTS)), ()))
 # tuner serve's observation file, format 1 (tuner.serve's module doc): the fields the store reads.
 OBSERVATION = rec.record(
     format=rec.integer(1, 1), observed_at=_maybe(_WHEN),
@@ -360,7 +404,7 @@ OBSERVATION = rec.record(
     flags=_maybe(_ARGS), mismatches=_maybe(_MISMATCHES),
     build=_maybe(rec.record(commit=_maybe(rec.string(128)))),
     gpus=_maybe(rec.seq_of(rec.record(name=_or(_TEXT, "")), 64)),
-    memory_check=_maybe(rec.map_of(rec.json_value(4, 1000), 16)))
+    memory_check=_maybe(rec.map_of(rec.json_value(4, 1000), 16)), points=_maybe(rec.seq_of(POINT, 1024)))
 
 
 def _entry(e: dict[str, Any]) -> ProfileEntry:
@@ -381,13 +425,14 @@ class ProfileStore:
         self.path = Path(path) if path is not None else store_path()
 
     # --- file ----------------------------------------------------------------------------------------------------
-    def load(self) -> list[ProfileEntry]:
-        """The entries, every field checked (:data:`STORE`); a file that is not a profile tuner wrote is refused
-        whole, with one line naming it, the first bad field and how to start a new one."""
+    def _read(self) -> dict[str, Any]:
+        """The file, every field checked (:data:`STORE`): ``entries`` and ``calibration`` as checked dicts. A file
+        that is not a profile tuner wrote is refused whole, with one line naming it, the first bad field and how to
+        start a new one."""
         try:
             text = read_text_bounded(self.path, MAX_YAML_BYTES, what="the profile")
         except FileNotFoundError:
-            return []
+            return {"format": STORE_FORMAT, "entries": (), "calibration": ()}
         except OSError as exc:
             raise TunerError(f"cannot read the profile {self.path}: {exc.strerror or exc}") from None
         except TunerError as exc:  # too large, or not UTF-8
@@ -399,20 +444,32 @@ class ProfileStore:
         except yaml.YAMLError as exc:
             raise TunerError(f"the profile {self.path} is not valid YAML ({exc.__class__.__name__}); "
                              f"{RESET_HINT}") from None
-        if data is None:
-            return []
         fmt = data.get("format") if isinstance(data, dict) else None
         if type(fmt) is int and fmt > STORE_FORMAT:
             raise TunerError(f"the profile {self.path} has format {fmt}, newer than this tuner reads "
                              f"({STORE_FORMAT}): upgrade tuner, or {RESET_HINT}")
         try:
-            store = rec.validate(STORE, data)
-            return [_entry(e) for e in store["entries"] or ()]
+            checked = rec.validate(STORE, data if data is not None else {})
         except rec.RecordError as exc:
             raise TunerError(f"the profile {self.path} is not valid ({exc}); {RESET_HINT}") from None
+        if checked["format"] not in READABLE_FORMATS:
+            raise TunerError(f"the profile {self.path} has an unknown format ({checked['format']}); {RESET_HINT}")
+        return {**checked, "entries": checked["entries"] or (), "calibration": checked["calibration"] or ()}
 
-    def _write(self, entries: Sequence[ProfileEntry]) -> None:
-        data = {"format": STORE_FORMAT, "updated_at": _now(), "entries": [e.to_dict() for e in entries]}
+    def load(self) -> list[ProfileEntry]:
+        return [_entry(e) for e in self._read()["entries"]]
+
+    def load_points(self) -> list[MemoryPoint | SpeedPoint]:
+        """The calibration points (see the module doc)."""
+        points = (point_from_dict(rec.plain(d)) for d in self._read()["calibration"])
+        return [p for p in points if p is not None]
+
+    def _write(self, entries: Sequence[ProfileEntry], points: Sequence[MemoryPoint | SpeedPoint] | None = None) -> None:
+        """Write the entries and the points (None: keep the points the file has)."""
+        if points is None:
+            points = self.load_points()
+        data = {"format": STORE_FORMAT, "updated_at": _now(), "entries": [e.to_dict() for e in entries],
+                "calibration": [p.to_dict() for p in points]}
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
         try:
             write_atomic(self.path, text)
@@ -435,23 +492,38 @@ class ProfileStore:
             held.release()
 
     def reset(self) -> bool:
-        """Remove the file; True if there was one."""
+        """Remove the file and ``tuner serve``'s observation files beside it (which would otherwise be learnt again);
+        True if there was anything."""
         with self._locked():
+            removed = False
+            obs = self.path.parent / OBSERVATIONS_DIR
+            for f in obs.glob("*.json") if obs.is_dir() else ():
+                f.unlink(missing_ok=True)
+                removed = True
             try:
                 self.path.unlink()
                 return True
             except FileNotFoundError:
-                return False
+                return removed
+
+    def add_points(self, points: Sequence[MemoryPoint | SpeedPoint]) -> int:
+        """Add calibration points (replacing those of the same id); the newest :data:`MAX_POINTS` are kept."""
+        if not points:
+            return 0
+        with self._locked():
+            entries = self.load()
+            kept = {p.id: p for p in self.load_points()}
+            for p in points:
+                kept.pop(p.id, None)
+                kept[p.id] = p
+            self._write(entries, list(kept.values())[-MAX_POINTS:])
+        return len(points)
 
     def export(self, dest: str | os.PathLike[str]) -> Path:
         """Copy the profile (as it is, YAML) to ``dest``, atomically."""
-        entries = self.load()
+        entries, points = self.load(), self.load_points()
         out = ProfileStore(dest)
-        data = {"format": STORE_FORMAT, "updated_at": _now(), "entries": [e.to_dict() for e in entries]}
-        try:
-            write_atomic(out.path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
-        except OSError as exc:
-            raise TunerError(f"cannot write {out.path}: {exc.strerror or exc}") from None
+        out._write(entries, points)
         return out.path
 
     # --- lookups -------------------------------------------------------------------------------------------------
@@ -496,11 +568,16 @@ class ProfileStore:
 
     def absorb_observations(self, directory: str | os.PathLike[str] | None = None, *,
                             problems: list[str] | None = None) -> tuple[int, int]:
-        """Attach ``tuner serve``'s memory observations to matching entries; returns (attached, skipped: those
-        matching no entry). Files that cannot be read go to ``problems`` (see :func:`read_observations`)."""
+        """Attach ``tuner serve``'s memory observations to matching entries, and add their calibration points (if
+        not there yet); returns (attached, skipped: those matching no entry). Files that cannot be read go to
+        ``problems`` (see :func:`read_observations`)."""
         obs = list(read_observations(directory, problems=problems))
         if not obs:
             return 0, 0
+        have = {p.id for p in self.load_points()}
+        new_points = [p for o in obs for d in o["points"] or ()
+                      if (p := point_from_dict(rec.plain(d))) is not None and p.id not in have]
+        self.add_points(new_points)
         attached = skipped = 0
         with self._locked():
             entries = self.load()
@@ -667,8 +744,11 @@ def lookup_measured(entry: ProfileEntry, flags: ServerFlags) -> Measurement | No
 
 def _extra_changes_speed(extra: Sequence[str]) -> bool:
     """Arguments beyond ServerFlags other than ``--fit off`` / ``--jinja`` (which a plan's command has too)."""
-    rest = [a for a in extra if a not in ("--jinja", "--fit", "-fit", "off")]
-    return bool(rest)
+    for occ in scan(extra):
+        if isinstance(occ, Occurrence) and occ.row.key in ("jinja", "fit") and occ.value() in (True, "off"):
+            continue
+        return True
+    return False
 
 
 PredictionHook = Callable[[Any, ServerFlags, Hardware], Any]
@@ -677,7 +757,7 @@ PredictionHook = Callable[[Any, ServerFlags, Hardware], Any]
 def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore | None = None) -> PredictionHook:
     """The planner's ``measured`` hook (see the module doc). ``build`` None: entries of any llama.cpp build match
     (the newest is used); pass the build that will serve to honour the invalidation rule."""
-    from tuner.speed import Prediction
+    from tuner.speed import Prediction, predict_speed
 
     the_store = store or ProfileStore()
     entries = the_store.load()
@@ -699,6 +779,33 @@ def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore 
         memo[memo_key] = found
         return found
 
+    ratio_memo: dict[tuple[int, str], tuple[float, float, int, str] | None] = {}
+
+    def ratios(entry: ProfileEntry, candidate: Any, placement: str) -> tuple[float, float, int, str] | None:
+        """(tg, pp) medians of measured / predicted over the entry's single-stream measurements, preferring those
+        of ``placement``; with their count and scope."""
+        key = (id(entry), placement)
+        if key not in ratio_memo:
+            layout = candidate.layout
+            rows: list[tuple[str, float, float]] = []
+            for m in entry.measurements:
+                f = m.flags()
+                if f is None or m.concurrency != 1 or _extra_changes_speed(m.extra_args) or m.tg_tok_s <= 0:
+                    continue
+                try:
+                    p = predict_speed(layout, f, hardware, gpu_split=gpu_split(hardware),
+                                      depth_tokens=max(m.depth, 1))
+                except TunerError:
+                    continue
+                if p.tg_tok_s > 0 and p.pp_tok_s > 0 and m.pp_tok_s > 0:
+                    rows.append((placement_class(layout, f, hardware), m.tg_tok_s / p.tg_tok_s,
+                                 m.pp_tok_s / p.pp_tok_s))
+            same = [r for r in rows if r[0] == placement]
+            chosen, scope = (same, placement.replace("_", " ")) if same else (rows, "all placements")
+            ratio_memo[key] = (statistics.median(r[1] for r in chosen), statistics.median(r[2] for r in chosen),
+                               len(chosen), scope) if chosen else None
+        return ratio_memo[key]
+
     def hook(candidate: Any, flags: ServerFlags, hw: Hardware) -> Any:
         entry = entry_for(candidate)
         if entry is None:
@@ -711,7 +818,46 @@ def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore 
                               efficiency=m.tg_tok_s / tg_b if tg_b else 0.0, source="measured",
                               notes=(f"measured by tuner bench at depth {m.depth} ({m.n_samples} samples, "
                                      f"{m.measured_at[:10]})",))
-        return None
+        found = ratios(entry, candidate, placement_class(candidate.layout, flags, hw))
+        if found is None:
+            return None
+        tg_r, pp_r, n, scope = found
+        base = predict_speed(candidate.layout, flags, hw, gpu_split=gpu_split(hw))
+        return replace(base, tg_tok_s=base.tg_tok_s * tg_r, pp_tok_s=base.pp_tok_s * pp_r,
+                       efficiency=base.efficiency * tg_r, source="rescaled",
+                       notes=(*base.notes, f"rescaled by {n} tuner bench measurement{'s' if n != 1 else ''} of this "
+                                           f"model file ({scope}): tg ×{tg_r:.2f}, pp ×{pp_r:.2f}"))
 
     return hook
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def load_calibration(hardware: Hardware, build: Any | None, *, store: ProfileStore | None = None,
+                     shipped: Sequence[MemoryPoint | SpeedPoint] | None = None) -> Calibration:
+    """The calibration points that apply on ``hardware`` with ``build`` (a :class:`tuner.build.LlamaBuild`, or None
+    when there is no build yet: then the newest build's points): this machine's, of the same llama.cpp commit;
+    then, for each device model (and the hardware's speed) without any, the shipped calibration files'
+    (``shipped``: default :func:`tuner.calibration_file.shipped_points`)."""
+    from tuner.calibration_file import shipped_points
+    from tuner.corrections import device_model
+
+    local = (store or ProfileStore()).load_points()
+    commit = str(getattr(build, "commit", "") or "") if build is not None else ""
+    if not commit and local:
+        commit = max(local, key=lambda p: p.observed_at).build
+    key = BuildKey(commit, False, "")
+    names = [g.llama_name for g in hardware.gpus] or ["CPU"]
+    devices = {d for n in names if (d := device_model(n, hardware)) is not None}
+    label = hardware_label(hardware)
+    memory = [p for p in local if isinstance(p, MemoryPoint) and p.device in devices and key.same_commit(p.build)]
+    speed = [p for p in local if isinstance(p, SpeedPoint) and p.hardware == label and key.same_commit(p.build)]
+    missing = devices - {p.device for p in memory}
+    if missing or not speed:
+        others = shipped_points() if shipped is None else shipped
+        memory += [p for p in others if isinstance(p, MemoryPoint) and p.device in missing]
+        if not speed:
+            speed = [p for p in others if isinstance(p, SpeedPoint) and p.hardware == label]
+    return Calibration(tuple(memory), tuple(speed))
 
