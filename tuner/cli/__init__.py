@@ -178,4 +178,9 @@ def run() -> None:
         # level, because the interpreter's shutdown puts Python-level handlers back to the default (signalmodule.c).
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
+    # CPython remembers a KeyboardInterrupt that was raised inside an exec() of source text (a dataclass being made
+    # by a module imported at that moment: Python/pythonrun.c, run_eval_code_obj) even when tuner caught it, and then
+    # `python -m tuner` kills itself with SIGINT at exit (Modules/main.c, Py_RunMain) instead of exiting with its
+    # code. One exec() of source text that ends normally clears that flag.
+    exec("None")
     sys.exit(code)
