@@ -21,18 +21,24 @@ context; or the one type asked for):
    (``--no-kv-unified``), so every slot is guaranteed its context.
 
 The **context floor** a plan must reach: ``Wishes.ctx_size`` when given (exactly that); otherwise
-:data:`WORKING_CTX` (32768) for ``speed`` and ``quality`` — then grown to the largest that fits — and the model's
-maximum for ``context``. When nothing reaches the floor, it drops to :data:`MIN_CTX` (4096) and the largest context
-that fits wins; when nothing fits even then, :class:`~tuner.errors.TunerError` says what the smallest plan needs.
+:data:`tuner.policy.CTX_FLOOR` (65536) for ``balanced``, :data:`WORKING_CTX` (32768) for ``speed`` and ``quality``
+— then grown to the largest that fits — and the model's maximum for ``context``. ``balanced`` searches every quant
+and KV type once per context tier (:func:`tuner.policy.ctx_tiers`: 65536, 131072, 262144), each with the fewest
+expert layers in RAM that reach it. When nothing reaches the floor, it drops to :data:`MIN_CTX` (4096) and the
+largest context that fits wins; when nothing fits even then, :class:`~tuner.errors.TunerError` says what the
+smallest plan needs.
 
 **Scoring** (``Wishes.prefer``), over the options that fit; quant quality is the candidates' own order
 (``quality_rank``, then bits per weight), KV quality is f16 > q8_0 > q4_0:
 
-* first, one KV type per quant: the most exact one (f16), unless a more compact one (q8_0) predicts more than
-  :data:`SPEED_TOLERANCE` (5%) faster generation, i.e. it saves expert layers in RAM — VRAM goes to experts before
-  the cache is quantized; without a GPU, only when context needs it. With ``context``, the type that reaches more
-  context, then that rule.
-* ``speed`` (default): the fastest predicted generation among quants of at least
+* ``balanced`` (default): :mod:`tuner.policy` — Q4_K_M-class quality and 65536 tokens per slot where they fit, then
+  more context, a better quant and an exact KV cache while generation stays within 10% of the fastest plan meeting
+  those floors; a floor given up to fit is a warning. Every quant × KV type × tier competes.
+* the other policies first take one KV type per quant: the most exact one (f16), unless a more compact one (q8_0)
+  predicts more than :data:`SPEED_TOLERANCE` (5%) faster generation, i.e. it saves expert layers in RAM — VRAM goes
+  to experts before the cache is quantized; without a GPU, only when context needs it. With ``context``, the type
+  that reaches more context, then that rule.
+* ``speed``: the fastest predicted generation among quants of at least
   :data:`SPEED_MIN_BITS_PER_WEIGHT` bits per weight (below that only if nothing else fits); plans within
   :data:`SPEED_TOLERANCE` (5%, below the accuracy of the prediction) of the fastest count as equally fast, and among
   those the best quant wins, then the most context. A smaller quant is thus taken only when it is clearly faster
@@ -57,12 +63,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from tuner import policy
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
+from tuner.policy import BALANCED
 from tuner.speed import Prediction, predict_speed
 from tuner.units import GiB, MiB, fmt_bytes
 
@@ -93,8 +101,10 @@ KV_LAST_RESORT = ("q4_0",)
 KV_QUALITY = {"f32": 4, "f16": 3, "bf16": 3, "q8_0": 2, "q5_1": 1, "q5_0": 1, "q4_1": 0, "q4_0": 0, "iq4_nl": 0}
 DEFAULT_UBATCH = 512
 OFFLOAD_UBATCHES = (2048, 1024)
-UBATCH_MIN_PP_GAIN = 1.5
-PREFERENCES = ("speed", "quality", "context")
+UBATCH_MIN_PP_GAIN = 1.25
+"""A larger ubatch is taken for prompts at least this much faster (for at most :data:`SPEED_TOLERANCE` slower
+generation): in long agent turns prompt processing is most of the wait. 512 → 1024 with experts in RAM gives ~1.5×."""
+PREFERENCES = (BALANCED, "speed", "quality", "context")
 SPEED_TOLERANCE = 0.05
 SPEED_MIN_BITS_PER_WEIGHT = 4.0
 QUALITY_MIN_SPEED_FRACTION = 1 / 3
@@ -135,7 +145,7 @@ class Wishes:
 
     ctx_size: int | None = None  # context per slot; None = the largest that fits
     parallel: int = 1
-    prefer: str = "speed"  # speed | quality | context
+    prefer: str = BALANCED  # balanced | speed | quality | context
     vision: bool = False
     buffer_bytes: int | None = None  # None = DEFAULT_VRAM_BUFFER_BYTES (GPU) / DEFAULT_RAM_BUFFER_BYTES (CPU only)
     quant: str | None = None
@@ -213,6 +223,9 @@ class Recommendation:
     notes: tuple[str, ...] = ()
     wishes: Wishes = field(default_factory=Wishes)
     planning_s: float = 0.0
+    policy: dict[str, Any] = field(default_factory=dict)  # the policy followed: name, rule, floors (balanced)
+    warnings: tuple[str, ...] = ()  # a floor of the policy given up to fit
+
 
     def to_dict(self, server_bin: str = "llama-server") -> dict[str, Any]:
         p = self.plan
@@ -231,6 +244,8 @@ class Recommendation:
             "wishes": {"ctx_size": self.wishes.ctx_size, "parallel": self.wishes.parallel,
                        "prefer": self.wishes.prefer, "vision": self.wishes.vision, "quant": self.wishes.quant,
                        "cache_type": self.wishes.cache_type, "allow_yarn": self.wishes.allow_yarn},
+            "policy": self.policy,
+            "warnings": list(self.warnings),
             "notes": list(self.notes),
             "planning_s": round(self.planning_s, 3),
         }
@@ -291,6 +306,7 @@ class _Option:
     predicted: Prediction
     quant_quality: int
     host_notes: tuple[str, ...] = ()
+    floor: int = 0  # the context per slot the placement was searched at (balanced: its tier)
 
     @property
     def kv(self) -> str:
@@ -499,12 +515,13 @@ class _Search:
                          _placement(flags, budget))
         flags, est, host_notes = hosted
         flags, est = self.largest_ctx(cand, flags, est, budget, floor, cap)
-        return _Option(cand, flags, est, budget, self.predict(cand, flags), self.quality[id(cand)], host_notes)
+        return _Option(cand, flags, est, budget, self.predict(cand, flags), self.quality[id(cand)], host_notes,
+                       floor)
 
     def raise_ubatch(self, opt: _Option, floor: int, cap: int) -> tuple[_Option, str | None]:
         """With experts in RAM, a larger ubatch amortises their per-ubatch copy to the GPU: take 2048 (or 1024)
-        when, re-placed at that ubatch, generation stays within the speed tolerance and prompts get faster by
-        at least :data:`UBATCH_MIN_PP_GAIN`."""
+        when, re-placed at that ubatch (from ``floor`` tokens per slot), generation stays within the speed tolerance
+        and prompts get faster by at least :data:`UBATCH_MIN_PP_GAIN`."""
         if opt.experts_on_cpu == 0 or opt.budget.cpu_only or opt.flags.n_gpu_layers is not None:
             return opt, None
         cand = opt.candidate
@@ -644,7 +661,7 @@ def _ctx_bounds(layouts: Sequence[ModelLayout], wishes: Wishes) -> tuple[int, in
                    else "; allow YaRN rope scaling (--allow-yarn) to go further"))
         return want, want, native
     cap = native  # YaRN only when a context beyond native was asked for
-    floor = cap if wishes.prefer == "context" else min(WORKING_CTX, cap)
+    floor = {"context": cap, BALANCED: min(policy.CTX_FLOOR, cap)}.get(wishes.prefer, min(WORKING_CTX, cap))
     return floor, cap, native
 
 
@@ -701,18 +718,30 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
             raise TunerError("--vision: no vision projector (mmproj) is known for this model")
     search = _Search(pool, hardware, wishes, measured)
     floor, cap, native = _ctx_bounds([c.layout for c in pool], wishes)
+    first_floor = floor
     notes: list[str] = []
+
+    def tiers(floor_: int) -> tuple[int, ...]:  # the contexts each quant and KV type is placed for
+        if wishes.prefer != BALANCED or wishes.ctx_size is not None or floor_ < first_floor:
+            return (floor_,)
+        return policy.ctx_tiers(floor_, cap)
 
     def run(floor_: int, last_resort: bool) -> tuple[list[_Option], list[_Miss]]:
         opts: list[_Option] = []
         misses: list[_Miss] = []
         for cand in pool:
             for kv in _kv_types(wishes, last_resort, cand.layout):
-                got = search.option(cand, kv, floor_, cap)
-                if isinstance(got, _Option):
+                reached = 0
+                for tier in tiers(floor_):
+                    if tier <= reached:  # the placement found for a lower tier already holds this context
+                        continue
+                    got = search.option(cand, kv, tier, cap)
+                    if isinstance(got, _Miss):
+                        if not reached:
+                            misses.append(got)
+                        break
                     opts.append(got)
-                else:
-                    misses.append(got)
+                    reached = got.ctx
         return opts, misses
 
     floors = [floor] + ([MIN_CTX] if wishes.ctx_size is None and floor > MIN_CTX else [])
@@ -732,28 +761,52 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     if floor < floors[0]:
         notes.append(f"planned from {floor} tokens of context instead")
 
-    # one KV type per quant, then the quants ranked
-    groups: dict[int, list[_Option]] = {}
-    for o in options:
-        groups.setdefault(id(o.candidate), []).append(o)
-    winners = [_kv_choice(g, wishes.prefer) for g in groups.values()]
-    ranked = _rank(winners, wishes.prefer)
-    best, best_key = ranked[0]
-    kv_losers = [o for o in groups[id(best.candidate)] if o is not best]
-    ub_reason = None
-    if wishes.prefer != "context":
-        best, ub_reason = search.raise_ubatch(best, floor, cap)
+    choice: policy.Choice | None = None
+    more_ctx: _Option | None = None
+    if wishes.prefer == BALANCED:
+        pf = policy.Floors(first_floor, tiers(first_floor), quality=not wishes.quant,
+                           ctx_asked=wishes.ctx_size is not None, cpu_only=search.budget.cpu_only)
+        choice, ub_reasons = _balanced_choice(options, pf, search, cap)
+        ranked: list[tuple[_Option, tuple]] = list(choice.ranked)  # type: ignore[arg-type]
+        best, best_key = ranked[0]
+        ub_reason = ub_reasons.get(id(best))
+        if not choice.window_tg:  # no window (no plan meets the floors): the speed tolerance alone
+            best, ub_reason = search.raise_ubatch(best, best.floor, cap)
 
-    def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
-        return search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+        def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
+            return o if id(o) in ub_reasons else search.raise_ubatch(o, o.floor, cap)[0]
 
-    kv_losers = [as_planned(o) for o in kv_losers]  # the report's reasons and alternatives show the same plans
-    alts: list[tuple[_Option, str]] = [(o, _kv_why_lost(o, best, wishes.prefer)) for o in kv_losers[:1]]
-    for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
-        opt = as_planned(opt)
-        alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
+        same = [o for o, _ in ranked if o.candidate is best.candidate and o is not ranked[0][0]]
+        other_kv = [o for o in same if o.kv != best.kv]  # at the plan's tier if there is one, else the highest
+        kv_losers = [as_planned(max(other_kv, key=lambda o: (pf.tier(o) == pf.tier(best), pf.tier(o), o.tg)))
+                     ] if other_kv else []
+        more = [o for o in same if o.ctx > best.ctx]
+        more_ctx = max(more, key=lambda o: o.tg) if more else None
+        alts = [(o, policy.why_lost(o, best, choice))
+                for o in map(as_planned, _balanced_alternatives(best, ranked, choice, pf))]
+    else:
+        # one KV type per quant, then the quants ranked
+        groups: dict[int, list[_Option]] = {}
+        for o in options:
+            groups.setdefault(id(o.candidate), []).append(o)
+        winners = [_kv_choice(g, wishes.prefer) for g in groups.values()]
+        ranked = _rank(winners, wishes.prefer)
+        best, best_key = ranked[0]
+        kv_losers = [o for o in groups[id(best.candidate)] if o is not best]
+        ub_reason = None
+        if wishes.prefer != "context":
+            best, ub_reason = search.raise_ubatch(best, floor, cap)
 
-    reasons = _reasons(best, best_key, ranked, kv_losers, search, floor, cap, native, ub_reason)
+        def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
+            return search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+
+        kv_losers = [as_planned(o) for o in kv_losers]  # the report's reasons and alternatives show the same plans
+        alts = [(o, _kv_why_lost(o, best, wishes.prefer)) for o in kv_losers[:1]]
+        for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
+            opt = as_planned(opt)
+            alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
+
+    reasons = _reasons(best, best_key, ranked, kv_losers, search, cap, native, ub_reason, choice, more_ctx)
     plan = _to_plan(best, reasons, wishes, native)
     alt_plans = tuple((_to_plan(o, (), wishes, native), why) for o, why in alts)
     missing: dict[int, _Miss] = {}
@@ -764,7 +817,53 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         gpu = "" if search.budget.cpu_only else f" with {fmt_bytes(m.gpu_need_bytes)} on the GPU ({m.placement})"
         notes.append(f"{m.candidate.quant} does not fit in {m.why}: it needs {fmt_bytes(m.host_need_bytes)} of "
                      f"RAM at least{gpu}")
-    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started)
+    followed = {**(choice.to_dict() if choice else {"name": wishes.prefer}), "rule": _rule(wishes, best, choice)}
+    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started,
+                          followed, choice.warnings if choice else ())
+
+
+def _balanced_choice(options: Sequence[_Option], pf: policy.Floors, search: _Search, cap: int
+                     ) -> tuple[policy.Choice, dict[int, str | None]]:
+    """Rank ``options`` under ``balanced`` as they would be launched: every option near the window gets its ubatch
+    raised first (:meth:`_Search.raise_ubatch`, the speed tolerance), so the window compares planned generation
+    speeds. Returns the choice and, by option id, the ubatch reason of each option that went through the raise
+    (None where the ubatch stayed)."""
+    first = policy.rank(options, pf)
+    if not first.window_tg:
+        return first, {}
+    near = (1 - policy.SPEED_WINDOW - SPEED_TOLERANCE) * first.reference.tg
+    planned: list[_Option] = []
+    reasons: dict[int, str | None] = {}
+    for o in options:
+        if o.tg >= near and pf.ctx_ok(o):
+            o, why = search.raise_ubatch(o, o.floor, cap)
+            reasons[id(o)] = why
+        planned.append(o)
+    return policy.rank(planned, pf), reasons
+
+
+def _balanced_alternatives(best: _Option, ranked: Sequence[tuple[_Option, tuple]], choice: policy.Choice,
+                           pf: policy.Floors) -> list[_Option]:
+    """The runners-up worth showing under ``balanced``: the fastest plan meeting the floors, the plan's quant at a
+    higher context tier, the next better and the next lower quant (each its best-ranked option), then the rest of
+    the ranking; one per quant, KV type and flags, :data:`MAX_ALTERNATIVES` at most."""
+    chosen = ranked[0][0]
+    order = [o for o, _ in ranked[1:]]
+    same = [o for o in order if o.candidate is chosen.candidate]
+    higher = sorted((o for o in same if pf.tier(o) > pf.tier(chosen)), key=lambda o: -o.tg)
+    better = [o for o in order if o.quant_quality > chosen.quant_quality]
+    worse = [o for o in order if o.quant_quality < chosen.quant_quality]
+    step_up = [o for o in better if o.quant_quality == min(x.quant_quality for x in better)]
+    step_down = [o for o in worse if o.quant_quality == max(x.quant_quality for x in worse)]
+    picks = [choice.reference, *higher[:1], *step_up[:1], *step_down[:1], *order]
+    out: list[_Option] = []
+    seen = {(id(best.candidate), best.flags), (id(chosen.candidate), chosen.flags)}
+    for o in picks:
+        k = (id(o.candidate), o.flags)
+        if k not in seen and len(out) < MAX_ALTERNATIVES:
+            seen.add(k)
+            out.append(o)
+    return out
 
 
 def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int) -> Plan:
@@ -775,12 +874,10 @@ def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int
     return Plan(opt.candidate, opt.flags, opt.estimate, opt.budget, opt.predicted, reasons, wishes.vision, extra)
 
 
-def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tuple]],
-             kv_losers: Sequence[_Option], search: _Search, floor: int, cap: int, native: int,
-             ub_reason: str | None) -> tuple[str, ...]:
-    w = search.wishes
-    out: list[str] = []
-    lay = best.candidate.layout
+def _rule(w: Wishes, best: _Option, choice: policy.Choice | None) -> str:
+    """The rule ``w.prefer`` follows, as the first reason (and the JSON's ``policy.rule``) says it."""
+    if choice is not None:
+        return policy.rule_text(choice)
     rule = {
         "speed": (f"the fastest predicted generation among quants of at least {SPEED_MIN_BITS_PER_WEIGHT:g} bits/"
                   f"weight, counting plans within {SPEED_TOLERANCE:.0%} as equal and then taking the best quality"),
@@ -790,7 +887,22 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
     }[w.prefer]
     if w.prefer != "context" and best.bpw < SPEED_MIN_BITS_PER_WEIGHT:
         rule += f" (no quant of {SPEED_MIN_BITS_PER_WEIGHT:g} bits/weight or more fits)"
-    out.append(f"{best.candidate.quant} ({best.bpw:.2f} bits/weight): --prefer {w.prefer} takes {rule}; "
+    return rule
+
+
+def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tuple]],
+             kv_losers: Sequence[_Option], search: _Search, cap: int, native: int, ub_reason: str | None,
+             choice: policy.Choice | None = None, more_ctx: _Option | None = None) -> tuple[str, ...]:
+    w = search.wishes
+    out: list[str] = []
+    lay = best.candidate.layout
+
+    def why(o: _Option, okey: tuple) -> str:
+        return policy.why_lost(o, best, choice) if choice else _why_lost(o, okey, best, best_key, w.prefer)
+
+    verb = "keeps" if choice else "takes"
+    rule = _rule(w, best, choice).removeprefix("keeps ")
+    out.append(f"{best.candidate.quant} ({best.bpw:.2f} bits/weight): --prefer {w.prefer} {verb} {rule}; "
                f"{best.tg:.0f} tok/s predicted")
     b = best.budget
     if b.cpu_only:
@@ -809,7 +921,7 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
         elif n == 0:
             out.append("every layer, expert and cache on the GPU")
         else:
-            out.append(f"--n-cpu-moe {n}: the fewest expert layers in RAM that fit {floor} tokens of context "
+            out.append(f"--n-cpu-moe {n}: the fewest expert layers in RAM that fit {best.floor} tokens of context "
                        f"({n} × {fmt_bytes(lay.expert_bytes_by_layer().get(0, 0))}); attention, DeltaNet, shared "
                        f"experts, router, output head, KV cache and recurrent state stay on the GPU")
             on_gpu = [o for o, _ in ranked if o.experts_on_cpu == 0]
@@ -819,7 +931,7 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                     okey = next(k for x, k in ranked if x is o)
                     out.append(f"kept {best.candidate.quant} with experts in RAM rather than drop to "
                                f"{o.candidate.quant}, which fits entirely on the GPU: "
-                               + _why_lost(o, okey, best, best_key, w.prefer))
+                               + why(o, okey))
             else:
                 out.append("no quant fits entirely on the GPU with that context, so experts are offloaded")
         bigger = [o for o, _ in ranked if o.quant_quality > best.quant_quality]
@@ -835,10 +947,17 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
         out.append(f"context {best.ctx}: the model's native maximum" if cap == native
                    else f"context {best.ctx} with YaRN")
     else:
-        out.append(f"context {best.ctx}: the largest that fits with this placement (native {native})")
+        out.append(f"context {best.ctx}: the largest that fits with this placement (native {native})"
+                   + (f"; {more_ctx.ctx} would need --n-cpu-moe {more_ctx.experts_on_cpu} and predict "
+                      f"{more_ctx.tg:.0f} tok/s" + (f", outside the {policy.SPEED_WINDOW:.0%} window"
+                                                    if choice and not choice.in_window(more_ctx) else
+                                                    ", for no higher context tier")
+                      if more_ctx else ""))
     alt = next(iter(kv_losers), None)
     if w.cache_type:
         out.append(f"KV cache {best.kv}, as asked")
+    elif choice is not None:
+        out.append(policy.kv_reason(best, alt, choice))
     elif alt is None:
         out.append(f"KV cache {best.kv}: the only type that fits")
     elif best.kv_quality > alt.kv_quality:

@@ -36,6 +36,7 @@ from rich.text import Text
 from tuner import bench as b
 from tuner.cli import _options as o
 from tuner.cli._output import emit, err_console
+from tuner.hardware import HostSpec
 
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="NAME=FLAGS: a named llama-server flag set to measure (repeatable). Default: the plan and "
@@ -152,13 +153,16 @@ def register(app: typer.Typer) -> None:
         server_bin: o.ServerBinOpt = None,
         ctx_size: o.PlanCtxOpt = None,
         parallel: o.PlanParallelOpt = 1,
-        prefer: o.PreferOpt = "speed",
+        prefer: o.PreferOpt = o.DEFAULT_PREFER,
         buffer: o.BufferOpt = None,
         quant: o.QuantOpt = None,
         cache_type: o.CacheTypeOpt = None,
         allow_yarn: o.AllowYarnOpt = False,
         gpu: BenchGpuOpt = None,
         vram: o.VramOpt = None,
+        ram: o.RamOpt = None,
+        ram_bandwidth: o.RamBandwidthOpt = None,
+        cpu_cores: o.CpuCoresOpt = None,
         out: OutOpt = b.DEFAULT_OUT_DIR,
         keep_logs: KeepLogsOpt = False,
         no_profile: NoProfileOpt = False,
@@ -176,7 +180,7 @@ def register(app: typer.Typer) -> None:
             server_bin=server_bin, out_dir=out, keep_logs=keep_logs, learn=not no_profile, cpu_only=gpu is not None)
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=False,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
-        hardware = b.bench_hardware(gpu, vram)
+        hardware = b.bench_hardware(gpu, vram, HostSpec.from_options(ram, ram_bandwidth, cpu_cores))
         build_progress = BuildProgress(err_console)
 
         def say(line: str) -> None:

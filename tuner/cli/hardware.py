@@ -38,6 +38,7 @@ def hardware_dict(hardware: Hardware) -> dict[str, Any]:
         "cpu_model": hardware.cpu_model,
         "cpu_physical_cores": hardware.cpu_physical_cores,
         "cpu_logical_cores": hardware.cpu_logical_cores,
+        "host_source": hardware.host_source,
         "notes": list(hardware.notes),
     }
 

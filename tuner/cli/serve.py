@@ -32,7 +32,7 @@ from tuner.cli._output import console, emit_json_line, err_console
 from tuner.cli.build import BuildProgress
 from tuner.cli.profile import recommend_hook
 from tuner.cli.recommend import wishes_from_options
-from tuner.hardware import hardware_for
+from tuner.hardware import HostSpec, hardware_for
 from tuner.serve import Event, ServeOptions, preflight, run_serve
 from tuner.units import fmt_bytes
 
@@ -217,7 +217,7 @@ def register(app: typer.Typer) -> None:
         model: o.OptionalModelArg = None,
         ctx_size: o.PlanCtxOpt = None,
         parallel: o.PlanParallelOpt = 1,
-        prefer: o.PreferOpt = "speed",
+        prefer: o.PreferOpt = o.DEFAULT_PREFER,
         vision: o.VisionOpt = False,
         buffer: o.BufferOpt = None,
         quant: o.QuantOpt = None,
@@ -225,6 +225,9 @@ def register(app: typer.Typer) -> None:
         allow_yarn: o.AllowYarnOpt = False,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
+        ram: o.RamOpt = None,
+        ram_bandwidth: o.RamBandwidthOpt = None,
+        cpu_cores: o.CpuCoresOpt = None,
         host: HostOpt = "127.0.0.1",
         port: PortOpt = 8080,
         api_key: ApiKeyOpt = None,
@@ -242,7 +245,7 @@ def register(app: typer.Typer) -> None:
         options = ServeOptions(host=host, port=port, api_key=api_key, source=source, server_bin=server_bin,
                                cuda=cuda, preset=preset, alias=alias, log_path=log_file)
         preflight(options)  # before probing hardware or reading the model: cheap refusals first
-        hardware = hardware_for(gpu, vram)
+        hardware = hardware_for(gpu, vram, host=HostSpec.from_options(ram, ram_bandwidth, cpu_cores))
         build_progress = BuildProgress(err_console)
         fetch_progress = FetchProgress(err_console)
         printer = EventPrinter(as_json, build_progress, fetch_progress)

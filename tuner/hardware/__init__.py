@@ -24,7 +24,15 @@ from tuner.hardware.catalog import (
 )
 from tuner.hardware.gpu import GB, Gpu
 from tuner.hardware.host import HostInfo, read_host
-from tuner.hardware.machine import Hardware, detect_hardware, gpu_split, hardware_for, override_vram
+from tuner.hardware.machine import (
+    Hardware,
+    HostSpec,
+    assumed_host,
+    detect_hardware,
+    gpu_split,
+    hardware_for,
+    override_vram,
+)
 from tuner.hardware.nvml import NvmlApi, gpu_free_bytes, gpu_process_memory_bytes, read_gpus
 from tuner.hardware.snapshot import record_snapshot
 
@@ -35,7 +43,9 @@ __all__ = [
     "Gpu",
     "Hardware",
     "HostInfo",
+    "HostSpec",
     "NvmlApi",
+    "assumed_host",
     "catalog_entry_for_name",
     "catalog_gpu",
     "detect_hardware",
