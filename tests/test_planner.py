@@ -24,6 +24,7 @@ from tuner.planner import (
     headroom_bytes,
     plan_for,
     recommend,
+    threads_for,
 )
 from tuner.policy import CTX_FLOOR, QUALITY_FLOOR_QUANT, SPEED_WINDOW
 from tuner.units import GiB, MiB, fmt_bytes
@@ -39,7 +40,7 @@ def ladder() -> list[QuantCandidate]:
 def machine(gpu: str, ram_gib: float = 64) -> Hardware:
     """A catalog GPU (or none) with a fixed host, so plans do not depend on the machine running the tests."""
     return replace(hardware_for(gpu), ram_total_bytes=int(ram_gib * GiB), ram_available_bytes=int(ram_gib * GiB),
-                   ram_bandwidth_bytes_s=50 * GB, cpu_physical_cores=8)
+                   ram_bandwidth_bytes_s=50 * GB, cpu_physical_cores=8, cpu_logical_cores=16, cpu_busy_logical=0.0)
 
 
 def reestimate(plan: Plan, flags: ServerFlags, hardware: Hardware):  # -> MemoryEstimate
@@ -413,3 +414,21 @@ def test_the_json_says_which_policy_was_followed(ladder: list[QuantCandidate]) -
     assert balanced["policy"]["rule"] in balanced["reasons"][0] and balanced["warnings"] == []
     speed = recommend(ladder, machine("rtx-3090"), Wishes(prefer="speed")).to_dict()
     assert speed["policy"]["name"] == "speed" and speed["policy"]["rule"] in speed["reasons"][0]
+
+
+def test_a_busy_machine_gets_fewer_threads_and_a_quiet_one_llama_servers_default(
+        ladder: list[QuantCandidate]) -> None:
+    quiet = machine("none", ram_gib=64)
+    assert threads_for(quiet) == (None, None)
+    plan = recommend(ladder, quiet, Wishes()).plan
+    assert "--threads" not in plan.command()
+    busy = replace(quiet, cpu_busy_logical=12.0)  # 12 of 16 logical CPUs: 6 of 8 cores
+    n, why = threads_for(busy)
+    assert n == 2 and why is not None and why.startswith("--threads 2: other work keeps 6.0 of this machine's 8")
+    plan = recommend(ladder, busy, Wishes()).plan
+    assert plan.command()[-5:] == ["--threads", "2", "--fit", "off", "--jinja"] and why in plan.reasons
+    assert threads_for(replace(quiet, cpu_busy_logical=16.0))[0] == 1  # never fewer than one
+    assert threads_for(replace(quiet, cpu_busy_logical=0.9))[0] is None  # half a core: not worth a thread
+    # a plan wholly on the GPU computes nothing on the CPU: no thread count to pick
+    gpu = recommend(ladder, replace(machine("rtx-4090"), cpu_busy_logical=12.0), Wishes(prefer="speed")).plan
+    assert gpu.flags.n_cpu_moe == 0 and "--threads" not in gpu.command()

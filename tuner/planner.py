@@ -76,7 +76,7 @@ from tuner.units import GiB, MiB, fmt_bytes
 
 __all__ = [
     "Budget", "Measured", "Plan", "Prediction", "Recommendation", "Wishes", "budget_for", "estimate_on", "fits",
-    "gpu_split", "headroom_bytes", "plan_for", "recommend",
+    "gpu_split", "headroom_bytes", "plan_for", "recommend", "threads_for",
 ]
 
 COMMUNITY_HEADROOM_BYTES = 768 * MiB
@@ -807,8 +807,11 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
             alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
 
     reasons = _reasons(best, best_key, ranked, kv_losers, search, cap, native, ub_reason, choice, more_ctx)
-    plan = _to_plan(best, reasons, wishes, native)
-    alt_plans = tuple((_to_plan(o, (), wishes, native), why) for o, why in alts)
+    threads, why_threads = threads_for(hardware)
+    if threads is not None and _runs_on_cpu(best):
+        reasons = (*reasons, why_threads or "")
+    plan = _to_plan(best, reasons, wishes, native, threads)
+    alt_plans = tuple((_to_plan(o, (), wishes, native, threads), why) for o, why in alts)
     missing: dict[int, _Miss] = {}
     for m in sorted(misses, key=lambda m: m.gpu_need_bytes + m.host_need_bytes):
         if not any(o.candidate is m.candidate for o in options):
@@ -866,11 +869,36 @@ def _balanced_alternatives(best: _Option, ranked: Sequence[tuple[_Option, tuple]
     return out
 
 
-def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int) -> Plan:
+def threads_for(hardware: Hardware) -> tuple[int | None, str | None]:
+    """``--threads`` where other work keeps some of this machine's cores busy (None: llama-server's default, every
+    physical core, common/common.cpp:201-225), and the reason.
+
+    llama.cpp's CPU threads meet at a barrier after every graph node (ggml/src/ggml-cpu/ggml-cpu.c: ggml_barrier),
+    so a thread waiting for a core another process holds stalls all of them, every node: on a 2-core machine with a
+    load of 8, ``-t 2`` generated 0.7 tok/s where ``-t 1`` generated 12 (llama-bench, a synthetic qwen35moe, see
+    bench_results/). The plan takes the cores left free (at least one); a quiet machine keeps the default."""
+    phys = hardware.cpu_physical_cores
+    busy = hardware.cpu_busy_logical * phys / max(hardware.cpu_logical_cores, 1)
+    n = max(1, int(phys - busy + 0.5))
+    if n >= phys:
+        return None, None
+    return n, (f"--threads {n}: other work keeps {busy:.1f} of this machine's {phys} cores busy (measured when "
+               f"planning); llama.cpp's threads wait for each other after every operation, so one that waits for a "
+               f"busy core stalls them all (llama-server's default: all {phys})")
+
+
+def _runs_on_cpu(opt: _Option) -> bool:
+    return opt.budget.cpu_only or opt.experts_on_cpu > 0 or opt.flags.n_gpu_layers is not None
+
+
+def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int, threads: int | None = None
+             ) -> Plan:
     extra: tuple[str, ...] = ()
     if opt.estimate.n_ctx_seq > native:
         scale = -(-opt.estimate.n_ctx_seq // native)
         extra = ("--rope-scaling", "yarn", "--rope-scale", str(scale), "--yarn-orig-ctx", str(native))
+    if threads is not None and _runs_on_cpu(opt):
+        extra += ("--threads", str(threads))
     return Plan(opt.candidate, opt.flags, opt.estimate, opt.budget, opt.predicted, reasons, wishes.vision, extra)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from tuner.errors import TunerError
 from tuner.hardware.catalog import GENERIC_GPU_BANDWIDTH_BYTES_S, parse_gpu_spec
 from tuner.hardware.gpu import GB, Gpu
-from tuner.hardware.host import HostInfo, default_ram_bandwidth_bytes_s, read_host_noted
+from tuner.hardware.host import HostInfo, cpu_busy_logical, default_ram_bandwidth_bytes_s, read_host_noted
 from tuner.hardware.nvml import NvmlApi, read_gpus_noted
 from tuner.units import GiB, fmt_bytes, parse_size_bytes
 
@@ -76,6 +76,9 @@ class Hardware:
     (:func:`~tuner.hardware.host.measure_ram_bandwidth_bytes_s`)."""
     notes: tuple[str, ...] = ()
     """One line each, for the user: what could not be read, what was assumed instead."""
+    cpu_busy_logical: float = 0.0
+    """Logical CPUs other work keeps busy on this machine (:func:`~tuner.hardware.host.cpu_busy_logical`); 0 for a
+    host that is described or assumed."""
     host_source: str = "detected"
     """Where RAM, cores and bandwidth come from: ``detected`` (this machine), ``given`` (--ram, --ram-bandwidth,
     --cpu-cores over this machine or over the assumed host), ``assumed`` (:func:`assumed_host`, for a catalog card)."""
@@ -91,9 +94,10 @@ def detect_hardware(nvml: NvmlApi | None = None) -> Hardware:
     return _with_host(gpus, gpu_notes + _cuda_numbering_notes(gpus, os.environ))
 
 
-def _with_host(gpus: tuple[Gpu, ...], notes: tuple[str, ...]) -> Hardware:
+def _with_host(gpus: tuple[Gpu, ...], notes: tuple[str, ...], *, busy: bool = True) -> Hardware:
     host, host_notes = read_host_noted()
     return Hardware(
+        cpu_busy_logical=cpu_busy_logical() if busy else 0.0,
         gpus=gpus,
         ram_total_bytes=host.ram_total_bytes,
         ram_available_bytes=host.ram_available_bytes,
@@ -179,7 +183,7 @@ def with_host(hardware: Hardware, spec: HostSpec, *, assume: bool) -> Hardware:
     if spec.ram_bytes is not None:
         out = replace(out, ram_total_bytes=spec.ram_bytes, ram_available_bytes=spec.ram_bytes - OS_RESERVED_BYTES)
     if spec.cpu_cores is not None:
-        out = replace(out, cpu_physical_cores=spec.cpu_cores,
+        out = replace(out, cpu_physical_cores=spec.cpu_cores, cpu_busy_logical=0.0,
                       cpu_logical_cores=max(spec.cpu_cores, 2 * spec.cpu_cores if assume else out.cpu_logical_cores))
         if spec.ram_bandwidth_bytes_s is None:  # the default follows the core count
             out = replace(out, ram_bandwidth_bytes_s=default_ram_bandwidth_bytes_s(spec.cpu_cores))
@@ -190,10 +194,10 @@ def with_host(hardware: Hardware, spec: HostSpec, *, assume: bool) -> Hardware:
               spec.ram_bytes is not None), (f"{out.cpu_physical_cores} cores", spec.cpu_cores is not None),
              (f"{out.ram_bandwidth_bytes_s / GB:g} GB/s of RAM bandwidth", spec.ram_bandwidth_bytes_s is not None))
     if assume and not spec.given:
-        this = read_host_noted()[0]
         kind = out.cpu_model.removeprefix("assumed ").removesuffix(" CPU")
         note = (f"host assumed: {', '.join(p for p, _ in parts)}: a {kind} built for this GPU, not this machine "
-                f"({fmt_bytes(this.ram_total_bytes)} of RAM); --ram, --ram-bandwidth and --cpu-cores describe yours")
+                f"({fmt_bytes(hardware.ram_total_bytes)} of RAM); --ram, --ram-bandwidth and --cpu-cores describe "
+                "yours")
         source = "assumed"
     else:
         tag = {True: " (given)", False: " (assumed)" if assume else ""}
@@ -232,7 +236,8 @@ def hardware_for(gpu: str | None, vram: str | None = None, nvml: NvmlApi | None 
         entry, count = parse_gpu_spec(gpu)
         gpus = tuple(entry.to_gpu(index) for index in range(count))
         what = entry.name if count == 1 else f"{count} × {entry.name}"
-        hardware = _with_host(gpus, (f"GPU from the catalog ({what}), not detected: all its memory counted free",))
+        hardware = _with_host(gpus, (f"GPU from the catalog ({what}), not detected: all its memory counted free",),
+                              busy=False)
         catalog = True
     if vram is not None:
         hardware = override_vram(hardware, parse_size_bytes(vram, default_unit="g"))
