@@ -718,30 +718,24 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
             raise TunerError("--vision: no vision projector (mmproj) is known for this model")
     search = _Search(pool, hardware, wishes, measured)
     floor, cap, native = _ctx_bounds([c.layout for c in pool], wishes)
-    first_floor = floor
     notes: list[str] = []
 
-    def tiers(floor_: int) -> tuple[int, ...]:  # the contexts each quant and KV type is placed for
-        if wishes.prefer != BALANCED or wishes.ctx_size is not None or floor_ < first_floor:
-            return (floor_,)
-        return policy.ctx_tiers(floor_, cap)
+    pf = policy.Floors(floor, policy.ctx_tiers(floor, cap) if wishes.ctx_size is None else (floor,),
+                       quality=not wishes.quant, ctx_asked=wishes.ctx_size is not None,
+                       cpu_only=search.budget.cpu_only)
 
     def run(floor_: int, last_resort: bool) -> tuple[list[_Option], list[_Miss]]:
         opts: list[_Option] = []
         misses: list[_Miss] = []
         for cand in pool:
             for kv in _kv_types(wishes, last_resort, cand.layout):
-                reached = 0
-                for tier in tiers(floor_):
-                    if tier <= reached:  # the placement found for a lower tier already holds this context
-                        continue
-                    got = search.option(cand, kv, tier, cap)
-                    if isinstance(got, _Miss):
-                        if not reached:
-                            misses.append(got)
-                        break
+                got = search.option(cand, kv, floor_, cap)
+                if isinstance(got, _Option):
                     opts.append(got)
-                    reached = got.ctx
+                else:
+                    misses.append(got)
+        if wishes.prefer == BALANCED and floor_ == pf.ctx:
+            opts += _higher_tiers(opts, pf, search, cap)
         return opts, misses
 
     floors = [floor] + ([MIN_CTX] if wishes.ctx_size is None and floor > MIN_CTX else [])
@@ -764,8 +758,6 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     choice: policy.Choice | None = None
     more_ctx: _Option | None = None
     if wishes.prefer == BALANCED:
-        pf = policy.Floors(first_floor, tiers(first_floor), quality=not wishes.quant,
-                           ctx_asked=wishes.ctx_size is not None, cpu_only=search.budget.cpu_only)
         choice, ub_reasons = _balanced_choice(options, pf, search, cap)
         ranked: list[tuple[_Option, tuple]] = list(choice.ranked)  # type: ignore[arg-type]
         best, best_key = ranked[0]
@@ -823,6 +815,32 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     followed = {**(choice.to_dict() if choice else {"name": wishes.prefer}), "rule": _rule(wishes, best, choice)}
     return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started,
                           followed, choice.warnings if choice else ())
+
+
+def _higher_tiers(base: Sequence[_Option], pf: policy.Floors, search: _Search, cap: int) -> list[_Option]:
+    """``balanced``: the options placed for the context tiers above the floor, for the quants and KV types that
+    may win with them. A higher tier never predicts faster generation than the floor's placement (more expert
+    layers in RAM, or as many), so only the options the window may hold climb: those of the quality floor near the
+    fastest one (or, when none meets the quality floor, those of the best quant that reaches the context)."""
+    pool = [o for o in base if pf.quality_ok(o)]
+    if pool:
+        near = (1 - policy.SPEED_WINDOW - SPEED_TOLERANCE) * max(o.tg for o in pool)
+        climbers = [o for o in pool if o.tg >= near]
+    else:
+        top = max((o.quant_quality for o in base), default=0)
+        climbers = [o for o in base if o.quant_quality == top]
+    out: list[_Option] = []
+    for o in climbers:
+        reached = o.ctx
+        for tier in pf.tiers[1:]:
+            if tier <= reached:  # the placement found for a lower tier already holds this context
+                continue
+            got = search.option(o.candidate, o.kv, tier, cap)
+            if isinstance(got, _Miss):
+                break
+            out.append(got)
+            reached = got.ctx
+    return out
 
 
 def _balanced_choice(options: Sequence[_Option], pf: policy.Floors, search: _Search, cap: int

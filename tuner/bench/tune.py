@@ -475,6 +475,8 @@ class _Search:
     def trial(self, c: TuneConfig, dim: str, dropped_after: int | None = None) -> Trial:
         name = self.name(c)
         mine = [s for s in self.samples if s.set_name == name and s.round == self.round_no - 1]
+        deepest = max((s.depth for s in mine), default=0)  # the verdict round measures shallower depths too
+        mine = [s for s in mine if s.depth == deepest]
         return Trial(name, c, self.round_no - 1, dim, True, "", round(score_of(mine, self.objective), 3),
                      round(statistics.median(s.pp_tok_s for s in mine), 3) if mine else 0.0,
                      round(statistics.median(s.tg_tok_s for s in mine), 3) if mine else 0.0,
