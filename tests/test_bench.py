@@ -249,6 +249,14 @@ def test_the_comparison_covers_every_depth_with_the_spread_of_paired_runs(cpu) -
     assert b.verdict([rd, slower])["comparisons"][0]["not_slower"] is False
 
 
+def test_tuning_starts_from_the_plans_thread_count() -> None:
+    from tuner.bench.tune import _threads_apart
+
+    assert _threads_apart(["--rope-scaling", "yarn", "--threads", "1", "--fit", "off"]) == (
+        1, ("--rope-scaling", "yarn", "--fit", "off"))
+    assert _threads_apart(["--fit", "off"]) == (None, ("--fit", "off"))
+
+
 def test_the_order_of_sets_rotates_every_repeat() -> None:
     assert [b.rotated(["a", "b", "c"], rep) for rep in range(4)] == [
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]

@@ -226,7 +226,6 @@ class Recommendation:
     policy: dict[str, Any] = field(default_factory=dict)  # the policy followed: name, rule, floors (balanced)
     warnings: tuple[str, ...] = ()  # a floor of the policy given up to fit
 
-
     def to_dict(self, server_bin: str = "llama-server") -> dict[str, Any]:
         p = self.plan
         return {
@@ -735,7 +734,11 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
                 else:
                     misses.append(got)
         if wishes.prefer == BALANCED and floor_ == pf.ctx:
-            opts += _higher_tiers(opts, pf, search, cap)
+            def place(o: _Option, tier: int) -> _Option | None:
+                got = search.option(o.candidate, o.kv, tier, cap)
+                return got if isinstance(got, _Option) else None
+
+            opts += policy.climb_tiers(opts, pf, place, SPEED_TOLERANCE)
         return opts, misses
 
     floors = [floor] + ([MIN_CTX] if wishes.ctx_size is None and floor > MIN_CTX else [])
@@ -758,7 +761,8 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     choice: policy.Choice | None = None
     more_ctx: _Option | None = None
     if wishes.prefer == BALANCED:
-        choice, ub_reasons = _balanced_choice(options, pf, search, cap)
+        choice, ub_reasons = policy.rank_as_planned(options, pf, lambda o: search.raise_ubatch(o, o.floor, cap),
+                                                    SPEED_TOLERANCE)
         ranked: list[tuple[_Option, tuple]] = list(choice.ranked)  # type: ignore[arg-type]
         best, best_key = ranked[0]
         ub_reason = ub_reasons.get(id(best))
@@ -775,7 +779,7 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         more = [o for o in same if o.ctx > best.ctx]
         more_ctx = max(more, key=lambda o: o.tg) if more else None
         alts = [(o, policy.why_lost(o, best, choice))
-                for o in map(as_planned, _balanced_alternatives(best, ranked, choice, pf))]
+                for o in map(as_planned, policy.alternatives(best, choice, MAX_ALTERNATIVES))]  # type: ignore[arg-type]
     else:
         # one KV type per quant, then the quants ranked
         groups: dict[int, list[_Option]] = {}
@@ -817,84 +821,16 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
                           followed, choice.warnings if choice else ())
 
 
-def _higher_tiers(base: Sequence[_Option], pf: policy.Floors, search: _Search, cap: int) -> list[_Option]:
-    """``balanced``: the options placed for the context tiers above the floor, for the quants and KV types that
-    may win with them. A higher tier never predicts faster generation than the floor's placement (more expert
-    layers in RAM, or as many), so only the options the window may hold climb: those of the quality floor near the
-    fastest one (or, when none meets the quality floor, those of the best quant that reaches the context)."""
-    pool = [o for o in base if pf.quality_ok(o)]
-    if pool:
-        near = (1 - policy.SPEED_WINDOW - SPEED_TOLERANCE) * max(o.tg for o in pool)
-        climbers = [o for o in pool if o.tg >= near]
-    else:
-        top = max((o.quant_quality for o in base), default=0)
-        climbers = [o for o in base if o.quant_quality == top]
-    out: list[_Option] = []
-    for o in climbers:
-        reached = o.ctx
-        for tier in pf.tiers[1:]:
-            if tier <= reached:  # the placement found for a lower tier already holds this context
-                continue
-            got = search.option(o.candidate, o.kv, tier, cap)
-            if isinstance(got, _Miss):
-                break
-            out.append(got)
-            reached = got.ctx
-    return out
-
-
-def _balanced_choice(options: Sequence[_Option], pf: policy.Floors, search: _Search, cap: int
-                     ) -> tuple[policy.Choice, dict[int, str | None]]:
-    """Rank ``options`` under ``balanced`` as they would be launched: every option near the window gets its ubatch
-    raised first (:meth:`_Search.raise_ubatch`, the speed tolerance), so the window compares planned generation
-    speeds. Returns the choice and, by option id, the ubatch reason of each option that went through the raise
-    (None where the ubatch stayed)."""
-    first = policy.rank(options, pf)
-    if not first.window_tg:
-        return first, {}
-    near = (1 - policy.SPEED_WINDOW - SPEED_TOLERANCE) * first.reference.tg
-    planned: list[_Option] = []
-    reasons: dict[int, str | None] = {}
-    for o in options:
-        if o.tg >= near and pf.ctx_ok(o):
-            o, why = search.raise_ubatch(o, o.floor, cap)
-            reasons[id(o)] = why
-        planned.append(o)
-    return policy.rank(planned, pf), reasons
-
-
-def _balanced_alternatives(best: _Option, ranked: Sequence[tuple[_Option, tuple]], choice: policy.Choice,
-                           pf: policy.Floors) -> list[_Option]:
-    """The runners-up worth showing under ``balanced``: the fastest plan meeting the floors, the plan's quant at a
-    higher context tier, the next better and the next lower quant (each its best-ranked option), then the rest of
-    the ranking; one per quant, KV type and flags, :data:`MAX_ALTERNATIVES` at most."""
-    chosen = ranked[0][0]
-    order = [o for o, _ in ranked[1:]]
-    same = [o for o in order if o.candidate is chosen.candidate]
-    higher = sorted((o for o in same if pf.tier(o) > pf.tier(chosen)), key=lambda o: -o.tg)
-    better = [o for o in order if o.quant_quality > chosen.quant_quality]
-    worse = [o for o in order if o.quant_quality < chosen.quant_quality]
-    step_up = [o for o in better if o.quant_quality == min(x.quant_quality for x in better)]
-    step_down = [o for o in worse if o.quant_quality == max(x.quant_quality for x in worse)]
-    picks = [choice.reference, *higher[:1], *step_up[:1], *step_down[:1], *order]
-    out: list[_Option] = []
-    seen = {(id(best.candidate), best.flags), (id(chosen.candidate), chosen.flags)}
-    for o in picks:
-        k = (id(o.candidate), o.flags)
-        if k not in seen and len(out) < MAX_ALTERNATIVES:
-            seen.add(k)
-            out.append(o)
-    return out
-
-
 def threads_for(hardware: Hardware) -> tuple[int | None, str | None]:
     """``--threads`` where other work keeps some of this machine's cores busy (None: llama-server's default, every
     physical core, common/common.cpp:201-225), and the reason.
 
     llama.cpp's CPU threads meet at a barrier after every graph node (ggml/src/ggml-cpu/ggml-cpu.c: ggml_barrier),
     so a thread waiting for a core another process holds stalls all of them, every node: on a 2-core machine with a
-    load of 8, ``-t 2`` generated 0.7 tok/s where ``-t 1`` generated 12 (llama-bench, a synthetic qwen35moe, see
-    bench_results/). The plan takes the cores left free (at least one); a quiet machine keeps the default."""
+    load of 8, ``-t 2`` generated 0.7 tok/s where ``-t 1`` generated 12
+    (bench_results/w2-qwen35moe/cpu-amd-epyc/threads-llama-bench.md), and the plan measured ×9.5-15 llama-server's
+    defaults in generation, ×1.4-1.6 in prompts (20261201T234440119948Z.json there). The plan takes the cores left
+    free (at least one); a quiet machine keeps the default."""
     phys = hardware.cpu_physical_cores
     busy = hardware.cpu_busy_logical * phys / max(hardware.cpu_logical_cores, 1)
     n = max(1, int(phys - busy + 0.5))

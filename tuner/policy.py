@@ -22,15 +22,17 @@ fewest expert layers in RAM that reach its tier and then grown to the most conte
    context floor, the best quant that does (quality is given up, context kept); if none does, the highest context
    tier, then the best quant, with no speed window.
 
-Pure functions over the planner's options (anything with the :class:`Option` attributes); nothing here searches.
+Pure functions over the planner's options (anything with the :class:`Option` attributes); nothing here searches:
+where the rule needs more options placed (:func:`climb_tiers`) or an option as it would be launched
+(:func:`rank_as_planned`), the planner passes its search in.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from tuner.candidate import QuantCandidate
 
@@ -68,6 +70,13 @@ class Option(Protocol):
     def bpw(self) -> float: ...
     @property
     def experts_on_cpu(self) -> int: ...
+    @property
+    def flags(self) -> Any: ...  # tuner.flags.ServerFlags
+    @property
+    def floor(self) -> int: ...  # the context per slot its placement was searched at
+
+
+_O = TypeVar("_O", bound=Option)
 
 
 def meets_quality_floor(cand: QuantCandidate) -> bool:
@@ -238,3 +247,78 @@ def kv_reason(best: Option, alt: Option | None, choice: Choice) -> str:
     where = "outside it" if choice.window_tg and not choice.in_window(alt) else "less context"
     return (f"KV cache {best.kv}: it reaches {best.ctx} tokens within the speed window; {alt.kv} would reach "
             f"{alt.ctx} at {alt.tg:.0f} tok/s{cpu}, {where}")
+
+
+# ------------------------------------------------------------------------------------ with the planner's search
+
+
+def climb_tiers(base: Sequence[_O], floors: Floors, place: Callable[[_O, int], _O | None],
+                tolerance: float) -> list[_O]:
+    """The options placed for the context tiers above the floor (``place(option, tier)``: its quant and KV type
+    with the fewest expert layers in RAM that reach ``tier``, or None), for the options that may win with them. A
+    higher tier never predicts faster generation than the floor's placement (as many expert layers in RAM or
+    more), so only those the window may hold climb: of the quality floor, within the window and the ubatch's
+    ``tolerance`` of the fastest (or, when none meets the quality floor, those of the best quant)."""
+    pool = [o for o in base if floors.quality_ok(o)]
+    if pool:
+        near = (1 - SPEED_WINDOW - tolerance) * max(o.tg for o in pool)
+        climbers = [o for o in pool if o.tg >= near]
+    else:
+        top = max((o.quant_quality for o in base), default=0)
+        climbers = [o for o in base if o.quant_quality == top]
+    out: list[_O] = []
+    for o in climbers:
+        reached = o.ctx
+        for tier in floors.tiers[1:]:
+            if tier <= reached:  # the placement found for a lower tier already holds this context
+                continue
+            got = place(o, tier)
+            if got is None:
+                break
+            out.append(got)
+            reached = got.ctx
+    return out
+
+
+def rank_as_planned(options: Sequence[_O], floors: Floors, plan: Callable[[_O], tuple[_O, str | None]],
+                    tolerance: float) -> tuple[Choice, dict[int, str | None]]:
+    """:func:`rank` over the options as they would be launched: each one near the window first goes through
+    ``plan`` (the planner's ubatch raise, which may cost up to ``tolerance`` of generation for faster prompts), so
+    the window compares planned speeds. Returns the choice and, by id of the planned option, the ubatch reason of
+    each that went through ``plan`` (None where nothing changed)."""
+    first = rank(options, floors)
+    if not first.window_tg:
+        return first, {}
+    near = (1 - SPEED_WINDOW - tolerance) * first.reference.tg
+    planned: list[_O] = []
+    reasons: dict[int, str | None] = {}
+    for o in options:
+        if o.tg >= near and floors.ctx_ok(o):
+            o, why = plan(o)
+            reasons[id(o)] = why
+        planned.append(o)
+    return rank(planned, floors), reasons
+
+
+def alternatives(best: Option, choice: Choice, most: int) -> list[Option]:
+    """The runners-up worth showing: the fastest plan meeting the floors, the plan's quant at a higher context
+    tier (its fastest), the next better and the next lower quant (each its best-ranked option), then the rest of
+    the ranking; one per quant and flag set, ``most`` at most. ``best`` is the plan as launched (its ubatch raised),
+    ``choice.best`` as ranked."""
+    chosen = choice.best
+    f = choice.floors
+    order = [o for o, _ in choice.ranked[1:]]
+    same = [o for o in order if o.candidate is chosen.candidate]
+    higher = sorted((o for o in same if f.tier(o) > f.tier(chosen)), key=lambda o: -o.tg)
+    better = [o for o in order if o.quant_quality > chosen.quant_quality]
+    worse = [o for o in order if o.quant_quality < chosen.quant_quality]
+    step_up = [o for o in better if o.quant_quality == min(x.quant_quality for x in better)]
+    step_down = [o for o in worse if o.quant_quality == max(x.quant_quality for x in worse)]
+    out: list[Option] = []
+    seen = {(id(best.candidate), best.flags), (id(chosen.candidate), chosen.flags)}
+    for o in [choice.reference, *higher[:1], *step_up[:1], *step_down[:1], *order]:
+        k = (id(o.candidate), o.flags)
+        if k not in seen and len(out) < most:
+            seen.add(k)
+            out.append(o)
+    return out

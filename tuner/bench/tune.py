@@ -42,7 +42,7 @@ from tuner.bench.servers import Launch, ProgressFn, ServerPool
 from tuner.bench.stats import OBJECTIVES, SetResult, comparison, score_of, summarize
 from tuner.errors import TunerError
 from tuner.estimate import MemoryEstimate
-from tuner.flags import FLAGS, SPEC_MTP, ServerFlags
+from tuner.flags import FLAGS, SPEC_MTP, Occurrence, ServerFlags, scan
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout
 from tuner.planner import Budget, estimate_on
@@ -232,6 +232,17 @@ class TuneResult:
                 "pp": round(self.winner.pp_tok_s / other.pp_tok_s, 3)}
 
 
+def _threads_apart(extra: Sequence[str]) -> tuple[int | None, tuple[str, ...]]:
+    """A plan's extra arguments as (its ``--threads``, the rest): the thread count is a tuning dimension."""
+    found = scan(extra)
+    threads = [occ for occ in found if isinstance(occ, Occurrence) and occ.row.key == "threads"]
+    if not threads:
+        return None, tuple(extra)
+    rest = [t for occ in found if not (isinstance(occ, Occurrence) and occ.row.key == "threads")
+            for t in ((occ,) if isinstance(occ, str) else occ.tokens)]
+    return int(threads[-1].value()), tuple(rest)
+
+
 def run_tune(model_path: str | os.PathLike[str], plan_flags: ServerFlags, cfg: BenchConfig, *,
              server_bin: str | os.PathLike[str], layout: ModelLayout, hardware: Hardware,
              budget: Budget | None = None, plan_extra: Sequence[str] = (), depth: int | None = None,
@@ -245,7 +256,8 @@ def run_tune(model_path: str | os.PathLike[str], plan_flags: ServerFlags, cfg: B
     """
     if objective not in OBJECTIVES:
         raise TunerError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    search = _Search(model_path, TuneConfig(plan_flags, fixed=tuple(plan_extra)), cfg, server_bin=server_bin,
+    threads, fixed = _threads_apart(plan_extra)
+    search = _Search(model_path, TuneConfig(plan_flags, threads=threads, fixed=fixed), cfg, server_bin=server_bin,
                      layout=layout, hardware=hardware, budget=budget or default_budget(hardware),
                      objective=objective, log_dir=log_dir, on_progress=on_progress)
     problem = search.problem(search.base)
