@@ -1,6 +1,7 @@
 """The machine to plan for (:class:`Hardware`): this one (GPUs through NVML, the host live), or catalog cards / a
 ``--vram`` size (:func:`hardware_for`, what ``--gpu`` and ``--vram`` mean), on a host described by ``--ram``,
-``--ram-bandwidth`` and ``--cpu-cores`` (:class:`HostSpec`).
+``--ram-bandwidth`` and ``--cpu-cores`` (:class:`HostSpec`), and the devices of RPC workers in front of them
+(:func:`with_remote_devices`, what ``--rpc`` and ``--rpc-gpu`` add).
 
 **Which host.** Planning for this machine's GPUs (or ``--gpu none``, or ``--vram`` alone), the host is this one, with
 whatever ``--ram`` / ``--ram-bandwidth`` / ``--cpu-cores`` change. Planning for a catalog card, the host is a what-if
@@ -22,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from tuner.errors import TunerError
 from tuner.hardware.catalog import GENERIC_GPU_BANDWIDTH_BYTES_S, parse_gpu_spec
+from tuner.hardware.cluster import DEFAULT_LINK, NetworkLink
 from tuner.hardware.gpu import GB, Gpu
 from tuner.hardware.host import HostInfo, cpu_busy_logical, default_ram_bandwidth_bytes_s, read_host_noted
 from tuner.hardware.nvml import NvmlApi, read_gpus_noted
@@ -82,10 +84,28 @@ class Hardware:
     host_source: str = "detected"
     """Where RAM, cores and bandwidth come from: ``detected`` (this machine), ``given`` (--ram, --ram-bandwidth,
     --cpu-cores over this machine or over the assumed host), ``assumed`` (:func:`assumed_host`, for a catalog card)."""
+    link: NetworkLink | None = None
+    """The network to the RPC workers whose devices are in :attr:`gpus` (None: no workers, or
+    :data:`~tuner.hardware.cluster.DEFAULT_LINK` assumed)."""
 
     @property
     def cpu_only(self) -> bool:
         return not self.gpus
+
+    @property
+    def local_gpus(self) -> tuple[Gpu, ...]:
+        """The GPUs of this machine (not behind RPC)."""
+        return tuple(g for g in self.gpus if not g.is_remote)
+
+    @property
+    def remote_gpus(self) -> tuple[Gpu, ...]:
+        """The devices of RPC workers, in llama.cpp's order (they come first in :attr:`gpus`)."""
+        return tuple(g for g in self.gpus if g.is_remote)
+
+    @property
+    def network(self) -> NetworkLink:
+        """The link to the workers: :attr:`link`, or the default one."""
+        return self.link or DEFAULT_LINK
 
 
 def detect_hardware(nvml: NvmlApi | None = None) -> Hardware:
@@ -207,6 +227,24 @@ def with_host(hardware: Hardware, spec: HostSpec, *, assume: bool) -> Hardware:
             note += f"; more than its {fmt_bytes(hardware.ram_total_bytes)}: a plan for it may not launch here"
         source = "given"
     return replace(out, notes=(*out.notes, note), host_source=source)
+
+
+def with_remote_devices(hardware: Hardware, devices: Sequence[Gpu], link: NetworkLink | None = None,
+                        notes: Sequence[str] = ()) -> Hardware:
+    """``hardware`` with the devices of RPC workers (each with its ``endpoint``) in front of its own GPUs, as
+    llama.cpp orders them (src/llama.cpp:275-285), and the link to those workers (None: the default one, noted)."""
+    if not devices:
+        return hardware
+    if any(not d.is_remote for d in devices):
+        raise TunerError("internal: a remote device without an endpoint")
+    taken = {g.llama_name for g in hardware.remote_gpus}
+    if any(d.llama_name in taken for d in devices):
+        raise TunerError("the same RPC worker is named twice (--rpc and --rpc-gpu?)")
+    said = list(notes)
+    if link is None and hardware.link is None:
+        said.append(f"network to the RPC workers assumed: {DEFAULT_LINK.describe()} (--link-gbit, --link-rtt-ms)")
+    return replace(hardware, gpus=(*hardware.remote_gpus, *devices, *hardware.local_gpus),
+                   link=link or hardware.link, notes=(*hardware.notes, *said))
 
 
 def gpu_split(hardware: Hardware) -> list[float] | None:
