@@ -40,7 +40,8 @@ def mtp_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu():  # -> Hardware
-    return hardware_for("none")
+    # a quiet host, whatever else runs beside the tests: its plans keep llama-server's thread count (no --threads)
+    return replace(hardware_for("none"), cpu_busy_logical=0.0)
 
 
 # --------------------------------------------------------------------------------------------- flag sets
