@@ -225,6 +225,7 @@ CLI_CASES = [
     Case("vram-400-digits", ("estimate", "{model}", "--vram", NINES),
          r"size '9{30}.*is larger than the limit of 1 EiB"),
     Case("buffer-400-digits", (*RECOMMEND, "--buffer", NINES), r"is larger than the limit of 1 EiB"),
+    Case("ram-400-digits", (*RECOMMEND, "--ram", NINES), r"is larger than the limit of 1 EiB"),
     Case("hardware-vram-400-digits", ("hardware", "--vram", NINES), r"is larger than the limit of 1 EiB"),
     Case("ctx-size-400-digits", ("estimate", "{model}", "-c", NINES), r"'--ctx-size' / '-c': 9+ is not in the range "
          r"x<=2147483647"),
