@@ -66,7 +66,8 @@ class Misbehave:
     endless_listing: bool = False  # a JSON listing whose siblings never end (no Content-Length)
     slow: str | None = None  # "listing" or "files": send its bytes one at a time, slow_s apart
     slow_s: float = 5.0
-    stall: str | None = None  # "listing" or "files": take the request, then answer nothing until the server stops
+    stall: str | None = None  # "listing" or "files": take the request, then answer nothing until the server stops;
+    # "downloads": so for whole-file downloads only (a GET without a Range end), header range reads still answered
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -382,6 +383,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve_file(repo, name, file, {"Accept-Ranges": "bytes"})
 
     def _serve_file(self, repo: str, name: str, file: Path, headers: dict[str, str]) -> None:
+        bad = self.fake.misbehave.get(repo)
+        spec = self.headers.get("Range") or ""
+        if bad is not None and bad.stall == "downloads" and self.command == "GET" \
+                and not re.match(r"^bytes=\d+-\d+$", spec.strip()):
+            self.fake._stopping.wait()
+            return
         size = file.stat().st_size
         start, end, status = 0, size - 1, 200
         spec = None if self.fake.ignore_range else self.headers.get("Range")
@@ -407,7 +414,6 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         key = f"{repo}/{name}"
-        bad = self.fake.misbehave.get(repo)
         trickle = bad.slow_s if bad is not None and bad.slow == "files" else 0.0
         with open(file, "rb") as fh:
             fh.seek(start)

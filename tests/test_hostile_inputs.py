@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import signal
 import struct
 import subprocess
@@ -40,13 +39,12 @@ from ggufbytes import (
     write,
     write_sparse,
 )
+from hostile import CASE_TIMEOUT_S, case_env, limit_memory, run_tuner, snapshot
 from hubserver import LADDER_SPEC, FakeHub, Misbehave
 
 from tuner.gguf_file import MAX_HEADER_BYTES
 from tuner.synth import write_synthetic_gguf
 
-MEMORY_LIMIT_BYTES = 1 << 30  # the failures issue 9 found took 1-3.6 GB; a bounded tuner needs a fraction of this
-CASE_TIMEOUT_S = 60  # a bounded case takes a few seconds even on a busy machine
 SHORT_DEADLINE_S = "1.5"
 N_MAX = (1 << 22) - 1  # just under MAX_ARRAY: the largest array the parser accepts, to build oversized headers
 
@@ -329,30 +327,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield World(root, models, hub, outside)
 
 
-def _snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[int, int]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if here / d not in skip]
-        for name in [*filenames, *dirnames]:
-            p = here / name
-            st = p.lstat()
-            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns if p.is_file() else 0)
-    return out
-
-
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+_snapshot, _limit_memory = snapshot, limit_memory
 
 
 def _env(case_root: Path, endpoint: str, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TUNER_", "XDG_"))}
-    env.update({"HOME": str(case_root / "home"), "TUNER_CACHE_DIR": str(case_root / "cache"),
-                "TUNER_CONFIG_DIR": str(case_root / "config"), "HF_HOME": str(case_root / "hf-home"),
-                "HF_ENDPOINT": endpoint, "XDG_CACHE_HOME": str(case_root / "xdg-cache"),
-                "XDG_CONFIG_HOME": str(case_root / "xdg-config"), "COLUMNS": "200",
-                "OPENBLAS_NUM_THREADS": "1", **extra})
-    return env
+    return case_env(case_root, endpoint, extra)
 
 
 def _argv(case: Case, world: World) -> list[str]:
@@ -362,31 +341,6 @@ def _argv(case: Case, world: World) -> list[str]:
     if case.gguf is not None:
         return ["estimate", str(world.models / case.id / case.file_name)]
     return ["recommend", f"{repo}:Q4_K_M", "--gpu", "none"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    returncode: int
-    stderr_lines: list[str]
-    seconds: float
-    left_running: bool
-
-
-def run_tuner(argv: list[str], case_root: Path, env: dict[str, str], *, timeout_s: float = CASE_TIMEOUT_S) -> Outcome:
-    """``python -m tuner argv`` in its own session under the memory limit; whether any process of that session
-    outlived it."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "tuner", *argv], cwd=case_root, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_limit_memory, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-    finally:
-        left = _session_alive(proc.pid)
-        if proc.poll() is None or left:  # clean up whatever the assertions say next
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return Outcome(proc.returncode, [ln for ln in stderr.splitlines() if ln.strip()], time.monotonic() - t0, left)
 
 
 def _session_alive(pgid: int) -> bool:
@@ -403,6 +357,7 @@ def test_hostile_input_is_one_line_and_a_failing_exit_with_nothing_written_outsi
     case_root = tmp_path / "case"
     (case_root / "home").mkdir(parents=True)
     tuner_dirs = (case_root / "cache", case_root / "config")
+    (case_root / "tmp").mkdir()  # TMPDIR: must stay empty
     before_case, before_world = _snapshot(case_root, tuner_dirs), _snapshot(world.root)
     world.hub.reset_counters()
 
@@ -414,7 +369,7 @@ def test_hostile_input_is_one_line_and_a_failing_exit_with_nothing_written_outsi
     assert line.startswith("tuner: error: ") and "internal error" not in line, line
     assert re.search(case.expect, line), line
     assert outcome.returncode not in (0, 70), (outcome.returncode, line)
-    assert not outcome.left_running
+    assert not outcome.left_running, outcome.left_running
     assert _snapshot(case_root, tuner_dirs) == before_case  # nothing outside the cache and config dirs
     assert _snapshot(world.root) == before_world  # nor beside the models, in the Hub's files or "outside"
     if case.max_range_end is not None:

@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tuner.procgroup import start_group, stop_group
+from tuner.procgroup import group_alive, start_group, stop_group
 from tuner.server import process_alive
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX")
@@ -58,12 +59,79 @@ def test_stop_escalates_to_sigkill_for_a_child_that_ignores_sigterm() -> None:
     assert _gone(grandchild)
 
 
-def test_stopping_a_child_that_has_exited_signals_nobody() -> None:
+def test_stopping_a_child_that_has_exited_stops_what_it_left_in_its_group() -> None:
+    """A ``--server-bin`` that forks llama-server and exits: the forked process is still in the group, and goes."""
     proc, grandchild = _shell_with_grandchild("exit 3")
-    try:
-        proc.wait(timeout=10)
-        assert stop_group(proc) == 3
-        assert process_alive(grandchild), "the group of an exited child was signalled"
-    finally:
-        os.kill(grandchild, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert process_alive(grandchild)
+    assert stop_group(proc, grace_s=0.5) == 3
+    assert _gone(grandchild), "what an exited child left in its group outlived stop_group"
+
+
+def test_stopping_an_exited_child_with_an_empty_group_signals_nobody() -> None:
+    proc = start_group(["sh", "-c", "exit 4"])
+    proc.wait(timeout=10)
+    started = time.monotonic()
+    assert stop_group(proc, grace_s=30) == 4
+    assert time.monotonic() - started < 10, "waited out the grace period for an empty group"
+
+
+def _tuner_like_parent(tmp_path: Path, script: str) -> subprocess.Popen[str]:
+    """A Python process that starts ``sh -c script`` with ``start_group(die_with_parent=True)``, prints the
+    child's pid, and sleeps: to be killed outright."""
+    code = ("import subprocess, sys, time\n"
+            "from tuner.procgroup import start_group\n"
+            f"p = start_group(['sh', '-c', {script!r}], die_with_parent=True, stdout=subprocess.PIPE, text=True)\n"
+            "print(p.pid, p.stdout.readline().strip(), flush=True)\n"
+            "time.sleep(600)\n")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+def test_a_parent_killed_outright_takes_its_childs_whole_group_with_it(tmp_path: Path) -> None:
+    """SIGKILL leaves tuner no chance to clean up: PDEATHSIG kills the child (a wrapper script), the watchdog the
+    wrapper's own children, which PDEATHSIG does not reach."""
+    parent = _tuner_like_parent(tmp_path, "sleep 600 & echo $!; wait")
+    assert parent.stdout is not None
+    child, grandchild = map(int, parent.stdout.readline().split())
+    assert process_alive(child) and process_alive(grandchild)
+    parent.kill()
+    parent.wait()
+    assert _gone(child) and _gone(grandchild)
+    assert not group_alive(child)
+
+
+def test_a_grandchild_that_ignores_sigterm_is_killed_after_the_watchdogs_grace(tmp_path: Path) -> None:
+    parent = _tuner_like_parent(tmp_path, "trap '' TERM; sleep 600 & echo $!; wait")
+    assert parent.stdout is not None
+    _child, grandchild = map(int, parent.stdout.readline().split())
+    parent.kill()
+    parent.wait()
     assert _gone(grandchild)
+
+
+def test_an_orderly_stop_releases_the_watchdog() -> None:
+    proc = start_group(["sleep", "600"], die_with_parent=True)
+    watchdogs = [p for p in _children_of(os.getpid()) if "_watchdog.py" in _cmdline(p)]
+    assert len(watchdogs) == 1
+    assert stop_group(proc, grace_s=5) == -signal.SIGTERM
+    assert _gone(watchdogs[0]), "the watchdog outlived an orderly stop"
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

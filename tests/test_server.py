@@ -57,6 +57,25 @@ def test_loopback_addresses_are_recognised() -> None:
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com"))
 
 
+def test_a_name_that_starts_like_a_loopback_address_is_not_one() -> None:
+    """``127.0.0.1.example.com`` is a DNS name anyone can point anywhere: it needs an API key like any other."""
+    assert not any(is_loopback(h) for h in ("127.0.0.1.example.invalid", "127.evil.example", "127.1", "::2"))
+    with pytest.raises(TunerError, match="no --api-key"):
+        check_bind("127.0.0.1.example.invalid", free_port(), None)
+
+
+def test_an_unresolvable_host_is_reported_as_such_not_as_a_port_in_use() -> None:
+    with pytest.raises(TunerError, match=r"cannot resolve --host 'nowhere\.invalid'"):
+        ensure_port_free("nowhere.invalid", free_port())
+
+
+def test_an_api_key_no_http_header_can_carry_is_refused_without_showing_it() -> None:
+    for key in ("two words", "line\nbreak", "caf\u00e9", "x" * 5000, ""):
+        with pytest.raises(TunerError, match="--api-key must be printable ASCII") as info:
+            check_bind("127.0.0.1", free_port(), key)
+        assert not key or key not in str(info.value)
+
+
 def test_public_bind_without_api_key_is_refused() -> None:
     port = free_port()
     with pytest.raises(TunerError, match="api-key"):

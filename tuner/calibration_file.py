@@ -18,7 +18,6 @@ read; a file of another version is refused with one line.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from tuner.corrections import SHIPPED, Calibration, MemoryPoint, SpeedPoint, poi
 from tuner.errors import TunerError
 from tuner.hardware import Hardware
 from tuner.paths import catalog_dir
+from tuner.records import RecordError, read_json_file
 
 FORMAT = "tuner-calibration"
 VERSION = 1
@@ -77,11 +77,11 @@ def read_file(path: str | Path, *, origin: str) -> list[MemoryPoint | SpeedPoint
     try:
         if p.stat().st_size > MAX_FILE_BYTES:
             raise TunerError(f"{p.name} is over {MAX_FILE_BYTES // (1024 * 1024)} MiB: not a calibration file")
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = read_json_file(p, MAX_FILE_BYTES)  # bounded in size and depth (tuner.records)
     except OSError as exc:
         raise TunerError(f"cannot read {p.name}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise TunerError(f"{p.name} is not JSON ({exc.__class__.__name__})") from None
+    except RecordError as exc:
+        raise TunerError(f"{p.name} is not JSON ({exc.problem})") from None
     return read_document(data, origin=origin, source=p.name)
 
 

@@ -6,6 +6,9 @@
   Hub's own cache (``HF_HOME`` / ``HF_HUB_CACHE``), so files already there are not fetched again and other tools
   share them. ``HF_ENDPOINT`` and ``HF_TOKEN`` (or the token ``hf auth login`` saved) are honoured, read when the
   download starts, as :mod:`tuner.remote` reads them (the Hub library itself reads ``HF_ENDPOINT`` only at import).
+  Each file is downloaded by a child process (:mod:`tuner.fetch_worker`), so that a download that stalls is given
+  up after ``TUNER_DOWNLOAD_STALL_S`` seconds without new bytes, and Ctrl-C or SIGTERM stop it at once, leaving no
+  thread or process behind.
 
 Progress goes to ``on_progress(file_name, done_bytes, total_bytes)``; nothing here prints. Failures a user can fix
 (no network, a gated repo, a missing file) are :class:`~tuner.errors.TunerError`.
@@ -13,6 +16,13 @@ Progress goes to ``on_progress(file_name, done_bytes, total_bytes)``; nothing he
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import selectors
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +30,10 @@ from typing import Any
 
 from tuner.candidate import QuantCandidate
 from tuner.errors import TunerError
+from tuner.procgroup import start_group, stop_group
 from tuner.remote import hub_endpoint, hub_token
+from tuner.server import exit_reason
+from tuner.untrusted import shown
 
 FetchProgressFn = Callable[[str, int, int | None], None]
 
@@ -86,70 +99,99 @@ def _from_hub(candidate: QuantCandidate, vision: bool, on_progress: FetchProgres
     return FetchedModel(shards[0], shards, local[-1] if vision else None, downloaded)
 
 
-def _progress_class(file_name: str, on_progress: FetchProgressFn | None, counter: list[int]) -> type[Any]:
-    """A silent tqdm for ``hf_hub_download(tqdm_class=...)`` that forwards byte counts to ``on_progress``."""
-    from tqdm.std import tqdm
+STALL_ENV = "TUNER_DOWNLOAD_STALL_S"
+DEFAULT_STALL_S = 300.0
+"""A download that reports no new bytes for this long is given up. The Hub library reports progress per 10 MB
+chunk (huggingface_hub's DOWNLOAD_CHUNK_SIZE), so this is also the slowest rate accepted: ~35 kB/s."""
+_MAX_LINE_BYTES = 64 << 10
+_STOP_GRACE_S = 2.0
 
-    class _Forward(tqdm):  # type: ignore[misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.pop("name", None)
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-            self._done_bytes = int(kwargs.get("initial") or 0)
-            self._total_bytes = kwargs.get("total")
 
-        def update(self, n: float | None = 1) -> bool | None:
-            step = int(n or 0)
-            self._done_bytes += step
-            counter[0] += step
-            if on_progress is not None:
-                on_progress(file_name, self._done_bytes, self._total_bytes)
-            return None
-
-    return _Forward
+def stall_s() -> float:
+    """:data:`DEFAULT_STALL_S`, or ``TUNER_DOWNLOAD_STALL_S`` (seconds) when set."""
+    text = os.environ.get(STALL_ENV, "").strip()
+    if not text:
+        return DEFAULT_STALL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise TunerError(f"{STALL_ENV} must be a positive number of seconds, got {shown(text)}")
+    return value
 
 
 def download_file(repo: str, file_name: str, *, revision: str | None = None,
                   on_progress: FetchProgressFn | None = None, cache_dir: Path | None = None) -> tuple[Path, int]:
-    """One file of a Hub repo in the Hub cache: (local path, bytes downloaded now; 0 if it was cached)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    """One file of a Hub repo in the Hub cache: (local path, bytes downloaded now; 0 if it was cached).
 
-    counter = [0]
+    The download runs in a child process (:mod:`tuner.fetch_worker`, in a process group of its own that dies with
+    tuner): given up when no bytes arrive for :func:`stall_s` seconds, and stopped at once by Ctrl-C or SIGTERM
+    (a KeyboardInterrupt here). What is left is the Hub cache's own ``.incomplete`` file, which the next download
+    of the same file resumes.
+    """
     where = f"{repo}/{file_name}" + (f"@{revision}" if revision else "")
+    stall = stall_s()
+    job = {"repo": repo, "file": file_name, "revision": revision, "endpoint": hub_endpoint(),
+           "cache_dir": str(cache_dir) if cache_dir is not None else None}
+    env = dict(os.environ)
+    token = hub_token()
+    if token:
+        env["HF_TOKEN"] = token
     try:
-        path = hf_hub_download(repo, file_name, revision=revision, endpoint=hub_endpoint(), token=hub_token(),
-                               cache_dir=cache_dir, tqdm_class=_progress_class(file_name, on_progress, counter))
-    except LocalEntryNotFoundError as exc:  # offline (or the endpoint is down) and not in the cache
-        raise TunerError(f"cannot download {where}: the Hub is unreachable and the file is not cached "
-                         f"({_brief(exc)})") from None
-    except GatedRepoError:
-        raise TunerError(f"{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise TunerError(f"Hugging Face repo {repo} does not exist or is private",
-                         hint="check the name; for a private repo set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise TunerError(f"{repo} has no revision {revision!r}") from None
-    except EntryNotFoundError:
-        raise TunerError(f"{repo} has no file {file_name}" + (f" at {revision}" if revision else "")) from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise TunerError(f"downloading {where} failed: {_brief(exc)}") from None
-    except Exception as exc:  # the Hub library's HTTP client errors (httpx / httpx2, by version)
-        if type(exc).__module__.split(".")[0].startswith(("httpx", "huggingface_hub")):
-            raise TunerError(f"downloading {where} failed: {type(exc).__name__}: {_brief(exc)}") from None
-        raise
-    if on_progress is not None and counter[0] == 0:
-        size = Path(path).stat().st_size
-        on_progress(file_name, size, size)  # already cached: report it complete
-    return Path(path), counter[0]
+        proc = start_group([sys.executable, "-m", "tuner.fetch_worker"], die_with_parent=True, env=env,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError as exc:
+        raise TunerError(f"cannot start the download of {where}: {exc.strerror or exc}") from None
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(job).encode())
+        proc.stdin.close()
+        result = _follow(proc, file_name, where, stall, on_progress)
+    finally:
+        stop_group(proc, _STOP_GRACE_S)
+    if "error" in result:
+        raise TunerError(str(result["error"]))
+    return Path(str(result["path"])), int(result.get("downloaded") or 0)
 
 
-def _brief(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+def _follow(proc: subprocess.Popen[bytes], file_name: str, where: str, stall: float,
+            on_progress: FetchProgressFn | None) -> dict[str, Any]:
+    """Read the worker's JSON lines until its result; progress goes to ``on_progress``. TunerError when it stalls
+    or ends without a result."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buf = b""
+    done_bytes = -1
+    last_news = time.monotonic()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            if not sel.select(timeout=min(1.0, stall)):
+                if time.monotonic() - last_news > stall:
+                    raise TunerError(f"downloading {where} stalled: no data for {stall:g} s (set {STALL_ENV} to "
+                                     "wait longer; the next try resumes it)")
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise TunerError(f"downloading {where} failed: the download process ended without a result "
+                                 f"({exit_reason(proc.wait())})")
+            buf += chunk
+            if len(buf) > _MAX_LINE_BYTES and b"\n" not in buf:
+                raise TunerError(f"downloading {where} failed: the download process wrote nonsense")
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(msg, dict):
+                    continue
+                if "progress" in msg:
+                    done, total = msg["progress"]
+                    if done > done_bytes:
+                        done_bytes, last_news = done, time.monotonic()
+                    if on_progress is not None:
+                        on_progress(file_name, int(done), None if total is None else int(total))
+                elif "path" in msg or "error" in msg:
+                    return msg

@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from tuner.errors import TunerError
 from tuner.ggml import KV_CACHE_TYPES, kv_cache_type
+from tuner.untrusted import shown
 
 SPEC_MTP = "draft-mtp"
 FLASH_ATTN_MODES = ("on", "off", "auto")
 #: the slots llama-server gives ``-np -1`` (auto), with one unified KV pool (tools/server/server.cpp:156-160).
 AUTO_SLOTS = 4
+INT32_MAX = (1 << 31) - 1  # llama-server's integer flags are C ints
+MAX_SEQ = 256  # LLAMA_MAX_SEQ (src/llama-cparams.h:8): more sequences are refused (src/llama-context.cpp:101)
 #: values llama.cpp reads as "on" for on/off options such as --fit (common_arg_utils::is_truthy, common/arg.cpp:1334).
 TRUTHY = ("on", "enabled", "true", "1")
 #: -ngl words meaning every layer: auto (-1) and all (-2; <= -2 is all) (common/arg.cpp:2789-2797, common.h:475).
@@ -354,6 +357,8 @@ class ServerFlags:
             raise TunerError(f"{_opt('ctx_size')} must be 0 (the model's) or positive, got {self.ctx_size}")
         if self.parallel == 0 or self.parallel < -1:
             raise TunerError(f"{_opt('parallel')} must be positive (or -1 for auto), got {self.parallel}")
+        if self.parallel > MAX_SEQ:
+            raise TunerError(f"{_opt('parallel')} {self.parallel} is more slots than llama.cpp has ({MAX_SEQ})")
         if self.n_cpu_moe < 0:
             raise TunerError(f"{_opt('n_cpu_moe')} must be 0 or positive, got {self.n_cpu_moe}")
         if self.ctx_checkpoints < 0 or self.spec_draft_n_max < 0:
@@ -368,6 +373,10 @@ class ServerFlags:
             raise TunerError(f"{_opt('spec_type')} {self.spec_type!r} is not sized by tuner (supported: {SPEC_MTP})")
         kv_cache_type(self.cache_type_k)
         kv_cache_type(self.cache_type_v)
+        for f in fields(self):  # llama-server reads every number with std::stoi (common/arg.cpp:793): an int32
+            value = getattr(self, f.name)
+            if type(value) is int and not -INT32_MAX <= value <= INT32_MAX:
+                raise TunerError(f"{_opt(f.name)} {shown(value, 24)} is out of range (at most {INT32_MAX})")
 
     @property
     def n_seq(self) -> int:

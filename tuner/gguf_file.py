@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from tuner.errors import TunerError
 from tuner.ggml import GGML_TYPES, GgmlType, ggml_type, tensor_bytes
 from tuner.paths import cache_dir, write_atomic
+from tuner.records import read_json_file
 from tuner.untrusted import shown
 
 GGUF_MAGIC = b"GGUF"
@@ -432,7 +433,7 @@ def _read_shard(shard_path: str, index: int, *, use_cache: bool) -> tuple[Parsed
         cache_file = _local_cache_path(p, stat) if use_cache else None
         if cache_file is not None and cache_file.is_file():
             with contextlib.suppress(OSError, ValueError, RecursionError):
-                hit = shard_from_dict(json.loads(cache_file.read_text(encoding="utf-8")), index)
+                hit = shard_from_dict(read_json_file(cache_file), index)  # bounded: a cache is only a cache
                 if hit is not None and hit[1] == stat.st_size:
                     return hit
         with open(shard_path, "rb") as fh:
@@ -463,6 +464,8 @@ def read_gguf(path: str | os.PathLike[str], *, use_cache: bool = True) -> GgufHe
         raise TunerError(f"{first} is a directory, not a GGUF file")
     if not p.exists():
         raise TunerError(f"no such file: {first}")
+    if not p.is_file():  # a FIFO would block the read, a device has no size
+        raise TunerError(f"{first} is not a regular file (a pipe or a device?), not a GGUF file")
     paths = shard_paths(first)
     missing = [q for q in paths if not Path(q).is_file()]
     if missing:

@@ -11,12 +11,14 @@ Each directory can be moved with an environment variable (handy in tests and con
 
 from __future__ import annotations
 
+import errno
 import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import platformdirs
+import yaml
 
 from tuner.errors import TunerError
 
@@ -55,12 +57,76 @@ def config_dir() -> Path:
     return _from_env("TUNER_CONFIG_DIR") or Path(platformdirs.user_config_dir(_APP_NAME))
 
 
-def load_yaml(path: Path) -> Any:
-    """Parse a YAML file with libyaml's loader when PyYAML has it (several times faster than the pure-Python one)."""
-    import yaml
+MAX_YAML_BYTES = 64 << 20
+"""The largest YAML file tuner reads (catalogs, the profile): the shipped catalogs are a few hundred kB, a profile
+of 100 models with 400 measurements each is ~50 MB."""
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+
+class YamlRefused(yaml.YAMLError):
+    """A YAML file tuner will not load: too large, not UTF-8, or using anchors and aliases. A ``yaml.YAMLError``, so
+    a caller that reports bad YAML reports these the same way."""
+
+
+def read_text_bounded(path: Path, max_bytes: int, *, what: str = "file") -> str:
+    """``path``'s text (UTF-8), refused with a one-line TunerError when it is larger than ``max_bytes`` or is not
+    UTF-8. OSError as ``open`` raises it (a missing file is the caller's to handle)."""
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TunerError(f"{what} {path} is larger than the limit of {max_bytes} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TunerError(f"{what} {path} is not UTF-8 text (byte {error.start} is {data[error.start]:#04x})") from None
+
+
+def load_yaml(path: Path, *, max_bytes: int = MAX_YAML_BYTES) -> Any:
+    """Parse a YAML file (libyaml's loader when PyYAML has it: several times faster than the pure-Python one), safely:
+    at most ``max_bytes``, UTF-8, and without anchors and aliases (:class:`YamlRefused` otherwise). An alias is how a
+    600-byte "billion laughs" file expands to gigabytes once walked; tuner's files never need one. libyaml itself
+    refuses nesting deeper than 1000 levels."""
+    try:
+        text = read_text_bounded(Path(path), max_bytes, what="YAML file")
+    except TunerError as error:
+        raise YamlRefused(str(error)) from None
+    return load_yaml_text(text, str(path))
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """:func:`load_yaml` for text already read; ``source`` names it in a refusal."""
+    return yaml.load(text, Loader=_loader(source))
+
+
+def _loader(source: str) -> Any:
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class NoAliasLoader(base):  # type: ignore[misc, valid-type]
+        def get_single_data(self) -> Any:
+            node = self.get_single_node()  # libyaml composes an alias as the anchored node itself: found by identity
+            if node is None:
+                return None
+            _refuse_shared_nodes(node, source)
+            return self.construct_document(node)
+
+    return NoAliasLoader
+
+
+def _refuse_shared_nodes(root: Any, source: str) -> None:
+    from yaml.nodes import MappingNode, SequenceNode
+
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            raise YamlRefused(f"{source} uses a YAML alias (*name, anchored on line {node.start_mark.line + 1}): "
+                              "tuner does not expand aliases")
+        seen.add(id(node))
+        if isinstance(node, SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, MappingNode):
+            for key, value in node.value:
+                stack += (key, value)
 
 
 def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644, durable: bool = True) -> Path:
@@ -70,7 +136,10 @@ def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644, durable: b
     import tempfile
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a folder should be: say that, not "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -65,6 +65,7 @@ from typing import Any
 import filelock
 import yaml
 
+from tuner import records as rec
 from tuner.corrections import (
     Calibration,
     MemoryPoint,
@@ -77,7 +78,7 @@ from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
 from tuner.flags import Occurrence, scan
 from tuner.hardware import Hardware, gpu_split
-from tuner.paths import config_dir, write_atomic
+from tuner.paths import MAX_YAML_BYTES, YamlRefused, config_dir, load_yaml_text, read_text_bounded, write_atomic
 
 STORE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -86,6 +87,8 @@ STORE_FILE = "profiles.yaml"
 OBSERVATIONS_DIR = "observations"
 MAX_MEASUREMENTS = 400
 MAX_HASH_BYTES = 64 * 1024 * 1024
+MAX_OBSERVATION_BYTES = 1 << 20  # an observation file is a few kB
+RESET_HINT = "`tuner profile reset --yes` starts a new one"
 _HF_SNAPSHOT_RE = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{7,64})/")
 # ServerFlags fields that do not change speed (host RAM limits only): ignored when matching a measurement.
 _SPEED_NEUTRAL = {"cache_ram_mib", "ctx_checkpoints"}
@@ -122,9 +125,9 @@ class ModelIdentity:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelIdentity:
-        return cls(str(d.get("name", "")), int(d.get("file_bytes") or 0), d.get("header_sha256"), d.get("repo"),
-                   d.get("revision"))
+    def from_dict(cls, d: Any, where: str = "model") -> ModelIdentity:
+        """From :meth:`to_dict`'s data, checked (:class:`tuner.records.RecordError` naming the bad field)."""
+        return cls(**rec.validate(MODEL_IDENTITY, d, where))
 
 
 def hub_origin(path: str | os.PathLike[str]) -> tuple[str, str] | None:
@@ -193,8 +196,8 @@ class HardwareKey:
         return {"gpus": list(self.gpus), "driver": self.driver, "cpu": self.cpu}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HardwareKey:
-        return cls(tuple(d.get("gpus") or ()), d.get("driver"), d.get("cpu"))
+    def from_dict(cls, d: Any, where: str = "hardware") -> HardwareKey:
+        return cls(**rec.validate(HARDWARE_KEY, d, where))
 
     def label(self) -> str:
         if self.gpus:
@@ -222,8 +225,8 @@ class BuildKey:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BuildKey:
-        return cls(str(d.get("commit", "")), bool(d.get("cuda", False)), str(d.get("options_sha256", "")))
+    def from_dict(cls, d: Any, where: str = "build") -> BuildKey:
+        return cls(**rec.validate(BUILD_KEY, d, where))
 
     def same_commit(self, commit: str | None) -> bool:
         if not commit:
@@ -250,9 +253,9 @@ class ProfileKey:
         return {"model": self.model.to_dict(), "hardware": self.hardware.to_dict(), "build": self.build.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProfileKey:
-        return cls(ModelIdentity.from_dict(d.get("model") or {}), HardwareKey.from_dict(d.get("hardware") or {}),
-                   BuildKey.from_dict(d.get("build") or {}))
+    def from_dict(cls, d: Any, where: str = "key") -> ProfileKey:
+        k = rec.validate(PROFILE_KEY, d, where)
+        return cls(ModelIdentity(**k["model"]), HardwareKey(**k["hardware"]), BuildKey(**k["build"]))
 
 
 # --------------------------------------------------------------------------------------------- entries
@@ -296,12 +299,8 @@ class Measurement:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Measurement:
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["args"] = tuple(d.get("args") or ())
-        d["extra_args"] = tuple(d.get("extra_args") or ())
-        return cls(**d)
+    def from_dict(cls, d: Any, where: str = "measurement") -> Measurement:
+        return cls(**rec.validate(MEASUREMENT, d, where))
 
 
 @dataclass(frozen=True)
@@ -333,14 +332,87 @@ class ProfileEntry:
                 "memory_observations": [dict(o) for o in self.memory_observations]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProfileEntry:
-        return cls(ProfileKey.from_dict(d.get("key") or {}),
-                   tuple(Measurement.from_dict(m) for m in d.get("measurements") or ()),
-                   tuple(d.get("memory_observations") or ()), str(d.get("updated_at", "")))
+    def from_dict(cls, d: Any, where: str = "entry") -> ProfileEntry:
+        return _entry(rec.validate(ENTRY, d, where))
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------- the records, checked
+# What profiles.yaml and an observation file may hold: one schema per record, checked where the file is read
+# (tuner.records). Bounds are far above anything tuner writes.
+
+_TEXT = rec.string(1024)
+_WHEN = rec.string(64)
+_ARGS = rec.seq_of(rec.string(4096), 1024)
+_TOK_S = rec.number(0.0, 1e9)
+_BYTES = rec.integer(-(1 << 62), 1 << 62)  # differences are negative
+_maybe, _or = rec.maybe, rec.field
+
+MODEL_IDENTITY = rec.record(name=_or(_TEXT, ""), file_bytes=_or(rec.integer(0, 1 << 60), 0),
+                            header_sha256=_maybe(rec.string(128)), repo=_maybe(rec.string(256)),
+                            revision=_maybe(rec.string(256)))
+HARDWARE_KEY = rec.record(gpus=_or(rec.seq_of(_TEXT, 64), ()), driver=_maybe(rec.string(128)), cpu=_maybe(_TEXT))
+BUILD_KEY = rec.record(commit=_or(rec.string(128), ""), cuda=_or(rec.boolean(), False),
+                       options_sha256=_or(rec.string(128), ""))
+PROFILE_KEY = rec.record(model=_or(MODEL_IDENTITY, {}), hardware=_or(HARDWARE_KEY, {}), build=_or(BUILD_KEY, {}))
+MEASUREMENT = rec.record(
+    set_name=_TEXT, args=_ARGS, server_flags=rec.optional(rec.json_value(4, 1000)), extra_args=_ARGS,
+    depth=rec.integer(0, 1 << 40), pp_tok_s=_TOK_S, tg_tok_s=_TOK_S, n_samples=rec.integer(0, 1 << 31),
+    kind=rec.string(64), measured_at=_WHEN, results_file=_or(rec.string(4096), ""),
+    tg_bound_tok_s=_maybe(_TOK_S), pp_bound_tok_s=_maybe(_TOK_S), tg_efficiency=_maybe(rec.number(0.0, 1e6)),
+    pp_efficiency=_maybe(rec.number(0.0, 1e6)), concurrency=_or(rec.integer(1, 1 << 16), 1))
+MEMORY_KINDS = ("weights", "kv", "recurrent", "compute")
+_MISMATCHES = rec.seq_of(rec.one_of(*MEMORY_KINDS), len(MEMORY_KINDS))
+KIND_FIGURES = rec.record(predicted_bytes=_maybe(_BYTES), reported_bytes=_maybe(_BYTES), diff_bytes=_maybe(_BYTES),
+                          diff_ratio=_maybe(rec.number(0.0, 1e12)))
+OBSERVATION_SUMMARY = rec.record(file=rec.string(255), observed_at=_maybe(_WHEN), flags=_or(_ARGS, ()),
+                                 mismatches=_or(_MISMATCHES, ()),
+                                 kinds=_or(rec.map_of(KIND_FIGURES, len(MEMORY_KINDS)), {}))
+ENTRY = rec.record(key=_or(PROFILE_KEY, {}), updated_at=_or(_WHEN, ""),
+                   measurements=_or(rec.seq_of(MEASUREMENT, 4 * MAX_MEASUREMENTS), ()),
+                   memory_observations=_or(rec.seq_of(OBSERVATION_SUMMARY, 10_000), ()))
+
+
+def _flags_text(value: Any, where: str) -> Any:
+    """A point's flags: one shell-quoted string (as written), or a list of arguments."""
+    if isinstance(value, str):
+        return rec.string(8192)(value, where)
+    return rec.seq_of(rec.string(4096), 1024)(value, where)
+
+
+_POINT_BYTES = rec.map_of(_BYTES, 16)
+# A calibration point (tuner.corrections' MemoryPoint and SpeedPoint, both kinds in one record): every field the
+# points' from_dict reads, checked here before it does.
+POINT = rec.record(
+    kind=rec.string(32), id=_or(rec.string(512), ""), build=_or(rec.string(128), ""), cuda=_or(rec.boolean(), False),
+    shape=_or(rec.string(512), ""), flags=_or(_flags_text, ""), source=_or(rec.string(64), ""),
+    observed_at=_or(_WHEN, ""), device=_or(_TEXT, ""), driver=_maybe(rec.string(128)),
+    n_ubatch=_or(rec.integer(0, 1 << 31), 0), predicted=_or(_POINT_BYTES, {}), reported=_or(_POINT_BYTES, {}),
+    process_bytes=_maybe(_BYTES), hardware=_or(_TEXT, ""), placement=_or(rec.string(64), ""),
+    depth=_or(rec.integer(0, 1 << 40), 0), tg_tok_s=_or(_TOK_S, 0.0), pp_tok_s=_or(_TOK_S, 0.0),
+    tg_predicted_tok_s=_or(_TOK_S, 0.0), pp_predicted_tok_s=_or(_TOK_S, 0.0), weights=_or(rec.string(64), "real"))
+STORE = rec.record(format=_or(rec.integer(0, 1 << 31), 1), entries=_or(rec.optional(rec.seq_of(ENTRY, 100_000)), ()),
+                   calibration=_or(rec.optional(rec.seq_of(POINT, 4 * MAX_POINTS)), ()))
+# tuner serve's observation file, format 1 (tuner.serve's module doc): the fields the store reads.
+OBSERVATION = rec.record(
+    format=rec.integer(1, 1), observed_at=_maybe(_WHEN),
+    model=_or(rec.record(path=_maybe(rec.string(4096)), file=_maybe(_TEXT), bytes=_maybe(rec.integer(0, 1 << 60))),
+              {}),
+    flags=_maybe(_ARGS), mismatches=_maybe(_MISMATCHES),
+    build=_maybe(rec.record(commit=_maybe(rec.string(128)))),
+    gpus=_maybe(rec.seq_of(rec.record(name=_or(_TEXT, "")), 64)),
+    memory_check=_maybe(rec.map_of(rec.json_value(4, 1000), 16)), points=_maybe(rec.seq_of(POINT, 1024)))
+
+
+def _entry(e: dict[str, Any]) -> ProfileEntry:
+    """A :class:`ProfileEntry` from data :data:`ENTRY` accepted."""
+    k = e["key"]
+    key = ProfileKey(ModelIdentity(**k["model"]), HardwareKey(**k["hardware"]), BuildKey(**k["build"]))
+    return ProfileEntry(key, tuple(Measurement(**m) for m in e["measurements"]),
+                        tuple(rec.plain(o) for o in e["memory_observations"]), e["updated_at"])
 
 
 # --------------------------------------------------------------------------------------------- the store
@@ -354,28 +426,42 @@ class ProfileStore:
 
     # --- file ----------------------------------------------------------------------------------------------------
     def _read(self) -> dict[str, Any]:
+        """The file, every field checked (:data:`STORE`): ``entries`` and ``calibration`` as checked dicts. A file
+        that is not a profile tuner wrote is refused whole, with one line naming it, the first bad field and how to
+        start a new one."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            text = read_text_bounded(self.path, MAX_YAML_BYTES, what="the profile")
         except FileNotFoundError:
-            return {}
+            return {"format": STORE_FORMAT, "entries": (), "calibration": ()}
         except OSError as exc:
-            raise TunerError(f"cannot read the profile {self.path}: {exc.strerror}") from None
+            raise TunerError(f"cannot read the profile {self.path}: {exc.strerror or exc}") from None
+        except TunerError as exc:  # too large, or not UTF-8
+            raise TunerError(f"{exc}; {RESET_HINT}") from None
         try:
-            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-            data = yaml.load(text, Loader=loader) or {}
+            data = load_yaml_text(text, str(self.path))
+        except YamlRefused as exc:  # an alias
+            raise TunerError(f"the profile {exc}; {RESET_HINT}") from None
         except yaml.YAMLError as exc:
             raise TunerError(f"the profile {self.path} is not valid YAML ({exc.__class__.__name__}); "
-                             "`tuner profile reset` starts a new one") from None
-        if not isinstance(data, dict) or int(data.get("format", 1) or 1) not in READABLE_FORMATS:
-            raise TunerError(f"the profile {self.path} has an unknown format; `tuner profile reset` starts a new one")
-        return data
+                             f"{RESET_HINT}") from None
+        fmt = data.get("format") if isinstance(data, dict) else None
+        if type(fmt) is int and fmt > STORE_FORMAT:
+            raise TunerError(f"the profile {self.path} has format {fmt}, newer than this tuner reads "
+                             f"({STORE_FORMAT}): upgrade tuner, or {RESET_HINT}")
+        try:
+            checked = rec.validate(STORE, data if data is not None else {})
+        except rec.RecordError as exc:
+            raise TunerError(f"the profile {self.path} is not valid ({exc}); {RESET_HINT}") from None
+        if checked["format"] not in READABLE_FORMATS:
+            raise TunerError(f"the profile {self.path} has an unknown format ({checked['format']}); {RESET_HINT}")
+        return {**checked, "entries": checked["entries"] or (), "calibration": checked["calibration"] or ()}
 
     def load(self) -> list[ProfileEntry]:
-        return [ProfileEntry.from_dict(e) for e in self._read().get("entries") or () if isinstance(e, dict)]
+        return [_entry(e) for e in self._read()["entries"]]
 
     def load_points(self) -> list[MemoryPoint | SpeedPoint]:
         """The calibration points (see the module doc)."""
-        points = (point_from_dict(d) for d in self._read().get("calibration") or () if isinstance(d, dict))
+        points = (point_from_dict(rec.plain(d)) for d in self._read()["calibration"])
         return [p for p in points if p is not None]
 
     def _write(self, entries: Sequence[ProfileEntry], points: Sequence[MemoryPoint | SpeedPoint] | None = None) -> None:
@@ -384,13 +470,26 @@ class ProfileStore:
             points = self.load_points()
         data = {"format": STORE_FORMAT, "updated_at": _now(), "entries": [e.to_dict() for e in entries],
                 "calibration": [p.to_dict() for p in points]}
-        write_atomic(self.path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+        try:
+            write_atomic(self.path, text)
+        except OSError as exc:
+            raise TunerError(f"cannot write the profile {self.path}: {exc.strerror or exc}") from None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with filelock.FileLock(self.path.with_name(self.path.name + ".lock")):
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            held = filelock.FileLock(lock)
+            held.acquire()
+        except OSError as exc:  # a read-only config folder, a file where the folder should be
+            raise TunerError(f"cannot write the profile's folder {self.path.parent}: {exc.strerror or exc}",
+                             hint="set TUNER_CONFIG_DIR to a folder you can write") from None
+        try:
             yield
+        finally:
+            held.release()
 
     def reset(self) -> bool:
         """Remove the file and ``tuner serve``'s observation files beside it (which would otherwise be learnt again);
@@ -412,8 +511,7 @@ class ProfileStore:
         if not points:
             return 0
         with self._locked():
-            data = self._read()
-            entries = [ProfileEntry.from_dict(e) for e in data.get("entries") or () if isinstance(e, dict)]
+            entries = self.load()
             kept = {p.id: p for p in self.load_points()}
             for p in points:
                 kept.pop(p.id, None)
@@ -468,15 +566,17 @@ class ProfileStore:
             raise TunerError(f"cannot read results file {p}: {exc}") from None
         return self.learn(document, results_file=str(p))
 
-    def absorb_observations(self, directory: str | os.PathLike[str] | None = None) -> tuple[int, int]:
+    def absorb_observations(self, directory: str | os.PathLike[str] | None = None, *,
+                            problems: list[str] | None = None) -> tuple[int, int]:
         """Attach ``tuner serve``'s memory observations to matching entries, and add their calibration points (if
-        not there yet); returns (attached, skipped)."""
-        obs = list(read_observations(directory))
+        not there yet); returns (attached, skipped: those matching no entry). Files that cannot be read go to
+        ``problems`` (see :func:`read_observations`)."""
+        obs = list(read_observations(directory, problems=problems))
         if not obs:
             return 0, 0
         have = {p.id for p in self.load_points()}
-        new_points = [p for o in obs for d in o.get("points") or () if isinstance(d, dict)
-                      if (p := point_from_dict(d)) is not None and p.id not in have]
+        new_points = [p for o in obs for d in o["points"] or ()
+                      if (p := point_from_dict(rec.plain(d))) is not None and p.id not in have]
         self.add_points(new_points)
         attached = skipped = 0
         with self._locked():
@@ -554,38 +654,54 @@ def measurements_from_document(document: dict[str, Any], *, results_file: str = 
 # --------------------------------------------------------------------------------------------- observations
 
 
-def read_observations(directory: str | os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
-    """``tuner serve``'s observation files (format 1), each with a compact ``summary`` of its memory check."""
+def read_observations(directory: str | os.PathLike[str] | None = None, *,
+                      problems: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """``tuner serve``'s observation files (format 1, checked against :data:`OBSERVATION`), each with a compact
+    ``summary`` of its memory check. A file that does not pass is skipped; ``problems`` gets one line for it (its
+    name and the first bad field)."""
     base = Path(directory) if directory is not None else observations_dir()
     if not base.is_dir():
         return
     for p in sorted(base.glob("*.json")):
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            if not p.is_file():  # a folder or a FIFO named *.json: nothing to read (a FIFO would block)
+                raise rec.RecordError("", "not a regular file")
+            data = rec.validate(OBSERVATION, rec.read_json_file(p, MAX_OBSERVATION_BYTES))
+        except OSError as exc:
+            if problems is not None:
+                problems.append(f"{p}: {exc.strerror or exc}")
             continue
-        if not isinstance(data, dict) or int(data.get("format", 0) or 0) != 1:
+        except rec.RecordError as exc:
+            if problems is not None:
+                problems.append(f"{p}: {exc}")
             continue
-        check = data.get("memory_check") or {}
+        check = data["memory_check"] or {}
         kinds = {}
-        for kind in ("weights", "kv", "recurrent", "compute"):
+        for kind in MEMORY_KINDS:
             k = check.get(kind)
             if isinstance(k, dict):
                 kinds[kind] = {f: k.get(f) for f in ("predicted_bytes", "reported_bytes", "diff_bytes", "diff_ratio")}
-        data["summary"] = {"file": p.name, "observed_at": data.get("observed_at"), "flags": data.get("flags") or [],
-                           "mismatches": data.get("mismatches") or [], "kinds": kinds}
+        summary = {"file": p.name, "observed_at": data["observed_at"], "flags": list(data["flags"] or ()),
+                   "mismatches": list(data["mismatches"] or ()), "kinds": kinds}
+        try:
+            data["summary"] = rec.plain(rec.validate(OBSERVATION_SUMMARY, summary, "memory_check"))
+        except rec.RecordError as exc:
+            if problems is not None:
+                problems.append(f"{p}: {exc}")
+            continue
         yield data
 
 
 def _observation_entry(o: dict[str, Any], entries: Sequence[ProfileEntry]) -> int | None:
-    model = o.get("model") or {}
-    path = model.get("path")
+    """The index of the entry an observation (as :func:`read_observations` checked it) belongs to, or None."""
+    model = o["model"]
+    path = model["path"]
     ident: ModelIdentity | None = None
     if path and Path(path).is_file():
         with contextlib.suppress(TunerError):
             ident = model_identity(path)
-    gpus = tuple(g.get("name", "") for g in o.get("gpus") or ())
-    commit = (o.get("build") or {}).get("commit")
+    gpus = tuple(g["name"] for g in o["gpus"] or ())
+    commit = (o["build"] or {}).get("commit")
     for i, e in enumerate(entries):
         if ident is not None:
             same_model = e.key.model.matches(ident)

@@ -44,6 +44,7 @@ from tuner.gguf_file import (
 )
 from tuner.paths import cache_dir, write_atomic
 from tuner.quant_files import FileGroup, GroupedFiles, candidates_from_headers, group_gguf_files
+from tuner.records import read_json_file
 from tuner.untrusted import check_commit, check_repo_id, check_repo_path, check_revision, is_commit, path_under, shown
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -119,9 +120,10 @@ def _header_cache_path(listing: HubListing, path: str) -> Path:
 
 
 def _read_json(path: Path) -> Any:
+    """A cache file's JSON (bounded in size and depth: tuner.records), or None when it cannot be read: a miss."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        return read_json_file(path)
+    except (OSError, ValueError):
         return None
 
 

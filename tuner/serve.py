@@ -83,9 +83,11 @@ from tuner.server import (
     error_summary,
     exit_reason,
     pinned_memory_failure,
+    ready_timeout_s,
 )
 from tuner.serverlog import ReportedMemory, parse_load_log
 from tuner.units import MiB, fmt_bytes
+from tuner.untrusted import has_control, shown
 
 Event = dict[str, Any]
 EventFn = Callable[[Event], None]
@@ -123,8 +125,14 @@ class ServeOptions:
 
 
 def preflight(options: ServeOptions) -> None:
-    """What can be refused before any work: a public bind without an API key, a port already in use."""
+    """What can be refused before any work: a public bind without an API key, a port already in use, an alias
+    clients could not be shown, a ready timeout that is no number."""
     check_bind(options.host, options.port, options.api_key)
+    if options.alias is not None and (not options.alias.strip() or len(options.alias) > 256
+                                      or has_control(options.alias)):
+        raise TunerError(f"--alias {shown(options.alias, 60)} is not a model name clients can be shown (1 to 256 "
+                         "characters, no control characters)")
+    ready_timeout_s(options.ready_timeout_s)
 
 
 # ------------------------------------------------------------------------------------------------------ plan

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
+import math
 import os
 import re
 import signal
@@ -41,7 +43,11 @@ import httpx
 
 from tuner.errors import TunerError
 from tuner.flags import FLAGS
+from tuner.llama_api import ANY_OBJECT, CHAT_COMPLETION, MAX_METRICS_BYTES, check_answer, parse_metrics, read_body
+from tuner.paths import cache_dir
 from tuner.procgroup import start_group, stop_group
+from tuner.records import Check
+from tuner.untrusted import has_control, shown
 
 NO_PINNED_ENV = {"GGML_CUDA_NO_PINNED": "1"}
 CHILD_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "GGML_NO_BACKTRACE": "1"}
@@ -84,15 +90,31 @@ LOAD_STAGES: tuple[tuple[re.Pattern[str], str], ...] = (
 
 
 def is_loopback(host: str) -> bool:
-    """True if binding ``host`` exposes the server to this machine only."""
+    """True if binding ``host`` exposes the server to this machine only: ``localhost``, or an address (parsed, not
+    matched as text: ``127.0.0.1.example.com`` is a name anyone can point anywhere) in 127.0.0.0/8 or ``::1``."""
     h = host.strip().strip("[]").lower()
-    return h in LOOPBACK_HOSTS or h.startswith("127.")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+MAX_API_KEY_CHARS = 4096
+_API_KEY_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: it travels in an HTTP header
 
 
 def check_bind(host: str, port: int, api_key: str | None) -> None:
-    """Refuse what must not be launched: a public bind without an API key, or a port already taken."""
+    """Refuse what must not be launched: a host that is no host name or address, a public bind without an API key,
+    an API key no HTTP header can carry, or a port already taken."""
     if not host.strip():
         raise TunerError("--host is empty")
+    if len(host) > 255 or has_control(host) or any(c.isspace() for c in host) or host.startswith("-"):
+        raise TunerError(f"--host {shown(host, 60)} is not a host name or address")
+    if api_key is not None and not (0 < len(api_key) <= MAX_API_KEY_CHARS and _API_KEY_RE.fullmatch(api_key)):
+        raise TunerError("--api-key must be printable ASCII without spaces (clients send it in an HTTP header), "
+                         f"1 to {MAX_API_KEY_CHARS} characters")  # never shown: it is a secret
     if not is_loopback(host) and not api_key:
         raise TunerError(f"--host {host} makes the server reachable from other machines, and there is no --api-key",
                          hint="add --api-key SECRET, or keep the default --host 127.0.0.1")
@@ -128,19 +150,6 @@ def exit_reason(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text from llama-server's ``/metrics`` (``--metrics``) → ``{"llamacpp:tokens_predicted_total": …}``."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, rest = line.partition(" ")
-        with contextlib.suppress(ValueError, IndexError):
-            values[name.split("{", 1)[0]] = float(rest.split()[0])
-    return values
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -157,19 +166,40 @@ def ensure_port_free(host: str, port: int) -> None:
     """
     if not 0 < port < 65536:
         raise TunerError(f"port {port} is not a valid TCP port")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:  # llama-server resolves --host the same way (getaddrinfo, tools/server/server-http.cpp)
+        family, _, _, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
+        raise TunerError(f"cannot resolve --host {shown(host, 60)}: {reason}") from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         if os.name != "nt":  # on Windows SO_REUSEADDR would let us bind over a live listener
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
+            s.bind(address)
         except PermissionError:
             raise TunerError(f"no permission to listen on {host}:{port} (ports below 1024 need root)") from None
         except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
+            if exc.errno == errno.EADDRNOTAVAIL:  # a name that resolves to another machine's address
                 raise TunerError(f"{host} is not an address of this machine, so nothing can listen on it") from None
             raise TunerError(f"port {port} on {host} is already in use ({exc.strerror}); "
                              f"pick another with --port") from None
+
+
+READY_TIMEOUT_ENV = "TUNER_READY_TIMEOUT_S"
+
+
+def ready_timeout_s(default: float) -> float:
+    """How long to wait for llama-server to load: ``TUNER_READY_TIMEOUT_S`` (seconds) when set, else ``default``."""
+    text = os.environ.get(READY_TIMEOUT_ENV, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise TunerError(f"{READY_TIMEOUT_ENV} must be a positive number of seconds, got {shown(text)}")
+    return value
 
 
 def log_tail(text: str, n_lines: int = 12) -> list[str]:
@@ -203,7 +233,14 @@ def error_summary(text: str) -> str:
 
 
 def _temp_log_path() -> Path:
-    fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+    """A fresh log file in tuner's cache (``logs/``), not the system's temporary folder: a log a failed launch
+    leaves behind (its error names it) stays among tuner's files."""
+    folder = cache_dir() / "logs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log", dir=folder)
+    except OSError as exc:
+        raise TunerError(f"cannot write llama-server's log in {folder}: {exc.strerror or exc}") from None
     os.close(fd)
     return Path(name)
 
@@ -304,8 +341,11 @@ class LlamaServer:
         return log_tail(self.log_text(), n_lines)
 
     def _raise_exited(self, what: str) -> None:
-        raise TunerError(f"llama-server stopped ({exit_reason(self.poll())}) {what}: {error_summary(self.log_text())}"
-                         f" (full log: {self.log_path})")
+        code = self.poll()
+        hint = ("; a --server-bin must keep llama-server in the foreground (a wrapper script: exec it)"
+                if code == 0 and what == "while loading the model" else "")
+        raise TunerError(f"llama-server stopped ({exit_reason(code)}) {what}: {error_summary(self.log_text())}"
+                         f" (full log: {self.log_path}{hint})")
 
     def wait_for_log(self, pattern: str | re.Pattern[str], timeout_s: float = 120.0) -> re.Match[str]:
         """Wait until the log matches ``pattern``; TunerError if the process exits or time runs out."""
@@ -323,15 +363,17 @@ class LlamaServer:
             time.sleep(0.1)
 
     def wait_ready(self, timeout_s: float = 600.0, on_progress: Callable[[str], None] | None = None) -> float:
-        """Poll /health until 200. Returns seconds since start. Fails fast, with the log's error, on exit."""
+        """Poll /health until 200 (its body is not read). Returns seconds since start. Fails fast, with the log's
+        error, on exit. ``TUNER_READY_TIMEOUT_S`` overrides ``timeout_s`` (:func:`ready_timeout_s`)."""
+        timeout_s = ready_timeout_s(timeout_s)
         deadline = time.monotonic() + timeout_s
         last_stage: str | None = None
         with httpx.Client(timeout=2.0) as client:
             while True:
                 if not self.running():
                     self._raise_exited("while loading the model")
-                with contextlib.suppress(httpx.HTTPError):
-                    r = client.get(f"{self.base_url}/health", headers=self._headers())
+                with contextlib.suppress(httpx.HTTPError), \
+                        client.stream("GET", f"{self.base_url}/health", headers=self._headers()) as r:
                     if r.status_code == 200:
                         return time.monotonic() - self.started_at
                 if on_progress:
@@ -347,38 +389,55 @@ class LlamaServer:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def get_text(self, path: str, timeout_s: float = 10.0) -> str | None:
-        """GET ``path``; its body on 200, None on any other answer or when the server does not answer."""
+    def get_text(self, path: str, timeout_s: float = 10.0, max_bytes: int = MAX_METRICS_BYTES) -> str | None:
+        """GET ``path``; its body on 200, None on any other answer, when the server does not answer in time, or
+        when the answer is larger than ``max_bytes``."""
         try:
-            r = httpx.get(f"{self.base_url}{path}", headers=self._headers(), timeout=timeout_s)
-        except httpx.HTTPError:
+            with httpx.stream("GET", f"{self.base_url}{path}", headers=self._headers(), timeout=timeout_s) as r:
+                if r.status_code != 200:
+                    return None
+                body = read_body(r, path, max_bytes=max_bytes, deadline=time.monotonic() + timeout_s)
+        except (httpx.HTTPError, TunerError):
             return None
-        return r.text if r.status_code == 200 else None
+        return body.decode("utf-8", errors="replace")
 
     def metrics(self) -> dict[str, float] | None:
         """``/metrics`` parsed (:func:`parse_metrics`); None when the server runs without ``--metrics``."""
         text = self.get_text("/metrics")
         return parse_metrics(text) if text is not None else None
 
-    def post(self, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+    def request(self, method: str, path: str, schema: Check, payload: dict[str, Any] | None = None,
+                timeout_s: float = 600.0) -> dict[str, Any]:
+        """``method path`` (with ``payload`` as JSON), its answer bounded in size and time and checked against
+        ``schema`` (:mod:`tuner.llama_api`): the fields tuner reads. TunerError (one line) otherwise; the log's
+        error when the server died meanwhile."""
+        what = f"{method} {path}"
         try:
-            r = httpx.post(f"{self.base_url}{path}", json=payload, headers=self._headers(), timeout=timeout_s)
+            with httpx.stream(method, f"{self.base_url}{path}", json=payload, headers=self._headers(),
+                              timeout=timeout_s) as r:
+                body = read_body(r, what, deadline=time.monotonic() + timeout_s)
         except httpx.HTTPError as exc:
             if not self.running():
                 self._raise_exited(f"during a request to {path}")
-            raise TunerError(f"request to llama-server {path} failed: {exc}") from None
+            raise TunerError(f"request to llama-server {path} failed: {type(exc).__name__} "
+                             f"{' '.join(str(exc).split())[:200]}") from None
         if r.status_code != 200:
-            raise TunerError(f"llama-server answered {r.status_code} to {path}: {r.text[:200]}")
-        return dict(r.json())
+            start = " ".join(body[:200].decode("utf-8", "replace").split())
+            raise TunerError(f"llama-server answered {r.status_code} to {path}: {shown(start, 200)}")
+        return check_answer(body, schema, what)
+
+    def post(self, path: str, payload: dict[str, Any], timeout_s: float = 600.0, *,
+             schema: Check | None = None) -> dict[str, Any]:
+        """POST ``payload`` to ``path``: :meth:`request`; without a ``schema``, any JSON object."""
+        return self.request("POST", path, schema or ANY_OBJECT, payload, timeout_s)
 
     def smoke_completion(self, max_tokens: int = 4) -> dict[str, Any]:
         """One real chat completion: configs have loaded at thin margins and then produced 0 tokens."""
         reply = self.post("/v1/chat/completions", {
             "messages": [{"role": "user", "content": "Say hello."}],
             "max_tokens": max_tokens, "temperature": 0.0,
-        })
-        usage = reply.get("usage") or {}
-        if int(usage.get("completion_tokens", 0)) < 1:
+        }, schema=CHAT_COMPLETION)
+        if reply["usage"]["completion_tokens"] < 1:
             raise TunerError(f"llama-server loaded but produced no tokens (log: {self.log_path})")
         return reply
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 
 from tuner.errors import TunerError
+from tuner.untrusted import shown
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
+MAX_SIZE_BYTES = 1 << 60  # 1 EiB: a thousand times the memory of the largest machines
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
 
@@ -19,14 +21,14 @@ def parse_size_bytes(text: str, *, default_unit: str = "") -> int:
 
     Sizes are binary (``G`` = GiB), as llama.cpp prints them.
     """
-    match = _SIZE_RE.match(str(text))
+    match = _SIZE_RE.match(str(text)) if len(str(text)) <= 1000 else None
     if not match:
-        raise TunerError(f"cannot read {text!r} as a size (examples: 24G, 768M, 0.5GiB)")
+        raise TunerError(f"cannot read {shown(text, 40)} as a size (examples: 24G, 768M, 0.5GiB)")
     number, unit, _ = match.groups()
     unit = (unit or default_unit).lower()
     value = float(number) * _SCALE[unit]
-    if value < 0:
-        raise TunerError(f"size {text!r} is negative")
+    if not value <= MAX_SIZE_BYTES:  # 400 digits make a float of inf
+        raise TunerError(f"size {shown(text, 40)} is larger than the limit of 1 EiB")
     return int(value)
 
 

@@ -31,7 +31,10 @@ from tuner.bench.flagsets import FlagSet
 from tuner.bench.prompts import PromptSource
 from tuner.bench.servers import LiveServer, ServerPool, tokenizer_of
 from tuner.errors import TunerError
-from tuner.flags import FLAGS, ServerFlags
+from tuner.flags import FLAGS, INT32_MAX, ServerFlags
+from tuner.llama_api import COMPLETION
+from tuner.records import RecordError, validate
+from tuner.untrusted import shown
 
 DEFAULT_DEPTHS: tuple[int, ...] = (0, 8192, 32768)
 #: room kept free at the end of a slot beyond prompt + generation (the ~4 re-evaluated tokens, rounding).
@@ -75,9 +78,12 @@ def parse_depths(text: str) -> tuple[int, ...]:
             continue
         scale = 1024 if part.endswith("k") else 1
         try:
-            out.add(int(float(part.rstrip("k")) * scale))
+            tokens = float(part.rstrip("k")) * scale
         except ValueError:
-            raise TunerError(f"--depths: cannot read {part!r} as a token count") from None
+            raise TunerError(f"--depths: cannot read {shown(part, 40)} as a token count") from None
+        if not math.isfinite(tokens) or tokens > INT32_MAX:  # "inf", 400 digits: no context is that long
+            raise TunerError(f"--depths: {shown(part, 40)} is more tokens than a context holds ({INT32_MAX})")
+        out.add(int(tokens))
     if not out or min(out) < 0:
         raise TunerError(f"--depths needs token counts ≥ 0, got {text!r}")
     return tuple(sorted(out))
@@ -99,16 +105,16 @@ class RequestTiming:
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any]) -> RequestTiming:
-        t = reply.get("timings")
-        if not isinstance(t, dict):
-            raise TunerError("llama-server's reply has no timings")
+        """From a ``/completion`` answer (checked against :data:`tuner.llama_api.COMPLETION`, which fills in the
+        defaults of missing figures)."""
+        try:
+            t = validate(COMPLETION, reply)["timings"]
+        except RecordError as error:
+            raise TunerError(f"llama-server's /completion answer: {error}") from None
         return cls(
-            prompt_n=int(t.get("prompt_n", 0)), cache_n=int(t.get("cache_n", 0)),
-            prompt_ms=float(t.get("prompt_ms", 0.0)), predicted_n=int(t.get("predicted_n", 0)),
-            predicted_ms=float(t.get("predicted_ms", 0.0)), pp_tok_s=float(t.get("prompt_per_second", 0.0)),
-            tg_tok_s=float(t.get("predicted_per_second", 0.0)),
-            draft_n=int(t["draft_n"]) if "draft_n" in t else None,
-            draft_n_accepted=int(t["draft_n_accepted"]) if "draft_n_accepted" in t else None,
+            prompt_n=t["prompt_n"], cache_n=t["cache_n"], prompt_ms=t["prompt_ms"], predicted_n=t["predicted_n"],
+            predicted_ms=t["predicted_ms"], pp_tok_s=t["prompt_per_second"], tg_tok_s=t["predicted_per_second"],
+            draft_n=t["draft_n"], draft_n_accepted=t["draft_n_accepted"],
         )
 
 

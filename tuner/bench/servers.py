@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.bench.flagsets import FlagSet, slug
-from tuner.errors import TunerError
+from tuner.llama_api import PROPS, TOKENIZE
 from tuner.server import LlamaServer
 
 ProgressFn = Callable[[str], None]
@@ -74,14 +74,13 @@ class ServerPool:
         except BaseException:
             server.stop()
             raise
-        settings = props.get("default_generation_settings") or {}
-        n_ctx_slot = int(settings.get("n_ctx") or 0)
-        total_slots = int(props.get("total_slots") or 1)
+        n_ctx_slot = props["default_generation_settings"]["n_ctx"]
+        total_slots = props["total_slots"]
         unified = fs.flags.unified if fs.flags is not None else True
         live = LiveServer(fs, server, n_ctx_slot, total_slots, unified)
         self.live[fs.name] = live
         self.launches.append(Launch(fs.name, tuple(server.command), round(load_s, 3), n_ctx_slot, total_slots,
-                                    str(props.get("build_info", ""))))
+                                    props["build_info"]))
         self._say(f"{fs.name} ready in {load_s:.1f} s (context {n_ctx_slot} per slot, {total_slots} slot(s))")
         return live
 
@@ -104,20 +103,13 @@ class ServerPool:
 
 
 def get_props(server: LlamaServer) -> dict[str, Any]:
-    """llama-server's ``/props`` (slots, context per slot, build)."""
-    import httpx
-
-    try:
-        r = httpx.get(f"{server.base_url}/props", timeout=30.0)
-        r.raise_for_status()
-        return dict(r.json())
-    except (httpx.HTTPError, ValueError) as exc:
-        raise TunerError(f"llama-server /props failed: {exc}") from None
+    """llama-server's ``/props`` (slots, context per slot, build), checked (:data:`tuner.llama_api.PROPS`)."""
+    return server.request("GET", "/props", PROPS, timeout_s=30.0)
 
 
 def tokenizer_of(server: LlamaServer) -> Callable[[str], list[int]]:
     def tokenize(text: str) -> list[int]:
-        reply = server.post("/tokenize", {"content": text, "add_special": False})
-        return [int(t) for t in reply.get("tokens", [])]
+        reply = server.post("/tokenize", {"content": text, "add_special": False}, schema=TOKENIZE)
+        return list(reply["tokens"])
 
     return tokenize

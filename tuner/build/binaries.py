@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+import selectors
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuner.build.source import is_commit_hash, short_hash
 from tuner.build.steps import condense_output, exe
 from tuner.errors import TunerError
+from tuner.procgroup import start_group, stop_group
 
 
 @dataclass(frozen=True)
@@ -60,22 +63,58 @@ def llama_version(server_bin: Path | str) -> tuple[str, str]:
     return parse_version_output(_version_output(server_bin))
 
 
+VERSION_TIMEOUT_S = 60.0
+MAX_VERSION_OUTPUT_BYTES = 1 << 20  # llama-server --version prints a few lines (a CUDA build: one per device)
+
+
 def _version_output(server_bin: Path | str) -> str:
+    """What ``server_bin --version`` prints (stdout and stderr), at most :data:`MAX_VERSION_OUTPUT_BYTES`, within
+    :data:`VERSION_TIMEOUT_S`; run in a process group of its own, stopped whole however it ends (a binary given as
+    ``--server-bin`` may be anything)."""
     try:
-        proc = subprocess.run(
-            [str(server_bin), "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            errors="replace", timeout=60,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired as exc:
-        raise TunerError(f"{server_bin} --version did not finish in 60 s") from exc
+        proc = start_group([str(server_bin), "--version"], die_with_parent=True, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except OSError as exc:
         raise TunerError(f"cannot run {server_bin}: {exc.strerror or exc}") from exc
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+    try:
+        data, complete = _read_bounded(proc, MAX_VERSION_OUTPUT_BYTES, VERSION_TIMEOUT_S)
+        if not complete:
+            raise TunerError(f"{server_bin} --version did not finish in {VERSION_TIMEOUT_S:.0f} s")
+        if len(data) > MAX_VERSION_OUTPUT_BYTES:
+            raise TunerError(f"{server_bin} --version printed more than {MAX_VERSION_OUTPUT_BYTES} bytes: not "
+                             "llama-server")
+        returncode = proc.wait(timeout=VERSION_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise TunerError(f"{server_bin} --version did not finish in {VERSION_TIMEOUT_S:.0f} s") from None
+    finally:
+        stop_group(proc, grace_s=1.0)
+    text = data.decode("utf-8", errors="replace")
+    if returncode != 0:
         raise TunerError(
-            f"{server_bin} --version failed (exit code {proc.returncode}): {condense_output(text.splitlines(), 8)}"
+            f"{server_bin} --version failed (exit code {returncode}): {condense_output(text.splitlines(), 8)}"
         )
     return text
+
+
+def _read_bounded(proc: subprocess.Popen[bytes], max_bytes: int, timeout_s: float) -> tuple[bytes, bool]:
+    """``proc``'s output until EOF (True) or until ``max_bytes`` + 1 bytes or ``timeout_s`` (False: cut short)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while size <= max_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(timeout=left):
+                return b"".join(chunks), False
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks), True
 
 
 def build_from_binary(server_bin: Path | str) -> LlamaBuild:
@@ -88,7 +127,10 @@ def build_from_binary(server_bin: Path | str) -> LlamaBuild:
     if not os.access(path, os.X_OK):
         raise TunerError(f"{path} is not executable")
     output = _version_output(path)
-    version_text, commit = parse_version_output(output)
+    try:
+        version_text, commit = parse_version_output(output)
+    except TunerError as error:
+        raise TunerError(f"{path}: {error}") from None
 
     def sibling(name: str) -> Path | None:
         candidate = path.parent / exe(name)

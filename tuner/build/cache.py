@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tuner import records as rec
 from tuner.build.binaries import LlamaBuild, build_from_binary, llama_version, short_commit
 from tuner.build.cmake import TARGETS, cmake_options, compile_tree
 from tuner.build.source import ensure_source, is_commit_hash, slug
@@ -66,28 +67,36 @@ def publish_build(
     return published
 
 
+# What _read_build takes from build.json (written by publish_build), checked: a corrupt file is no build.
+BUILD_META = rec.record(key=rec.string(256), version_text=rec.string(64 << 10, control=True),
+                        commit=rec.string(128), cuda=rec.boolean(),
+                        cmake_options=rec.field(rec.map_of(rec.string(64 << 10, control=True), 4096), {}),
+                        source=rec.field(rec.string(4096), ""))
+
+
 def _read_build(entry: Path) -> LlamaBuild | None:
-    """The published build in ``entry``, or None if absent or incomplete. Runs nothing."""
+    """The published build in ``entry``, or None if absent, incomplete or its ``build.json`` does not pass
+    :data:`BUILD_META` (then it is built again). Runs nothing."""
     try:
-        meta = json.loads((entry / BUILD_JSON).read_text())
-        bins = {name: entry / "bin" / exe(name) for name in TARGETS}
-        if not all(p.is_file() for p in bins.values()):
-            return None
-        return LlamaBuild(
-            key=meta["key"],
-            root=entry,
-            server_bin=bins["llama-server"],
-            bench_bin=bins["llama-bench"],
-            fit_params_bin=bins["llama-fit-params"],
-            rpc_server_bin=bins["ggml-rpc-server"],
-            version_text=meta["version_text"],
-            commit=short_commit(meta["commit"]),
-            cuda=bool(meta["cuda"]),
-            options=dict(meta.get("cmake_options", {})),
-            source=meta.get("source", ""),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = rec.validate(BUILD_META, rec.read_json_file(entry / BUILD_JSON, 1 << 20))
+    except (OSError, ValueError):
         return None
+    bins = {name: entry / "bin" / exe(name) for name in TARGETS}
+    if not all(p.is_file() for p in bins.values()):
+        return None
+    return LlamaBuild(
+        key=meta["key"],
+        root=entry,
+        server_bin=bins["llama-server"],
+        bench_bin=bins["llama-bench"],
+        fit_params_bin=bins["llama-fit-params"],
+        rpc_server_bin=bins["ggml-rpc-server"],
+        version_text=meta["version_text"],
+        commit=short_commit(meta["commit"]),
+        cuda=meta["cuda"],
+        options=dict(meta["cmake_options"]),
+        source=meta["source"],
+    )
 
 
 def find_build(spec: BuildSpec) -> LlamaBuild | None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tuner import records as rec
 from tuner.build.pypi import download_sdist
 from tuner.build.steps import ProgressFn, cache_lock, condense_output, remove_leftovers, replacing, report, run_logged
 from tuner.errors import TunerError
@@ -228,18 +229,22 @@ def ensure_source(kind: SourceKind, ref: str, on_progress: ProgressFn | None = N
     return source
 
 
+# What read_source takes from source.json, checked.
+SOURCE_META = rec.record(commit=rec.field(rec.string(128), "unknown"),
+                         build_number=rec.field(rec.integer(0, (1 << 31) - 1), 0),
+                         origin=rec.field(rec.string(4096), ""))
+
+
 def read_source(root: Path) -> SourceTree | None:
     """The fetched tree in ``root`` (``src/<source-id>``), or None if it is absent or unfinished."""
-    try:
-        info = json.loads((root / SOURCE_JSON).read_text())
+    try:  # a corrupt source.json is an unfinished fetch: fetched again
+        info = rec.validate(SOURCE_META, rec.read_json_file(root / SOURCE_JSON, 1 << 20))
     except (OSError, ValueError):
         return None
     path = root / "llama.cpp"
     if not looks_like_llama_cpp(path):
         return None
-    return SourceTree(
-        path, str(info.get("commit", "unknown")), int(info.get("build_number", 0)), str(info.get("origin", ""))
-    )
+    return SourceTree(path, info["commit"], info["build_number"], info["origin"])
 
 
 def _fetch_git(ref: str, dest: Path, on_progress: ProgressFn | None) -> dict[str, object]:

@@ -4,7 +4,7 @@ their progress read and a failure condensed to one line.
 
 A tool runs in its own process group (:func:`tuner.procgroup.start_group`), and if tuner is interrupted (Ctrl-C, or
 SIGTERM that the CLI turns into the same KeyboardInterrupt) the whole group is stopped, so no ninja or compiler
-outlives an interrupted build.
+outlives an interrupted build; if tuner is killed outright, the group's watchdog stops it (``die_with_parent``).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def run_logged(
     try:
         proc = start_group(
             cmd, cwd=cwd, env=None if env is None else dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, die_with_parent=True,
         )  # fmt: skip
     except OSError as exc:
         raise TunerError(f"cannot run {cmd[0]}: {exc}") from exc
@@ -132,8 +132,7 @@ def run_logged(
                 on_line(text)
         rc = proc.wait()
     finally:
-        if proc.poll() is None:
-            stop_group(proc)
+        stop_group(proc)  # interrupted: the whole group; done: what it left behind, and its watchdog
         log.flush()
     log.write(f"[exit code {rc}]\n")
     return rc, list(tail)

@@ -86,7 +86,8 @@ def _register(argv: list[str]) -> None:
 def stop_signals() -> Iterator[None]:
     """SIGINT and SIGTERM become one KeyboardInterrupt (the first one); later ones are ignored, so a second Ctrl-C
     cannot cut short the orderly stop of what tuner started (llama-server, a build's compilers). Without this,
-    SIGTERM would end tuner at once, leaving its children running."""
+    SIGTERM would end tuner at once, leaving its children running. Once one has fired, tuner is on its way out:
+    the handler stays, so a second SIGTERM during the last lines cannot turn exit code 130 into a kill."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -103,8 +104,9 @@ def stop_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if not fired:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
             return _interrupted()
         sys.stderr.write("tuner: aborted\n")
+        return 1
+    except OSError as exc:  # the system refused (a name too long, a full disk, no permission): not a bug
+        where = f": {_visible(str(exc.filename))[:200]}" if exc.filename else ""
+        sys.stderr.write(f"tuner: error: {exc.strerror or type(exc).__name__}{where}\n")
         return 1
     except Exception as exc:  # usage errors and anything unexpected: still one line, no traceback
         if _is_usage_error(exc):
@@ -166,4 +172,15 @@ def _interrupted() -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    if code == 130:
+        # On the way out: a second Ctrl-C or SIGTERM must not turn exit code 130 into a kill. Ignored at the OS
+        # level, because the interpreter's shutdown puts Python-level handlers back to the default (signalmodule.c).
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+    # CPython remembers a KeyboardInterrupt that was raised inside an exec() of source text (a dataclass being made
+    # by a module imported at that moment: Python/pythonrun.c, run_eval_code_obj) even when tuner caught it, and then
+    # `python -m tuner` kills itself with SIGINT at exit (Modules/main.c, Py_RunMain) instead of exiting with its
+    # code. One exec() of source text that ends normally clears that flag.
+    exec("None")
+    sys.exit(code)

@@ -3,23 +3,56 @@ flags from a llama-server command line."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
 
-from tuner.flags import FLAGS, Kind
+from tuner.flags import FLAGS, INT32_MAX, Kind
 
 
 def server_option(key: str, *, help: str | None = None, **kwargs: Any) -> Any:
     """The typer option of llama-server's flag ``key`` as :data:`tuner.flags.FLAGS` spells it: long name, short
     aliases, a switch's negation (``--kv-unified/--no-kv-unified``), the choices as the metavar."""
     row = FLAGS[key]
+    if row.kind is Kind.INT:  # llama-server reads its numbers as C ints: a larger one is refused as typer refuses
+        kwargs.setdefault("max", INT32_MAX)
     decls = list(row.names)
     if row.negation:
         pairs = list(zip(row.names, row.negation, strict=False))  # long with long, short with short
         decls = [f"{on}/{off}" for on, off in pairs] + list(row.names[len(pairs):])
     return typer.Option(*decls, help=help or row.help, metavar=row.metavar, **kwargs)
+
+
+def finite(value: float | None) -> float | None:
+    """A typer callback: refuse ``nan`` and ``inf`` (click's FloatRange lets ``nan`` through: it compares false)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def output_file(value: Path | None) -> Path | None:
+    """A typer callback for a file tuner will write: not an existing folder, and not inside a file."""
+    if value is None:
+        return None
+    if value.is_dir():
+        raise typer.BadParameter(f"{value} is a folder; name a file")
+    parent = next((p for p in value.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise typer.BadParameter(f"{parent} is a file, so {value} cannot be written")
+    return value
+
+
+def output_folder(value: Path | None) -> Path | None:
+    """A typer callback for a folder tuner will create or write into: not an existing file, nor inside one."""
+    if value is None:
+        return None
+    existing = next((p for p in (value.absolute(), *value.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise typer.BadParameter(f"{existing} is a file, not a folder")
+    return value
 
 
 def default(key: str) -> Any:
@@ -50,9 +83,10 @@ RamOpt = Annotated[str | None, typer.Option(
                   "this machine's; with a catalog --gpu, a desktop built for it (64 GiB or more).",
     show_default=False)]
 RamBandwidthOpt = Annotated[float | None, typer.Option(
-    "--ram-bandwidth", min=0.1, help="Host RAM bandwidth in GB/s (default: assumed from the cores: 50, or 100 past 16 "
-                                     "cores).", show_default=False)]
-CpuCoresOpt = Annotated[int | None, typer.Option("--cpu-cores", min=1, help="Host physical CPU cores.",
+    "--ram-bandwidth", min=0.1, max=100_000.0, callback=finite,
+    help="Host RAM bandwidth in GB/s (default: assumed from the cores: 50, or 100 past 16 cores).",
+    show_default=False)]
+CpuCoresOpt = Annotated[int | None, typer.Option("--cpu-cores", min=1, max=1 << 16, help="Host physical CPU cores.",
                                                  show_default=False)]
 
 # llama-server's own flags (tuner estimate; the planner's wishes below reuse ctx_size and parallel): names, help and
@@ -82,10 +116,11 @@ RpcGpuOpt = Annotated[str | None, typer.Option(
                       "(rtx-3090x2@192.168.1.20; port 50052 if none). With --rpc: the cards those workers hold.",
     show_default=False)]
 LinkGbitOpt = Annotated[float | None, typer.Option(
-    "--link-gbit", min=0.001, help="Network to the RPC workers, Gbit/s (default: 1, gigabit Ethernet).",
-    show_default=False)]
+    "--link-gbit", min=0.001, max=1e5, callback=finite,
+    help="Network to the RPC workers, Gbit/s (default: 1, gigabit Ethernet).", show_default=False)]
 LinkRttOpt = Annotated[float | None, typer.Option(
-    "--link-rtt-ms", min=0.0, help="Round-trip time to the RPC workers, ms (default: 0.2).", show_default=False)]
+    "--link-rtt-ms", min=0.0, max=1e6, callback=finite, help="Round-trip time to the RPC workers, ms (default: 0.2).",
+    show_default=False)]
 
 # Building llama.cpp (tuner build, tuner serve).
 SourceOpt = Annotated[str, typer.Option(

@@ -33,6 +33,12 @@ def emit_json_line(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def warn(line: str) -> None:
+    """One warning line on stderr, as the errors are written (``tuner: warning: …``), control characters escaped."""
+    sys.stderr.write(f"tuner: warning: {visible(' '.join(line.split()))}\n")
+    sys.stderr.flush()
+
+
 def text(value: object) -> str:
     """A value tuner did not write (a model or file name from a GGUF header or the Hub, a quant label, a reason
     that quotes them) made safe for a rich markup string: brackets escaped, so ``[/bold]x`` prints as itself, and

@@ -36,8 +36,12 @@ from rich.text import Text
 
 from tuner import bench as b
 from tuner.cli import _options as o
-from tuner.cli._output import emit, err_console
+from tuner.cli import stop_signals
+from tuner.cli._output import emit, err_console, text
+from tuner.errors import TunerError
+from tuner.flags import INT32_MAX, MAX_SEQ
 from tuner.hardware import HostSpec
+from tuner.untrusted import shown, visible
 
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="NAME=FLAGS: a named llama-server flag set to measure (repeatable). Default: the plan and "
@@ -45,16 +49,20 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 DepthsOpt = Annotated[str | None, typer.Option(
     "--depths", help="Context depths to measure at, tokens: 0,8192,32768 (k suffix allowed). --tune: the plan's "
                      "context unless given (the largest is used).", show_default=False)]
-RepeatOpt = Annotated[int, typer.Option("--repeat", help="Runs per set and depth (--tune: the most per round).")]
-PromptTokensOpt = Annotated[int, typer.Option("--prompt-tokens", help="Fresh prompt tokens per measurement.")]
-GenTokensOpt = Annotated[int, typer.Option("--gen-tokens", help="Tokens generated per measurement.")]
-ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", help="Requests sent at once (needs as many slots).")]
+RepeatOpt = Annotated[int, typer.Option("--repeat", min=1, max=1000,
+                                        help="Runs per set and depth (--tune: the most per round).")]
+PromptTokensOpt = Annotated[int, typer.Option("--prompt-tokens", min=1, max=INT32_MAX,
+                                              help="Fresh prompt tokens per measurement.")]
+GenTokensOpt = Annotated[int, typer.Option("--gen-tokens", min=2, max=INT32_MAX,
+                                           help="Tokens generated per measurement.")]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, max=MAX_SEQ,
+                                             help="Requests sent at once (needs as many slots).")]
 TuneOpt = Annotated[bool, typer.Option("--tune", help="Search around the plan for faster flags.")]
 DimsOpt = Annotated[str | None, typer.Option(
     "--dims", help=f"--tune: only these dimensions ({', '.join(b.TUNE_DIMENSIONS)}).", show_default=False)]
 ObjectiveOpt = Annotated[str, typer.Option("--objective", metavar=f"[{'|'.join(b.OBJECTIVES)}]",
                                            help="Rank by tg, pp, or both (geometric mean).")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Base folder of the results files.")]
+OutOpt = Annotated[Path, typer.Option("--out", callback=o.output_folder, help="Base folder of the results files.")]
 KeepLogsOpt = Annotated[bool, typer.Option("--keep-logs", help="Keep llama-server logs beside the results.")]
 NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Do not record the results in the profile.")]
 BenchGpuOpt = Annotated[str | None, typer.Option(
@@ -63,7 +71,7 @@ BenchGpuOpt = Annotated[str | None, typer.Option(
 
 
 def _say(line: str) -> None:
-    err_console.print(Text(line, style="dim"), highlight=False)
+    err_console.print(Text(visible(line), style="dim"), highlight=False)
 
 
 def bench_config(depths: str | None, repeat: int, prompt_tokens: int, gen_tokens: int, concurrency: int,
@@ -119,14 +127,14 @@ def render_bench(console: Console, result: dict[str, Any]) -> None:
         table.add_column("per request pp / tg", justify="right")
     for r in result["results"]:
         for d in r["by_depth"]:
-            row = [r["name"], str(d["depth"]), _fmt(d["pp_tok_s"]), _fmt(d["tg_tok_s"]), str(d["tg_tok_s"]["n"])]
+            row = [text(r["name"]), str(d["depth"]), _fmt(d["pp_tok_s"]), _fmt(d["tg_tok_s"]), str(d["tg_tok_s"]["n"])]
             if conc:
                 row.append(f"{d['per_request_pp_tok_s']['median']:,.1f} / {d['per_request_tg_tok_s']['median']:,.1f}")
             table.add_row(*row)
     console.print(table)
     console.print(bar_table(series_from_results(result["results"])))
     for r in result["results"]:
-        console.print(f"[bold]{r['name']}[/bold]: llama-server {shlex.join(r['flags'])}", highlight=False,
+        console.print(f"[bold]{text(r['name'])}[/bold]: llama-server {text(shlex.join(r['flags']))}", highlight=False,
                       soft_wrap=True)
     tune = result.get("tune")
     if tune:
@@ -137,30 +145,31 @@ def render_bench(console: Console, result: dict[str, Any]) -> None:
         for t in tune["trials"]:
             note = t["reason"] if not t["fits"] else (f"dropped after {t['dropped_after']}" if t["dropped_after"]
                                                       else "")
-            trials.add_row(str(t["round"]), t["dimension"], t["name"], f"{t['pp_tok_s']:,.1f}",
-                           f"{t['tg_tok_s']:,.1f}", str(t["n_samples"]), note)
+            trials.add_row(str(t["round"]), text(t["dimension"]), text(t["name"]), f"{t['pp_tok_s']:,.1f}",
+                           f"{t['tg_tok_s']:,.1f}", str(t["n_samples"]), text(note))
         console.print(trials)
     verdict = result.get("verdict") or {}
     if "ratio_to_defaults" in verdict:
         for label, key in (("the plan", "ratio_to_plan"), ("llama-server's defaults", "ratio_to_defaults")):
             ratio = verdict.get(key)
             if ratio:
-                console.print(f"winner [bold]{verdict['winner']}[/bold] vs {label}: tg ×{ratio['tg']:.2f}, "
+                console.print(f"winner [bold]{text(verdict['winner'])}[/bold] vs {label}: tg ×{ratio['tg']:.2f}, "
                               f"pp ×{ratio['pp']:.2f}")
     elif verdict:
         console.print(f"fastest at depth {verdict['ref_depth']} ({verdict['objective']}): "
-                      f"[bold]{verdict['winner']}[/bold]")
+                      f"[bold]{text(verdict['winner'])}[/bold]")
         for name, ratio in verdict["ratios_to_reference"].items():
             if name != verdict["reference_set"] and ratio["tg"] is not None:
-                console.print(f"  {name} vs {verdict['reference_set']}: tg ×{ratio['tg']:.2f}, pp ×{ratio['pp']:.2f}")
+                console.print(f"  {text(name)} vs {text(verdict['reference_set'])}: tg ×{ratio['tg']:.2f}, "
+                              f"pp ×{ratio['pp']:.2f}")
     for comp in verdict.get("comparisons", []):
         render_comparison(console, comp)
     for note in result.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {text(note)}", highlight=False)
     # paths and the install hint as they are: rich would take "[plot]" (or a "[...]" in a path) for markup
     plain = {"highlight": False, "soft_wrap": True, "markup": False}
-    console.print(f"results: {result['saved_to']}", **plain)
-    console.print(f"chart:   {result['plot'] or 'not drawn: ' + result['plot_problem']}", **plain)
+    console.print(visible(f"results: {result['saved_to']}"), **plain)
+    console.print(visible(f"chart:   {result['plot'] or 'not drawn: ' + result['plot_problem']}"), **plain)
     prof = result.get("profile")
     if prof:
         console.print(f"profile: {prof['path']} ({prof['measurements']} measurements for this model, hardware and "
@@ -207,14 +216,16 @@ def register(app: typer.Typer) -> None:
         from tuner.cli.recommend import wishes_from_options
 
         cfg = bench_config(depths, repeat, prompt_tokens, gen_tokens, concurrency)
+        dim_names = tuple(d.strip() for d in dims.split(",") if d.strip()) if dims else None
+        unknown = [d for d in dim_names or () if d not in b.TUNE_DIMENSIONS]
+        if unknown:  # before any build or launch
+            raise TunerError(f"--dims: unknown dimension {shown(unknown[0])} (known: {', '.join(b.TUNE_DIMENSIONS)})")
         options = b.BenchOptions(
             sets=tuple(b.parse_set(spec) for spec in sets or ()), config=cfg, tune=tune,
-            tune_depth=max(cfg.depths) if depths else None,
-            dims=tuple(d.strip() for d in dims.split(",") if d.strip()) if dims else None, objective=objective,
+            tune_depth=max(cfg.depths) if depths else None, dims=dim_names, objective=objective,
             server_bin=server_bin, out_dir=out, keep_logs=keep_logs, learn=not no_profile, cpu_only=gpu is not None)
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=False,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
-        from tuner.errors import TunerError
         from tuner.rpc import cluster_hardware
 
         if rpc_gpu and not rpc:
@@ -230,8 +241,9 @@ def register(app: typer.Typer) -> None:
             _say(line)
 
         try:
-            report = b.run_benchmark(model, hardware, wishes, options, on_progress=say,
-                                     on_build_progress=build_progress)
+            with stop_signals():  # SIGTERM, like Ctrl-C, stops the llama-servers (and a build) before tuner exits
+                report = b.run_benchmark(model, hardware, wishes, options, on_progress=say,
+                                         on_build_progress=build_progress)
         finally:
             build_progress.close()
         document = report.document

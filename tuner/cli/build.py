@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from tuner.build import LlamaBuild, obtain_build
 from tuner.cli import _options as o
 from tuner.cli import stop_signals
-from tuner.cli._output import emit, err_console
+from tuner.cli._output import emit, err_console, text
 
 _STAGE_LABELS = {
     "download": "downloading llama.cpp source",
@@ -121,14 +121,15 @@ def get_build(source: str, cuda: bool | None, server_bin: str | None,
 
 def render_build(console: Console, result: dict[str, Any]) -> None:
     where = "from the cache" if result["cached"] else f"built in {result['seconds']:.0f} s"
-    console.print(f"[bold]llama-server[/bold] {result['server_bin']}  ({where}; {'CUDA' if result['cuda'] else 'CPU'})",
+    console.print(f"[bold]llama-server[/bold] {text(result['server_bin'])}  ({where}; "
+                  f"{'CUDA' if result['cuda'] else 'CPU'})",
                   highlight=False, soft_wrap=True)
     for name, key in (("llama-bench", "bench_bin"), ("llama-fit-params", "fit_params_bin"),
                       ("ggml-rpc-server", "rpc_server_bin")):
         if result[key]:
-            console.print(f"{name} {result[key]}", highlight=False, soft_wrap=True)
-    console.print(f"[dim]{result['version']}[/dim]", highlight=False, soft_wrap=True)
-    console.print(f"build key: {result['key']}", highlight=False, soft_wrap=True)
+            console.print(f"{name} {text(result[key])}", highlight=False, soft_wrap=True)
+    console.print(f"[dim]{text(result['version'])}[/dim]", highlight=False, soft_wrap=True)
+    console.print(f"build key: {text(result['key'])}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

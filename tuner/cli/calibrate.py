@@ -32,6 +32,7 @@ from rich.text import Text
 from tuner.cli import _options as o
 from tuner.cli._output import emit, err_console, text
 from tuner.errors import TunerError
+from tuner.flags import INT32_MAX
 from tuner.hardware import Hardware, hardware_for
 from tuner.paths import write_atomic
 from tuner.units import fmt_bytes
@@ -39,18 +40,18 @@ from tuner.units import fmt_bytes
 QuickOpt = Annotated[bool, typer.Option("--quick", help="The short ladder: two contexts, one q8_0 and one big-ubatch "
                                                         "rung, one --n-cpu-moe value; small measurements.")]
 ExportOpt = Annotated[Path | None, typer.Option(
-    "--export", help="Write the calibration as a small JSON file (no paths, no host names) to share or ship.",
-    show_default=False)]
+    "--export", callback=o.output_file,
+    help="Write the calibration as a small JSON file (no paths, no host names) to share or ship.", show_default=False)]
 CalGpuOpt = Annotated[str | None, typer.Option(
     "--gpu", help="'none': calibrate the CPU alone (a CPU build of llama.cpp). Calibration measures this machine: "
                   "catalog GPUs cannot be named.", show_default=False)]
 DepthsOpt = Annotated[str | None, typer.Option(
     "--depths", help="Context depths of the speed measurements (default 0,2048 with --quick, else 0,8192).",
     show_default=False)]
-PromptTokensOpt = Annotated[int | None, typer.Option("--prompt-tokens", help="Prompt tokens per measurement.",
-                                                     show_default=False)]
-GenTokensOpt = Annotated[int | None, typer.Option("--gen-tokens", help="Tokens generated per measurement.",
-                                                  show_default=False)]
+PromptTokensOpt = Annotated[int | None, typer.Option("--prompt-tokens", min=1, max=INT32_MAX,
+                                                     help="Prompt tokens per measurement.", show_default=False)]
+GenTokensOpt = Annotated[int | None, typer.Option("--gen-tokens", min=2, max=INT32_MAX,
+                                                  help="Tokens generated per measurement.", show_default=False)]
 IgnoreLoadOpt = Annotated[bool, typer.Option("--ignore-load", help="Record CPU speeds even when other processes keep "
                                                                    "the CPU busy.")]
 

@@ -26,7 +26,7 @@ from tuner.cli._output import emit, memory_table, text
 from tuner.cli.hardware import hardware_dict, network_line
 from tuner.cli.profile import calibration_for
 from tuner.corrections import Calibration, corrected_estimate, shape_id
-from tuner.flags import ServerFlags
+from tuner.flags import INT32_MAX, ServerFlags
 from tuner.hardware import Hardware, HostSpec, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
@@ -92,7 +92,7 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
         for col in ("device", "model", "context", "compute"):
             table.add_column(col, justify="right" if col != "device" else "left")
         for row in check["devices"]:
-            table.add_row(row["name"], fmt_bytes(row["model_bytes"]), fmt_bytes(row["context_bytes"]),
+            table.add_row(text(row["name"]), fmt_bytes(row["model_bytes"]), fmt_bytes(row["context_bytes"]),
                           fmt_bytes(row["compute_bytes"]))
         console.print(table)
         for note in check.get("notes", []):
@@ -126,8 +126,8 @@ def register(app: typer.Typer) -> None:
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
-        depth: Annotated[int, typer.Option("--depth", min=0, help="Tokens already in the context, for the predicted "
-                                           "speeds.")] = PLANNING_DEPTH_TOKENS,
+        depth: Annotated[int, typer.Option("--depth", min=0, max=INT32_MAX, help="Tokens already in the context, "
+                                           "for the predicted speeds.")] = PLANNING_DEPTH_TOKENS,
         ram: o.RamOpt = None,
         ram_bandwidth: o.RamBandwidthOpt = None,
         cpu_cores: o.CpuCoresOpt = None,

@@ -19,7 +19,9 @@ from rich.table import Table
 
 from tuner.cli import _options as o
 from tuner.cli._output import emit, text
+from tuner.errors import TunerError
 from tuner.hardware import Hardware, hardware_for, record_snapshot
+from tuner.paths import write_atomic
 from tuner.units import fmt_bytes
 
 
@@ -64,12 +66,12 @@ def render_hardware(console: Console, result: dict[str, Any]) -> None:
                       f"{fmt_bytes(g['vram_free_bytes'])} / {fmt_bytes(g['vram_total_bytes'])}",
                       f"{g['mem_bandwidth_bytes_s'] / 1e9:.0f} GB/s",
                       f"gen{g['pcie_gen']} x{g['pcie_width']}" if g["pcie_gen"] else "-",
-                      g["compute_capability"] or "-", g["source"])
+                      text(g["compute_capability"] or "-"), text(g["source"]))
     if result["gpus"]:
         console.print(table)
     else:
         console.print("GPUs: none (planning for CPU and RAM only)")
-    console.print(f"CPU: {result['cpu_model']} ({result['cpu_physical_cores']} cores, "
+    console.print(f"CPU: {text(result['cpu_model'])} ({result['cpu_physical_cores']} cores, "
                   f"{result['cpu_logical_cores']} threads)")
     console.print(f"RAM: {fmt_bytes(result['ram_available_bytes'])} available of {fmt_bytes(result['ram_total_bytes'])}"
                   f", assumed {result['ram_bandwidth_bytes_s'] / 1e9:.0f} GB/s")
@@ -91,7 +93,8 @@ def register(app: typer.Typer) -> None:
         link_rtt_ms: o.LinkRttOpt = None,
         server_bin: o.ServerBinOpt = None,
         record: Annotated[Path | None, typer.Option(
-            "--record-snapshot", help="Write NVML's answers for this machine to a JSON file.")] = None,
+            "--record-snapshot", callback=o.output_file,
+            help="Write NVML's answers for this machine to a JSON file.")] = None,
         as_json: o.JsonOpt = False,
     ) -> None:
         """Show the GPUs, RAM and CPU tuner plans for (and the devices of RPC workers, first)."""
@@ -101,6 +104,9 @@ def register(app: typer.Typer) -> None:
                                     link_rtt_ms=link_rtt_ms, server_bin=server_bin)
         result = hardware_dict(hardware)
         if record is not None:
-            record.write_text(json.dumps(record_snapshot(), indent=2) + "\n", encoding="utf-8")
+            try:
+                write_atomic(record, json.dumps(record_snapshot(), indent=2) + "\n")
+            except OSError as error:
+                raise TunerError(f"cannot write {record}: {error.strerror or error}") from None
             result["snapshot"] = str(record)
         emit(result, as_json=as_json, render=lambda c: render_hardware(c, result))

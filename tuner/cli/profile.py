@@ -28,20 +28,30 @@ from rich.table import Table
 
 from tuner.build import current_build
 from tuner.cli import _options as o
-from tuner.cli._output import emit
+from tuner.cli._output import emit, text, warn
 from tuner.corrections import Calibration
 from tuner.errors import TunerError
 from tuner.hardware import Hardware
 from tuner.paths import write_atomic
 from tuner.profile_store import ProfileEntry, ProfileStore, load_calibration, measured_hook
+from tuner.untrusted import visible
 
 
 def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
     """The planner's ``measured`` hook for ``tuner recommend`` (the profile of this machine and build); None when
-    the profile cannot be read (the roofline then stands alone)."""
+    the profile cannot be read: then one warning line names the file and how to reset it, and the roofline stands
+    alone. A ``--server-bin`` that is no llama-server is refused (TunerError): the plan's command would name it."""
+    if server_bin:
+        build = current_build(server_bin)
+    else:
+        try:
+            build = current_build()
+        except TunerError:
+            return None
     try:
-        return measured_hook(hardware, current_build(server_bin))
-    except TunerError:
+        return measured_hook(hardware, build)
+    except TunerError as error:
+        warn(f"{error.one_line()}; planning without measured speeds")
         return None
 
 
@@ -89,14 +99,14 @@ def calibration_rows(points: list[Any]) -> list[dict[str, Any]]:
 
 
 def render_show(console: Console, result: dict[str, Any]) -> None:
-    console.print(f"profile: {result['path']}", highlight=False)
+    console.print(f"profile: {visible(result['path'])}", highlight=False, markup=False)
     if result.get("calibration"):
         table = Table(title="calibration points (tuner serve, tuner calibrate)", title_justify="left")
         for col in ("kind", "device", "llama.cpp", "points", "shapes", "from", "last"):
             table.add_column(col, justify="right" if col == "points" else "left")
         for g in result["calibration"]:
-            table.add_row(g["kind"], g["device"], g["build"][:12], str(g["points"]), ", ".join(g["shapes"]),
-                          ", ".join(g["sources"]), g["last"])
+            table.add_row(g["kind"], text(g["device"]), text(g["build"][:12]), str(g["points"]),
+                          text(", ".join(g["shapes"])), text(", ".join(g["sources"])), text(g["last"]))
         console.print(table)
     if not result["entries"]:
         console.print("nothing measured yet: run `tuner bench`")
@@ -104,18 +114,19 @@ def render_show(console: Console, result: dict[str, Any]) -> None:
     for e in result["entries"]:
         model = e["model"]
         console.print()
-        console.print(f"[bold]{model['name']}[/bold] ({model['file_bytes']:,} bytes"
-                      + (f", {model['repo']}@{(model['revision'] or '')[:12]}" if model.get("repo") else "") + ")")
+        console.print(f"[bold]{text(model['name'])}[/bold] ({model['file_bytes']:,} bytes"
+                      + (f", {text(model['repo'])}@{text((model['revision'] or '')[:12])}" if model.get("repo")
+                         else "") + ")")
         hw = e["hardware"]
-        console.print(f"  on {' + '.join(hw['gpus']) or 'CPU ' + str(hw['cpu'])}"
-                      + (f", driver {hw['driver']}" if hw.get("driver") else "")
-                      + f"; llama.cpp {e['build']['commit'][:12]}{' CUDA' if e['build']['cuda'] else ''}; "
-                      f"{e['measurements']} measurement(s), updated {e['updated_at']}", highlight=False)
+        console.print(f"  on {text(' + '.join(hw['gpus']) or 'CPU ' + str(hw['cpu']))}"
+                      + (f", driver {text(hw['driver'])}" if hw.get("driver") else "")
+                      + f"; llama.cpp {text(e['build']['commit'][:12])}{' CUDA' if e['build']['cuda'] else ''}; "
+                      f"{e['measurements']} measurement(s), updated {text(e['updated_at'])}", highlight=False)
         best = e["best"]
         if best:
-            console.print(f"  best at depth {best['depth']}: [bold]{best['set_name']}[/bold] — tg "
+            console.print(f"  best at depth {best['depth']}: [bold]{text(best['set_name'])}[/bold] — tg "
                           f"{best['tg_tok_s']:,.1f} tok/s, pp {best['pp_tok_s']:,.1f} tok/s", highlight=False)
-            console.print(f"    llama-server {shlex.join(best['args'])}", highlight=False, markup=False,
+            console.print(f"    llama-server {visible(shlex.join(best['args']))}", highlight=False, markup=False,
                           soft_wrap=True)
         if e["tg_efficiency_median"] is not None:
             console.print(f"  roofline efficiency (measured / bound), median: tg {e['tg_efficiency_median']:.3f}"
@@ -131,7 +142,7 @@ def render_show(console: Console, result: dict[str, Any]) -> None:
                     d = (kinds.get(k) or {}).get("diff_bytes")
                     return f"{d / 2**20:+,.1f} MiB" if isinstance(d, int | float) else "-"
 
-                table.add_row(str(obs.get("observed_at", "")), diff("weights"), diff("kv"), diff("recurrent"),
+                table.add_row(text(obs.get("observed_at") or ""), diff("weights"), diff("kv"), diff("recurrent"),
                               diff("compute"), ", ".join(obs.get("mismatches") or []) or "none")
             console.print(table)
 
@@ -145,8 +156,18 @@ def register(app: typer.Typer) -> None:
     def show_cmd(as_json: o.JsonOpt = False) -> None:
         """Show what was measured: per model file, hardware and build, the best flags and tok/s."""
         store = ProfileStore()
-        store.absorb_observations()
-        entries = sorted(store.load(), key=lambda e: e.updated_at, reverse=True)
+        problems: list[str] = []
+        try:
+            store.absorb_observations(problems=problems)
+            absorb_error = None
+        except TunerError as error:
+            absorb_error = error
+        entries = sorted(store.load(), key=lambda e: e.updated_at, reverse=True)  # a corrupt profile stops here
+        if absorb_error is not None:  # a read-only config folder: show what there is
+            warn(f"{absorb_error.one_line()}; showing the profile without tuner serve's latest observations")
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            warn(f"skipped an observation file tuner cannot use: {problems[0]}{more}; delete it")
         result = {"path": str(store.path), "entries": [entry_summary(e) for e in entries],
                   "calibration": calibration_rows(store.load_points())}
         emit(result, as_json=as_json, render=lambda c: render_show(c, result))
@@ -159,23 +180,28 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export the profile as YAML (or JSON with --json), to PATH or stdout."""
         store = ProfileStore()
+        if path is not None and path.is_dir():
+            raise TunerError(f"{path} is a folder: name the file to export to, e.g. {path / 'profile.yaml'}")
         if path is not None and not as_json:
             written = store.export(path)
-            sys.stderr.write(f"profile exported to {written}\n")
+            sys.stderr.write(f"profile exported to {visible(str(written))}\n")
             return
         data = {"format": 2, "entries": [e.to_dict() for e in store.load()],
                 "calibration": [p.to_dict() for p in store.load_points()]}
         if as_json:
             import json
 
-            text = json.dumps(data, indent=2) + "\n"
+            body = json.dumps(data, indent=2) + "\n"
         else:
-            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+            body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
         if path is not None:
-            written = write_atomic(path, text)
-            sys.stderr.write(f"profile exported to {written}\n")
+            try:
+                written = write_atomic(path, body)
+            except OSError as error:
+                raise TunerError(f"cannot write {path}: {error.strerror or error}") from None
+            sys.stderr.write(f"profile exported to {visible(str(written))}\n")
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(body)
 
     @profile_app.command("reset")
     def reset_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:

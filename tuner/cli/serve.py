@@ -30,7 +30,7 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli import stop_signals
 from tuner.cli._options import server_option
-from tuner.cli._output import console, emit_json_line, err_console
+from tuner.cli._output import console, emit_json_line, err_console, text
 from tuner.cli.build import BuildProgress
 from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.cli.recommend import wishes_from_options
@@ -39,17 +39,18 @@ from tuner.hardware import HostSpec, hardware_for
 from tuner.rpc import cluster_hardware
 from tuner.serve import Event, ServeOptions, preflight, run_serve
 from tuner.units import fmt_bytes
+from tuner.untrusted import visible
 
 # llama-server's own flags, passed on to it: spelled by tuner.flags.FLAGS
 HostOpt = Annotated[str, server_option("host", help="Address to listen on; not loopback needs --api-key.")]
-PortOpt = Annotated[int, server_option("port", help="Port to listen on.")]
+PortOpt = Annotated[int, server_option("port", min=1, max=65535, help="Port to listen on.")]
 ApiKeyOpt = Annotated[str | None, server_option("api_key", envvar="TUNER_API_KEY", show_default=False,
                                                 help="Key clients must send (Authorization: Bearer …).")]
 PresetOpt = Annotated[str | None, typer.Option("--preset", show_default=False,
                                                help="The model card's sampling preset (default: the card's own).")]
 AliasOpt = Annotated[str | None, server_option("alias", show_default=False,
                                                help="Model name clients see (default: the card, or the file name).")]
-LogFileOpt = Annotated[Path | None, typer.Option("--log-file", show_default=False,
+LogFileOpt = Annotated[Path | None, typer.Option("--log-file", show_default=False, callback=o.output_file,
                                                  help="llama-server's log (default: logs/ in the tuner cache).")]
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="JSON lines (status, plan, memory_check, ready, "
                                                            "warnings) instead of text.")]
@@ -70,15 +71,15 @@ class FetchProgress:
         if not self.out.is_terminal:
             if total is not None and done >= total and file_name not in self._done:
                 self._done.add(file_name)
-                self.out.print(f"tuner serve: {file_name} ({fmt_bytes(total)}) is in the Hugging Face cache",
-                               highlight=False, soft_wrap=True)
+                self.out.print(f"tuner serve: {visible(file_name)} ({fmt_bytes(total)}) is in the Hugging Face cache",
+                               highlight=False, soft_wrap=True, markup=False)
             return
         if not self._started:
             self._progress.start()
             self._started = True
         task = self._tasks.get(file_name)
         if task is None:
-            task = self._tasks[file_name] = self._progress.add_task(file_name, total=total)
+            task = self._tasks[file_name] = self._progress.add_task(text(file_name), total=total)
         self._progress.update(task, completed=done, total=total)
 
     def close(self) -> None:
@@ -124,10 +125,10 @@ class EventPrinter:
             return
         if "warning" in event:
             self._unspin()
-            err_console.print(f"[yellow]warning:[/yellow] {event['warning']}", highlight=False)
+            err_console.print(f"[yellow]warning:[/yellow] {text(event['warning'])}", highlight=False)
             return
         if "plan" in event:
-            console.print(plan_line(event["plan"]), highlight=False, soft_wrap=True)
+            console.print(visible(plan_line(event["plan"])), highlight=False, soft_wrap=True, markup=False)
             return
         if "memory_check" in event:
             self._unspin()
@@ -138,7 +139,7 @@ class EventPrinter:
             self._unspin()  # the build has its own progress bar
         elif status == "built":
             self.build_progress.close()
-            console.print(f"llama-server: {event['server_bin']} ({'cached' if event['cached'] else 'built'}, "
+            console.print(f"llama-server: {text(event['server_bin'])} ({'cached' if event['cached'] else 'built'}, "
                           f"{'CUDA' if event['cuda'] else 'CPU'})", highlight=False, soft_wrap=True)
         elif status == "fetching":
             self._unspin()
@@ -154,10 +155,10 @@ class EventPrinter:
             render_ready(console, event)
         elif status == "server_exited":
             self._unspin()
-            err_console.print(f"llama-server stopped ({event['reason']}); the end of its log ({event['log']}):",
+            err_console.print(f"llama-server stopped ({event['reason']}); the end of its log ({text(event['log'])}):",
                               highlight=False)
             for line in event.get("log_tail", []):
-                err_console.print(f"  {line}", highlight=False, markup=False)
+                err_console.print(f"  {visible(line)}", highlight=False, markup=False)
         elif status == "stopping":
             self._spin("stopping llama-server")
         elif status == "stopped":
@@ -202,15 +203,16 @@ def memory_check_table(check: dict[str, Any]) -> Table:
 
 def render_ready(out: Console, event: dict[str, Any]) -> None:
     client = event["client"]
-    out.print(f"[bold green]Ready[/bold green] in {event['seconds_to_ready']:.1f} s: {event['endpoint']}  "
-              f"model [bold]{event['model']}[/bold]  (llama-server pid {event['pid']})", highlight=False,
+    out.print(f"[bold green]Ready[/bold green] in {event['seconds_to_ready']:.1f} s: {text(event['endpoint'])}  "
+              f"model [bold]{text(event['model'])}[/bold]  (llama-server pid {event['pid']})", highlight=False,
               soft_wrap=True)
-    out.print(f"log: {event['log']}", highlight=False, soft_wrap=True)
+    out.print(f"log: {visible(event['log'])}", highlight=False, soft_wrap=True, markup=False)
     oa = client["openai"]
     out.print("\n[bold]OpenAI-compatible clients[/bold]")
-    out.print(f"  base_url = {oa['base_url']}\n  api_key  = {oa['api_key']}\n  model    = {oa['model']}",
-              highlight=False, soft_wrap=True)
-    out.print("  " + " ".join(f"{k}={v}" for k, v in client["env"].items()), highlight=False, soft_wrap=True)
+    out.print(visible(f"  base_url = {oa['base_url']}\n  api_key  = {oa['api_key']}\n  model    = {oa['model']}"),
+              highlight=False, soft_wrap=True, markup=False)
+    out.print(visible("  " + " ".join(f"{k}={v}" for k, v in client["env"].items())), highlight=False,
+              soft_wrap=True, markup=False)
     out.print("\n[bold]claude-code-router[/bold] (~/.claude-code-router/config.json)")
     out.print(json.dumps(client["claude_code_router"], indent=2), highlight=False, markup=False, soft_wrap=True)
     out.print("\nServing; Ctrl-C stops it.")

@@ -30,11 +30,11 @@ from tuner.units import fmt_bytes
 
 WorkerHostOpt = Annotated[str, typer.Option(
     "--host", help="IPv4 address to listen on; anything but loopback needs --allow-remote.")]
-WorkerPortOpt = Annotated[int, typer.Option("--port", help="TCP port to listen on.")]
+WorkerPortOpt = Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on.")]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="Devices to offer, as llama.cpp names them: CUDA0,CUDA1 (default: every GPU, else the CPU).",
     show_default=False)]
-ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, show_default=False,
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, max=1 << 16, show_default=False,
                                                 help="CPU backend threads (default: half the hardware threads).")]
 CacheOpt = Annotated[bool, typer.Option("--cache", help="Keep large tensors in a local file cache "
                                                         "(faster reloads of the same model).")]
