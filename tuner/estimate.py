@@ -44,9 +44,13 @@ tests/test_estimate_vs_llama.py.
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from tuner.errors import TunerError
 from tuner.flags import SPEC_MTP, ServerFlags
@@ -106,6 +110,7 @@ class MemoryEstimate:
     prompt_cache_bytes: int = 0  # host RAM, upper bound: --cache-ram (0 when -1, no limit: see notes)
     mtp_bytes: int = 0  # part of the totals above that the MTP draft context adds
     notes: tuple[str, ...] = field(default=())
+    pipeline_parallel: bool = False  # llama.cpp's pipeline parallelism is on (bigger compute buffers)
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(d, attr) for d in self.devices)
@@ -157,7 +162,8 @@ class MemoryEstimate:
         return {
             "context": {"n_ctx": self.n_ctx, "n_ctx_seq": self.n_ctx_seq, "n_seq": self.n_seq,
                         "kv_unified": self.kv_unified, "flash_attn": self.flash_attn,
-                        "n_batch": self.n_batch, "n_ubatch": self.n_ubatch, "n_gpu_layers": self.n_gpu_layers},
+                        "n_batch": self.n_batch, "n_ubatch": self.n_ubatch, "n_gpu_layers": self.n_gpu_layers,
+                        "pipeline_parallel": self.pipeline_parallel},
             "memory": {
                 "weights_bytes": self.weights_bytes,
                 "kv_bytes": self.kv_bytes,
@@ -211,28 +217,135 @@ def context_shape(layout: ModelLayout, flags: ServerFlags) -> ContextShape:
     return ContextShape(n_ctx, n_ctx_seq, n_seq, flags.unified, n_batch, n_ubatch)
 
 
+@dataclass(frozen=True)
+class Device:
+    """A device llama.cpp offloads to, as the estimate needs it. Strings stand for devices too (:meth:`of`)."""
+
+    name: str  # its buffers' name in llama.cpp's log and -ot targets: CUDA0, RPC0[10.0.0.2:50052]; the memory key
+    select_name: str = ""  # its device name (--device, "using device" lines): CUDA0, RPC2; default: name
+    cuda: bool = True  # run by the CUDA backend, locally or on an RPC worker: row padding, f16 KV conversion
+    remote: bool = False  # behind RPC: no op offload (ggml-rpc.cpp:2262), no host buffer type (ggml-rpc.cpp:2258)
+
+    @property
+    def device_name(self) -> str:
+        return self.select_name or self.name
+
+    @classmethod
+    def of(cls, device: str | Device) -> Device:
+        """``CUDA0`` → a local CUDA device; ``RPC0[h:p]`` / ``RPC0`` → a remote device with a CPU backend (pass a
+        :class:`Device` with ``cuda=True`` for a CUDA worker); any other name → a local non-CUDA device."""
+        if isinstance(device, Device):
+            return device
+        if device.startswith("RPC"):
+            return cls(device, cuda=False, remote=True)
+        return cls(device, cuda=device.startswith("CUDA"))
+
+
+def model_devices(devices: Sequence[str | Device], flags: ServerFlags) -> tuple[Device, ...]:
+    """The devices llama.cpp puts the model on, in its order (llama_prepare_model_devices, src/llama.cpp:157-311):
+    ``--device`` picks and orders them (``none``: no device), ``--split-mode none`` keeps only ``--main-gpu``'s (an
+    index into that list; negative: none). ``--split-mode row`` and ``tensor`` are refused with the reason."""
+    all_devices = [Device.of(d) for d in devices]
+    if flags.split_mode == "row":
+        raise TunerError("--split-mode row does not load in this llama.cpp: CUDA and RPC devices have no split buffer "
+                         "type (src/llama-model.cpp:1160-1162); use --split-mode layer")
+    if flags.split_mode == "tensor":
+        raise TunerError("--split-mode tensor (one experimental meta device, src/llama.cpp:160-221) is not sized by "
+                         "tuner; use --split-mode layer or none")
+    chosen = all_devices
+    if flags.device:
+        if [d.lower() for d in flags.device] == ["none"]:
+            chosen = []
+        else:
+            by_name = {n: d for d in all_devices for n in (d.device_name, d.name)}
+            unknown = [n for n in flags.device if n not in by_name]
+            if unknown:
+                known = ", ".join(d.device_name for d in all_devices) or "none"
+                raise TunerError(f"--device {','.join(flags.device)}: no device {unknown[0]} here (devices: {known})")
+            chosen = [by_name[n] for n in flags.device]
+    if flags.split_mode == "none" and chosen:
+        if flags.main_gpu < 0:
+            return ()
+        if flags.main_gpu >= len(chosen):
+            raise TunerError(f"--main-gpu {flags.main_gpu}: there are {len(chosen)} device(s) (numbered from 0); "
+                             "llama.cpp refuses it (src/llama.cpp:294-296)")
+        return (chosen[flags.main_gpu],)
+    return tuple(chosen)
+
+
+def split_points(weights: Sequence[float]) -> list[np.float32]:
+    """The cumulative split points llama.cpp computes from ``-ts`` (or the free memory), in float32 as it does
+    (src/llama-model.cpp:1579-1587)."""
+    acc = np.float32(0.0)
+    cum: list[np.float32] = []
+    for w in weights:
+        acc = np.float32(acc + np.float32(w))
+        cum.append(acc)
+    if acc <= 0:
+        raise TunerError("--tensor-split gives every device a share of 0")
+    return [np.float32(c / acc) for c in cum]
+
+
 def layer_devices(n_layer_all: int, n_gpu_layers: int | None, gpu_names: Sequence[str],
                   gpu_split: Sequence[float] | None = None) -> list[str]:
-    """Device of every block and, last, of the output layer (index ``n_layer_all``), as llama-model.cpp:1589-1614."""
+    """Device of every block and, last, of the output layer (index ``n_layer_all``), as llama-model.cpp:1589-1614:
+    the first ``n_layer_all + 1 - ngl`` slots on the CPU, then slot ``i`` of the ``act`` offloaded ones on the
+    device ``upper_bound(split points, float(i) / act)``, in float32. ``gpu_split`` defaults to equal shares.
+
+    With integer shares summing to ``act`` (what tuner plans), device ``d`` holds exactly the next ``n_d`` slots."""
     if not gpu_names:
         return [CPU] * (n_layer_all + 1)
-    ngl = n_layer_all + 1 if n_gpu_layers is None or n_gpu_layers < 0 else n_gpu_layers
-    start = max(n_layer_all + 1 - ngl, 0)
-    n_off = n_layer_all + 1 - start
-    weights = list(gpu_split) if gpu_split else [1.0] * len(gpu_names)
-    total = sum(weights) or 1.0
-    cum, acc = [], 0.0
-    for w in weights:
-        acc += w / total
-        cum.append(acc)
+    n_slots = n_layer_all + 1
+    ngl = n_slots if n_gpu_layers is None or n_gpu_layers < 0 else n_gpu_layers
+    start = max(n_slots - ngl, 0)
+    act = min(ngl, n_slots)
+    weights = list(gpu_split)[: len(gpu_names)] if gpu_split else []
+    weights += [0.0] * (len(gpu_names) - len(weights))
+    cum = split_points(weights if any(weights) else [1.0] * len(gpu_names))
     out: list[str] = []
-    for il in range(n_layer_all + 1):
-        if il < start:
+    for il in range(n_slots):
+        if il < start or il - start >= act:
             out.append(CPU)
             continue
-        frac = (il - start) / n_off
-        dev = next((i for i, c in enumerate(cum) if frac < c - 1e-12), len(gpu_names) - 1)
-        out.append(gpu_names[dev])
+        frac = np.float32(np.float32(il - start) / np.float32(act))
+        out.append(gpu_names[min(bisect.bisect_right(cum, frac), len(gpu_names) - 1)])
+    return out
+
+
+def slot_devices(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str | Device] = (),
+                 gpu_split: Sequence[float] | None = None) -> list[str]:
+    """:func:`layer_devices` for ``flags``: its model devices (``--device``, ``--split-mode none``), its
+    ``--tensor-split`` when any share is not 0 (else ``gpu_split``, llama.cpp's free-memory default), its ``-ngl``."""
+    used = model_devices(devices, flags)
+    names = [d.name for d in used]
+    split: Sequence[float] | None = gpu_split
+    if any(flags.tensor_split[: len(used)]):
+        split = flags.tensor_split
+    elif gpu_split is not None and len(used) != len(devices):  # a subset: the shares of the devices kept
+        index = {Device.of(d).name: i for i, d in enumerate(devices)}
+        split = [gpu_split[index[n]] for n in names]
+    return layer_devices(layout.n_layer_all, flags.n_gpu_layers, names, split)
+
+
+def override_rules(flags: ServerFlags) -> list[tuple[str, str]]:
+    """The ``-ot`` rules of ``flags`` as (regex, buffer type) pairs, checked (``PATTERN=BUFFER_TYPE``)."""
+    rules = []
+    for rule in flags.override_tensor:
+        pattern, _, target = rule.partition("=")
+        rules.append((pattern, target))
+    return rules
+
+
+def _compiled_rules(flags: ServerFlags, known: set[str]) -> list[tuple[re.Pattern[str], str]]:
+    out = []
+    for pattern, target in override_rules(flags):
+        if target not in known:
+            raise TunerError(f"-ot {pattern}={target}: unknown buffer type {target} (llama-server knows "
+                             f"{', '.join(sorted(known))}; common/arg.cpp:272-278)")
+        try:
+            out.append((re.compile(pattern), target))
+        except re.error as error:
+            raise TunerError(f"-ot {pattern}={target}: not a regular expression ({error})") from None
     return out
 
 
@@ -367,33 +480,152 @@ def kv_cache_type_supported(layout: ModelLayout, type_name: str, *, flash_attn: 
     return layout.head_k % t.block_size == 0 and layout.head_v % t.block_size == 0
 
 
-def tensor_placement(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
+def tensor_placement(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str | Device] = (),
                      gpu_split: Sequence[float] | None = None) -> list[tuple[Tensor, str]]:
-    """Every tensor llama-server loads with the device it lands on: ``-ngl``, ``--n-cpu-moe``/``--cpu-moe``, the
-    input embedding on the CPU (and loaded a second time on the output device when the embeddings are tied), the
-    MTP block only when drafting with it (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290)."""
-    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
+    """Every tensor llama-server loads with the device it lands on: its slot's device (:func:`slot_devices`), unless
+    a buffer override sends it elsewhere (``--n-cpu-moe N``: the experts of blocks ``0..N-1``; ``--cpu-moe``: every
+    expert; ``-ot``: ``CPU`` or a device's buffer type; common/common.h:1198-1217, common/arg.cpp:252-285), the
+    input embedding on the CPU (and loaded a second time on the output device when the embeddings are tied), the MTP
+    block only when drafting with it (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290)."""
+    devs = slot_devices(layout, flags, gpu_names, gpu_split)
+    rules = _compiled_rules(flags, {CPU} | {Device.of(d).name for d in gpu_names})
+    n_cpu_moe = layout.n_layer_all + 1 if flags.cpu_moe else flags.n_cpu_moe
     out_dev = devs[layout.n_layer_all]
     mtp = flags.spec_type == SPEC_MTP
     placed: list[tuple[Tensor, str]] = []
     for t in layout.tensors:
         if t.cls is TensorClass.MTP and not mtp:
             continue
+        # --n-cpu-moe / --cpu-moe come first on tuner's command lines (the table's order), then -ot: the first
+        # rule whose pattern regex_searches the name wins (llama-model-loader.cpp:1235-1262)
+        target = CPU if n_cpu_moe and t.layer is not None and t.layer < n_cpu_moe and t.is_expert else None
+        if target is None and rules:
+            target = next((tgt for pattern, tgt in rules if pattern.search(t.name)), None)
         if t.cls is TensorClass.TOKEN_EMBD:
-            placed.append((t, CPU))
+            placed.append((t, target or CPU))
             if layout.tied_embeddings and out_dev != CPU:
-                placed.append((t, out_dev))
+                placed.append((t, target or out_dev))
             continue
-        dev = out_dev if t.layer is None else devs[t.layer]
-        if dev != CPU and t.is_expert and (flags.cpu_moe or (t.layer is not None and t.layer < flags.n_cpu_moe)):
-            dev = CPU
-        placed.append((t, dev))
+        placed.append((t, target or (out_dev if t.layer is None else devs[t.layer])))
     return placed
 
 
-def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
+# Per-device compute buffers, measured with CPU-backend devices (two ggml-rpc-server workers on loopback, a qwen35moe
+# at the 35B-A3B widths, tests/test_multidevice_vs_llama.py) and, for one CUDA device, the reference run that
+# tests/test_estimate.py reproduces: the rules of compute_by_device.
+PARTIAL_FIRST_DEVICE_ACTS = 4.5
+"""With some blocks on the CPU and blocks on several devices, the first device's buffer held 4.5 activations more
+than its blocks' peak (18.1 MiB at ubatch 512 and n_embd 2048, 10.1 at ubatch 256), whatever the context (measured,
+not derived; that device's mask was not in it)."""
+
+
+def compute_by_device(layout: ModelLayout, shape: ContextShape, devs: Sequence[str], used: Sequence[Device], *,
+                      flash_attn: bool, k_quantized: bool, v_quantized: bool, n_outputs: int, n_rs_seq: int = 0,
+                      pipeline: bool = False, largest_cpu_expert: int = 0) -> dict[str, int]:
+    """The compute buffer of every backend (sched_reserve, llama-context.cpp:615-765): each device's, sized by the
+    splits of the graph it runs, and the CPU's (``CUDA_Host`` when the first device is a local CUDA device).
+
+    ``act`` = ``n_tok * n_embd * 4`` (a block's input), ``mask`` the KQ mask, ``inputs`` the per-token graph inputs.
+
+    * CPU runs blocks (``-ngl`` below all, or no device): :func:`compute_bytes_cpu` on the CPU.
+    * A device with blocks: the largest :func:`activation_peaks` of its blocks' kinds (the logits of
+      ``min(n_tok, n_outputs)`` rows plus ``act`` on the output device), with the mask counted only for the blocks
+      before its last attention layer (the scheduler copies a split's inputs in at the split's start and frees them
+      after their last use, ggml-backend.cpp:1375-1392, 1507-1530); ``act`` less on a non-CUDA device (measured: its
+      block input stays in the host buffer), ``inputs`` more where it has attention layers; on CUDA, the f16 copy of
+      a quantized cache (fattn.cu:722-756) where it has attention layers, and on the first local CUDA device the
+      largest CPU-resident expert tensor when experts are in RAM and the ubatch is at least 32 (op offload,
+      ggml-backend.cpp:961-981, ggml-cuda.cu:5825).
+    * A device holding only the output layer: its logits and ``act``.
+    * The CPU when no block runs there: the mask, ``act`` (two with a non-CUDA first device: measured) and the
+      inputs; with experts in RAM and no local CUDA device to offload them to, the CPU runs them: the MoE peak less
+      two ``act``, with the mask (measured).
+    * Pipeline parallelism (several devices, ``-ngl all``, layer split, no tensor override, llama-context.cpp:430-457)
+      keeps 4 copies of every split input, none reused (``GGML_SCHED_MAX_COPIES``, ggml-backend.cpp:1375-1392):
+      ``3 * (mask + inputs)`` more on every device with attention layers and ``4 * act`` on every device with slots;
+      ``3 * (mask + act + inputs)`` more on the CPU (measured exactly).
+    """
+    n_tok = shape.n_tok
+    e = layout.n_embd
+    act = n_tok * e * 4
+    has_attn_model = bool(layout.attention_layers)
+    mask = shape.n_kv_mask * n_tok * (2 if flash_attn else 4) if has_attn_model else 0
+    inputs = _input_bytes(layout, n_tok) + _rotation_bytes(layout, k_quantized, v_quantized)
+    peaks = activation_peaks(layout, n_tok, shape.n_seq, n_rs_seq)
+    logits_full = min(n_tok, n_outputs) * layout.n_vocab * 4 + act
+    attention = set(layout.attention_layers)
+    recurrent = set(layout.recurrent_layers)
+    ffn = "moe_ffn" if "moe_ffn" in peaks else "dense_ffn" if "dense_ffn" in peaks else None
+    out: dict[str, int] = {}
+    trunk = devs[: layout.n_layer]
+    cpu_runs_layers = CPU in trunk or not used
+    main = compute_bytes_cpu(layout, shape, flash_attn, k_quantized, n_outputs, v_quantized=v_quantized,
+                             n_rs_seq=n_rs_seq)
+    if cpu_runs_layers:
+        out[CPU] = main
+    first_cuda = next((d.name for d in used if d.cuda and not d.remote), None)
+    layer_devices_ = [d for d in used if d.name in devs]
+    first_with_slots = layer_devices_[0].name if layer_devices_ else None
+    block_devices = {name for name in trunk if name != CPU}
+    for d in used:
+        blocks = [il for il, name in enumerate(trunk) if name == d.name]
+        holds_output = devs[layout.n_layer_all] == d.name
+        if not blocks and not holds_output:
+            continue
+        attn = [il for il in blocks if il in attention]
+
+        def block_peak(il: int, last_attn: int) -> int:
+            """A block's peak: its attention with the mask; its FFN and DeltaNet parts with the mask only before the
+            device's last attention layer (the mask copy is freed after its last use)."""
+            top = peaks.get("attention", 0) + mask if il in attention else 0
+            kinds = ([ffn] if ffn else []) + (["deltanet_conv", "deltanet_state"] if il in recurrent else [])
+            rest = max((peaks.get(k, 0) for k in kinds), default=peaks.get("embeddings", 0))
+            return max(top, rest + (mask if il < last_attn else 0))
+
+        if not blocks:
+            c = logits_full
+        else:
+            last_attn = max(attn) if attn else -1
+            c = max(block_peak(il, last_attn) for il in blocks)
+            if not flash_attn and attn:  # the f32 KQ of an attention block, with its mask
+                n_head = layout.n_head_attn
+                fa_off = (shape.n_kv_mask * n_tok * n_head * 4 + mask
+                          + int(n_tok * 4 * (5 * e + 2.75 * n_head * layout.head_k))
+                          + (n_tok * n_head * layout.head_k * 4 if k_quantized else 0))
+                c = max(c, fa_off)
+            if cpu_runs_layers and d.name == first_with_slots and len(block_devices) > 1:
+                c = max(c, max(block_peak(il, -1) for il in blocks) + int(PARTIAL_FIRST_DEVICE_ACTS * act))
+            if not d.cuda:
+                c -= act
+            if holds_output:
+                c = max(c, logits_full)
+            if attn:
+                c += inputs
+        if d.cuda and attn and flash_attn and (k_quantized or v_quantized):
+            c += shape.n_ctx * layout.n_head_kv_attn * ((layout.head_k if k_quantized else 0)
+                                                       + (layout.head_v if v_quantized else 0)) * 2
+        if d.name == first_cuda and largest_cpu_expert and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
+            c += largest_cpu_expert
+        if pipeline:
+            c += 4 * act + (3 * (mask + inputs) if attn else 0)
+        out[d.name] = out.get(d.name, 0) + int(c)
+    if not cpu_runs_layers:
+        first = layer_devices_[0]
+        host = mask + act * (1 if first.cuda and not first.remote else 2) + (inputs if has_attn_model else 0)
+        offloadable = first_cuda is not None and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
+        if largest_cpu_expert and not offloadable and ffn:
+            host = max(host, peaks[ffn] - 2 * act + mask)
+        if pipeline:
+            host += 3 * (mask + act + inputs)
+        out[CPU] = host
+    return out
+
+
+def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str | Device] = (),
                     gpu_split: Sequence[float] | None = None) -> MemoryEstimate:
-    """Bytes per device llama-server allocates for ``layout`` with ``flags`` on GPUs named ``gpu_names``."""
+    """Bytes per device llama-server allocates for ``layout`` with ``flags`` on the devices ``gpu_names`` (llama.cpp's
+    order; names or :class:`Device`), layers split by ``flags.tensor_split`` or else by ``gpu_split`` (llama.cpp's
+    default: the devices' free memory; equal shares when None)."""
     shape = context_shape(layout, flags)
     tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
     notes: list[str] = []
@@ -408,11 +640,14 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     mtp = flags.spec_type == SPEC_MTP
     if mtp and not layout.has_mtp:
         raise TunerError("--spec-type draft-mtp needs a GGUF with the MTP layer (nextn_predict_layers = 0 here)")
-    if gpu_names and (tk.name == "iq4_nl" or tv.name == "iq4_nl"):
+    all_devices = [Device.of(d) for d in gpu_names]
+    by_name = {d.name: d for d in all_devices}
+    used = model_devices(all_devices, flags)
+    if any(d.cuda for d in used) and (tk.name == "iq4_nl" or tv.name == "iq4_nl"):
         notes.append("CUDA flash attention has no iq4_nl kernel: attention would fall back to the CPU")
 
-    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
-    acc: dict[str, dict[str, int]] = {n: {} for n in [*gpu_names, CPU]}
+    devs = slot_devices(layout, flags, all_devices, gpu_split)
+    acc: dict[str, dict[str, int]] = {n: {} for n in [*by_name, CPU]}
 
     def add(dev: str, kind: str, n: int) -> None:
         acc[dev][kind] = acc[dev].get(kind, 0) + n
@@ -420,9 +655,10 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     # weights
     largest_cpu_expert = 0
     mtp_bytes = 0
-    for t, dev in tensor_placement(layout, flags, gpu_names, gpu_split):
+    for t, dev in tensor_placement(layout, flags, all_devices, gpu_split):
         nbytes = t.nbytes
-        if dev != CPU and is_quantized(t.ggml_type) and t.shape and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
+        if dev != CPU and by_name[dev].cuda and is_quantized(t.ggml_type) and t.shape \
+                and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
             nbytes += row_bytes(t.ggml_type, CUDA_MATRIX_ROW_PADDING - t.shape[0] % CUDA_MATRIX_ROW_PADDING)
         if dev == CPU and t.is_expert:
             largest_cpu_expert = max(largest_cpu_expert, t.nbytes)
@@ -444,23 +680,16 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
 
     # compute buffers
     n_outputs = shape.n_seq * (1 + (flags.spec_draft_n_max if mtp else 0))
-    main_compute = compute_bytes_cpu(layout, shape, flash_attn, is_quantized(tk), n_outputs,
-                                     v_quantized=is_quantized(tv), n_rs_seq=n_rs_seq)
-    layer_gpus = sorted({d for d in devs[: layout.n_layer_all] if d != CPU}, key=list(gpu_names).index)
-    cpu_runs_layers = any(d == CPU for d in devs[: layout.n_layer]) or not gpu_names
-    for g in layer_gpus:
-        c = main_compute
-        if flash_attn and (is_quantized(tk) or is_quantized(tv)) and layout.attention_layers:
-            c += shape.n_ctx * layout.n_head_kv_attn * ((layout.head_k if is_quantized(tk) else 0)
-                                           + (layout.head_v if is_quantized(tv) else 0)) * 2
-        if g == layer_gpus[0] and largest_cpu_expert and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
-            c += largest_cpu_expert
-        add(g, "compute", c)
-    if cpu_runs_layers:
-        add(CPU, "compute", main_compute)
-    else:
-        mask = shape.n_kv_mask * shape.n_tok * (2 if flash_attn else 4) if layout.attention_layers else 0
-        add(CPU, "compute", mask + shape.n_tok * layout.n_embd * 4)
+    pipeline = (len(used) > 1 and CPU not in devs and flags.split_mode == "layer" and not flags.no_kv_offload
+                and not (flags.cpu_moe or flags.n_cpu_moe or flags.override_tensor))
+    computes = compute_by_device(layout, shape, devs, used, flash_attn=flash_attn, k_quantized=is_quantized(tk),
+                                 v_quantized=is_quantized(tv), n_outputs=n_outputs, n_rs_seq=n_rs_seq,
+                                 pipeline=pipeline, largest_cpu_expert=largest_cpu_expert)
+    for name, n in computes.items():
+        add(name, "compute", n)
+    if pipeline:
+        notes.append("pipeline parallelism (several devices, no tensor override): llama.cpp keeps 4 copies of "
+                     "every graph input, larger compute buffers (llama-context.cpp:430-457)")
 
     output = layout.n_vocab * 4 * shape.n_seq
     add(CPU, "output", output)
@@ -504,4 +733,5 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
         prompt_cache_bytes=max(flags.cache_ram_mib, 0) * MiB,
         mtp_bytes=mtp_bytes,
         notes=tuple(notes),
+        pipeline_parallel=pipeline,
     )

@@ -23,9 +23,12 @@ def server_option(key: str, *, help: str | None = None, **kwargs: Any) -> Any:
 
 
 def default(key: str) -> Any:
-    """llama-server's default for ``key``, as its typer option takes it (``-ngl``: ``all``)."""
+    """llama-server's default for ``key``, as its typer option takes it (``-ngl``: ``all``; a list: its text, ``""``;
+    a repeatable option: None, typer's "not given")."""
     row = FLAGS[key]
-    return row.format(row.default) if row.kind is Kind.LAYERS else row.default
+    if row.repeat:
+        return None
+    return row.format(row.default) if row.kind is Kind.LAYERS or row.list_sep is not None else row.default
 
 
 #: llama-server's defaults as the options take them, by ServerFlags field: ``SERVER_DEFAULTS.ctx_size``.
@@ -62,6 +65,11 @@ CtxCheckpointsOpt = Annotated[int, server_option("ctx_checkpoints")]
 SpecTypeOpt = Annotated[str | None, server_option("spec_type")]
 SpecDraftOpt = Annotated[int, server_option("spec_draft_n_max")]
 NoKvOffloadOpt = Annotated[bool, server_option("no_kv_offload")]
+SplitModeOpt = Annotated[str, server_option("split_mode")]
+MainGpuOpt = Annotated[int, server_option("main_gpu")]
+DeviceOpt = Annotated[str, server_option("device")]
+TensorSplitOpt = Annotated[str, server_option("tensor_split")]
+OverrideTensorOpt = Annotated[list[str] | None, server_option("override_tensor")]
 
 # Building llama.cpp (tuner build, tuner serve).
 SourceOpt = Annotated[str, typer.Option(

@@ -20,6 +20,7 @@ from tuner.hardware.catalog import (
     catalog_gpu,
     find_catalog_gpu,
     load_gpu_catalog,
+    parse_gpu_list,
     parse_gpu_spec,
 )
 from tuner.hardware.gpu import GB, Gpu
@@ -46,6 +47,7 @@ __all__ = [
     "hardware_for",
     "load_gpu_catalog",
     "override_vram",
+    "parse_gpu_list",
     "parse_gpu_spec",
     "read_gpus",
     "read_host",

@@ -2,8 +2,15 @@
 it up.
 
 GPU numbering: :attr:`Gpu.index` is NVML's index (PCI bus order). llama.cpp's ``CUDAn`` is the same GPU only when
-``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and ``CUDA_VISIBLE_DEVICES`` is unset; :func:`tuner.hardware.detect_hardware`
-notes when that may not hold.
+``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and ``CUDA_VISIBLE_DEVICES`` is unset (the CUDA runtime numbers the fastest card
+first otherwise); tuner launches llama-server with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (``tuner.server.CHILD_ENV``) and
+:func:`tuner.hardware.detect_hardware` notes when the user's own environment may differ.
+
+A device that is not a local CUDA GPU (an RPC worker's device) sets :attr:`Gpu.device_name` to the buffer name
+llama.cpp gives it (``RPC0[10.0.0.2:50052]``), :attr:`Gpu.select_name` to its device name (``RPC0``, what
+``--device`` takes), :attr:`Gpu.endpoint` to ``host:port``, and :attr:`Gpu.backend` to the worker's backend
+(``CUDA`` or ``CPU``). The planner takes the devices in llama.cpp's model order (RPC devices first,
+src/llama.cpp:275-285): the order of :attr:`tuner.hardware.Hardware.gpus`.
 """
 
 from __future__ import annotations
@@ -31,8 +38,20 @@ class Gpu:
     driver_version: str | None = None
     source: str = "nvml"
     """``nvml`` (detected), ``catalog`` (named with --gpu) or ``manual`` (made up from --vram)."""
+    device_name: str | None = None
+    """llama.cpp's buffer name when it is not ``CUDA<index>`` (an RPC device: ``RPC0[host:port]``)."""
+    select_name: str | None = None
+    """llama.cpp's device name (``--device``) when it differs from the buffer name (an RPC device: ``RPC<g>``)."""
+    backend: str = "CUDA"
+    """The ggml backend that runs the device: ``CUDA`` (CUDA row padding, f16 KV conversion) or ``CPU``."""
+    endpoint: str | None = None
+    """``host:port`` of the RPC worker holding the device; None for a local GPU."""
 
     @property
     def llama_name(self) -> str:
-        """How llama.cpp names the device (``--device``, ``--tensor-split`` order)."""
-        return f"CUDA{self.index}"
+        """How llama.cpp names the device's buffers (its logs, ``-ot`` targets); the planner's key for it."""
+        return self.device_name or f"CUDA{self.index}"
+
+    @property
+    def is_remote(self) -> bool:
+        return self.endpoint is not None

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from tuner.errors import TunerError
-from tuner.hardware.catalog import GENERIC_GPU_BANDWIDTH_BYTES_S, parse_gpu_spec
+from tuner.hardware.catalog import GENERIC_GPU_BANDWIDTH_BYTES_S, parse_gpu_list
 from tuner.hardware.gpu import GB, Gpu
 from tuner.hardware.host import default_ram_bandwidth_bytes_s, read_host_noted
 from tuner.hardware.nvml import NvmlApi, read_gpus_noted
@@ -112,9 +112,10 @@ def gpu_split(hardware: Hardware) -> list[float] | None:
 def hardware_for(gpu: str | None, vram: str | None = None, nvml: NvmlApi | None = None) -> Hardware:
     """The hardware to plan for, from ``--gpu`` and ``--vram``.
 
-    ``gpu``: ``None`` → this machine (NVML); ``"none"`` → CPU only; a catalog card, optionally ``xN`` of it
-    (``rtx-3090x2``) → that card, with this machine's CPU and RAM. ``vram`` (``24G``; a bare number is GiB)
-    replaces GPU 0's memory, or makes up a generic GPU when there is none.
+    ``gpu``: ``None`` → this machine (NVML); ``"none"`` → CPU only; a list of catalog cards, each optionally ``xN``
+    / ``Nx`` of it (``rtx-3090x2``, ``rtx-3090,rtx-3060``, ``2xrtx-3090,rtx-3060``) → those cards in that order
+    (``CUDA0`` first), with this machine's CPU and RAM. ``vram`` (``24G``; a bare number is GiB) replaces GPU 0's
+    memory, or makes up a generic GPU when there is none.
     """
     if gpu is None:
         hardware = detect_hardware(nvml)
@@ -123,10 +124,14 @@ def hardware_for(gpu: str | None, vram: str | None = None, nvml: NvmlApi | None 
             raise TunerError("--gpu none plans for no GPU, so --vram has nothing to apply to")
         hardware = _with_host((), ("no GPU: --gpu none",))
     else:
-        entry, count = parse_gpu_spec(gpu)
-        gpus = tuple(entry.to_gpu(index) for index in range(count))
-        what = entry.name if count == 1 else f"{count} × {entry.name}"
-        hardware = _with_host(gpus, (f"GPU from the catalog ({what}), not detected: all its memory counted free",))
+        cards = parse_gpu_list(gpu)
+        gpus = tuple(entry.to_gpu(index) for index, entry in enumerate(cards))
+        counts: dict[str, int] = {}
+        for entry in cards:
+            counts[entry.name] = counts.get(entry.name, 0) + 1
+        what = " + ".join(name if n == 1 else f"{n} × {name}" for name, n in counts.items())
+        it = "its memory" if len(cards) == 1 else "their memory"
+        hardware = _with_host(gpus, (f"GPU from the catalog ({what}), not detected: all {it} counted free",))
     if vram is not None:
         hardware = override_vram(hardware, parse_size_bytes(vram, default_unit="g"))
     return hardware
