@@ -519,6 +519,116 @@ than its blocks' peak (18.1 MiB at ubatch 512 and n_embd 2048, 10.1 at ubatch 25
 not derived; that device's mask was not in it)."""
 
 
+class BlockSpan:
+    """The blocks of one device, added in order, reduced to what its compute buffer depends on (the mask window of
+    :class:`ComputeModel`): an accumulator, so a placement search can grow a device's range block by block."""
+
+    __slots__ = ("attn", "before", "n", "plain", "since")
+
+    def __init__(self) -> None:
+        self.attn = False  # an attention block on the device
+        self.before = 0  # the largest FFN / DeltaNet peak of a block before the device's last attention block
+        self.since = 0  # ... of the last attention block and the blocks after it
+        self.plain = 0  # the largest FFN / DeltaNet peak of any block
+        self.n = 0
+
+    def add(self, rest_peak: int, is_attention: bool) -> None:
+        if is_attention:
+            self.before = max(self.before, self.since)
+            self.since = rest_peak
+            self.attn = True
+        else:
+            self.since = max(self.since, rest_peak)
+        self.plain = max(self.plain, rest_peak)
+        self.n += 1
+
+
+class ComputeModel:
+    """The compute buffers of one context shape and flag set, device by device (see :func:`compute_by_device`)."""
+
+    def __init__(self, layout: ModelLayout, shape: ContextShape, *, flash_attn: bool, k_quantized: bool,
+                 v_quantized: bool, n_outputs: int, n_rs_seq: int = 0) -> None:
+        self.layout, self.shape = layout, shape
+        n_tok = shape.n_tok
+        e = layout.n_embd
+        self.act = n_tok * e * 4
+        self.has_attention = bool(layout.attention_layers)
+        self.mask = shape.n_kv_mask * n_tok * (2 if flash_attn else 4) if self.has_attention else 0
+        self.inputs = _input_bytes(layout, n_tok) + _rotation_bytes(layout, k_quantized, v_quantized)
+        peaks = activation_peaks(layout, n_tok, shape.n_seq, n_rs_seq)
+        self.ffn_peak = peaks.get("moe_ffn", peaks.get("dense_ffn", 0))
+        self.attention_peak = peaks.get("attention", 0) + self.mask
+        self.recurrent_peak = max(peaks.get("deltanet_conv", 0), peaks.get("deltanet_state", 0))
+        self.fallback_peak = peaks.get("embeddings", 0)
+        self.logits_full = min(n_tok, n_outputs) * layout.n_vocab * 4 + self.act
+        self.attention = frozenset(layout.attention_layers)
+        self.recurrent = frozenset(layout.recurrent_layers)
+        self.fa_off = 0
+        if not flash_attn and self.has_attention:  # the f32 KQ of an attention block, with its mask
+            n_head = layout.n_head_attn
+            self.fa_off = (shape.n_kv_mask * n_tok * n_head * 4 + self.mask
+                           + int(n_tok * 4 * (5 * e + 2.75 * n_head * layout.head_k))
+                           + (n_tok * n_head * layout.head_k * 4 if k_quantized else 0))
+        self.kv_convert = 0  # CUDA FA's f16 copy of a quantized cache, per device with attention layers
+        if flash_attn and (k_quantized or v_quantized) and self.has_attention:
+            self.kv_convert = shape.n_ctx * layout.n_head_kv_attn * (
+                (layout.head_k if k_quantized else 0) + (layout.head_v if v_quantized else 0)) * 2
+        self.cpu_main = compute_bytes_cpu(layout, shape, flash_attn, k_quantized, n_outputs, v_quantized=v_quantized,
+                                          n_rs_seq=n_rs_seq)
+        self.op_offload = shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
+
+    def rest_peak(self, il: int) -> int:
+        """A block's FFN and DeltaNet peak (its attention part is :attr:`attention_peak`)."""
+        top = max(self.ffn_peak, self.recurrent_peak if il in self.recurrent else 0)
+        return top or self.fallback_peak
+
+    def span(self, blocks: Sequence[int]) -> BlockSpan:
+        acc = BlockSpan()
+        for il in blocks:
+            acc.add(self.rest_peak(il), il in self.attention)
+        return acc
+
+    def device_bytes(self, span: BlockSpan, holds_output: bool, device: Device, *, op_offload_bytes: int = 0,
+                     pipeline: bool = False, partial_first: bool = False) -> int:
+        """One device's compute buffer: its blocks (``span``), the output layer if it holds it, the largest
+        CPU-resident expert it multiplies for the CPU (``op_offload_bytes``), pipeline parallelism's copies."""
+        if not span.n and not holds_output:
+            return 0
+        if not span.n:
+            c = self.logits_full
+        else:
+            c = max(self.attention_peak if span.attn else 0, span.before + self.mask if span.attn else 0, span.since)
+            if span.attn:
+                c = max(c, self.fa_off)
+            if partial_first:
+                c = max(c, span.plain + int(PARTIAL_FIRST_DEVICE_ACTS * self.act))
+            if not device.cuda:
+                c -= self.act
+            if holds_output:
+                c = max(c, self.logits_full)
+            if span.attn:
+                c += self.inputs
+        if device.cuda and span.attn:
+            c += self.kv_convert
+        c += op_offload_bytes
+        if pipeline:
+            c += 4 * self.act + (3 * (self.mask + self.inputs) if span.attn else 0)
+        return int(c)
+
+    def host_bytes(self, first_device: Device | None, *, cpu_runs_layers: bool, cpu_runs_experts: bool = False,
+                   pipeline: bool = False) -> int:
+        """The CPU backend's compute buffer (``CUDA_Host`` when the first device is a local CUDA device)."""
+        if cpu_runs_layers or first_device is None:
+            return self.cpu_main
+        local_cuda = first_device.cuda and not first_device.remote
+        host = self.mask + self.act * (1 if local_cuda else 2) + (self.inputs if self.has_attention else 0)
+        if cpu_runs_experts and self.ffn_peak:
+            host = max(host, self.ffn_peak - 2 * self.act + self.mask)
+        if pipeline:
+            host += 3 * (self.mask + self.act + self.inputs)
+        return host
+
+
 def compute_by_device(layout: ModelLayout, shape: ContextShape, devs: Sequence[str], used: Sequence[Device], *,
                       flash_attn: bool, k_quantized: bool, v_quantized: bool, n_outputs: int, n_rs_seq: int = 0,
                       pipeline: bool = False, largest_cpu_expert: int = 0) -> dict[str, int]:
@@ -545,79 +655,25 @@ def compute_by_device(layout: ModelLayout, shape: ContextShape, devs: Sequence[s
       ``3 * (mask + inputs)`` more on every device with attention layers and ``4 * act`` on every device with slots;
       ``3 * (mask + act + inputs)`` more on the CPU (measured exactly).
     """
-    n_tok = shape.n_tok
-    e = layout.n_embd
-    act = n_tok * e * 4
-    has_attn_model = bool(layout.attention_layers)
-    mask = shape.n_kv_mask * n_tok * (2 if flash_attn else 4) if has_attn_model else 0
-    inputs = _input_bytes(layout, n_tok) + _rotation_bytes(layout, k_quantized, v_quantized)
-    peaks = activation_peaks(layout, n_tok, shape.n_seq, n_rs_seq)
-    logits_full = min(n_tok, n_outputs) * layout.n_vocab * 4 + act
-    attention = set(layout.attention_layers)
-    recurrent = set(layout.recurrent_layers)
-    ffn = "moe_ffn" if "moe_ffn" in peaks else "dense_ffn" if "dense_ffn" in peaks else None
-    out: dict[str, int] = {}
+    model = ComputeModel(layout, shape, flash_attn=flash_attn, k_quantized=k_quantized, v_quantized=v_quantized,
+                         n_outputs=n_outputs, n_rs_seq=n_rs_seq)
     trunk = devs[: layout.n_layer]
     cpu_runs_layers = CPU in trunk or not used
-    main = compute_bytes_cpu(layout, shape, flash_attn, k_quantized, n_outputs, v_quantized=v_quantized,
-                             n_rs_seq=n_rs_seq)
-    if cpu_runs_layers:
-        out[CPU] = main
     first_cuda = next((d.name for d in used if d.cuda and not d.remote), None)
-    layer_devices_ = [d for d in used if d.name in devs]
-    first_with_slots = layer_devices_[0].name if layer_devices_ else None
+    with_slots = [d for d in used if d.name in devs]
     block_devices = {name for name in trunk if name != CPU}
+    out: dict[str, int] = {}
     for d in used:
-        blocks = [il for il, name in enumerate(trunk) if name == d.name]
-        holds_output = devs[layout.n_layer_all] == d.name
-        if not blocks and not holds_output:
-            continue
-        attn = [il for il in blocks if il in attention]
-
-        def block_peak(il: int, last_attn: int) -> int:
-            """A block's peak: its attention with the mask; its FFN and DeltaNet parts with the mask only before the
-            device's last attention layer (the mask copy is freed after its last use)."""
-            top = peaks.get("attention", 0) + mask if il in attention else 0
-            kinds = ([ffn] if ffn else []) + (["deltanet_conv", "deltanet_state"] if il in recurrent else [])
-            rest = max((peaks.get(k, 0) for k in kinds), default=peaks.get("embeddings", 0))
-            return max(top, rest + (mask if il < last_attn else 0))
-
-        if not blocks:
-            c = logits_full
-        else:
-            last_attn = max(attn) if attn else -1
-            c = max(block_peak(il, last_attn) for il in blocks)
-            if not flash_attn and attn:  # the f32 KQ of an attention block, with its mask
-                n_head = layout.n_head_attn
-                fa_off = (shape.n_kv_mask * n_tok * n_head * 4 + mask
-                          + int(n_tok * 4 * (5 * e + 2.75 * n_head * layout.head_k))
-                          + (n_tok * n_head * layout.head_k * 4 if k_quantized else 0))
-                c = max(c, fa_off)
-            if cpu_runs_layers and d.name == first_with_slots and len(block_devices) > 1:
-                c = max(c, max(block_peak(il, -1) for il in blocks) + int(PARTIAL_FIRST_DEVICE_ACTS * act))
-            if not d.cuda:
-                c -= act
-            if holds_output:
-                c = max(c, logits_full)
-            if attn:
-                c += inputs
-        if d.cuda and attn and flash_attn and (k_quantized or v_quantized):
-            c += shape.n_ctx * layout.n_head_kv_attn * ((layout.head_k if k_quantized else 0)
-                                                       + (layout.head_v if v_quantized else 0)) * 2
-        if d.name == first_cuda and largest_cpu_expert and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
-            c += largest_cpu_expert
-        if pipeline:
-            c += 4 * act + (3 * (mask + inputs) if attn else 0)
-        out[d.name] = out.get(d.name, 0) + int(c)
-    if not cpu_runs_layers:
-        first = layer_devices_[0]
-        host = mask + act * (1 if first.cuda and not first.remote else 2) + (inputs if has_attn_model else 0)
-        offloadable = first_cuda is not None and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
-        if largest_cpu_expert and not offloadable and ffn:
-            host = max(host, peaks[ffn] - 2 * act + mask)
-        if pipeline:
-            host += 3 * (mask + act + inputs)
-        out[CPU] = host
+        span = model.span([il for il, name in enumerate(trunk) if name == d.name])
+        offload = largest_cpu_expert if d.name == first_cuda and model.op_offload else 0
+        partial_first = cpu_runs_layers and len(block_devices) > 1 and d is with_slots[0]
+        c = model.device_bytes(span, devs[layout.n_layer_all] == d.name, d, op_offload_bytes=offload,
+                               pipeline=pipeline, partial_first=partial_first)
+        if c:
+            out[d.name] = out.get(d.name, 0) + c
+    offloadable = first_cuda is not None and model.op_offload
+    out[CPU] = model.host_bytes(with_slots[0] if with_slots else None, cpu_runs_layers=cpu_runs_layers,
+                                cpu_runs_experts=bool(largest_cpu_expert) and not offloadable, pipeline=pipeline)
     return out
 
 
