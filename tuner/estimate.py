@@ -327,6 +327,38 @@ def slot_devices(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str 
     return layer_devices(layout.n_layer_all, flags.n_gpu_layers, names, split)
 
 
+def device_tensor_bytes(t: Tensor, device: Device | None) -> int:
+    """Bytes of ``t`` in a buffer of ``device`` (None: the CPU): a quantized tensor whose rows are not a multiple of
+    512 gets one row of padding on CUDA (``ggml_backend_cuda_buffer_type_get_alloc_size``, ggml-cuda.cu:903-920)."""
+    nbytes = t.nbytes
+    if device is not None and device.cuda and is_quantized(t.ggml_type) and t.shape \
+            and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
+        nbytes += row_bytes(t.ggml_type, CUDA_MATRIX_ROW_PADDING - t.shape[0] % CUDA_MATRIX_ROW_PADDING)
+    return nbytes
+
+
+def context_bytes_by_layer(layout: ModelLayout, flags: ServerFlags) -> dict[int, tuple[int, int]]:
+    """KV and recurrent-state bytes of every block that has them, ``{il: (kv, rs)}``: one K and V of ``n_ctx``
+    cells per attention layer (llama-kv-cache.cpp:208-237), one state per sequence and rollback snapshot per
+    recurrent layer (llama-memory-recurrent.cpp:76-103), the MTP block's draft KV (f16 unless told) when drafting.
+    They live with their block's device (``dev_layer(il)``), or on the CPU with ``--no-kv-offload``."""
+    shape = context_shape(layout, flags)
+    tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
+    mtp = flags.spec_type == SPEC_MTP
+    out: dict[int, list[int]] = {}
+    for il in layout.attention_layers:
+        out.setdefault(il, [0, 0])[0] += shape.n_ctx * layout.kv_bytes_per_cell(tk.name, tv.name, [il])
+    n_rs_seq = flags.spec_draft_n_max if mtp and layout.arch in RS_ROLLBACK_ARCHS else 0
+    rs_rows = max(1, shape.n_seq) * (1 + n_rs_seq)
+    for il in layout.recurrent_layers:
+        out.setdefault(il, [0, 0])[1] += layout.recurrent_bytes_per_layer * rs_rows
+    if mtp:
+        for il in range(layout.n_layer, layout.n_layer_all):
+            out.setdefault(il, [0, 0])[0] += shape.n_ctx * layout.kv_bytes_per_cell(DRAFT_CACHE_TYPE,
+                                                                                    DRAFT_CACHE_TYPE, [il])
+    return {il: (kv, rs) for il, (kv, rs) in out.items()}
+
+
 def override_rules(flags: ServerFlags) -> list[tuple[str, str]]:
     """The ``-ot`` rules of ``flags`` as (regex, buffer type) pairs, checked (``PATTERN=BUFFER_TYPE``)."""
     rules = []
@@ -593,7 +625,7 @@ class ComputeModel:
         """One device's compute buffer: its blocks (``span``), the output layer if it holds it, the largest
         CPU-resident expert it multiplies for the CPU (``op_offload_bytes``), pipeline parallelism's copies."""
         if not span.n and not holds_output:
-            return 0
+            return op_offload_bytes
         if not span.n:
             c = self.logits_full
         else:
@@ -659,8 +691,10 @@ def compute_by_device(layout: ModelLayout, shape: ContextShape, devs: Sequence[s
                          n_outputs=n_outputs, n_rs_seq=n_rs_seq)
     trunk = devs[: layout.n_layer]
     cpu_runs_layers = CPU in trunk or not used
-    first_cuda = next((d.name for d in used if d.cuda and not d.remote), None)
     with_slots = [d for d in used if d.name in devs]
+    # op offload goes to the first backend in model order that takes it (ggml-backend.cpp:961-981): a local CUDA
+    # device; counted on the first one that holds slots (none with -ngl 0, as tuner always sized it)
+    first_cuda = next((d.name for d in with_slots if d.cuda and not d.remote), None)
     block_devices = {name for name in trunk if name != CPU}
     out: dict[str, int] = {}
     for d in used:
@@ -712,10 +746,7 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     largest_cpu_expert = 0
     mtp_bytes = 0
     for t, dev in tensor_placement(layout, flags, all_devices, gpu_split):
-        nbytes = t.nbytes
-        if dev != CPU and by_name[dev].cuda and is_quantized(t.ggml_type) and t.shape \
-                and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
-            nbytes += row_bytes(t.ggml_type, CUDA_MATRIX_ROW_PADDING - t.shape[0] % CUDA_MATRIX_ROW_PADDING)
+        nbytes = device_tensor_bytes(t, None if dev == CPU else by_name[dev])
         if dev == CPU and t.is_expert:
             largest_cpu_expert = max(largest_cpu_expert, t.nbytes)
         if t.cls is TensorClass.MTP:
@@ -726,13 +757,12 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     def ctx_dev(il: int) -> str:
         return CPU if flags.no_kv_offload else devs[il]
 
-    for il in layout.attention_layers:
-        add(ctx_dev(il), "kv", shape.n_ctx * layout.kv_bytes_per_cell(tk.name, tv.name, [il]))
-    # rollback snapshots only where the architecture supports them; llama.cpp clamps n_rs_seq to 0 elsewhere
+    for il, (kv, rs) in context_bytes_by_layer(layout, flags).items():
+        add(ctx_dev(il), "kv", kv)
+        add(ctx_dev(il), "recurrent", rs)
+        if il >= layout.n_layer:
+            mtp_bytes += kv
     n_rs_seq = flags.spec_draft_n_max if mtp and layout.arch in RS_ROLLBACK_ARCHS else 0
-    rs_rows = max(1, shape.n_seq) * (1 + n_rs_seq)
-    for il in layout.recurrent_layers:
-        add(ctx_dev(il), "recurrent", layout.recurrent_bytes_per_layer * rs_rows)
 
     # compute buffers
     n_outputs = shape.n_seq * (1 + (flags.spec_draft_n_max if mtp else 0))
@@ -754,10 +784,6 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     # in the draft cache types (--cache-type-k/v-draft, f16 by default, not the main ones), and one compute and one
     # output buffer of its own
     if mtp:
-        for il in range(layout.n_layer, layout.n_layer_all):
-            kv = shape.n_ctx * layout.kv_bytes_per_cell(DRAFT_CACHE_TYPE, DRAFT_CACHE_TYPE, [il])
-            add(ctx_dev(il), "kv", kv)
-            mtp_bytes += kv
         draft_compute = mtp_compute_bytes(layout, shape, flash_attn, False, shape.n_seq)
         add(devs[layout.n_layer], "compute", draft_compute)
         add(CPU, "output", output)

@@ -55,7 +55,7 @@ from tuner.estimate import (
     OP_OFFLOAD_MIN_BATCH,
     ServerFlags,
     context_shape,
-    layer_devices,
+    slot_devices,
     tensor_placement,
 )
 from tuner.ggml import is_quantized, kv_cache_type
@@ -214,7 +214,7 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
     """Bytes per generated token and FLOPs per prompt token, by device, at ``depth_tokens`` of context."""
     shape = context_shape(layout, flags)
     depth = max(0, min(depth_tokens, shape.n_ctx_seq))
-    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
+    devs = slot_devices(layout, flags, gpu_names, gpu_split)  # -ts, -sm none, --device as llama.cpp
     op_offload = bool(gpu_names) and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
     first_gpu = gpu_names[0] if gpu_names else CPU
     active = layout.n_expert_used / layout.n_expert if layout.n_expert else 1.0

@@ -67,8 +67,9 @@ def _cuda_numbering_notes(gpus: Sequence[Gpu], environ: Mapping[str, str]) -> tu
         )
     if len({gpu.name for gpu in gpus}) > 1 and environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
         notes.append(
-            "the GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA numbers the fastest first, "
-            "so CUDAn may not be NVML GPU n"
+            "the GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID here: CUDA numbers the fastest first, "
+            "so CUDAn may not be NVML GPU n; tuner starts llama-server with CUDA_DEVICE_ORDER=PCI_BUS_ID, and a "
+            "command you run yourself needs it too"
         )
     return tuple(notes)
 

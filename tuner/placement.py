@@ -1,0 +1,440 @@
+"""Where a model goes over several devices: the layer split (``--tensor-split``) and which expert tensors each
+device sends to RAM (``--override-tensor``), chosen for llama.cpp's placement rules (:mod:`tuner.estimate`).
+
+The planner (:mod:`tuner.planner`) calls :class:`Placer` for two or more devices (one GPU keeps ``--n-cpu-moe``,
+which only empties the first device, common/common.h:1202-1217). What it finds, in this order:
+
+1. **the fewest expert tensors in RAM**, every device within its budget (free memory less the planner's buffer);
+2. among those, the split that leaves the most room for context: the largest ``min over devices of spare bytes /
+   bytes per extra token`` (KV of its attention layers, its mask row);
+3. the command carries the split as integer layer counts, ``-ts n0,n1,…`` summing to ``n_layer_all + 1`` (the
+   output layer is the last slot), so llama.cpp's float32 ``upper_bound`` gives device ``d`` exactly its ``n_d``
+   slots (src/llama-model.cpp:1556-1614); and one ``-ot`` rule per set of spilled tensor kinds, e.g.
+   ``blk\\.(12|13)\\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU``, like llama.cpp's own fit (common/fit.cpp:493-588).
+
+How (:meth:`Placer.place`): per context, a ledger of every slot's bytes on a device (weights with CUDA row padding,
+KV, recurrent state) and its expert tensors; a dynamic programme over (device, first slot) that grows each device's
+range slot by slot (:class:`~tuner.estimate.BlockSpan` for its compute buffer) and, when a range overflows, spills
+its largest expert tensors first (the fewest tensors), the later layers first among equals (each device's boundary
+layers, as fit does). It is tried three ways, the first that fits wins:
+
+* no spill and llama.cpp's pipeline parallelism on (it is on whenever there is no tensor override,
+  llama-context.cpp:430-457; its 4 copies of every graph input make compute buffers larger);
+* pipeline parallelism off — by the spills' own ``-ot`` rules, or by :data:`NO_PIPELINE_RULE`, an override that
+  matches no tensor, when nothing needs spilling — with the largest expert tensor on the first local CUDA device
+  for op offload;
+* with every expert in RAM, the fewest leading blocks on the CPU (``-ngl``) as well.
+
+The result is checked with :func:`~tuner.estimate.estimate_memory` itself (the truth the planner uses), then
+tightened: a spill the check shows unneeded is taken back, one more is added where a device overflows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tuner.errors import TunerError
+from tuner.estimate import (
+    CPU,
+    BlockSpan,
+    ComputeModel,
+    Device,
+    MemoryEstimate,
+    context_bytes_by_layer,
+    context_shape,
+    device_tensor_bytes,
+    estimate_memory,
+    model_devices,
+    slot_devices,
+    tensor_placement,
+)
+from tuner.flags import MAX_TENSOR_SPLIT, SPEC_MTP, ServerFlags
+from tuner.ggml import is_quantized, kv_cache_type
+from tuner.hardware import Hardware
+from tuner.layout import EXPERT_TENSOR_RE, ModelLayout, Tensor, TensorClass
+
+NO_PIPELINE_RULE = r"^tuner-no-pipeline-parallelism$=CPU"
+"""An override that matches no tensor: llama.cpp turns pipeline parallelism off as soon as any override is given
+(``has_tensor_overrides``, src/llama-model.cpp:1284, llama-context.cpp:430-435), which saves its 3 extra copies of
+every graph input (the KQ mask: ``3 * n_ctx * n_ubatch * 2`` bytes per device and on the host)."""
+EXPERT_KINDS = ("up", "down", "gate", "gate_up")
+FLAG_TS = "--tensor-split"
+_INF = float("inf")
+
+
+def devices_of(hardware: Hardware) -> list[Device]:
+    """The hardware's devices as the estimate sees them, in llama.cpp's order (:attr:`Hardware.gpus`)."""
+    return [Device(g.llama_name, select_name=g.select_name or "", cuda=g.backend == "CUDA", remote=g.is_remote)
+            for g in hardware.gpus]
+
+
+def expert_kind(t: Tensor) -> str:
+    m = EXPERT_TENSOR_RE.search(t.name)
+    return m.group(1) if m else ""
+
+
+def spill_rules(tensors: Sequence[Tensor]) -> tuple[str, ...]:
+    """``-ot`` rules sending ``tensors`` (experts) to the CPU: one per set of kinds spilled in a layer, the layers
+    as an alternation (no commas inside a rule: llama-server splits the value on them, common/arg.cpp:264)."""
+    kinds: dict[int, set[str]] = {}
+    for t in tensors:
+        if t.layer is None:
+            continue
+        kinds.setdefault(t.layer, set()).add(expert_kind(t))
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for layer, ks in sorted(kinds.items()):
+        groups.setdefault(tuple(k for k in EXPERT_KINDS if k in ks), []).append(layer)
+    rules = []
+    for ks, layers in groups.items():
+        full = set(ks) >= {"up", "down", "gate"} or set(ks) == {"gate_up", "down"}
+        which = "(up|down|gate|gate_up)" if full else "(" + "|".join(ks) + ")"
+        rules.append(rf"blk\.({'|'.join(str(n) for n in layers)})\.ffn_{which}_(ch|)exps=CPU")
+    return tuple(rules)
+
+
+def cpu_expert_tensors(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str | Device]) -> list[Tensor]:
+    """The expert tensors ``flags`` leave in RAM on these devices."""
+    return [t for t, dev in tensor_placement(layout, flags, devices) if dev == CPU and t.is_expert]
+
+
+def cpu_expert_layers(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str | Device]) -> int:
+    """How many layers have expert tensors in RAM (``--n-cpu-moe N`` on one GPU: N)."""
+    return len({t.layer for t in cpu_expert_tensors(layout, flags, devices) if t.layer is not None})
+
+
+# ------------------------------------------------------------------------------------------------- the ledger
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    """Every slot's bytes on a device (non-expert weights + KV + recurrent state) and its expert tensors, by
+    backend (CUDA pads quantized rows), with the compute model of the same flags."""
+
+    n_slots: int
+    base: dict[bool, list[int]]  # cuda -> per slot
+    experts: dict[bool, list[list[tuple[int, Tensor]]]]  # cuda -> per slot: (bytes, tensor), largest first
+    ctx_rate: list[float]  # per slot: device bytes per extra token of context (KV)
+    compute: ComputeModel
+    mask_rate: float  # bytes of mask per extra token of context, per device with attention
+    largest_expert: int
+
+
+def _ledger(layout: ModelLayout, flags: ServerFlags) -> _Ledger:
+    n_slots = layout.n_layer_all + 1
+    mtp = flags.spec_type == SPEC_MTP
+    base = {c: [0] * n_slots for c in (True, False)}
+    experts: dict[bool, list[list[tuple[int, Tensor]]]] = {c: [[] for _ in range(n_slots)] for c in (True, False)}
+    largest = 0
+    for t in layout.tensors:
+        if t.cls is TensorClass.MTP and not mtp:
+            continue
+        if t.cls is TensorClass.TOKEN_EMBD:
+            if not layout.tied_embeddings:
+                continue  # the input layer is always on the CPU (src/llama-model.cpp:1603-1605)
+            slot = layout.n_layer_all  # tied: loaded again with the output layer
+        else:
+            slot = layout.n_layer_all if t.layer is None else t.layer
+        for cuda in (True, False):
+            n = device_tensor_bytes(t, Device("x", cuda=cuda))
+            if t.is_expert and t.layer is not None:
+                experts[cuda][slot].append((n, t))
+            else:
+                base[cuda][slot] += n
+        if t.is_expert:
+            largest = max(largest, t.nbytes)
+    shape = context_shape(layout, flags)
+    rate = [0.0] * n_slots
+    if not flags.no_kv_offload:
+        for il, (kv, rs) in context_bytes_by_layer(layout, flags).items():
+            for cuda in (True, False):
+                base[cuda][il] += kv + rs
+            rate[il] = kv / shape.n_ctx if shape.n_ctx else 0.0
+    for cuda in (True, False):
+        for slot in experts[cuda]:
+            slot.sort(key=lambda nt: (-nt[0], -(nt[1].layer or 0), nt[1].name))
+    tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
+    mtp_outputs = flags.spec_draft_n_max if mtp else 0
+    model = ComputeModel(layout, shape, flash_attn=flags.flash_attn != "off", k_quantized=is_quantized(tk),
+                         v_quantized=is_quantized(tv), n_outputs=shape.n_seq * (1 + mtp_outputs),
+                         n_rs_seq=flags.spec_draft_n_max if mtp else 0)
+    mask_rate = model.mask / shape.n_ctx if shape.n_ctx else 0.0
+    return _Ledger(n_slots, base, experts, rate, model, mask_rate, largest)
+
+
+# ---------------------------------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class _Mode:
+    pipeline: bool  # llama.cpp's pipeline parallelism on (no override at all): no spill allowed
+    cpu_slots: int = 0  # leading slots on the CPU (-ngl below all): every expert in RAM
+
+
+@dataclass(frozen=True)
+class _Choice:
+    counts: tuple[int, ...]  # slots per device
+    spills: tuple[int, ...]  # expert tensors in RAM per device
+
+
+@dataclass
+class Placement:
+    """A placement found: the flags that give it, their estimate, and per device its slots and spilled tensors."""
+
+    flags: ServerFlags
+    estimate: MemoryEstimate
+    counts: tuple[int, ...]
+    spilled: tuple[tuple[Tensor, ...], ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def n_spilled(self) -> int:
+        return sum(len(s) for s in self.spilled)
+
+
+class Placer:
+    """Places models on ``devices`` (llama.cpp's order) with ``budgets`` (bytes each may hold)."""
+
+    def __init__(self, devices: Sequence[Device], budgets: Sequence[int]) -> None:
+        if len(devices) != len(budgets):
+            raise ValueError("one budget per device")
+        if len(devices) > MAX_TENSOR_SPLIT:
+            raise TunerError(f"{len(devices)} devices: llama.cpp's --tensor-split takes at most {MAX_TENSOR_SPLIT}")
+        self.devices = tuple(devices)
+        self.budgets = tuple(budgets)
+        self.first_cuda = next((i for i, d in enumerate(self.devices) if d.cuda and not d.remote), None)
+
+    # --- one mode --------------------------------------------------------------------------------------------
+    def _solve(self, led: _Ledger, mode: _Mode, max_spills: int | None) -> _Choice | None:
+        """The split with the fewest spills (then the most room for context) in ``mode``, or None."""
+        n_dev, n_slots = len(self.devices), led.n_slots
+        model = led.compute
+        spill_ok = not mode.pipeline and not mode.cpu_slots
+        offload = led.largest_expert if (spill_ok or mode.cpu_slots) and model.op_offload else 0
+        # best[d][s]: (spills, -least context ratio, end slot) for devices d.. holding slots s..n_slots-1
+        best: list[list[tuple[float, float, int] | None]] = [[None] * (n_slots + 1) for _ in range(n_dev + 1)]
+        best[n_dev][n_slots] = (0, -_INF, n_slots)
+        for d in range(n_dev - 1, -1, -1):
+            dev = self.devices[d]
+            base, experts = led.base[dev.cuda], led.experts[dev.cuda]
+            budget = self.budgets[d]
+            op = offload if d == self.first_cuda else 0
+            for s in range(mode.cpu_slots, n_slots + 1):
+                span = BlockSpan()
+                base_sum = exp_sum = 0
+                rate = 0.0
+                sizes: dict[int, int] = {}
+                top: tuple[float, float, int] | None = None
+                for e in range(s, n_slots + 1):
+                    if e > s:  # grow the range by slot e - 1
+                        il = e - 1
+                        if il < model.layout.n_layer:
+                            span.add(model.rest_peak(il), il in model.attention)
+                        base_sum += base[il]
+                        rate += led.ctx_rate[il]
+                        if not mode.cpu_slots:  # with -ngl below all, every expert is in RAM (--cpu-moe)
+                            for n, _ in experts[il]:
+                                exp_sum += n
+                                sizes[n] = sizes.get(n, 0) + 1
+                    rest = best[d + 1][e]
+                    if rest is None:
+                        continue
+                    compute = model.device_bytes(span, e == n_slots and e > s, dev, op_offload_bytes=op,
+                                                 pipeline=mode.pipeline, partial_first=bool(mode.cpu_slots))
+                    over = base_sum + exp_sum + compute - budget
+                    if over <= 0:
+                        k, slack = 0, -over
+                    elif not spill_ok:
+                        continue
+                    else:
+                        got, freed = _spill_count(sizes, over)
+                        if got is None:
+                            continue
+                        k, slack = got, freed - over
+                    total = k + rest[0]
+                    if max_spills is not None and total > max_spills:
+                        continue
+                    grow = rate + (led.mask_rate * (4 if mode.pipeline else 1) if span.attn else 0.0)
+                    ratio = slack / grow if grow > 0 else _INF
+                    cand = (total, max(-ratio, rest[1]), e)
+                    if top is None or cand[:2] < top[:2]:
+                        top = cand
+                best[d][s] = top
+        if best[0][mode.cpu_slots] is None:
+            return None
+        counts, spills = [], []
+        s = mode.cpu_slots
+        for d in range(n_dev):
+            entry = best[d][s]
+            assert entry is not None
+            e = entry[2]
+            after = best[d + 1][e]
+            counts.append(e - s)
+            spills.append(int(entry[0] - (after[0] if after else 0)))
+            s = e
+        return _Choice(tuple(counts), tuple(spills))
+
+    # --- the flags of a choice -------------------------------------------------------------------------------
+    def _realise(self, layout: ModelLayout, flags: ServerFlags, led: _Ledger, choice: _Choice, mode: _Mode,
+                 spills: Sequence[int] | None = None) -> Placement:
+        spills = list(choice.spills if spills is None else spills)
+        spilled: list[tuple[Tensor, ...]] = []
+        s = mode.cpu_slots
+        for d, n in enumerate(choice.counts):
+            if mode.cpu_slots:
+                spilled.append(())
+            else:
+                pool = sorted((nt for il in range(s, s + n) for nt in led.experts[self.devices[d].cuda][il]),
+                              key=lambda nt: (-nt[0], -(nt[1].layer or 0), nt[1].name))
+                spilled.append(tuple(t for _, t in pool[: spills[d]]))
+            s += n
+        rules = spill_rules([t for ts in spilled for t in ts])
+        if not mode.pipeline and not rules and not mode.cpu_slots and len(self.devices) > 1:
+            rules = (NO_PIPELINE_RULE,)
+        shares = tuple(float(n) for n in choice.counts)
+        new = flags.with_(tensor_split=shares, override_tensor=rules, n_cpu_moe=0, cpu_moe=bool(mode.cpu_slots),
+                          n_gpu_layers=led.n_slots - mode.cpu_slots if mode.cpu_slots else None,
+                          split_mode="layer", device=(), main_gpu=0)
+        est = estimate_memory(layout, new, self.devices)
+        return Placement(new, est, choice.counts, tuple(spilled))
+
+    def _overflow(self, est: MemoryEstimate) -> list[int]:
+        return [est.device(dev.name).total_bytes - b for dev, b in zip(self.devices, self.budgets, strict=True)]
+
+    def _checked(self, layout: ModelLayout, flags: ServerFlags, led: _Ledger, choice: _Choice,
+                 mode: _Mode) -> Placement | None:
+        """The choice as flags, checked with the estimate: a device over budget spills one more tensor (if it may),
+        a spill that is not needed is taken back."""
+        spills = list(choice.spills)
+        place = self._realise(layout, flags, led, choice, mode, spills)
+        spill_ok = not mode.pipeline and not mode.cpu_slots
+        for _ in range(4 * len(self.devices) + 8):
+            over = self._overflow(place.estimate)
+            bad = [d for d, o in enumerate(over) if o > 0]
+            if not bad:
+                break
+            if not spill_ok:
+                return None
+            d = bad[0]
+            s = sum(choice.counts[:d]) + mode.cpu_slots
+            have = sum(len(led.experts[self.devices[d].cuda][il]) for il in range(s, s + choice.counts[d]))
+            if spills[d] >= have:
+                return None
+            spills[d] += 1
+            place = self._realise(layout, flags, led, choice, mode, spills)
+        else:
+            return None
+        if spill_ok:  # take back what the check shows is not needed
+            for d in range(len(self.devices)):
+                while spills[d] > 0:
+                    trial = spills.copy()
+                    trial[d] -= 1
+                    cand = self._realise(layout, flags, led, choice, mode, trial)
+                    if any(o > 0 for o in self._overflow(cand.estimate)):
+                        break
+                    spills, place = trial, cand
+        return place
+
+    # --- entry points ----------------------------------------------------------------------------------------
+    def place(self, layout: ModelLayout, flags: ServerFlags, *, max_spills: int | None = None,
+              allow_partial: bool = True) -> Placement | None:
+        """The placement of ``layout`` at ``flags``'s context with the fewest expert tensors in RAM (at most
+        ``max_spills``), then the most room for context; None if nothing fits (with ``allow_partial``, leading
+        blocks go to the CPU as a last resort)."""
+        pipeline_possible = len(self.devices) > 1 and not flags.no_kv_offload
+        led = _ledger(layout, flags)
+        for mode in ((_Mode(True),) if pipeline_possible else ()) + (_Mode(False),):
+            choice = self._solve(led, mode, max_spills)
+            if choice is not None:
+                got = self._checked(layout, flags, led, choice, mode)
+                if got is not None and (max_spills is None or got.n_spilled <= max_spills):
+                    return got
+        if not allow_partial or (max_spills is not None and max_spills < _n_experts(layout)):
+            return None
+        return self._partial(layout, flags, led)
+
+    def _partial(self, layout: ModelLayout, flags: ServerFlags, led: _Ledger) -> Placement | None:
+        """Every expert in RAM and the fewest leading slots on the CPU that fit (binary search)."""
+        def probe(cpu_slots: int) -> Placement | None:
+            mode = _Mode(False, cpu_slots)
+            choice = self._solve(led, mode, None)
+            return None if choice is None else self._checked(layout, flags, led, choice, mode)
+
+        lo, hi = 0, led.n_slots  # lo: does not fit (tried above, with spills); hi: every slot on the CPU
+        got = probe(hi - 1)
+        if got is None:
+            return None
+        hi_result = got
+        hi -= 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            at = probe(mid)
+            if at is not None:
+                hi, hi_result = mid, at
+            else:
+                lo = mid
+        return hi_result
+
+
+def _n_experts(layout: ModelLayout) -> int:
+    return sum(1 for t in layout.tensors if t.is_expert and t.cls is not TensorClass.MTP)
+
+
+def _spill_count(sizes: dict[int, int], over: int) -> tuple[int | None, int]:
+    """The fewest tensors (largest first) whose bytes reach ``over``, and the bytes they free; None if all do not."""
+    k, freed = 0, 0
+    for size in sorted(sizes, reverse=True):
+        if freed >= over:
+            break
+        take = min(sizes[size], math.ceil((over - freed) / size))
+        k += take
+        freed += take * size
+    return (k, freed) if freed >= over else (None, freed)
+
+
+def describe(layout: ModelLayout, flags: ServerFlags, devices: Sequence[Device], budgets: Sequence[int] | None = None
+             ) -> list[dict[str, object]]:
+    """Per device: its slots (blocks, the output layer), expert tensors in RAM, bytes planned, and its budget."""
+    used = model_devices(devices, flags)
+    placed = tensor_placement(layout, flags, devices)
+    est = estimate_memory(layout, flags, devices)
+    slots = slot_devices(layout, flags, devices)
+    out: list[dict[str, object]] = []
+    home = {t.name: slots[t.layer] for t, _ in placed if t.layer is not None}
+    for i, dev in enumerate(devices):
+        mine = [il for il, name in enumerate(slots) if name == dev.name]
+        spilled = [t for t, where in placed if where == CPU and t.is_expert and home.get(t.name) == dev.name]
+        row: dict[str, object] = {
+            "name": dev.name,
+            "used": dev in used,
+            "slots": len(mine),
+            "blocks": [il for il in mine if il < layout.n_layer_all],
+            "output_layer": layout.n_layer_all in mine,
+            "expert_tensors_in_ram": len(spilled),
+            "expert_layers_in_ram": sorted({t.layer for t in spilled if t.layer is not None}),
+            "total_bytes": est.device(dev.name).total_bytes,
+        }
+        if budgets is not None:
+            row["budget_bytes"] = budgets[i]
+        out.append(row)
+    return out
+
+
+
+def placement_reason(layout: ModelLayout, flags: ServerFlags, devices: Sequence[Device], floor: int) -> str:
+    """One line for a plan's reasons: the split and what each device sends to RAM."""
+    rows = describe(layout, flags, devices)
+    n = sum(int(r["expert_tensors_in_ram"]) for r in rows)  # type: ignore[call-overload]
+    split = (FLAG_TS + " " + ",".join(f"{v:g}" for v in flags.tensor_split) if flags.tensor_split
+             else "the default split")
+    per = "; ".join(f"{r['name']} {r['slots']} layers" + (f" ({r['expert_tensors_in_ram']} expert tensors in RAM)"
+                                                          if r["expert_tensors_in_ram"] else "")
+                    + (" with the output layer" if r["output_layer"] else "") for r in rows if r["used"])
+    what = (f"{n} expert tensors in RAM, the fewest that fit {floor} tokens of context on every device"
+            if n else "every expert on the GPUs")
+    pipeline = (" (llama.cpp's pipeline parallelism, whose input copies take more memory)"
+                if not flags.override_tensor else "")
+    off = (" (an override that matches nothing turns llama.cpp's pipeline parallelism off, saving its larger "
+           "compute buffers for context)" if NO_PIPELINE_RULE in flags.override_tensor else "")
+    return f"{split}: {what}: {per}{pipeline}{off}; KV and recurrent state stay with their layers"
