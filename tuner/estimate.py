@@ -321,7 +321,7 @@ def slot_devices(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str 
     split: Sequence[float] | None = gpu_split
     if any(flags.tensor_split[: len(used)]):
         split = flags.tensor_split
-    elif gpu_split is not None and len(used) != len(devices):  # a subset: the shares of the devices kept
+    elif gpu_split is not None:  # free memory: the shares of the devices kept, in their new order
         index = {Device.of(d).name: i for i, d in enumerate(devices)}
         split = [gpu_split[index[n]] for n in names]
     return layer_devices(layout.n_layer_all, flags.n_gpu_layers, names, split)

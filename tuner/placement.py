@@ -20,9 +20,9 @@ layers, as fit does). It is tried three ways, the first that fits wins:
 
 * no spill and llama.cpp's pipeline parallelism on (it is on whenever there is no tensor override,
   llama-context.cpp:430-457; its 4 copies of every graph input make compute buffers larger);
-* pipeline parallelism off — by the spills' own ``-ot`` rules, or by :data:`NO_PIPELINE_RULE`, an override that
-  matches no tensor, when nothing needs spilling — with the largest expert tensor on the first local CUDA device
-  for op offload;
+* no spill and pipeline parallelism off by :data:`NO_PIPELINE_RULE`, an override that matches no tensor;
+* spills (their ``-ot`` rules turn pipeline parallelism off too), with the largest expert tensor in the first
+  local CUDA device's compute buffer for op offload;
 * with every expert in RAM, the fewest leading blocks on the CPU (``-ngl``) as well.
 
 The result is checked with :func:`~tuner.estimate.estimate_memory` itself (the truth the planner uses), then
@@ -170,6 +170,11 @@ def _ledger(layout: ModelLayout, flags: ServerFlags) -> _Ledger:
 class _Mode:
     pipeline: bool  # llama.cpp's pipeline parallelism on (no override at all): no spill allowed
     cpu_slots: int = 0  # leading slots on the CPU (-ngl below all): every expert in RAM
+    spill: bool = True  # experts may go to RAM (then the first CUDA device multiplies them: op offload)
+
+    @property
+    def spills(self) -> bool:
+        return self.spill and not self.pipeline and not self.cpu_slots
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,7 @@ class Placer:
         """The split with the fewest spills (then the most room for context) in ``mode``, or None."""
         n_dev, n_slots = len(self.devices), led.n_slots
         model = led.compute
-        spill_ok = not mode.pipeline and not mode.cpu_slots
+        spill_ok = mode.spills
         offload = led.largest_expert if (spill_ok or mode.cpu_slots) and model.op_offload else 0
         # best[d][s]: (spills, -least context ratio, end slot) for devices d.. holding slots s..n_slots-1
         best: list[list[tuple[float, float, int] | None]] = [[None] * (n_slots + 1) for _ in range(n_dev + 1)]
@@ -308,7 +313,7 @@ class Placer:
         a spill that is not needed is taken back."""
         spills = list(choice.spills)
         place = self._realise(layout, flags, led, choice, mode, spills)
-        spill_ok = not mode.pipeline and not mode.cpu_slots
+        spill_ok = mode.spills
         for _ in range(4 * len(self.devices) + 8):
             over = self._overflow(place.estimate)
             bad = [d for d, o in enumerate(over) if o > 0]
@@ -344,7 +349,8 @@ class Placer:
         blocks go to the CPU as a last resort)."""
         pipeline_possible = len(self.devices) > 1 and not flags.no_kv_offload
         led = _ledger(layout, flags)
-        for mode in ((_Mode(True),) if pipeline_possible else ()) + (_Mode(False),):
+        modes = (_Mode(True, spill=False), _Mode(False, spill=False)) if pipeline_possible else ()
+        for mode in (*modes, _Mode(False)):
             choice = self._solve(led, mode, max_spills)
             if choice is not None:
                 got = self._checked(layout, flags, led, choice, mode)
@@ -361,12 +367,10 @@ class Placer:
             choice = self._solve(led, mode, None)
             return None if choice is None else self._checked(layout, flags, led, choice, mode)
 
-        lo, hi = 0, led.n_slots  # lo: does not fit (tried above, with spills); hi: every slot on the CPU
-        got = probe(hi - 1)
-        if got is None:
+        lo, hi = 0, led.n_slots  # lo: does not fit (tried above, with spills); hi: every slot on the CPU (-ngl 0)
+        hi_result = probe(hi)
+        if hi_result is None:  # not even the CPU's share of the compute buffers on the devices
             return None
-        hi_result = got
-        hi -= 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
             at = probe(mid)
