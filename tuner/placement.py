@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from tuner.errors import TunerError
 from tuner.estimate import (
     CPU,
+    RS_ROLLBACK_ARCHS,
     BlockSpan,
     ComputeModel,
     Device,
@@ -47,6 +48,7 @@ from tuner.estimate import (
     device_tensor_bytes,
     estimate_memory,
     model_devices,
+    mtp_compute_bytes,
     slot_devices,
     tensor_placement,
 )
@@ -119,11 +121,22 @@ class _Ledger:
     compute: ComputeModel
     mask_rate: float  # bytes of mask per extra token of context, per device with attention
     largest_expert: int
+    rest_peak: list[int]  # per trunk block: its FFN / DeltaNet compute peak (ComputeModel.rest_peak)
+    is_attention: list[bool]  # per trunk block
 
 
-def _ledger(layout: ModelLayout, flags: ServerFlags) -> _Ledger:
+_WEIGHTS_CACHE: dict[tuple[int, bool], tuple[ModelLayout, dict, dict, int]] = {}
+_WEIGHTS_CACHE_SIZE = 64
+
+
+def _weights(layout: ModelLayout, mtp: bool) -> tuple[dict[bool, list[int]], dict[bool, list[list]], int]:
+    """Per slot, by backend: non-expert weight bytes and the expert tensors (largest first); the largest expert.
+    Cached per layout (the planner asks for the same few many times)."""
+    key = (id(layout), mtp)
+    hit = _WEIGHTS_CACHE.get(key)
+    if hit is not None and hit[0] is layout:
+        return hit[1], hit[2], hit[3]
     n_slots = layout.n_layer_all + 1
-    mtp = flags.spec_type == SPEC_MTP
     base = {c: [0] * n_slots for c in (True, False)}
     experts: dict[bool, list[list[tuple[int, Tensor]]]] = {c: [[] for _ in range(n_slots)] for c in (True, False)}
     largest = 0
@@ -144,6 +157,19 @@ def _ledger(layout: ModelLayout, flags: ServerFlags) -> _Ledger:
                 base[cuda][slot] += n
         if t.is_expert:
             largest = max(largest, t.nbytes)
+    for cuda in (True, False):
+        for slot in experts[cuda]:
+            slot.sort(key=lambda nt: (-nt[0], -(nt[1].layer or 0), nt[1].name))
+    if len(_WEIGHTS_CACHE) >= _WEIGHTS_CACHE_SIZE:
+        _WEIGHTS_CACHE.clear()
+    _WEIGHTS_CACHE[key] = (layout, base, experts, largest)
+    return base, experts, largest
+
+
+def _ledger(layout: ModelLayout, flags: ServerFlags) -> _Ledger:
+    n_slots = layout.n_layer_all + 1
+    weights, experts, largest = _weights(layout, flags.spec_type == SPEC_MTP)
+    base = {c: list(weights[c]) for c in (True, False)}
     shape = context_shape(layout, flags)
     rate = [0.0] * n_slots
     if not flags.no_kv_offload:
@@ -151,16 +177,21 @@ def _ledger(layout: ModelLayout, flags: ServerFlags) -> _Ledger:
             for cuda in (True, False):
                 base[cuda][il] += kv + rs
             rate[il] = kv / shape.n_ctx if shape.n_ctx else 0.0
-    for cuda in (True, False):
-        for slot in experts[cuda]:
-            slot.sort(key=lambda nt: (-nt[0], -(nt[1].layer or 0), nt[1].name))
     tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
-    mtp_outputs = flags.spec_draft_n_max if mtp else 0
-    model = ComputeModel(layout, shape, flash_attn=flags.flash_attn != "off", k_quantized=is_quantized(tk),
-                         v_quantized=is_quantized(tv), n_outputs=shape.n_seq * (1 + mtp_outputs),
-                         n_rs_seq=flags.spec_draft_n_max if mtp else 0)
+    mtp = flags.spec_type == SPEC_MTP
+    flash_attn = flags.flash_attn != "off"
+    model = ComputeModel(layout, shape, flash_attn=flash_attn, k_quantized=is_quantized(tk),
+                         v_quantized=is_quantized(tv), n_outputs=shape.n_seq * (1 + (flags.spec_draft_n_max if mtp
+                                                                                      else 0)),
+                         n_rs_seq=flags.spec_draft_n_max if mtp and layout.arch in RS_ROLLBACK_ARCHS else 0)
+    if mtp and layout.n_layer < n_slots - 1:  # the draft context's compute buffer, with the MTP block's device
+        draft = mtp_compute_bytes(layout, shape, flash_attn, False, shape.n_seq)
+        for cuda in (True, False):
+            base[cuda][layout.n_layer] += draft
     mask_rate = model.mask / shape.n_ctx if shape.n_ctx else 0.0
-    return _Ledger(n_slots, base, experts, rate, model, mask_rate, largest)
+    trunk = range(layout.n_layer)
+    return _Ledger(n_slots, base, experts, rate, model, mask_rate, largest, [model.rest_peak(il) for il in trunk],
+                   [il in model.attention for il in trunk])
 
 
 # ---------------------------------------------------------------------------------------------------- search
@@ -215,6 +246,7 @@ class Placer:
         """The split with the fewest spills (then the most room for context) in ``mode``, or None."""
         n_dev, n_slots = len(self.devices), led.n_slots
         model = led.compute
+        n_trunk = model.layout.n_layer
         spill_ok = mode.spills
         offload = led.largest_expert if (spill_ok or mode.cpu_slots) and model.op_offload else 0
         # best[d][s]: (spills, -least context ratio, end slot) for devices d.. holding slots s..n_slots-1
@@ -225,7 +257,8 @@ class Placer:
             base, experts = led.base[dev.cuda], led.experts[dev.cuda]
             budget = self.budgets[d]
             op = offload if d == self.first_cuda else 0
-            for s in range(mode.cpu_slots, n_slots + 1):
+            starts = range(mode.cpu_slots, mode.cpu_slots + 1) if d == 0 else range(mode.cpu_slots, n_slots + 1)
+            for s in starts:
                 span = BlockSpan()
                 base_sum = exp_sum = 0
                 rate = 0.0
@@ -234,8 +267,8 @@ class Placer:
                 for e in range(s, n_slots + 1):
                     if e > s:  # grow the range by slot e - 1
                         il = e - 1
-                        if il < model.layout.n_layer:
-                            span.add(model.rest_peak(il), il in model.attention)
+                        if il < n_trunk:
+                            span.add(led.rest_peak[il], led.is_attention[il])
                         base_sum += base[il]
                         rate += led.ctx_rate[il]
                         if not mode.cpu_slots:  # with -ngl below all, every expert is in RAM (--cpu-moe)
@@ -243,11 +276,15 @@ class Placer:
                                 exp_sum += n
                                 sizes[n] = sizes.get(n, 0) + 1
                     rest = best[d + 1][e]
-                    if rest is None:
+                    if rest is None and d < n_dev - 1 and e < n_slots:
                         continue
                     compute = model.device_bytes(span, e == n_slots and e > s, dev, op_offload_bytes=op,
                                                  pipeline=mode.pipeline, partial_first=bool(mode.cpu_slots))
                     over = base_sum + exp_sum + compute - budget
+                    if over - (exp_sum if spill_ok else 0) > 0:
+                        break  # what cannot be spilled already overflows: more slots only add to it
+                    if rest is None:
+                        continue
                     if over <= 0:
                         k, slack = 0, -over
                     elif not spill_ok:
