@@ -157,3 +157,32 @@ def test_planner_option_help_states_the_planner_defaults() -> None:
     assert f"default {DEFAULT_VRAM_BUFFER_BYTES / GiB:g}G" in buffer_help
     assert f"RAM when CPU only: {DEFAULT_RAM_BUFFER_BYTES / GiB:g}G" in buffer_help
     assert f"at least {WORKING_CTX}" in get_args(o.PlanCtxOpt)[1].help
+
+
+@pytest.mark.parametrize("gpus", ["rtx-3090,rtx-3060", "rtx-4090,rtx-4060-ti"])
+def test_mixed_gpus_json_has_a_tensor_split_and_every_device_within_its_budget(gpus: str) -> None:
+    proc = run_cli("--gpu", gpus, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    split = doc["plan"]["tensor_split"]
+    assert len(split) == 2 and all(n == int(n) and n > 0 for n in split)
+    command = doc["command"]
+    assert command[command.index("--tensor-split") + 1] == ",".join(str(int(n)) for n in split)
+    assert doc["env"] == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    budget = doc["budget"]
+    assert [d["device"] for d in budget["devices"]] == ["CUDA0", "CUDA1"]
+    totals = {d["name"]: d["total_bytes"] for d in doc["memory"]["devices"]}
+    for device, row in zip(budget["devices"], doc["placement"], strict=True):
+        assert row["name"] == device["device"] and row["slots"] == split[budget["devices"].index(device)]
+        assert totals[device["device"]] + device["buffer_bytes"] <= device["vram_free_bytes"]
+        assert row["total_bytes"] <= row["budget_bytes"]
+        assert doc["headroom_bytes"][device["device"]] >= 0
+    assert sum(row["slots"] for row in doc["placement"]) == sum(split)
+    assert doc["placement"][-1]["output_layer"]
+
+
+def test_mixed_gpus_report_names_each_devices_layers_and_spills(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recommend", "--gpu", "rtx-3090,rtx-3060", "--quant", "Q8_0", "--ctx-size", "65536"]) == 0
+    out = capsys.readouterr().out
+    assert "--tensor-split" in out and "--override-tensor" in out and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in out
+    assert "CUDA0 (" in out and "CUDA1 (" in out and "expert tensors in RAM" in out

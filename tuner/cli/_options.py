@@ -43,7 +43,8 @@ OptionalModelArg = Annotated[str | None, typer.Argument(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 
 GpuOpt = Annotated[str | None, typer.Option(
-    "--gpu", help="Plan for a catalog GPU instead of the detected ones (rtx-4090, h100-80gb, … ; 'none' = CPU only).")]
+    "--gpu", help="Plan for catalog GPUs instead of the detected ones: rtx-4090, 2xrtx-3090, rtx-3090,rtx-3060 (CUDA0 "
+                  "first); 'none' = CPU only.")]
 VramOpt = Annotated[str | None, typer.Option("--vram", help="Override GPU memory, e.g. 16G.")]
 ServerBinOpt = Annotated[str | None, typer.Option("--server-bin", help="Use this llama-server binary.")]
 
