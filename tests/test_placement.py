@@ -276,8 +276,9 @@ def test_mixed_gpus_plan_a_tensor_split_with_every_device_in_budget_and_tight(
     else:
         assert plan.estimate.n_ctx_seq == lay.n_ctx_train
     rows = describe(lay, plan.flags, devices, budgets)
-    assert [r["slots"] for r in rows] == [int(v) for v in plan.flags.tensor_split]
-    assert all(r["total_bytes"] <= r["budget_bytes"] for r in rows)
+    assert [r.slots for r in rows] == [int(v) for v in plan.flags.tensor_split]
+    assert all(r.budget_bytes is not None and r.total_bytes <= r.budget_bytes for r in rows)
+    assert sum(r.expert_tensors_in_ram for r in rows) == len(spilled)
 
 
 def test_two_equal_gpus_and_one_gpu_keep_their_plans(ladder: dict[str, QuantCandidate]) -> None:

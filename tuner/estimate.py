@@ -46,11 +46,10 @@ from __future__ import annotations
 
 import bisect
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import numpy as np
 
 from tuner.errors import TunerError
 from tuner.flags import SPEC_MTP, ServerFlags
@@ -273,17 +272,24 @@ def model_devices(devices: Sequence[str | Device], flags: ServerFlags) -> tuple[
     return tuple(chosen)
 
 
-def split_points(weights: Sequence[float]) -> list[np.float32]:
+def f32(x: float) -> float:
+    """``x`` rounded to the nearest float32. An operation on float32 values done in double and rounded so equals the
+    float32 operation (53 >= 2 * 24 + 2 bits: double rounding is innocuous for + - * /), which is how the split
+    arithmetic below emulates llama.cpp's floats without numpy."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def split_points(weights: Sequence[float]) -> list[float]:
     """The cumulative split points llama.cpp computes from ``-ts`` (or the free memory), in float32 as it does
     (src/llama-model.cpp:1579-1587)."""
-    acc = np.float32(0.0)
-    cum: list[np.float32] = []
+    acc = 0.0
+    cum: list[float] = []
     for w in weights:
-        acc = np.float32(acc + np.float32(w))
+        acc = f32(acc + f32(w))
         cum.append(acc)
     if acc <= 0:
         raise TunerError("--tensor-split gives every device a share of 0")
-    return [np.float32(c / acc) for c in cum]
+    return [f32(c / acc) for c in cum]
 
 
 def layer_devices(n_layer_all: int, n_gpu_layers: int | None, gpu_names: Sequence[str],
@@ -307,7 +313,7 @@ def layer_devices(n_layer_all: int, n_gpu_layers: int | None, gpu_names: Sequenc
         if il < start or il - start >= act:
             out.append(CPU)
             continue
-        frac = np.float32(np.float32(il - start) / np.float32(act))
+        frac = f32(f32(il - start) / f32(act))
         out.append(gpu_names[min(bisect.bisect_right(cum, frac), len(gpu_names) - 1)])
     return out
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tuner.errors import TunerError
 from tuner.estimate import (
@@ -222,7 +222,6 @@ class Placement:
     estimate: MemoryEstimate
     counts: tuple[int, ...]
     spilled: tuple[tuple[Tensor, ...], ...]
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def n_spilled(self) -> int:
@@ -434,44 +433,58 @@ def _spill_count(sizes: dict[int, int], over: int) -> tuple[int | None, int]:
     return (k, freed) if freed >= over else (None, freed)
 
 
-def describe(layout: ModelLayout, flags: ServerFlags, devices: Sequence[Device], budgets: Sequence[int] | None = None
-             ) -> list[dict[str, object]]:
-    """Per device: its slots (blocks, the output layer), expert tensors in RAM, bytes planned, and its budget."""
+@dataclass(frozen=True)
+class DeviceShare:
+    """What one device holds in a plan: its slots (blocks; the output layer), its expert tensors sent to RAM, the
+    bytes the estimate puts on it, and its budget when known."""
+
+    name: str
+    used: bool  # a model device (--device, --split-mode none may leave it out)
+    slots: int
+    blocks: tuple[int, ...]
+    output_layer: bool
+    expert_tensors_in_ram: int
+    expert_layers_in_ram: tuple[int, ...]
+    total_bytes: int
+    budget_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "used": self.used, "slots": self.slots, "blocks": list(self.blocks),
+                "output_layer": self.output_layer, "expert_tensors_in_ram": self.expert_tensors_in_ram,
+                "expert_layers_in_ram": list(self.expert_layers_in_ram), "total_bytes": self.total_bytes,
+                "budget_bytes": self.budget_bytes}
+
+
+def describe(layout: ModelLayout, flags: ServerFlags, devices: Sequence[Device],
+             budgets: Sequence[int] | None = None) -> list[DeviceShare]:
+    """Each device's share of a plan (:class:`DeviceShare`), in llama.cpp's device order."""
     used = model_devices(devices, flags)
     placed = tensor_placement(layout, flags, devices)
     est = estimate_memory(layout, flags, devices)
     slots = slot_devices(layout, flags, devices)
-    out: list[dict[str, object]] = []
-    home = {t.name: slots[t.layer] for t, _ in placed if t.layer is not None}
+    out: list[DeviceShare] = []
     for i, dev in enumerate(devices):
         mine = [il for il, name in enumerate(slots) if name == dev.name]
-        spilled = [t for t, where in placed if where == CPU and t.is_expert and home.get(t.name) == dev.name]
-        row: dict[str, object] = {
-            "name": dev.name,
-            "used": dev in used,
-            "slots": len(mine),
-            "blocks": [il for il in mine if il < layout.n_layer_all],
-            "output_layer": layout.n_layer_all in mine,
-            "expert_tensors_in_ram": len(spilled),
-            "expert_layers_in_ram": sorted({t.layer for t in spilled if t.layer is not None}),
-            "total_bytes": est.device(dev.name).total_bytes,
-        }
-        if budgets is not None:
-            row["budget_bytes"] = budgets[i]
-        out.append(row)
+        spilled = [t for t, where in placed
+                   if where == CPU and t.is_expert and t.layer is not None and slots[t.layer] == dev.name]
+        out.append(DeviceShare(
+            name=dev.name, used=dev in used, slots=len(mine),
+            blocks=tuple(il for il in mine if il < layout.n_layer_all),
+            output_layer=layout.n_layer_all in mine, expert_tensors_in_ram=len(spilled),
+            expert_layers_in_ram=tuple(sorted({t.layer for t in spilled if t.layer is not None})),
+            total_bytes=est.device(dev.name).total_bytes, budget_bytes=None if budgets is None else budgets[i]))
     return out
-
 
 
 def placement_reason(layout: ModelLayout, flags: ServerFlags, devices: Sequence[Device], floor: int) -> str:
     """One line for a plan's reasons: the split and what each device sends to RAM."""
     rows = describe(layout, flags, devices)
-    n = sum(int(r["expert_tensors_in_ram"]) for r in rows)  # type: ignore[call-overload]
+    n = sum(r.expert_tensors_in_ram for r in rows)
     split = (FLAG_TS + " " + ",".join(f"{v:g}" for v in flags.tensor_split) if flags.tensor_split
              else "the default split")
-    per = "; ".join(f"{r['name']} {r['slots']} layers" + (f" ({r['expert_tensors_in_ram']} expert tensors in RAM)"
-                                                          if r["expert_tensors_in_ram"] else "")
-                    + (" with the output layer" if r["output_layer"] else "") for r in rows if r["used"])
+    per = "; ".join(f"{r.name} {r.slots} layers"
+                    + (f" ({r.expert_tensors_in_ram} expert tensors in RAM)" if r.expert_tensors_in_ram else "")
+                    + (" with the output layer" if r.output_layer else "") for r in rows if r.used)
     what = (f"{n} expert tensors in RAM, the fewest that fit {floor} tokens of context on every device"
             if n else "every expert on the GPUs")
     pipeline = (" (llama.cpp's pipeline parallelism, whose input copies take more memory)"

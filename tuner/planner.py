@@ -517,10 +517,7 @@ class _Search:
         def probe(step: int) -> tuple[ServerFlags, MemoryEstimate] | None:
             f = self.with_ctx(flags, step * CTX_STEP)
             got = placer.place(lay, f, max_spills=spills, allow_partial=False)
-            if got is None:
-                return None
-            f = got.flags.with_(cache_ram_mib=flags.cache_ram_mib, ctx_checkpoints=flags.ctx_checkpoints)
-            return (f, got.estimate) if fits(got.estimate, budget) else None
+            return (got.flags, got.estimate) if got is not None and fits(got.estimate, budget) else None
 
         top = probe(cap // CTX_STEP)
         if top is not None:

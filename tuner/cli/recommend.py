@@ -46,8 +46,8 @@ def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> d
     result = {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware)}
     p = rec.plan
     if len(rec.hardware.gpus) > 1:  # several devices: what each holds, against its budget
-        result["placement"] = describe(p.candidate.layout, p.flags, devices_of(rec.hardware),
-                                       p.budget.device_budgets())
+        result["placement"] = [share.to_dict() for share in describe(
+            p.candidate.layout, p.flags, devices_of(rec.hardware), p.budget.device_budgets())]
         # the CUDA runtime numbers the fastest card first unless told otherwise: CUDAn must be NVML's GPU n, the
         # order the split is planned in (tuner's own launches set it too, tuner.server.CHILD_ENV)
         result["env"] = dict(CHILD_ENV)
