@@ -21,7 +21,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -220,11 +220,18 @@ def test_a_placement_plan_loads_with_every_device_in_its_budget(server_bin: Path
                             devices)
     expert = max(t.nbytes for t in layout.tensors if t.is_expert)
     budgets = [whole.device(d.name).total_bytes - int(2.5 * expert) for d in devices]
-    got = Placer(devices, budgets).place(layout, flags)
+    # the first worker "faster", and the workers taken as local (the search keeps RPC devices in llama.cpp's order;
+    # remote or not changes nothing else for CPU-backend devices): it also tries --device RPC1,RPC0, so that the
+    # faster device holds the output layer, and here that order wins
+    local = [replace(d, remote=False) for d in devices]
+    got = Placer(local, budgets, bandwidths=[2.0, 1.0]).place(layout, flags, speed=True)
     assert got is not None and got.n_spilled >= 2 and got.flags.override_tensor
+    assert got.flags.device == ("RPC1", "RPC0")
     full = [*got.flags.to_args(), "--load-mode", "none"]
     reported, _ = load(server_bin, wide_model, two_workers, full)
-    compare(got.estimate, reported)
+    # CPU workers cannot multiply the spilled experts for the host (no op offload, ggml-rpc.cpp:2262), so the host
+    # runs them: its compute buffer is then fitted (within 6 % here), unlike a CUDA box's
+    compare(got.estimate, reported, compute_tolerance=0.06)
     for d, budget in zip(devices, budgets, strict=True):
         used = sum(reported.total(kind, d.name) for kind in KINDS)
         assert used <= budget + 4 * MIB_PRINT_ROUNDING_BYTES, (d.name, used / MiB, budget / MiB)

@@ -321,3 +321,29 @@ def test_budget_lists_every_device_in_json() -> None:
          "vram_free_bytes": hw.gpus[0].vram_free_bytes, "buffer_bytes": DEFAULT_VRAM_BUFFER_BYTES},
         {"device": "CUDA1", "vram_total_bytes": hw.gpus[1].vram_total_bytes,
          "vram_free_bytes": hw.gpus[1].vram_free_bytes, "buffer_bytes": DEFAULT_VRAM_BUFFER_BYTES}]
+
+
+@pytest.mark.parametrize("gpus", MIXED)
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_at_the_final_context_the_faster_card_takes_every_layer_it_can_hold(
+        ladder: dict[str, QuantCandidate], gpus: str, quant: str) -> None:
+    hw = machine(gpus)
+    plan = recommend([ladder[quant]], hw, Wishes()).plan
+    devices, budgets = devices_of(hw), _budgets(hw)
+    lay = plan.candidate.layout
+    assert hw.gpus[0].mem_bandwidth_bytes_s > hw.gpus[1].mem_bandwidth_bytes_s
+    assert plan.estimate.n_ctx_seq == lay.n_ctx_train  # these fit at the model's maximum: the split is for speed
+    rows = describe(lay, plan.flags, devices, budgets)
+    assert rows[-1].name == "CUDA0" and rows[-1].output_layer  # the faster card holds the output layer (last slot)
+    assert all(o <= 0 for o in _overflow(lay, plan.flags, devices, budgets))
+    slow, fast = (int(v) for v in plan.flags.tensor_split)
+    if slow:  # one more layer on the faster card does not fit there
+        assert plan.flags.device == ("CUDA1", "CUDA0")
+        moved = plan.flags.with_(tensor_split=(float(slow - 1), float(fast + 1)))
+        assert _overflow(lay, moved, devices, budgets)[0] > 0
+    # llama.cpp's own order (the faster card first, the output layer on the slower) predicts slower
+    natural = Placer(devices, budgets).place(lay, plan.flags.with_(device=(), tensor_split=()), speed=True)
+    assert natural is not None
+    from tuner.speed import predict_speed
+
+    assert predict_speed(lay, natural.flags, hw).tg_tok_s <= plan.predicted.tg_tok_s

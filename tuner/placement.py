@@ -6,7 +6,10 @@ which only empties the first device, common/common.h:1202-1217). What it finds, 
 
 1. **the fewest expert tensors in RAM**, every device within its budget (free memory less the planner's buffer);
 2. among those, the split that leaves the most room for context: the largest ``min over devices of spare bytes /
-   bytes per extra token`` (KV of its attention layers, its mask row);
+   bytes per extra token`` (KV of its attention layers, its mask row); once the context is final (the planner's
+   largest, or the model's maximum), the split that reads a generated token's bytes fastest: each device's share of
+   the active bytes (weights, the used experts' share, recurrent state) over its memory bandwidth, so the faster card
+   takes the layers the slower one need not hold;
 3. the command carries the split as integer layer counts, ``-ts n0,n1,…`` summing to ``n_layer_all + 1`` (the
    output layer is the last slot), so llama.cpp's float32 ``upper_bound`` gives device ``d`` exactly its ``n_d``
    slots (src/llama-model.cpp:1556-1614); and one ``-ot`` rule per set of spilled tensor kinds, e.g.
@@ -123,6 +126,7 @@ class _Ledger:
     largest_expert: int
     rest_peak: list[int]  # per trunk block: its FFN / DeltaNet compute peak (ComputeModel.rest_peak)
     is_attention: list[bool]  # per trunk block
+    active: list[float]  # per slot: bytes a generated token reads there (weights, active experts, state twice)
 
 
 _WEIGHTS_CACHE: dict[tuple[int, bool], tuple[ModelLayout, dict, dict, int]] = {}
@@ -190,8 +194,12 @@ def _ledger(layout: ModelLayout, flags: ServerFlags) -> _Ledger:
             base[cuda][layout.n_layer] += draft
     mask_rate = model.mask / shape.n_ctx if shape.n_ctx else 0.0
     trunk = range(layout.n_layer)
+    share = layout.n_expert_used / layout.n_expert if layout.n_expert else 1.0
+    active = [float(weights[False][il] + share * sum(n for n, _ in experts[False][il])) for il in range(n_slots)]
+    for il, (_, rs) in context_bytes_by_layer(layout, flags).items():
+        active[il] += 2 * rs / max(1, shape.n_seq)  # one sequence's state, read and written
     return _Ledger(n_slots, base, experts, rate, model, mask_rate, largest, [model.rest_peak(il) for il in trunk],
-                   [il in model.attention for il in trunk])
+                   [il in model.attention for il in trunk], active)
 
 
 # ---------------------------------------------------------------------------------------------------- search
@@ -212,6 +220,7 @@ class _Mode:
 class _Choice:
     counts: tuple[int, ...]  # slots per device
     spills: tuple[int, ...]  # expert tensors in RAM per device
+    secondary: float = 0.0  # the search's second key: -(least context ratio), or seconds per token (speed)
 
 
 @dataclass
@@ -222,6 +231,13 @@ class Placement:
     estimate: MemoryEstimate
     counts: tuple[int, ...]
     spilled: tuple[tuple[Tensor, ...], ...]
+    cpu_slots: int = 0
+    secondary: float = 0.0
+
+    @property
+    def score(self) -> tuple[int, int, float]:
+        """Lower is better: blocks on the CPU, expert tensors in RAM, then the search's second key."""
+        return self.cpu_slots, self.n_spilled, self.secondary
 
     @property
     def n_spilled(self) -> int:
@@ -229,20 +245,54 @@ class Placement:
 
 
 class Placer:
-    """Places models on ``devices`` (llama.cpp's order) with ``budgets`` (bytes each may hold)."""
+    """Places models on ``devices`` (llama.cpp's order) with ``budgets`` (bytes each may hold) and, when known, their
+    memory ``bandwidths``: then also with the devices reordered slowest first (``--device``), so that the fastest
+    holds the output layer (the last slot: a generated token reads the whole output matrix); the better of the two
+    orders wins (:attr:`Placement.score`). RPC devices keep llama.cpp's order (they come first to save transfers)."""
 
-    def __init__(self, devices: Sequence[Device], budgets: Sequence[int]) -> None:
-        if len(devices) != len(budgets):
-            raise ValueError("one budget per device")
+    def __init__(self, devices: Sequence[Device], budgets: Sequence[int],
+                 bandwidths: Sequence[float] | None = None) -> None:
+        if len(devices) != len(budgets) or (bandwidths is not None and len(bandwidths) != len(devices)):
+            raise ValueError("one budget (and bandwidth) per device")
         if len(devices) > MAX_TENSOR_SPLIT:
             raise TunerError(f"{len(devices)} devices: llama.cpp's --tensor-split takes at most {MAX_TENSOR_SPLIT}")
         self.devices = tuple(devices)
+        self.orders = [_Ordered(devices, budgets, bandwidths, natural=devices)]
+        if bandwidths and len(devices) > 1 and not any(d.remote for d in devices):
+            idx = sorted(range(len(devices)), key=lambda i: (bandwidths[i], i))
+            if idx != list(range(len(devices))):
+                self.orders.append(_Ordered([devices[i] for i in idx], [budgets[i] for i in idx],
+                                            [bandwidths[i] for i in idx], natural=devices,
+                                            select=tuple(devices[i].device_name for i in idx)))
+
+    def place(self, layout: ModelLayout, flags: ServerFlags, *, max_spills: int | None = None,
+              allow_partial: bool = True, speed: bool = False) -> Placement | None:
+        """The best placement over the device orders (see :meth:`_Ordered.place`), or None if none fits."""
+        best: Placement | None = None
+        for order in self.orders:
+            got = order.place(layout, flags, max_spills=max_spills, allow_partial=allow_partial, speed=speed)
+            if got is not None and (best is None or got.score < best.score):
+                best = got
+        return best
+
+
+class _Ordered:
+    """The search for one device order."""
+
+    def __init__(self, devices: Sequence[Device], budgets: Sequence[int], bandwidths: Sequence[float] | None,
+                 natural: Sequence[Device], select: tuple[str, ...] = ()) -> None:
+        self.devices = tuple(devices)
+        self.natural = tuple(natural)  # llama.cpp's order: the estimate's device list
         self.budgets = tuple(budgets)
+        self.bandwidths = tuple(bandwidths) if bandwidths else None
+        self.select = select  # --device, when the order is not llama.cpp's own
         self.first_cuda = next((i for i, d in enumerate(self.devices) if d.cuda and not d.remote), None)
 
     # --- one mode --------------------------------------------------------------------------------------------
-    def _solve(self, led: _Ledger, mode: _Mode, max_spills: int | None) -> _Choice | None:
-        """The split with the fewest spills (then the most room for context) in ``mode``, or None."""
+    def _solve(self, led: _Ledger, mode: _Mode, max_spills: int | None, speed: bool = False) -> _Choice | None:
+        """The split with the fewest spills, then the most room for context (``speed``: the least time per token,
+        each device's share of the active bytes over its bandwidth), in ``mode``; None if none fits."""
+        by_speed = speed and self.bandwidths is not None
         n_dev, n_slots = len(self.devices), led.n_slots
         model = led.compute
         n_trunk = model.layout.n_layer
@@ -250,17 +300,19 @@ class Placer:
         offload = led.largest_expert if (spill_ok or mode.cpu_slots) and model.op_offload else 0
         # best[d][s]: (spills, -least context ratio, end slot) for devices d.. holding slots s..n_slots-1
         best: list[list[tuple[float, float, int] | None]] = [[None] * (n_slots + 1) for _ in range(n_dev + 1)]
-        best[n_dev][n_slots] = (0, -_INF, n_slots)
+        best[n_dev][n_slots] = (0, 0.0 if by_speed else -_INF, n_slots)
         for d in range(n_dev - 1, -1, -1):
             dev = self.devices[d]
             base, experts = led.base[dev.cuda], led.experts[dev.cuda]
             budget = self.budgets[d]
             op = offload if d == self.first_cuda else 0
+            bandwidth = self.bandwidths[d] if by_speed and self.bandwidths else 1.0
             starts = range(mode.cpu_slots, mode.cpu_slots + 1) if d == 0 else range(mode.cpu_slots, n_slots + 1)
             for s in starts:
                 span = BlockSpan()
                 base_sum = exp_sum = 0
                 rate = 0.0
+                read = 0.0
                 sizes: dict[int, int] = {}
                 top: tuple[float, float, int] | None = None
                 for e in range(s, n_slots + 1):
@@ -270,6 +322,7 @@ class Placer:
                             span.add(led.rest_peak[il], led.is_attention[il])
                         base_sum += base[il]
                         rate += led.ctx_rate[il]
+                        read += led.active[il]
                         if not mode.cpu_slots:  # with -ngl below all, every expert is in RAM (--cpu-moe)
                             for n, _ in experts[il]:
                                 exp_sum += n
@@ -296,9 +349,12 @@ class Placer:
                     total = k + rest[0]
                     if max_spills is not None and total > max_spills:
                         continue
-                    grow = rate + (led.mask_rate * (4 if mode.pipeline else 1) if span.attn else 0.0)
-                    ratio = slack / grow if grow > 0 else _INF
-                    cand = (total, max(-ratio, rest[1]), e)
+                    if by_speed:
+                        cand = (total, read / bandwidth + rest[1], e)
+                    else:
+                        grow = rate + (led.mask_rate * (4 if mode.pipeline else 1) if span.attn else 0.0)
+                        ratio = slack / grow if grow > 0 else _INF
+                        cand = (total, max(-ratio, rest[1]), e)
                     if top is None or cand[:2] < top[:2]:
                         top = cand
                 best[d][s] = top
@@ -314,7 +370,7 @@ class Placer:
             counts.append(e - s)
             spills.append(int(entry[0] - (after[0] if after else 0)))
             s = e
-        return _Choice(tuple(counts), tuple(spills))
+        return _Choice(tuple(counts), tuple(spills), float(best[0][mode.cpu_slots][1]))  # type: ignore[index]
 
     # --- the flags of a choice -------------------------------------------------------------------------------
     def _realise(self, layout: ModelLayout, flags: ServerFlags, led: _Ledger, choice: _Choice, mode: _Mode,
@@ -336,9 +392,9 @@ class Placer:
         shares = tuple(float(n) for n in choice.counts)
         new = flags.with_(tensor_split=shares, override_tensor=rules, n_cpu_moe=0, cpu_moe=bool(mode.cpu_slots),
                           n_gpu_layers=led.n_slots - mode.cpu_slots if mode.cpu_slots else None,
-                          split_mode="layer", device=(), main_gpu=0)
-        est = estimate_memory(layout, new, self.devices)
-        return Placement(new, est, choice.counts, tuple(spilled))
+                          split_mode="layer", device=self.select, main_gpu=0)
+        est = estimate_memory(layout, new, self.natural)
+        return Placement(new, est, choice.counts, tuple(spilled), mode.cpu_slots, choice.secondary)
 
     def _overflow(self, est: MemoryEstimate) -> list[int]:
         return [est.device(dev.name).total_bytes - b for dev, b in zip(self.devices, self.budgets, strict=True)]
@@ -379,15 +435,16 @@ class Placer:
 
     # --- entry points ----------------------------------------------------------------------------------------
     def place(self, layout: ModelLayout, flags: ServerFlags, *, max_spills: int | None = None,
-              allow_partial: bool = True) -> Placement | None:
+              allow_partial: bool = True, speed: bool = False) -> Placement | None:
         """The placement of ``layout`` at ``flags``'s context with the fewest expert tensors in RAM (at most
-        ``max_spills``), then the most room for context; None if nothing fits (with ``allow_partial``, leading
-        blocks go to the CPU as a last resort)."""
+        ``max_spills``), then the most room for context — or, with ``speed`` (for a context that is final), the
+        fewest seconds per token: more layers on the faster cards; None if nothing fits (with ``allow_partial``,
+        leading blocks go to the CPU as a last resort)."""
         pipeline_possible = len(self.devices) > 1 and not flags.no_kv_offload
         led = _ledger(layout, flags)
         modes = (_Mode(True, spill=False), _Mode(False, spill=False)) if pipeline_possible else ()
         for mode in (*modes, _Mode(False)):
-            choice = self._solve(led, mode, max_spills)
+            choice = self._solve(led, mode, max_spills, speed)
             if choice is not None:
                 got = self._checked(layout, flags, led, choice, mode)
                 if got is not None and (max_spills is None or got.n_spilled <= max_spills):
@@ -457,13 +514,15 @@ class DeviceShare:
 
 def describe(layout: ModelLayout, flags: ServerFlags, devices: Sequence[Device],
              budgets: Sequence[int] | None = None) -> list[DeviceShare]:
-    """Each device's share of a plan (:class:`DeviceShare`), in llama.cpp's device order."""
+    """Each device's share of a plan (:class:`DeviceShare`): the model's devices in their order (``--device``'s when
+    given, the order of ``--tensor-split``), then any it leaves out."""
     used = model_devices(devices, flags)
     placed = tensor_placement(layout, flags, devices)
     est = estimate_memory(layout, flags, devices)
     slots = slot_devices(layout, flags, devices)
+    budget_of = dict(zip((d.name for d in devices), budgets, strict=True)) if budgets is not None else {}
     out: list[DeviceShare] = []
-    for i, dev in enumerate(devices):
+    for dev in [*used, *(d for d in devices if d not in used)]:
         mine = [il for il, name in enumerate(slots) if name == dev.name]
         spilled = [t for t, where in placed
                    if where == CPU and t.is_expert and t.layer is not None and slots[t.layer] == dev.name]
@@ -472,7 +531,7 @@ def describe(layout: ModelLayout, flags: ServerFlags, devices: Sequence[Device],
             blocks=tuple(il for il in mine if il < layout.n_layer_all),
             output_layer=layout.n_layer_all in mine, expert_tensors_in_ram=len(spilled),
             expert_layers_in_ram=tuple(sorted({t.layer for t in spilled if t.layer is not None})),
-            total_bytes=est.device(dev.name).total_bytes, budget_bytes=None if budgets is None else budgets[i]))
+            total_bytes=est.device(dev.name).total_bytes, budget_bytes=budget_of.get(dev.name)))
     return out
 
 
@@ -485,6 +544,8 @@ def placement_reason(layout: ModelLayout, flags: ServerFlags, devices: Sequence[
     per = "; ".join(f"{r.name} {r.slots} layers"
                     + (f" ({r.expert_tensors_in_ram} expert tensors in RAM)" if r.expert_tensors_in_ram else "")
                     + (" with the output layer" if r.output_layer else "") for r in rows if r.used)
+    if any(r.used and not r.slots for r in rows):
+        per += " (a device left empty: the faster cards hold every layer, which reads a token fastest)"
     what = (f"{n} expert tensors in RAM, the fewest that fit {floor} tokens of context on every device"
             if n else "every expert on the GPUs")
     pipeline = (" (llama.cpp's pipeline parallelism, whose input copies take more memory)"

@@ -388,6 +388,11 @@ class _Search:
     def estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
         return estimate_memory(layout, flags, self.devices, self.split)
 
+    def placer(self, budget: Budget) -> Placer:
+        """Several devices: the placement search with each GPU's budget and memory bandwidth."""
+        return Placer(self.devices, budget.device_budgets(),
+                      [float(g.mem_bandwidth_bytes_s) for g in self.hardware.gpus])
+
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
         if self.wishes.vision:
             return replace(self.budget, reserved_bytes=cand.mmproj_bytes + VISION_COMPUTE_BYTES)
@@ -420,7 +425,7 @@ class _Search:
         if budget.cpu_only:
             return flags, self.estimate(lay, flags)
         if len(self.devices) > 1:  # the split and each device's spills (tuner.placement); -ts and -ot rules
-            got = Placer(self.devices, budget.device_budgets()).place(lay, flags)
+            got = self.placer(budget).place(lay, flags)
             return None if got is None else (got.flags, got.estimate)
 
         def probe(f: ServerFlags) -> tuple[ServerFlags, MemoryEstimate] | None:
@@ -475,10 +480,10 @@ class _Search:
         Every term that grows with context (KV, KQ mask, f16 conversion copy, pinned mask) is linear in it once
         it exceeds the batch, so the limit is interpolated from the estimates at ``floor`` and ``cap`` and then
         checked; a binary search finishes whatever the interpolation leaves open."""
-        if cap <= floor:
-            return flags, est
         if len(self.devices) > 1 and not budget.cpu_only and flags.n_gpu_layers is None:
             return self._largest_ctx_placed(cand, flags, est, budget, floor, cap)
+        if cap <= floor:
+            return flags, est
         f_cap = self.with_ctx(flags, cap)
         e_cap = self.estimate(cand.layout, f_cap)
         if fits(e_cap, budget):
@@ -510,16 +515,16 @@ class _Search:
                             floor: int, cap: int) -> tuple[ServerFlags, MemoryEstimate]:
         """Several devices: the largest context at which a placement with no more expert tensors in RAM than
         ``flags``'s fits (the split may move with the context), by binary search; host RAM must still fit."""
-        placer = Placer(self.devices, budget.device_budgets())
+        placer = self.placer(budget)
         lay = cand.layout
         spills = len(cpu_expert_tensors(lay, flags, self.devices))
 
-        def probe(step: int) -> tuple[ServerFlags, MemoryEstimate] | None:
+        def probe(step: int, speed: bool = False) -> tuple[ServerFlags, MemoryEstimate] | None:
             f = self.with_ctx(flags, step * CTX_STEP)
-            got = placer.place(lay, f, max_spills=spills, allow_partial=False)
+            got = placer.place(lay, f, max_spills=spills, allow_partial=False, speed=speed)
             return (got.flags, got.estimate) if got is not None and fits(got.estimate, budget) else None
 
-        top = probe(cap // CTX_STEP)
+        top = probe(cap // CTX_STEP, speed=True)  # the context is final: the fastest split that holds it
         if top is not None:
             return top
         return _bisect(cap // CTX_STEP, floor // CTX_STEP, probe, (flags, est))
