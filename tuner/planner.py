@@ -7,6 +7,9 @@ context; or the one type asked for):
    context floor, by binary search (GPU memory falls monotonically with N). Only experts are spilled: attention,
    DeltaNet, the shared expert, router, norms, the output head, the KV cache and the recurrent state stay on the GPU.
    Only when even every expert on the CPU does not fit are whole layers left on the CPU (``--n-gpu-layers``).
+   With several GPUs, :class:`tuner.placement.Placer` decides instead: the layer split (``--tensor-split``, and
+   ``--device`` to put the fastest card last), and which expert tensors each device sends to RAM (``-ot`` rules; the
+   fewest), every device keeping its buffer; steps 2-4 then re-place at each context they try.
 2. **host RAM** — the estimate's host part (CPU weights, pinned buffers, worst-case context checkpoints and a full
    prompt cache) must fit the available RAM; if it does not, ``--cache-ram`` and then ``--ctx-checkpoints`` are
    lowered before the option is given up.

@@ -216,7 +216,8 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
     depth = max(0, min(depth_tokens, shape.n_ctx_seq))
     devs = slot_devices(layout, flags, gpu_names, gpu_split)  # -ts, -sm none, --device as llama.cpp
     op_offload = bool(gpu_names) and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
-    first_gpu = gpu_names[0] if gpu_names else CPU
+    # op offload: the first device in llama.cpp's order that holds layers (--device may reorder them)
+    first_gpu = next((d for d in devs if d != CPU), gpu_names[0] if gpu_names else CPU)
     active = layout.n_expert_used / layout.n_expert if layout.n_expert else 1.0
 
     tg: dict[str, float] = {}
