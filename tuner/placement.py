@@ -70,9 +70,17 @@ _INF = float("inf")
 
 
 def devices_of(hardware: Hardware) -> list[Device]:
-    """The hardware's devices as the estimate sees them, in llama.cpp's order (:attr:`Hardware.gpus`)."""
-    return [Device(g.llama_name, select_name=g.select_name or "", cuda=g.backend == "CUDA", remote=g.is_remote)
-            for g in hardware.gpus]
+    """The hardware's devices as the estimate sees them, in llama.cpp's order (:attr:`Hardware.gpus`): an RPC
+    device's ``--device`` name is ``RPC<g>``, numbered across the workers (ggml-rpc.cpp:2353)."""
+    out = []
+    n_remote = 0
+    for g in hardware.gpus:
+        select = ""
+        if g.is_remote:
+            select = f"RPC{n_remote}"
+            n_remote += 1
+        out.append(Device(g.llama_name, select_name=select, cuda=g.backend == "CUDA", remote=g.is_remote))
+    return out
 
 
 def expert_kind(t: Tensor) -> str:
@@ -220,7 +228,7 @@ class _Mode:
 class _Choice:
     counts: tuple[int, ...]  # slots per device
     spills: tuple[int, ...]  # expert tensors in RAM per device
-    secondary: float = 0.0  # the search's second key: -(least context ratio), or seconds per token (speed)
+    secondary: float = 0.0  # the search's key after spills: seconds per token (speed), else -(least context ratio)
 
 
 @dataclass
@@ -299,8 +307,10 @@ class _Ordered:
         spill_ok = mode.spills
         offload = led.largest_expert if (spill_ok or mode.cpu_slots) and model.op_offload else 0
         # best[d][s]: (spills, -least context ratio, end slot) for devices d.. holding slots s..n_slots-1
-        best: list[list[tuple[float, float, int] | None]] = [[None] * (n_slots + 1) for _ in range(n_dev + 1)]
-        best[n_dev][n_slots] = (0, 0.0 if by_speed else -_INF, n_slots)
+        # entries: (spills, seconds per token (speed) or 0, -(least context ratio), end slot)
+        best: list[list[tuple[float, float, float, int] | None]] = [
+            [None] * (n_slots + 1) for _ in range(n_dev + 1)]
+        best[n_dev][n_slots] = (0, 0.0, -_INF, n_slots)
         for d in range(n_dev - 1, -1, -1):
             dev = self.devices[d]
             base, experts = led.base[dev.cuda], led.experts[dev.cuda]
@@ -314,7 +324,7 @@ class _Ordered:
                 rate = 0.0
                 read = 0.0
                 sizes: dict[int, int] = {}
-                top: tuple[float, float, int] | None = None
+                top: tuple[float, float, float, int] | None = None
                 for e in range(s, n_slots + 1):
                     if e > s:  # grow the range by slot e - 1
                         il = e - 1
@@ -349,13 +359,11 @@ class _Ordered:
                     total = k + rest[0]
                     if max_spills is not None and total > max_spills:
                         continue
-                    if by_speed:
-                        cand = (total, read / bandwidth + rest[1], e)
-                    else:
-                        grow = rate + (led.mask_rate * (4 if mode.pipeline else 1) if span.attn else 0.0)
-                        ratio = slack / grow if grow > 0 else _INF
-                        cand = (total, max(-ratio, rest[1]), e)
-                    if top is None or cand[:2] < top[:2]:
+                    grow = rate + (led.mask_rate * (4 if mode.pipeline else 1) if span.attn else 0.0)
+                    ratio = slack / grow if grow > 0 else _INF
+                    seconds = read / bandwidth + rest[1] if by_speed else 0.0
+                    cand = (total, seconds, max(-ratio, rest[2]), e)
+                    if top is None or _better(cand, top):
                         top = cand
                 best[d][s] = top
         if best[0][mode.cpu_slots] is None:
@@ -365,12 +373,14 @@ class _Ordered:
         for d in range(n_dev):
             entry = best[d][s]
             assert entry is not None
-            e = entry[2]
+            e = entry[3]
             after = best[d + 1][e]
             counts.append(e - s)
             spills.append(int(entry[0] - (after[0] if after else 0)))
             s = e
-        return _Choice(tuple(counts), tuple(spills), float(best[0][mode.cpu_slots][1]))  # type: ignore[index]
+        first = best[0][mode.cpu_slots]
+        assert first is not None
+        return _Choice(tuple(counts), tuple(spills), first[1] if by_speed else first[2])
 
     # --- the flags of a choice -------------------------------------------------------------------------------
     def _realise(self, layout: ModelLayout, flags: ServerFlags, led: _Ledger, choice: _Choice, mode: _Mode,
@@ -472,6 +482,16 @@ class _Ordered:
             else:
                 lo = mid
         return hi_result
+
+
+def _better(a: tuple[float, float, float, int], b: tuple[float, float, float, int]) -> bool:
+    """Fewer spills; then (speed) fewer seconds per token, sums within a relative 1e-9 counting as equal (a split of
+    the same bytes over equally fast devices); then more room for context."""
+    if a[0] != b[0]:
+        return a[0] < b[0]
+    if abs(a[1] - b[1]) > 1e-9 * max(abs(a[1]), abs(b[1])):
+        return a[1] < b[1]
+    return a[2] < b[2]
 
 
 def _n_experts(layout: ModelLayout) -> int:

@@ -63,7 +63,7 @@ from typing import Any, TypeVar
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.ggml import kv_cache_type
-from tuner.hardware import Hardware, gpu_split
+from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
 from tuner.placement import Placer, cpu_expert_layers, cpu_expert_tensors, devices_of, placement_reason
@@ -415,6 +415,7 @@ class _Search:
     def base_flags(self, cand: QuantCandidate, kv: str, ctx_per_slot: int) -> ServerFlags:
         np_ = self.wishes.parallel
         return ServerFlags(
+            rpc=rpc_endpoints(self.hardware.gpus),
             ctx_size=ctx_per_slot * np_, parallel=np_, kv_unified=False if np_ > 1 else None,
             cache_type_k=kv, cache_type_v=kv, batch_size=2048, ubatch_size=DEFAULT_UBATCH, flash_attn="on",
             n_gpu_layers=0 if self.budget.cpu_only else None,

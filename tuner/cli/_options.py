@@ -72,6 +72,19 @@ DeviceOpt = Annotated[str, server_option("device")]
 TensorSplitOpt = Annotated[str, server_option("tensor_split")]
 OverrideTensorOpt = Annotated[list[str] | None, server_option("override_tensor")]
 
+# RPC workers (estimate, recommend, serve, bench): llama.cpp's --rpc, and what tuner adds to plan around it.
+RpcOpt = Annotated[str, server_option("rpc", show_default=False)]
+PlanRpcOpt = Annotated[str | None, server_option("rpc", show_default=False)]
+RpcGpuOpt = Annotated[str | None, typer.Option(
+    "--rpc-gpu", help="RPC workers from the catalog, to plan a cluster you do not have yet: CARD[xN]@HOST[:PORT],... "
+                      "(rtx-3090x2@192.168.1.20; port 50052 if none). With --rpc: the cards those workers hold.",
+    show_default=False)]
+LinkGbitOpt = Annotated[float | None, typer.Option(
+    "--link-gbit", min=0.001, help="Network to the RPC workers, Gbit/s (default: 1, gigabit Ethernet).",
+    show_default=False)]
+LinkRttOpt = Annotated[float | None, typer.Option(
+    "--link-rtt-ms", min=0.0, help="Round-trip time to the RPC workers, ms (default: 0.2).", show_default=False)]
+
 # Building llama.cpp (tuner build, tuner serve).
 SourceOpt = Annotated[str, typer.Option(
     "--source", help="llama.cpp to build: pypi[:VERSION] (llama-cpp-python's vendored copy), git[:REF] or a "

@@ -6,6 +6,7 @@ Examples:
     tuner estimate Qwen3.5-35B-A3B-Q4_K_M-00001-of-00002.gguf -c 262144 -ctk q8_0 -ctv q8_0 --gpu rtx-4090
     tuner estimate model.gguf --n-cpu-moe 20 --gpu rtx-5080 --json
     tuner estimate model.gguf -c 32768 --check      # beside llama.cpp's own dry run (llama-fit-params)
+    tuner estimate model.gguf --rpc 192.168.1.20:50052   # layers on an RPC worker's devices too
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
 from tuner.cli._output import emit, memory_table, text
-from tuner.cli.hardware import hardware_dict
+from tuner.cli.hardware import hardware_dict, network_line
 from tuner.flags import ServerFlags
-from tuner.hardware import GB, Hardware, hardware_for
+from tuner.hardware import GB, Hardware, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
 from tuner.planner import estimate_on
+from tuner.rpc import cluster_hardware
 from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
 
@@ -37,6 +39,8 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
     pred = predict_on(layout, flags, hardware, depth_tokens=depth_tokens)
     result["predicted"] = {"depth_tokens": depth_tokens, "tg_tok_s": round(pred.tg_tok_s, 2),
                            "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2)}
+    if pred.network is not None:
+        result["predicted"]["network"] = pred.network.to_dict()
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
     result["hardware"] = hardware_dict(hardware)
@@ -56,7 +60,8 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
     console.print(memory_table(result["memory"]))
     for gpu in result["hardware"]["gpus"]:
         used = next((d["total_bytes"] for d in result["memory"]["devices"] if d["name"] == gpu["name"]), 0)
-        console.print(f"{gpu['name']} ({gpu['model']}): {fmt_bytes(used)} of {fmt_bytes(gpu['vram_total_bytes'])}"
+        console.print(f"{text(gpu['name'])} ({text(gpu['model'])}): {fmt_bytes(used)} of "
+                      f"{fmt_bytes(gpu['vram_total_bytes'])}"
                       f" — add ~0.5-1 GiB of CUDA context and pools that llama.cpp does not count")
     host = result["memory"]["host"]
     console.print(f"host RAM at worst: {fmt_bytes(host['total_bytes'])} "
@@ -64,6 +69,8 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
     pred = result["predicted"]
     console.print(f"predicted at depth {pred['depth_tokens']}: tg {pred['tg_tok_s']:.1f} tok/s "
                   f"(bound {pred['tg_bound_tok_s']:.1f}), pp {pred['pp_tok_s']:.0f} tok/s")
+    if "network" in pred:
+        console.print(network_line(pred["network"]), highlight=False, soft_wrap=True)
     for note in result["notes"] + result["hardware"]["notes"]:
         console.print(f"[yellow]note:[/yellow] {text(note)}")
     check = result.get("check")
@@ -104,6 +111,10 @@ def register(app: typer.Typer) -> None:
         device: o.DeviceOpt = D.device,
         tensor_split: o.TensorSplitOpt = D.tensor_split,
         override_tensor: o.OverrideTensorOpt = D.override_tensor,
+        rpc: o.RpcOpt = D.rpc,
+        rpc_gpu: o.RpcGpuOpt = None,
+        link_gbit: o.LinkGbitOpt = None,
+        link_rtt_ms: o.LinkRttOpt = None,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
@@ -118,14 +129,16 @@ def register(app: typer.Typer) -> None:
         """Estimate the memory llama-server takes on each device for MODEL and the given flags."""
         # the parameters are named after ServerFlags' fields; values are read as llama-server reads them
         flags = ServerFlags.from_values(dict(
-            ctx_size=ctx_size, parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
+            rpc=rpc, ctx_size=ctx_size, parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
             cache_type_v=cache_type_v, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
             n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, cache_ram_mib=cache_ram_mib,
             ctx_checkpoints=ctx_checkpoints, spec_type=spec_type, spec_draft_n_max=spec_draft_n_max,
             no_kv_offload=no_kv_offload, split_mode=split_mode, main_gpu=main_gpu, device=device,
             tensor_split=tensor_split, override_tensor=override_tensor))
         layout = resolve_layout(model)
-        hardware = hardware_for(gpu, vram)
+        hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc or None, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
+                                    link_rtt_ms=link_rtt_ms, server_bin=server_bin)
+        flags = flags.with_(rpc=rpc_endpoints(hardware.gpus))
         if ram_bandwidth is not None:
             hardware = replace(hardware, ram_bandwidth_bytes_s=round(ram_bandwidth * GB))
         if cpu_cores is not None:

@@ -6,11 +6,11 @@ GPU numbering: :attr:`Gpu.index` is NVML's index (PCI bus order). llama.cpp's ``
 first otherwise); tuner launches llama-server with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (``tuner.server.CHILD_ENV``) and
 :func:`tuner.hardware.detect_hardware` notes when the user's own environment may differ.
 
-A device that is not a local CUDA GPU (an RPC worker's device) sets :attr:`Gpu.device_name` to the buffer name
-llama.cpp gives it (``RPC0[10.0.0.2:50052]``), :attr:`Gpu.select_name` to its device name (``RPC0``, what
-``--device`` takes), :attr:`Gpu.endpoint` to ``host:port``, and :attr:`Gpu.backend` to the worker's backend
-(``CUDA`` or ``CPU``). The planner takes the devices in llama.cpp's model order (RPC devices first,
-src/llama.cpp:275-285): the order of :attr:`tuner.hardware.Hardware.gpus`.
+A device on another machine, behind llama.cpp's RPC backend (``ggml-rpc-server`` there, ``llama-server --rpc`` here),
+is a :class:`Gpu` with an :attr:`Gpu.endpoint` (``10.0.0.2:50052``); its :attr:`Gpu.index` is the device's index on
+that worker, and its :attr:`Gpu.llama_name` the buffer name llama.cpp logs and ``-ot`` takes, ``RPC<i>[host:port]``
+(``ggml_backend_rpc_buffer_type``, ggml/src/ggml-rpc/ggml-rpc.cpp:1092, 1120). The planner takes the devices in
+llama.cpp's model order (RPC devices first, src/llama.cpp:275-285): the order of :attr:`tuner.hardware.Hardware.gpus`.
 """
 
 from __future__ import annotations
@@ -37,21 +37,26 @@ class Gpu:
     compute_capability: tuple[int, int] | None
     driver_version: str | None = None
     source: str = "nvml"
-    """``nvml`` (detected), ``catalog`` (named with --gpu) or ``manual`` (made up from --vram)."""
-    device_name: str | None = None
-    """llama.cpp's buffer name when it is not ``CUDA<index>`` (an RPC device: ``RPC0[host:port]``)."""
-    select_name: str | None = None
-    """llama.cpp's device name (``--device``) when it differs from the buffer name (an RPC device: ``RPC<g>``)."""
-    backend: str = "CUDA"
-    """The ggml backend that runs the device: ``CUDA`` (CUDA row padding, f16 KV conversion) or ``CPU``."""
+    """``nvml`` (detected), ``catalog`` (named with --gpu) or ``manual`` (made up from --vram); for a device behind
+    RPC, ``rpc`` (asked of a live worker) or ``catalog`` (a card named with --rpc-gpu)."""
     endpoint: str | None = None
-    """``host:port`` of the RPC worker holding the device; None for a local GPU."""
+    """``host:port`` of the RPC worker that holds the device; None for a device of this machine."""
+    backend: str = "CUDA"
+    """The ggml backend that runs the device: ``CUDA`` (CUDA row padding, f16 KV conversion; assumed for a worker's
+    device of unknown kind, which errs high) or ``CPU`` (a worker that serves its CPU)."""
 
     @property
     def llama_name(self) -> str:
-        """How llama.cpp names the device's buffers (its logs, ``-ot`` targets); the planner's key for it."""
-        return self.device_name or f"CUDA{self.index}"
+        """How llama.cpp names the device in its logs: ``CUDA0``, or ``RPC0[10.0.0.2:50052]`` behind RPC."""
+        if self.endpoint is not None:
+            return f"RPC{self.index}[{self.endpoint}]"
+        return f"CUDA{self.index}"
 
     @property
     def is_remote(self) -> bool:
         return self.endpoint is not None
+
+    @property
+    def host(self) -> str | None:
+        """The worker's host (the endpoint without its port); None for a device of this machine."""
+        return None if self.endpoint is None else self.endpoint.rsplit(":", 1)[0]
