@@ -145,7 +145,7 @@ def test_bench_rejects_tune_with_sets_and_bad_objectives(config: Path, capsys: p
 def test_profile_export_and_reset(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_json(capsys, "profile", "show")["entries"] == []
     assert main(["profile", "export", str(tmp_path / "p.yaml")]) == 0
-    assert (tmp_path / "p.yaml").read_text().startswith("format: 1")
+    assert (tmp_path / "p.yaml").read_text().startswith("format: 2")
     assert main(["profile", "reset"]) == 1, "not a terminal and no --yes: refuse"
     assert "add --yes" in capsys.readouterr().err
     config.mkdir(parents=True, exist_ok=True)

@@ -347,3 +347,22 @@ def test_at_the_final_context_the_faster_card_takes_every_layer_it_can_hold(
     from tuner.speed import predict_speed
 
     assert predict_speed(lay, natural.flags, hw).tg_tok_s <= plan.predicted.tg_tok_s
+
+
+def test_a_calibrations_corrections_size_the_search_and_its_result(ladder: dict[str, QuantCandidate]) -> None:
+    """A calibration scales each device's compute buffer (tuner.corrections): the search sizes with it, and every
+    device of the plan fits once corrected, which it would not all do uncorrected with the same spills."""
+    hw = machine("rtx-3090,rtx-3060")
+    devices, budgets = devices_of(hw), _budgets(hw)
+    lay = ladder["Q8_0"].layout
+
+    def correct(est):  # type: ignore[no-untyped-def]  # every GPU's compute buffer x2.5
+        return replace(est, devices=tuple(replace(d, compute_bytes=int(d.compute_bytes * 2.5)) if d.name != CPU
+                                          else d for d in est.devices))
+
+    plain = Placer(devices, budgets).place(lay, flags_at(65536))
+    scaled = Placer(devices, budgets).place(lay, flags_at(65536), correct=correct)
+    assert plain is not None and scaled is not None
+    assert scaled.n_spilled > plain.n_spilled
+    assert scaled.estimate == correct(estimate_memory(lay, scaled.flags, devices))
+    assert all(scaled.estimate.device(d.name).total_bytes <= b for d, b in zip(devices, budgets, strict=True))

@@ -27,6 +27,7 @@ class QuantCandidate:
     mmproj_bytes: int = 0
     quality_rank: int = 0  # higher = better: bits per weight, reordered by the card's quality_order if one matches
     card_key: str | None = None  # the built-in card this model matches, if any
+    notes: tuple[str, ...] = ()  # what a plan of it must say (a card quant sized from another file, say)
 
     @property
     def n_params(self) -> int:

@@ -35,7 +35,7 @@ tightened: a spill the check shows unneeded is taken back, one more is added whe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tuner.errors import TunerError
@@ -55,7 +55,7 @@ from tuner.estimate import (
     slot_devices,
     tensor_placement,
 )
-from tuner.flags import MAX_TENSOR_SPLIT, SPEC_MTP, ServerFlags
+from tuner.flags import FLAGS, MAX_TENSOR_SPLIT, SPEC_MTP, ServerFlags
 from tuner.ggml import is_quantized, kv_cache_type
 from tuner.hardware import Hardware
 from tuner.layout import EXPERT_TENSOR_RE, ModelLayout, Tensor, TensorClass
@@ -65,7 +65,8 @@ NO_PIPELINE_RULE = r"^tuner-no-pipeline-parallelism$=CPU"
 (``has_tensor_overrides``, src/llama-model.cpp:1284, llama-context.cpp:430-435), which saves its 3 extra copies of
 every graph input (the KQ mask: ``3 * n_ctx * n_ubatch * 2`` bytes per device and on the host)."""
 EXPERT_KINDS = ("up", "down", "gate", "gate_up")
-FLAG_TS = "--tensor-split"
+Correction = Callable[[MemoryEstimate], MemoryEstimate]
+FLAG_TS = FLAGS["tensor_split"].long
 _INF = float("inf")
 
 
@@ -274,11 +275,15 @@ class Placer:
                                             select=tuple(devices[i].device_name for i in idx)))
 
     def place(self, layout: ModelLayout, flags: ServerFlags, *, max_spills: int | None = None,
-              allow_partial: bool = True, speed: bool = False) -> Placement | None:
-        """The best placement over the device orders (see :meth:`_Ordered.place`), or None if none fits."""
+              allow_partial: bool = True, speed: bool = False, correct: Correction | None = None
+              ) -> Placement | None:
+        """The best placement over the device orders (see :meth:`_Ordered.place`), or None if none fits.
+        ``correct``: a calibration's corrections of an estimate (compute buffers scaled per device), applied to what
+        the search sizes and to the placement's estimate."""
         best: Placement | None = None
         for order in self.orders:
-            got = order.place(layout, flags, max_spills=max_spills, allow_partial=allow_partial, speed=speed)
+            got = order.place(layout, flags, max_spills=max_spills, allow_partial=allow_partial, speed=speed,
+                              correct=correct)
             if got is not None and (best is None or got.score < best.score):
                 best = got
         return best
@@ -295,6 +300,24 @@ class _Ordered:
         self.bandwidths = tuple(bandwidths) if bandwidths else None
         self.select = select  # --device, when the order is not llama.cpp's own
         self.first_cuda = next((i for i, d in enumerate(self.devices) if d.cuda and not d.remote), None)
+        self.correct: Correction | None = None
+        self.compute_scale: list[float] = [1.0] * len(self.devices)
+
+    def _compute_scales(self, layout: ModelLayout, flags: ServerFlags, correct: Correction | None) -> list[float]:
+        """Each device's compute-buffer factor under ``correct`` (a calibration scales each device's buffer by its
+        own factor), read off one estimate with every device holding layers."""
+        if correct is None:
+            return [1.0] * len(self.devices)
+        probe_flags = flags.with_(tensor_split=(1.0,) * len(self.devices), override_tensor=(NO_PIPELINE_RULE,),
+                                  device=self.select, split_mode="layer", n_cpu_moe=0, cpu_moe=False,
+                                  n_gpu_layers=None)
+        raw = estimate_memory(layout, probe_flags, self.natural)
+        fixed = correct(raw)
+        out = []
+        for d in self.devices:
+            before = raw.device(d.name).compute_bytes
+            out.append(fixed.device(d.name).compute_bytes / before if before else 1.0)
+        return out
 
     # --- one mode --------------------------------------------------------------------------------------------
     def _solve(self, led: _Ledger, mode: _Mode, max_spills: int | None, speed: bool = False) -> _Choice | None:
@@ -317,6 +340,7 @@ class _Ordered:
             budget = self.budgets[d]
             op = offload if d == self.first_cuda else 0
             bandwidth = self.bandwidths[d] if by_speed and self.bandwidths else 1.0
+            scale = self.compute_scale[d]
             starts = range(mode.cpu_slots, mode.cpu_slots + 1) if d == 0 else range(mode.cpu_slots, n_slots + 1)
             for s in starts:
                 span = BlockSpan()
@@ -340,8 +364,9 @@ class _Ordered:
                     rest = best[d + 1][e]
                     if rest is None and d < n_dev - 1 and e < n_slots:
                         continue
-                    compute = model.device_bytes(span, e == n_slots and e > s, dev, op_offload_bytes=op,
-                                                 pipeline=mode.pipeline, partial_first=bool(mode.cpu_slots))
+                    compute = int(scale * model.device_bytes(span, e == n_slots and e > s, dev,
+                                                             op_offload_bytes=op, pipeline=mode.pipeline,
+                                                             partial_first=bool(mode.cpu_slots)))
                     over = base_sum + exp_sum + compute - budget
                     if over - (exp_sum if spill_ok else 0) > 0:
                         break  # what cannot be spilled already overflows: more slots only add to it
@@ -404,6 +429,8 @@ class _Ordered:
                           n_gpu_layers=led.n_slots - mode.cpu_slots if mode.cpu_slots else None,
                           split_mode="layer", device=self.select, main_gpu=0)
         est = estimate_memory(layout, new, self.natural)
+        if self.correct is not None:
+            est = self.correct(est)
         return Placement(new, est, choice.counts, tuple(spilled), mode.cpu_slots, choice.secondary)
 
     def _overflow(self, est: MemoryEstimate) -> list[int]:
@@ -445,13 +472,16 @@ class _Ordered:
 
     # --- entry points ----------------------------------------------------------------------------------------
     def place(self, layout: ModelLayout, flags: ServerFlags, *, max_spills: int | None = None,
-              allow_partial: bool = True, speed: bool = False) -> Placement | None:
+              allow_partial: bool = True, speed: bool = False, correct: Correction | None = None
+              ) -> Placement | None:
         """The placement of ``layout`` at ``flags``'s context with the fewest expert tensors in RAM (at most
         ``max_spills``), then the most room for context — or, with ``speed`` (for a context that is final), the
         fewest seconds per token: more layers on the faster cards; None if nothing fits (with ``allow_partial``,
         leading blocks go to the CPU as a last resort)."""
         pipeline_possible = len(self.devices) > 1 and not flags.no_kv_offload
         led = _ledger(layout, flags)
+        self.correct = correct
+        self.compute_scale = self._compute_scales(layout, flags, correct)
         modes = (_Mode(True, spill=False), _Mode(False, spill=False)) if pipeline_possible else ()
         for mode in (*modes, _Mode(False)):
             choice = self._solve(led, mode, max_spills, speed)

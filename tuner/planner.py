@@ -51,6 +51,12 @@ memory breakdown does not count either (its "unaccounted" column is total − fr
 common/fit.cpp:984). llama.cpp's own ``--fit`` keeps a margin of the same size, 1024 MiB per device by default
 (``fit_params_target``, common/common.h:482-483). Without a GPU the buffer applies to RAM and defaults to
 :data:`DEFAULT_RAM_BUFFER_BYTES`.
+
+**Calibration** (a :class:`tuner.corrections.Calibration`, from ``tuner serve``'s observations and ``tuner
+calibrate``): every estimate is :func:`tuner.corrections.corrected_estimate` (compute buffers scaled by what llama.cpp
+reported on this device model and build), roofline predictions are rescaled by the measured speed scale, and when
+the CUDA context and pools were measured on every GPU here, the default buffer becomes that measurement plus a
+margin (:meth:`~tuner.corrections.Calibration.buffer_bytes`).
 """
 
 from __future__ import annotations
@@ -58,10 +64,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
+from tuner.cards import preset_args
+from tuner.corrections import Calibration, corrected_estimate, shape_id
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
+from tuner.flags import FLAGS
 from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
@@ -122,6 +132,7 @@ class Budget:
     gpu_free_bytes: tuple[tuple[str, int], ...] = ()  # per GPU, llama.cpp's name and its free bytes
     reserved_bytes: int = 0  # what the estimate does not count, the vision projector: first GPU (RAM if none)
     gpu_total_bytes: tuple[int, ...] = ()  # per GPU (same order), its total memory
+    buffer_source: str = ""  # why buffer_bytes is what it is, when a calibration set it
 
     @property
     def cpu_only(self) -> bool:
@@ -138,6 +149,7 @@ class Budget:
         return {"device": self.device, "vram_total_bytes": self.vram_total_bytes,
                 "vram_free_bytes": self.vram_free_bytes, "buffer_bytes": self.buffer_bytes,
                 "ram_available_bytes": self.ram_available_bytes, "reserved_bytes": self.reserved_bytes,
+                "buffer_source": self.buffer_source or None,
                 "gpus": [{"name": n, "vram_free_bytes": b} for n, b in self.gpu_free_bytes],
                 "devices": [{"device": n, "vram_total_bytes": t, "vram_free_bytes": b,
                              "buffer_bytes": self.buffer_bytes}
@@ -190,19 +202,35 @@ class Plan:
         return self.candidate.card_key or self.candidate.layout.name or self.candidate.layout.source
 
     def command(self, server_bin: str = "llama-server", model_path: str | None = None,
-                mmproj_path: str | None = None) -> list[str]:
-        """The llama-server command line: ``--fit off`` because the plan already fits, ``--jinja`` for the
-        model's chat template (tool calls)."""
-        model = model_path or (self.candidate.files[0] if self.candidate.files else None)
-        if not model:
+                mmproj_path: str | None = None, *, preset: str | None = None) -> list[str]:
+        """The llama-server command line, runnable as printed. The model: ``model_path``, or a local file's absolute
+        path, or else ``-hf REPO:QUANT`` for llama-server to fetch from the Hub itself (common/arg.cpp:3060; the
+        tag picks the file whose name carries it, with its shards, common/download.cpp:655-690), with
+        ``--no-mmproj`` unless vision is on (-hf would load the repo's projector too, common/arg.cpp:400). Then the
+        plan's flags, ``--fit off`` because the plan already fits, ``--jinja`` for the model's chat template (tool
+        calls), the vision projector, and the card's sampling ``preset`` (default: the card's own), as ``tuner
+        serve`` runs it."""
+        c = self.candidate
+        if model_path:
+            model = FLAGS["model"].to_args(str(model_path))
+        elif c.source == "local" and c.files:
+            model = FLAGS["model"].to_args(str(Path(c.files[0]).expanduser().resolve()))
+        elif c.repo:
+            model = FLAGS["hf_repo"].to_args(f"{c.repo}:{c.quant}")
+        else:
             raise TunerError(f"{self.model_name} {self.quant}: no model file to put on the command line")
-        args = [server_bin, "-m", str(model), *self.flags.to_args(), *self.extra_args, "--fit", "off", "--jinja"]
+        args = [server_bin, *model, *self.flags.to_args(), *self.extra_args,
+                *FLAGS["fit"].to_args("off"), *FLAGS["jinja"].to_args(True)]
+        on_hub = not model_path and not (c.source == "local" and c.files)
         if self.vision:
-            mmproj = mmproj_path or self.candidate.mmproj
-            if not mmproj:
+            mmproj = mmproj_path or (None if on_hub else c.mmproj)
+            if mmproj:
+                args += FLAGS["mmproj"].to_args(str(mmproj))
+            elif not on_hub:  # -hf fetches and loads the repo's projector by itself
                 raise TunerError(f"{self.model_name} {self.quant}: no vision projector (mmproj) known")
-            args += ["--mmproj", str(mmproj)]
-        return args
+        elif on_hub:
+            args += FLAGS["mmproj_auto"].to_args(False)
+        return args + preset_args(c.card_key, c.layout, preset)
 
     def to_dict(self) -> dict[str, Any]:
         f, c = self.flags, self.candidate
@@ -229,6 +257,7 @@ class Recommendation:
     notes: tuple[str, ...] = ()
     wishes: Wishes = field(default_factory=Wishes)
     planning_s: float = 0.0
+    calibration: Calibration | None = None
 
     def to_dict(self, server_bin: str = "llama-server") -> dict[str, Any]:
         p = self.plan
@@ -248,8 +277,16 @@ class Recommendation:
                        "prefer": self.wishes.prefer, "vision": self.wishes.vision, "quant": self.wishes.quant,
                        "cache_type": self.wishes.cache_type, "allow_yarn": self.wishes.allow_yarn},
             "notes": list(self.notes),
+            "calibration": self._calibration_dict(),
             "planning_s": round(self.planning_s, 3),
         }
+
+    def _calibration_dict(self) -> dict[str, Any] | None:
+        cal = self.calibration
+        if not cal:
+            return None
+        lay, est = self.plan.candidate.layout, self.plan.estimate
+        return {"line": cal.describe(self.hardware), **cal.summary(self.hardware, shape_id(lay), est.n_ubatch)}
 
 
 # ---------------------------------------------------------------------------------------------- the budget
@@ -261,11 +298,17 @@ def estimate_on(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> 
     return estimate_memory(layout, flags, devices_of(hardware), gpu_split(hardware))
 
 
-def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:
+def budget_for(hardware: Hardware, wishes: Wishes, calibration: Calibration | None = None) -> Budget:
+    """What a plan may use on ``hardware``; the buffer is ``--buffer``, else the calibrated one (see the module
+    doc), else the default."""
     if hardware.cpu_only:
         buffer = DEFAULT_RAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
         return Budget("CPU", 0, 0, buffer, hardware.ram_available_bytes)
     buffer = DEFAULT_VRAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
+    source = ""
+    calibrated = calibration.buffer_bytes(hardware) if calibration and wishes.buffer_bytes is None else None
+    if calibrated is not None:
+        buffer, source = calibrated
     return Budget(
         device="+".join(g.llama_name for g in hardware.gpus),
         vram_total_bytes=sum(g.vram_total_bytes for g in hardware.gpus),
@@ -274,6 +317,7 @@ def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:
         ram_available_bytes=hardware.ram_available_bytes,
         gpu_free_bytes=tuple((g.llama_name, g.vram_free_bytes) for g in hardware.gpus),
         gpu_total_bytes=tuple(g.vram_total_bytes for g in hardware.gpus),
+        buffer_source=source,
     )
 
 
@@ -377,11 +421,12 @@ class _Search:
     """One planning run: hardware, budget, wishes and the quant ladder, with the estimates it needs."""
 
     def __init__(self, candidates: Sequence[QuantCandidate], hardware: Hardware, wishes: Wishes,
-                 measured: Measured | None) -> None:
+                 measured: Measured | None, calibration: Calibration | None = None) -> None:
         self.hardware = hardware
         self.wishes = wishes
         self.measured = measured
-        self.budget = budget_for(hardware, wishes)
+        self.calibration = calibration
+        self.budget = budget_for(hardware, wishes, calibration)
         self.devices = tuple(devices_of(hardware))
         self.split = gpu_split(hardware)
         order = sorted({(c.quality_rank, round(c.bits_per_weight, 4)) for c in candidates})
@@ -389,12 +434,19 @@ class _Search:
 
     # --- primitives -------------------------------------------------------------------------------------------
     def estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
-        return estimate_memory(layout, flags, self.devices, self.split)
+        return corrected_estimate(layout, flags, self.hardware, self.calibration)
 
     def placer(self, budget: Budget) -> Placer:
         """Several devices: the placement search with each GPU's budget and memory bandwidth."""
         return Placer(self.devices, budget.device_budgets(),
                       [float(g.mem_bandwidth_bytes_s) for g in self.hardware.gpus])
+
+    def correct(self, layout: ModelLayout) -> Callable[[MemoryEstimate], MemoryEstimate] | None:
+        """The calibration's corrections of an estimate of ``layout`` on this hardware (None without one)."""
+        calibration = self.calibration
+        if calibration is None:
+            return None
+        return lambda est: calibration.apply(est, layout, self.hardware)
 
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
         if self.wishes.vision:
@@ -406,7 +458,8 @@ class _Search:
             got = self.measured(cand, flags, self.hardware)
             if got is not None:
                 return got
-        return predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
+        pred = predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
+        return self.calibration.rescale(pred, cand.layout, flags, self.hardware) if self.calibration else pred
 
     def with_ctx(self, flags: ServerFlags, ctx_per_slot: int) -> ServerFlags:
         return flags.with_(ctx_size=ctx_per_slot * flags.n_seq)
@@ -429,7 +482,7 @@ class _Search:
         if budget.cpu_only:
             return flags, self.estimate(lay, flags)
         if len(self.devices) > 1:  # the split and each device's spills (tuner.placement); -ts and -ot rules
-            got = self.placer(budget).place(lay, flags)
+            got = self.placer(budget).place(lay, flags, correct=self.correct(lay))
             return None if got is None else (got.flags, got.estimate)
 
         def probe(f: ServerFlags) -> tuple[ServerFlags, MemoryEstimate] | None:
@@ -525,7 +578,7 @@ class _Search:
 
         def probe(step: int, speed: bool = False) -> tuple[ServerFlags, MemoryEstimate] | None:
             f = self.with_ctx(flags, step * CTX_STEP)
-            got = placer.place(lay, f, max_spills=spills, allow_partial=False, speed=speed)
+            got = placer.place(lay, f, max_spills=spills, allow_partial=False, speed=speed, correct=self.correct(lay))
             return (got.flags, got.estimate) if got is not None and fits(got.estimate, budget) else None
 
         top = probe(cap // CTX_STEP, speed=True)  # the context is final: the fastest split that holds it
@@ -735,7 +788,7 @@ def _no_fit_error(misses: Sequence[_Miss], search: _Search, floor: int) -> Tuner
 
 
 def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wishes, *,
-              measured: Measured | None = None) -> Recommendation:
+              measured: Measured | None = None, calibration: Calibration | None = None) -> Recommendation:
     """The best plan for ``candidates`` (the quants of one model) on ``hardware``, and the runners-up."""
     started = time.perf_counter()
     if not candidates:
@@ -750,7 +803,7 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         pool = [c for c in pool if c.mmproj]
         if not pool:
             raise TunerError("--vision: no vision projector (mmproj) is known for this model")
-    search = _Search(pool, hardware, wishes, measured)
+    search = _Search(pool, hardware, wishes, measured, calibration)
     floor, cap, native = _ctx_bounds([c.layout for c in pool], wishes)
     notes: list[str] = []
 
@@ -795,16 +848,21 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     if wishes.prefer != "context":
         best, ub_reason = search.raise_ubatch(best, floor, cap)
 
-    def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
-        return search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+    planned: dict[int, _Option] = {id(ranked[0][0]): best}
 
-    kv_losers = [as_planned(o) for o in kv_losers]  # the report's reasons and alternatives show the same plans
+    def as_planned(o: _Option) -> _Option:  # an option as it would be planned if it were chosen (once each)
+        if id(o) not in planned:
+            planned[id(o)] = search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+        return planned[id(o)]
+
+    # one computation for the whole report: the reasons quote the same plans as the alternatives table shows
+    kv_losers = [as_planned(o) for o in kv_losers]
+    shown = [(as_planned(o), key) for o, key in ranked]
     alts: list[tuple[_Option, str]] = [(o, _kv_why_lost(o, best, wishes.prefer)) for o in kv_losers[:1]]
-    for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
-        opt = as_planned(opt)
+    for opt, key in shown[1:MAX_ALTERNATIVES + 1 - len(alts)]:
         alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
 
-    reasons = _reasons(best, best_key, ranked, kv_losers, search, floor, cap, native, ub_reason)
+    reasons = _reasons(best, best_key, shown, kv_losers, search, floor, cap, native, ub_reason)
     plan = _to_plan(best, reasons, wishes, native)
     alt_plans = tuple((_to_plan(o, (), wishes, native), why) for o, why in alts)
     missing: dict[int, _Miss] = {}
@@ -815,14 +873,17 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         gpu = "" if search.budget.cpu_only else f" with {fmt_bytes(m.gpu_need_bytes)} on the GPU ({m.placement})"
         notes.append(f"{m.candidate.quant} does not fit in {m.why}: it needs {fmt_bytes(m.host_need_bytes)} of "
                      f"RAM at least{gpu}")
-    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started)
+    notes[:0] = plan.candidate.notes  # a card quant sized from another file than its own (tuner.cards.quant_mix)
+    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started,
+                          calibration or None)
 
 
 def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int) -> Plan:
     extra: tuple[str, ...] = ()
     if opt.estimate.n_ctx_seq > native:
         scale = -(-opt.estimate.n_ctx_seq // native)
-        extra = ("--rope-scaling", "yarn", "--rope-scale", str(scale), "--yarn-orig-ctx", str(native))
+        extra = (*FLAGS["rope_scaling"].to_args("yarn"), *FLAGS["rope_scale"].to_args(scale),
+                 *FLAGS["yarn_orig_ctx"].to_args(native))
     return Plan(opt.candidate, opt.flags, opt.estimate, opt.budget, opt.predicted, reasons, wishes.vision, extra)
 
 
@@ -850,7 +911,8 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                    + (f", {fmt_bytes(b.reserved_bytes)} for the vision projector" if b.reserved_bytes else "") + ")")
     else:
         out.append(f"{fmt_bytes(b.buffer_bytes)} of VRAM kept free on every GPU"
-                   + (" (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
+                   + (f" ({b.buffer_source})" if b.buffer_source else
+                      " (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
                       "count)" if b.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES else " (--buffer)")
                    + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision projector" if b.reserved_bytes else ""))
         n = best.experts_on_cpu
@@ -904,6 +966,10 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                                                   " (on CUDA it also costs an f16 conversion buffer, counted)"))
     if ub_reason:
         out.append(ub_reason)
+    cal = search.calibration.describe(search.hardware) if search.calibration else None
+    if cal:
+        out.append(f"{cal}: memory and speed corrected by what llama.cpp reported and what was measured "
+                   "(tuner profile show; cleared by tuner profile reset)")
     if w.parallel == 1:
         state = fmt_bytes(lay.recurrent_bytes_per_seq())
         checkpoints = best.flags.ctx_checkpoints
@@ -921,7 +987,8 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
 
 
 def plan_for(model_ref: str | None, hardware: Hardware, wishes: Wishes, *, measured: Measured | None = None,
-             on_progress: ProgressFn | None = None) -> Recommendation:
+             on_progress: ProgressFn | None = None, calibration: Calibration | None = None) -> Recommendation:
     """Plan for a model reference as the CLI takes it (None = the Qwen3.5-35B-A3B card's quant ladder, offline):
     the one planning entry ``recommend``, ``serve`` and ``bench`` share."""
-    return recommend(resolve_candidates(model_ref, on_progress), hardware, wishes, measured=measured)
+    return recommend(resolve_candidates(model_ref, on_progress), hardware, wishes, measured=measured,
+                     calibration=calibration)

@@ -8,12 +8,14 @@ Events (each one dict; ``--json`` prints them one per line as they are):
 * ``{"status": "planning" | "building" | "fetching" | "launching" | "loading" | "verifying" | "ready" | "stopping"
   | "stopped", ...}``; ``ready`` carries ``endpoint``, ``model`` (the alias), ``seconds_to_ready``, ``pid``,
   ``log`` and ``client`` (:func:`client_settings`).
-* ``{"plan": {...}}``: the plan chosen (``Plan.to_dict()``) and the exact command line.
+* ``{"plan": {...}}``: the plan chosen (``Plan.to_dict()``) and the exact command line; once more, with
+  ``"replanned": true``, when the downloaded file's header is not what the plan was sized for and the plan was made
+  again from it (:mod:`tuner.replan`; a ``replan`` warning before it says what changed).
 * ``{"memory_check": {"weights" | "kv" | "recurrent" | "compute": {"predicted_bytes", "reported_bytes",
   "diff_bytes", "diff_ratio", "tolerance_ratio", "tolerance_bytes", "within", "devices"}, "devices": [{"name",
   "weights" | "kv" | "recurrent" | "compute": {"predicted_bytes", "reported_bytes"}}], "nvml": {...}}}``
   (see :class:`MemoryCheck`; ``devices`` lists every device, ``RPC0[host:port]`` and ``CPU`` included).
-* ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned", ...}``.
+* ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned" | "replan", ...}``.
 
 Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan
 already fitted; llama.cpp's own fitting would change it) and an explicit ``--ctx-size``; ``--jinja``; ``-lv 4``
@@ -38,7 +40,13 @@ memory-relevant flags overwrites its earlier observation. The file (format 1)::
      "build": {"key": "pypi-0.3.36-cuda-89", "commit": "…", "cuda": true},
      "gpus": [{"index": 0, "name": "NVIDIA …", "vram_total_bytes": N}],
      "memory_check": {…as the event…},
-     "mismatches": ["compute"]}                       # kinds beyond tolerance; [] when the estimate held
+     "mismatches": ["compute"],                       # kinds beyond tolerance; [] when the estimate held
+     "points": [{"kind": "memory", …}]}               # tuner.corrections.MemoryPoint.to_dict(), one per device
+
+The points compare the *pure* estimate (:func:`tuner.corrections.corrected_estimate` without a calibration) with
+what llama.cpp reported on each device, and, on a GPU, NVML's memory of the process there: they go into the profile
+store at once (:meth:`tuner.profile_store.ProfileStore.add_points`), so the next plan or estimate for the same GPU
+model (or CPU) and llama.cpp build is corrected by them (the correction model is :mod:`tuner.corrections`'s).
 """
 
 from __future__ import annotations
@@ -57,14 +65,17 @@ from typing import Any, cast
 
 from tuner.build import LlamaBuild, obtain_build
 from tuner.build import ProgressFn as BuildProgressFn
+from tuner.cards import preset_args
+from tuner.corrections import MEMORY_KINDS, Calibration, MemoryPoint, corrected_estimate, memory_points
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate
 from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
-from tuner.flags import FLAGS, flag_value
+from tuner.flags import FLAGS, flag_value, has_flag, set_flag, without_flags
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus
 from tuner.models import QuantCandidate
 from tuner.paths import cache_dir, config_dir, write_atomic
 from tuner.planner import Measured, Plan, Wishes, plan_for
+from tuner.replan import replan_from_file
 from tuner.rpc import unreachable
 from tuner.server import (
     NO_PINNED_ENV,
@@ -83,9 +94,6 @@ EventFn = Callable[[Event], None]
 #: How far llama-server's own figures may be from the estimate before it is a warning (fraction of the reported).
 TOLERANCE_RATIOS: Mapping[str, float] = {"weights": 0.01, "kv": 0.01, "recurrent": 0.01, "compute": 0.20}
 OBSERVATION_FORMAT = 1
-#: Flags tuner sets itself on every launch; a plan's command must not carry other values for them.
-_OWNED_FLAGS_WITH_VALUE = FLAGS.spellings(lambda f: f.serve_owned and f.takes_value)
-_OWNED_SWITCHES = FLAGS.spellings(lambda f: f.serve_owned and not f.takes_value)
 
 
 def _emit(on_event: EventFn | None, event: Event) -> None:
@@ -123,11 +131,12 @@ def preflight(options: ServeOptions) -> None:
 # ------------------------------------------------------------------------------------------------------ plan
 
 
-def plan_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, measured: Measured | None = None) -> Plan:
+def plan_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, measured: Measured | None = None,
+               calibration: Calibration | None = None) -> Plan:
     """The plan ``tuner recommend`` would print for the same arguments (the planner's own entry point; None = the
-    Qwen3.5-35B-A3B card; ``measured``: the profile's hook, as recommend passes it). TunerError when nothing fits,
-    even at the smallest context."""
-    return plan_for(model_ref, hardware, wishes, measured=measured).plan
+    Qwen3.5-35B-A3B card; ``measured`` and ``calibration``: the profile's, as recommend passes them). TunerError
+    when nothing fits, even at the smallest context."""
+    return plan_for(model_ref, hardware, wishes, measured=measured, calibration=calibration).plan
 
 
 # ------------------------------------------------------------------------------------------------------ build
@@ -158,71 +167,31 @@ def model_alias(candidate: QuantCandidate, model_path: Path, alias: str | None =
 def sampling_args(candidate: QuantCandidate, preset: str | None) -> list[str]:
     """The card's sampling flags (``--temp`` …, and ``--reasoning off`` for presets without thinking) for ``preset``
     (default: the card's default preset); [] when the model matches no card and no preset was asked for."""
-    from tuner import cards
-
-    card = cards.load_card(candidate.card_key) if candidate.card_key else cards.match_card(candidate.layout)
-    if card is None:
-        if preset:
-            raise TunerError(f"--preset {preset} needs a model tuner has a card for, and "
-                             f"{candidate.layout.name or 'this model'} matches none")
-        return []
-    return [*card.sampling_args(preset), *card.reasoning_args(preset)]
-
-
-def _strip_owned(args: Sequence[str]) -> list[str]:
-    """``args`` without the flags tuner sets itself (model, host, port, key, verbosity, alias, mmproj, metrics …)."""
-    out: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _OWNED_FLAGS_WITH_VALUE:
-            skip = "=" not in arg
-            continue
-        if name in _OWNED_SWITCHES:
-            continue
-        out.append(arg)
-    return out
-
-
-def _set_flag(args: list[str], names: Sequence[str], value: str) -> list[str]:
-    """Replace the value of the first of ``names`` in ``args`` (or append ``names[0] value``)."""
-    for i, arg in enumerate(args):
-        if arg in names and i + 1 < len(args):
-            return [*args[: i + 1], value, *args[i + 2 :]]
-    return [*args, names[0], value]
-
-
-def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
-    for i, arg in enumerate(args):
-        if arg in names and i + 1 < len(args):
-            return args[i + 1]
-    return None
+    return preset_args(candidate.card_key, candidate.layout, preset)
 
 
 def server_args(plan_command: Sequence[str], estimate: MemoryEstimate, *, alias: str,
                 mmproj_path: Path | None = None, sampling: Sequence[str] = ()) -> list[str]:
     """llama-server's arguments after ``-m MODEL --host H --port P [--api-key K]`` for a plan.
 
-    ``plan_command`` is ``Plan.command(server_bin, model_path)``: its binary, model, host, port, verbosity and
-    alias are dropped (the launcher sets them); ``--fit off`` and an explicit ``--ctx-size`` (the estimate's
-    ``n_ctx`` when the plan says 0, the model's own) are made sure of; then ``--jinja -lv 4 --metrics --alias``,
-    ``--mmproj`` when there is one, and the sampling flags.
+    ``plan_command`` is ``Plan.command(server_bin, model_path)`` (its sampling preset included): its binary and the
+    flags tuner sets itself (model, host, port, verbosity, alias, projector …, :data:`tuner.flags.FLAGS`'
+    ``serve_owned`` rows) are dropped; ``--fit off`` and an explicit ``--ctx-size`` (the estimate's ``n_ctx`` when
+    the plan says 0, the model's own) are made sure of; then ``--jinja``, verbosity 4, ``--metrics``, ``--alias``,
+    ``--mmproj`` when there is one, and any further ``sampling`` flags.
     """
     rest = list(plan_command)
     if rest and not rest[0].startswith("-"):
         rest = rest[1:]  # the binary
-    rest = _strip_owned(rest)
-    if _flag_value(rest, ("--fit", "-fit")) != "off":
-        rest = _set_flag(rest, ("--fit", "-fit"), "off")
-    ctx = _flag_value(rest, ("--ctx-size", "-c"))
-    if ctx is None or ctx == "0":
-        rest = _set_flag(rest, ("--ctx-size", "-c"), str(estimate.n_ctx))
-    rest += ["--jinja", "-lv", "4", "--metrics", "--alias", alias]
+    rest = without_flags(rest, lambda row: not row.serve_owned)
+    if flag_value(rest, "fit") != "off":
+        rest = set_flag(rest, "fit", "off")
+    if not flag_value(rest, "ctx_size"):
+        rest = set_flag(rest, "ctx_size", estimate.n_ctx)
+    rest += [*FLAGS["jinja"].to_args(True), *FLAGS["verbosity"].to_args(4), *FLAGS["metrics"].to_args(True),
+             *FLAGS["alias"].to_args(alias)]
     if mmproj_path is not None:
-        rest += ["--mmproj", str(mmproj_path)]
+        rest += FLAGS["mmproj"].to_args(str(mmproj_path))
     return rest + list(sampling)
 
 
@@ -418,9 +387,41 @@ def observations_dir() -> Path:
     return config_dir() / "observations"
 
 
+def observation_points(plan: Plan, hardware: Hardware, reported: ReportedMemory, view: Mapping[str, Any] | None,
+                       build: LlamaBuild, key: str, observed_at: str) -> list[MemoryPoint]:
+    """The calibration points of one launch (see the module doc): the pure estimate of the plan's flags against
+    what llama.cpp reported per device (CPU_REPACK copies counted once, as :func:`memory_check` does) and, on a GPU,
+    NVML's view of the process (its own figure with one GPU, else each GPU's drop in free memory)."""
+    layout = plan.candidate.layout
+    pure = corrected_estimate(layout, plan.flags, hardware)
+    by_kind = {k: dict(reported.by_kind(k)) for k in MEMORY_KINDS}
+    if reported.repacked_bytes:
+        by_kind["weights"][CPU] = by_kind["weights"].get(CPU, 0) - reported.repacked_bytes
+    return memory_points(id_prefix=f"serve:{key}", estimate=pure, reported=by_kind, layout=layout, flags=plan.flags,
+                         hardware=hardware, build=build.commit, cuda=build.cuda,
+                         process_bytes=gpu_process_bytes(view, hardware), source="serve", observed_at=observed_at)
+
+
+def gpu_process_bytes(view: Mapping[str, Any] | None, hardware: Hardware) -> dict[str, int | None]:
+    """GPU memory the server holds per llama.cpp device, from :func:`nvml_view`: NVML's per-process figure with one
+    GPU (when NVML lists the process: not inside containers), else each GPU's drop in free memory since launch."""
+    out: dict[str, int | None] = {}
+    if not view:
+        return out
+    drops = view.get("free_drop_bytes_per_gpu") or {}
+    own = view.get("process_bytes")
+    local = hardware.local_gpus
+    for g in local:
+        if len(local) == 1 and own:
+            out[g.llama_name] = int(own)
+        elif str(g.index) in drops:
+            out[g.llama_name] = int(drops[str(g.index)])
+    return out
+
+
 def record_observation(check: MemoryCheck, *, model_path: Path, flags_args: Sequence[str], command: Sequence[str],
                        candidate: QuantCandidate | None = None, build: LlamaBuild | None = None,
-                       gpus: Sequence[Gpu] = ()) -> Path:
+                       gpus: Sequence[Gpu] = (), points: Sequence[MemoryPoint] = ()) -> Path:
     """Write the memory check for the profile store (format in the module docstring); returns the file."""
     key = observation_key(model_path, flags_args)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", model_path.name.removesuffix(".gguf"))
@@ -441,6 +442,7 @@ def record_observation(check: MemoryCheck, *, model_path: Path, flags_args: Sequ
         "gpus": [{"index": g.index, "name": g.name, "vram_total_bytes": g.vram_total_bytes} for g in gpus],
         "memory_check": check.to_dict(),
         "mismatches": check.mismatches,
+        "points": [p.to_dict() for p in points],
     }
     return write_atomic(path, json.dumps(data, indent=2) + "\n")
 
@@ -559,14 +561,14 @@ class SpillWatch:
 
 def spill_advice(flags_args: Sequence[str], n_layer: int) -> str:
     """What to change when memory runs short: more experts on the CPU, or a smaller context."""
-    ncmoe = _flag_value(flags_args, ("--n-cpu-moe", "-ncmoe"))
-    ctx = _flag_value(flags_args, ("--ctx-size", "-c"))
+    now = flag_value(flags_args, "n_cpu_moe")
+    ctx = flag_value(flags_args, "ctx_size")
+    ncmoe, ctx_opt = FLAGS["n_cpu_moe"].long, FLAGS["ctx_size"].long
     parts = []
-    if "--cpu-moe" not in flags_args:
-        now = int(ncmoe) if ncmoe and ncmoe.isdigit() else 0
-        parts.append(f"--n-cpu-moe {min(n_layer, now + 4) if n_layer else now + 4} (now {now})")
-    if ctx and ctx.isdigit() and int(ctx) > 4096:
-        parts.append(f"--ctx-size {int(ctx) // 2} (now {ctx})")
+    if not has_flag(flags_args, "cpu_moe"):
+        parts.append(f"{ncmoe} {min(n_layer, now + 4) if n_layer else now + 4} (now {now})")
+    if ctx > 4096:
+        parts.append(f"{ctx_opt} {ctx // 2} (now {ctx})")
     return ("Restart with " + " or ".join(parts) + ", or free the GPU.") if parts else "Free GPU memory."
 
 
@@ -676,14 +678,15 @@ class Serving:
 def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, options: ServeOptions, *,
                   on_event: EventFn | None = None, on_build_progress: BuildProgressFn | None = None,
                   on_fetch_progress: FetchProgressFn | None = None,
-                  nvml: NvmlApi | None = None, measured: Measured | None = None) -> Serving:
+                  nvml: NvmlApi | None = None, measured: Measured | None = None,
+                  calibration: Calibration | None = None) -> Serving:
     """Plan, build, fetch, launch and verify, with their events up to the memory check (the ``ready`` event is
     :meth:`Serving.ready_event`, which :func:`run_serve` emits). The returned server runs until the caller stops it
     (``serving.server.stop()``); on failure nothing is left running."""
     t0 = time.monotonic()
     preflight(options)
     _emit(on_event, {"status": "planning", "model": model_ref})
-    plan = plan_serve(model_ref, hardware, wishes, measured)
+    plan = plan_serve(model_ref, hardware, wishes, measured, calibration)
     _emit(on_event, {"plan": plan.to_dict()})
 
     _emit(on_event, {"status": "building", "source": options.server_bin or options.source})
@@ -700,11 +703,17 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
     _emit(on_event, {"status": "fetching", "quant": candidate.quant, "source": candidate.source,
                      "repo": candidate.repo})
     fetched = fetch_candidate(candidate, vision=plan.vision, on_progress=on_fetch_progress)
+    replanned = replan_from_file(plan, fetched.model_path, hardware, wishes, measured=measured)
+    if replanned.replanned:
+        plan = replanned.plan
+        candidate = plan.candidate
+        _emit(on_event, {"warning": replanned.message(), "kind": "replan", "changes": list(replanned.changes)})
+        _emit(on_event, {"plan": plan.to_dict(), "replanned": True})
 
     alias = model_alias(candidate, fetched.model_path, options.alias)
     mmproj = str(fetched.mmproj_path) if fetched.mmproj_path else None
-    args = server_args(plan.command(str(build.server_bin), str(fetched.model_path), mmproj), plan.estimate, alias=alias,
-                       mmproj_path=fetched.mmproj_path, sampling=sampling_args(candidate, options.preset))
+    args = server_args(plan.command(str(build.server_bin), str(fetched.model_path), mmproj, preset=options.preset),
+                       plan.estimate, alias=alias, mmproj_path=fetched.mmproj_path)
     log_path = options.log_path or default_log_path(alias, options.port)
     gpu_indices = tuple(g.index for g in hardware.gpus if g.source == "nvml") if build.cuda else ()
     free_before = {g.index: g.vram_free_bytes for g in read_gpus(nvml)[0]} if gpu_indices else {}
@@ -723,11 +732,18 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
         flags_args = plan.flags.to_args()
         observation = None
         try:
+            key = observation_key(fetched.model_path, flags_args)
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            points = observation_points(plan, hardware, reported, view, build, key, stamp) if reported.loaded else []
             observation = record_observation(check, model_path=fetched.model_path, flags_args=flags_args,
                                              command=server.command, candidate=candidate, build=build,
-                                             gpus=[g for g in hardware.local_gpus if g.index in gpu_indices])
-        except OSError as exc:
-            _emit(on_event, {"warning": f"could not write the observation: {exc}", "kind": "observation"})
+                                             gpus=[g for g in hardware.local_gpus if g.index in gpu_indices],
+                                             points=points)
+            from tuner.profile_store import ProfileStore  # the store is an edge: only once there is something to add
+
+            ProfileStore().add_points(points)
+        except (OSError, TunerError) as exc:
+            _emit(on_event, {"warning": f"could not record the observation: {exc}", "kind": "observation"})
         advice = spill_advice(args, candidate.layout.n_layer)
         return Serving(server, plan, build, fetched, alias, time.monotonic() - t0, ready_s, check, observation,
                        gpu_indices, advice, options.api_key)
@@ -739,7 +755,8 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
 def run_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, options: ServeOptions, *,
               on_event: EventFn | None = None, on_build_progress: BuildProgressFn | None = None,
               on_fetch_progress: FetchProgressFn | None = None,
-              nvml: NvmlApi | None = None, measured: Measured | None = None) -> None:
+              nvml: NvmlApi | None = None, measured: Measured | None = None,
+              calibration: Calibration | None = None) -> None:
     """:func:`start_serving`, the ``ready`` event, then watch until KeyboardInterrupt (Ctrl-C; the CLI maps SIGTERM
     to it too), then stop llama-server (SIGTERM, SIGKILL after the grace period). Returns normally after a requested
     stop, however soon after ``ready`` it comes; an interruption before that propagates (nothing is left running);
@@ -748,7 +765,7 @@ def run_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, options
     try:
         serving = start_serving(model_ref, hardware, wishes, options, on_event=on_event,
                                 on_build_progress=on_build_progress, on_fetch_progress=on_fetch_progress, nvml=nvml,
-                                measured=measured)
+                                measured=measured, calibration=calibration)
         _emit(on_event, serving.ready_event())
         watch = SpillWatch(serving.plan.budget.buffer_bytes, advice=serving.advice)
         watch_until_stopped(serving.server, watch, gpu_indices=serving.gpu_indices, nvml=nvml,

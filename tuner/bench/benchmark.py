@@ -31,6 +31,7 @@ from tuner.layout import ModelLayout
 from tuner.models import resolve_candidates
 from tuner.planner import Plan, Wishes, budget_for, plan_for
 from tuner.profile_store import ProfileStore, model_identity
+from tuner.replan import replan_from_file
 from tuner.serve import gpus_for_build
 
 DEFAULT_OUT_DIR = Path("bench_results")
@@ -82,10 +83,12 @@ def bench_hardware(gpu: str | None, vram: str | None) -> Hardware:
     return hardware_for(gpu, vram)
 
 
-def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *,
-                  need_plan: bool) -> tuple[Path, ModelLayout, Plan | None]:
+def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *, need_plan: bool,
+                  on_progress: ProgressFn | None = None) -> tuple[Path, ModelLayout, Plan | None]:
     """(local GGUF path, layout, plan or None). A file is used as it is; anything else is planned (to pick the
-    quant) and fetched like ``tuner serve`` does."""
+    quant) and fetched like ``tuner serve`` does, then planned again from the downloaded file's own header when it
+    is not what the plan was sized for (:mod:`tuner.replan`; ``on_progress`` says so; TunerError, one line, when it
+    no longer fits)."""
     plan = None
     if need_plan or model is None or not Path(model).expanduser().is_file():
         plan = plan_for(model, hardware, wishes).plan
@@ -93,6 +96,12 @@ def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *,
     else:
         candidate = resolve_candidates(model)[0]
     fetched = fetch_candidate(candidate)
+    if plan is not None:
+        replanned = replan_from_file(plan, fetched.model_path, hardware, wishes)
+        if replanned.replanned and on_progress is not None:
+            on_progress(replanned.message())
+        plan = replanned.plan
+        candidate = plan.candidate
     return fetched.model_path, candidate.layout, plan
 
 
@@ -135,7 +144,8 @@ def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
     if wishes.parallel < cfg.concurrency:
         wishes = replace(wishes, parallel=cfg.concurrency)  # the plan needs a slot per concurrent request
     budget = budget_for(hardware, wishes)
-    model_path, layout, plan = resolve_model(model_ref, hardware, wishes, need_plan=not options.sets)
+    model_path, layout, plan = resolve_model(model_ref, hardware, wishes, need_plan=not options.sets,
+                                             on_progress=on_progress)
     check_sets_fit(layout, options.sets, hardware, budget)
     build, _cached = obtain_build(server_bin=options.server_bin, gpus=gpus_for_build(hardware),
                                   on_progress=on_build_progress)

@@ -7,6 +7,9 @@ Examples:
     tuner estimate model.gguf --n-cpu-moe 20 --gpu rtx-5080 --json
     tuner estimate model.gguf -c 32768 --check      # beside llama.cpp's own dry run (llama-fit-params)
     tuner estimate model.gguf --rpc 192.168.1.20:50052   # layers on an RPC worker's devices too
+
+What this machine observed (``tuner serve``'s load logs, ``tuner calibrate``) corrects the compute buffers and the
+predicted speeds (:func:`tuner.corrections.corrected_estimate`); the output says "calibrated by N runs" when it did.
 """
 
 from __future__ import annotations
@@ -22,25 +25,31 @@ from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
 from tuner.cli._output import emit, memory_table, text
 from tuner.cli.hardware import hardware_dict, network_line
+from tuner.cli.profile import calibration_for
+from tuner.corrections import Calibration, corrected_estimate, shape_id
 from tuner.flags import ServerFlags
 from tuner.hardware import GB, Hardware, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
-from tuner.planner import estimate_on
 from tuner.rpc import cluster_hardware
 from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
 
 
 def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
-                    depth_tokens: int = PLANNING_DEPTH_TOKENS) -> dict[str, Any]:
-    est = estimate_on(layout, flags, hardware)
+                    depth_tokens: int = PLANNING_DEPTH_TOKENS,
+                    calibration: Calibration | None = None) -> dict[str, Any]:
+    est = corrected_estimate(layout, flags, hardware, calibration)
     result: dict[str, Any] = {"model": layout.source or layout.name, "arch": layout.arch, **est.to_dict()}
     pred = predict_on(layout, flags, hardware, depth_tokens=depth_tokens)
+    if calibration:
+        pred = calibration.rescale(pred, layout, flags, hardware)
     result["predicted"] = {"depth_tokens": depth_tokens, "tg_tok_s": round(pred.tg_tok_s, 2),
                            "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2)}
     if pred.network is not None:
         result["predicted"]["network"] = pred.network.to_dict()
+    result["calibration"] = ({"line": calibration.describe(hardware),
+                              **calibration.summary(hardware, shape_id(layout), est.n_ubatch)} if calibration else None)
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
     result["hardware"] = hardware_dict(hardware)
@@ -58,11 +67,14 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
                   f"{' unified' if ctx['kv_unified'] else ''}, flash-attn {'on' if ctx['flash_attn'] else 'off'},"
                   f" ubatch {ctx['n_ubatch']}")
     console.print(memory_table(result["memory"]))
+    cal = result.get("calibration") or {}
     for gpu in result["hardware"]["gpus"]:
         used = next((d["total_bytes"] for d in result["memory"]["devices"] if d["name"] == gpu["name"]), 0)
+        measured = ((cal.get("devices") or {}).get(gpu["name"]) or {}).get("uncounted_bytes")
+        extra = (f"{fmt_bytes(measured)} of CUDA context and pools measured here" if measured is not None
+                 else "~0.5-1 GiB of CUDA context and pools that llama.cpp does not count")
         console.print(f"{text(gpu['name'])} ({text(gpu['model'])}): {fmt_bytes(used)} of "
-                      f"{fmt_bytes(gpu['vram_total_bytes'])}"
-                      f" — add ~0.5-1 GiB of CUDA context and pools that llama.cpp does not count")
+                      f"{fmt_bytes(gpu['vram_total_bytes'])} — add {extra}")
     host = result["memory"]["host"]
     console.print(f"host RAM at worst: {fmt_bytes(host['total_bytes'])} "
                   f"(of {fmt_bytes(result['hardware']['ram_available_bytes'])} available)")
@@ -71,6 +83,8 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
                   f"(bound {pred['tg_bound_tok_s']:.1f}), pp {pred['pp_tok_s']:.0f} tok/s")
     if "network" in pred:
         console.print(network_line(pred["network"]), highlight=False, soft_wrap=True)
+    if cal.get("line"):
+        console.print(f"[green]{text(cal['line'])}[/green] (tuner profile show; tuner profile reset clears it)")
     for note in result["notes"] + result["hardware"]["notes"]:
         console.print(f"[yellow]note:[/yellow] {text(note)}")
     check = result.get("check")
@@ -143,7 +157,7 @@ def register(app: typer.Typer) -> None:
             hardware = replace(hardware, ram_bandwidth_bytes_s=round(ram_bandwidth * GB))
         if cpu_cores is not None:
             hardware = replace(hardware, cpu_physical_cores=cpu_cores)
-        result = estimate_result(layout, flags, hardware, depth)
+        result = estimate_result(layout, flags, hardware, depth, calibration_for(hardware, server_bin))
         if check:
             from tuner.fitcheck import run_fit_check
 
