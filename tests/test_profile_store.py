@@ -54,7 +54,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu() -> Hardware:
-    return hardware_for("none")
+    # a quiet host, whatever else runs beside the tests: its plans keep llama-server's thread count (no --threads)
+    return replace(hardware_for("none"), cpu_busy_logical=0.0)
 
 
 def document(model: Path, hardware: Hardware, sets: list[tuple[b.FlagSet, list[tuple[int, float, float]]]], *,

@@ -14,7 +14,6 @@ predicted speeds (:func:`tuner.corrections.corrected_estimate`); the output says
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -28,7 +27,7 @@ from tuner.cli.hardware import hardware_dict, network_line
 from tuner.cli.profile import calibration_for
 from tuner.corrections import Calibration, corrected_estimate, shape_id
 from tuner.flags import ServerFlags
-from tuner.hardware import GB, Hardware, hardware_for, rpc_endpoints
+from tuner.hardware import Hardware, HostSpec, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import resolve_layout
 from tuner.rpc import cluster_hardware
@@ -134,9 +133,9 @@ def register(app: typer.Typer) -> None:
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
         depth: Annotated[int, typer.Option("--depth", min=0, help="Tokens already in the context, for the predicted "
                                            "speeds.")] = PLANNING_DEPTH_TOKENS,
-        ram_bandwidth: Annotated[float | None, typer.Option("--ram-bandwidth", min=0.1, help="Host RAM bandwidth in "
-                                                            "GB/s (default: assumed from the cores).")] = None,
-        cpu_cores: Annotated[int | None, typer.Option("--cpu-cores", min=1, help="Host physical CPU cores.")] = None,
+        ram: o.RamOpt = None,
+        ram_bandwidth: o.RamBandwidthOpt = None,
+        cpu_cores: o.CpuCoresOpt = None,
         server_bin: o.ServerBinOpt = None,
         as_json: o.JsonOpt = False,
     ) -> None:
@@ -150,13 +149,10 @@ def register(app: typer.Typer) -> None:
             no_kv_offload=no_kv_offload, split_mode=split_mode, main_gpu=main_gpu, device=device,
             tensor_split=tensor_split, override_tensor=override_tensor))
         layout = resolve_layout(model)
-        hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc or None, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
-                                    link_rtt_ms=link_rtt_ms, server_bin=server_bin)
+        host = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
+        hardware = cluster_hardware(hardware_for(gpu, vram, host=host), rpc=rpc or None, rpc_gpu=rpc_gpu,
+                                    link_gbit=link_gbit, link_rtt_ms=link_rtt_ms, server_bin=server_bin)
         flags = flags.with_(rpc=rpc_endpoints(hardware.gpus))
-        if ram_bandwidth is not None:
-            hardware = replace(hardware, ram_bandwidth_bytes_s=round(ram_bandwidth * GB))
-        if cpu_cores is not None:
-            hardware = replace(hardware, cpu_physical_cores=cpu_cores)
         result = estimate_result(layout, flags, hardware, depth, calibration_for(hardware, server_bin))
         if check:
             from tuner.fitcheck import run_fit_check

@@ -38,6 +38,8 @@ from tuner.hardware.gpu import GB, Gpu
 from tuner.hardware.host import HostInfo, read_host
 from tuner.hardware.machine import (
     Hardware,
+    HostSpec,
+    assumed_host,
     detect_hardware,
     gpu_split,
     hardware_for,
@@ -56,8 +58,10 @@ __all__ = [
     "Gpu",
     "Hardware",
     "HostInfo",
+    "HostSpec",
     "NetworkLink",
     "NvmlApi",
+    "assumed_host",
     "catalog_entry_for_name",
     "catalog_gpu",
     "detect_hardware",
