@@ -237,7 +237,7 @@ def ladder(layout: ModelLayout, hardware: Hardware, budget: Budget, *, quick: bo
             wanted.append((f"ctx{c}-q8_0", base.with_(ctx_size=c, cache_type_k="q8_0", cache_type_v="q8_0"),
                            f"context {c}, q8_0 KV"))
     for c in ((small,) if quick else tuple(dict.fromkeys((small, large)))):
-        wanted.append((f"ctx{c}-ub{BIG_UBATCH}", base.with_(ctx_size=c, ubatch_size=BIG_UBATCH),
+        wanted.append((f"ctx{c}-ubatch{BIG_UBATCH}", base.with_(ctx_size=c, ubatch_size=BIG_UBATCH),
                        f"context {c}, ubatch {BIG_UBATCH}"))
     rungs: list[Rung] = []
     skipped: list[str] = []
@@ -253,7 +253,7 @@ def ladder(layout: ModelLayout, hardware: Hardware, budget: Budget, *, quick: bo
         first = rungs[0].flags
         steps = (max(1, layout.n_layer // 4),) if quick else (max(1, layout.n_layer // 4), layout.n_layer)
         for n in sorted({min(first.n_cpu_moe + s, layout.n_layer) for s in steps}):
-            rungs.append(Rung(f"ctx{small}-ncmoe{n}", first.with_(n_cpu_moe=n),
+            rungs.append(Rung(f"ctx{small}-moe-cpu{n}", first.with_(n_cpu_moe=n),
                               f"context {small}, experts of {n} layers in RAM"))
     return rungs, skipped
 
