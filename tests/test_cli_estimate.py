@@ -265,3 +265,18 @@ def test_check_without_the_tool_is_a_clear_error(models: dict[str, Path], tmp_pa
     proc = tuner("estimate", str(models["good"]), "--gpu", "none", "--check", "--server-bin", str(fake))
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "no llama-fit-params beside" in proc.stderr
+
+
+def test_estimate_takes_the_placement_flags_of_several_devices(capsys: pytest.CaptureFixture[str]) -> None:
+    from tuner.cli import main
+
+    args = ["estimate", "qwen3.5-35b-a3b:Q4_K_M", "--gpu", "rtx-3090,rtx-3060", "-c", "32768", "-np", "1",
+            "-ts", "30,11", "-ot", r"blk\.(28|29)\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU", "--json"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    cuda0, cuda1 = (next(d for d in doc["memory"]["devices"] if d["name"] == n) for n in ("CUDA0", "CUDA1"))
+    assert cuda0["weights_bytes"] > cuda1["weights_bytes"] > 0
+    assert doc["context"]["pipeline_parallel"] is False  # an override turns it off
+    assert doc["flags"][doc["flags"].index("--tensor-split") + 1] == "30,11"
+    assert main(["estimate", "qwen3.5-35b-a3b:Q4_K_M", "--gpu", "rtx-3090,rtx-3060", "-sm", "row"]) != 0
+    assert "split buffer" in capsys.readouterr().err

@@ -227,6 +227,39 @@ def test_planner_option_help_states_the_planner_defaults() -> None:
     assert f"at least {CTX_FLOOR} if it can" in ctx_help and f"{WORKING_CTX} with --prefer speed" in ctx_help
 
 
+@pytest.mark.parametrize("gpus", ["rtx-3090,rtx-3060", "rtx-4090,rtx-4060-ti"])
+def test_mixed_gpus_json_has_a_tensor_split_and_every_device_within_its_budget(gpus: str) -> None:
+    proc = run_cli("--gpu", gpus, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    split = doc["plan"]["tensor_split"]
+    assert len(split) == 2 and all(n == int(n) >= 0 for n in split)
+    command = doc["command"]
+    assert command[command.index("--tensor-split") + 1] == ",".join(str(int(n)) for n in split)
+    assert doc["env"] == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    budget = doc["budget"]
+    assert [d["device"] for d in budget["devices"]] == ["CUDA0", "CUDA1"]
+    totals = {d["name"]: d["total_bytes"] for d in doc["memory"]["devices"]}
+    rows = {row["name"]: row for row in doc["placement"]}  # in the split's order (--device's, when given)
+    assert [row["slots"] for row in doc["placement"]] == split
+    for device in budget["devices"]:
+        row = rows[device["device"]]
+        assert totals[device["device"]] + device["buffer_bytes"] <= device["vram_free_bytes"]
+        assert row["total_bytes"] <= row["budget_bytes"]
+        assert doc["headroom_bytes"][device["device"]] >= 0
+    # the faster card (CUDA0) holds the output layer: --device puts it last when the slower one holds layers too
+    assert rows["CUDA0"]["output_layer"]
+    if split[0] and split[1]:
+        assert command[command.index("--device") + 1] == "CUDA1,CUDA0"
+
+
+def test_mixed_gpus_report_names_each_devices_layers_and_spills(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recommend", "--gpu", "rtx-3090,rtx-3060", "--quant", "Q8_0", "--ctx-size", "65536"]) == 0
+    out = capsys.readouterr().out
+    assert "--tensor-split" in out and "--override-tensor" in out and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in out
+    assert "CUDA0 (" in out and "CUDA1 (" in out and "expert tensors in RAM" in out
+
+
 def test_the_default_plan_is_sized_for_the_file_it_names(capsys: pytest.CaptureFixture[str]) -> None:
     """Offline, on the default card: the weights in ``memory`` are the tensors of the file in ``plan.file`` (the
     repo's own mix, as the card records it), the buffer is kept; for unsloth's Q4_K_M, whose size the card lists,

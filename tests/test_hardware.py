@@ -121,3 +121,25 @@ def test_vram_with_gpu_none_is_a_tuner_error() -> None:
 def test_bad_vram_is_a_tuner_error(vram: str) -> None:
     with pytest.raises(TunerError):
         hw.hardware_for("rtx-4090", vram)
+
+
+@pytest.mark.parametrize(("spelling", "names"), [
+    ("rtx-3090,rtx-3060", ["RTX 3090", "RTX 3060"]),
+    ("2xrtx-3090", ["RTX 3090", "RTX 3090"]),
+    ("2x rtx-3090, rtx-3060", ["RTX 3090", "RTX 3090", "RTX 3060"]),
+    ("rtx-4090,rtx-4060-ti", ["RTX 4090", "RTX 4060 Ti"]),
+    ("rtx-3090x2,4070 ti super", ["RTX 3090", "RTX 3090", "RTX 4070 Ti SUPER"]),
+])
+def test_gpu_lists_name_each_device_in_order(spelling: str, names: list[str]) -> None:
+    hardware = hw.hardware_for(spelling)
+    assert [g.name.removeprefix("NVIDIA GeForce ") for g in hardware.gpus] == names
+    assert [g.llama_name for g in hardware.gpus] == [f"CUDA{i}" for i in range(len(names))]
+    assert all(g.vram_free_bytes == g.vram_total_bytes for g in hardware.gpus)
+
+
+@pytest.mark.parametrize(("spelling", "message"), [("rtx-3090,", "empty entry"), ("rtx-3090,rtx-9999", "unknown GPU"),
+                                                   ("9xrtx-3090,9xrtx-3060", "at most 16")])
+def test_bad_gpu_lists_are_one_clear_error(spelling: str, message: str) -> None:
+    with pytest.raises(TunerError, match=message) as err:
+        hw.hardware_for(spelling)
+    assert "\n" not in str(err.value)

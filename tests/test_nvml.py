@@ -232,3 +232,41 @@ def test_gpu_free_bytes_is_none_for_a_missing_gpu_or_no_nvml() -> None:
     assert nv.gpu_free_bytes(2, SnapshotNvml(RTX3090X2)) is None
     assert nv.gpu_free_bytes(-1, SnapshotNvml(RTX3090X2)) is None
     assert nv.gpu_free_bytes(0, SnapshotNvml(NO_NVML)) is None
+
+
+def mixed_3090_3060() -> dict[str, Any]:
+    """The recorded RTX 3090 pair with its second card turned into an RTX 3060 (12 GiB, 192-bit at 7501 MHz, 1 GiB
+    held by another process): two different cards in NVML's (PCI bus) order."""
+    data = copy.deepcopy(snapshot_data(RTX3090X2))
+    data["devices"][1].update(name="NVIDIA GeForce RTX 3060", memory_bus_width_bits=192, max_mem_clock_mhz=7501,
+                              memory={"total": 12 * GiB, "free": 11 * GiB, "used": 1 * GiB},
+                              compute_processes=[{"pid": 7311, "used_gpu_memory": 1 * GiB}])
+    return data
+
+
+def test_every_nvml_gpu_is_detected_in_pci_order_and_mixed_cards_get_the_numbering_note(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    hw = detect_hardware(SnapshotNvml(mixed_3090_3060()))
+    assert [(g.llama_name, g.name) for g in hw.gpus] == [("CUDA0", "NVIDIA GeForce RTX 3090"),
+                                                         ("CUDA1", "NVIDIA GeForce RTX 3060")]
+    assert hw.gpus[1].vram_free_bytes == 11 * GiB
+    assert hw.gpus[1].mem_bandwidth_bytes_s == 192 // 8 * 7_501_000_000 * 2  # 360 GB/s
+    assert any("CUDA_DEVICE_ORDER" in note and "PCI_BUS_ID" in note for note in hw.notes)
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert not any("CUDA_DEVICE_ORDER" in n for n in detect_hardware(SnapshotNvml(mixed_3090_3060())).notes)
+
+
+def test_detected_mixed_gpus_are_planned_with_each_cards_free_memory() -> None:
+    from dataclasses import replace
+
+    from tuner.planner import Wishes, fits, plan_for
+
+    hw = replace(detect_hardware(SnapshotNvml(mixed_3090_3060())), ram_total_bytes=64 * GiB,
+                 ram_available_bytes=64 * GiB)
+    plan = plan_for(None, hw, Wishes(quant="Q4_K_M")).plan
+    assert plan.flags.tensor_split and len(plan.flags.tensor_split) == 2
+    assert fits(plan.estimate, plan.budget)
+    for gpu in hw.gpus:  # what is free now, not the card's size
+        assert plan.estimate.device(gpu.llama_name).total_bytes + plan.budget.buffer_bytes <= gpu.vram_free_bytes

@@ -137,7 +137,11 @@ def test_rpc_is_written_first_so_override_rules_can_name_rpc_buffers() -> None:
     flags = ServerFlags(rpc=("10.0.0.2:50052", "10.0.0.3:50052"), ctx_size=4096)
     args = flags.to_args()
     assert args[:2] == ["--rpc", "10.0.0.2:50052,10.0.0.3:50052"]
-    assert flags_from_args([*args, "-ot", "blk.1=RPC0[10.0.0.2:50052]"])[0] == flags
+    # -ot is a planned flag (tuner.placement writes it): always after --rpc, whose buffer types it may name
+    ot = flags.with_(override_tensor=("blk.1=RPC0[10.0.0.2:50052]",))
+    ot_args = ot.to_args()
+    assert ot_args[:2] == args[:2] and ot_args.index("--override-tensor") > ot_args.index("--rpc")
+    assert flags_from_args([*args, "-ot", "blk.1=RPC0[10.0.0.2:50052]"])[0] == ot
     assert "--rpc" not in ServerFlags().to_args()
 
 

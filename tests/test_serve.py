@@ -224,7 +224,7 @@ def test_observation_is_keyed_by_model_file_and_flags(config_dir: Path, hybrid_g
     assert data["format"] == 1
     assert data["model"]["file"] == hybrid_gguf.name and data["model"]["bytes"] == hybrid_gguf.stat().st_size
     assert data["flags"] == flags
-    assert set(data["memory_check"]) == {"weights", "kv", "recurrent", "compute"}
+    assert set(data["memory_check"]) == {"weights", "kv", "recurrent", "compute", "devices"}
     again = record_observation(check, model_path=hybrid_gguf, flags_args=flags, command=[])
     assert again == first  # same file + flags: overwritten, not duplicated
     other = record_observation(check, model_path=hybrid_gguf, flags_args=[*flags, "--n-cpu-moe", "2"], command=[])

@@ -47,6 +47,7 @@ from tuner.estimate import CPU, MemoryEstimate, estimate_memory
 from tuner.flags import ServerFlags
 from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout
+from tuner.placement import devices_of
 from tuner.speed import Prediction
 from tuner.units import MiB, fmt_bytes
 
@@ -408,7 +409,7 @@ def corrected_estimate(layout: ModelLayout, flags: ServerFlags, hardware: Hardwa
                        calibration: Calibration | None = None) -> MemoryEstimate:
     """The memory estimate on ``hardware``'s GPUs (named and split as llama.cpp does), corrected by
     ``calibration``: the one function the planner and ``tuner estimate`` size memory with."""
-    est = estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
+    est = estimate_memory(layout, flags, devices_of(hardware), gpu_split(hardware))
     return calibration.apply(est, layout, hardware) if calibration else est
 
 

@@ -44,6 +44,9 @@ tests/test_estimate_vs_llama.py.
 
 from __future__ import annotations
 
+import bisect
+import re
+import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -106,6 +109,7 @@ class MemoryEstimate:
     prompt_cache_bytes: int = 0  # host RAM, upper bound: --cache-ram (0 when -1, no limit: see notes)
     mtp_bytes: int = 0  # part of the totals above that the MTP draft context adds
     notes: tuple[str, ...] = field(default=())
+    pipeline_parallel: bool = False  # llama.cpp's pipeline parallelism is on (bigger compute buffers)
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(d, attr) for d in self.devices)
@@ -157,7 +161,8 @@ class MemoryEstimate:
         return {
             "context": {"n_ctx": self.n_ctx, "n_ctx_seq": self.n_ctx_seq, "n_seq": self.n_seq,
                         "kv_unified": self.kv_unified, "flash_attn": self.flash_attn,
-                        "n_batch": self.n_batch, "n_ubatch": self.n_ubatch, "n_gpu_layers": self.n_gpu_layers},
+                        "n_batch": self.n_batch, "n_ubatch": self.n_ubatch, "n_gpu_layers": self.n_gpu_layers,
+                        "pipeline_parallel": self.pipeline_parallel},
             "memory": {
                 "weights_bytes": self.weights_bytes,
                 "kv_bytes": self.kv_bytes,
@@ -211,28 +216,174 @@ def context_shape(layout: ModelLayout, flags: ServerFlags) -> ContextShape:
     return ContextShape(n_ctx, n_ctx_seq, n_seq, flags.unified, n_batch, n_ubatch)
 
 
+@dataclass(frozen=True)
+class Device:
+    """A device llama.cpp offloads to, as the estimate needs it. Strings stand for devices too (:meth:`of`)."""
+
+    name: str  # its buffers' name in llama.cpp's log and -ot targets: CUDA0, RPC0[10.0.0.2:50052]; the memory key
+    select_name: str = ""  # its device name (--device, "using device" lines): CUDA0, RPC2; default: name
+    cuda: bool = True  # run by the CUDA backend, locally or on an RPC worker: row padding, f16 KV conversion
+    remote: bool = False  # behind RPC: no op offload (ggml-rpc.cpp:2262), no host buffer type (ggml-rpc.cpp:2258)
+
+    @property
+    def device_name(self) -> str:
+        return self.select_name or self.name
+
+    @classmethod
+    def of(cls, device: str | Device) -> Device:
+        """``CUDA0`` → a local CUDA device; ``RPC0[h:p]`` / ``RPC0`` → a remote device with a CPU backend (pass a
+        :class:`Device` with ``cuda=True`` for a CUDA worker); any other name → a local non-CUDA device."""
+        if isinstance(device, Device):
+            return device
+        if device.startswith("RPC"):
+            return cls(device, cuda=False, remote=True)
+        return cls(device, cuda=device.startswith("CUDA"))
+
+
+def model_devices(devices: Sequence[str | Device], flags: ServerFlags) -> tuple[Device, ...]:
+    """The devices llama.cpp puts the model on, in its order (llama_prepare_model_devices, src/llama.cpp:157-311):
+    ``--device`` picks and orders them (``none``: no device), ``--split-mode none`` keeps only ``--main-gpu``'s (an
+    index into that list; negative: none). ``--split-mode row`` and ``tensor`` are refused with the reason."""
+    all_devices = [Device.of(d) for d in devices]
+    if flags.split_mode == "row":
+        raise TunerError("--split-mode row does not load in this llama.cpp: CUDA and RPC devices have no split buffer "
+                         "type (src/llama-model.cpp:1160-1162); use --split-mode layer")
+    if flags.split_mode == "tensor":
+        raise TunerError("--split-mode tensor (one experimental meta device, src/llama.cpp:160-221) is not sized by "
+                         "tuner; use --split-mode layer or none")
+    chosen = all_devices
+    if flags.device:
+        if [d.lower() for d in flags.device] == ["none"]:
+            chosen = []
+        else:
+            by_name = {n: d for d in all_devices for n in (d.device_name, d.name)}
+            unknown = [n for n in flags.device if n not in by_name]
+            if unknown:
+                known = ", ".join(d.device_name for d in all_devices) or "none"
+                raise TunerError(f"--device {','.join(flags.device)}: no device {unknown[0]} here (devices: {known})")
+            chosen = [by_name[n] for n in flags.device]
+    if flags.split_mode == "none" and chosen:
+        if flags.main_gpu < 0:
+            return ()
+        if flags.main_gpu >= len(chosen):
+            raise TunerError(f"--main-gpu {flags.main_gpu}: there are {len(chosen)} device(s) (numbered from 0); "
+                             "llama.cpp refuses it (src/llama.cpp:294-296)")
+        return (chosen[flags.main_gpu],)
+    return tuple(chosen)
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to the nearest float32. An operation on float32 values done in double and rounded so equals the
+    float32 operation (53 >= 2 * 24 + 2 bits: double rounding is innocuous for + - * /), which is how the split
+    arithmetic below emulates llama.cpp's floats without numpy."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def split_points(weights: Sequence[float]) -> list[float]:
+    """The cumulative split points llama.cpp computes from ``-ts`` (or the free memory), in float32 as it does
+    (src/llama-model.cpp:1579-1587)."""
+    acc = 0.0
+    cum: list[float] = []
+    for w in weights:
+        acc = f32(acc + f32(w))
+        cum.append(acc)
+    if acc <= 0:
+        raise TunerError("--tensor-split gives every device a share of 0")
+    return [f32(c / acc) for c in cum]
+
+
 def layer_devices(n_layer_all: int, n_gpu_layers: int | None, gpu_names: Sequence[str],
                   gpu_split: Sequence[float] | None = None) -> list[str]:
-    """Device of every block and, last, of the output layer (index ``n_layer_all``), as llama-model.cpp:1589-1614."""
+    """Device of every block and, last, of the output layer (index ``n_layer_all``), as llama-model.cpp:1589-1614:
+    the first ``n_layer_all + 1 - ngl`` slots on the CPU, then slot ``i`` of the ``act`` offloaded ones on the
+    device ``upper_bound(split points, float(i) / act)``, in float32. ``gpu_split`` defaults to equal shares.
+
+    With integer shares summing to ``act`` (what tuner plans), device ``d`` holds exactly the next ``n_d`` slots."""
     if not gpu_names:
         return [CPU] * (n_layer_all + 1)
-    ngl = n_layer_all + 1 if n_gpu_layers is None or n_gpu_layers < 0 else n_gpu_layers
-    start = max(n_layer_all + 1 - ngl, 0)
-    n_off = n_layer_all + 1 - start
-    weights = list(gpu_split) if gpu_split else [1.0] * len(gpu_names)
-    total = sum(weights) or 1.0
-    cum, acc = [], 0.0
-    for w in weights:
-        acc += w / total
-        cum.append(acc)
+    n_slots = n_layer_all + 1
+    ngl = n_slots if n_gpu_layers is None or n_gpu_layers < 0 else n_gpu_layers
+    start = max(n_slots - ngl, 0)
+    act = min(ngl, n_slots)
+    weights = list(gpu_split)[: len(gpu_names)] if gpu_split else []
+    weights += [0.0] * (len(gpu_names) - len(weights))
+    cum = split_points(weights if any(weights) else [1.0] * len(gpu_names))
     out: list[str] = []
-    for il in range(n_layer_all + 1):
-        if il < start:
+    for il in range(n_slots):
+        if il < start or il - start >= act:
             out.append(CPU)
             continue
-        frac = (il - start) / n_off
-        dev = next((i for i, c in enumerate(cum) if frac < c - 1e-12), len(gpu_names) - 1)
-        out.append(gpu_names[dev])
+        frac = f32(f32(il - start) / f32(act))
+        out.append(gpu_names[min(bisect.bisect_right(cum, frac), len(gpu_names) - 1)])
+    return out
+
+
+def slot_devices(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str | Device] = (),
+                 gpu_split: Sequence[float] | None = None) -> list[str]:
+    """:func:`layer_devices` for ``flags``: its model devices (``--device``, ``--split-mode none``), its
+    ``--tensor-split`` when any share is not 0 (else ``gpu_split``, llama.cpp's free-memory default), its ``-ngl``."""
+    used = model_devices(devices, flags)
+    names = [d.name for d in used]
+    split: Sequence[float] | None = gpu_split
+    if any(flags.tensor_split[: len(used)]):
+        split = flags.tensor_split
+    elif gpu_split is not None:  # free memory: the shares of the devices kept, in their new order
+        index = {Device.of(d).name: i for i, d in enumerate(devices)}
+        split = [gpu_split[index[n]] for n in names]
+    return layer_devices(layout.n_layer_all, flags.n_gpu_layers, names, split)
+
+
+def device_tensor_bytes(t: Tensor, device: Device | None) -> int:
+    """Bytes of ``t`` in a buffer of ``device`` (None: the CPU): a quantized tensor whose rows are not a multiple of
+    512 gets one row of padding on CUDA (``ggml_backend_cuda_buffer_type_get_alloc_size``, ggml-cuda.cu:903-920)."""
+    nbytes = t.nbytes
+    if device is not None and device.cuda and is_quantized(t.ggml_type) and t.shape \
+            and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
+        nbytes += row_bytes(t.ggml_type, CUDA_MATRIX_ROW_PADDING - t.shape[0] % CUDA_MATRIX_ROW_PADDING)
+    return nbytes
+
+
+def context_bytes_by_layer(layout: ModelLayout, flags: ServerFlags) -> dict[int, tuple[int, int]]:
+    """KV and recurrent-state bytes of every block that has them, ``{il: (kv, rs)}``: one K and V of ``n_ctx``
+    cells per attention layer (llama-kv-cache.cpp:208-237), one state per sequence and rollback snapshot per
+    recurrent layer (llama-memory-recurrent.cpp:76-103), the MTP block's draft KV (f16 unless told) when drafting.
+    They live with their block's device (``dev_layer(il)``), or on the CPU with ``--no-kv-offload``."""
+    shape = context_shape(layout, flags)
+    tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
+    mtp = flags.spec_type == SPEC_MTP
+    out: dict[int, list[int]] = {}
+    for il in layout.attention_layers:
+        out.setdefault(il, [0, 0])[0] += shape.n_ctx * layout.kv_bytes_per_cell(tk.name, tv.name, [il])
+    n_rs_seq = flags.spec_draft_n_max if mtp and layout.arch in RS_ROLLBACK_ARCHS else 0
+    rs_rows = max(1, shape.n_seq) * (1 + n_rs_seq)
+    for il in layout.recurrent_layers:
+        out.setdefault(il, [0, 0])[1] += layout.recurrent_bytes_per_layer * rs_rows
+    if mtp:
+        for il in range(layout.n_layer, layout.n_layer_all):
+            out.setdefault(il, [0, 0])[0] += shape.n_ctx * layout.kv_bytes_per_cell(DRAFT_CACHE_TYPE,
+                                                                                    DRAFT_CACHE_TYPE, [il])
+    return {il: (kv, rs) for il, (kv, rs) in out.items()}
+
+
+def override_rules(flags: ServerFlags) -> list[tuple[str, str]]:
+    """The ``-ot`` rules of ``flags`` as (regex, buffer type) pairs, checked (``PATTERN=BUFFER_TYPE``)."""
+    rules = []
+    for rule in flags.override_tensor:
+        pattern, _, target = rule.partition("=")
+        rules.append((pattern, target))
+    return rules
+
+
+def _compiled_rules(flags: ServerFlags, known: set[str]) -> list[tuple[re.Pattern[str], str]]:
+    out = []
+    for pattern, target in override_rules(flags):
+        if target not in known:
+            raise TunerError(f"-ot {pattern}={target}: unknown buffer type {target} (llama-server knows "
+                             f"{', '.join(sorted(known))}; common/arg.cpp:272-278)")
+        try:
+            out.append((re.compile(pattern), target))
+        except re.error as error:
+            raise TunerError(f"-ot {pattern}={target}: not a regular expression ({error})") from None
     return out
 
 
@@ -367,33 +518,210 @@ def kv_cache_type_supported(layout: ModelLayout, type_name: str, *, flash_attn: 
     return layout.head_k % t.block_size == 0 and layout.head_v % t.block_size == 0
 
 
-def tensor_placement(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
+def tensor_placement(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str | Device] = (),
                      gpu_split: Sequence[float] | None = None) -> list[tuple[Tensor, str]]:
-    """Every tensor llama-server loads with the device it lands on: ``-ngl``, ``--n-cpu-moe``/``--cpu-moe``, the
-    input embedding on the CPU (and loaded a second time on the output device when the embeddings are tied), the
-    MTP block only when drafting with it (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290)."""
-    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
+    """Every tensor llama-server loads with the device it lands on: its slot's device (:func:`slot_devices`), unless
+    a buffer override sends it elsewhere (``--n-cpu-moe N``: the experts of blocks ``0..N-1``; ``--cpu-moe``: every
+    expert; ``-ot``: ``CPU`` or a device's buffer type; common/common.h:1198-1217, common/arg.cpp:252-285), the
+    input embedding on the CPU (and loaded a second time on the output device when the embeddings are tied), the MTP
+    block only when drafting with it (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290)."""
+    devs = slot_devices(layout, flags, gpu_names, gpu_split)
+    rules = _compiled_rules(flags, {CPU} | {Device.of(d).name for d in gpu_names})
+    n_cpu_moe = layout.n_layer_all + 1 if flags.cpu_moe else flags.n_cpu_moe
     out_dev = devs[layout.n_layer_all]
     mtp = flags.spec_type == SPEC_MTP
     placed: list[tuple[Tensor, str]] = []
     for t in layout.tensors:
         if t.cls is TensorClass.MTP and not mtp:
             continue
+        # --n-cpu-moe / --cpu-moe come first on tuner's command lines (the table's order), then -ot: the first
+        # rule whose pattern regex_searches the name wins (llama-model-loader.cpp:1235-1262)
+        target = CPU if n_cpu_moe and t.layer is not None and t.layer < n_cpu_moe and t.is_expert else None
+        if target is None and rules:
+            target = next((tgt for pattern, tgt in rules if pattern.search(t.name)), None)
         if t.cls is TensorClass.TOKEN_EMBD:
-            placed.append((t, CPU))
+            placed.append((t, target or CPU))
             if layout.tied_embeddings and out_dev != CPU:
-                placed.append((t, out_dev))
+                placed.append((t, target or out_dev))
             continue
-        dev = out_dev if t.layer is None else devs[t.layer]
-        if dev != CPU and t.is_expert and (flags.cpu_moe or (t.layer is not None and t.layer < flags.n_cpu_moe)):
-            dev = CPU
-        placed.append((t, dev))
+        placed.append((t, target or (out_dev if t.layer is None else devs[t.layer])))
     return placed
 
 
-def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
+# Per-device compute buffers, measured with CPU-backend devices (two ggml-rpc-server workers on loopback, a qwen35moe
+# at the 35B-A3B widths, tests/test_multidevice_vs_llama.py) and, for one CUDA device, the reference run that
+# tests/test_estimate.py reproduces: the rules of compute_by_device.
+PARTIAL_FIRST_DEVICE_ACTS = 4.5
+"""With some blocks on the CPU and blocks on several devices, the first device's buffer held 4.5 activations more
+than its blocks' peak (18.1 MiB at ubatch 512 and n_embd 2048, 10.1 at ubatch 256), whatever the context (measured,
+not derived; that device's mask was not in it)."""
+
+
+class BlockSpan:
+    """The blocks of one device, added in order, reduced to what its compute buffer depends on (the mask window of
+    :class:`ComputeModel`): an accumulator, so a placement search can grow a device's range block by block."""
+
+    __slots__ = ("attn", "before", "n", "plain", "since")
+
+    def __init__(self) -> None:
+        self.attn = False  # an attention block on the device
+        self.before = 0  # the largest FFN / DeltaNet peak of a block before the device's last attention block
+        self.since = 0  # ... of the last attention block and the blocks after it
+        self.plain = 0  # the largest FFN / DeltaNet peak of any block
+        self.n = 0
+
+    def add(self, rest_peak: int, is_attention: bool) -> None:
+        if is_attention:
+            self.before = max(self.before, self.since)
+            self.since = rest_peak
+            self.attn = True
+        else:
+            self.since = max(self.since, rest_peak)
+        self.plain = max(self.plain, rest_peak)
+        self.n += 1
+
+
+class ComputeModel:
+    """The compute buffers of one context shape and flag set, device by device (see :func:`compute_by_device`)."""
+
+    def __init__(self, layout: ModelLayout, shape: ContextShape, *, flash_attn: bool, k_quantized: bool,
+                 v_quantized: bool, n_outputs: int, n_rs_seq: int = 0) -> None:
+        self.layout, self.shape = layout, shape
+        n_tok = shape.n_tok
+        e = layout.n_embd
+        self.act = n_tok * e * 4
+        self.has_attention = bool(layout.attention_layers)
+        self.mask = shape.n_kv_mask * n_tok * (2 if flash_attn else 4) if self.has_attention else 0
+        self.inputs = _input_bytes(layout, n_tok) + _rotation_bytes(layout, k_quantized, v_quantized)
+        peaks = activation_peaks(layout, n_tok, shape.n_seq, n_rs_seq)
+        self.ffn_peak = peaks.get("moe_ffn", peaks.get("dense_ffn", 0))
+        self.attention_peak = peaks.get("attention", 0) + self.mask
+        self.recurrent_peak = max(peaks.get("deltanet_conv", 0), peaks.get("deltanet_state", 0))
+        self.fallback_peak = peaks.get("embeddings", 0)
+        self.logits_full = min(n_tok, n_outputs) * layout.n_vocab * 4 + self.act
+        self.attention = frozenset(layout.attention_layers)
+        self.recurrent = frozenset(layout.recurrent_layers)
+        self.fa_off = 0
+        if not flash_attn and self.has_attention:  # the f32 KQ of an attention block, with its mask
+            n_head = layout.n_head_attn
+            self.fa_off = (shape.n_kv_mask * n_tok * n_head * 4 + self.mask
+                           + int(n_tok * 4 * (5 * e + 2.75 * n_head * layout.head_k))
+                           + (n_tok * n_head * layout.head_k * 4 if k_quantized else 0))
+        self.kv_convert = 0  # CUDA FA's f16 copy of a quantized cache, per device with attention layers
+        if flash_attn and (k_quantized or v_quantized) and self.has_attention:
+            self.kv_convert = shape.n_ctx * layout.n_head_kv_attn * (
+                (layout.head_k if k_quantized else 0) + (layout.head_v if v_quantized else 0)) * 2
+        self.cpu_main = compute_bytes_cpu(layout, shape, flash_attn, k_quantized, n_outputs, v_quantized=v_quantized,
+                                          n_rs_seq=n_rs_seq)
+        self.op_offload = shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
+
+    def rest_peak(self, il: int) -> int:
+        """A block's FFN and DeltaNet peak (its attention part is :attr:`attention_peak`)."""
+        top = max(self.ffn_peak, self.recurrent_peak if il in self.recurrent else 0)
+        return top or self.fallback_peak
+
+    def span(self, blocks: Sequence[int]) -> BlockSpan:
+        acc = BlockSpan()
+        for il in blocks:
+            acc.add(self.rest_peak(il), il in self.attention)
+        return acc
+
+    def device_bytes(self, span: BlockSpan, holds_output: bool, device: Device, *, op_offload_bytes: int = 0,
+                     pipeline: bool = False, partial_first: bool = False) -> int:
+        """One device's compute buffer: its blocks (``span``), the output layer if it holds it, the largest
+        CPU-resident expert it multiplies for the CPU (``op_offload_bytes``), pipeline parallelism's copies."""
+        if not span.n and not holds_output:
+            return op_offload_bytes
+        if not span.n:
+            c = self.logits_full
+        else:
+            c = max(self.attention_peak if span.attn else 0, span.before + self.mask if span.attn else 0, span.since)
+            if span.attn:
+                c = max(c, self.fa_off)
+            if partial_first:
+                c = max(c, span.plain + int(PARTIAL_FIRST_DEVICE_ACTS * self.act))
+            if not device.cuda:
+                c -= self.act
+            if holds_output:
+                c = max(c, self.logits_full)
+            if span.attn:
+                c += self.inputs
+        if device.cuda and span.attn:
+            c += self.kv_convert
+        c += op_offload_bytes
+        if pipeline:
+            c += 4 * self.act + (3 * (self.mask + self.inputs) if span.attn else 0)
+        return int(c)
+
+    def host_bytes(self, first_device: Device | None, *, cpu_runs_layers: bool, cpu_runs_experts: bool = False,
+                   pipeline: bool = False) -> int:
+        """The CPU backend's compute buffer (``CUDA_Host`` when the first device is a local CUDA device)."""
+        if cpu_runs_layers or first_device is None:
+            return self.cpu_main
+        local_cuda = first_device.cuda and not first_device.remote
+        host = self.mask + self.act * (1 if local_cuda else 2) + (self.inputs if self.has_attention else 0)
+        if cpu_runs_experts and self.ffn_peak:
+            host = max(host, self.ffn_peak - 2 * self.act + self.mask)
+        if pipeline:
+            host += 3 * (self.mask + self.act + self.inputs)
+        return host
+
+
+def compute_by_device(layout: ModelLayout, shape: ContextShape, devs: Sequence[str], used: Sequence[Device], *,
+                      flash_attn: bool, k_quantized: bool, v_quantized: bool, n_outputs: int, n_rs_seq: int = 0,
+                      pipeline: bool = False, largest_cpu_expert: int = 0) -> dict[str, int]:
+    """The compute buffer of every backend (sched_reserve, llama-context.cpp:615-765): each device's, sized by the
+    splits of the graph it runs, and the CPU's (``CUDA_Host`` when the first device is a local CUDA device).
+
+    ``act`` = ``n_tok * n_embd * 4`` (a block's input), ``mask`` the KQ mask, ``inputs`` the per-token graph inputs.
+
+    * CPU runs blocks (``-ngl`` below all, or no device): :func:`compute_bytes_cpu` on the CPU.
+    * A device with blocks: the largest :func:`activation_peaks` of its blocks' kinds (the logits of
+      ``min(n_tok, n_outputs)`` rows plus ``act`` on the output device), with the mask counted only for the blocks
+      before its last attention layer (the scheduler copies a split's inputs in at the split's start and frees them
+      after their last use, ggml-backend.cpp:1375-1392, 1507-1530); ``act`` less on a non-CUDA device (measured: its
+      block input stays in the host buffer), ``inputs`` more where it has attention layers; on CUDA, the f16 copy of
+      a quantized cache (fattn.cu:722-756) where it has attention layers, and on the first local CUDA device the
+      largest CPU-resident expert tensor when experts are in RAM and the ubatch is at least 32 (op offload,
+      ggml-backend.cpp:961-981, ggml-cuda.cu:5825).
+    * A device holding only the output layer: its logits and ``act``.
+    * The CPU when no block runs there: the mask, ``act`` (two with a non-CUDA first device: measured) and the
+      inputs; with experts in RAM and no local CUDA device to offload them to, the CPU runs them: the MoE peak less
+      two ``act``, with the mask (measured).
+    * Pipeline parallelism (several devices, ``-ngl all``, layer split, no tensor override, llama-context.cpp:430-457)
+      keeps 4 copies of every split input, none reused (``GGML_SCHED_MAX_COPIES``, ggml-backend.cpp:1375-1392):
+      ``3 * (mask + inputs)`` more on every device with attention layers and ``4 * act`` on every device with slots;
+      ``3 * (mask + act + inputs)`` more on the CPU (measured exactly).
+    """
+    model = ComputeModel(layout, shape, flash_attn=flash_attn, k_quantized=k_quantized, v_quantized=v_quantized,
+                         n_outputs=n_outputs, n_rs_seq=n_rs_seq)
+    trunk = devs[: layout.n_layer]
+    cpu_runs_layers = CPU in trunk or not used
+    with_slots = [d for d in used if d.name in devs]
+    # op offload goes to the first backend in model order that takes it (ggml-backend.cpp:961-981): a local CUDA
+    # device; counted on the first one that holds slots (none with -ngl 0, as tuner always sized it)
+    first_cuda = next((d.name for d in with_slots if d.cuda and not d.remote), None)
+    block_devices = {name for name in trunk if name != CPU}
+    out: dict[str, int] = {}
+    for d in used:
+        span = model.span([il for il, name in enumerate(trunk) if name == d.name])
+        offload = largest_cpu_expert if d.name == first_cuda and model.op_offload else 0
+        partial_first = cpu_runs_layers and len(block_devices) > 1 and d is with_slots[0]
+        c = model.device_bytes(span, devs[layout.n_layer_all] == d.name, d, op_offload_bytes=offload,
+                               pipeline=pipeline, partial_first=partial_first)
+        if c:
+            out[d.name] = out.get(d.name, 0) + c
+    offloadable = first_cuda is not None and model.op_offload
+    out[CPU] = model.host_bytes(with_slots[0] if with_slots else None, cpu_runs_layers=cpu_runs_layers,
+                                cpu_runs_experts=bool(largest_cpu_expert) and not offloadable, pipeline=pipeline)
+    return out
+
+
+def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str | Device] = (),
                     gpu_split: Sequence[float] | None = None) -> MemoryEstimate:
-    """Bytes per device llama-server allocates for ``layout`` with ``flags`` on GPUs named ``gpu_names``."""
+    """Bytes per device llama-server allocates for ``layout`` with ``flags`` on the devices ``gpu_names`` (llama.cpp's
+    order; names or :class:`Device`), layers split by ``flags.tensor_split`` or else by ``gpu_split`` (llama.cpp's
+    default: the devices' free memory; equal shares when None)."""
     shape = context_shape(layout, flags)
     tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
     notes: list[str] = []
@@ -408,11 +736,14 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     mtp = flags.spec_type == SPEC_MTP
     if mtp and not layout.has_mtp:
         raise TunerError("--spec-type draft-mtp needs a GGUF with the MTP layer (nextn_predict_layers = 0 here)")
-    if gpu_names and (tk.name == "iq4_nl" or tv.name == "iq4_nl"):
+    all_devices = [Device.of(d) for d in gpu_names]
+    by_name = {d.name: d for d in all_devices}
+    used = model_devices(all_devices, flags)
+    if any(d.cuda for d in used) and (tk.name == "iq4_nl" or tv.name == "iq4_nl"):
         notes.append("CUDA flash attention has no iq4_nl kernel: attention would fall back to the CPU")
 
-    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
-    acc: dict[str, dict[str, int]] = {n: {} for n in [*gpu_names, CPU]}
+    devs = slot_devices(layout, flags, all_devices, gpu_split)
+    acc: dict[str, dict[str, int]] = {n: {} for n in [*by_name, CPU]}
 
     def add(dev: str, kind: str, n: int) -> None:
         acc[dev][kind] = acc[dev].get(kind, 0) + n
@@ -420,10 +751,8 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     # weights
     largest_cpu_expert = 0
     mtp_bytes = 0
-    for t, dev in tensor_placement(layout, flags, gpu_names, gpu_split):
-        nbytes = t.nbytes
-        if dev != CPU and is_quantized(t.ggml_type) and t.shape and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
-            nbytes += row_bytes(t.ggml_type, CUDA_MATRIX_ROW_PADDING - t.shape[0] % CUDA_MATRIX_ROW_PADDING)
+    for t, dev in tensor_placement(layout, flags, all_devices, gpu_split):
+        nbytes = device_tensor_bytes(t, None if dev == CPU else by_name[dev])
         if dev == CPU and t.is_expert:
             largest_cpu_expert = max(largest_cpu_expert, t.nbytes)
         if t.cls is TensorClass.MTP:
@@ -434,33 +763,25 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     def ctx_dev(il: int) -> str:
         return CPU if flags.no_kv_offload else devs[il]
 
-    for il in layout.attention_layers:
-        add(ctx_dev(il), "kv", shape.n_ctx * layout.kv_bytes_per_cell(tk.name, tv.name, [il]))
-    # rollback snapshots only where the architecture supports them; llama.cpp clamps n_rs_seq to 0 elsewhere
+    for il, (kv, rs) in context_bytes_by_layer(layout, flags).items():
+        add(ctx_dev(il), "kv", kv)
+        add(ctx_dev(il), "recurrent", rs)
+        if il >= layout.n_layer:
+            mtp_bytes += kv
     n_rs_seq = flags.spec_draft_n_max if mtp and layout.arch in RS_ROLLBACK_ARCHS else 0
-    rs_rows = max(1, shape.n_seq) * (1 + n_rs_seq)
-    for il in layout.recurrent_layers:
-        add(ctx_dev(il), "recurrent", layout.recurrent_bytes_per_layer * rs_rows)
 
     # compute buffers
     n_outputs = shape.n_seq * (1 + (flags.spec_draft_n_max if mtp else 0))
-    main_compute = compute_bytes_cpu(layout, shape, flash_attn, is_quantized(tk), n_outputs,
-                                     v_quantized=is_quantized(tv), n_rs_seq=n_rs_seq)
-    layer_gpus = sorted({d for d in devs[: layout.n_layer_all] if d != CPU}, key=list(gpu_names).index)
-    cpu_runs_layers = any(d == CPU for d in devs[: layout.n_layer]) or not gpu_names
-    for g in layer_gpus:
-        c = main_compute
-        if flash_attn and (is_quantized(tk) or is_quantized(tv)) and layout.attention_layers:
-            c += shape.n_ctx * layout.n_head_kv_attn * ((layout.head_k if is_quantized(tk) else 0)
-                                           + (layout.head_v if is_quantized(tv) else 0)) * 2
-        if g == layer_gpus[0] and largest_cpu_expert and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH:
-            c += largest_cpu_expert
-        add(g, "compute", c)
-    if cpu_runs_layers:
-        add(CPU, "compute", main_compute)
-    else:
-        mask = shape.n_kv_mask * shape.n_tok * (2 if flash_attn else 4) if layout.attention_layers else 0
-        add(CPU, "compute", mask + shape.n_tok * layout.n_embd * 4)
+    pipeline = (len(used) > 1 and CPU not in devs and flags.split_mode == "layer" and not flags.no_kv_offload
+                and not (flags.cpu_moe or flags.n_cpu_moe or flags.override_tensor))
+    computes = compute_by_device(layout, shape, devs, used, flash_attn=flash_attn, k_quantized=is_quantized(tk),
+                                 v_quantized=is_quantized(tv), n_outputs=n_outputs, n_rs_seq=n_rs_seq,
+                                 pipeline=pipeline, largest_cpu_expert=largest_cpu_expert)
+    for name, n in computes.items():
+        add(name, "compute", n)
+    if pipeline:
+        notes.append("pipeline parallelism (several devices, no tensor override): llama.cpp keeps 4 copies of "
+                     "every graph input, larger compute buffers (llama-context.cpp:430-457)")
 
     output = layout.n_vocab * 4 * shape.n_seq
     add(CPU, "output", output)
@@ -469,10 +790,6 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     # in the draft cache types (--cache-type-k/v-draft, f16 by default, not the main ones), and one compute and one
     # output buffer of its own
     if mtp:
-        for il in range(layout.n_layer, layout.n_layer_all):
-            kv = shape.n_ctx * layout.kv_bytes_per_cell(DRAFT_CACHE_TYPE, DRAFT_CACHE_TYPE, [il])
-            add(ctx_dev(il), "kv", kv)
-            mtp_bytes += kv
         draft_compute = mtp_compute_bytes(layout, shape, flash_attn, False, shape.n_seq)
         add(devs[layout.n_layer], "compute", draft_compute)
         add(CPU, "output", output)
@@ -504,4 +821,5 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
         prompt_cache_bytes=max(flags.cache_ram_mib, 0) * MiB,
         mtp_bytes=mtp_bytes,
         notes=tuple(notes),
+        pipeline_parallel=pipeline,
     )

@@ -35,6 +35,10 @@ from tuner.untrusted import shown
 
 SPEC_MTP = "draft-mtp"
 FLASH_ATTN_MODES = ("on", "off", "auto")
+#: --split-mode's values (common/arg.cpp:2807-2826); tuner sizes layer and none (tuner.estimate refuses the others).
+SPLIT_MODES = ("none", "layer", "row", "tensor")
+#: -ts takes fewer values than llama_max_devices() = 16 (common/arg.cpp:2841-2845, src/llama.cpp:86-88).
+MAX_TENSOR_SPLIT = 15
 #: the slots llama-server gives ``-np -1`` (auto), with one unified KV pool (tools/server/server.cpp:156-160).
 AUTO_SLOTS = 4
 INT32_MAX = (1 << 31) - 1  # llama-server's integer flags are C ints
@@ -139,8 +143,14 @@ class Flag:
         return (value,) if self.repeat else value
 
     def read(self, value: Any) -> Any:
-        """A value from a typed option (typer's): text is parsed as on a command line, the rest kept."""
-        if isinstance(value, str) and (self.kind is not Kind.TEXT or self.list_sep is not None or self.repeat):
+        """A value from a typed option (typer's): text is parsed as on a command line, the rest kept. A list row
+        reads None as its default and a repeated option's values (typer gives a list) one after the other."""
+        is_list = self.list_sep is not None or self.repeat
+        if is_list and value is None:
+            return self.default
+        if is_list and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(item for v in value for item in self.parse(v))
+        if isinstance(value, str) and (self.kind is not Kind.TEXT or is_list):
             return self.parse(value)
         return value
 
@@ -242,6 +252,21 @@ FLAGS = FlagTable((
          "Keep the experts of the first N layers on the CPU.", planned=True, yields_to="cpu_moe", placement=True),
     Flag("cpu_moe", "--cpu-moe", ("-cmoe",), Kind.SWITCH, False, f"{_A}:2760", "Keep all expert tensors on the CPU.",
          planned=True, placement=True),
+    # several devices: which ones, how layers split over them, which tensors go elsewhere (tuner.placement plans them)
+    Flag("split_mode", "--split-mode", ("-sm",), Kind.CHOICE, "layer", f"{_A}:2807",
+         "How to split the model over several devices: layer or none (row and tensor are not sized).",
+         choices=SPLIT_MODES, planned=True, placement=True),
+    Flag("main_gpu", "--main-gpu", ("-mg",), Kind.INT, 0, f"{_A}:2858",
+         "The device (index) that holds the model with --split-mode none.", planned=True, placement=True),
+    Flag("device", "--device", ("-dev",), Kind.TEXT, (), f"{_A}:2738",
+         "Devices to offload to, in this order (CUDA0,CUDA1; none = no offload).", list_sep=",", planned=True,
+         placement=True),
+    Flag("tensor_split", "--tensor-split", ("-ts",), Kind.FLOAT, (), f"{_A}:2831",
+         "Share of the layers on each device, e.g. 20,21 (layer counts) or 3,1.", list_sep=",", planned=True,
+         placement=True),
+    Flag("override_tensor", "--override-tensor", ("-ot",), Kind.TEXT, (), f"{_A}:2754",
+         "Tensor buffer overrides: PATTERN=BUFFER_TYPE,... (first match wins).", list_sep=",", repeat=True,
+         planned=True, placement=True),
     Flag("cache_ram_mib", "--cache-ram", ("-cram",), Kind.INT, 8192, f"{_H}:634",
          "Prompt cache limit in MiB (0 = off).", planned=True),
     Flag("ctx_checkpoints", "--ctx-checkpoints", ("-ctxcp", "--swa-checkpoints"), Kind.INT, 32, f"{_H}:631",
@@ -259,10 +284,6 @@ FLAGS = FlagTable((
     Flag("threads", "--threads", ("-t",), Kind.INT, None, f"{_H}:71", "CPU threads (default: physical cores)."),
     Flag("load_mode", "--load-mode", ("-lm",), Kind.CHOICE, "auto", f"{_A}:2691", "How the model file is loaded.",
          choices=("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")),
-    Flag("override_tensor", "--override-tensor", ("-ot",), Kind.TEXT, (), f"{_A}:2754",
-         "Tensor buffer overrides: PATTERN=BUFFER_TYPE,...", list_sep=",", repeat=True, placement=True),
-    Flag("tensor_split", "--tensor-split", ("-ts",), Kind.FLOAT, (), f"{_A}:2831",
-         "Fraction of the model on each GPU, e.g. 3,1.", list_sep=",", placement=True),
     # ------------------------------------------------------------------ set by tuner itself
     Flag("model", "--model", ("-m",), Kind.TEXT, None, f"{_A}:3035", "Model file.", serve_owned=True,
          bench_forbidden=True),
@@ -339,6 +360,11 @@ class ServerFlags:
     n_gpu_layers: int | None = _default("n_gpu_layers")  # None / negative = all
     n_cpu_moe: int = _default("n_cpu_moe")
     cpu_moe: bool = _default("cpu_moe")
+    split_mode: str = _default("split_mode")
+    main_gpu: int = _default("main_gpu")
+    device: tuple[str, ...] = _default("device")
+    tensor_split: tuple[float, ...] = _default("tensor_split")
+    override_tensor: tuple[str, ...] = _default("override_tensor")  # PATTERN=BUFFER_TYPE, first match wins
     cache_ram_mib: int = _default("cache_ram_mib")
     ctx_checkpoints: int = _default("ctx_checkpoints")
     spec_type: str | None = _default("spec_type")
@@ -377,6 +403,16 @@ class ServerFlags:
             value = getattr(self, f.name)
             if type(value) is int and not -INT32_MAX <= value <= INT32_MAX:
                 raise TunerError(f"{_opt(f.name)} {shown(value, 24)} is out of range (at most {INT32_MAX})")
+        sm = FLAGS["split_mode"]
+        if self.split_mode not in sm.choices:
+            raise TunerError(f"{sm.long} must be one of {', '.join(sm.choices)}; got {self.split_mode!r}")
+        if any(not 0 <= v < float('inf') for v in self.tensor_split) or len(self.tensor_split) > MAX_TENSOR_SPLIT:
+            raise TunerError(f"{_opt('tensor_split')} takes at most {MAX_TENSOR_SPLIT} shares, none negative; "
+                             f"got {FLAGS['tensor_split'].format(self.tensor_split)}")
+        for rule in self.override_tensor:
+            pattern, eq, target = rule.partition("=")  # the first '=' (common/arg.cpp:265)
+            if not eq or not pattern or not target:
+                raise TunerError(f"{_opt('override_tensor')} takes PATTERN=BUFFER_TYPE rules, got {rule!r}")
 
     @property
     def n_seq(self) -> int:

@@ -7,6 +7,9 @@ context; or the one type asked for):
    context floor, by binary search (GPU memory falls monotonically with N). Only experts are spilled: attention,
    DeltaNet, the shared expert, router, norms, the output head, the KV cache and the recurrent state stay on the GPU.
    Only when even every expert on the CPU does not fit are whole layers left on the CPU (``--n-gpu-layers``).
+   With several GPUs, :class:`tuner.placement.Placer` decides instead: the layer split (``--tensor-split``, and
+   ``--device`` to put the fastest card last), and which expert tensors each device sends to RAM (``-ot`` rules; the
+   fewest), every device keeping its buffer; steps 2-4 then re-place at each context they try.
 2. **host RAM** — the estimate's host part (CPU weights, pinned buffers, worst-case context checkpoints and a full
    prompt cache) must fit the available RAM; if it does not, ``--cache-ram`` and then ``--ctx-checkpoints`` are
    lowered before the option is given up.
@@ -80,6 +83,7 @@ from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
+from tuner.placement import Placer, cpu_expert_layers, cpu_expert_tensors, devices_of, placement_reason
 from tuner.policy import BALANCED
 from tuner.speed import Prediction, predict_speed
 from tuner.units import GiB, MiB, fmt_bytes
@@ -137,18 +141,29 @@ class Budget:
     ram_available_bytes: int
     gpu_free_bytes: tuple[tuple[str, int], ...] = ()  # per GPU, llama.cpp's name and its free bytes
     reserved_bytes: int = 0  # what the estimate does not count, the vision projector: first GPU (RAM if none)
+    gpu_total_bytes: tuple[int, ...] = ()  # per GPU (same order), its total memory
     buffer_source: str = ""  # why buffer_bytes is what it is, when a calibration set it
 
     @property
     def cpu_only(self) -> bool:
         return not self.gpu_free_bytes
 
+    def device_budgets(self) -> list[int]:
+        """Bytes the estimate may put on each GPU: its free memory less the buffer (and, on the first, the vision
+        projector's reserve)."""
+        return [free - self.buffer_bytes - (self.reserved_bytes if i == 0 else 0)
+                for i, (_, free) in enumerate(self.gpu_free_bytes)]
+
     def to_dict(self) -> dict[str, Any]:
+        totals = self.gpu_total_bytes or tuple(0 for _ in self.gpu_free_bytes)
         return {"device": self.device, "vram_total_bytes": self.vram_total_bytes,
                 "vram_free_bytes": self.vram_free_bytes, "buffer_bytes": self.buffer_bytes,
                 "ram_available_bytes": self.ram_available_bytes, "reserved_bytes": self.reserved_bytes,
                 "buffer_source": self.buffer_source or None,
-                "gpus": [{"name": n, "vram_free_bytes": b} for n, b in self.gpu_free_bytes]}
+                "gpus": [{"name": n, "vram_free_bytes": b} for n, b in self.gpu_free_bytes],
+                "devices": [{"device": n, "vram_total_bytes": t, "vram_free_bytes": b,
+                             "buffer_bytes": self.buffer_bytes}
+                            for (n, b), t in zip(self.gpu_free_bytes, totals, strict=True)]}
 
 
 @dataclass(frozen=True)
@@ -235,6 +250,7 @@ class Plan:
             "file_bytes": c.file_bytes, "bits_per_weight": round(c.bits_per_weight, 2),
             "cache_type_k": f.cache_type_k, "cache_type_v": f.cache_type_v,
             "n_cpu_moe": f.n_cpu_moe, "n_gpu_layers": "all" if f.n_gpu_layers is None else f.n_gpu_layers,
+            "tensor_split": list(f.tensor_split), "override_tensor": list(f.override_tensor),
             "ctx_size": f.ctx_size, "ctx_per_slot": self.estimate.n_ctx_seq, "parallel": f.n_seq,
             "kv_unified": self.estimate.kv_unified, "batch_size": f.batch_size, "ubatch_size": f.ubatch_size,
             "flash_attn": f.flash_attn, "cache_ram_mib": f.cache_ram_mib, "ctx_checkpoints": f.ctx_checkpoints,
@@ -291,8 +307,9 @@ class Recommendation:
 
 
 def estimate_on(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> MemoryEstimate:
-    """The memory estimate on this hardware's GPUs (named as llama.cpp names them), layers split as it splits them."""
-    return estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
+    """The memory estimate on this hardware's GPUs (named as llama.cpp names them), layers split as it splits them
+    (by ``--tensor-split`` when the flags give one, else by free memory)."""
+    return estimate_memory(layout, flags, devices_of(hardware), gpu_split(hardware))
 
 
 def budget_for(hardware: Hardware, wishes: Wishes, calibration: Calibration | None = None) -> Budget:
@@ -313,6 +330,7 @@ def budget_for(hardware: Hardware, wishes: Wishes, calibration: Calibration | No
         buffer_bytes=buffer,
         ram_available_bytes=hardware.ram_available_bytes,
         gpu_free_bytes=tuple((g.llama_name, g.vram_free_bytes) for g in hardware.gpus),
+        gpu_total_bytes=tuple(g.vram_total_bytes for g in hardware.gpus),
         buffer_source=source,
     )
 
@@ -373,9 +391,12 @@ class _Option:
 
     @property
     def experts_on_cpu(self) -> int:
+        """Layers with expert tensors in RAM (``--n-cpu-moe N``: N; several devices: the ``-ot`` rules')."""
         lay = self.candidate.layout
         if not lay.is_moe or self.budget.cpu_only:
             return 0
+        if self.flags.override_tensor:
+            return cpu_expert_layers(lay, self.flags, [name for name, _ in self.budget.gpu_free_bytes])
         return lay.n_layer if self.flags.cpu_moe else min(self.flags.n_cpu_moe, lay.n_layer)
 
 
@@ -421,7 +442,7 @@ class _Search:
         self.measured = measured
         self.calibration = calibration
         self.budget = budget_for(hardware, wishes, calibration)
-        self.gpu_names = tuple(g.llama_name for g in hardware.gpus)
+        self.devices = tuple(devices_of(hardware))
         self.split = gpu_split(hardware)
         order = sorted({(c.quality_rank, round(c.bits_per_weight, 4)) for c in candidates})
         self.quality = {id(c): order.index((c.quality_rank, round(c.bits_per_weight, 4))) for c in candidates}
@@ -429,6 +450,18 @@ class _Search:
     # --- primitives -------------------------------------------------------------------------------------------
     def estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
         return corrected_estimate(layout, flags, self.hardware, self.calibration)
+
+    def placer(self, budget: Budget) -> Placer:
+        """Several devices: the placement search with each GPU's budget and memory bandwidth."""
+        return Placer(self.devices, budget.device_budgets(),
+                      [float(g.mem_bandwidth_bytes_s) for g in self.hardware.gpus])
+
+    def correct(self, layout: ModelLayout) -> Callable[[MemoryEstimate], MemoryEstimate] | None:
+        """The calibration's corrections of an estimate of ``layout`` on this hardware (None without one)."""
+        calibration = self.calibration
+        if calibration is None:
+            return None
+        return lambda est: calibration.apply(est, layout, self.hardware)
 
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
         if self.wishes.vision:
@@ -459,10 +492,13 @@ class _Search:
     def place(self, cand: QuantCandidate, flags: ServerFlags, budget: Budget
               ) -> tuple[ServerFlags, MemoryEstimate] | None:
         """The fewest expert layers on the CPU (then the most GPU layers) that fit the GPUs at ``flags``'s
-        context; host RAM is checked separately."""
+        context; host RAM is checked separately. Several devices: :class:`tuner.placement.Placer`."""
         lay = cand.layout
         if budget.cpu_only:
             return flags, self.estimate(lay, flags)
+        if len(self.devices) > 1:  # the split and each device's spills (tuner.placement); -ts and -ot rules
+            got = self.placer(budget).place(lay, flags, correct=self.correct(lay))
+            return None if got is None else (got.flags, got.estimate)
 
         def probe(f: ServerFlags) -> tuple[ServerFlags, MemoryEstimate] | None:
             est = self.estimate(lay, f)
@@ -516,6 +552,8 @@ class _Search:
         Every term that grows with context (KV, KQ mask, f16 conversion copy, pinned mask) is linear in it once
         it exceeds the batch, so the limit is interpolated from the estimates at ``floor`` and ``cap`` and then
         checked; a binary search finishes whatever the interpolation leaves open."""
+        if len(self.devices) > 1 and not budget.cpu_only and flags.n_gpu_layers is None:
+            return self._largest_ctx_placed(cand, flags, est, budget, floor, cap)
         if cap <= floor:
             return flags, est
         f_cap = self.with_ctx(flags, cap)
@@ -544,6 +582,24 @@ class _Search:
                 break
             lo, best = step, got
         return _bisect(hi, lo, probe, best)
+
+    def _largest_ctx_placed(self, cand: QuantCandidate, flags: ServerFlags, est: MemoryEstimate, budget: Budget,
+                            floor: int, cap: int) -> tuple[ServerFlags, MemoryEstimate]:
+        """Several devices: the largest context at which a placement with no more expert tensors in RAM than
+        ``flags``'s fits (the split may move with the context), by binary search; host RAM must still fit."""
+        placer = self.placer(budget)
+        lay = cand.layout
+        spills = len(cpu_expert_tensors(lay, flags, self.devices))
+
+        def probe(step: int, speed: bool = False) -> tuple[ServerFlags, MemoryEstimate] | None:
+            f = self.with_ctx(flags, step * CTX_STEP)
+            got = placer.place(lay, f, max_spills=spills, allow_partial=False, speed=speed, correct=self.correct(lay))
+            return (got.flags, got.estimate) if got is not None and fits(got.estimate, budget) else None
+
+        top = probe(cap // CTX_STEP, speed=True)  # the context is final: the fastest split that holds it
+        if top is not None:
+            return top
+        return _bisect(cap // CTX_STEP, floor // CTX_STEP, probe, (flags, est))
 
     def option(self, cand: QuantCandidate, kv: str, floor: int, cap: int) -> _Option | _Miss:
         budget = self.budget_for_candidate(cand)
@@ -582,7 +638,8 @@ class _Search:
             slower = pred.tg_tok_s < (1 - SPEED_TOLERANCE) * opt.tg
             if slower or pred.pp_tok_s < UBATCH_MIN_PP_GAIN * opt.predicted.pp_tok_s:
                 continue
-            moved = f.n_cpu_moe - opt.flags.n_cpu_moe
+            moved = (cpu_expert_layers(cand.layout, f, self.devices) - opt.experts_on_cpu if len(self.devices) > 1
+                     else f.n_cpu_moe - opt.flags.n_cpu_moe)
             why = (f"--ubatch-size {ub}: expert weights in RAM are copied to the GPU once per ubatch, so prompts run "
                    f"~{pred.pp_tok_s:.0f} instead of ~{opt.predicted.pp_tok_s:.0f} tok/s"
                    + (f", for {moved} more expert layer(s) in RAM ({pred.tg_tok_s:.0f} vs {opt.tg:.0f} tok/s)"
@@ -955,6 +1012,8 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
         if best.flags.n_gpu_layers is not None:
             out.append(f"--n-gpu-layers {best.flags.n_gpu_layers}: even with every expert in RAM the model does "
                        f"not fit, so {lay.n_layer_all + 1 - best.flags.n_gpu_layers} layers run on the CPU")
+        elif len(b.gpu_free_bytes) > 1:
+            out.append(placement_reason(best.candidate.layout, best.flags, search.devices, best.floor))
         elif n == 0:
             out.append("every layer, expert and cache on the GPU")
         else:
@@ -976,8 +1035,10 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
             step = min(o.quant_quality for o in bigger)
             o = max((x for x in bigger if x.quant_quality == step), key=lambda x: x.tg)
             if o.experts_on_cpu > n:
-                out.append(f"{o.candidate.quant}, the next better quant, would need --n-cpu-moe {o.experts_on_cpu} "
-                           f"here: {o.tg:.0f} vs {best.tg:.0f} tok/s")
+                need = (f"experts of {o.experts_on_cpu} layers in RAM" if len(b.gpu_free_bytes) > 1
+                        else f"--n-cpu-moe {o.experts_on_cpu}")
+                out.append(f"{o.candidate.quant}, the next better quant, would need {need} here: {o.tg:.0f} vs "
+                           f"{best.tg:.0f} tok/s")
     if w.ctx_size is not None:
         out.append(f"context {best.ctx} per slot, as asked")
     elif best.ctx >= cap:

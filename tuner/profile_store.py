@@ -92,7 +92,8 @@ RESET_HINT = "`tuner profile reset --yes` starts a new one"
 _HF_SNAPSHOT_RE = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{7,64})/")
 # ServerFlags fields that do not change speed (host RAM limits only): ignored when matching a measurement.
 _SPEED_NEUTRAL = {"cache_ram_mib", "ctx_checkpoints"}
-_GPU_ONLY = {"n_gpu_layers", "n_cpu_moe", "cpu_moe", "no_kv_offload"}
+_GPU_ONLY = {"n_gpu_layers", "n_cpu_moe", "cpu_moe", "no_kv_offload", "split_mode", "main_gpu", "device",
+             "tensor_split", "override_tensor"}
 
 
 def store_path() -> Path:

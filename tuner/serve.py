@@ -12,8 +12,9 @@ Events (each one dict; ``--json`` prints them one per line as they are):
   ``"replanned": true``, when the downloaded file's header is not what the plan was sized for and the plan was made
   again from it (:mod:`tuner.replan`; a ``replan`` warning before it says what changed).
 * ``{"memory_check": {"weights" | "kv" | "recurrent" | "compute": {"predicted_bytes", "reported_bytes",
-  "diff_bytes", "diff_ratio", "tolerance_ratio", "tolerance_bytes", "within", "devices"}, "nvml": {...}}}``
-  (see :class:`MemoryCheck`).
+  "diff_bytes", "diff_ratio", "tolerance_ratio", "tolerance_bytes", "within", "devices"}, "devices": [{"name",
+  "weights" | "kv" | "recurrent" | "compute": {"predicted_bytes", "reported_bytes"}}], "nvml": {...}}}``
+  (see :class:`MemoryCheck`; ``devices`` lists every device, ``RPC0[host:port]`` and ``CPU`` included).
 * ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned" | "replan", ...}``.
 
 Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan
@@ -322,8 +323,17 @@ class MemoryCheck:
                 out.append(f"{k.kind}: the load log has no size for it (was -lv 4 dropped?)")
         return out
 
+    def devices(self) -> list[dict[str, Any]]:
+        """Per device (``CUDA0``, ``RPC0[host:port]``, ``CPU``…, the estimate's order first): each kind's
+        ``{predicted_bytes, reported_bytes}``."""
+        names = list(dict.fromkeys(n for k in self.kinds for n in k.devices))
+        return [{"name": n, **{k.kind: {"predicted_bytes": k.devices.get(n, (0, 0))[0],
+                                        "reported_bytes": k.devices.get(n, (0, 0))[1]} for k in self.kinds}}
+                for n in names]
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k.kind: k.to_dict() for k in self.kinds}
+        out["devices"] = self.devices()
         if self.nvml is not None:
             out["nvml"] = self.nvml
         return out

@@ -63,7 +63,7 @@ from tuner.estimate import (
     OP_OFFLOAD_MIN_BATCH,
     ServerFlags,
     context_shape,
-    layer_devices,
+    slot_devices,
     tensor_placement,
 )
 from tuner.ggml import is_quantized, kv_cache_type
@@ -232,8 +232,10 @@ def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] =
     the devices among ``gpu_names`` that are behind RPC (op offload never goes to them)."""
     shape = context_shape(layout, flags)
     depth = max(0, min(depth_tokens, shape.n_ctx_seq))
-    devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
-    first_gpu = next((name for name in gpu_names if name not in remote), CPU)
+    devs = slot_devices(layout, flags, gpu_names, gpu_split)  # -ts, -sm none, --device as llama.cpp
+    # op offload: the first device in llama.cpp's order that holds layers (--device may reorder them), never a worker
+    first_gpu = next((d for d in devs if d != CPU and d not in remote),
+                     next((name for name in gpu_names if name not in remote), CPU))
     op_offload = first_gpu != CPU and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
     active = layout.n_expert_used / layout.n_expert if layout.n_expert else 1.0
 

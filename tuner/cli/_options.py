@@ -56,8 +56,11 @@ def output_folder(value: Path | None) -> Path | None:
 
 
 def default(key: str) -> Any:
-    """llama-server's default for ``key``, as its typer option takes it (``-ngl``: ``all``; a list: ``""``)."""
+    """llama-server's default for ``key``, as its typer option takes it (``-ngl``: ``all``; a list: its text, ``""``;
+    a repeatable option: None, typer's "not given")."""
     row = FLAGS[key]
+    if row.repeat:
+        return None
     return row.format(row.default) if row.kind is Kind.LAYERS or row.list_sep is not None else row.default
 
 
@@ -73,7 +76,8 @@ OptionalModelArg = Annotated[str | None, typer.Argument(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 
 GpuOpt = Annotated[str | None, typer.Option(
-    "--gpu", help="Plan for a catalog GPU instead of the detected ones (rtx-4090, h100-80gb, … ; 'none' = CPU only).")]
+    "--gpu", help="Plan for catalog GPUs instead of the detected ones: rtx-4090, 2xrtx-3090, rtx-3090,rtx-3060 (CUDA0 "
+                  "first); 'none' = CPU only.")]
 VramOpt = Annotated[str | None, typer.Option("--vram", help="Override GPU memory, e.g. 16G.")]
 ServerBinOpt = Annotated[str | None, typer.Option("--server-bin", help="Use this llama-server binary.")]
 
@@ -107,6 +111,11 @@ CtxCheckpointsOpt = Annotated[int, server_option("ctx_checkpoints")]
 SpecTypeOpt = Annotated[str | None, server_option("spec_type")]
 SpecDraftOpt = Annotated[int, server_option("spec_draft_n_max")]
 NoKvOffloadOpt = Annotated[bool, server_option("no_kv_offload")]
+SplitModeOpt = Annotated[str, server_option("split_mode")]
+MainGpuOpt = Annotated[int, server_option("main_gpu")]
+DeviceOpt = Annotated[str, server_option("device")]
+TensorSplitOpt = Annotated[str, server_option("tensor_split")]
+OverrideTensorOpt = Annotated[list[str] | None, server_option("override_tensor")]
 
 # RPC workers (estimate, recommend, serve, bench): llama.cpp's --rpc, and what tuner adds to plan around it.
 RpcOpt = Annotated[str, server_option("rpc", show_default=False)]

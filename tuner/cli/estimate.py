@@ -119,6 +119,11 @@ def register(app: typer.Typer) -> None:
         spec_type: o.SpecTypeOpt = D.spec_type,
         spec_draft_n_max: o.SpecDraftOpt = D.spec_draft_n_max,
         no_kv_offload: o.NoKvOffloadOpt = D.no_kv_offload,
+        split_mode: o.SplitModeOpt = D.split_mode,
+        main_gpu: o.MainGpuOpt = D.main_gpu,
+        device: o.DeviceOpt = D.device,
+        tensor_split: o.TensorSplitOpt = D.tensor_split,
+        override_tensor: o.OverrideTensorOpt = D.override_tensor,
         rpc: o.RpcOpt = D.rpc,
         rpc_gpu: o.RpcGpuOpt = None,
         link_gbit: o.LinkGbitOpt = None,
@@ -141,7 +146,8 @@ def register(app: typer.Typer) -> None:
             cache_type_v=cache_type_v, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
             n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, cache_ram_mib=cache_ram_mib,
             ctx_checkpoints=ctx_checkpoints, spec_type=spec_type, spec_draft_n_max=spec_draft_n_max,
-            no_kv_offload=no_kv_offload))
+            no_kv_offload=no_kv_offload, split_mode=split_mode, main_gpu=main_gpu, device=device,
+            tensor_split=tensor_split, override_tensor=override_tensor))
         layout = resolve_layout(model)
         host = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
         hardware = cluster_hardware(hardware_for(gpu, vram, host=host), rpc=rpc or None, rpc_gpu=rpc_gpu,

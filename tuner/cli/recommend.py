@@ -32,8 +32,10 @@ from tuner.cli._output import bytes_cell, emit, memory_table, text
 from tuner.cli.hardware import hardware_dict, network_line, render_hardware
 from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.hardware import HostSpec, hardware_for
+from tuner.placement import describe, devices_of
 from tuner.planner import Recommendation, Wishes, plan_for
 from tuner.rpc import cluster_hardware, memory_by_host
+from tuner.server import CHILD_ENV
 from tuner.units import fmt_bytes, parse_size_bytes
 from tuner.untrusted import visible
 
@@ -48,6 +50,14 @@ def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vis
 
 def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> dict[str, Any]:
     result = {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware)}
+    p = rec.plan
+    if len(rec.hardware.gpus) > 1:  # several devices: what each holds, against its budget
+        result["placement"] = [share.to_dict() for share in describe(
+            p.candidate.layout, p.flags, devices_of(rec.hardware), p.budget.device_budgets())]
+    if len(rec.hardware.local_gpus) > 1:
+        # the CUDA runtime numbers the fastest card first unless told otherwise: CUDAn must be NVML's GPU n, the
+        # order the split is planned in (tuner's own launches set it too, tuner.server.CHILD_ENV)
+        result["env"] = {"CUDA_DEVICE_ORDER": CHILD_ENV["CUDA_DEVICE_ORDER"]}
     hosts = memory_by_host(rec.plan.estimate, rec.hardware)
     if hosts:
         result["hosts"] = [h.to_dict() for h in hosts]
@@ -67,6 +77,16 @@ def hosts_table(hosts: list[dict[str, Any]]) -> Table:
 
 def _tok_s(value: float) -> str:
     return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def _experts_in_ram(result: dict[str, Any]) -> str:
+    plan, placement = result["plan"], result.get("placement")
+    if placement:
+        n = sum(d["expert_tensors_in_ram"] for d in placement)
+        return f"{n} expert tensors (-ot rules)" if n else "none (all on the GPUs)"
+    if not result["budget"]["gpus"]:
+        return "everything (no GPU)"
+    return f"--n-cpu-moe {plan['n_cpu_moe']}" if plan["n_cpu_moe"] else "none (all on the GPU)"
 
 
 #: Below this many columns the report takes its narrow layout: no wide tables, hanging indents, the command in
@@ -193,8 +213,7 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
         ctx += f" ({plan['ctx_per_slot']} per slot × {plan['parallel']} slots)"
     for key, value in (
         ("KV cache", f"K {plan['cache_type_k']}, V {plan['cache_type_v']}"),
-        ("experts in RAM", f"--n-cpu-moe {plan['n_cpu_moe']}" if plan["n_cpu_moe"] else "none (all on the GPU)"
-         if budget["gpus"] else "everything (no GPU)"),
+        ("experts in RAM", _experts_in_ram(result)),
         ("GPU layers", str(plan["n_gpu_layers"]) if budget["gpus"] else "-"),
         ("context", ctx),
         ("slots", str(plan["parallel"])),
@@ -215,9 +234,15 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
                                                                                 title="Memory (estimate)"))
     devices = {d["name"]: d for d in result["memory"]["devices"]}
     left = result["headroom_bytes"]
+    slots = {d["name"]: d for d in result.get("placement") or []}
     for gpu in budget["gpus"]:
         used = devices.get(gpu["name"], {}).get("total_bytes", 0)
-        console.print(f"{text(gpu['name'])}: {fmt_bytes(used)} planned of {fmt_bytes(gpu['vram_free_bytes'])} free; "
+        where = slots.get(gpu["name"])
+        held = (f" ({where['slots']} layers" + (", the output layer" if where["output_layer"] else "")
+                + (f", {where['expert_tensors_in_ram']} expert tensors in RAM" if where["expert_tensors_in_ram"]
+                   else "") + ")") if where else ""
+        console.print(f"{text(gpu['name'])}{held}: {fmt_bytes(used)} planned of "
+                      f"{fmt_bytes(gpu['vram_free_bytes'])} free; "
                       f"buffer {fmt_bytes(budget['buffer_bytes'])} kept"
                       + (f", {fmt_bytes(budget['reserved_bytes'])} for the vision projector"
                          if budget["reserved_bytes"] else "")
@@ -253,11 +278,15 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
         console.print(f"[green]{text(result['calibration']['line'])}[/green]")
     console.print()
     console.print("[bold]Command:[/bold]")
+    env = " ".join(f"{k}={v}" for k, v in (result.get("env") or {}).items())
     if narrow:
+        if env:
+            console.print(env + " \\", soft_wrap=True, markup=False, highlight=False)
         for line in command_lines(result["command"], console.width):
             console.print(line, soft_wrap=True, markup=False, highlight=False)
     else:
-        console.print(visible(shlex.join(result["command"])), soft_wrap=True, markup=False, highlight=False)
+        console.print(visible((env + " " if env else "") + shlex.join(result["command"])), soft_wrap=True,
+                      markup=False, highlight=False)
     console.print(f"[dim]planned in {result['planning_s'] * 1000:.0f} ms[/dim]")
 
 

@@ -22,6 +22,7 @@ from tuner.hardware.catalog import (
     catalog_gpu,
     find_catalog_gpu,
     load_gpu_catalog,
+    parse_gpu_list,
     parse_gpu_spec,
 )
 from tuner.hardware.cluster import (
@@ -73,6 +74,7 @@ __all__ = [
     "override_vram",
     "parse_endpoint",
     "parse_endpoints",
+    "parse_gpu_list",
     "parse_gpu_spec",
     "parse_rpc_gpu_spec",
     "read_gpus",

@@ -1,6 +1,7 @@
 """The GPU catalog: the cards ``profiles/gpus.yaml`` describes, found by the names people and NVML give them.
 
-``--gpu rtx-4090`` / ``--gpu "RTX 3090 x2"`` plan for a catalog card (:func:`parse_gpu_spec`), and a detected card
+``--gpu rtx-4090`` / ``--gpu "RTX 3090 x2"`` / ``--gpu rtx-3090,rtx-3060`` plan for catalog cards
+(:func:`parse_gpu_list`), and a detected card
 whose NVML reports no memory bus width takes its bandwidth from here (:func:`catalog_entry_for_name`). The catalog
 is read through :func:`tuner.paths.catalog_dir` and checked field by field (:func:`load_gpu_catalog`).
 """
@@ -199,18 +200,38 @@ def find_catalog_gpu(text: str, catalog: Mapping[str, CatalogGpu] | None = None)
 
 
 _COUNT_RE = re.compile(r"^(?P<base>.+?)\s*[x×*]\s*(?P<count>\d{1,2})$", re.IGNORECASE)
+_PREFIX_COUNT_RE = re.compile(r"^(?P<count>\d{1,2})\s*[x×*]\s*(?P<base>\D.*)$", re.IGNORECASE)
 
 
 def parse_gpu_spec(text: str, catalog: Mapping[str, CatalogGpu] | None = None) -> tuple[CatalogGpu, int]:
-    """``rtx-3090x2`` / ``h100 x 4`` / ``4090`` → (catalog card, how many of it)."""
+    """``rtx-3090x2`` / ``2xrtx-3090`` / ``h100 x 4`` / ``4090`` → (catalog card, how many of it)."""
     catalog = load_gpu_catalog() if catalog is None else catalog
-    match = _COUNT_RE.match(text.strip())
-    if match and not _matching_keys(text, catalog):
-        count = int(match["count"])
-        if not 1 <= count <= _MAX_GPU_COUNT:
-            raise TunerError(f"GPU count in {text!r} must be between 1 and {_MAX_GPU_COUNT}")
-        return find_catalog_gpu(match["base"], catalog), count
+    text = text.strip()
+    for regex in (_COUNT_RE, _PREFIX_COUNT_RE):
+        match = regex.match(text)
+        if match and not _matching_keys(text, catalog):
+            count = int(match["count"])
+            if not 1 <= count <= _MAX_GPU_COUNT:
+                raise TunerError(f"GPU count in {text!r} must be between 1 and {_MAX_GPU_COUNT}")
+            return find_catalog_gpu(match["base"], catalog), count
     return find_catalog_gpu(text, catalog), 1
+
+
+def parse_gpu_list(text: str, catalog: Mapping[str, CatalogGpu] | None = None) -> list[CatalogGpu]:
+    """``rtx-3090,rtx-3060`` / ``2xrtx-3090,rtx-3060`` / ``rtx-4090x2`` → the cards, one per device, in the order
+    given (llama.cpp's device order: ``CUDA0`` first). At most 16 devices in all (llama_max_devices,
+    src/llama.cpp:86-88)."""
+    catalog = load_gpu_catalog() if catalog is None else catalog
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise TunerError(f"--gpu {text!r}: an empty entry in the list", hint="e.g. --gpu rtx-3090,rtx-3060")
+    cards: list[CatalogGpu] = []
+    for part in parts:
+        entry, count = parse_gpu_spec(part, catalog)
+        cards += [entry] * count
+    if len(cards) > _MAX_GPU_COUNT:
+        raise TunerError(f"--gpu {text!r} names {len(cards)} GPUs; llama.cpp takes at most {_MAX_GPU_COUNT}")
+    return cards
 
 
 def catalog_gpu(key: str, index: int = 0) -> Gpu:

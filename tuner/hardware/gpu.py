@@ -2,13 +2,15 @@
 it up.
 
 GPU numbering: :attr:`Gpu.index` is NVML's index (PCI bus order). llama.cpp's ``CUDAn`` is the same GPU only when
-``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and ``CUDA_VISIBLE_DEVICES`` is unset; :func:`tuner.hardware.detect_hardware`
-notes when that may not hold.
+``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and ``CUDA_VISIBLE_DEVICES`` is unset (the CUDA runtime numbers the fastest card
+first otherwise); tuner launches llama-server with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (``tuner.server.CHILD_ENV``) and
+:func:`tuner.hardware.detect_hardware` notes when the user's own environment may differ.
 
 A device on another machine, behind llama.cpp's RPC backend (``ggml-rpc-server`` there, ``llama-server --rpc`` here),
 is a :class:`Gpu` with an :attr:`Gpu.endpoint` (``10.0.0.2:50052``); its :attr:`Gpu.index` is the device's index on
 that worker, and its :attr:`Gpu.llama_name` the buffer name llama.cpp logs and ``-ot`` takes, ``RPC<i>[host:port]``
-(``ggml_backend_rpc_buffer_type``, ggml/src/ggml-rpc/ggml-rpc.cpp:1092, 1120).
+(``ggml_backend_rpc_buffer_type``, ggml/src/ggml-rpc/ggml-rpc.cpp:1092, 1120). The planner takes the devices in
+llama.cpp's model order (RPC devices first, src/llama.cpp:275-285): the order of :attr:`tuner.hardware.Hardware.gpus`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Gpu:
     RPC, ``rpc`` (asked of a live worker) or ``catalog`` (a card named with --rpc-gpu)."""
     endpoint: str | None = None
     """``host:port`` of the RPC worker that holds the device; None for a device of this machine."""
+    backend: str = "CUDA"
+    """The ggml backend that runs the device: ``CUDA`` (CUDA row padding, f16 KV conversion; assumed for a worker's
+    device of unknown kind, which errs high) or ``CPU`` (a worker that serves its CPU)."""
 
     @property
     def llama_name(self) -> str:

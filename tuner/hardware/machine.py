@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from tuner.errors import TunerError
-from tuner.hardware.catalog import GENERIC_GPU_BANDWIDTH_BYTES_S, parse_gpu_spec
+from tuner.hardware.catalog import GENERIC_GPU_BANDWIDTH_BYTES_S, parse_gpu_list
 from tuner.hardware.cluster import DEFAULT_LINK, NetworkLink
 from tuner.hardware.gpu import GB, Gpu
 from tuner.hardware.host import HostInfo, cpu_busy_logical, default_ram_bandwidth_bytes_s, read_host_noted
@@ -139,8 +139,9 @@ def _cuda_numbering_notes(gpus: Sequence[Gpu], environ: Mapping[str, str]) -> tu
         )
     if len({gpu.name for gpu in gpus}) > 1 and environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
         notes.append(
-            "the GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID: CUDA numbers the fastest first, "
-            "so CUDAn may not be NVML GPU n"
+            "the GPUs differ and CUDA_DEVICE_ORDER is not PCI_BUS_ID here: CUDA numbers the fastest first, "
+            "so CUDAn may not be NVML GPU n; tuner starts llama-server with CUDA_DEVICE_ORDER=PCI_BUS_ID, and a "
+            "command you run yourself needs it too"
         )
     return tuple(notes)
 
@@ -258,9 +259,10 @@ def hardware_for(gpu: str | None, vram: str | None = None, nvml: NvmlApi | None 
                  host: HostSpec | None = None) -> Hardware:
     """The hardware to plan for, from ``--gpu``, ``--vram`` and the host options.
 
-    ``gpu``: ``None`` → this machine (NVML); ``"none"`` → CPU only; a catalog card, optionally ``xN`` of it
-    (``rtx-3090x2``) → that card, on the host ``host`` describes over :func:`assumed_host` (see the module doc).
-    ``vram`` (``24G``; a bare number is GiB) replaces GPU 0's memory, or makes up a generic GPU when there is none.
+    ``gpu``: ``None`` → this machine (NVML); ``"none"`` → CPU only; a list of catalog cards, each optionally ``xN``
+    / ``Nx`` of it (``rtx-3090x2``, ``rtx-3090,rtx-3060``, ``2xrtx-3090,rtx-3060``) → those cards in that order
+    (``CUDA0`` first), on the host ``host`` describes over :func:`assumed_host` (see the module doc). ``vram``
+    (``24G``; a bare number is GiB) replaces GPU 0's memory, or makes up a generic GPU when there is none.
     """
     spec = host or HostSpec()
     catalog = False
@@ -271,10 +273,14 @@ def hardware_for(gpu: str | None, vram: str | None = None, nvml: NvmlApi | None 
             raise TunerError("--gpu none plans for no GPU, so --vram has nothing to apply to")
         hardware = _with_host((), ("no GPU: --gpu none",))
     else:
-        entry, count = parse_gpu_spec(gpu)
-        gpus = tuple(entry.to_gpu(index) for index in range(count))
-        what = entry.name if count == 1 else f"{count} × {entry.name}"
-        hardware = _with_host(gpus, (f"GPU from the catalog ({what}), not detected: all its memory counted free",),
+        cards = parse_gpu_list(gpu)
+        gpus = tuple(entry.to_gpu(index) for index, entry in enumerate(cards))
+        counts: dict[str, int] = {}
+        for entry in cards:
+            counts[entry.name] = counts.get(entry.name, 0) + 1
+        what = " + ".join(name if n == 1 else f"{n} × {name}" for name, n in counts.items())
+        it = "its memory" if len(cards) == 1 else "their memory"
+        hardware = _with_host(gpus, (f"GPU from the catalog ({what}), not detected: all {it} counted free",),
                               busy=False)
         catalog = True
     if vram is not None:
