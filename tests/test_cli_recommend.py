@@ -59,7 +59,8 @@ def test_json_document_through_a_subprocess() -> None:
     cuda0 = next(d for d in doc["memory"]["devices"] if d["name"] == "CUDA0")
     assert cuda0["total_bytes"] + doc["budget"]["buffer_bytes"] <= doc["budget"]["vram_free_bytes"]
     command = doc["command"]
-    assert command[:3] == ["llama-server", "-m", plan["file"]] and command[-3:] == ["--fit", "off", "--jinja"]
+    assert command[:3] == ["llama-server", "-m", plan["file"]]
+    assert command[-4:] == ["--fit", "off", "--jinja", "--no-mmproj"], "no projector behind the plan's back"
     assert command[command.index("--ctx-size") + 1] == str(plan["ctx_size"])
     assert 2 <= len(doc["alternatives"]) <= 4
     assert all(a["why_not"] and "predicted" in a for a in doc["alternatives"])
@@ -108,14 +109,19 @@ def test_vram_overrides_the_gpu_memory_and_the_buffer_is_kept(capsys: pytest.Cap
     assert any("--buffer" in r for r in doc["reasons"])
 
 
-def test_vision_loads_the_projector_and_reserves_room_for_it(capsys: pytest.CaptureFixture[str]) -> None:
+def test_vision_counts_the_projector_on_the_gpu_and_loads_it(capsys: pytest.CaptureFixture[str]) -> None:
     plain = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M")
     vision = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M", "--vision")
     assert vision["plan"]["vision"] and vision["plan"]["mmproj"] == "mmproj-F16.gguf"
     assert vision["command"][-2:] == ["--mmproj", "mmproj-F16.gguf"] and "--mmproj" not in plain["command"]
-    assert vision["budget"]["reserved_bytes"] > 899_283_648 and plain["budget"]["reserved_bytes"] == 0
-    assert vision["plan"]["ctx_size"] < plain["plan"]["ctx_size"]
+    assert plain["command"][-1] == "--no-mmproj" and "--no-mmproj" not in vision["command"]
     cuda0 = next(d for d in vision["memory"]["devices"] if d["name"] == "CUDA0")
+    seen = vision["memory"]["vision"]
+    assert seen["device"] == "CUDA0" and seen["weights_bytes"] == 899_283_648  # the card's file, no header read
+    assert cuda0["vision_bytes"] == seen["weights_bytes"] + seen["compute_bytes"] > 899_283_648 + 200 * MiB
+    assert vision["memory"]["vision_bytes"] == cuda0["vision_bytes"] and plain["memory"]["vision_bytes"] == 0
+    assert vision["budget"]["reserved_bytes"] == seen["growth_bytes"] > 0 and plain["budget"]["reserved_bytes"] == 0
+    assert vision["plan"]["ctx_size"] < plain["plan"]["ctx_size"]
     budget = vision["budget"]
     assert cuda0["total_bytes"] + budget["reserved_bytes"] + budget["buffer_bytes"] <= budget["vram_free_bytes"]
 

@@ -224,22 +224,31 @@ def test_forced_cache_type_and_unknown_quant(ladder: list[QuantCandidate]) -> No
         recommend(ladder, machine("rtx-3090"), Wishes(quant="Q9_X"))
 
 
-def test_vision_reserves_the_projector_and_loads_it(ladder: list[QuantCandidate]) -> None:
+def test_vision_counts_the_projector_in_the_gpus_memory_and_loads_it(ladder: list[QuantCandidate]) -> None:
     hw = machine("rtx-3090")
     plain = recommend(ladder, hw, Wishes(quant="Q4_K_M")).plan
     vision = recommend(ladder, hw, Wishes(quant="Q4_K_M", vision=True)).plan
-    mmproj = vision.candidate
-    assert vision.budget.reserved_bytes == mmproj.mmproj_bytes + VISION_COMPUTE_BYTES
+    projector = vision.candidate.vision_projector()
+    assert projector is not None and projector.weights_bytes == vision.candidate.mmproj_bytes
+    cuda0 = vision.estimate.device("CUDA0")
+    assert cuda0.vision_bytes == projector.weights_bytes + projector.compute_bytes(True)
+    assert vision.estimate.host.vision_bytes == 0 and plain.estimate.vision_bytes == 0
+    assert vision.budget.reserved_bytes == projector.growth_bytes() > 0  # what an image grows it by, unlogged
+    assert projector.compute_bytes(True) + vision.budget.reserved_bytes < VISION_COMPUTE_BYTES + 256 * MiB
     assert vision.estimate.n_ctx_seq < plain.estimate.n_ctx_seq
+    assert any(r.startswith("vision: mmproj-F16.gguf on CUDA0") for r in vision.reasons)
     command = vision.command(model_path="/m/q4.gguf", mmproj_path="/m/mmproj.gguf")
     assert command[-2:] == ["--mmproj", "/m/mmproj.gguf"]
+    assert plain.command()[-1] == "--no-mmproj"
 
 
-def test_vision_without_a_gpu_reserves_the_projector_in_ram(ladder: list[QuantCandidate]) -> None:
+def test_vision_without_a_gpu_counts_the_projector_in_ram(ladder: list[QuantCandidate]) -> None:
     hw = machine("none", ram_gib=64)
     plan = recommend(ladder, hw, Wishes(vision=True)).plan
     b = plan.budget
-    assert b.reserved_bytes == plan.candidate.mmproj_bytes + VISION_COMPUTE_BYTES
+    projector = plan.candidate.vision_projector()
+    assert projector is not None and plan.estimate.host.vision_bytes == projector.total_bytes()
+    assert b.reserved_bytes == projector.growth_bytes()
     assert plan.estimate.host_total_bytes + b.buffer_bytes + b.reserved_bytes <= hw.ram_available_bytes
     assert "--mmproj" in plan.command()
 
@@ -249,7 +258,7 @@ def test_plan_command_is_the_flags_with_fit_off_and_jinja(ladder: list[QuantCand
     command = plan.command("/opt/llama-server", model_path="/models/x.gguf")
     assert command[:3] == ["/opt/llama-server", "-m", "/models/x.gguf"]
     assert command[3:3 + len(plan.flags.to_args())] == plan.flags.to_args()
-    assert command[-3:] == ["--fit", "off", "--jinja"]
+    assert command[-4:] == ["--fit", "off", "--jinja", "--no-mmproj"]
     assert plan.command()[2] == plan.candidate.files[0]
     d = plan.to_dict()
     for key in ("model", "quant", "file", "cache_type_k", "cache_type_v", "n_cpu_moe", "n_gpu_layers", "ctx_size",
@@ -327,7 +336,9 @@ def test_a_gpu_too_small_for_the_vision_projector_is_a_no_fit_error_counting_it(
     with pytest.raises(TunerError) as err:
         recommend(ladder, tiny, Wishes(buffer_bytes=0, vision=True))
     message = str(err.value)
-    reserve = fmt_bytes(ladder[0].mmproj_bytes + VISION_COMPUTE_BYTES)
+    projector = ladder[0].vision_projector()
+    assert projector is not None
+    reserve = fmt_bytes(projector.total_bytes() + projector.growth_bytes())
     assert "nothing fits at 4096 tokens of context" in message
     assert f"needs {reserve} of VRAM ({reserve} of it for the vision projector)" in message  # -ngl 0: nothing else
     assert "available: 512.0 MiB of VRAM after a 0 B buffer per GPU" in message

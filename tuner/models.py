@@ -26,8 +26,8 @@ from tuner.layout import ModelLayout
 from tuner.local import dir_candidates, dir_quant_labels, file_candidate, local_layout
 from tuner.remote import hub_candidates, hub_quant_labels, parse_hub_ref
 
-__all__ = ["ModelRef", "ProgressFn", "QuantCandidate", "local_layout", "parse_model_ref", "resolve_candidates",
-           "resolve_layout"]
+__all__ = ["ModelRef", "ProgressFn", "QuantCandidate", "local_layout", "parse_model_ref", "resolve_candidate",
+           "resolve_candidates", "resolve_layout"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,20 @@ def resolve_layout(ref: str, on_progress: ProgressFn | None = None) -> ModelLayo
                              f"({', '.join(labels)})")
     candidates = resolve_candidates(ref, on_progress)
     return candidates[0].layout
+
+
+def resolve_candidate(ref: str, on_progress: ProgressFn | None = None) -> QuantCandidate:
+    """The one quant a reference names (as :func:`resolve_layout` takes it), with what lies beside it: its vision
+    projector and MTP sidecar, its repo and commit."""
+    parsed = parse_model_ref(ref)
+    if parsed.kind == "file":
+        return file_candidate(parsed.target)
+    if parsed.quant is None:
+        labels = _ladder_labels(parsed)
+        if len(labels) != 1:
+            raise TunerError(f"{ref} comes in {len(labels)} quants; name one as {parsed.target}:QUANT "
+                             f"({', '.join(labels)})")
+    return resolve_candidates(ref, on_progress)[0]
 
 
 def _ladder_labels(parsed: ModelRef) -> list[str]:

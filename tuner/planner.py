@@ -59,10 +59,12 @@ from typing import Any, TypeVar
 
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
+from tuner.flags import FLAGS, SPEC_MTP
 from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
+from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, mtp_flags, predict_mtp
 from tuner.speed import Prediction, predict_speed
 from tuner.units import GiB, MiB, fmt_bytes
 
@@ -77,10 +79,10 @@ DEFAULT_VRAM_BUFFER_BYTES = COMMUNITY_HEADROOM_BYTES + CUDA_UNACCOUNTED_BYTES
 DEFAULT_RAM_BUFFER_BYTES = 1 * GiB
 """CPU only: RAM kept free for the OS and the server process itself."""
 VISION_COMPUTE_BYTES = 384 * MiB
-"""Allowance for the vision encoder's compute buffer, on top of the mmproj weights: its warm-up image is 46 × 46
-tokens after a 2 × 2 merge, 8464 patches (tools/mtmd/clip.cpp:1668-1679), and one f32 activation of the encoder's MLP
-(width 1152 → 4304, from the Qwen3.5 mmproj's header) is 8464 × 4304 × 4 B = 139 MiB; a few of those live at once.
-Not measured."""
+"""Kept for reference: the flat allowance the planner once held back for the vision encoder's compute buffer. The
+projector's weights and warm-up buffer are now in the estimate (:mod:`tuner.vision`: 248 MiB measured for Qwen3.5's
+encoder with flash attention); the budget keeps only what an image grows that buffer by at run time
+(:meth:`tuner.vision.Projector.growth_bytes`)."""
 
 MIN_CTX = 4096
 """The smallest context a plan may have (llama.cpp's --fit stops at the same 4096)."""
@@ -116,7 +118,7 @@ class Budget:
     buffer_bytes: int
     ram_available_bytes: int
     gpu_free_bytes: tuple[tuple[str, int], ...] = ()  # per GPU, llama.cpp's name and its free bytes
-    reserved_bytes: int = 0  # what the estimate does not count, the vision projector: first GPU (RAM if none)
+    reserved_bytes: int = 0  # what the estimate does not count: the vision encoder's run-time growth, on its device
 
     @property
     def cpu_only(self) -> bool:
@@ -174,19 +176,32 @@ class Plan:
     def model_name(self) -> str:
         return self.candidate.card_key or self.candidate.layout.name or self.candidate.layout.source
 
+    @property
+    def uses_sidecar(self) -> bool:
+        """Whether the plan drafts with an MTP head kept in its own file (``-md``), not in the model."""
+        return self.flags.spec_type == SPEC_MTP and not self.candidate.layout.has_mtp
+
     def command(self, server_bin: str = "llama-server", model_path: str | None = None,
-                mmproj_path: str | None = None) -> list[str]:
+                mmproj_path: str | None = None, mtp_path: str | None = None) -> list[str]:
         """The llama-server command line: ``--fit off`` because the plan already fits, ``--jinja`` for the
-        model's chat template (tool calls)."""
+        model's chat template (tool calls), ``-md`` with the MTP sidecar it drafts with, and ``--mmproj`` with
+        vision or else ``--no-mmproj`` (so a ``-hf`` in its place fetches no projector the plan did not count)."""
         model = model_path or (self.candidate.files[0] if self.candidate.files else None)
         if not model:
             raise TunerError(f"{self.model_name} {self.quant}: no model file to put on the command line")
         args = [server_bin, "-m", str(model), *self.flags.to_args(), *self.extra_args, "--fit", "off", "--jinja"]
+        if self.uses_sidecar:
+            sidecar = mtp_path or self.candidate.mtp_sidecar
+            if not sidecar:
+                raise TunerError(f"{self.model_name} {self.quant}: MTP drafting needs the head's file (mtp-*.gguf)")
+            args += [FLAGS["spec_draft_model"].aliases[0], str(sidecar)]
         if self.vision:
             mmproj = mmproj_path or self.candidate.mmproj
             if not mmproj:
                 raise TunerError(f"{self.model_name} {self.quant}: no vision projector (mmproj) known")
             args += ["--mmproj", str(mmproj)]
+        else:
+            args += FLAGS["mmproj_auto"].to_args(False)
         return args
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +216,8 @@ class Plan:
             "kv_unified": self.estimate.kv_unified, "batch_size": f.batch_size, "ubatch_size": f.ubatch_size,
             "flash_attn": f.flash_attn, "cache_ram_mib": f.cache_ram_mib, "ctx_checkpoints": f.ctx_checkpoints,
             "vision": self.vision, "mmproj": c.mmproj if self.vision else None,
+            "mtp": f.spec_type == SPEC_MTP, "spec_draft_n_max": f.spec_draft_n_max if f.spec_type else None,
+            "mtp_sidecar": c.mtp_sidecar if self.uses_sidecar else None,
             "extra_args": list(self.extra_args), "args": f.to_args() + list(self.extra_args),
         }
 
@@ -365,14 +382,21 @@ class _Search:
         self.split = gpu_split(hardware)
         order = sorted({(c.quality_rank, round(c.bits_per_weight, 4)) for c in candidates})
         self.quality = {id(c): order.index((c.quality_rank, round(c.bits_per_weight, 4))) for c in candidates}
+        # what the estimate adds to a layout: its MTP sidecar and, with --vision, its projector (keyed by the layout
+        # object, so every estimate of the search counts them without being handed the candidate)
+        self.candidate_of = {id(c.layout): c for c in candidates}
 
     # --- primitives -------------------------------------------------------------------------------------------
     def estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
-        return estimate_memory(layout, flags, self.gpu_names, self.split)
+        cand = self.candidate_of.get(id(layout))
+        draft = cand.mtp_draft if cand is not None and not layout.has_mtp else None
+        vision = cand.vision_projector() if cand is not None and self.wishes.vision else None
+        return estimate_memory(layout, flags, self.gpu_names, self.split, draft=draft, vision=vision)
 
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
-        if self.wishes.vision:
-            return replace(self.budget, reserved_bytes=cand.mmproj_bytes + VISION_COMPUTE_BYTES)
+        projector = cand.vision_projector() if self.wishes.vision else None
+        if projector is not None:  # the estimate counts its warm-up buffer; an image grows it at run time
+            return replace(self.budget, reserved_bytes=projector.growth_bytes())
         return self.budget
 
     def predict(self, cand: QuantCandidate, flags: ServerFlags) -> Prediction:
@@ -380,6 +404,9 @@ class _Search:
             got = self.measured(cand, flags, self.hardware)
             if got is not None:
                 return got
+        if flags.spec_type == SPEC_MTP:
+            plain = self.predict(cand, flags.with_(spec_type=None))
+            return predict_mtp(cand.layout, flags, self.hardware, plain, draft=cand.mtp_draft, gpu_split=self.split)
         return predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
 
     def with_ctx(self, flags: ServerFlags, ctx_per_slot: int) -> ServerFlags:
@@ -528,6 +555,56 @@ class _Search:
             return replace(opt, flags=f, estimate=e, predicted=pred), why
         return opt, None
 
+    def try_mtp(self, opt: _Option, floor: int) -> tuple[_Option, str | None]:
+        """MTP drafting (:mod:`tuner.mtp`) for the chosen plan, when it has a head (in its GGUF or a sidecar): only
+        with the whole trunk on the GPU, one slot and no vision; the draft length that predicts (or measured) the
+        fastest generation, taken when that beats plain decoding by more than the speed tolerance and its draft
+        context fits (at this context, or, unless ``--prefer context``, at the largest that fits from the floor).
+        Returns the plan (changed or not) and the reason, or None when there is no head to talk about."""
+        cand = opt.candidate
+        if not cand.has_mtp:
+            return opt, None
+        where = ("the MTP head of " + cand.mtp_sidecar.rsplit("/", 1)[-1] if not cand.layout.has_mtp
+                 and cand.mtp_sidecar else "the model's MTP head")
+        if opt.budget.cpu_only:
+            return opt, (f"MTP off: no GPU; {where} drafts on the CPU, where verifying the drafted tokens costs "
+                         f"about what it saves (tuner bench measures it on and off)")
+        if opt.flags.n_gpu_layers is not None or opt.experts_on_cpu:
+            return opt, (f"MTP off: experts of {opt.experts_on_cpu or cand.layout.n_layer} layers in RAM; "
+                         "verifying 1 + n drafted tokens reads up to 1 + n times the routed experts from RAM, "
+                         "more than drafting saves")
+        if self.wishes.parallel > 1:
+            return opt, f"MTP off: --parallel {self.wishes.parallel}; MTP drafting is planned for one slot"
+        if self.wishes.vision:
+            return opt, "MTP off: not planned together with --vision (the MTP GGUFs' uploaders do not support it)"
+        best: tuple[ServerFlags, MemoryEstimate, Prediction] | None = None
+        for n in DRAFT_LENGTHS:
+            f = mtp_flags(opt.flags, n)
+            est = self.estimate(cand.layout, f)
+            if not fits(est, opt.budget):
+                if self.wishes.prefer == "context":
+                    continue
+                start = self.with_ctx(f, floor)
+                lean = self.estimate(cand.layout, start)
+                if not fits(lean, opt.budget):
+                    continue
+                f, est = self.largest_ctx(cand, start, lean, opt.budget, floor, opt.ctx)
+            pred = self.predict(cand, f)
+            if best is None or pred.tg_tok_s > best[2].tg_tok_s:
+                best = (f, est, pred)
+        if best is None:
+            return opt, (f"MTP off: {where} would not fit: its draft context (one layer of KV, a compute buffer) "
+                         "and rollback states of the recurrent layers need memory this plan does not have")
+        f, est, pred = best
+        basis = "measured" if pred.source == "measured" else f"predicted at an assumed acceptance of {MTP_ACCEPTANCE}"
+        if pred.tg_tok_s <= (1 + SPEED_TOLERANCE) * opt.tg:
+            return opt, (f"MTP off: drafting with {where} gives {pred.tg_tok_s:.0f} vs {opt.tg:.0f} tok/s ({basis}), "
+                         f"not more than {SPEED_TOLERANCE:.0%} faster")
+        ctx = f" at context {est.n_ctx_seq} instead of {opt.ctx}" if est.n_ctx_seq < opt.ctx else ""
+        why = (f"--spec-type {SPEC_MTP} --spec-draft-n-max {f.spec_draft_n_max}: drafting with {where} generates "
+               f"{pred.tg_tok_s:.0f} instead of {opt.tg:.0f} tok/s ({basis}){ctx}; every layer is on the GPU")
+        return replace(opt, flags=f, estimate=est, predicted=pred), why
+
 
 # ----------------------------------------------------------------------------------------------- scoring
 
@@ -666,7 +743,9 @@ def _placement(flags: ServerFlags, budget: Budget) -> str:
 def _no_fit_error(misses: Sequence[_Miss], search: _Search, floor: int) -> TunerError:
     smallest = min(misses, key=lambda m: (m.gpu_need_bytes + m.host_need_bytes))
     b = search.budget_for_candidate(smallest.candidate)  # with the vision reserve, if any
-    vision = f" ({fmt_bytes(b.reserved_bytes)} of it for the vision projector)" if b.reserved_bytes else ""
+    projector = smallest.candidate.vision_projector() if search.wishes.vision else None
+    vision = (f" ({fmt_bytes(projector.total_bytes() + b.reserved_bytes)} of it for the vision projector)"
+              if projector is not None else "")
     if b.cpu_only:
         have = f"{fmt_bytes(b.ram_available_bytes - b.buffer_bytes)} of RAM after a {fmt_bytes(b.buffer_bytes)} buffer"
         need = (f"{fmt_bytes(smallest.host_need_bytes + b.reserved_bytes)} of RAM{vision} "
@@ -743,6 +822,7 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     ub_reason = None
     if wishes.prefer != "context":
         best, ub_reason = search.raise_ubatch(best, floor, cap)
+    best, mtp_reason = search.try_mtp(best, floor)
 
     def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
         return search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
@@ -754,6 +834,8 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
 
     reasons = _reasons(best, best_key, ranked, kv_losers, search, floor, cap, native, ub_reason)
+    if mtp_reason:
+        reasons += (mtp_reason,)
     plan = _to_plan(best, reasons, wishes, native)
     alt_plans = tuple((_to_plan(o, (), wishes, native), why) for o, why in alts)
     missing: dict[int, _Miss] = {}
@@ -796,12 +878,14 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
     if b.cpu_only:
         out.append(f"no GPU: everything runs from RAM ({fmt_bytes(b.ram_available_bytes)} available, "
                    f"{fmt_bytes(b.buffer_bytes)} kept free"
-                   + (f", {fmt_bytes(b.reserved_bytes)} for the vision projector" if b.reserved_bytes else "") + ")")
+                   + (f", {fmt_bytes(b.reserved_bytes)} for the vision encoder's largest image" if b.reserved_bytes
+                      else "") + ")")
     else:
         out.append(f"{fmt_bytes(b.buffer_bytes)} of VRAM kept free on every GPU"
                    + (" (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
                       "count)" if b.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES else " (--buffer)")
-                   + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision projector" if b.reserved_bytes else ""))
+                   + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision encoder's largest image"
+                      if b.reserved_bytes else ""))
         n = best.experts_on_cpu
         if best.flags.n_gpu_layers is not None:
             out.append(f"--n-gpu-layers {best.flags.n_gpu_layers}: even with every expert in RAM the model does "
@@ -851,6 +935,11 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                                                   " (on CUDA it also costs an f16 conversion buffer, counted)"))
     if ub_reason:
         out.append(ub_reason)
+    vision = best.estimate.vision
+    if vision is not None:
+        out.append(f"vision: {vision['file'] or 'the projector'} on {vision['device']}, "
+                   f"{fmt_bytes(vision['weights_bytes'])} of weights and a {fmt_bytes(vision['compute_bytes'])} "
+                   f"compute buffer (sized from its {vision['sized_from']}), counted in the memory estimate")
     if w.parallel == 1:
         state = fmt_bytes(lay.recurrent_bytes_per_seq())
         checkpoints = best.flags.ctx_checkpoints

@@ -24,6 +24,7 @@ from tuner.build import ProgressFn as BuildProgressFn
 from tuner.build import obtain_build
 from tuner.errors import TunerError
 from tuner.fetch import fetch_candidate
+from tuner.flags import FLAGS, SPEC_MTP
 from tuner.hardware import Hardware, hardware_for
 from tuner.layout import ModelLayout
 from tuner.models import resolve_candidates
@@ -84,14 +85,43 @@ def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *,
                   need_plan: bool) -> tuple[Path, ModelLayout, Plan | None]:
     """(local GGUF path, layout, plan or None). A file is used as it is; anything else is planned (to pick the
     quant) and fetched like ``tuner serve`` does."""
+    path, layout, plan, _ = resolve_model_files(model, hardware, wishes, need_plan=need_plan)
+    return path, layout, plan
+
+
+def resolve_model_files(model: str | None, hardware: Hardware, wishes: Wishes, *, need_plan: bool
+                        ) -> tuple[Path, ModelLayout, Plan | None, Path | None]:
+    """:func:`resolve_model`, and the local MTP sidecar of the quant when it drafts with one (None otherwise)."""
     plan = None
     if need_plan or model is None or not Path(model).expanduser().is_file():
         plan = plan_for(model, hardware, wishes).plan
         candidate = plan.candidate
     else:
         candidate = resolve_candidates(model)[0]
-    fetched = fetch_candidate(candidate)
-    return fetched.model_path, candidate.layout, plan
+    sidecar = not candidate.layout.has_mtp and candidate.mtp_draft is not None
+    fetched = fetch_candidate(candidate, mtp_sidecar=sidecar)
+    return fetched.model_path, candidate.layout, plan, fetched.mtp_path
+
+
+def mtp_variant(plan: Plan, layout: ModelLayout, sidecar: Path | None) -> FlagSet | None:
+    """The plan with MTP drafting toggled, when the model can draft (its head or a sidecar): ``plan-no-mtp`` when
+    the plan drafts, ``plan-mtp`` (``--spec-draft-n-max`` 3, llama.cpp's default) when it does not; so a plain
+    benchmark measures MTP on and off side by side, with the acceptance rate."""
+    if not layout.has_mtp and sidecar is None:
+        return None
+    extra: tuple[str, ...] = (*plan.extra_args, *FIT_OFF_ARGS)
+    if plan.flags.spec_type == SPEC_MTP:
+        return flagset_from_flags(f"{PLAN_NAME}-no-mtp", plan.flags.with_(spec_type=None), extra)
+    if sidecar is not None:
+        extra = (*extra, *FLAGS["spec_draft_model"].to_args(str(sidecar)))
+    flags = plan.flags.with_(spec_type=SPEC_MTP, spec_draft_n_max=FLAGS["spec_draft_n_max"].default)
+    return flagset_from_flags(f"{PLAN_NAME}-mtp", flags, extra)
+
+
+def _sidecar_args(plan: Plan, sidecar: Path | None) -> tuple[str, ...]:
+    if plan.flags.spec_type == SPEC_MTP and not plan.candidate.layout.has_mtp and sidecar is not None:
+        return tuple(FLAGS["spec_draft_model"].to_args(str(sidecar)))
+    return ()
 
 
 def learn(path: Path) -> dict[str, Any]:
@@ -115,7 +145,7 @@ def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
     if wishes.parallel < cfg.concurrency:
         wishes = replace(wishes, parallel=cfg.concurrency)  # the plan needs a slot per concurrent request
     budget = budget_for(hardware, wishes)
-    model_path, layout, plan = resolve_model(model_ref, hardware, wishes, need_plan=not options.sets)
+    model_path, layout, plan, sidecar = resolve_model_files(model_ref, hardware, wishes, need_plan=not options.sets)
     check_sets_fit(layout, options.sets, hardware, budget)
     build, _cached = obtain_build(server_bin=options.server_bin, gpus=gpus_for_build(hardware),
                                   on_progress=on_build_progress)
@@ -131,14 +161,19 @@ def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
                           budget=budget, plan_extra=plan.extra_args, depth=options.tune_depth,
                           objective=options.objective, only=options.dims,
                           min_parallel=max(wishes.parallel, cfg.concurrency), log_dir=log_dir,
-                          on_progress=on_progress)
+                          on_progress=on_progress, draft_model=sidecar)
         document = tune_document(result, model_path=model_path, layout=layout, hardware=hardware, build=build,
                                  cfg=cfg, model_identity=identity)
     else:
         assert options.sets or plan is not None
         # the baseline first: every ratio in the verdict is then "against llama-server's defaults"
-        sets = list(options.sets) or [defaults_set(),
-                                      flagset_from_flags(PLAN_NAME, plan.flags, (*plan.extra_args, *FIT_OFF_ARGS))]
+        sets = list(options.sets)
+        if not sets:
+            assert plan is not None
+            plan_set = flagset_from_flags(PLAN_NAME, plan.flags, (*plan.extra_args, *FIT_OFF_ARGS,
+                                                                  *_sidecar_args(plan, sidecar)))
+            variant = mtp_variant(plan, layout, sidecar)
+            sets = [defaults_set(), plan_set, *([variant] if variant is not None else [])]
         run = run_bench(model_path, sets, cfg, server_bin=build.server_bin, layout=layout, hardware=hardware,
                         budget=budget, log_dir=log_dir, on_progress=on_progress)
         document = bench_document(run, model_path=model_path, layout=layout, hardware=hardware, build=build,

@@ -62,6 +62,9 @@ CtxCheckpointsOpt = Annotated[int, server_option("ctx_checkpoints")]
 SpecTypeOpt = Annotated[str | None, server_option("spec_type")]
 SpecDraftOpt = Annotated[int, server_option("spec_draft_n_max")]
 NoKvOffloadOpt = Annotated[bool, server_option("no_kv_offload")]
+SpecDraftModelOpt = Annotated[str | None, server_option("spec_draft_model", show_default=False)]
+MmprojOpt = Annotated[str | None, server_option("mmproj", show_default=False)]
+MmprojOffloadOpt = Annotated[bool, server_option("mmproj_offload")]
 
 # Building llama.cpp (tuner build, tuner serve).
 SourceOpt = Annotated[str, typer.Option(

@@ -6,6 +6,11 @@ Examples:
     tuner estimate Qwen3.5-35B-A3B-Q4_K_M-00001-of-00002.gguf -c 262144 -ctk q8_0 -ctv q8_0 --gpu rtx-4090
     tuner estimate model.gguf --n-cpu-moe 20 --gpu rtx-5080 --json
     tuner estimate model.gguf -c 32768 --check      # beside llama.cpp's own dry run (llama-fit-params)
+    tuner estimate model.gguf --spec-type draft-mtp -md mtp-model-Q8_0.gguf   # drafting with an MTP sidecar
+    tuner estimate model.gguf --mmproj mmproj-F16.gguf --no-mmproj-offload    # the vision projector on the CPU
+
+The JSON's ``health`` lists what :mod:`tuner.health` finds beyond memory: a stale chat template, an MTP head the
+file lacks and where one is, a vision projector left out.
 """
 
 from __future__ import annotations
@@ -19,27 +24,46 @@ from rich.table import Table
 
 from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
-from tuner.cli._output import emit, memory_table, text
+from tuner.cli._output import emit, memory_table, render_health, text
 from tuner.cli.hardware import hardware_dict
-from tuner.flags import ServerFlags
-from tuner.hardware import GB, Hardware, hardware_for
+from tuner.errors import TunerError
+from tuner.flags import SPEC_MTP, ServerFlags
+from tuner.gguf_file import read_gguf
+from tuner.hardware import GB, Hardware, gpu_split, hardware_for
 from tuner.layout import ModelLayout
-from tuner.models import resolve_layout
+from tuner.models import local_layout, resolve_candidate
 from tuner.planner import estimate_on
 from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
+from tuner.vision import Projector, projector_from_header
 
 
 def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
-                    depth_tokens: int = PLANNING_DEPTH_TOKENS) -> dict[str, Any]:
-    est = estimate_on(layout, flags, hardware)
+                    depth_tokens: int = PLANNING_DEPTH_TOKENS, *, draft: ModelLayout | None = None,
+                    vision: Projector | None = None, mmproj_offload: bool = True,
+                    health: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    if draft is None and vision is None and mmproj_offload:
+        est = estimate_on(layout, flags, hardware)
+    else:
+        from tuner.estimate import estimate_memory
+
+        est = estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware),
+                              draft=draft, vision=vision, mmproj_offload=mmproj_offload)
     result: dict[str, Any] = {"model": layout.source or layout.name, "arch": layout.arch, **est.to_dict()}
-    pred = predict_on(layout, flags, hardware, depth_tokens=depth_tokens)
+    pred = predict_on(layout, flags.with_(spec_type=None) if flags.spec_type else flags, hardware,
+                      depth_tokens=depth_tokens)
+    if flags.spec_type == SPEC_MTP:
+        from tuner.mtp import predict_mtp
+
+        pred = predict_mtp(layout, flags, hardware, pred, draft=draft, gpu_split=gpu_split(hardware),
+                           depth_tokens=depth_tokens)
     result["predicted"] = {"depth_tokens": depth_tokens, "tg_tok_s": round(pred.tg_tok_s, 2),
                            "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2)}
+    result["predicted"]["notes"] = list(pred.notes)
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
     result["hardware"] = hardware_dict(hardware)
+    result["health"] = list(health or [])
     return result
 
 
@@ -66,6 +90,7 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
                   f"(bound {pred['tg_bound_tok_s']:.1f}), pp {pred['pp_tok_s']:.0f} tok/s")
     for note in result["notes"] + result["hardware"]["notes"]:
         console.print(f"[yellow]note:[/yellow] {text(note)}")
+    render_health(console, result["health"])
     check = result.get("check")
     if check:
         table = Table(title=f"llama.cpp's own dry run ({check['tool']})", title_justify="left")
@@ -99,6 +124,9 @@ def register(app: typer.Typer) -> None:
         spec_type: o.SpecTypeOpt = D.spec_type,
         spec_draft_n_max: o.SpecDraftOpt = D.spec_draft_n_max,
         no_kv_offload: o.NoKvOffloadOpt = D.no_kv_offload,
+        spec_draft_model: o.SpecDraftModelOpt = None,
+        mmproj: o.MmprojOpt = None,
+        mmproj_offload: o.MmprojOffloadOpt = True,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
@@ -118,13 +146,29 @@ def register(app: typer.Typer) -> None:
             n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, cache_ram_mib=cache_ram_mib,
             ctx_checkpoints=ctx_checkpoints, spec_type=spec_type, spec_draft_n_max=spec_draft_n_max,
             no_kv_offload=no_kv_offload))
-        layout = resolve_layout(model)
+        candidate = resolve_candidate(model)
+        layout = candidate.layout
+        draft = None
+        if spec_draft_model:
+            draft = local_layout(spec_draft_model)
+        elif flags.spec_type == SPEC_MTP and not layout.has_mtp:
+            draft = candidate.mtp_draft  # the sidecar found beside the model (-md)
+        vision = None
+        if mmproj:
+            try:
+                vision = projector_from_header(read_gguf(mmproj))
+            except TunerError as exc:
+                raise TunerError(f"--mmproj {mmproj}: {exc}") from None
+        from tuner import health as model_health
+
+        health = model_health.check(candidate, vision=vision is not None).to_list()
         hardware = hardware_for(gpu, vram)
         if ram_bandwidth is not None:
             hardware = replace(hardware, ram_bandwidth_bytes_s=round(ram_bandwidth * GB))
         if cpu_cores is not None:
             hardware = replace(hardware, cpu_physical_cores=cpu_cores)
-        result = estimate_result(layout, flags, hardware, depth)
+        result = estimate_result(layout, flags, hardware, depth, draft=draft, vision=vision,
+                                 mmproj_offload=mmproj_offload, health=health)
         if check:
             from tuner.fitcheck import run_fit_check
 

@@ -11,6 +11,9 @@ Examples:
 
 Speeds are tuner.speed's roofline predictions, or what ``tuner bench`` measured on this machine for the same model,
 flags, hardware and build (shown as measured).
+
+The JSON's ``health`` lists what :mod:`tuner.health` finds beyond memory (a stale chat template and its fix, an MTP
+head the file lacks and where one is, a vision projector left out), printed as warnings and notes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.cli import _options as o
-from tuner.cli._output import emit, memory_table, text
+from tuner.cli._output import emit, memory_table, render_health, text
 from tuner.cli.hardware import hardware_dict, render_hardware
 from tuner.cli.profile import recommend_hook
 from tuner.hardware import hardware_for
@@ -41,7 +44,10 @@ def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vis
 
 
 def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> dict[str, Any]:
-    return {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware)}
+    from tuner import health
+
+    found = health.check(rec.plan.candidate, vision=rec.plan.vision)
+    return {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware), "health": found.to_list()}
 
 
 def _tok_s(value: float) -> str:
@@ -115,6 +121,7 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
         console.print(alt)
     for note in result["notes"]:
         console.print(f"[yellow]note:[/yellow] {text(note)}")
+    render_health(console, result["health"])
     console.print()
     console.print("[bold]Command:[/bold]")
     console.print(visible(shlex.join(result["command"])), soft_wrap=True, markup=False, highlight=False)

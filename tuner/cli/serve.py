@@ -28,7 +28,7 @@ from rich.table import Table
 
 from tuner.cli import _options as o
 from tuner.cli import stop_signals
-from tuner.cli._output import console, emit_json_line, err_console
+from tuner.cli._output import console, emit_json_line, err_console, render_health, text
 from tuner.cli.build import BuildProgress
 from tuner.cli.profile import recommend_hook
 from tuner.cli.recommend import wishes_from_options
@@ -119,10 +119,13 @@ class EventPrinter:
             return
         if "warning" in event:
             self._unspin()
-            err_console.print(f"[yellow]warning:[/yellow] {event['warning']}", highlight=False)
+            err_console.print(f"[yellow]warning:[/yellow] {text(event['warning'])}", highlight=False)
             return
         if "plan" in event:
             console.print(plan_line(event["plan"]), highlight=False, soft_wrap=True)
+            return
+        if "health" in event:  # its warnings come again as warning events: the notes here
+            render_health(err_console, [f for f in event["health"] if f["severity"] != "warning"])
             return
         if "memory_check" in event:
             self._unspin()
@@ -137,6 +140,9 @@ class EventPrinter:
                           f"{'CUDA' if event['cuda'] else 'CPU'})", highlight=False, soft_wrap=True)
         elif status == "fetching":
             self._unspin()
+        elif status == "chat_template":
+            self._unspin()
+            console.print(text(event["message"]), highlight=False, soft_wrap=True)
         elif status == "launching":
             self.fetch_progress.close()
             self._spin("starting llama-server")
