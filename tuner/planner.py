@@ -959,5 +959,11 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
 def plan_for(model_ref: str | None, hardware: Hardware, wishes: Wishes, *, measured: Measured | None = None,
              on_progress: ProgressFn | None = None) -> Recommendation:
     """Plan for a model reference as the CLI takes it (None = the Qwen3.5-35B-A3B card's quant ladder, offline):
-    the one planning entry ``recommend``, ``serve`` and ``bench`` share."""
-    return recommend(resolve_candidates(model_ref, on_progress), hardware, wishes, measured=measured)
+    the one planning entry ``recommend``, ``serve`` and ``bench`` share. With ``--vision`` the projector's header is
+    read (:func:`tuner.vision.read_projector`), so its real tensors and encoder are sized."""
+    candidates = resolve_candidates(model_ref, on_progress)
+    if wishes.vision:
+        from tuner.vision import read_projector
+
+        candidates = [replace(c, projector=read_projector(c)) if c.mmproj else c for c in candidates]
+    return recommend(candidates, hardware, wishes, measured=measured)
