@@ -67,8 +67,8 @@ def hub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / qwen / "chat_template.jinja").write_text("{# qwen official #}" + CHATML_TEMPLATE, encoding="utf-8")
     # the card's shapes (a tiny vocabulary: matching a card does not look at it), sparse
     spec = replace(spec_from_card(load_card("qwen3.5-35b-a3b")), chat_template=CHATML_TEMPLATE,
-                   types={"matrix": "q8_0", "experts": "q4_0", "embd": "q8_0", "output": "q8_0"})
-    [old] = write_synthetic_gguf(root / "old/Qwen3.5-35B-A3B-GGUF/Qwen3.5-35B-A3B-Q8_0.gguf", spec)
+                   types={"matrix": "q4_K", "experts": "q2_K", "embd": "q4_K", "output": "q6_K"})
+    [old] = write_synthetic_gguf(root / "old/Qwen3.5-35B-A3B-GGUF/Qwen3.5-35B-A3B-Q2_K.gguf", spec)
     [new] = write_synthetic_gguf(root / "new/Qwen3.5-35B-A3B-GGUF" / old.name, spec)
     os.utime(old, (BEFORE_FIX, BEFORE_FIX))
     os.utime(new, (AFTER_FIX, AFTER_FIX))
@@ -93,7 +93,7 @@ def hub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hub: FakeHub) -> No
 
 
 def _recommend(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
-    code = main(["recommend", *args, "--gpu", "none", "--json"])
+    code = main(["recommend", *args, "--gpu", "rtx-4090", "--json"])  # a 12 GB Q2_K: on the GPU, any RAM
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return json.loads(captured.out)

@@ -63,7 +63,7 @@ from tuner.flags import FLAGS, SPEC_MTP
 from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout
-from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
+from tuner.models import ProgressFn, QuantCandidate, read_projector, resolve_candidates
 from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, mtp_flags, predict_mtp
 from tuner.speed import Prediction, predict_speed
 from tuner.units import GiB, MiB, fmt_bytes
@@ -963,7 +963,5 @@ def plan_for(model_ref: str | None, hardware: Hardware, wishes: Wishes, *, measu
     read (:func:`tuner.vision.read_projector`), so its real tensors and encoder are sized."""
     candidates = resolve_candidates(model_ref, on_progress)
     if wishes.vision:
-        from tuner.vision import read_projector
-
         candidates = [replace(c, projector=read_projector(c)) if c.mmproj else c for c in candidates]
     return recommend(candidates, hardware, wishes, measured=measured)

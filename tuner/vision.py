@@ -26,7 +26,7 @@ the planner keeps free beside the estimate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from tuner.errors import TunerError
@@ -125,22 +125,3 @@ def projector_from_header(header: GgufHeader) -> Projector:
         from_header=True)
 
 
-
-def read_projector(candidate: Any) -> Projector | None:
-    """The projector beside a quant (a :class:`~tuner.candidate.QuantCandidate`), read from its header: a local file,
-    or a Hub file by range requests (cached like the models' headers). None when there is none, for a card (no file
-    to read: its size stands in), or when the header cannot be read (offline and never read: the file's size stands
-    in, a few kB over the tensors)."""
-    from tuner.gguf_file import read_gguf
-
-    if not candidate.mmproj or candidate.source == "card":
-        return None
-    try:
-        if candidate.source == "local":
-            return projector_from_header(read_gguf(candidate.mmproj))
-        from tuner.remote import read_hub_file_header
-
-        header = read_hub_file_header(candidate.repo, candidate.revision, candidate.mmproj, candidate.mmproj_bytes)
-        return replace(projector_from_header(header), path=candidate.mmproj)
-    except TunerError:
-        return None

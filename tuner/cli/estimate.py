@@ -59,7 +59,8 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
                            depth_tokens=depth_tokens)
     result["predicted"] = {"depth_tokens": depth_tokens, "tg_tok_s": round(pred.tg_tok_s, 2),
                            "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2)}
-    result["predicted"]["notes"] = list(pred.notes)
+    if flags.spec_type == SPEC_MTP:  # what the MTP prediction assumed
+        result["notes"] = [*result["notes"], *(n for n in pred.notes if n.startswith("MTP"))]
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
     result["hardware"] = hardware_dict(hardware)
