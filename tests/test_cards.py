@@ -64,7 +64,7 @@ def test_unknown_card_error_lists_the_cards() -> None:
 def test_list_cards_holds_the_family_with_the_main_model_first() -> None:
     keys = [c.key for c in list_cards()]
     assert keys[0] == DEFAULT_CARD == MAIN
-    assert set(keys) == {MAIN, "qwen3.6-35b-a3b", "qwen3.5-27b", "qwen3.5-122b-a10b"}
+    assert set(keys) == {MAIN, "qwen3.6-35b-a3b", "qwen3.5-27b", "qwen3.5-122b-a10b", "qwen3.5-397b-a17b"}
 
 
 def test_every_card_repo_with_a_vision_projector_knows_its_size(tmp_path: Path,
@@ -158,6 +158,23 @@ def test_122b_card_has_the_reported_parameter_count() -> None:
     layout = card_layout(load_card("qwen3.5-122b-a10b"), "Q4_K_M")
     assert layout.n_layer == 48 and len(layout.attention_layers) == 12 and layout.n_expert == 256
     assert round(_params(layout) / 1e9, 2) == 122.11  # "Total Parameters 122.11B" as llama.cpp users report
+
+
+def test_397b_card_has_the_config_shapes_and_the_derived_parameter_count() -> None:
+    """60 blocks (15 attention, 45 Gated DeltaNet), 512 experts of which 10 are used; the parameter count is the
+    shape formula's, which gives the 35B-A3B's known count exactly (checked above through the same layouts)."""
+    card = load_card("qwen3.5-397b-a17b")
+    layout = card_layout(card, "Q4_K_M")
+    assert layout.n_layer == 60 and layout.attention_layers == tuple(range(3, 60, 4))
+    assert len(layout.recurrent_layers) == 45 and (layout.n_expert, layout.n_expert_used) == (512, 10)
+    assert _params(layout) == 396_346_350_336
+    assert layout.kv_bytes_per_cell("f16", "f16") == 30_720
+    assert round(layout.recurrent_bytes_per_seq() / MiB, 2) == 186.33
+    with_mtp = card_layout(card, "Q4_K_M", mtp=True)
+    assert _params(with_mtp) - _params(layout) == 6_595_568_128
+    assert card.repo("unsloth/Qwen3.5-397B-A17B-MTP-GGUF").mtp and not card.repo().mtp
+    # every quant is over the Hub's 50 GB file limit: the expected files are shards in a folder
+    assert all(len(c.files) > 1 and c.files[0].startswith(f"{c.quant}/") for c in card_candidates(card))
 
 
 # --- recipes ------------------------------------------------------------------------------------------------------

@@ -48,8 +48,9 @@ tests/test_estimate_vs_llama.py.
   draft's own ``-ngld`` (all on the GPU by default): ``token_embd`` on the CPU, the rest on the GPU, the trunk's
   ``--n-cpu-moe`` / ``--cpu-moe`` not applying to it (common/speculative.cpp:2456-2466, 2537-2556) — so it
   duplicates the trunk's ``token_embd`` and ``output``.
-* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer on the first GPU,
-  on the CPU with ``--no-mmproj-offload`` (:mod:`tuner.vision`), as ``vision_bytes`` of that device.
+* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer on the first GPU
+  of the backend registry (this machine's, before any RPC worker's; tools/mtmd/clip.cpp:188-208), on the CPU with
+  ``--no-mmproj-offload`` (:mod:`tuner.vision`), as ``vision_bytes`` of that device.
 """
 
 from __future__ import annotations
@@ -553,7 +554,9 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
 
     vision_doc = None
     if vision is not None:
-        vdev = gpu_names[0] if gpu_names and mmproj_offload else CPU
+        # the first GPU the backend registry knows: this machine's before RPC workers' (registered later)
+        local = [g for g in gpu_names if not g.startswith("RPC")]
+        vdev = (local or list(gpu_names))[0] if gpu_names and mmproj_offload else CPU
         add(vdev, "vision", vision.total_bytes(flash_attn))
         vision_doc = {**vision.to_dict(flash_attn), "device": vdev}
         growth = vision.growth_bytes(flash_attn)

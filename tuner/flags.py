@@ -209,6 +209,11 @@ _H, _A = "common/common.h", "common/arg.cpp"
 #: Every llama-server flag tuner knows. The planned rows are in the order :meth:`ServerFlags.to_args` writes them.
 FLAGS = FlagTable((
     # ------------------------------------------------------------------ planned: ServerFlags fields
+    # first: RPC devices are registered while arguments are parsed, in argv order (common/arg.cpp:2679-2689), and
+    # -ot can name their buffers only after that (an -ot before --rpc fails with "unknown buffer type")
+    Flag("rpc", "--rpc", (), Kind.TEXT, (), f"{_A}:2680",
+         "RPC workers (ggml-rpc-server), HOST:PORT,...: their devices come first, in this order.", list_sep=",",
+         planned=True),
     Flag("ctx_size", "--ctx-size", ("-c",), Kind.INT, 0, f"{_H}:452", "Context size (0 = the model's).",
          planned=True, explicit=True),
     Flag("parallel", "--parallel", ("-np",), Kind.INT, -1, f"{_A}:1403",
@@ -315,6 +320,7 @@ def _opt(key: str) -> str:
 class ServerFlags:
     """The llama-server flags tuner plans and sizes, by :data:`FLAGS` key. Defaults are llama-server's own."""
 
+    rpc: tuple[str, ...] = _default("rpc")  # HOST:PORT of each RPC worker, in device order
     ctx_size: int = _default("ctx_size")  # 0 = the model's n_ctx_train
     parallel: int = _default("parallel")  # -1 = auto: AUTO_SLOTS slots and a unified cache
     kv_unified: bool | None = _default("kv_unified")
@@ -333,6 +339,10 @@ class ServerFlags:
     no_kv_offload: bool = _default("no_kv_offload")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rpc, tuple):  # read back from JSON as a list
+            object.__setattr__(self, "rpc", tuple(self.rpc))
+        if not all(isinstance(e, str) and e for e in self.rpc):
+            raise TunerError(f"{_opt('rpc')} takes HOST:PORT values, got {self.rpc!r}")
         for name in ("batch_size", "ubatch_size"):
             if getattr(self, name) <= 0:
                 raise TunerError(f"{_opt(name)} must be positive, got {getattr(self, name)}")

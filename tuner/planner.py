@@ -61,7 +61,7 @@ from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.flags import FLAGS, SPEC_MTP
 from tuner.ggml import kv_cache_type
-from tuner.hardware import Hardware, gpu_split
+from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, read_projector, resolve_candidates
 from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, mtp_flags, predict_mtp
@@ -416,6 +416,7 @@ class _Search:
     def base_flags(self, cand: QuantCandidate, kv: str, ctx_per_slot: int) -> ServerFlags:
         np_ = self.wishes.parallel
         return ServerFlags(
+            rpc=rpc_endpoints(self.hardware.gpus),
             ctx_size=ctx_per_slot * np_, parallel=np_, kv_unified=False if np_ > 1 else None,
             cache_type_k=kv, cache_type_v=kv, batch_size=2048, ubatch_size=DEFAULT_UBATCH, flash_attn="on",
             n_gpu_layers=0 if self.budget.cpu_only else None,

@@ -63,12 +63,13 @@ from tuner.build import ProgressFn as BuildProgressFn
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate
 from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
-from tuner.flags import FLAGS
+from tuner.flags import FLAGS, flag_value
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus
 from tuner.health import Health
 from tuner.models import QuantCandidate
 from tuner.paths import cache_dir, config_dir, write_atomic
 from tuner.planner import Measured, Plan, Wishes, plan_for
+from tuner.rpc import unreachable
 from tuner.server import (
     NO_PINNED_ENV,
     LlamaServer,
@@ -140,11 +141,11 @@ def plan_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, measur
 
 
 def gpus_for_build(hardware: Hardware) -> list[Gpu]:
-    """The GPUs a build for this plan must run on: none for a CPU plan, else the ones NVML sees (a ``--gpu`` catalog
-    card is a what-if; the binary still runs on this machine's GPUs)."""
-    if hardware.cpu_only:
+    """The GPUs a build for this plan must run on: none for a CPU plan (or one whose devices are all behind RPC),
+    else the ones NVML sees (a ``--gpu`` catalog card is a what-if; the binary still runs on this machine's GPUs)."""
+    if not hardware.local_gpus:
         return []
-    detected = [g for g in hardware.gpus if g.source == "nvml"]
+    detected = [g for g in hardware.local_gpus if g.source == "nvml"]
     return detected or list(read_gpus()[0])
 
 
@@ -627,7 +628,8 @@ def watch_until_stopped(server: LlamaServer, watch: SpillWatch, *, gpu_indices: 
                 _emit(on_event, {"status": "server_exited", "reason": exit_reason(code), "log_tail": tail,
                                  "log": str(server.log_path)})
                 raise TunerError(f"llama-server stopped unexpectedly ({exit_reason(code)}): "
-                                 f"{error_summary(server.log_text())} (log: {server.log_path})")
+                                 f"{error_summary(server.log_text())}{_workers_gone(server.args)} "
+                                 f"(log: {server.log_path})")
             metrics = server.metrics()
             sample = take_sample(time.monotonic() - started, gpu_indices, metrics, api if opened else None)
             for event in watch.update(sample):
@@ -639,6 +641,16 @@ def watch_until_stopped(server: LlamaServer, watch: SpillWatch, *, gpu_indices: 
         if opened and api is not None:
             with contextlib.suppress(Exception):
                 api.nvmlShutdown()
+
+
+def _workers_gone(args: Sequence[str]) -> str:
+    """``; RPC worker H:P does not answer now`` for the ``--rpc`` workers of ``args`` that refuse a connection now
+    (after llama-server died: which worker it lost); empty without workers or when all answer."""
+    endpoints = flag_value(args, "rpc")
+    gone = unreachable(endpoints) if endpoints else []
+    if not gone:
+        return ""
+    return f"; RPC worker {', '.join(gone)} {'does' if len(gone) == 1 else 'do'} not answer now"
 
 
 # ------------------------------------------------------------------------------------------------------ clients
@@ -706,7 +718,7 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
                                  on_build_progress)
     _emit(on_event, {"status": "built", "server_bin": str(build.server_bin), "cached": cached, "cuda": build.cuda,
                      "version": build.version_text})
-    if not hardware.cpu_only and not build.cuda:
+    if hardware.local_gpus and not build.cuda:
         _emit(on_event, {"warning": f"the plan uses the GPU but {build.server_bin} was built without CUDA (no nvcc?), "
                                     "so it runs on the CPU; install the CUDA toolkit and run `tuner build --cuda`",
                          "kind": "build"})
@@ -744,7 +756,7 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
         try:
             observation = record_observation(check, model_path=fetched.model_path, flags_args=flags_args,
                                              command=server.command, candidate=candidate, build=build,
-                                             gpus=[g for g in hardware.gpus if g.index in gpu_indices])
+                                             gpus=[g for g in hardware.local_gpus if g.index in gpu_indices])
         except OSError as exc:
             _emit(on_event, {"warning": f"could not write the observation: {exc}", "kind": "observation"})
         advice = spill_advice(args, candidate.layout.n_layer)

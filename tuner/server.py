@@ -11,7 +11,9 @@
   to the child's whole process group (:func:`tuner.procgroup.stop_group`), so a wrapper script given as
   ``--server-bin`` leaves nothing behind either.
 * ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` is set for the child (unless the caller's ``env`` says otherwise), so llama.cpp's
-  ``CUDAn`` is NVML's GPU ``n`` (see :mod:`tuner.hardware`).
+  ``CUDAn`` is NVML's GPU ``n`` (see :mod:`tuner.hardware`); so is ``GGML_NO_BACKTRACE=1``: llama.cpp aborts on
+  every RPC failure and would attach gdb to print a backtrace first (ggml.c:159-166), which floods the log and can
+  hang; its one abort message is what :func:`error_summary` needs (RPC failures: :func:`tuner.rpc.rpc_failure`).
 * CPU-resident weights of a CUDA build go into pinned host memory (``CUDA_Host``) when mmap is off, and a few
   pinned buffers exist always; ``ggml_cuda_host_malloc`` falls back to pageable memory when ``cudaMallocHost`` fails
   (ggml-cuda.cu:1271-1297, logged only at debug level), but a pinned allocation can still take the process down (a
@@ -22,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -40,7 +43,7 @@ from tuner.errors import TunerError
 from tuner.procgroup import start_group, stop_group
 
 NO_PINNED_ENV = {"GGML_CUDA_NO_PINNED": "1"}
-CHILD_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+CHILD_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "GGML_NO_BACKTRACE": "1"}
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # What a failed pinned (page-locked) host allocation leaves in a log: ggml-cuda.cu's debug lines (1281, 4934), a
 # CUDA_CHECK of cudaMallocHost/cudaHostRegister/cudaFreeHost, "unable to allocate CUDA_Host buffer"
@@ -162,6 +165,8 @@ def ensure_port_free(host: str, port: int) -> None:
         except PermissionError:
             raise TunerError(f"no permission to listen on {host}:{port} (ports below 1024 need root)") from None
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise TunerError(f"{host} is not an address of this machine, so nothing can listen on it") from None
             raise TunerError(f"port {port} on {host} is already in use ({exc.strerror}); "
                              f"pick another with --port") from None
 
@@ -174,7 +179,13 @@ def error_summary(text: str) -> str:
     """The most telling line of a failed llama-server log: the cause if a known one is there (``error loading
     model: …``, a CUDA error, an allocation that failed …), else the first error-level (``E``) line that is not a
     generic consequence ("failed to load model" …), else the last error-like line, else the last line. The log's
-    timestamp/level prefix is dropped."""
+    timestamp/level prefix is dropped. An RPC failure (a worker unreachable, of another protocol version, gone
+    while serving) is said in one line of its own (:func:`tuner.rpc.rpc_failure`)."""
+    from tuner.rpc import rpc_failure  # the RPC layer sits above this module
+
+    rpc = rpc_failure(text)
+    if rpc is not None:
+        return rpc
     lines = log_tail(text, 400)
     for pattern in _CAUSE_RES:
         for line in reversed(lines):

@@ -36,6 +36,14 @@ or more, copied to the first GPU once per ubatch and multiplied there (llama.cpp
 ggml-backend.cpp:965-975, ggml-cuda.cu:5825): the PCIe term. A quantized KV cache on CUDA is converted to f16 for
 the flash-attention kernels on every ubatch (fattn.cu:722-754): that traffic joins the weight pass.
 
+With layers on RPC workers (llama.cpp's RPC backend), the network adds seconds per token that no coefficient
+scales: the bytes that cross it per generated token (per prompt ubatch, divided by its tokens) over the link's
+payload rate, plus one round-trip time for every blocking exchange (:mod:`tuner.network` counts both;
+:class:`~tuner.hardware.NetworkLink` is the stated link, 1 Gbit/s and 0.2 ms unless told). It is serial with the
+compute: llama.cpp runs the splits of a graph one after another. A worker's device counts as a GPU of its card (a
+catalog card, or a generic GPU when RPC does not say), and op offload of experts in RAM goes to the first GPU of
+this machine, never to a worker (RPC devices have no ``offload_op``, ggml-rpc.cpp:2262).
+
 The coefficients were fitted (:mod:`tuner.speedfit`) on the mainline records of tests/data/speed-measurements.yaml
 and are checked against that fit by tests/test_speedfit.py; each says how many records bear on it. A GPU of a
 generation without a fitted per-layer cost takes the slowest fitted one, with a note. Not modelled: prompt
@@ -46,7 +54,7 @@ Nothing here reads files except the GPU catalog (for FLOP/s), once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from tuner.errors import TunerError
@@ -61,6 +69,7 @@ from tuner.estimate import (
 from tuner.ggml import is_quantized, kv_cache_type
 from tuner.hardware import GB, Gpu, Hardware, catalog_entry_for_name, gpu_split, load_gpu_catalog
 from tuner.layout import ModelLayout, TensorClass
+from tuner.network import NetworkTerm, network_term
 
 PLANNING_DEPTH_TOKENS = 4096
 """Depth (tokens already in the context) at which plans are compared: a typical chat turn. The KV read grows with
@@ -160,11 +169,16 @@ class Prediction:
     efficiency: float  # tg_tok_s / tg_bound_tok_s
     source: str  # "roofline" (this module's fitted model) | "measured"
     notes: tuple[str, ...] = ()
+    network: NetworkTerm | None = None  # the network's share, with layers on RPC workers
 
     def to_dict(self) -> dict[str, object]:
-        return {"tg_tok_s": round(self.tg_tok_s, 1), "pp_tok_s": round(self.pp_tok_s, 1),
-                "tg_bound_tok_s": round(self.tg_bound_tok_s, 1), "pp_bound_tok_s": round(self.pp_bound_tok_s, 1),
-                "efficiency": round(self.efficiency, 3), "source": self.source, "notes": list(self.notes)}
+        out: dict[str, object] = {
+            "tg_tok_s": round(self.tg_tok_s, 1), "pp_tok_s": round(self.pp_tok_s, 1),
+            "tg_bound_tok_s": round(self.tg_bound_tok_s, 1), "pp_bound_tok_s": round(self.pp_bound_tok_s, 1),
+            "efficiency": round(self.efficiency, 3), "source": self.source, "notes": list(self.notes)}
+        if self.network is not None:
+            out["network"] = self.network.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -204,19 +218,22 @@ class SpeedTerms:
     tg_bound_s: float  # bytes over spec bandwidths: the upper bound
     pp_bound_s: float  # each device's FLOPs at peak or its weight pass, whichever is slower, plus PCIe
     notes: tuple[str, ...] = ()
+    network: NetworkTerm | None = None  # RPC workers: the network's seconds (not fitted; in the bounds too)
 
 
 # ---------------------------------------------------------------------------------------------- roofline
 
 
 def roofline(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str] = (),
-             gpu_split: Sequence[float] | None = None, *, depth_tokens: int = PLANNING_DEPTH_TOKENS) -> Roofline:
-    """Bytes per generated token and FLOPs per prompt token, by device, at ``depth_tokens`` of context."""
+             gpu_split: Sequence[float] | None = None, *, depth_tokens: int = PLANNING_DEPTH_TOKENS,
+             remote: Collection[str] = ()) -> Roofline:
+    """Bytes per generated token and FLOPs per prompt token, by device, at ``depth_tokens`` of context. ``remote``:
+    the devices among ``gpu_names`` that are behind RPC (op offload never goes to them)."""
     shape = context_shape(layout, flags)
     depth = max(0, min(depth_tokens, shape.n_ctx_seq))
     devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
-    op_offload = bool(gpu_names) and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
-    first_gpu = gpu_names[0] if gpu_names else CPU
+    first_gpu = next((name for name in gpu_names if name not in remote), CPU)
+    op_offload = first_gpu != CPU and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH
     active = layout.n_expert_used / layout.n_expert if layout.n_expert else 1.0
 
     tg: dict[str, float] = {}
@@ -327,7 +344,8 @@ def speed_terms(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *,
                 depth_tokens: int = PLANNING_DEPTH_TOKENS) -> SpeedTerms:
     """The physical terms of ``layout`` with ``flags`` on ``hardware`` (see the module docstring)."""
     gpus = {g.llama_name: g for g in hardware.gpus}
-    roof = roofline(layout, flags, tuple(gpus), gpu_split, depth_tokens=depth_tokens)
+    endpoints = {g.llama_name: g.endpoint for g in hardware.gpus if g.endpoint is not None}
+    roof = roofline(layout, flags, tuple(gpus), gpu_split, depth_tokens=depth_tokens, remote=endpoints)
     notes: list[str] = []
     ram_bw = float(hardware.ram_bandwidth_bytes_s)
     ub = max(roof.n_ubatch, 1)
@@ -372,14 +390,22 @@ def speed_terms(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *,
         pp_bound += max(roof.pp_flops[CPU] / cores / CPU_PEAK_FLOPS_PER_CORE,
                         roof.pp_weight_bytes.get(CPU, 0) / ram_bw / ub)
     pcie = 0.0
-    if roof.pp_offload_bytes and hardware.gpus:
-        pcie = roof.pp_offload_bytes / pcie_bytes_s(hardware.gpus[0]) / ub
+    local = [g for g in hardware.gpus if g.endpoint is None]
+    if roof.pp_offload_bytes and local:
+        pcie = roof.pp_offload_bytes / pcie_bytes_s(local[0]) / ub
         pp_bound += pcie
+    link = hardware.network
+    shape = context_shape(layout, flags)
+    net = network_term(layout, flags, tuple(gpus), gpu_split, endpoints, depth_tokens=depth_tokens,
+                       n_ctx_kv=shape.n_kv_mask, n_ubatch=ub, payload_bytes_s=link.payload_bytes_s,
+                       rtt_s=link.rtt_s, link=link.to_dict())
+    net_tg, net_pp = (net.tg_s, net.pp_s) if net is not None else (0.0, 0.0)
     return SpeedTerms(
         tg_gpu_weights_s=tg_gpu_weights, tg_gpu_kv_s=tg_gpu_kv, gpu_layers=gpu_layers, tg_cpu_bytes_s=tg_cpu,
         cpu_layers=roof.layers.get(CPU, 0), pp_dense_s=dense, pp_expert_s=expert, pp_attention_s=attention,
         pp_weight_pass_s=weight_pass, pp_pcie_s=pcie, pp_cpu_core_flops=cpu_flops, pp_cpu_pass_s=cpu_pass,
-        n_ubatch=ub, tg_bound_s=tg_gpu_weights + tg_gpu_kv + tg_cpu, pp_bound_s=pp_bound, notes=tuple(notes))
+        n_ubatch=ub, tg_bound_s=tg_gpu_weights + tg_gpu_kv + tg_cpu + net_tg, pp_bound_s=pp_bound + net_pp,
+        notes=tuple(notes), network=net)
 
 
 def _layer_parts(terms: SpeedTerms, per: float = 1.0) -> tuple[dict[str, float], tuple[str, ...]]:
@@ -396,13 +422,22 @@ def _layer_parts(terms: SpeedTerms, per: float = 1.0) -> tuple[dict[str, float],
     return parts, tuple(notes)
 
 
+NETWORK_PART = "NETWORK"
+"""The name of the network's part in :func:`tg_parts` and :func:`pp_parts`: assumed physics, no coefficient."""
+
+
+def _network_part(seconds: float) -> dict[str, float]:
+    return {NETWORK_PART: seconds} if seconds else {}
+
+
 def tg_parts(terms: SpeedTerms) -> dict[str, float]:
     """Predicted seconds per generated token, by the coefficient that scales each part (the module docstring's tg
-    equation: their sum is the prediction)."""
+    equation: their sum is the prediction), and :data:`NETWORK_PART` with RPC workers."""
     return {"GPU_TG_BANDWIDTH_EFFICIENCY": terms.tg_gpu_weights_s / GPU_TG_BANDWIDTH_EFFICIENCY,
             "KV_READ_EFFICIENCY": terms.tg_gpu_kv_s / KV_READ_EFFICIENCY,
             "RAM_EFFICIENCY": terms.tg_cpu_bytes_s / RAM_EFFICIENCY,
-            **_layer_parts(terms)[0]}
+            **_layer_parts(terms)[0],
+            **_network_part(terms.network.tg_s if terms.network else 0.0)}
 
 
 def pp_parts(terms: SpeedTerms) -> dict[str, float]:
@@ -415,7 +450,8 @@ def pp_parts(terms: SpeedTerms) -> dict[str, float]:
             "PCIE_EFFICIENCY": terms.pp_pcie_s / PCIE_EFFICIENCY,
             "CPU_PP_FLOPS_PER_CORE": terms.pp_cpu_core_flops / CPU_PP_FLOPS_PER_CORE,
             "RAM_EFFICIENCY": terms.pp_cpu_pass_s / RAM_EFFICIENCY,
-            **_layer_parts(terms, terms.n_ubatch)[0]}
+            **_layer_parts(terms, terms.n_ubatch)[0],
+            **_network_part(terms.network.pp_s if terms.network else 0.0)}
 
 
 def predict_speed(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *,
@@ -440,6 +476,7 @@ def predict_speed(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *
         efficiency=tg / tg_bound if tg_bound else 0.0,
         source="roofline",
         notes=tuple(notes),
+        network=terms.network,
     )
 
 

@@ -7,6 +7,7 @@ line parses options into :class:`BenchOptions`, the hardware and the planner's w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from tuner.build import ProgressFn as BuildProgressFn
 from tuner.build import obtain_build
 from tuner.errors import TunerError
 from tuner.fetch import fetch_candidate
-from tuner.flags import FLAGS, SPEC_MTP
-from tuner.hardware import Hardware, hardware_for
+from tuner.flags import FLAGS, SPEC_MTP, flag_value
+from tuner.hardware import Hardware, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import resolve_candidates
 from tuner.planner import Plan, Wishes, budget_for, plan_for
@@ -124,6 +125,22 @@ def _sidecar_args(plan: Plan, sidecar: Path | None) -> tuple[str, ...]:
     return ()
 
 
+def on_workers(sets: Sequence[FlagSet], endpoints: Sequence[str]) -> list[FlagSet]:
+    """Every set with ``--rpc`` to ``endpoints`` in front (a set that names its own ``--rpc`` keeps it): the RPC
+    devices come first in llama.cpp's device order, and ``-ot`` may name their buffers only after ``--rpc``."""
+    if not endpoints:
+        return list(sets)
+    out = []
+    for fs in sets:
+        if flag_value(fs.args, "rpc"):
+            out.append(fs)
+            continue
+        args = (*FLAGS["rpc"].to_args(tuple(endpoints)), *fs.args)
+        flags = fs.flags.with_(rpc=tuple(endpoints)) if fs.flags is not None else None
+        out.append(replace(fs, args=args, flags=flags))
+    return out
+
+
 def learn(path: Path) -> dict[str, Any]:
     """Learn a results file into the profile (read back from disk, as a later import would) with the memory
     observations ``tuner serve`` left; a summary of the profile entry."""
@@ -142,6 +159,8 @@ def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
     against llama-server's defaults, or ``--tune`` around the plan), write the results file and its PNG, and learn
     them into the profile. A set that does not fit is refused before anything is built or launched."""
     cfg = options.config
+    endpoints = rpc_endpoints(hardware.gpus)
+    options = replace(options, sets=tuple(on_workers(options.sets, endpoints)))
     if wishes.parallel < cfg.concurrency:
         wishes = replace(wishes, parallel=cfg.concurrency)  # the plan needs a slot per concurrent request
     budget = budget_for(hardware, wishes)
@@ -173,7 +192,7 @@ def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
             plan_set = flagset_from_flags(PLAN_NAME, plan.flags, (*plan.extra_args, *FIT_OFF_ARGS,
                                                                   *_sidecar_args(plan, sidecar)))
             variant = mtp_variant(plan, layout, sidecar)
-            sets = [defaults_set(), plan_set, *([variant] if variant is not None else [])]
+            sets = on_workers([defaults_set(), plan_set, *([variant] if variant is not None else [])], endpoints)
         run = run_bench(model_path, sets, cfg, server_bin=build.server_bin, layout=layout, hardware=hardware,
                         budget=budget, log_dir=log_dir, on_progress=on_progress)
         document = bench_document(run, model_path=model_path, layout=layout, hardware=hardware, build=build,

@@ -57,6 +57,7 @@ COMMANDS: dict[str, str] = {
     "recommend": "tuner.cli.recommend",
     "build": "tuner.cli.build",
     "serve": "tuner.cli.serve",
+    "worker": "tuner.cli.worker",
     "bench": "tuner.cli.bench",
     "profile": "tuner.cli.profile",
     "hardware": "tuner.cli.hardware",

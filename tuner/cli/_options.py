@@ -23,9 +23,9 @@ def server_option(key: str, *, help: str | None = None, **kwargs: Any) -> Any:
 
 
 def default(key: str) -> Any:
-    """llama-server's default for ``key``, as its typer option takes it (``-ngl``: ``all``)."""
+    """llama-server's default for ``key``, as its typer option takes it (``-ngl``: ``all``; a list: ``""``)."""
     row = FLAGS[key]
-    return row.format(row.default) if row.kind is Kind.LAYERS else row.default
+    return row.format(row.default) if row.kind is Kind.LAYERS or row.list_sep is not None else row.default
 
 
 #: llama-server's defaults as the options take them, by ServerFlags field: ``SERVER_DEFAULTS.ctx_size``.
@@ -65,6 +65,19 @@ NoKvOffloadOpt = Annotated[bool, server_option("no_kv_offload")]
 SpecDraftModelOpt = Annotated[str | None, server_option("spec_draft_model", show_default=False)]
 MmprojOpt = Annotated[str | None, server_option("mmproj", show_default=False)]
 MmprojOffloadOpt = Annotated[bool, server_option("mmproj_offload")]
+
+# RPC workers (estimate, recommend, serve, bench): llama.cpp's --rpc, and what tuner adds to plan around it.
+RpcOpt = Annotated[str, server_option("rpc", show_default=False)]
+PlanRpcOpt = Annotated[str | None, server_option("rpc", show_default=False)]
+RpcGpuOpt = Annotated[str | None, typer.Option(
+    "--rpc-gpu", help="RPC workers from the catalog, to plan a cluster you do not have yet: CARD[xN]@HOST[:PORT],... "
+                      "(rtx-3090x2@192.168.1.20; port 50052 if none). With --rpc: the cards those workers hold.",
+    show_default=False)]
+LinkGbitOpt = Annotated[float | None, typer.Option(
+    "--link-gbit", min=0.001, help="Network to the RPC workers, Gbit/s (default: 1, gigabit Ethernet).",
+    show_default=False)]
+LinkRttOpt = Annotated[float | None, typer.Option(
+    "--link-rtt-ms", min=0.0, help="Round-trip time to the RPC workers, ms (default: 0.2).", show_default=False)]
 
 # Building llama.cpp (tuner build, tuner serve).
 SourceOpt = Annotated[str, typer.Option(

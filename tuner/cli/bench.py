@@ -20,6 +20,7 @@ Examples:
     tuner bench model.gguf --tune --ctx-size 65536             # search around the plan at 64k of context
     tuner bench model.gguf --tune --dims ubatch,kv,threads --json
     tuner bench model.gguf --gpu none                          # the CPU alone, even on a machine with a GPU
+    tuner bench model.gguf --rpc 192.168.1.20:50052            # with an RPC worker (every set gets --rpc)
 """
 
 from __future__ import annotations
@@ -166,6 +167,10 @@ def register(app: typer.Typer) -> None:
         allow_yarn: o.AllowYarnOpt = False,
         gpu: BenchGpuOpt = None,
         vram: o.VramOpt = None,
+        rpc: o.PlanRpcOpt = None,
+        rpc_gpu: o.RpcGpuOpt = None,
+        link_gbit: o.LinkGbitOpt = None,
+        link_rtt_ms: o.LinkRttOpt = None,
         out: OutOpt = b.DEFAULT_OUT_DIR,
         keep_logs: KeepLogsOpt = False,
         no_profile: NoProfileOpt = False,
@@ -183,8 +188,15 @@ def register(app: typer.Typer) -> None:
             server_bin=server_bin, out_dir=out, keep_logs=keep_logs, learn=not no_profile, cpu_only=gpu is not None)
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=False,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
-        hardware = b.bench_hardware(gpu, vram)
+        from tuner.errors import TunerError
+        from tuner.rpc import cluster_hardware
+
+        if rpc_gpu and not rpc:
+            raise TunerError("--rpc-gpu alone plans workers that are not running; tuner bench measures: give --rpc "
+                             "HOST:PORT of running ones (tuner worker)")
         build_progress = BuildProgress(err_console)
+        hardware = cluster_hardware(b.bench_hardware(gpu, vram), rpc=rpc, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
+                                    link_rtt_ms=link_rtt_ms, server_bin=server_bin, on_build_progress=build_progress)
 
         def say(line: str) -> None:
             build_progress.close()  # a line after the build: its progress display is done

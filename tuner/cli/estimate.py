@@ -8,6 +8,7 @@ Examples:
     tuner estimate model.gguf -c 32768 --check      # beside llama.cpp's own dry run (llama-fit-params)
     tuner estimate model.gguf --spec-type draft-mtp -md mtp-model-Q8_0.gguf   # drafting with an MTP sidecar
     tuner estimate model.gguf --mmproj mmproj-F16.gguf --no-mmproj-offload    # the vision projector on the CPU
+    tuner estimate model.gguf --rpc 192.168.1.20:50052   # layers on an RPC worker's devices too
 
 The JSON's ``health`` lists what :mod:`tuner.health` finds beyond memory: a stale chat template, an MTP head the
 file lacks and where one is, a vision projector left out.
@@ -25,14 +26,15 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
 from tuner.cli._output import emit, memory_table, render_health, text
-from tuner.cli.hardware import hardware_dict
+from tuner.cli.hardware import hardware_dict, network_line
 from tuner.errors import TunerError
 from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.gguf_file import read_gguf
-from tuner.hardware import GB, Hardware, gpu_split, hardware_for
+from tuner.hardware import GB, Hardware, gpu_split, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import local_layout, resolve_candidate
 from tuner.planner import estimate_on
+from tuner.rpc import cluster_hardware
 from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
 from tuner.vision import Projector, projector_from_header
@@ -61,6 +63,8 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
                            "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2)}
     if flags.spec_type == SPEC_MTP:  # what the MTP prediction assumed
         result["notes"] = [*result["notes"], *(n for n in pred.notes if n.startswith("MTP"))]
+    if pred.network is not None:
+        result["predicted"]["network"] = pred.network.to_dict()
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
     result["hardware"] = hardware_dict(hardware)
@@ -81,7 +85,8 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
     console.print(memory_table(result["memory"]))
     for gpu in result["hardware"]["gpus"]:
         used = next((d["total_bytes"] for d in result["memory"]["devices"] if d["name"] == gpu["name"]), 0)
-        console.print(f"{gpu['name']} ({gpu['model']}): {fmt_bytes(used)} of {fmt_bytes(gpu['vram_total_bytes'])}"
+        console.print(f"{text(gpu['name'])} ({text(gpu['model'])}): {fmt_bytes(used)} of "
+                      f"{fmt_bytes(gpu['vram_total_bytes'])}"
                       f" — add ~0.5-1 GiB of CUDA context and pools that llama.cpp does not count")
     host = result["memory"]["host"]
     console.print(f"host RAM at worst: {fmt_bytes(host['total_bytes'])} "
@@ -89,6 +94,8 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
     pred = result["predicted"]
     console.print(f"predicted at depth {pred['depth_tokens']}: tg {pred['tg_tok_s']:.1f} tok/s "
                   f"(bound {pred['tg_bound_tok_s']:.1f}), pp {pred['pp_tok_s']:.0f} tok/s")
+    if "network" in pred:
+        console.print(network_line(pred["network"]), highlight=False, soft_wrap=True)
     for note in result["notes"] + result["hardware"]["notes"]:
         console.print(f"[yellow]note:[/yellow] {text(note)}")
     render_health(console, result["health"])
@@ -128,6 +135,10 @@ def register(app: typer.Typer) -> None:
         spec_draft_model: o.SpecDraftModelOpt = None,
         mmproj: o.MmprojOpt = None,
         mmproj_offload: o.MmprojOffloadOpt = True,
+        rpc: o.RpcOpt = D.rpc,
+        rpc_gpu: o.RpcGpuOpt = None,
+        link_gbit: o.LinkGbitOpt = None,
+        link_rtt_ms: o.LinkRttOpt = None,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
@@ -142,7 +153,7 @@ def register(app: typer.Typer) -> None:
         """Estimate the memory llama-server takes on each device for MODEL and the given flags."""
         # the parameters are named after ServerFlags' fields; values are read as llama-server reads them
         flags = ServerFlags.from_values(dict(
-            ctx_size=ctx_size, parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
+            rpc=rpc, ctx_size=ctx_size, parallel=parallel, kv_unified=kv_unified, cache_type_k=cache_type_k,
             cache_type_v=cache_type_v, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
             n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe, cache_ram_mib=cache_ram_mib,
             ctx_checkpoints=ctx_checkpoints, spec_type=spec_type, spec_draft_n_max=spec_draft_n_max,
@@ -163,7 +174,9 @@ def register(app: typer.Typer) -> None:
         from tuner import health as model_health
 
         health = model_health.check(candidate, vision=vision is not None).to_list()
-        hardware = hardware_for(gpu, vram)
+        hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc or None, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
+                                    link_rtt_ms=link_rtt_ms, server_bin=server_bin)
+        flags = flags.with_(rpc=rpc_endpoints(hardware.gpus))
         if ram_bandwidth is not None:
             hardware = replace(hardware, ram_bandwidth_bytes_s=round(ram_bandwidth * GB))
         if cpu_cores is not None:

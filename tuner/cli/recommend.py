@@ -8,6 +8,9 @@ Examples:
     tuner recommend qwen3.6-35b-a3b --gpu rtx-4090 --ctx-size 131072 --parallel 2
     tuner recommend model.gguf --vram 12G --buffer 1G --cache-type q8_0
     tuner recommend --gpu none --json                 # CPU only, one JSON document
+    tuner recommend qwen3.5-122b-a10b --rpc 192.168.1.20:50052   # with an RPC worker's devices (tuner worker)
+    tuner recommend qwen3.5-397b-a17b --gpu rtx-3090x2 \
+        --rpc-gpu rtx-3090x2@10.0.0.2,rtx-3090x2@10.0.0.3,rtx-3090x2@10.0.0.4   # a cluster you do not have yet
 
 Speeds are tuner.speed's roofline predictions, or what ``tuner bench`` measured on this machine for the same model,
 flags, hardware and build (shown as measured).
@@ -27,10 +30,11 @@ from rich.table import Table
 
 from tuner.cli import _options as o
 from tuner.cli._output import emit, memory_table, render_health, text
-from tuner.cli.hardware import hardware_dict, render_hardware
+from tuner.cli.hardware import hardware_dict, network_line, render_hardware
 from tuner.cli.profile import recommend_hook
 from tuner.hardware import hardware_for
 from tuner.planner import Recommendation, Wishes, plan_for
+from tuner.rpc import cluster_hardware, memory_by_host
 from tuner.units import fmt_bytes, parse_size_bytes
 from tuner.untrusted import visible
 
@@ -47,7 +51,22 @@ def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> d
     from tuner import health
 
     found = health.check(rec.plan.candidate, vision=rec.plan.vision)
-    return {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware), "health": found.to_list()}
+    result = {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware), "health": found.to_list()}
+    hosts = memory_by_host(rec.plan.estimate, rec.hardware)
+    if hosts:
+        result["hosts"] = [h.to_dict() for h in hosts]
+    return result
+
+
+def hosts_table(hosts: list[dict[str, Any]]) -> Table:
+    """The plan's memory per machine: each RPC worker's devices, then this machine's GPUs and RAM."""
+    table = Table(title="Memory per machine (estimate)", title_justify="left")
+    for col in ("machine", "devices", "planned", "free"):
+        table.add_column(col, justify="right" if col in ("planned", "free") else "left")
+    for h in hosts:
+        table.add_row(text(h["host"]), text(", ".join(h["devices"])), fmt_bytes(h["planned_bytes"]),
+                      fmt_bytes(h["free_bytes"]))
+    return table
 
 
 def _tok_s(value: float) -> str:
@@ -89,11 +108,13 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
     left = result["headroom_bytes"]
     for gpu in budget["gpus"]:
         used = devices.get(gpu["name"], {}).get("total_bytes", 0)
-        console.print(f"{gpu['name']}: {fmt_bytes(used)} planned of {fmt_bytes(gpu['vram_free_bytes'])} free; "
+        console.print(f"{text(gpu['name'])}: {fmt_bytes(used)} planned of {fmt_bytes(gpu['vram_free_bytes'])} free; "
                       f"buffer {fmt_bytes(budget['buffer_bytes'])} kept"
                       + (f", {fmt_bytes(budget['reserved_bytes'])} for the vision projector"
                          if budget["reserved_bytes"] else "")
                       + f", {fmt_bytes(left[gpu['name']])} more to spare")
+    if result.get("hosts"):
+        console.print(hosts_table(result["hosts"]))
     host = result["memory"]["host"]
     console.print(f"RAM at worst: {fmt_bytes(host['total_bytes'])} of {fmt_bytes(budget['ram_available_bytes'])} "
                   f"available" + (f" (buffer {fmt_bytes(budget['buffer_bytes'])})" if not budget["gpus"] else "")
@@ -104,6 +125,8 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
     console.print(f"[bold]Speed, {source}:[/bold] generation {_tok_s(pred['tg_tok_s'])} tok/s "
                   f"(bound {_tok_s(pred['tg_bound_tok_s'])}, efficiency {pred['efficiency']:.2f}), prompt "
                   f"{_tok_s(pred['pp_tok_s'])} tok/s (bound {_tok_s(pred['pp_bound_tok_s'])})")
+    if "network" in pred:
+        console.print(f"  {network_line(pred['network'])}", highlight=False, soft_wrap=True)
     for note in pred["notes"]:
         console.print(f"  [dim]{text(note)}[/dim]")
 
@@ -142,13 +165,18 @@ def register(app: typer.Typer) -> None:
         allow_yarn: o.AllowYarnOpt = False,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
+        rpc: o.PlanRpcOpt = None,
+        rpc_gpu: o.RpcGpuOpt = None,
+        link_gbit: o.LinkGbitOpt = None,
+        link_rtt_ms: o.LinkRttOpt = None,
         server_bin: o.ServerBinOpt = None,
         as_json: o.JsonOpt = False,
     ) -> None:
         """Recommend quant, KV cache, --n-cpu-moe, context and batch sizes for MODEL on this machine (or --gpu)."""
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=vision,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
-        hardware = hardware_for(gpu, vram)
+        hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
+                                    link_rtt_ms=link_rtt_ms, server_bin=server_bin)
         rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin))
         result = recommend_result(rec, server_bin or "llama-server")
         emit(result, as_json=as_json, render=lambda c: render_recommendation(c, result))

@@ -13,6 +13,7 @@ Examples:
     tuner serve unsloth/Qwen3.6-35B-A3B-GGUF --vision --prefer quality
     tuner serve model.gguf --host 0.0.0.0 --api-key "$KEY"  # reachable from other machines: a key is required
     tuner serve model.gguf --gpu none --json              # CPU only; JSON lines (status, memory_check, ready …)
+    tuner serve qwen3.5-122b-a10b --rpc 192.168.1.20:50052,192.168.1.21:50052   # with RPC workers (tuner worker)
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from tuner.cli._output import console, emit_json_line, err_console, render_healt
 from tuner.cli.build import BuildProgress
 from tuner.cli.profile import recommend_hook
 from tuner.cli.recommend import wishes_from_options
+from tuner.errors import TunerError
 from tuner.hardware import hardware_for
+from tuner.rpc import cluster_hardware
 from tuner.serve import Event, ServeOptions, preflight, run_serve
 from tuner.units import fmt_bytes
 
@@ -231,6 +234,10 @@ def register(app: typer.Typer) -> None:
         allow_yarn: o.AllowYarnOpt = False,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
+        rpc: o.PlanRpcOpt = None,
+        rpc_gpu: o.RpcGpuOpt = None,
+        link_gbit: o.LinkGbitOpt = None,
+        link_rtt_ms: o.LinkRttOpt = None,
         host: HostOpt = "127.0.0.1",
         port: PortOpt = 8080,
         api_key: ApiKeyOpt = None,
@@ -248,12 +255,17 @@ def register(app: typer.Typer) -> None:
         options = ServeOptions(host=host, port=port, api_key=api_key, source=source, server_bin=server_bin,
                                cuda=cuda, preset=preset, alias=alias, log_path=log_file)
         preflight(options)  # before probing hardware or reading the model: cheap refusals first
-        hardware = hardware_for(gpu, vram)
+        if rpc_gpu and not rpc:
+            raise TunerError("--rpc-gpu alone plans workers that are not running; tuner serve needs --rpc HOST:PORT "
+                             "of running ones (tuner worker)")
         build_progress = BuildProgress(err_console)
         fetch_progress = FetchProgress(err_console)
         printer = EventPrinter(as_json, build_progress, fetch_progress)
         try:
             with stop_signals():
+                hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
+                                            link_rtt_ms=link_rtt_ms, source=source, cuda=cuda, server_bin=server_bin,
+                                            on_build_progress=build_progress)
                 run_serve(model, hardware, wishes, options, on_event=printer, on_build_progress=build_progress,
                           on_fetch_progress=fetch_progress, measured=recommend_hook(hardware, server_bin))
         finally:

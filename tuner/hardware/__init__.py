@@ -7,7 +7,9 @@ One job per module, bottom up:
 - :mod:`tuner.hardware.nvml`: NVML access (:class:`NvmlApi`): GPUs, free memory, a process's GPU memory.
 - :mod:`tuner.hardware.snapshot`: NVML's answers recorded as JSON, and replayed through :class:`NvmlApi`.
 - :mod:`tuner.hardware.host`: RAM (cgroup limits applied), CPU cores (affinity applied), RAM bandwidth.
-- :mod:`tuner.hardware.machine`: :class:`Hardware`, this machine or what ``--gpu`` / ``--vram`` ask for.
+- :mod:`tuner.hardware.cluster`: RPC endpoints, ``--rpc-gpu`` what-if workers, the network link to them.
+- :mod:`tuner.hardware.machine`: :class:`Hardware`, this machine or what ``--gpu`` / ``--vram`` ask for, with the
+  devices of RPC workers in front.
 
 Everything here returns data; nothing prints or exits. The rest of tuner imports from ``tuner.hardware``; the
 modules of this package import from each other.
@@ -22,19 +24,38 @@ from tuner.hardware.catalog import (
     load_gpu_catalog,
     parse_gpu_spec,
 )
+from tuner.hardware.cluster import (
+    DEFAULT_LINK,
+    DEFAULT_RPC_PORT,
+    NetworkLink,
+    parse_endpoint,
+    parse_endpoints,
+    parse_rpc_gpu_spec,
+    rpc_endpoints,
+)
 from tuner.hardware.gpu import GB, Gpu
 from tuner.hardware.host import HostInfo, read_host
-from tuner.hardware.machine import Hardware, detect_hardware, gpu_split, hardware_for, override_vram
+from tuner.hardware.machine import (
+    Hardware,
+    detect_hardware,
+    gpu_split,
+    hardware_for,
+    override_vram,
+    with_remote_devices,
+)
 from tuner.hardware.nvml import NvmlApi, gpu_free_bytes, gpu_process_memory_bytes, read_gpus
 from tuner.hardware.snapshot import record_snapshot
 
 __all__ = [
+    "DEFAULT_LINK",
+    "DEFAULT_RPC_PORT",
     "GB",
     "GENERIC_GPU_BANDWIDTH_BYTES_S",
     "CatalogGpu",
     "Gpu",
     "Hardware",
     "HostInfo",
+    "NetworkLink",
     "NvmlApi",
     "catalog_entry_for_name",
     "catalog_gpu",
@@ -46,8 +67,13 @@ __all__ = [
     "hardware_for",
     "load_gpu_catalog",
     "override_vram",
+    "parse_endpoint",
+    "parse_endpoints",
     "parse_gpu_spec",
+    "parse_rpc_gpu_spec",
     "read_gpus",
     "read_host",
     "record_snapshot",
+    "rpc_endpoints",
+    "with_remote_devices",
 ]

@@ -1,5 +1,6 @@
 """The machine to plan for (:class:`Hardware`): this one (GPUs through NVML, the host live), or catalog cards / a
-``--vram`` size with this machine's CPU and RAM (:func:`hardware_for`, what ``--gpu`` and ``--vram`` mean).
+``--vram`` size with this machine's CPU and RAM (:func:`hardware_for`, what ``--gpu`` and ``--vram`` mean), and the
+devices of RPC workers in front of them (:func:`with_remote_devices`, what ``--rpc`` and ``--rpc-gpu`` add).
 
 Everything here returns data; nothing prints or exits.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from tuner.errors import TunerError
 from tuner.hardware.catalog import GENERIC_GPU_BANDWIDTH_BYTES_S, parse_gpu_spec
+from tuner.hardware.cluster import DEFAULT_LINK, NetworkLink
 from tuner.hardware.gpu import GB, Gpu
 from tuner.hardware.host import default_ram_bandwidth_bytes_s, read_host_noted
 from tuner.hardware.nvml import NvmlApi, read_gpus_noted
@@ -31,10 +33,28 @@ class Hardware:
     (:func:`~tuner.hardware.host.measure_ram_bandwidth_bytes_s`)."""
     notes: tuple[str, ...] = ()
     """One line each, for the user: what could not be read, what was assumed instead."""
+    link: NetworkLink | None = None
+    """The network to the RPC workers whose devices are in :attr:`gpus` (None: no workers, or
+    :data:`~tuner.hardware.cluster.DEFAULT_LINK` assumed)."""
 
     @property
     def cpu_only(self) -> bool:
         return not self.gpus
+
+    @property
+    def local_gpus(self) -> tuple[Gpu, ...]:
+        """The GPUs of this machine (not behind RPC)."""
+        return tuple(g for g in self.gpus if not g.is_remote)
+
+    @property
+    def remote_gpus(self) -> tuple[Gpu, ...]:
+        """The devices of RPC workers, in llama.cpp's order (they come first in :attr:`gpus`)."""
+        return tuple(g for g in self.gpus if g.is_remote)
+
+    @property
+    def network(self) -> NetworkLink:
+        """The link to the workers: :attr:`link`, or the default one."""
+        return self.link or DEFAULT_LINK
 
 
 def detect_hardware(nvml: NvmlApi | None = None) -> Hardware:
@@ -100,6 +120,24 @@ def override_vram(hardware: Hardware, vram_bytes: int) -> Hardware:
         note += f", more than the {fmt_bytes(first.vram_free_bytes)} free now"
     first = replace(first, vram_total_bytes=vram_bytes, vram_free_bytes=vram_bytes, vram_used_bytes=0)
     return replace(hardware, gpus=(first, *hardware.gpus[1:]), notes=(*hardware.notes, note))
+
+
+def with_remote_devices(hardware: Hardware, devices: Sequence[Gpu], link: NetworkLink | None = None,
+                        notes: Sequence[str] = ()) -> Hardware:
+    """``hardware`` with the devices of RPC workers (each with its ``endpoint``) in front of its own GPUs, as
+    llama.cpp orders them (src/llama.cpp:275-285), and the link to those workers (None: the default one, noted)."""
+    if not devices:
+        return hardware
+    if any(not d.is_remote for d in devices):
+        raise TunerError("internal: a remote device without an endpoint")
+    taken = {g.llama_name for g in hardware.remote_gpus}
+    if any(d.llama_name in taken for d in devices):
+        raise TunerError("the same RPC worker is named twice (--rpc and --rpc-gpu?)")
+    said = list(notes)
+    if link is None and hardware.link is None:
+        said.append(f"network to the RPC workers assumed: {DEFAULT_LINK.describe()} (--link-gbit, --link-rtt-ms)")
+    return replace(hardware, gpus=(*hardware.remote_gpus, *devices, *hardware.local_gpus),
+                   link=link or hardware.link, notes=(*hardware.notes, *said))
 
 
 def gpu_split(hardware: Hardware) -> list[float] | None:
