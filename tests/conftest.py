@@ -7,8 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -107,3 +108,28 @@ def broken_llama_source(tmp_path: Path) -> Path:
     (source / "src" / "llama.cpp").write_text("// not really\n")
     (source / "include" / "llama.h").write_text("// not really\n")
     return source
+
+
+@pytest.fixture
+def card_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """A card ``tiny-card`` (in a catalog folder, ``TUNER_CATALOG_DIR``) whose default repo on the loopback Hub
+    (``HF_ENDPOINT``) holds a Q8_0 file that is not the mix the card records for it: its routed experts are f16,
+    where llama-quantize's Q8_0 (the card's) has q8_0. Yields ``hub``, ``card``, ``repo`` and ``file`` (the
+    repo's file as the Hub serves it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import hubserver
+    finally:
+        sys.path.pop(0)
+    card, repo = "tiny-card", "acme/Tiny-Card-GGUF"
+    spec = SynthSpec(name="Tiny-Card", types={"experts": "f16", "matrix": "q8_0", "embd": "q8_0", "output": "q8_0"})
+    repo_dir = tmp_path / "hub" / repo
+    write_synthetic_gguf(repo_dir / "Tiny-Q8_0.gguf", spec)
+    catalog = tmp_path / "catalog"
+    hubserver.write_tiny_card(catalog, key=card, repo=repo, stem="Tiny", spec=spec, mixes={"Q8_0": "Q8_0"})
+    with hubserver.FakeHub(tmp_path / "hub", tokens={}) as hub:
+        monkeypatch.setenv("TUNER_CATALOG_DIR", str(catalog))
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("TUNER_CACHE_DIR", str(tmp_path / "tuner-cache"))
+        yield SimpleNamespace(hub=hub, card=card, repo=repo, file=repo_dir / "Tiny-Q8_0.gguf")

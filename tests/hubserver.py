@@ -46,7 +46,15 @@ import numpy as np
 from gguf import GGUFWriter
 
 from tuner.cards import iter_recipe_types, load_card
-from tuner.synth import SynthSpec, real_vocab_overrides, spec_from_card, tensor_plan, vocabulary, write_synthetic_gguf
+from tuner.synth import (
+    SynthSpec,
+    hparams_metadata,
+    real_vocab_overrides,
+    spec_from_card,
+    tensor_plan,
+    vocabulary,
+    write_synthetic_gguf,
+)
 
 _CHUNK = 64 * 1024
 
@@ -534,3 +542,30 @@ def write_mmproj(path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_tiny_card(catalog: Path, *, key: str, repo: str, stem: str, spec: SynthSpec,
+                    mixes: dict[str, str]) -> None:
+    """A catalog folder (for ``TUNER_CATALOG_DIR``): the shipped catalogs plus a card ``key`` for ``spec``'s model
+    (its hyperparameters as the card's GGUF values), whose default repo ``repo`` names files ``{stem}-{quant}.gguf``
+    and records ``mixes`` (quant -> recipe or mix); ladder: the quants of ``mixes``."""
+    import shutil
+
+    import yaml
+
+    shipped = Path(__file__).resolve().parent.parent / "profiles"
+    (catalog / "models").mkdir(parents=True, exist_ok=True)
+    shutil.copy(shipped / "gpus.yaml", catalog / "gpus.yaml")
+    for f in (shipped / "models").glob("*.yaml"):
+        shutil.copy(f, catalog / "models" / f.name)
+    prefix = f"{spec.arch}."
+    gguf = {k.removeprefix(prefix): v for k, v in hparams_metadata(spec).items() if k.startswith(prefix)}
+    card = {
+        "key": key, "name": spec.name, "arch": spec.arch, "vocab_size": len(vocabulary(spec)[0]),
+        "tie_embeddings": spec.tie_embeddings, "mtp_layers": 0, "gguf": gguf, "header_bytes": 200_000,
+        "default_repo": repo, "repos": [{"repo": repo, "file": f"{stem}-{{quant}}.gguf", "mtp": False,
+                                         "mixes": dict(mixes)}],
+        "quants": list(mixes), "quality_order": list(mixes), "known_sizes": [],
+        "sampling_presets": {"default": {"temp": 0.7, "top_k": 20}}, "default_preset": "default", "notes": [],
+    }
+    (catalog / "models" / f"{key}.yaml").write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")

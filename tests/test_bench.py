@@ -481,3 +481,38 @@ def test_bench_options_refuse_what_needs_no_work_to_refuse() -> None:
         b.BenchOptions(sets=(b.parse_set("a=-c 1024"), b.parse_set("a=-c 2048")))
     with pytest.raises(TunerError, match=r"needs -np 2"):
         b.BenchOptions(sets=(b.parse_set("a=-c 1024 -np 1"),), config=b.BenchConfig(concurrency=2))
+
+
+# ----------------------------------------------------------------------------------------- the file, not the card
+
+
+def test_bench_plans_again_from_the_downloaded_header_or_stops_when_it_no_longer_fits(
+        card_hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card's plan is a prediction: bench downloads the file, reads its header (here: f16 experts where the card
+    records q8_0) and measures the plan made for the file as it is; with RAM for the card's plan only, it stops
+    with one line before building or launching anything."""
+    import huggingface_hub.constants
+
+    from tuner.bench.benchmark import resolve_model
+    from tuner.planner import estimate_on
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    real = local_layout(card_hub.file)
+    hw = replace(hardware_for("none"), ram_available_bytes=64 << 30)
+    said: list[str] = []
+    path, layout, plan = resolve_model(card_hub.card, hw, Wishes(ctx_size=1024), need_plan=True,
+                                       on_progress=said.append)
+    assert plan is not None and path.read_bytes() == card_hub.file.read_bytes()
+    assert layout.weights_bytes == plan.candidate.layout.weights_bytes == real.weights_bytes
+    assert len(said) == 1 and "re-planned from its header" in said[0]
+
+    wishes = Wishes(ctx_size=1024, buffer_bytes=0)
+    card_plan = plan_for(card_hub.card, hw, wishes).plan
+    lean = card_plan.flags.with_(cache_ram_mib=0, ctx_checkpoints=0)
+    ram = (estimate_on(card_plan.candidate.layout, lean, hw).host_total_bytes
+           + estimate_on(real, lean, hw).host_total_bytes) // 2
+    small = replace(hw, ram_available_bytes=ram, ram_total_bytes=ram)
+    with pytest.raises(TunerError, match=r"Tiny-Q8_0\.gguf is not the file the plan was sized for.*no longer fits") \
+            as caught:
+        resolve_model(card_hub.card, small, wishes, need_plan=True)
+    assert "\n" not in caught.value.one_line()

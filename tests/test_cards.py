@@ -19,6 +19,7 @@ from tuner.cards import (
     list_cards,
     load_card,
     match_card,
+    quant_mix,
     rank_by_quality,
     recipe_class,
     recipe_tensors,
@@ -35,9 +36,8 @@ MAIN = "qwen3.5-35b-a3b"
 # How close the plain llama-quantize recipes must come to real files made with plain llama-quantize (lmstudio
 # Q4_K_M, Q8_0 and BF16, whose every type is fixed by the file type). BF16's reference figure is rounded to 0.1 GiB.
 PLAIN_RECIPE_TOLERANCE = 0.002
-# Uploaders' own mixes (unsloth, bartowski) keep chosen tensors at other types; the plain recipe of the same name
-# is a proxy for them, within this much.
-UPLOADER_RECIPE_TOLERANCE = 0.06
+# Uploaders' own mixes (unsloth, bartowski): each recorded mix must land this close to the file it is recorded for.
+MIX_TOLERANCE = 0.005
 
 
 @pytest.fixture(autouse=True)
@@ -186,7 +186,7 @@ def test_use_more_bits_matches_llama_quant_for_40_and_41_layers() -> None:
 
 
 def test_q4_k_m_recipe_gives_q6_k_to_the_more_bits_layers_only() -> None:
-    types = {name: t for name, _cls, t in iter_recipe_types(load_card(MAIN), "Q4_K_M")}
+    types = {name: t for name, _cls, t in iter_recipe_types(load_card(MAIN), "Q4_K_M", recipe="Q4_K_M")}
     more = {i for i in range(40) if use_more_bits(i, 40)}
     for il in range(40):
         want = "q6_K" if il in more else "q4_K"
@@ -202,7 +202,7 @@ def test_q4_k_m_recipe_gives_q6_k_to_the_more_bits_layers_only() -> None:
 
 
 def test_q3_k_m_recipe_upgrades_the_first_layers() -> None:
-    types = {name: t for name, _cls, t in iter_recipe_types(load_card(MAIN), "Q3_K_M")}
+    types = {name: t for name, _cls, t in iter_recipe_types(load_card(MAIN), "Q3_K_M", recipe="Q3_K_M")}
     # ffn_down: layer < 40/16 -> q5_K, else q4_K; attn_v/attn_qkv: counter < 2 -> q5_K, else q4_K
     assert [types[f"blk.{i}.ffn_down_exps.weight"] for i in (0, 1, 2, 39)] == ["q5_K", "q5_K", "q4_K", "q4_K"]
     assert [types[f"blk.{i}.attn_qkv.weight"] for i in (0, 1, 2)] == ["q5_K", "q5_K", "q4_K"]
@@ -211,7 +211,7 @@ def test_q3_k_m_recipe_upgrades_the_first_layers() -> None:
 
 
 def test_mtp_block_is_counted_in_n_layer_all_and_follows_the_recipe() -> None:
-    types = {name: t for name, _cls, t in iter_recipe_types(load_card(MAIN), "Q4_K_M", mtp=True)}
+    types = {name: t for name, _cls, t in iter_recipe_types(load_card(MAIN), "Q4_K_M", mtp=True, recipe="Q4_K_M")}
     assert types["blk.40.ffn_down_exps.weight"] == "q6_K"  # 40 >= 7*41/8
     assert types["blk.40.nextn.eh_proj.weight"] == "q4_K"
     assert types["blk.40.attn_v.weight"] == "q6_K"
@@ -229,11 +229,84 @@ def _size_rows() -> list[dict[str, object]]:
     return [dict(r, card=c.key) for c in list_cards() for r in known_size_rows(c)]
 
 
-@pytest.mark.parametrize("row", [r for r in _size_rows() if not r["calibration"]],
+@pytest.mark.parametrize("row", [r for r in _size_rows() if not r["calibration"] and r["recorded"]],
                          ids=lambda r: f"{r['card']}:{r['repo']}:{r['quant']}")
-def test_recipe_sizes_match_real_files(row: dict[str, object]) -> None:
-    tolerance = PLAIN_RECIPE_TOLERANCE if row["recipe"] == "llama-quantize" else UPLOADER_RECIPE_TOLERANCE
+def test_every_recorded_mix_lands_within_half_a_percent_of_its_known_file_size(row: dict[str, object]) -> None:
+    """Plain llama-quantize files against the recipe (0.2%), uploaders' files against the mix the card records for
+    them (0.5%)."""
+    tolerance = PLAIN_RECIPE_TOLERANCE if row["recipe"] == "llama-quantize" else MIX_TOLERANCE
     assert abs(float(row["error"])) <= tolerance, json.dumps(row)
+
+
+def test_a_file_whose_mix_is_not_recorded_is_never_planned_smaller_than_it_is() -> None:
+    rows = [r for r in _size_rows() if not r["recorded"]]
+    assert rows  # bartowski's Q2_K: only its size is known
+    for row in rows:
+        assert int(row["computed_bytes"]) >= int(row["real_bytes"]), json.dumps(row)
+
+
+def test_every_mix_is_checked_by_a_known_file() -> None:
+    card = load_card(MAIN)
+    checked = {str(r["mix"]).lower() for r in _size_rows() if r["recorded"] and r["recipe"] == "uploader"
+               and abs(float(r["error"])) <= MIX_TOLERANCE}
+    assert set(card.mixes) <= checked, sorted(set(card.mixes) - checked)
+    for mix in card.mixes.values():
+        assert mix.source and mix.confidence in ("header", "size", "guess"), mix.name
+
+
+def test_unsloths_moe_q4_k_m_mix_reproduces_two_models_files_to_the_byte() -> None:
+    """The mix unsloth's Qwen3.5 MoE Q4_K_M files carry: every tensor outside the routed experts q8_0, output q6_K,
+    routed gate/up q4_K and down q5_K. 35B-A3B to the byte; 122B-A10B to its two extra shard headers."""
+    rows = {(r["card"], r["quant"], r["repo"].split("/")[0]): r for r in _size_rows()}
+    a35 = rows[(MAIN, "Q4_K_M", "unsloth")]
+    a122 = rows[("qwen3.5-122b-a10b", "Q4_K_M", "unsloth")]
+    assert a35["mix"] == a122["mix"] == "unsloth-moe-Q4_K_M"
+    assert a35["computed_bytes"] == a35["real_bytes"] == 22_016_023_168
+    assert 0 < int(a122["real_bytes"]) - int(a122["computed_bytes"]) < 16_384
+
+
+def test_ud_q6_k_xl_mix_has_the_type_counts_of_the_real_header() -> None:
+    """ik_llama.cpp#1420's load log of unsloth's UD-Q6_K_XL: f32 301, f16 90, q8_0 264, q6_K 78."""
+    counts = Counter(t for _n, _c, t in iter_recipe_types(load_card(MAIN), "UD-Q6_K_XL"))
+    assert counts == {"f32": 301, "f16": 90, "q8_0": 264, "q6_K": 78}
+
+
+def test_unrecorded_quant_is_sized_as_the_largest_known_file_of_that_quant_with_a_note() -> None:
+    card = load_card(MAIN)
+    q6 = quant_mix(card, "Q6_K")  # unsloth's Q6_K: not recorded; bartowski's (larger than the plain recipe) is
+    assert not q6.recorded and q6.recipe.name == "bartowski-moe-Q6_K"
+    assert q6.note and "not recorded" in q6.note and "bartowski" in q6.note
+    iq4 = quant_mix(card, "IQ4_XS")
+    assert not iq4.recorded and iq4.recipe.name == "IQ4_XS" and "IQ4_XS" in (iq4.note or "")
+    own = quant_mix(card, "Q4_K_M")
+    assert own.recorded and own.note is None and own.recipe.name == "unsloth-moe-Q4_K_M"
+    assert {c.quant: c.notes for c in card_candidates(card)}["Q6_K"] == (q6.note,)
+
+
+def test_uploaders_own_quants_plan_offline_like_the_plain_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    [ud] = resolve_candidates("qwen3.5-35b-a3b:ud-q4_k_xl")
+    assert ud.quant == "UD-Q4_K_XL" and ud.source == "card" and ud.repo == "unsloth/Qwen3.5-35B-A3B-GGUF"
+    assert ud.files == ("Qwen3.5-35B-A3B-UD-Q4_K_XL.gguf",)
+    assert abs(ud.file_bytes / 22_241_950_336 - 1) < MIX_TOLERANCE
+    assert cli_main(["recommend", "qwen3.5-35b-a3b:UD-Q6_K_XL", "--gpu", "rtx-4090", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["quant"] == "UD-Q6_K_XL" and plan["file"] == "Qwen3.5-35B-A3B-UD-Q6_K_XL.gguf"
+    with pytest.raises(TunerError, match=r"has no quant 'UD-Q9_K_XL' \(known: BF16, .*UD-Q4_K_XL"):
+        resolve_candidates("qwen3.5-35b-a3b:UD-Q9_K_XL")
+
+
+def test_a_mix_that_does_not_say_where_it_comes_from_is_rejected(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    src = Path(__file__).resolve().parent.parent / "profiles" / "models"
+    shutil.copytree(src, tmp_path / "models")
+    recipes = yaml.safe_load((tmp_path / "models" / "_recipes.yaml").read_text(encoding="utf-8"))
+    del recipes["mixes"]["unsloth-moe-Q4_K_M"]["source"]
+    (tmp_path / "models" / "_recipes.yaml").write_text(yaml.safe_dump(recipes), encoding="utf-8")
+    monkeypatch.setenv("TUNER_CATALOG_DIR", str(tmp_path))
+    with pytest.raises(TunerError, match=r"mix unsloth-moe-Q4_K_M does not say where it comes from"):
+        load_card(MAIN)
 
 
 def test_header_calibration_rows_agree_by_construction_and_are_not_the_only_check() -> None:
@@ -258,12 +331,16 @@ def test_q8_0_recipe_gives_the_reported_tensor_data() -> None:
 # --- candidates and quality ---------------------------------------------------------------------------------------
 
 def test_card_candidates_are_the_ladder_with_expected_files() -> None:
+    """The plain ladder plus the repo's own UD quants whose mix is recorded, ranked by quality (UD-Q6_K_XL by its
+    bits per weight, UD-Q4_K_XL below Q4_K_M as the card's quality_order says)."""
     card = load_card(MAIN)
     cands = card_candidates(card)
-    assert [c.quant for c in cands] == ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K"]
-    assert [c.quality_rank for c in cands] == list(range(8, 0, -1))
+    assert [c.quant for c in cands] == ["BF16", "Q8_0", "UD-Q6_K_XL", "Q6_K", "Q5_K_M", "Q4_K_M", "UD-Q4_K_XL",
+                                        "IQ4_XS", "Q3_K_M", "Q2_K"]
+    assert [c.quality_rank for c in cands] == list(range(10, 0, -1))
     by = {c.quant: c for c in cands}
     assert by["Q4_K_M"].files == ("Qwen3.5-35B-A3B-Q4_K_M.gguf",)
+    assert by["UD-Q4_K_XL"].files == ("Qwen3.5-35B-A3B-UD-Q4_K_XL.gguf",)
     assert by["BF16"].files == ("BF16/Qwen3.5-35B-A3B-BF16-00001-of-00002.gguf",
                                 "BF16/Qwen3.5-35B-A3B-BF16-00002-of-00002.gguf")
     for c in cands:
@@ -343,7 +420,8 @@ def test_match_card_by_shapes_and_name(tmp_path: Path) -> None:
 
 def test_no_model_means_the_main_card_ladder_offline() -> None:
     cands = resolve_candidates(None)
-    assert [c.quant for c in cands] == list(load_card(MAIN).quants)
+    assert sorted(c.quant for c in cands) == sorted(load_card(MAIN).repo_quants())
+    assert set(load_card(MAIN).quants) < {c.quant for c in cands}
     assert all(c.source == "card" for c in cands)
 
 

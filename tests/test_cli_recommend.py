@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from tuner import hardware
+from tuner.cards import load_card
 from tuner.cli import main
 from tuner.cli.recommend import wishes_from_options
 from tuner.hardware import machine
@@ -59,8 +62,9 @@ def test_json_document_through_a_subprocess() -> None:
     cuda0 = next(d for d in doc["memory"]["devices"] if d["name"] == "CUDA0")
     assert cuda0["total_bytes"] + doc["budget"]["buffer_bytes"] <= doc["budget"]["vram_free_bytes"]
     command = doc["command"]
-    assert command[:3] == ["llama-server", "-m", plan["file"]]
-    assert command[-4:] == ["--fit", "off", "--jinja", "--no-mmproj"], "no projector behind the plan's back"
+    # runs as printed: llama-server fetches the planned file from its repo itself, with the card's sampling preset
+    assert command[:3] == ["llama-server", "--hf-repo", f"{plan['repo']}:{plan['quant']}"]
+    assert command[-14:] == ["--fit", "off", "--jinja", "--no-mmproj", *load_card(plan["model"]).sampling_args()]
     assert command[command.index("--ctx-size") + 1] == str(plan["ctx_size"])
     assert 2 <= len(doc["alternatives"]) <= 4
     assert all(a["why_not"] and "predicted" in a for a in doc["alternatives"])
@@ -71,7 +75,7 @@ def test_report_shows_plan_memory_speed_alternatives_and_command(capsys: pytest.
     out = capsys.readouterr().out
     for text in ("NVIDIA GeForce RTX 5080", "Plan:", "Q4_K_M", "--n-cpu-moe", "the fewest expert layers in RAM",
                  "Memory (estimate)", "buffer 1.25 GiB kept", "Speed, predicted", "(bound", "Alternatives", "why not",
-                 "Command:", "llama-server -m Qwen3.5-35B-A3B-Q4_K_M.gguf"):
+                 "Command:", "llama-server --hf-repo unsloth/Qwen3.5-35B-A3B-GGUF:Q4_K_M"):
         assert text in out, text
 
 
@@ -113,8 +117,9 @@ def test_vision_counts_the_projector_on_the_gpu_and_loads_it(capsys: pytest.Capt
     plain = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M")
     vision = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M", "--vision")
     assert vision["plan"]["vision"] and vision["plan"]["mmproj"] == "mmproj-F16.gguf"
-    assert vision["command"][-2:] == ["--mmproj", "mmproj-F16.gguf"] and "--mmproj" not in plain["command"]
-    assert plain["command"][-1] == "--no-mmproj" and "--no-mmproj" not in vision["command"]
+    # -hf fetches and loads the repo's projector by itself; without vision the command says not to
+    assert "--no-mmproj" in plain["command"] and "--no-mmproj" not in vision["command"]
+    assert not any("mmproj" in a for a in vision["command"])
     cuda0 = next(d for d in vision["memory"]["devices"] if d["name"] == "CUDA0")
     seen = vision["memory"]["vision"]
     assert seen["device"] == "CUDA0" and seen["weights_bytes"] == 899_283_648  # the card's file, no header read
@@ -127,8 +132,8 @@ def test_vision_counts_the_projector_on_the_gpu_and_loads_it(capsys: pytest.Capt
 
 
 def test_prefer_changes_the_plan_and_the_reason_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    speed = recommend_json(capsys, "--gpu", "rtx-3090")
-    context = recommend_json(capsys, "--gpu", "rtx-3090", "--prefer", "context")
+    speed = recommend_json(capsys, "--gpu", "rtx-5080")
+    context = recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "context")
     assert context["plan"]["ctx_size"] == 262_144 > speed["plan"]["ctx_size"]
     assert "--prefer context" in context["reasons"][0] and "--prefer speed" in speed["reasons"][0]
 
@@ -163,3 +168,67 @@ def test_planner_option_help_states_the_planner_defaults() -> None:
     assert f"default {DEFAULT_VRAM_BUFFER_BYTES / GiB:g}G" in buffer_help
     assert f"RAM when CPU only: {DEFAULT_RAM_BUFFER_BYTES / GiB:g}G" in buffer_help
     assert f"at least {WORKING_CTX}" in get_args(o.PlanCtxOpt)[1].help
+
+
+def test_the_default_plan_is_sized_for_the_file_it_names(capsys: pytest.CaptureFixture[str]) -> None:
+    """Offline, on the default card: the weights in ``memory`` are the tensors of the file in ``plan.file`` (the
+    repo's own mix, as the card records it), the buffer is kept; for unsloth's Q4_K_M, whose size the card lists,
+    within 0.5% of that size."""
+    from tuner.cards import card_layout
+
+    for args in ((), ("--quant", "Q4_K_M")):
+        doc = recommend_json(capsys, "--gpu", "rtx-4090", *args)
+        plan, memory = doc["plan"], doc["memory"]
+        card = load_card(plan["model"])
+        named = card_layout(card, plan["quant"], repo=plan["repo"])
+        assert plan["file"] == card.repo(plan["repo"]).files_for(plan["quant"], named.file_bytes)[0]
+        assert memory["weights_bytes"] == sum(d["weights_bytes"] for d in memory["devices"]) == named.weights_bytes
+        assert plan["file_bytes"] == named.file_bytes
+        assert all(left >= 0 for left in doc["headroom_bytes"].values())  # the 1.25 GiB buffer is still kept
+        assert doc["budget"]["buffer_bytes"] == 1280 * MiB
+    assert plan["quant"] == "Q4_K_M" and plan["repo"] == "unsloth/Qwen3.5-35B-A3B-GGUF"
+    known = next(k.file_bytes for k in card.known_sizes if k.repo == plan["repo"] and k.quant == "Q4_K_M")
+    assert known == 22_016_023_168
+    assert abs((memory["weights_bytes"] + card.header_bytes) / known - 1) <= 0.005
+
+
+def test_report_at_80_columns_fits_them_and_its_reasons_quote_the_alternatives_table(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The narrow layout: no line over 80 columns (the command in continued lines that paste as one), and every
+    figure a reason quotes about an alternative is the one the alternatives table shows for it."""
+    from tuner.cli._output import console
+
+    monkeypatch.setattr(console, "width", 80)
+    assert main(["recommend", "--gpu", "rtx-5080"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    flat = " ".join(out.split())
+    generation = re.search(r"Speed, predicted \(roofline\): generation (\d+) tok/s", flat)
+    better = re.search(r"(\S+), the next better quant, would need --n-cpu-moe (\d+) here: (\d+) vs (\d+) tok/s", flat)
+    assert generation and better, flat
+    quant, n_cpu_moe, its_tg, plan_tg = better.groups()
+    row = re.search(rf"\d\. {re.escape(quant)} · KV \S+ · --n-cpu-moe (\d+) · context \d+ · ubatch \d+ · "
+                    r"([\d,]+) tok/s generation", flat)
+    assert row, flat
+    assert (row.group(1), row.group(2)) == (n_cpu_moe, its_tg) and plan_tg == generation.group(1)
+    kv = re.search(r"q8_0 KV would be only \S+ in speed \((\d+) vs (\d+) tok/s", flat)
+    kv_row = re.search(r"1\. \S+ · KV q8_0 · --n-cpu-moe \d+ · context \d+ · ubatch \d+ · ([\d,]+) tok/s", flat)
+    assert kv and kv_row and kv.group(1) == kv_row.group(1) and kv.group(2) == generation.group(1)
+    # the command, continued with backslashes, is the JSON's command
+    start = lines.index("Command:") + 1
+    pasted = []
+    for line in lines[start:]:
+        pasted.append(line.rstrip(" \\").strip())
+        if not line.endswith("\\"):
+            break
+    assert shlex.split(" ".join(pasted)) == recommend_json(capsys, "--gpu", "rtx-5080")["command"]
+
+
+def test_a_narrow_terminal_gets_the_narrow_layout_from_the_command_line() -> None:
+    proc = run_cli("--gpu", "rtx-4090", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    assert "┃" not in proc.stdout and "Alternatives" in proc.stdout  # no wide tables
+    wide = run_cli("--gpu", "rtx-4090", env={"COLUMNS": "160"})
+    assert "┃ why not" in wide.stdout

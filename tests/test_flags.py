@@ -103,8 +103,8 @@ def test_flag_value_reads_a_flag_that_is_not_planned_or_gives_its_default() -> N
 
 
 def test_a_switch_given_a_value_and_unknown_tokens_pass_through_scan() -> None:
-    found = scan(["--cpu-moe=1", "--temp", "0.6", "-c", "8"])
-    assert found[:3] == ["--cpu-moe=1", "--temp", "0.6"]
+    found = scan(["--cpu-moe=1", "--mirostat", "2", "-c", "8"])
+    assert found[:3] == ["--cpu-moe=1", "--mirostat", "2"]
     assert isinstance(found[3], Occurrence) and found[3].tokens == ("-c", "8") and found[3].value() == 8
 
 
@@ -162,8 +162,9 @@ def test_serve_drops_every_flag_it_owns_from_a_plan_and_keeps_the_rest(tmp_path:
              ("--no-jinja",), ("-v",), ("--log-verbose",)]
     plan = ["-c", "1024", *[t for pair in owned for t in pair], "-t", "4"]
     args = server_args(plan, estimate, alias="new")
-    for gone in ("-m", "--verbosity", "-a", "-mm", "--api-key", "--no-jinja", "-v", "--log-verbose", "x", "old", "k"):
+    for gone in ("-m", "-a", "-mm", "--api-key", "--no-jinja", "-v", "--log-verbose", "x", "old", "k", "1"):
         assert gone not in args
+    assert args.count("--verbosity") == 1 and flag_value(args, "verbosity") == 4  # serve's own, not the plan's
     assert args[:4] == ["-c", "1024", "-t", "4"]
     assert {row.key for row in FLAGS if row.serve_owned} >= {"model", "host", "port", "api_key", "verbosity",
                                                               "alias", "mmproj", "metrics", "jinja", "verbose"}
@@ -196,3 +197,36 @@ def test_each_row_cites_the_line_of_llama_cpp_that_defines_it(llama_build) -> No
         assert "=" in line, (row.key, line)
         if isinstance(row.default, int) and not isinstance(row.default, bool):
             assert re.search(rf"=\s*{row.default}\b", line), (row.key, line)
+
+
+# ------------------------------------------------------------------------------------------------ one place
+
+
+#: Where a string that spells a llama-server option may appear outside tuner/flags.py, and why.
+_OTHER_PROGRAMS = {
+    "tuner/build/": "command lines of cmake, git, pip and python, whose -m and -c are theirs, not llama-server's",
+    "tuner/speedfit.py": "python -m tuner (the estimate CLI run as a child process)",
+    "tuner/worker.py": "ggml-rpc-server's command line: its --host, --port, --device, --threads are its own",
+    "tuner/cli/worker.py": "tuner worker's options, which go to ggml-rpc-server, not to llama-server",
+}
+
+
+def test_no_llama_server_option_is_spelled_outside_the_flag_table() -> None:
+    """Every llama-server option tuner writes comes from a :data:`FLAGS` row (``FLAGS[key].to_args``,
+    ``flag_value``): no string literal anywhere in the package is one of their spellings, except in the command
+    lines of other programs (:data:`_OTHER_PROGRAMS`). Prose that names an option is not a literal of it."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    spellings = {name for row in FLAGS for name in row.spellings}
+    found = []
+    for path in sorted((root / "tuner").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "tuner/flags.py" or any(rel.startswith(p) for p in _OTHER_PROGRAMS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in spellings:
+                found.append(f"{rel}:{node.lineno}: {node.value}")
+    assert not found, "\n".join(found)
+    # the check sees what it should: the spellings it looks for are in use in the command lines tuner writes
+    assert {"--ctx-size", "-c", "--n-cpu-moe", "--fit", "--jinja", "--temp", "--no-mmproj"} <= spellings

@@ -24,7 +24,13 @@ from tuner.hardware import hardware_for
 from tuner.layout import TensorClass
 from tuner.local import dir_candidates, file_candidate
 from tuner.models import local_layout
-from tuner.mtp import VERIFY_LAYER_OVERHEAD, distinct_experts, expected_tokens, step_cost
+from tuner.mtp import (
+    VERIFY_LAYER_OVERHEAD,
+    distinct_experts,
+    expected_tokens,
+    fit_verify_layer_overhead,
+    step_cost,
+)
 from tuner.planner import Wishes, plan_for, recommend
 from tuner.quant_files import group_gguf_files
 from tuner.remote import hub_candidates, hub_quant_labels
@@ -142,9 +148,13 @@ def test_a_sidecar_in_a_hub_repo_is_found_and_sized_not_offered_as_a_quant(hub_e
 def test_the_plan_drafts_with_a_hub_sidecar_and_names_it(hub_env: FakeHub) -> None:
     plan = plan_for(f"{REPO}:Q8_0", hardware_for("rtx-4090"), Wishes()).plan
     assert plan.flags.spec_type == SPEC_MTP and plan.uses_sidecar
-    command = plan.command()
-    assert command[command.index("-md") + 1] == "mtp-Head-A1B-Q8_0.gguf"
+    command = plan.command()  # -hf: llama-server fetches the repo's mtp-* sidecar itself
+    assert command[command.index("--hf-repo") + 1] == f"{REPO}:Q8_0" and "--spec-draft-model" not in command
     assert command[command.index("--spec-draft-n-max") + 1] == str(plan.flags.spec_draft_n_max)
+    local = plan.command(model_path="/m/Head-A1B-Q8_0.gguf", mtp_path="/m/mtp-Head-A1B-Q8_0.gguf")
+    assert local[local.index("--spec-draft-model") + 1] == "/m/mtp-Head-A1B-Q8_0.gguf"
+    with pytest.raises(TunerError, match="needs the head's file"):
+        replace(plan, candidate=replace(plan.candidate, mtp_sidecar=None)).command(model_path="/m/x.gguf")
     assert plan.to_dict()["mtp_sidecar"] == "mtp-Head-A1B-Q8_0.gguf"
     assert plan.estimate.mtp_draft == "mtp-Head-A1B-Q8_0.gguf" or plan.estimate.mtp_draft.endswith(
         "mtp-Head-A1B-Q8_0.gguf")
@@ -221,11 +231,13 @@ def test_the_step_model_reproduces_the_measured_mtp_record_it_was_fitted_on() ->
     layout = card_layout(load_card("qwen3.6-35b-a3b"), "Q4_K_M", mtp=True)
     hw = hardware_for("rtx-4090")
     flags = ServerFlags(ctx_size=32768, parallel=1, cache_type_k="q4_0", cache_type_v="q4_0", flash_attn="on")
-    plain = predict_on(layout, flags, hw, depth_tokens=280)
-    cost = step_cost(layout, flags.with_(spec_type=SPEC_MTP, spec_draft_n_max=1), hw, acceptance=0.8718,
-                     depth_tokens=280)
-    assert plain.tg_tok_s * cost.speedup == pytest.approx(rec["tg_tok_s"], rel=0.005)
+    drafting = flags.with_(spec_type=SPEC_MTP, spec_draft_n_max=1)
+    fitted = fit_verify_layer_overhead(layout, drafting, hw, rec["tg_tok_s"], 0.8718, 280)
+    assert abs(VERIFY_LAYER_OVERHEAD - fitted) < 5e-4, f"re-fit: VERIFY_LAYER_OVERHEAD = {fitted:.4f}"
     assert 0 < VERIFY_LAYER_OVERHEAD < 1
+    plain = predict_on(layout, flags, hw, depth_tokens=280)
+    cost = step_cost(layout, drafting, hw, acceptance=0.8718, depth_tokens=280)
+    assert plain.tg_tok_s * cost.speedup == pytest.approx(rec["tg_tok_s"], rel=0.005)
 
 
 def test_more_acceptance_or_fewer_experts_in_play_pay_more() -> None:
@@ -252,7 +264,7 @@ def test_mtp_is_planned_with_every_layer_on_the_gpu_and_a_draft_length_that_pays
     plan = rec.plan
     assert plan.flags.spec_type == SPEC_MTP and plan.flags.n_cpu_moe == 0 and plan.flags.n_gpu_layers is None
     assert plan.flags.spec_draft_n_max in (1, 2, 3) and not plan.uses_sidecar
-    assert plan.estimate.mtp_bytes > 0 and "-md" not in plan.command()
+    assert plan.estimate.mtp_bytes > 0 and "--spec-draft-model" not in plan.command()
     why = next(r for r in plan.reasons if r.startswith("--spec-type draft-mtp"))
     assert "every layer is on the GPU" in why and "assumed acceptance of 0.8" in why
     plain = recommend(_mtp_ladder(), hardware_for("rtx-4090"), Wishes(quant=plan.quant, parallel=2)).plan

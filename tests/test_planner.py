@@ -4,11 +4,14 @@ most context, and say why; CPU-only planning, host-RAM levers, the no-fit error 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from tuner.cards import load_card
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags, estimate_memory
+from tuner.flags import flags_from_args
 from tuner.hardware import GB, Hardware, hardware_for
 from tuner.models import QuantCandidate, resolve_candidates
 from tuner.planner import (
@@ -81,7 +84,9 @@ def test_plan_fits_with_the_buffer_kept_fewest_experts_in_ram_and_the_most_conte
     hw = machine(gpu)
     rec = recommend(ladder, hw, Wishes(prefer=prefer))
     assert rec.plan.budget.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES
-    assert not rec.notes  # every plan reached its context floor: 32768 tokens, or the native 262144 for context
+    # every plan reached its context floor (32768 tokens, or the native 262144 for context): no note beyond how the
+    # chosen file was sized
+    assert [n for n in rec.notes if n not in rec.plan.candidate.notes] == []
     floor = NATIVE_CTX if prefer == "context" else WORKING_CTX
     assert_minimal_experts_and_maximal_context(rec.plan, hw, floor=floor)
     assert 2 <= len(rec.alternatives) <= 4
@@ -111,8 +116,9 @@ def test_16gb_cards_offload_experts_or_drop_a_quant_and_say_which_and_why(
     if plan.flags.n_cpu_moe > 0:
         assert f"--n-cpu-moe {plan.flags.n_cpu_moe}: the fewest expert layers in RAM" in text
         assert "attention, DeltaNet" in text and "stay on the GPU" in text
-    if plan.candidate.quality_rank < q4.quality_rank:  # dropped below Q4_K_M: says what Q4_K_M would cost
-        assert "Q4_K_M, the next better quant, would need --n-cpu-moe" in text
+    if plan.candidate.quality_rank < q4.quality_rank:  # dropped below Q4_K_M: says what the next better would cost
+        better = min((c for c in ladder if c.quality_rank > plan.candidate.quality_rank), key=lambda c: c.quality_rank)
+        assert f"{better.quant}, the next better quant, would need --n-cpu-moe" in text
     assert "rather than drop to" in text  # and what fitting entirely on the GPU would have meant
 
     forced = recommend(ladder, machine(gpu), Wishes(quant="Q4_K_M")).plan
@@ -128,9 +134,11 @@ def test_speed_keeps_an_exact_kv_cache_when_quantizing_buys_little(ladder: list[
     assert "not worth quantizing" in kv_alt[0][1]
 
 
-def test_prefer_context_reaches_native_context_on_a_24gb_card(ladder: list[QuantCandidate]) -> None:
-    speed = recommend(ladder, machine("rtx-3090"), Wishes(prefer="speed")).plan
-    context = recommend(ladder, machine("rtx-3090"), Wishes(prefer="context")).plan
+def test_prefer_context_reaches_native_context_on_a_16gb_card(ladder: list[QuantCandidate]) -> None:
+    """On a 24 GB card the speed plan of the real files (a quant that fits whole) already reaches the native context;
+    on 16 GB it stops short, and --prefer context moves more experts to RAM to get there."""
+    speed = recommend(ladder, machine("rtx-5080"), Wishes(prefer="speed")).plan
+    context = recommend(ladder, machine("rtx-5080"), Wishes(prefer="context")).plan
     assert speed.estimate.n_ctx_seq < NATIVE_CTX
     assert context.estimate.n_ctx_seq == NATIVE_CTX
     assert any("native maximum" in r for r in context.reasons)
@@ -238,8 +246,9 @@ def test_vision_counts_the_projector_in_the_gpus_memory_and_loads_it(ladder: lis
     assert vision.estimate.n_ctx_seq < plain.estimate.n_ctx_seq
     assert any(r.startswith("vision: mmproj-F16.gguf on CUDA0") for r in vision.reasons)
     command = vision.command(model_path="/m/q4.gguf", mmproj_path="/m/mmproj.gguf")
-    assert command[-2:] == ["--mmproj", "/m/mmproj.gguf"]
-    assert plain.command()[-1] == "--no-mmproj"
+    at = command.index("--mmproj")
+    assert command[at + 1] == "/m/mmproj.gguf" and "--no-mmproj" not in command
+    assert "--no-mmproj" in plain.command(model_path="/m/q4.gguf")  # no projector behind the plan's back
 
 
 def test_vision_without_a_gpu_counts_the_projector_in_ram(ladder: list[QuantCandidate]) -> None:
@@ -250,16 +259,38 @@ def test_vision_without_a_gpu_counts_the_projector_in_ram(ladder: list[QuantCand
     assert projector is not None and plan.estimate.host.vision_bytes == projector.total_bytes()
     assert b.reserved_bytes == projector.growth_bytes()
     assert plan.estimate.host_total_bytes + b.buffer_bytes + b.reserved_bytes <= hw.ram_available_bytes
-    assert "--mmproj" in plan.command()
+    assert "--mmproj" not in plan.command() and "--no-mmproj" not in plan.command()  # -hf loads the projector
+    assert plan.command(model_path="/m/x.gguf", mmproj_path="/m/mmproj.gguf")[-12:-10] == ["--mmproj", "/m/mmproj.gguf"]
 
 
-def test_plan_command_is_the_flags_with_fit_off_and_jinja(ladder: list[QuantCandidate]) -> None:
+def test_printed_command_runs_as_printed_hub_file_by_repo_and_quant_local_file_by_absolute_path(
+        ladder: list[QuantCandidate], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card's quant is not on disk: llama-server fetches it itself (``--hf-repo REPO:QUANT``, and no projector
+    unless vision is on); a local file is named by its absolute path, whatever path it was given as."""
+    plan = recommend(ladder, machine("rtx-5080"), Wishes(quant="UD-Q4_K_XL")).plan
+    command = plan.command()
+    assert command[1:3] == ["--hf-repo", "unsloth/Qwen3.5-35B-A3B-GGUF:UD-Q4_K_XL"]
+    assert "--no-mmproj" in command and not any(a.endswith(".gguf") for a in command)
+    from tuner.synth import SynthSpec, write_synthetic_gguf
+
+    write_synthetic_gguf(tmp_path / "m.gguf", SynthSpec())
+    monkeypatch.chdir(tmp_path)
+    local = recommend(resolve_candidates("m.gguf"), machine("none"), Wishes(ctx_size=1024)).plan
+    assert local.command()[1:3] == ["--model", str(tmp_path / "m.gguf")]
+    assert "--no-mmproj" in local.command()  # harmless with --model; no projector if -hf replaces it
+
+
+def test_plan_command_is_the_flags_with_fit_off_jinja_and_the_cards_sampling(ladder: list[QuantCandidate]) -> None:
     plan = recommend(ladder, machine("rtx-5080"), Wishes()).plan
+    sampling = load_card(plan.candidate.card_key or "").sampling_args()
     command = plan.command("/opt/llama-server", model_path="/models/x.gguf")
-    assert command[:3] == ["/opt/llama-server", "-m", "/models/x.gguf"]
+    assert command[:3] == ["/opt/llama-server", "--model", "/models/x.gguf"]
     assert command[3:3 + len(plan.flags.to_args())] == plan.flags.to_args()
-    assert command[-4:] == ["--fit", "off", "--jinja", "--no-mmproj"]
-    assert plan.command()[2] == plan.candidate.files[0]
+    assert command[-(4 + len(sampling)):] == ["--fit", "off", "--jinja", "--no-mmproj", *sampling]
+    coding = plan.command(model_path="/m.gguf", preset="non-thinking")
+    assert coding[-2:] == ["--reasoning", "off"] and "0.8" in coding  # top_p 0.8
+    read_back, rest = flags_from_args(command[3:])
+    assert read_back == plan.flags and "--jinja" in rest
     d = plan.to_dict()
     for key in ("model", "quant", "file", "cache_type_k", "cache_type_v", "n_cpu_moe", "n_gpu_layers", "ctx_size",
                 "parallel", "batch_size", "ubatch_size", "flash_attn", "kv_unified"):

@@ -102,7 +102,7 @@ def test_server_args_keep_the_plan_and_add_what_serving_needs(hybrid_gguf: Path)
     args = server_args(plan.command("/bin/llama-server", str(hybrid_gguf)), plan.estimate, alias="tiny",
                        sampling=["--temp", "0.6"])
     assert "-m" not in args and "/bin/llama-server" not in args and str(hybrid_gguf) not in args
-    for flag_pair in (["--fit", "off"], ["-lv", "4"], ["--alias", "tiny"], ["--temp", "0.6"],
+    for flag_pair in (["--fit", "off"], ["--verbosity", "4"], ["--alias", "tiny"], ["--temp", "0.6"],
                       ["--ctx-size", str(plan.estimate.n_ctx)]):
         i = args.index(flag_pair[0])
         assert args[i:i + 2] == flag_pair
@@ -120,7 +120,7 @@ def test_server_args_make_the_models_context_explicit_and_replace_owned_flags(hy
     assert args[args.index("--ctx-size") + 1] == "65536"
     assert args[args.index("--fit") + 1] == "off"
     assert "--host" not in args and "--port" not in args and "old" not in args
-    assert args[args.index("-lv") + 1] == "4" and args.count("-lv") == 1
+    assert args[args.index("--verbosity") + 1] == "4" and args.count("--verbosity") == 1 and "-lv" not in args
 
 
 def test_alias_is_the_card_or_the_file_without_shard_suffix(hybrid_gguf: Path) -> None:
@@ -610,7 +610,7 @@ def test_serve_becomes_ready_answers_checks_memory_and_stops_cleanly(
         command = next(e for e in serve.events if e.get("status") == "launching")["command"]
         assert command[command.index("--fit") + 1] == "off" and "--jinja" in command
         assert command[command.index("--ctx-size") + 1] == "4096"
-        assert command[command.index("-lv") + 1] == "4"
+        assert command[command.index("--verbosity") + 1] == "4"
 
         check = next(e for e in serve.events if "memory_check" in e)["memory_check"]
         reported = parse_load_log((tmp_path / "server.log").read_text())
@@ -913,3 +913,84 @@ def test_unreachable_hub_is_one_line_on_stderr_without_the_hub_librarys_retry_ch
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("tuner: error: cannot download"), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- the file, not the card
+
+
+def test_a_plan_is_kept_when_the_header_agrees_and_made_again_when_it_does_not(card_hub: Any) -> None:
+    from tuner.replan import replan_from_file
+
+    real_file = card_hub.file
+    real = local_layout(real_file).weights_bytes
+    hw, wishes = hardware_for("none"), Wishes(ctx_size=1024)
+    plan = plan_for(card_hub.card, hw, wishes).plan
+    assert plan.candidate.source == "card" and plan.candidate.layout.weights_bytes < real
+    again = replan_from_file(plan, real_file, hw, wishes)
+    assert again.replanned and again.plan.candidate.layout.weights_bytes == real
+    assert again.plan.candidate.repo == card_hub.repo and again.plan.candidate.quant == "Q8_0"
+    message = again.message()
+    assert "is not the file the plan was sized for" in message and "re-planned from its header" in message
+    from_file = plan_for(str(real_file), hw, wishes).plan
+    kept = replan_from_file(from_file, real_file, hw, wishes)
+    assert not kept.replanned and kept.plan is from_file
+
+
+@pytest.mark.server
+def test_serve_replans_from_the_downloaded_header_when_it_differs_from_the_card(
+        llama_build: Any, card_hub: Any, tmp_path: Path) -> None:
+    """The card says Q8_0 experts, the file has f16 ones: serve says so, plans again from the header, and the
+    estimate it launches with is the file's (llama-server's own load log agrees on the weights)."""
+    env = {**os.environ, "TUNER_CONFIG_DIR": str(tmp_path / "config"), "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "PYTHONUNBUFFERED": "1"}
+    serve = ServeProcess([card_hub.card, "--gpu", "none", "--ctx-size", "1024", "--port", str(free_port()),
+                          "--server-bin", str(llama_build.server_bin), "--log-file", str(tmp_path / "s.log")], env)
+    try:
+        serve.wait_for(_is("ready"))
+        warning = next(e for e in serve.events if e.get("kind") == "replan")
+        assert "Tiny-Q8_0.gguf is not the file the plan was sized for" in warning["warning"]
+        plans = [e for e in serve.events if "plan" in e]
+        assert len(plans) == 2 and plans[1]["replanned"] and plans[1]["plan"]["quant"] == "Q8_0"
+        weights = next(e for e in serve.events if "memory_check" in e)["memory_check"]["weights"]
+        assert weights["within"], weights  # sized for the file on disk, not for the card's mix
+        serve.proc.send_signal(signal.SIGINT)
+        assert serve.finish() == 0
+    finally:
+        serve.kill()
+
+
+@pytest.mark.server
+def test_serve_stops_with_one_line_when_the_downloaded_file_no_longer_fits(
+        llama_build: Any, card_hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """RAM (pinned) holds the card's plan but not the real file even without prompt cache and checkpoints: serve
+    downloads it, reads its header, and stops before launching anything."""
+    import huggingface_hub.constants
+
+    from tuner import hardware
+    from tuner.cli import main as cli_main
+    from tuner.hardware import machine
+    from tuner.planner import estimate_on
+
+    real_file = card_hub.file
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TUNER_CONFIG_DIR", str(tmp_path / "config"))
+    wishes = Wishes(ctx_size=1024, buffer_bytes=0)
+    big = replace(hardware_for("none"), ram_available_bytes=64 << 30)
+    plan = plan_for(card_hub.card, big, wishes).plan
+    lean = plan.flags.with_(cache_ram_mib=0, ctx_checkpoints=0)
+    card_need = estimate_on(plan.candidate.layout, lean, big).host_total_bytes
+    file_need = estimate_on(local_layout(real_file), lean, big).host_total_bytes
+    assert file_need > card_need
+    ram = (card_need + file_need) // 2
+    host = hardware.HostInfo(ram, ram, 2, 2, "Test CPU")
+    monkeypatch.setattr(machine, "read_host_noted", lambda: (host, ()))
+    code = cli_main(["serve", card_hub.card, "--gpu", "none", "--ctx-size", "1024", "--buffer", "0", "--port",
+                     str(free_port()), "--server-bin", str(llama_build.server_bin)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]  # the download's line, then the error's
+    errors = [line for line in lines if line.startswith("tuner: error:")]
+    assert code != 0 and errors == lines[-1:] and "Traceback" not in err, err
+    assert "Tiny-Q8_0.gguf is not the file the plan was sized for" in errors[0]
+    assert "it no longer fits" in errors[0] and "nothing fits" in errors[0]
+    assert _llama_servers_for(real_file) == []  # nothing was launched

@@ -107,7 +107,7 @@ def test_per_layer_costs_follow_the_gpu_generation(q4: ModelLayout) -> None:
     assert terms["rtx-4090"].gpu_layers == {"ada": 40}
     assert terms["rtx-5090"].gpu_layers == {"blackwell": 40}
     assert terms["h100-80gb"].gpu_layers == {"hopper": 40}
-    assert speed.tg_parts(terms["rtx-4090"])["GPU_LAYER_SECONDS.ada"] == pytest.approx(40 * 108.5e-6)
+    assert speed.tg_parts(terms["rtx-4090"])["GPU_LAYER_SECONDS.ada"] == pytest.approx(40 * 101.3e-6)
 
 
 def test_a_generation_without_a_fitted_layer_cost_takes_the_slowest_fitted_one_and_says_so(q4: ModelLayout) -> None:

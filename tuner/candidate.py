@@ -31,6 +31,7 @@ class QuantCandidate:
     mtp_sidecar: str | None = None  # the MTP head as its own file (mtp-*.gguf: local path or repo file name)
     mtp_draft: ModelLayout | None = field(default=None, repr=False)  # that sidecar's layout (its header)
     projector: Projector | None = None  # the vision projector read from its header (None: sized by file size)
+    notes: tuple[str, ...] = ()  # what a plan of it must say (a card quant sized from another file, say)
 
     @property
     def has_mtp(self) -> bool:

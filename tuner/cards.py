@@ -8,7 +8,14 @@ llama-quantize gives each tensor class, derived from src/llama-quant.cpp) a card
 :func:`tuner.shapes.tensor_shapes` (the one shape table of the package), the types from the recipe, and
 :func:`tuner.layout.layout_from_metadata` does the rest, as for a real header.
 
-``qwen3.5-35b-a3b:Q4_K_M`` names a card and a quant; :func:`card_candidates` is a card's whole ladder.
+Uploaders do not ship llama-quantize's plain recipes: unsloth keeps every tensor outside the routed experts at q8_0,
+for one. ``_recipes.yaml`` also holds their **mixes** (same schema, with where each comes from and how sure it is),
+and a card maps each repo's quants to the mix its files carry (``repos[].mixes``). A plan is sized for the file it
+names: :func:`quant_mix` picks the repo's own mix, or, when it is not recorded, the largest known file of that quant
+(never a smaller one) with a note saying so. The card's known sizes check every mix (tests/test_cards.py).
+
+``qwen3.5-35b-a3b:Q4_K_M`` names a card and a quant; :func:`card_candidates` is a card's whole ladder (the plain
+quants, plus the uploader's own such as ``UD-Q4_K_XL`` where the repo's mix is recorded).
 """
 
 from __future__ import annotations
@@ -24,25 +31,20 @@ import yaml
 
 from tuner.candidate import QuantCandidate
 from tuner.errors import TunerError
+from tuner.flags import FLAGS, Kind
 from tuner.ggml import GgmlType, ggml_type, tensor_bytes
 from tuner.layout import ModelLayout, layout_from_metadata
 from tuner.paths import CATALOG_ENV, catalog_dir, load_yaml
 from tuner.shapes import tensor_shapes
-from tuner.units import GiB
+from tuner.units import GiB, fmt_bytes
 from tuner.untrusted import check_repo_id
 
 CARDS_SUBDIR = "models"
 RECIPES_FILE = "_recipes.yaml"  # files starting with "_" are not cards
 DEFAULT_CARD = "qwen3.5-35b-a3b"
-# llama-server flag of each sampling-preset key.
-SAMPLING_FLAGS: dict[str, str] = {
-    "temp": "--temp",
-    "top_p": "--top-p",
-    "top_k": "--top-k",
-    "min_p": "--min-p",
-    "presence_penalty": "--presence-penalty",
-}
-REASONING_OFF_ARGS: tuple[str, ...] = ("--reasoning", "off")  # common/arg.cpp:3690 (-rea, --reasoning)
+# The sampling-preset keys a card may set: each is the key of its llama-server flag in tuner.flags.FLAGS.
+SAMPLING_KEYS: tuple[str, ...] = ("temp", "top_p", "top_k", "min_p", "presence_penalty")
+REASONING_OFF_ARGS: tuple[str, ...] = tuple(FLAGS["reasoning"].to_args("off"))
 HUB_MAX_FILE_BYTES = 50 * 10**9  # the Hub's per-file limit: bigger quants come split
 # tensor_type_fallback (llama-quant.cpp:390-444): a row that is not a whole number of blocks gets a 32-block type.
 _FALLBACK_TYPES: dict[str, str] = {
@@ -77,6 +79,9 @@ RECIPE_CLASSES: tuple[str, ...] = (
     "attn_k", "attn_v", "attn_output", "deltanet_qkv", "deltanet_gate", "deltanet_out", "deltanet_alpha_beta",
     "mtp_proj", "router", "small", "token_embd", "output",
 )
+#: How sure a mix is (see _recipes.yaml): llama-quantize's own recipe, a real header's type counts, known sizes
+#: reproduced to the byte, or a file size alone.
+CONFIDENCES: tuple[str, ...] = ("llama-quantize", "header", "size", "guess")
 _WHERE_RE = re.compile(r"^layer\s*<\s*(?:(\d+)|n\s*/\s*(\d+))$")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -115,11 +120,18 @@ class TypeRule:
 
 @dataclass(frozen=True)
 class Recipe:
-    """One llama-quantize file type: the ggml type of every tensor class."""
+    """One llama-quantize file type (``quant`` is its label), or an uploader's mix (``quant`` is the mix's name):
+    the ggml type of every tensor class, where it comes from and how sure it is (:data:`CONFIDENCES`)."""
 
     quant: str
     ftype: str
     types: Mapping[str, TypeRule]
+    source: str = ""
+    confidence: str = "llama-quantize"
+
+    @property
+    def name(self) -> str:
+        return self.quant
 
     def type_name(self, recipe_class: str, layer: int | None, n_layer_all: int) -> str:
         rule = self.types.get(recipe_class)
@@ -159,20 +171,42 @@ def _parse_rule(value: Any, where: str) -> TypeRule:
     return rule
 
 
-def _parse_recipes(data: Any, source: Path) -> dict[str, Recipe]:
+def _parse_recipe(name: str, body: Any, source: Path, *, mix: bool) -> Recipe:
+    what = "mix" if mix else "recipe"
+    types = body.get("types") if isinstance(body, dict) else None
+    if not isinstance(types, dict):
+        raise TunerError(f"{source}: {what} {name} has no 'types' mapping")
+    unknown = [str(c) for c in types if c not in RECIPE_CLASSES]
+    if unknown:
+        raise TunerError(f"{source}: {what} {name} names unknown tensor classes {', '.join(unknown)}")
+    missing = [c for c in RECIPE_CLASSES if c not in types]
+    if missing and not mix:  # a mix may leave out the classes its models lack (a MoE mix has no dense FFN)
+        raise TunerError(f"{source}: recipe {name} lacks tensor classes {', '.join(missing)}")
+    rules = {c: _parse_rule(v, f"{source}: {name}.{c}") for c, v in types.items()}
+    confidence = str(body.get("confidence", "guess" if mix else "llama-quantize"))
+    if confidence not in CONFIDENCES or (mix and confidence == "llama-quantize"):
+        raise TunerError(f"{source}: {what} {name}: confidence must be one of {', '.join(CONFIDENCES[1:])}, "
+                         f"got {confidence!r}")
+    if mix and not str(body.get("source", "")).strip():
+        raise TunerError(f"{source}: mix {name} does not say where it comes from ('source')")
+    return Recipe(name, str(body.get("ftype", "")), rules, " ".join(str(body.get("source", "")).split()),
+                  confidence)
+
+
+def _parse_recipes(data: Any, source: Path) -> tuple[dict[str, Recipe], dict[str, Recipe]]:
+    """(plain recipes by upper-case quant label, uploaders' mixes by lower-case name)."""
     if not isinstance(data, dict) or not isinstance(data.get("recipes"), dict):
         raise TunerError(f"{source}: expected a 'recipes' mapping")
-    out: dict[str, Recipe] = {}
-    for quant, body in data["recipes"].items():
-        types = body.get("types") if isinstance(body, dict) else None
-        if not isinstance(types, dict):
-            raise TunerError(f"{source}: recipe {quant} has no 'types' mapping")
-        missing = [c for c in RECIPE_CLASSES if c not in types]
-        if missing:
-            raise TunerError(f"{source}: recipe {quant} lacks tensor classes {', '.join(missing)}")
-        rules = {c: _parse_rule(v, f"{source}: {quant}.{c}") for c, v in types.items()}
-        out[str(quant).upper()] = Recipe(str(quant), str(body.get("ftype", "")), rules)
-    return out
+    recipes = {str(q).upper(): _parse_recipe(str(q), body, source, mix=False) for q, body in data["recipes"].items()}
+    mixes_data = data.get("mixes") or {}
+    if not isinstance(mixes_data, dict):
+        raise TunerError(f"{source}: 'mixes' must be a mapping")
+    mixes: dict[str, Recipe] = {}
+    for name, body in mixes_data.items():
+        if str(name).upper() in recipes:
+            raise TunerError(f"{source}: mix {name} has the name of a llama-quantize recipe")
+        mixes[str(name).lower()] = _parse_recipe(str(name), body, source, mix=True)
+    return recipes, mixes
 
 
 # --- cards --------------------------------------------------------------------------------------------------------
@@ -190,6 +224,15 @@ class CardRepo:
     mmproj_bytes: int = 0
     chat_template_fixed: date | None = None  # the day its uploads got the fixed chat template
     mtp_sidecar: str | None = None  # "{quant}" template of its MTP heads kept apart (mtp-<Model>-<QUANT>.gguf)
+    mixes: Mapping[str, str] = field(default_factory=dict)  # quant label -> recipe or mix name its file carries
+    plain: bool = False  # its files are llama-quantize's plain recipes (checked against known sizes)
+
+    def mix_name(self, quant: str) -> str | None:
+        """The recipe or mix the repo's ``quant`` file carries, if recorded (plain repos: the quant's recipe)."""
+        for label, name in self.mixes.items():
+            if label.lower() == quant.lower():
+                return name
+        return quant if self.plain else None
 
     def files_for(self, quant: str, file_bytes: int) -> tuple[str, ...]:
         """The expected file name(s) of ``quant``: split when known to be, or when over the Hub's file limit."""
@@ -237,6 +280,7 @@ class ModelCard:
     notes: tuple[str, ...]
     recipes: Mapping[str, Recipe]
     path: str = ""
+    mixes: Mapping[str, Recipe] = field(default_factory=dict)  # uploaders' mixes, by lower-case name
     official_repo: str | None = None  # the original model's Hub repo: its chat template is the current one
     chat_template_fixed: date | None = None  # the day the official chat template was fixed (every uploader's date)
 
@@ -260,18 +304,33 @@ class ModelCard:
                 return r
         raise TunerError(f"card {self.key} lists no repo {name!r} (it lists: {', '.join(r.repo for r in self.repos)})")
 
-    def quant(self, label: str) -> str:
-        """The card's spelling of a quant label (case-insensitive); TunerError listing the ladder if unknown."""
-        for q in self.quants:
+    def repo_quants(self, repo: str | None = None) -> tuple[str, ...]:
+        """The quants a repo offers: the card's ladder, then its own quants whose mix is recorded (``UD-Q4_K_XL``)."""
+        extra = [q for q in self.repo(repo).mixes if q.upper() not in {x.upper() for x in self.quants}]
+        return (*self.quants, *extra)
+
+    def quant(self, label: str, repo: str | None = None) -> str:
+        """The card's spelling of a quant label (case-insensitive) of ``repo`` (default: the card's default repo);
+        TunerError listing them if unknown."""
+        quants = self.repo_quants(repo)
+        for q in quants:
             if q.lower() == label.strip().lower():
                 return q
-        raise TunerError(f"{self.key} has no quant {label!r} (known: {', '.join(self.quants)})")
+        raise TunerError(f"{self.key} has no quant {label!r} (known: {', '.join(quants)})")
 
     def recipe(self, quant: str) -> Recipe:
+        """llama-quantize's plain recipe of a ladder quant."""
         q = self.quant(quant)
         found = self.recipes.get(q.upper())
         if found is None:
             raise TunerError(f"no quant recipe for {q} (recipes: {', '.join(sorted(self.recipes))})")
+        return found
+
+    def named_recipe(self, name: str) -> Recipe:
+        """A plain recipe (by quant label) or an uploader's mix (by name)."""
+        found = self.recipes.get(name.upper()) or self.mixes.get(name.lower())
+        if found is None:
+            raise TunerError(f"{self.key}: no recipe or mix named {name!r}")
         return found
 
     def _preset(self, preset: str | None) -> tuple[str, Mapping[str, float]]:
@@ -287,7 +346,8 @@ class ModelCard:
         _, values = self._preset(preset)
         args: list[str] = []
         for key, value in values.items():
-            args += [SAMPLING_FLAGS[key], _fmt_number(value)]
+            row = FLAGS[key]
+            args += row.to_args(int(value) if row.kind is Kind.INT else value)
         return args
 
     def reasoning_args(self, preset: str | None = None) -> list[str]:
@@ -301,15 +361,24 @@ class ModelCard:
         return layout_shape_key(layout_from_metadata(card_metadata(self), ()))
 
 
+def preset_args(card_key: str | None, layout: ModelLayout, preset: str | None = None) -> list[str]:
+    """The sampling flags (``--temp`` …, and ``--reasoning off`` for presets without thinking) of ``preset``
+    (default: the card's default) for a model: its card by key, else the card its shapes match; [] when it matches
+    none and no preset was asked for."""
+    card = load_card(card_key) if card_key else match_card(layout)
+    if card is None:
+        if preset:
+            raise TunerError(f"--preset {preset} needs a model tuner has a card for, and "
+                             f"{layout.name or 'this model'} matches none")
+        return []
+    return [*card.sampling_args(preset), *card.reasoning_args(preset)]
+
+
 def layout_shape_key(layout: ModelLayout) -> tuple[Any, ...]:
     """A model's shape: arch, layers, widths, heads, experts, DeltaNet dims (and the FFN width of dense models)."""
     return (layout.arch, layout.n_layer, layout.n_embd, layout.n_head[0] if layout.n_head else 0,
             layout.n_head_kv[0] if layout.n_head_kv else 0, layout.head_k, layout.n_expert, layout.n_ff_exp,
             layout.n_ff if not layout.n_expert else 0, layout.ssm_d_inner, layout.ssm_d_state)
-
-
-def _fmt_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _require(data: dict[str, Any], key: str, source: Path) -> Any:
@@ -318,7 +387,7 @@ def _require(data: dict[str, Any], key: str, source: Path) -> Any:
     return data[key]
 
 
-def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCard:
+def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe], mixes: dict[str, Recipe]) -> ModelCard:
     if not isinstance(data, dict):
         raise TunerError(f"model card {source} is not a mapping")
     repos = []
@@ -330,7 +399,8 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCar
             splits={str(k): int(v) for k, v in (r.get("splits") or {}).items()}, mtp=bool(r.get("mtp", False)),
             mmproj=r.get("mmproj"), mmproj_bytes=int(r.get("mmproj_bytes", 0)),
             chat_template_fixed=_date(r.get("chat_template_fixed"), f"repo {r.get('repo')}", source),
-            mtp_sidecar=str(r["mtp_sidecar"]) if r.get("mtp_sidecar") else None))
+            mtp_sidecar=str(r["mtp_sidecar"]) if r.get("mtp_sidecar") else None,
+            mixes={str(k): str(v) for k, v in (r.get("mixes") or {}).items()}, plain=bool(r.get("plain", False))))
     known = []
     for k in data.get("known_sizes") or []:
         gib = k.get("tensor_gib")
@@ -343,7 +413,7 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCar
     presets = {str(n): {str(k): float(v) for k, v in vals.items()}
                for n, vals in (_require(data, "sampling_presets", source) or {}).items()}
     for name, vals in presets.items():
-        unknown = [k for k in vals if k not in SAMPLING_FLAGS]
+        unknown = [k for k in vals if k not in SAMPLING_KEYS]
         if unknown:
             raise TunerError(f"model card {source}: preset {name} has unknown keys {', '.join(unknown)}")
     card = ModelCard(
@@ -367,6 +437,7 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCar
         notes=tuple(str(n) for n in data.get("notes") or ()),
         recipes=recipes,
         path=str(source),
+        mixes=mixes,
         official_repo=_official_repo(data.get("official_repo"), source),
         chat_template_fixed=_date(data.get("chat_template_fixed"), "the card", source),
     )
@@ -375,6 +446,11 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe]) -> ModelCar
     for q in card.quants:
         if q.upper() not in recipes:
             raise TunerError(f"model card {source}: no recipe for quant {q}")
+    for r in card.repos:
+        for label, name in r.mixes.items():
+            if name.upper() not in recipes and name.lower() not in mixes:
+                raise TunerError(f"model card {source}: repo {r.repo} maps {label} to {name!r}, which is neither "
+                                 "a recipe nor a mix in " + RECIPES_FILE)
     return card
 
 
@@ -405,7 +481,7 @@ def _cards_dir() -> Path:
 
 
 _CACHE: dict[tuple[Any, ...], tuple[ModelCard, ...]] = {}
-_LAYOUTS: dict[tuple[str, str, str, bool], ModelLayout] = {}  # (card path, key, quant, mtp): built once
+_LAYOUTS: dict[tuple[str, str, str, bool], ModelLayout] = {}  # (card path, key, recipe name, mtp): built once
 
 
 def _load_all() -> tuple[ModelCard, ...]:
@@ -420,8 +496,8 @@ def _load_all() -> tuple[ModelCard, ...]:
     if cached is not None:
         return cached
     try:
-        recipes = _parse_recipes(load_yaml(recipes_path), recipes_path)
-        cards = tuple(_parse_card(load_yaml(p), p, recipes) for p in files)
+        recipes, mixes = _parse_recipes(load_yaml(recipes_path), recipes_path)
+        cards = tuple(_parse_card(load_yaml(p), p, recipes, mixes) for p in files)
     except FileNotFoundError as error:
         raise TunerError(f"cannot read {error.filename}") from None
     except yaml.YAMLError as error:
@@ -489,33 +565,91 @@ def recipe_tensors(card: ModelCard, recipe: Recipe, *,
     return out
 
 
-def card_layout(card: ModelCard, quant: str, *, mtp: bool | None = None) -> ModelLayout:
-    """The full layout of ``quant`` of the card's model, built without any file. ``mtp`` None: as the card's
-    default repo ships it. ``file_bytes`` is tensor data plus the card's typical header."""
-    q = card.quant(quant)
-    with_mtp = card.repo().mtp if mtp is None else mtp
-    cache_key = (card.path, card.key, q, with_mtp)
+def recipe_layout(card: ModelCard, recipe: Recipe | str, *, mtp: bool = False, label: str | None = None
+                  ) -> ModelLayout:
+    """The full layout of the card's model quantized with ``recipe`` (a :class:`Recipe`, or a recipe or mix name),
+    built without any file; ``file_bytes`` is tensor data plus the card's typical header. ``label`` names it in
+    ``source`` (``card:QUANT``; default the recipe's name)."""
+    rec = card.named_recipe(recipe) if isinstance(recipe, str) else recipe
+    cache_key = (card.path, card.key, rec.name, mtp)
     found = _LAYOUTS.get(cache_key)
-    if found is not None:
-        return found
-    tensors = recipe_tensors(card, card.recipe(q), mtp=with_mtp)
-    data_bytes = sum(t[3] for t in tensors)
-    layout = layout_from_metadata(card_metadata(card, mtp=with_mtp), tensors,
-                                  file_bytes=data_bytes + card.header_bytes, source=f"{card.key}:{q}")
-    _LAYOUTS[cache_key] = layout
-    return layout
+    if found is None:
+        tensors = recipe_tensors(card, rec, mtp=mtp)
+        data_bytes = sum(t[3] for t in tensors)
+        found = layout_from_metadata(card_metadata(card, mtp=mtp), tensors, file_bytes=data_bytes + card.header_bytes,
+                                     source=f"{card.key}:{rec.name}")
+        _LAYOUTS[cache_key] = found
+    want = f"{card.key}:{label or rec.name}"
+    return found if found.source == want else replace(found, source=want)
+
+
+@dataclass(frozen=True)
+class MixChoice:
+    """The tensor mix a plan of ``repo``'s ``quant`` is sized with: the repo's own (``recorded``), or the largest
+    known file of that quant; ``note`` says what a plan must tell about it (None when nothing)."""
+
+    recipe: Recipe
+    repo: str
+    quant: str
+    recorded: bool
+    note: str | None = None
+
+
+def quant_mix(card: ModelCard, quant: str, repo: str | None = None) -> MixChoice:
+    """The mix of ``repo``'s ``quant`` file (default repo when None): the recorded one; else, never a smaller
+    file than one known, the largest among the other repos' recorded mixes of that quant and llama-quantize's own
+    recipe of it, with a note saying so."""
+    card_repo = card.repo(repo)
+    q = card.quant(quant, card_repo.repo)
+    name = card_repo.mix_name(q)
+    if name is not None:
+        rec = card.named_recipe(name)
+        note = (f"{card_repo.repo} {q}: tensor types assumed from the file's size alone ({rec.name} in "
+                f"{RECIPES_FILE})" if rec.confidence == "guess" else None)
+        return MixChoice(rec, card_repo.repo, q, True, note)
+    options: list[tuple[int, str, Recipe]] = []
+    for other in card.repos:
+        other_name = other.mix_name(q) if other is not card_repo else None
+        if other_name is not None:
+            rec = card.named_recipe(other_name)
+            options.append((_data_bytes(card, rec), f"{other.repo}'s", rec))
+    if q.upper() in card.recipes:
+        rec = card.recipes[q.upper()]
+        options.append((_data_bytes(card, rec), "llama-quantize's own recipe", rec))
+    if not options:
+        raise TunerError(f"{card.key}: no tensor mix known for {card_repo.repo} {q}")
+    size, what, rec = max(options, key=lambda o: o[0])
+    note = (f"{card_repo.repo} {q}: its tensor mix is not recorded, so the plan is sized as the largest {q} known "
+            f"({what}, {fmt_bytes(size + card.header_bytes)})")
+    return MixChoice(rec, card_repo.repo, q, False, note)
+
+
+def _data_bytes(card: ModelCard, recipe: Recipe) -> int:
+    return sum(t.nbytes for t in recipe_layout(card, recipe).tensors)
+
+
+def card_layout(card: ModelCard, quant: str, *, mtp: bool | None = None, repo: str | None = None) -> ModelLayout:
+    """The full layout of ``repo``'s (default: the card's default repo's) ``quant`` file, built without any file:
+    the tensor mix :func:`quant_mix` picks. ``mtp`` None: as the repo ships it. ``file_bytes`` is tensor data plus
+    the card's typical header."""
+    card_repo = card.repo(repo)
+    choice = quant_mix(card, quant, card_repo.repo)
+    return recipe_layout(card, choice.recipe, mtp=card_repo.mtp if mtp is None else mtp, label=choice.quant)
 
 
 def card_candidates(card: ModelCard, repo: str | None = None) -> list[QuantCandidate]:
-    """The card's ladder as planner candidates (source "card"), best quality first."""
+    """A repo's ladder (default: the card's default repo) as planner candidates (source "card"), best quality
+    first, each sized with its file's tensor mix (:func:`quant_mix`; its note, if any, in ``notes``)."""
     card_repo = card.repo(repo)
     out = []
-    for q in card.quants:
-        layout = card_layout(card, q, mtp=card_repo.mtp)
+    for q in card.repo_quants(card_repo.repo):
+        choice = quant_mix(card, q, card_repo.repo)
+        layout = recipe_layout(card, choice.recipe, mtp=card_repo.mtp, label=q)
         out.append(QuantCandidate(
             quant=q, layout=layout, files=card_repo.files_for(q, layout.file_bytes), file_bytes=layout.file_bytes,
             source="card", repo=card_repo.repo, revision=None, mmproj=card_repo.mmproj,
-            mmproj_bytes=card_repo.mmproj_bytes if card_repo.mmproj else 0, card_key=card.key))
+            mmproj_bytes=card_repo.mmproj_bytes if card_repo.mmproj else 0, card_key=card.key,
+            notes=(choice.note,) if choice.note else ()))
     return rank_by_quality(out, card)
 
 
@@ -556,23 +690,32 @@ def rank_by_quality(candidates: Sequence[QuantCandidate], card: ModelCard | None
 
 
 def known_size_rows(card: ModelCard) -> list[dict[str, Any]]:
-    """Each known real size beside the card's recipe for it (plain llama-quantize recipes only compare exactly).
-    A ``calibration`` row is the file the card's ``header_bytes`` was taken from: it agrees by construction."""
+    """Each known real size beside what the card plans for that file: llama-quantize's recipe for a plain row,
+    the repo's file mix (:func:`quant_mix`) for an uploader's; ``mix``, ``recorded`` and ``confidence`` say which.
+    A ``calibration`` row is the file the card's ``header_bytes`` was taken from: it agrees by construction. Rows
+    whose quant the repo does not offer (not in the ladder, no mix recorded) are left out."""
     rows = []
     for k in card.known_sizes:
-        if k.recipe == "mmproj":
+        if k.recipe == "mmproj" or not _has_repo(card, k.repo):
             continue
-        label = k.quant.removeprefix("UD-")
-        if label.upper() not in card.recipes:
-            continue
-        layout = card_layout(card, label, mtp=card.repo(k.repo).mtp if _has_repo(card, k.repo) else None)
+        if k.recipe == "llama-quantize":
+            if k.quant.upper() not in card.recipes:
+                continue
+            choice = MixChoice(card.recipes[k.quant.upper()], k.repo, k.quant, True)
+        else:
+            try:
+                choice = quant_mix(card, k.quant, k.repo)
+            except TunerError:
+                continue
+        layout = recipe_layout(card, choice.recipe, mtp=card.repo(k.repo).mtp)
         data = sum(t.nbytes for t in layout.tensors)
         real = k.file_bytes if k.file_bytes is not None else k.tensor_bytes
         computed = layout.file_bytes if k.file_bytes is not None else data
         rows.append({"repo": k.repo, "quant": k.quant, "recipe": k.recipe, "real_bytes": real,
                      "computed_bytes": computed, "what": "file" if k.file_bytes is not None else "tensor data",
                      "error": (computed - real) / real if real else 0.0, "note": k.note,
-                     "calibration": k.calibration})
+                     "calibration": k.calibration, "mix": choice.recipe.name, "recorded": choice.recorded,
+                     "confidence": choice.recipe.confidence})
     return rows
 
 
@@ -580,7 +723,10 @@ def _has_repo(card: ModelCard, repo: str) -> bool:
     return any(r.repo.lower() == repo.lower() for r in card.repos)
 
 
-def iter_recipe_types(card: ModelCard, quant: str, *, mtp: bool = False) -> Iterable[tuple[str, str, str]]:
-    """(tensor name, recipe class, ggml type name) for every tensor of a card's quant: the recipe, spelled out."""
-    for name, t, _shape, _nbytes in recipe_tensors(card, card.recipe(quant), mtp=mtp):
+def iter_recipe_types(card: ModelCard, quant: str, *, mtp: bool = False, repo: str | None = None,
+                      recipe: str | None = None) -> Iterable[tuple[str, str, str]]:
+    """(tensor name, recipe class, ggml type name) for every tensor of a card's quant, spelled out: the mix of
+    ``repo``'s file (as :func:`card_layout` plans it), or the named ``recipe`` or mix."""
+    rec = card.named_recipe(recipe) if recipe else quant_mix(card, quant, repo).recipe
+    for name, t, _shape, _nbytes in recipe_tensors(card, rec, mtp=mtp):
         yield name, recipe_class(name), t.name

@@ -25,6 +25,7 @@ from typing import Any
 
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags, context_shape
+from tuner.flags import FLAGS
 from tuner.layout import ModelLayout
 from tuner.units import MiB, fmt_bytes
 
@@ -35,18 +36,17 @@ TIMEOUT_S = 600
 
 def fit_params_args(flags: ServerFlags) -> tuple[list[str], list[str]]:
     """The llama-fit-params arguments for ``flags``, and notes on the flags it cannot take."""
-    args = ["--ctx-size", str(flags.ctx_size), "--parallel", str(flags.n_seq),
-            "--cache-type-k", flags.cache_type_k, "--cache-type-v", flags.cache_type_v,
-            "--batch-size", str(flags.batch_size), "--ubatch-size", str(flags.ubatch_size),
-            "--flash-attn", flags.flash_attn]
-    all_layers = flags.n_gpu_layers is None or flags.n_gpu_layers < 0
-    args += ["--n-gpu-layers", "all" if all_layers else str(flags.n_gpu_layers)]
+    args = [arg for key, value in (
+        ("ctx_size", flags.ctx_size), ("parallel", flags.n_seq), ("cache_type_k", flags.cache_type_k),
+        ("cache_type_v", flags.cache_type_v), ("batch_size", flags.batch_size), ("ubatch_size", flags.ubatch_size),
+        ("flash_attn", flags.flash_attn), ("n_gpu_layers", flags.n_gpu_layers),  # None or negative: all
+    ) for arg in FLAGS[key].to_args(value)]
     if flags.cpu_moe:
-        args.append("--cpu-moe")
+        args += FLAGS["cpu_moe"].to_args(True)
     elif flags.n_cpu_moe:
-        args += ["--n-cpu-moe", str(flags.n_cpu_moe)]
+        args += FLAGS["n_cpu_moe"].to_args(flags.n_cpu_moe)
     if flags.no_kv_offload:
-        args.append("--no-kv-offload")
+        args += FLAGS["no_kv_offload"].to_args(True)
     notes: list[str] = []
     if flags.unified and flags.n_seq > 1:
         notes.append(f"llama-fit-params has no --kv-unified: it sized {flags.n_seq} per-slot KV streams, so its "
@@ -106,7 +106,8 @@ def run_fit_check(layout: ModelLayout, flags: ServerFlags, server_bin: str | Pat
         raise TunerError("--check runs llama.cpp on the model file itself: give a local .gguf")
     binary = find_fit_params(server_bin)
     args, notes = fit_params_args(flags)
-    cmd = [str(binary), "-m", str(model), "--fit", "off", "--fit-print", "on", *args]
+    cmd = [str(binary), *FLAGS["model"].to_args(str(model)), *FLAGS["fit"].to_args("off"),
+           *FLAGS["fit_print"].to_args("on"), *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:

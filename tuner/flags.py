@@ -286,10 +286,6 @@ FLAGS = FlagTable((
          serve_owned=True),
     Flag("alias", "--alias", ("-a",), Kind.TEXT, None, f"{_A}:3011", "Model name clients see.", serve_owned=True),
     Flag("mmproj", "--mmproj", ("-mm",), Kind.TEXT, None, f"{_A}:2578", "Vision projector file.", serve_owned=True),
-    # --no-mmproj: never load a projector, not even the one -hf would fetch beside the model (common/arg.cpp:383-401)
-    Flag("mmproj_auto", "--mmproj-auto", (), Kind.SWITCH, True, f"{_A}:2593",
-         "Load the repo's vision projector with -hf (--no-mmproj: never load one).",
-         negation=("--no-mmproj", "--no-mmproj-auto")),
     Flag("mmproj_offload", "--mmproj-offload", (), Kind.SWITCH, True, f"{_A}:2601",
          "Vision projector on the GPU (--no-mmproj-offload: on the CPU).", negation=("--no-mmproj-offload",)),
     # the file is read verbatim at parse time; it replaces the GGUF's template and its tool_use variant
@@ -305,6 +301,26 @@ FLAGS = FlagTable((
     Flag("metrics", "--metrics", (), Kind.SWITCH, False, f"{_H}:675", "The /metrics endpoint.", serve_owned=True),
     Flag("jinja", "--jinja", (), Kind.SWITCH, True, f"{_H}:640", "The jinja chat template engine.",
          negation=("--no-jinja",), serve_owned=True),
+    # with -hf llama-server also fetches and loads the repo's projector unless told not to (common/arg.cpp:400)
+    Flag("mmproj_auto", "--mmproj-auto", (), Kind.SWITCH, True, f"{_A}:2593",
+         "Load the repo's vision projector with -hf.", negation=("--no-mmproj", "--no-mmproj-auto")),
+    Flag("list_devices", "--list-devices", (), Kind.SWITCH, False, f"{_A}:2746",
+         "Print the devices llama-server sees (RPC workers' included) and exit."),
+    Flag("fit_print", "--fit-print", ("-fitp",), Kind.TEXT, "off", f"{_A}:2882",
+         "Print the memory llama.cpp's fitting estimates (llama-fit-params)."),
+    # ------------------------------------------------------------------ sampling: a model card's preset (tuner.cards)
+    Flag("temp", "--temp", ("--temperature",), Kind.FLOAT, 0.8, f"{_A}:2015", "Sampling temperature."),
+    Flag("top_p", "--top-p", (), Kind.FLOAT, 0.95, f"{_A}:2032", "Top-p sampling (1 = off)."),
+    Flag("top_k", "--top-k", (), Kind.INT, 40, f"{_A}:2024", "Top-k sampling (0 = off)."),
+    Flag("min_p", "--min-p", (), Kind.FLOAT, 0.05, f"{_A}:2040", "Min-p sampling (0 = off)."),
+    Flag("presence_penalty", "--presence-penalty", (), Kind.FLOAT, 0.0, f"{_A}:2104", "Presence penalty (0 = off)."),
+    Flag("reasoning", "--reasoning", ("-rea",), Kind.CHOICE, "auto", f"{_A}:3690",
+         "Thinking: on, off or auto (from the chat template).", choices=("on", "off", "auto")),
+    # ------------------------------------------------------------------ YaRN: a context beyond the model's native one
+    Flag("rope_scaling", "--rope-scaling", (), Kind.CHOICE, None, f"{_A}:2334", "RoPE scaling method.",
+         choices=("none", "linear", "yarn")),
+    Flag("rope_scale", "--rope-scale", (), Kind.FLOAT, None, f"{_A}:2344", "RoPE context scaling factor."),
+    Flag("yarn_orig_ctx", "--yarn-orig-ctx", (), Kind.INT, 0, f"{_A}:2365", "YaRN: the model's original context."),
 ))
 
 
@@ -470,3 +486,29 @@ def flags_from_args(args: Sequence[str], base: ServerFlags | None = None) -> tup
 def flag_value(args: Sequence[str], key: str) -> Any:
     """The value ``args`` give the flag ``key`` (its last occurrence), or its default when they do not name it."""
     return values_from(scan(args), lambda row: row.key == key).get(key, FLAGS[key].default)
+
+
+def has_flag(args: Sequence[str], key: str) -> bool:
+    """Whether ``args`` name the flag ``key`` in any spelling (a switch's negation included)."""
+    return any(isinstance(occ, Occurrence) and occ.row.key == key for occ in scan(args))
+
+
+def set_flag(args: Sequence[str], key: str, value: Any) -> list[str]:
+    """``args`` with the flag ``key`` set to ``value``: every occurrence of it (any spelling) replaced by one, at the
+    first one's place (appended when there is none)."""
+    out: list[str] = []
+    placed = False
+    for occ in scan(args):
+        if isinstance(occ, str):
+            out.append(occ)
+        elif occ.row.key != key:
+            out.extend(occ.tokens)
+        elif not placed:
+            out.extend(FLAGS[key].to_args(value))
+            placed = True
+    return out if placed else [*out, *FLAGS[key].to_args(value)]
+
+
+def without_flags(args: Sequence[str], keep: Callable[[Flag], bool]) -> list[str]:
+    """``args`` without the flags ``keep`` rejects (each with its value), every other token as it is."""
+    return [t for occ in scan(args) for t in ((occ,) if isinstance(occ, str) else occ.tokens if keep(occ.row) else ())]

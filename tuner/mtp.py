@@ -49,10 +49,11 @@ from tuner.speed import (
 
 MTP_ACCEPTANCE = 0.8
 """Chance that a drafted token is accepted (given the earlier ones were), assumed without a measurement."""
-VERIFY_LAYER_OVERHEAD = 0.3187
+VERIFY_LAYER_OVERHEAD = 0.2813
 """Extra fixed per-layer cost of the verify pass, as a fraction of a single token's (dimensionless). Fitted on 1
 record, which alone sets it: Qwen3.6-35B-A3B Q4_K_M on an RTX 4090, ``--spec-draft-n-max 1`` at 87.18 % acceptance,
-213.87 tok/s (tests/data/speed-measurements.yaml, id 37; tests/test_mtp.py re-derives it)."""
+213.87 tok/s (tests/data/speed-measurements.yaml, id 37), against :mod:`tuner.speed`'s plain prediction for it
+(:func:`fit_verify_layer_overhead`; tests/test_mtp.py re-derives it, so a re-fitted speed model asks for a new one)."""
 DRAFT_LENGTHS: tuple[int, ...] = (1, 2, 3)
 """``--spec-draft-n-max`` values the planner tries (llama.cpp's default is 3; uploaders of MTP GGUFs advise 2)."""
 
@@ -131,6 +132,21 @@ def step_cost(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *, dr
         layer_s = CPU_LAYER_SECONDS
     draft_s = head_bytes / _bandwidth(head_dev, hardware) + layer_s
     return StepCost(token_s, verify_s, draft_s, expected_tokens(n_max, acceptance), n_max)
+
+
+def fit_verify_layer_overhead(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, measured_tg_tok_s: float,
+                              acceptance: float, depth_tokens: int) -> float:
+    """The :data:`VERIFY_LAYER_OVERHEAD` that makes the step model give ``measured_tg_tok_s`` for ``flags`` (which
+    draft) on ``hardware``: the time per step the measurement implies, less the modelled parts, over the plain
+    token's per-layer fixed cost."""
+    plain = flags.with_(spec_type=None)
+    parts = tg_parts(speed_terms(layout, plain, hardware, depth_tokens=depth_tokens))
+    layers_s = sum(v for k, v in parts.items() if k.startswith(("GPU_LAYER_SECONDS", "CPU_LAYER_SECONDS")))
+    cost = step_cost(layout, flags, hardware, acceptance=acceptance, depth_tokens=depth_tokens)
+    plain_tg = 1.0 / cost.token_s
+    step_s = cost.tokens / measured_tg_tok_s * (plain_tg * cost.token_s)
+    modelled_s = cost.step_s - layers_s * VERIFY_LAYER_OVERHEAD
+    return (step_s - modelled_s) / layers_s
 
 
 def predict_mtp(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, plain: Prediction, *,

@@ -55,8 +55,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
+from tuner.cards import preset_args
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.flags import FLAGS, SPEC_MTP
@@ -182,27 +184,43 @@ class Plan:
         return self.flags.spec_type == SPEC_MTP and not self.candidate.layout.has_mtp
 
     def command(self, server_bin: str = "llama-server", model_path: str | None = None,
-                mmproj_path: str | None = None, mtp_path: str | None = None) -> list[str]:
-        """The llama-server command line: ``--fit off`` because the plan already fits, ``--jinja`` for the
-        model's chat template (tool calls), ``-md`` with the MTP sidecar it drafts with, and ``--mmproj`` with
-        vision or else ``--no-mmproj`` (so a ``-hf`` in its place fetches no projector the plan did not count)."""
-        model = model_path or (self.candidate.files[0] if self.candidate.files else None)
-        if not model:
+                mmproj_path: str | None = None, mtp_path: str | None = None, *,
+                preset: str | None = None) -> list[str]:
+        """The llama-server command line, runnable as printed. The model: ``model_path``, or a local file's absolute
+        path, or else ``-hf REPO:QUANT`` for llama-server to fetch from the Hub itself (common/arg.cpp:3060; the
+        tag picks the file whose name carries it, with its shards, common/download.cpp:655-690). Then the plan's
+        flags, ``--fit off`` because the plan already fits, ``--jinja`` for the model's chat template (tool calls),
+        the MTP sidecar it drafts with (``-md``; with ``-hf`` llama-server fetches the repo's ``mtp-*`` sidecar
+        itself, common/arg.cpp:366-368, download.cpp:613-617), the vision projector, or else ``--no-mmproj`` (so
+        no projector the plan did not count is loaded: ``-hf`` would fetch the repo's, common/arg.cpp:383-401), and
+        the card's sampling ``preset`` (default: the card's own), as ``tuner serve`` runs it."""
+        c = self.candidate
+        if model_path:
+            model = FLAGS["model"].to_args(str(model_path))
+        elif c.source == "local" and c.files:
+            model = FLAGS["model"].to_args(str(Path(c.files[0]).expanduser().resolve()))
+        elif c.repo:
+            model = FLAGS["hf_repo"].to_args(f"{c.repo}:{c.quant}")
+        else:
             raise TunerError(f"{self.model_name} {self.quant}: no model file to put on the command line")
-        args = [server_bin, "-m", str(model), *self.flags.to_args(), *self.extra_args, "--fit", "off", "--jinja"]
+        args = [server_bin, *model, *self.flags.to_args(), *self.extra_args,
+                *FLAGS["fit"].to_args("off"), *FLAGS["jinja"].to_args(True)]
+        on_hub = not model_path and not (c.source == "local" and c.files)
         if self.uses_sidecar:
-            sidecar = mtp_path or self.candidate.mtp_sidecar
-            if not sidecar:
+            sidecar = mtp_path or (None if on_hub else c.mtp_sidecar)
+            if sidecar:
+                args += FLAGS["spec_draft_model"].to_args(str(sidecar))
+            elif not on_hub:
                 raise TunerError(f"{self.model_name} {self.quant}: MTP drafting needs the head's file (mtp-*.gguf)")
-            args += [FLAGS["spec_draft_model"].aliases[0], str(sidecar)]
         if self.vision:
-            mmproj = mmproj_path or self.candidate.mmproj
-            if not mmproj:
+            mmproj = mmproj_path or (None if on_hub else c.mmproj)
+            if mmproj:
+                args += FLAGS["mmproj"].to_args(str(mmproj))
+            elif not on_hub:  # -hf fetches and loads the repo's projector by itself
                 raise TunerError(f"{self.model_name} {self.quant}: no vision projector (mmproj) known")
-            args += ["--mmproj", str(mmproj)]
         else:
             args += FLAGS["mmproj_auto"].to_args(False)
-        return args
+        return args + preset_args(c.card_key, c.layout, preset)
 
     def to_dict(self) -> dict[str, Any]:
         f, c = self.flags, self.candidate
@@ -825,16 +843,21 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         best, ub_reason = search.raise_ubatch(best, floor, cap)
     best, mtp_reason = search.try_mtp(best, floor)
 
-    def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
-        return search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+    planned: dict[int, _Option] = {id(ranked[0][0]): best}
 
-    kv_losers = [as_planned(o) for o in kv_losers]  # the report's reasons and alternatives show the same plans
+    def as_planned(o: _Option) -> _Option:  # an option as it would be planned if it were chosen (once each)
+        if id(o) not in planned:
+            planned[id(o)] = search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+        return planned[id(o)]
+
+    # one computation for the whole report: the reasons quote the same plans as the alternatives table shows
+    kv_losers = [as_planned(o) for o in kv_losers]
+    shown = [(as_planned(o), key) for o, key in ranked]
     alts: list[tuple[_Option, str]] = [(o, _kv_why_lost(o, best, wishes.prefer)) for o in kv_losers[:1]]
-    for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
-        opt = as_planned(opt)
+    for opt, key in shown[1:MAX_ALTERNATIVES + 1 - len(alts)]:
         alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
 
-    reasons = _reasons(best, best_key, ranked, kv_losers, search, floor, cap, native, ub_reason)
+    reasons = _reasons(best, best_key, shown, kv_losers, search, floor, cap, native, ub_reason)
     if mtp_reason:
         reasons += (mtp_reason,)
     plan = _to_plan(best, reasons, wishes, native)
@@ -847,6 +870,7 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         gpu = "" if search.budget.cpu_only else f" with {fmt_bytes(m.gpu_need_bytes)} on the GPU ({m.placement})"
         notes.append(f"{m.candidate.quant} does not fit in {m.why}: it needs {fmt_bytes(m.host_need_bytes)} of "
                      f"RAM at least{gpu}")
+    notes[:0] = plan.candidate.notes  # a card quant sized from another file than its own (tuner.cards.quant_mix)
     return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started)
 
 
@@ -854,7 +878,8 @@ def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int
     extra: tuple[str, ...] = ()
     if opt.estimate.n_ctx_seq > native:
         scale = -(-opt.estimate.n_ctx_seq // native)
-        extra = ("--rope-scaling", "yarn", "--rope-scale", str(scale), "--yarn-orig-ctx", str(native))
+        extra = (*FLAGS["rope_scaling"].to_args("yarn"), *FLAGS["rope_scale"].to_args(scale),
+                 *FLAGS["yarn_orig_ctx"].to_args(native))
     return Plan(opt.candidate, opt.flags, opt.estimate, opt.budget, opt.predicted, reasons, wishes.vision, extra)
 
 

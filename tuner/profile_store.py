@@ -55,6 +55,7 @@ import yaml
 
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
+from tuner.flags import Occurrence, scan
 from tuner.hardware import Hardware
 from tuner.paths import config_dir, write_atomic
 
@@ -567,8 +568,11 @@ def lookup_measured(entry: ProfileEntry, flags: ServerFlags) -> Measurement | No
 
 def _extra_changes_speed(extra: Sequence[str]) -> bool:
     """Arguments beyond ServerFlags other than ``--fit off`` / ``--jinja`` (which a plan's command has too)."""
-    rest = [a for a in extra if a not in ("--jinja", "--fit", "-fit", "off")]
-    return bool(rest)
+    for occ in scan(extra):
+        if isinstance(occ, Occurrence) and occ.row.key in ("jinja", "fit") and occ.value() in (True, "off"):
+            continue
+        return True
+    return False
 
 
 PredictionHook = Callable[[Any, ServerFlags, Hardware], Any]

@@ -32,6 +32,7 @@ from typing import Any
 from tuner.build import ProgressFn as BuildProgressFn
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate
+from tuner.flags import FLAGS
 from tuner.hardware import (
     GENERIC_GPU_BANDWIDTH_BYTES_S,
     Gpu,
@@ -151,7 +152,7 @@ def parse_list_devices(text: str, endpoint: str) -> tuple[Gpu, ...]:
 def list_worker_devices(server_bin: Path | str, endpoint: str, timeout_s: float = LIST_TIMEOUT_S) -> tuple[Gpu, ...]:
     """The devices of the worker at ``endpoint``, as ``llama-server --list-devices`` reports them (see the module
     docstring). TunerError, one line, when the worker cannot be asked."""
-    cmd = [str(server_bin), "--rpc", endpoint, "--list-devices"]
+    cmd = [str(server_bin), *FLAGS["rpc"].to_args((endpoint,)), *FLAGS["list_devices"].to_args(True)]
     try:
         proc = start_group(cmd, die_with_parent=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, env={**os.environ, **NO_BACKTRACE_ENV})

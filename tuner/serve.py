@@ -8,15 +8,18 @@ Events (each one dict; ``--json`` prints them one per line as they are):
 * ``{"status": "planning" | "building" | "fetching" | "launching" | "loading" | "verifying" | "ready" | "stopping"
   | "stopped", ...}``; ``ready`` carries ``endpoint``, ``model`` (the alias), ``seconds_to_ready``, ``pid``,
   ``log`` and ``client`` (:func:`client_settings`).
-* ``{"plan": {...}}``: the plan chosen (``Plan.to_dict()``) and the exact command line.
+* ``{"plan": {...}}``: the plan chosen (``Plan.to_dict()``) and the exact command line; once more, with
+  ``"replanned": true``, when the downloaded file's header is not what the plan was sized for and the plan was made
+  again from it (:mod:`tuner.replan`; a ``replan`` warning before it says what changed).
 * ``{"memory_check": {"weights" | "kv" | "recurrent" | "compute": {"predicted_bytes", "reported_bytes",
   "diff_bytes", "diff_ratio", "tolerance_ratio", "tolerance_bytes", "within", "devices"}, "nvml": {...}}}``
   (see :class:`MemoryCheck`).
-* ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned" | "chat_template" | ..., ...}``.
+* ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned" | "replan" | "chat_template"
+  | ..., ...}``.
 * ``{"health": [{"kind", "severity", "message", "fix"}, ...]}``: :mod:`tuner.health`'s findings for the downloaded
   file; its warnings also come one by one as ``warning`` events. When the file's chat template is stale, the server
-  gets the official one with ``--chat-template-file`` and ``{"status": "chat_template", "file": …, "repo": …}`` says
-  so.
+  gets the official one with ``--chat-template-file`` and ``{"status": "chat_template", "file": …, "message": …}``
+  says so.
 
 Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan
 already fitted; llama.cpp's own fitting would change it) and an explicit ``--ctx-size``; ``--jinja``; ``-lv 4``
@@ -60,15 +63,17 @@ from typing import Any, cast
 
 from tuner.build import LlamaBuild, obtain_build
 from tuner.build import ProgressFn as BuildProgressFn
+from tuner.cards import preset_args
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate
 from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
-from tuner.flags import FLAGS, flag_value
+from tuner.flags import FLAGS, flag_value, has_flag, set_flag, without_flags
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus
 from tuner.health import Health
 from tuner.models import QuantCandidate
 from tuner.paths import cache_dir, config_dir, write_atomic
 from tuner.planner import Measured, Plan, Wishes, plan_for
+from tuner.replan import replan_from_file
 from tuner.rpc import unreachable
 from tuner.server import (
     NO_PINNED_ENV,
@@ -90,9 +95,6 @@ TOLERANCE_RATIOS: Mapping[str, float] = {"weights": 0.01, "kv": 0.01, "recurrent
 #: kinds checked only when the plan has them (a projector): no line for them is then no warning
 _OPTIONAL_KINDS = ("vision",)
 OBSERVATION_FORMAT = 1
-#: Flags tuner sets itself on every launch; a plan's command must not carry other values for them.
-_OWNED_FLAGS_WITH_VALUE = FLAGS.spellings(lambda f: f.serve_owned and f.takes_value)
-_OWNED_SWITCHES = FLAGS.spellings(lambda f: f.serve_owned and not f.takes_value)
 
 
 def _emit(on_event: EventFn | None, event: Event) -> None:
@@ -165,48 +167,7 @@ def model_alias(candidate: QuantCandidate, model_path: Path, alias: str | None =
 def sampling_args(candidate: QuantCandidate, preset: str | None) -> list[str]:
     """The card's sampling flags (``--temp`` …, and ``--reasoning off`` for presets without thinking) for ``preset``
     (default: the card's default preset); [] when the model matches no card and no preset was asked for."""
-    from tuner import cards
-
-    card = cards.load_card(candidate.card_key) if candidate.card_key else cards.match_card(candidate.layout)
-    if card is None:
-        if preset:
-            raise TunerError(f"--preset {preset} needs a model tuner has a card for, and "
-                             f"{candidate.layout.name or 'this model'} matches none")
-        return []
-    return [*card.sampling_args(preset), *card.reasoning_args(preset)]
-
-
-def _strip_owned(args: Sequence[str]) -> list[str]:
-    """``args`` without the flags tuner sets itself (model, host, port, key, verbosity, alias, mmproj, metrics …)."""
-    out: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in _OWNED_FLAGS_WITH_VALUE:
-            skip = "=" not in arg
-            continue
-        if name in _OWNED_SWITCHES:
-            continue
-        out.append(arg)
-    return out
-
-
-def _set_flag(args: list[str], names: Sequence[str], value: str) -> list[str]:
-    """Replace the value of the first of ``names`` in ``args`` (or append ``names[0] value``)."""
-    for i, arg in enumerate(args):
-        if arg in names and i + 1 < len(args):
-            return [*args[: i + 1], value, *args[i + 2 :]]
-    return [*args, names[0], value]
-
-
-def _flag_value(args: Sequence[str], names: Sequence[str]) -> str | None:
-    for i, arg in enumerate(args):
-        if arg in names and i + 1 < len(args):
-            return args[i + 1]
-    return None
+    return preset_args(candidate.card_key, candidate.layout, preset)
 
 
 def server_args(plan_command: Sequence[str], estimate: MemoryEstimate, *, alias: str,
@@ -214,24 +175,25 @@ def server_args(plan_command: Sequence[str], estimate: MemoryEstimate, *, alias:
                 chat_template_file: Path | None = None) -> list[str]:
     """llama-server's arguments after ``-m MODEL --host H --port P [--api-key K]`` for a plan.
 
-    ``plan_command`` is ``Plan.command(server_bin, model_path)``: its binary, model, host, port, verbosity and
-    alias are dropped (the launcher sets them); ``--fit off`` and an explicit ``--ctx-size`` (the estimate's
-    ``n_ctx`` when the plan says 0, the model's own) are made sure of; then ``--jinja -lv 4 --metrics --alias``,
+    ``plan_command`` is ``Plan.command(server_bin, model_path)`` (its sampling preset included): its binary and the
+    flags tuner sets itself (model, host, port, verbosity, alias, projector …, :data:`tuner.flags.FLAGS`'
+    ``serve_owned`` rows) are dropped; ``--fit off`` and an explicit ``--ctx-size`` (the estimate's ``n_ctx`` when
+    the plan says 0, the model's own) are made sure of; then ``--jinja``, verbosity 4, ``--metrics``, ``--alias``,
     ``--mmproj`` when there is one, ``--chat-template-file`` when the file's template is replaced (unless the plan
-    already names a template), and the sampling flags.
+    already names a template), and any further ``sampling`` flags.
     """
     rest = list(plan_command)
     if rest and not rest[0].startswith("-"):
         rest = rest[1:]  # the binary
-    rest = _strip_owned(rest)
-    if _flag_value(rest, ("--fit", "-fit")) != "off":
-        rest = _set_flag(rest, ("--fit", "-fit"), "off")
-    ctx = _flag_value(rest, ("--ctx-size", "-c"))
-    if ctx is None or ctx == "0":
-        rest = _set_flag(rest, ("--ctx-size", "-c"), str(estimate.n_ctx))
-    rest += ["--jinja", "-lv", "4", "--metrics", "--alias", alias]
+    rest = without_flags(rest, lambda row: not row.serve_owned)
+    if flag_value(rest, "fit") != "off":
+        rest = set_flag(rest, "fit", "off")
+    if not flag_value(rest, "ctx_size"):
+        rest = set_flag(rest, "ctx_size", estimate.n_ctx)
+    rest += [*FLAGS["jinja"].to_args(True), *FLAGS["verbosity"].to_args(4), *FLAGS["metrics"].to_args(True),
+             *FLAGS["alias"].to_args(alias)]
     if mmproj_path is not None:
-        rest += ["--mmproj", str(mmproj_path)]
+        rest += FLAGS["mmproj"].to_args(str(mmproj_path))
     if chat_template_file is not None and not any(
             a.split("=", 1)[0] in FLAGS.spellings(lambda f: f.key in ("chat_template", "chat_template_file"))
             for a in rest):
@@ -586,14 +548,14 @@ class SpillWatch:
 
 def spill_advice(flags_args: Sequence[str], n_layer: int) -> str:
     """What to change when memory runs short: more experts on the CPU, or a smaller context."""
-    ncmoe = _flag_value(flags_args, ("--n-cpu-moe", "-ncmoe"))
-    ctx = _flag_value(flags_args, ("--ctx-size", "-c"))
+    now = flag_value(flags_args, "n_cpu_moe")
+    ctx = flag_value(flags_args, "ctx_size")
+    ncmoe, ctx_opt = FLAGS["n_cpu_moe"].long, FLAGS["ctx_size"].long
     parts = []
-    if "--cpu-moe" not in flags_args:
-        now = int(ncmoe) if ncmoe and ncmoe.isdigit() else 0
-        parts.append(f"--n-cpu-moe {min(n_layer, now + 4) if n_layer else now + 4} (now {now})")
-    if ctx and ctx.isdigit() and int(ctx) > 4096:
-        parts.append(f"--ctx-size {int(ctx) // 2} (now {ctx})")
+    if not has_flag(flags_args, "cpu_moe"):
+        parts.append(f"{ncmoe} {min(n_layer, now + 4) if n_layer else now + 4} (now {now})")
+    if ctx > 4096:
+        parts.append(f"{ctx_opt} {ctx // 2} (now {ctx})")
     return ("Restart with " + " or ".join(parts) + ", or free the GPU.") if parts else "Free GPU memory."
 
 
@@ -728,13 +690,22 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
                      "repo": candidate.repo})
     fetched = fetch_candidate(candidate, vision=plan.vision, on_progress=on_fetch_progress,
                               mtp_sidecar=plan.uses_sidecar)
+    replanned = replan_from_file(plan, fetched.model_path, hardware, wishes, measured=measured)
+    if replanned.replanned:
+        plan = replanned.plan
+        candidate = plan.candidate
+        _emit(on_event, {"warning": replanned.message(), "kind": "replan", "changes": list(replanned.changes)})
+        _emit(on_event, {"plan": plan.to_dict(), "replanned": True})
+        if plan.uses_sidecar and fetched.mtp_path is None:  # the file's header let it draft with the sidecar
+            fetched = fetch_candidate(candidate, vision=plan.vision, on_progress=on_fetch_progress, mtp_sidecar=True)
     health = check_served(plan, fetched, on_event)
 
     alias = model_alias(candidate, fetched.model_path, options.alias)
     mmproj = str(fetched.mmproj_path) if fetched.mmproj_path else None
     mtp = str(fetched.mtp_path) if fetched.mtp_path else None
-    args = server_args(plan.command(str(build.server_bin), str(fetched.model_path), mmproj, mtp), plan.estimate,
-                       alias=alias, mmproj_path=fetched.mmproj_path, sampling=sampling_args(candidate, options.preset),
+    args = server_args(plan.command(str(build.server_bin), str(fetched.model_path), mmproj, mtp,
+                                    preset=options.preset),
+                       plan.estimate, alias=alias, mmproj_path=fetched.mmproj_path,
                        chat_template_file=health.chat_template_file)
     log_path = options.log_path or default_log_path(alias, options.port)
     gpu_indices = tuple(g.index for g in hardware.gpus if g.source == "nvml") if build.cuda else ()

@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 
 from tuner.errors import TunerError
+from tuner.flags import FLAGS
 from tuner.procgroup import start_group, stop_group
 
 NO_PINNED_ENV = {"GGML_CUDA_NO_PINNED": "1"}
@@ -228,9 +229,10 @@ class LlamaServer:
     # --- lifecycle ----------------------------------------------------------------------------------------------
     @property
     def command(self) -> list[str]:
-        cmd = [str(self.server_bin), "-m", str(self.model_path), "--host", self.host, "--port", str(self.port)]
+        cmd = [str(self.server_bin), *FLAGS["model"].to_args(str(self.model_path)), *FLAGS["host"].to_args(self.host),
+               *FLAGS["port"].to_args(self.port)]
         if self.api_key:
-            cmd += ["--api-key", self.api_key]
+            cmd += FLAGS["api_key"].to_args(self.api_key)
         return cmd + self.args
 
     @property

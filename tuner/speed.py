@@ -80,51 +80,52 @@ depth; for this model it is small (10 of 40 layers have a KV cache)."""
 # (33 tg and 25 pp values for these 13 numbers), rounded to 4 digits; tests/test_speedfit.py re-fits and holds them
 # to the fit. "N records" below: fitted records where the part a coefficient scales is at least 5% of the prediction.
 
-GPU_TG_BANDWIDTH_EFFICIENCY = 1.073
+GPU_TG_BANDWIDTH_EFFICIENCY = 1.093
 """Fraction of the spec VRAM bandwidth at which generation streams weights and recurrent state (dimensionless).
-Fitted; 32 records. Above 1 because the cards' plain Q4_K_M / Q3_K_M stand in for the unsloth UD files most records
-ran, which are ~5% larger: the inefficiency of small kernels is in :data:`GPU_LAYER_SECONDS`, not here."""
+Fitted; 32 records. Above 1 because the cards' quants stand in for the unsloth UD files most records ran (Q4_K_M is
+unsloth's own mix, about 1.5% smaller than their UD-Q4_K_XL; Q3_K_M llama-quantize's, several percent smaller than
+UD-Q3_K_XL): the inefficiency of small kernels is in :data:`GPU_LAYER_SECONDS`, not here."""
 
-KV_READ_EFFICIENCY = 0.6093
+KV_READ_EFFICIENCY = 0.5816
 """Fraction of the spec VRAM bandwidth at which flash attention reads the KV cache in generation (dimensionless; few
 KV heads per layer leave the decode kernel short of parallelism). Fitted; 14 records (8K-131K tokens deep)."""
 
-GPU_LAYER_SECONDS: Mapping[str, float] = {"ampere": 134.7e-6, "ada": 108.5e-6, "blackwell": 81.44e-6}
+GPU_LAYER_SECONDS: Mapping[str, float] = {"ampere": 135.6e-6, "ada": 101.3e-6, "blackwell": 78.06e-6}
 """Fixed seconds per trunk layer per token on a GPU, by generation: the launches and tails of a layer's chain of
 small kernels, whatever its weights (also paid once per ubatch in prompt processing). Fitted; ampere 3 records
-(RTX 3090, 2 x 3090 Ti), ada 29 (RTX 4090, 4070), blackwell 6 (RTX 5090, 5070 Ti)."""
+(RTX 3090, 2 x 3090 Ti), ada 26 (RTX 4090, 4070), blackwell 6 (RTX 5090, 5070 Ti)."""
 
-RAM_EFFICIENCY = 0.5076
+RAM_EFFICIENCY = 0.5423
 """Fraction of the host RAM bandwidth (:attr:`Hardware.ram_bandwidth_bytes_s`: spec-sheet or measured) at which the
 CPU reads weights, state and KV in generation, and its resident weights once per ubatch in prompt processing
 (dimensionless). Fitted; 5 records (4 with experts in RAM, 1 CPU only)."""
 
-CPU_LAYER_SECONDS = 874.8e-6
+CPU_LAYER_SECONDS = 938.5e-6
 """Fixed seconds per trunk layer per token computed wholly on the CPU: a barrier of all threads after each of the
 layer's graph nodes (ggml-cpu.c:3129-3158). Fitted on 1 record (a CPU-only laptop), which alone sets it."""
 
-PP_DENSE_EFFICIENCY = 0.5435
+PP_DENSE_EFFICIENCY = 0.5408
 """Fraction of dense FP16 tensor throughput that the non-expert matmuls (attention and DeltaNet projections, shared
 expert, dense FFN) reach in prompt processing (dimensionless). Fitted; 23 records."""
 
-PP_EXPERT_EFFICIENCY = 0.09767
+PP_EXPERT_EFFICIENCY = 0.09639
 """Fraction of dense FP16 tensor throughput that the routed-expert matmuls reach in prompt processing
 (dimensionless): with 8 of 256 experts, a 512-token ubatch gives each expert ~16 rows, far below a tensor-core
 tile. Fitted; 20 records."""
 
-PP_ATTENTION_EFFICIENCY = 0.1306
+PP_ATTENTION_EFFICIENCY = 0.1304
 """Fraction of dense FP16 tensor throughput that attention over the context (and the DeltaNet state update) reaches
 in prompt processing (dimensionless). Fitted; 18 records."""
 
-PP_WEIGHT_PASS_EFFICIENCY = 0.5172
+PP_WEIGHT_PASS_EFFICIENCY = 0.5311
 """Fraction of the spec VRAM bandwidth at which prompt processing passes over every resident weight once per
 ubatch (dimensionless): why a bigger ubatch is faster. Fitted; 23 records, ubatch 512 and 2048 among them."""
 
-PCIE_EFFICIENCY = 0.73
+PCIE_EFFICIENCY = 0.7371
 """Fraction of the PCIe link's rate at which CPU-resident experts are copied to the GPU once per ubatch
 (dimensionless; pageable memory under mmap). Fitted; 2 records (experts in RAM, with a prompt speed)."""
 
-CPU_PP_FLOPS_PER_CORE = 11.81e9
+CPU_PP_FLOPS_PER_CORE = 11.77e9
 """FLOP/s per physical core that llama.cpp's CPU matmuls deliver in prompt processing. Fitted on 1 record (a
 CPU-only laptop), which alone sets it."""
 

@@ -31,6 +31,7 @@ from tuner.layout import ModelLayout
 from tuner.models import resolve_candidates
 from tuner.planner import Plan, Wishes, budget_for, plan_for
 from tuner.profile_store import ProfileStore, model_identity
+from tuner.replan import replan_from_file
 from tuner.serve import gpus_for_build
 
 DEFAULT_OUT_DIR = Path("bench_results")
@@ -82,17 +83,21 @@ def bench_hardware(gpu: str | None, vram: str | None) -> Hardware:
     return hardware_for(gpu, vram)
 
 
-def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *,
-                  need_plan: bool) -> tuple[Path, ModelLayout, Plan | None]:
+def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *, need_plan: bool,
+                  on_progress: ProgressFn | None = None) -> tuple[Path, ModelLayout, Plan | None]:
     """(local GGUF path, layout, plan or None). A file is used as it is; anything else is planned (to pick the
-    quant) and fetched like ``tuner serve`` does."""
-    path, layout, plan, _ = resolve_model_files(model, hardware, wishes, need_plan=need_plan)
+    quant) and fetched like ``tuner serve`` does, then planned again from the downloaded file's own header when it
+    is not what the plan was sized for (:mod:`tuner.replan`; ``on_progress`` says so; TunerError, one line, when it
+    no longer fits)."""
+    path, layout, plan, _ = resolve_model_files(model, hardware, wishes, need_plan=need_plan,
+                                                on_progress=on_progress)
     return path, layout, plan
 
 
-def resolve_model_files(model: str | None, hardware: Hardware, wishes: Wishes, *, need_plan: bool
+def resolve_model_files(model: str | None, hardware: Hardware, wishes: Wishes, *, need_plan: bool,
+                        on_progress: ProgressFn | None = None
                         ) -> tuple[Path, ModelLayout, Plan | None, Path | None]:
-    """:func:`resolve_model`, and the local MTP sidecar of the quant when it drafts with one (None otherwise)."""
+    """:func:`resolve_model`, and the local MTP sidecar of the quant when it has one and no head of its own."""
     plan = None
     if need_plan or model is None or not Path(model).expanduser().is_file():
         plan = plan_for(model, hardware, wishes).plan
@@ -101,6 +106,12 @@ def resolve_model_files(model: str | None, hardware: Hardware, wishes: Wishes, *
         candidate = resolve_candidates(model)[0]
     sidecar = not candidate.layout.has_mtp and candidate.mtp_draft is not None
     fetched = fetch_candidate(candidate, mtp_sidecar=sidecar)
+    if plan is not None:
+        replanned = replan_from_file(plan, fetched.model_path, hardware, wishes)
+        if replanned.replanned and on_progress is not None:
+            on_progress(replanned.message())
+        plan = replanned.plan
+        candidate = plan.candidate
     return fetched.model_path, candidate.layout, plan, fetched.mtp_path
 
 
@@ -164,7 +175,8 @@ def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
     if wishes.parallel < cfg.concurrency:
         wishes = replace(wishes, parallel=cfg.concurrency)  # the plan needs a slot per concurrent request
     budget = budget_for(hardware, wishes)
-    model_path, layout, plan, sidecar = resolve_model_files(model_ref, hardware, wishes, need_plan=not options.sets)
+    model_path, layout, plan, sidecar = resolve_model_files(model_ref, hardware, wishes, need_plan=not options.sets,
+                                                            on_progress=on_progress)
     check_sets_fit(layout, options.sets, hardware, budget)
     build, _cached = obtain_build(server_bin=options.server_bin, gpus=gpus_for_build(hardware),
                                   on_progress=on_build_progress)

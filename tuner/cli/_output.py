@@ -68,8 +68,15 @@ def memory_table(memory: dict[str, Any], title: str = "Memory estimate") -> Tabl
 
 
 def render_health(out: Console, findings: list[dict[str, Any]]) -> None:
-    """``health`` findings (:mod:`tuner.health`): warnings in yellow, notes dim, each with its fix."""
+    """``health`` findings (:mod:`tuner.health`): warnings in yellow, notes in cyan, each with its fix, wrapped
+    under their first word (a long file name folds rather than widen the line)."""
+    if not findings:
+        return
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(ratio=1, overflow="fold")
     for f in findings:
         label = "[yellow]warning:[/yellow]" if f["severity"] == "warning" else "[cyan]note:[/cyan]"
         fix = f" [dim](fix: {text(f['fix'])})[/dim]" if f.get("fix") else ""
-        out.print(f"{label} {text(f['kind'])}: {text(f['message'])}{fix}", soft_wrap=True, highlight=False)
+        grid.add_row(label, f"{text(f['kind'])}: {text(f['message'])}{fix}")
+    out.print(grid, highlight=False)

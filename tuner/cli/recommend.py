@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.cli import _options as o
-from tuner.cli._output import emit, memory_table, render_health, text
+from tuner.cli._output import bytes_cell, emit, memory_table, render_health, text
 from tuner.cli.hardware import hardware_dict, network_line, render_hardware
 from tuner.cli.profile import recommend_hook
 from tuner.hardware import hardware_for
@@ -73,8 +73,121 @@ def _tok_s(value: float) -> str:
     return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
 
 
+#: Below this many columns the report takes its narrow layout: no wide tables, hanging indents, the command in
+#: continued lines. The wide alternatives table needs about this much to keep its reasons readable.
+WIDE_COLUMNS = 110
+
+
+def _bullets(marker: str, lines: list[str], style: str = "") -> Table:
+    """Lines under a marker (``•``, ``note:``) with a hanging indent, so wrapped text stays under its first word."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, style=style)
+    grid.add_column(ratio=1, overflow="fold")
+    for line in lines:
+        grid.add_row(marker, text(line))
+    return grid
+
+
+def _hardware_narrow(console: Console, hw: dict[str, Any]) -> None:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(ratio=1, overflow="fold")
+    for g in hw["gpus"]:
+        grid.add_row(f"GPU {text(g['name'])}", f"{text(g['model'])}: {fmt_bytes(g['vram_free_bytes'])} free of "
+                     f"{fmt_bytes(g['vram_total_bytes'])}, {g['mem_bandwidth_bytes_s'] / 1e9:.0f} GB/s"
+                     + (f", PCIe gen{g['pcie_gen']} x{g['pcie_width']}" if g["pcie_gen"] else "")
+                     + (f", CC {g['compute_capability']}" if g["compute_capability"] else "") + f" ({g['source']})")
+    if not hw["gpus"]:
+        grid.add_row("GPU", "none (planning for CPU and RAM only)")
+    grid.add_row("CPU", f"{text(hw['cpu_model'])} ({hw['cpu_physical_cores']} cores, "
+                        f"{hw['cpu_logical_cores']} threads)")
+    grid.add_row("RAM", f"{fmt_bytes(hw['ram_available_bytes'])} available of {fmt_bytes(hw['ram_total_bytes'])}, "
+                        f"assumed {hw['ram_bandwidth_bytes_s'] / 1e9:.0f} GB/s")
+    if "network" in hw:
+        link = hw["network"]
+        grid.add_row("network", f"to the RPC workers: {link['gbit_s']:g} Gbit/s, {link['rtt_ms']:g} ms round trip")
+    console.print(grid)
+    if hw["notes"]:
+        console.print(_bullets("note:", hw["notes"], style="yellow"))
+
+
+def _memory_narrow(memory: dict[str, Any]) -> Table:
+    """The memory breakdown in about 75 columns: numbers never wrap, the device names do."""
+    table = Table(title="Memory (estimate)", title_justify="left", box=None, padding=(0, 1), show_edge=False,
+                  header_style="bold")
+    table.add_column("device", overflow="fold")
+    vision = any(dev.get("vision_bytes") for dev in memory["devices"])  # the projector's column, when loaded
+    pad = [""] if vision else []
+    for col in ("weights", "KV", "state", "compute", "output", *(["vision"] if vision else []), "total"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for dev in memory["devices"]:
+        table.add_row(text(dev["name"]), bytes_cell(dev["weights_bytes"]), bytes_cell(dev["kv_bytes"]),
+                      bytes_cell(dev["recurrent_bytes"]), bytes_cell(dev["compute_bytes"]),
+                      bytes_cell(dev["output_bytes"]), *([bytes_cell(dev.get("vision_bytes", 0))] if vision else []),
+                      fmt_bytes(dev["total_bytes"]))
+    host = memory.get("host", {})
+    if host.get("checkpoints_bytes"):
+        table.add_row("CPU checkpoints", "", "", bytes_cell(host["checkpoints_bytes"]), "", "", *pad,
+                      fmt_bytes(host["checkpoints_bytes"]), style="dim")
+    if host.get("prompt_cache_bytes"):
+        table.add_row("CPU prompt cache", "", "", "", "", "", *pad, fmt_bytes(host["prompt_cache_bytes"]),
+                      style="dim")
+    return table
+
+
+def _alternatives_wide(alternatives: list[dict[str, Any]]) -> Table:
+    alt = Table(title="Alternatives", title_justify="left")
+    for col in ("#", "quant", "KV", "n-cpu-moe", "context", "ubatch", "tg tok/s", "pp tok/s", "why not"):
+        alt.add_column(col, justify="right" if col not in ("quant", "KV", "why not") else "left")
+    for i, a in enumerate(alternatives, 1):
+        alt.add_row(str(i), text(a["quant"]), a["cache_type_k"], str(a["n_cpu_moe"]), str(a["ctx_size"]),
+                    str(a["ubatch_size"]), _tok_s(a["predicted"]["tg_tok_s"])
+                    + (" (measured)" if a["predicted"]["source"] == "measured" else ""),
+                    _tok_s(a["predicted"]["pp_tok_s"]), text(a["why_not"]))
+    return alt
+
+
+def _alternatives_narrow(alternatives: list[dict[str, Any]]) -> Table:
+    """One block per alternative: its settings and speeds on a line, why it lost under it."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(justify="right", no_wrap=True)
+    grid.add_column(ratio=1, overflow="fold")
+    for i, a in enumerate(alternatives, 1):
+        p = a["predicted"]
+        head = (f"[bold]{text(a['quant'])}[/bold] · KV {a['cache_type_k']} · --n-cpu-moe {a['n_cpu_moe']} · "
+                f"context {a['ctx_size']} · ubatch {a['ubatch_size']} · {_tok_s(p['tg_tok_s'])} tok/s generation"
+                + (" (measured)" if p["source"] == "measured" else "") + f", {_tok_s(p['pp_tok_s'])} prompt")
+        grid.add_row(f"{i}.", head)
+        grid.add_row("", f"[dim]why not: {text(a['why_not'])}[/dim]")
+    return grid
+
+
+def command_lines(args: list[str], width: int) -> list[str]:
+    """A command as shell lines no wider than ``width`` where it can be (a single long argument cannot be cut),
+    continued with `` \\``: the binary with its model first, then each option with its value, kept together."""
+    quoted = [visible(shlex.quote(a)) for a in args]
+    groups: list[str] = []
+    i = 0
+    while i < len(quoted):
+        take = 3 if i == 0 and len(quoted) > 2 else 2 if i + 1 < len(quoted) and not args[i + 1].startswith("-") \
+            else 1
+        groups.append(" ".join(quoted[i:i + take]))
+        i += take
+    lines: list[str] = []
+    for group in groups:
+        if lines and len(lines[-1]) + 1 + len(group) + 2 <= width:
+            lines[-1] += " " + group
+        else:
+            lines.append(("  " if lines else "") + group)
+    return [line + " \\" for line in lines[:-1]] + lines[-1:]
+
+
 def render_recommendation(console: Console, result: dict[str, Any]) -> None:
-    render_hardware(console, result["hardware"])
+    narrow = console.width < WIDE_COLUMNS
+    if narrow:
+        _hardware_narrow(console, result["hardware"])
+    else:
+        render_hardware(console, result["hardware"])
     plan, pred, budget = result["plan"], result["predicted"], result["budget"]
     console.print()
     console.print(f"[bold]Plan:[/bold] {text(plan['model'])} [bold]{text(plan['quant'])}[/bold] "
@@ -99,11 +212,11 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
     ):
         table.add_row(key, value)
     console.print(table)
-    for reason in result["reasons"]:
-        console.print(f"  • {text(reason)}")
+    console.print(_bullets("  •", result["reasons"]))
 
     console.print()
-    console.print(memory_table(result["memory"], title="Memory (estimate)"))
+    console.print(_memory_narrow(result["memory"]) if narrow else memory_table(result["memory"],
+                                                                                title="Memory (estimate)"))
     devices = {d["name"]: d for d in result["memory"]["devices"]}
     left = result["headroom_bytes"]
     for gpu in budget["gpus"]:
@@ -126,28 +239,27 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
                   f"(bound {_tok_s(pred['tg_bound_tok_s'])}, efficiency {pred['efficiency']:.2f}), prompt "
                   f"{_tok_s(pred['pp_tok_s'])} tok/s (bound {_tok_s(pred['pp_bound_tok_s'])})")
     if "network" in pred:
-        console.print(f"  {network_line(pred['network'])}", highlight=False, soft_wrap=True)
-    for note in pred["notes"]:
-        console.print(f"  [dim]{text(note)}[/dim]")
+        console.print(_bullets(" ", [network_line(pred["network"])]))
+    if pred["notes"]:
+        console.print(_bullets(" ", pred["notes"], style="dim"), style="dim")
 
     if result["alternatives"]:
-        alt = Table(title="Alternatives", title_justify="left")
-        for col in ("#", "quant", "KV", "n-cpu-moe", "context", "ubatch", "tg tok/s", "pp tok/s", "why not"):
-            alt.add_column(col, justify="right" if col not in ("quant", "KV", "why not") else "left")
-        for i, a in enumerate(result["alternatives"], 1):
-            alt.add_row(str(i), text(a["quant"]), a["cache_type_k"], str(a["n_cpu_moe"]), str(a["ctx_size"]),
-                        str(a["ubatch_size"]), _tok_s(a["predicted"]["tg_tok_s"])
-                        + (" (measured)" if a["predicted"]["source"] == "measured" else ""),
-                        _tok_s(a["predicted"]["pp_tok_s"]),
-                        text(a["why_not"]))
         console.print()
-        console.print(alt)
-    for note in result["notes"]:
-        console.print(f"[yellow]note:[/yellow] {text(note)}")
+        if narrow:
+            console.print("[bold]Alternatives[/bold]")
+            console.print(_alternatives_narrow(result["alternatives"]))
+        else:
+            console.print(_alternatives_wide(result["alternatives"]))
+    if result["notes"]:
+        console.print(_bullets("note:", result["notes"], style="yellow"))
     render_health(console, result["health"])
     console.print()
     console.print("[bold]Command:[/bold]")
-    console.print(visible(shlex.join(result["command"])), soft_wrap=True, markup=False, highlight=False)
+    if narrow:
+        for line in command_lines(result["command"], console.width):
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+    else:
+        console.print(visible(shlex.join(result["command"])), soft_wrap=True, markup=False, highlight=False)
     console.print(f"[dim]planned in {result['planning_s'] * 1000:.0f} ms[/dim]")
 
 

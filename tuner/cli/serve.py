@@ -29,6 +29,7 @@ from rich.table import Table
 
 from tuner.cli import _options as o
 from tuner.cli import stop_signals
+from tuner.cli._options import server_option
 from tuner.cli._output import console, emit_json_line, err_console, render_health, text
 from tuner.cli.build import BuildProgress
 from tuner.cli.profile import recommend_hook
@@ -39,14 +40,15 @@ from tuner.rpc import cluster_hardware
 from tuner.serve import Event, ServeOptions, preflight, run_serve
 from tuner.units import fmt_bytes
 
-HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on; not loopback needs --api-key.")]
-PortOpt = Annotated[int, typer.Option("--port", help="Port to listen on.")]
-ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="TUNER_API_KEY", show_default=False,
-                                               help="Key clients must send (Authorization: Bearer …).")]
+# llama-server's own flags, passed on to it: spelled by tuner.flags.FLAGS
+HostOpt = Annotated[str, server_option("host", help="Address to listen on; not loopback needs --api-key.")]
+PortOpt = Annotated[int, server_option("port", help="Port to listen on.")]
+ApiKeyOpt = Annotated[str | None, server_option("api_key", envvar="TUNER_API_KEY", show_default=False,
+                                                help="Key clients must send (Authorization: Bearer …).")]
 PresetOpt = Annotated[str | None, typer.Option("--preset", show_default=False,
                                                help="The model card's sampling preset (default: the card's own).")]
-AliasOpt = Annotated[str | None, typer.Option("--alias", show_default=False,
-                                              help="Model name clients see (default: the card, or the file name).")]
+AliasOpt = Annotated[str | None, server_option("alias", show_default=False,
+                                               help="Model name clients see (default: the card, or the file name).")]
 LogFileOpt = Annotated[Path | None, typer.Option("--log-file", show_default=False,
                                                  help="llama-server's log (default: logs/ in the tuner cache).")]
 JsonLinesOpt = Annotated[bool, typer.Option("--json", help="JSON lines (status, plan, memory_check, ready, "
