@@ -40,7 +40,8 @@ def mtp_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu():  # -> Hardware
-    return hardware_for("none")
+    # a quiet host, whatever else runs beside the tests: its plans keep llama-server's thread count (no --threads)
+    return replace(hardware_for("none"), cpu_busy_logical=0.0)
 
 
 # --------------------------------------------------------------------------------------------- flag sets
@@ -221,6 +222,48 @@ def test_stats_and_verdict_rank_by_the_objective(cpu) -> None:
     assert v["winner"] == "b" and v["ratios_to_reference"]["b"]["pp"] == round(390 / 110, 3)
 
 
+def _runs(name: str, by_depth: dict[int, list[tuple[float, float]]]) -> list[b.Sample]:
+    """Samples of set ``name``: (tg, pp) per repeat, per depth."""
+    return [b.Sample(0, name, depth, rep, pp, tg, 64, depth, 8) for depth, runs in by_depth.items()
+            for rep, (tg, pp) in enumerate(runs)]
+
+
+def test_the_comparison_covers_every_depth_with_the_spread_of_paired_runs(cpu) -> None:
+    defaults = _runs("defaults", {0: [(10.0, 100.0), (12.0, 100.0), (11.0, 100.0)],
+                                  4096: [(8.0, 80.0), (8.0, 90.0), (8.0, 70.0)]})
+    plan = _runs("plan", {0: [(11.0, 110.0), (11.0, 100.0), (11.0, 105.0)],
+                          4096: [(8.8, 72.0), (8.4, 95.0), (8.0, 77.0)]})
+    rd = b.summarize(b.defaults_set(), defaults, 4096)
+    rp = b.summarize(b.parse_set("plan=-c 8192"), plan, 4096)
+    comp = b.verdict([rd, rp])["comparisons"][0]
+    assert (comp["set"], comp["reference"]) == ("plan", "defaults")
+    shallow, deep = comp["by_depth"]
+    assert shallow["depth"] == 0 and shallow["tg"]["ratio"] == 1.0  # 11 / 11: the deepest depth alone hides this
+    assert shallow["tg"]["paired"] == {"median": 1.0, "min": round(11 / 12, 3), "max": 1.1, "n": 3}
+    assert shallow["tg"]["wins"] == 1 and shallow["tg"]["noise"] == round(2 / 11, 3)
+    assert deep["pp"]["ratio"] == round(77 / 80, 3) and deep["pp"]["wins"] == 2  # lower median, most runs faster
+    assert comp["worst"]["pp"] == {"ratio": round(77 / 80, 3), "depth": 4096, "paired_min": 0.9,
+                                   "paired_max": 1.1}
+    assert comp["at_least"] is False and comp["not_slower"] is True  # within the noise of the paired runs
+    slower = b.summarize(b.parse_set("plan=-c 8192"), _runs("plan", {0: [(9.0, 90.0)] * 3,
+                                                                     4096: [(7.0, 70.0)] * 3}), 4096)
+    assert b.verdict([rd, slower])["comparisons"][0]["not_slower"] is False
+
+
+def test_tuning_starts_from_the_plans_thread_count() -> None:
+    from tuner.bench.tune import _threads_apart
+
+    assert _threads_apart(["--rope-scaling", "yarn", "--threads", "1", "--fit", "off"]) == (
+        1, ("--rope-scaling", "yarn", "--fit", "off"))
+    assert _threads_apart(["--fit", "off"]) == (None, ("--fit", "off"))
+
+
+def test_the_order_of_sets_rotates_every_repeat() -> None:
+    assert [b.rotated(["a", "b", "c"], rep) for rep in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert b.rotated([], 3) == []
+
+
 def test_results_land_in_model_and_hardware_folders_atomically(tmp_path: Path, cpu) -> None:
     path = b.results_path(tmp_path, "/m/Qwen3.5-35B-A3B-Q4_K_M-00001-of-00002.gguf", cpu, "20260101T000000Z")
     assert path.relative_to(tmp_path).parts[:1] == ("Qwen3.5-35B-A3B-Q4_K_M",)
@@ -353,7 +396,8 @@ def test_two_kv_sets_run_interleaved_at_every_depth(server_bin: Path, moe_gguf: 
                       hardware=cpu, on_progress=lines.append)
     assert run.mode == "together" and len(run.launches) == 2
     order = [(s.set_name, s.depth, s.repeat) for s in run.samples]
-    assert order == [(name, d, r) for d in (0, 512) for r in range(3) for name in ("f16", "q8")]
+    assert order == [(name, d, r) for d in (0, 512) for r in range(3)
+                     for name in (("f16", "q8") if r % 2 == 0 else ("q8", "f16"))], "the order rotates every repeat"
     assert [s.seq for s in run.samples] == list(range(12))
     for s in run.samples:
         assert s.predicted_n == 8, "ignore_eos + n_predict: exactly the asked generation length"
@@ -375,8 +419,8 @@ def test_cycle_mode_relaunches_each_repeat_and_keeps_the_order(server_bin: Path,
     run = b.run_bench(moe_gguf, _sets_f16_q8(1024), cfg, server_bin=server_bin, layout=local_layout(moe_gguf),
                       hardware=cpu, together=False)
     assert run.mode == "cycle"
-    assert [la.name for la in run.launches] == ["f16", "q8", "f16", "q8"]
-    assert [s.set_name for s in run.samples] == ["f16", "q8", "f16", "q8"]
+    assert [la.name for la in run.launches] == ["f16", "q8", "q8", "f16"]
+    assert [s.set_name for s in run.samples] == ["f16", "q8", "q8", "f16"]
 
 
 @pytest.mark.server
@@ -440,14 +484,19 @@ def test_tune_searches_far_fewer_launches_than_the_grid_and_never_launches_what_
         assert res.winner.fs.name == res.search_best
         assert b.score(res.winner.tg_tok_s, res.winner.pp_tok_s, "both") > b.score(res.plan.tg_tok_s,
                                                                                     res.plan.pp_tok_s, "both")
-    assert all(s.depth == depth for s in final), "measured at the context the plan serves"
-    assert all(s.depth == depth for s in res.samples if s.set_name != b.DEFAULTS_NAME)
+    # the search at the context the plan serves; the verdict there and at every shallower --depths depth
+    assert {s.depth for s in final} == {0, depth} and {s.depth for s in res.samples if s.round < verdict_round} == {
+        depth}
     ratio = res.ratio(res.defaults)
     assert ratio is not None and res.defaults is not None
     assert ratio["tg"] == round(res.winner.tg_tok_s / res.defaults.tg_tok_s, 3)
     doc = b.tune_document(res, model_path=mtp_gguf, layout=layout, hardware=cpu, build=None, cfg=cfg)
     assert doc["tune"]["launches"] == len(res.launches) and doc["tune"]["grid_size"] == res.grid_size
     assert doc["verdict"]["winner"] == res.winner.fs.name
+    vs_defaults = doc["verdict"]["comparisons"][0]
+    assert (vs_defaults["set"], vs_defaults["reference"]) == (res.winner.fs.name, b.DEFAULTS_NAME)
+    assert [row["depth"] for row in vs_defaults["by_depth"]] == [0, depth]
+    assert vs_defaults["by_depth"][-1]["tg"]["ratio"] == ratio["tg"] and vs_defaults["by_depth"][-1]["tg"]["n"] == 2
     print(f"\ntune: {len(res.launches)} launches for a grid of {res.grid_size}; best {res.search_best}, winner "
           f"{res.winner.fs.name}: "
           f"vs defaults {ratio}, vs plan {res.ratio(res.plan)}")

@@ -64,7 +64,11 @@ def test_bench_two_kv_sets_saves_results_learns_them_and_recommend_shows_the_mea
     assert saved.parent.parent.parent == tmp_path / "res" and saved.parent.parent.name == "cli-qwen35moe"
     doc = json.loads(saved.read_text())
     assert [(name, depth) for _, name, depth, _ in doc["order"]] == [
-        (n, d) for d in (0, 512) for _ in range(3) for n in ("f16", "q8")], "A B A B at each depth"
+        (n, d) for d in (0, 512) for r in range(3) for n in (("f16", "q8") if r % 2 == 0 else ("q8", "f16"))], \
+        "A B, B A, A B at each depth"
+    comp = doc["verdict"]["comparisons"][0]
+    assert (comp["set"], comp["reference"]) == ("q8", "f16") and [r["depth"] for r in comp["by_depth"]] == [0, 512]
+    assert all(r["tg"]["n"] == 3 and r["predicted"]["tg"] > 0 for r in comp["by_depth"])
     assert doc["llama_cpp"]["commit"] and doc["hardware"]["cpu_model"]
     assert doc["results"][1]["commands"][0][-len(plan.flags.to_args()) - 2:] == [*plan.flags.to_args(), "--fit",
                                                                                  "off"]
@@ -116,9 +120,13 @@ def test_bench_tune_reports_launches_grid_and_ratios(llama_build, model: Path, c
     assert tune["launches"] == out["launches"] <= 2 + sum(len(v) - 1 for v in values.values())
     assert tune["depth"] == 1024 - (16 + 4 + 16)
     saved = json.loads(Path(out["saved_to"]).read_text())
-    assert saved["config"]["depths"] == [tune["depth"]], "the file says the depth that was measured"
-    assert {s["depth"] for r in saved["results"] for s in r["samples"] if r["name"] != "defaults"} == {tune["depth"]}
+    # the search at the depth the plan serves; the verdict there and at each shallower --depths depth (0 here)
+    assert saved["config"]["depths"] == [0, tune["depth"]], "the file says the depths that were measured"
+    assert {s["depth"] for r in saved["results"] for s in r["samples"]} == {0, tune["depth"]}
     assert out["verdict"]["ratio_to_defaults"]["tg"] > 0 and out["verdict"]["ratio_to_plan"] is not None
+    vs_defaults = out["verdict"]["comparisons"][0]
+    assert vs_defaults["reference"] == "defaults" and [r["depth"] for r in vs_defaults["by_depth"]] == [
+        0, tune["depth"]]
     assert out["profile"]["measurements"] >= 2
 
 
@@ -145,7 +153,7 @@ def test_bench_rejects_tune_with_sets_and_bad_objectives(config: Path, capsys: p
 def test_profile_export_and_reset(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_json(capsys, "profile", "show")["entries"] == []
     assert main(["profile", "export", str(tmp_path / "p.yaml")]) == 0
-    assert (tmp_path / "p.yaml").read_text().startswith("format: 1")
+    assert (tmp_path / "p.yaml").read_text().startswith("format: 2")
     assert main(["profile", "reset"]) == 1, "not a terminal and no --yes: refuse"
     assert "add --yes" in capsys.readouterr().err
     config.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,16 @@ def test_json_for_a_catalog_gpu_puts_the_layers_on_it(tmp_path: Path) -> None:
     assert doc["hardware"]["gpus"][0]["vram_total_bytes"] > 70 * GiB
 
 
+def test_a_described_host_sets_ram_bandwidth_and_cores_for_the_prediction(models: dict[str, Path]) -> None:
+    args = (str(models["good"]), "-c", "4096", "--gpu", "none", "--ram", "32G", "--cpu-cores", "4")
+    slow, fast = estimate_json(*args, "--ram-bandwidth", "40"), estimate_json(*args, "--ram-bandwidth", "80")
+    assert (slow["hardware"]["ram_total_bytes"], slow["hardware"]["ram_available_bytes"]) == (32 * GiB, 28 * GiB)
+    assert slow["hardware"]["cpu_physical_cores"] == 4 and slow["hardware"]["host_source"] == "given"
+    assert fast["hardware"]["ram_bandwidth_bytes_s"] == 2 * slow["hardware"]["ram_bandwidth_bytes_s"] == 80 * 10**9
+    assert fast["predicted"]["tg_tok_s"] > slow["predicted"]["tg_tok_s"]
+    assert slow["memory"] == fast["memory"]  # the host changes speeds, not sizes
+
+
 def test_a_split_model_is_estimated_from_its_first_shard_like_the_whole_file(tmp_path: Path) -> None:
     spec = SynthSpec(mtp=True)
     whole = write_synthetic_gguf(tmp_path / "whole.gguf", spec)[0]

@@ -50,10 +50,18 @@ def test_prefer_lists_the_planners_choices_in_help(capsys: pytest.CaptureFixture
     from tuner.planner import PREFERENCES
 
     assert o.PREFER_CHOICES == PREFERENCES
-    assert _options("recommend")["prefer"].metavar == "[speed|quality|context]"
+    assert _options("recommend")["prefer"].metavar == "[balanced|speed|quality|context]"
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["recommend", "--help"]) == 0
-    assert "[speed|quality|context]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[balanced|speed|quality|context]" in out and "balanced (default)" in out
+
+
+@pytest.mark.parametrize("command", ["recommend", "estimate", "serve", "bench"])
+def test_every_planning_command_takes_the_what_if_host_options(command: str) -> None:
+    options = _options(command)
+    assert [options[k].opts for k in ("ram", "ram_bandwidth", "cpu_cores")] == \
+        [["--ram"], ["--ram-bandwidth"], ["--cpu-cores"]]
 
 
 def test_estimate_reads_an_option_as_llama_server_does(capsys: pytest.CaptureFixture[str]) -> None:

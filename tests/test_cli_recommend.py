@@ -132,10 +132,69 @@ def test_vision_counts_the_projector_on_the_gpu_and_loads_it(capsys: pytest.Capt
 
 
 def test_prefer_changes_the_plan_and_the_reason_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    speed = recommend_json(capsys, "--gpu", "rtx-5080")
+    speed = recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "speed")
     context = recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "context")
     assert context["plan"]["ctx_size"] == 262_144 > speed["plan"]["ctx_size"]
     assert "--prefer context" in context["reasons"][0] and "--prefer speed" in speed["reasons"][0]
+    assert (speed["policy"]["name"], context["policy"]["name"]) == ("speed", "context")
+    assert speed["policy"]["rule"] in speed["reasons"][0]
+
+
+COMMON_CARDS = ("rtx-3060", "rtx-5060-ti", "rtx-5080", "rtx-3090", "rtx-4090")
+
+
+@pytest.mark.parametrize("gpu", COMMON_CARDS)
+def test_default_plans_on_a_64g_host_keep_q4_k_m_and_64k_tokens(capsys: pytest.CaptureFixture[str], gpu: str) -> None:
+    doc = recommend_json(capsys, "--gpu", gpu, "--ram", "64G")
+    plan, policy = doc["plan"], doc["policy"]
+    assert plan["quant"] in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "BF16"), plan["quant"]
+    assert plan["ctx_per_slot"] >= 65_536
+    assert policy["name"] == "balanced" and doc["wishes"]["prefer"] == "balanced"
+    assert policy["quality_floor_met"] and policy["ctx_floor_met"] and doc["warnings"] == []
+    assert doc["predicted"]["tg_tok_s"] >= policy["window_tg_tok_s"] - 0.1  # within 10% of the fastest such plan
+    assert policy["window_tg_tok_s"] == pytest.approx(0.9 * policy["reference_tg_tok_s"], abs=0.2)
+    assert "--prefer balanced keeps Q4_K_M-class quality and 65536 tokens per slot" in doc["reasons"][0]
+    assert doc["hardware"]["ram_total_bytes"] == 64 * GiB and doc["hardware"]["host_source"] == "given"
+
+
+def test_the_report_names_the_policy_and_warns_when_a_floor_is_given_up(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recommend", "--gpu", "rtx-5080", "--ram", "8G"]) == 0
+    out = capsys.readouterr().out
+    assert "Policy: balanced" in out
+    assert "warning: no Q4_K_M-class quant fits with 65536 tokens of context" in " ".join(out.split())
+    doc = recommend_json(capsys, "--gpu", "rtx-5080", "--ram", "8G")
+    assert doc["warnings"] and not doc["policy"]["quality_floor_met"] and doc["policy"]["ctx_floor_met"]
+    assert doc["plan"]["ctx_per_slot"] >= 65_536  # context kept, quality given up to fit
+
+
+def test_a_catalog_gpu_without_ram_plans_on_an_assumed_desktop_and_says_so(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    small = hardware.HostInfo(16 * GiB, 12 * GiB, 2, 2, "Small CPU")  # this machine: too small for a 4090 box
+    monkeypatch.setattr(machine, "read_host_noted", lambda: (small, ()))
+    doc = recommend_json(capsys, "--gpu", "rtx-4090")
+    hw = doc["hardware"]
+    assert hw["host_source"] == "assumed"
+    assert (hw["ram_total_bytes"], hw["ram_available_bytes"], hw["cpu_physical_cores"]) == (64 * GiB, 60 * GiB, 8)
+    assert doc["budget"]["ram_available_bytes"] == 60 * GiB
+    assert any(n.startswith("host assumed: 64.00 GiB of RAM") and "not this machine (16.00 GiB" in n
+               for n in hw["notes"])
+    assert main(["recommend", "--gpu", "rtx-4090"]) == 0
+    assert "host assumed:" in capsys.readouterr().out
+    # this machine's GPUs (none here) stay on this machine's host
+    here = machine.hardware_for("none")
+    assert (here.host_source, here.ram_total_bytes) == ("detected", 16 * GiB)
+
+
+def test_ram_bandwidth_and_cores_describe_the_host(capsys: pytest.CaptureFixture[str]) -> None:
+    doc = recommend_json(capsys, "--gpu", "none", "--ram", "32G", "--ram-bandwidth", "80", "--cpu-cores", "4",
+                         "--ctx-size", "8192")
+    hw = doc["hardware"]
+    assert (hw["ram_total_bytes"], hw["ram_available_bytes"]) == (32 * GiB, 28 * GiB)
+    assert (hw["ram_bandwidth_bytes_s"], hw["cpu_physical_cores"], hw["host_source"]) == (80_000_000_000, 4, "given")
+    assert doc["budget"]["ram_available_bytes"] == 28 * GiB
+    faster = recommend_json(capsys, "--gpu", "none", "--ram", "32G", "--ram-bandwidth", "160", "--cpu-cores", "4",
+                            "--ctx-size", "8192")
+    assert faster["predicted"]["tg_tok_s"] > doc["predicted"]["tg_tok_s"]  # the speed model reads the bandwidth
 
 
 def test_nothing_fits_is_one_line_on_stderr_and_a_failing_exit() -> None:
@@ -148,7 +207,7 @@ def test_nothing_fits_is_one_line_on_stderr_and_a_failing_exit() -> None:
 
 def test_bad_preference_is_a_user_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["recommend", "--gpu", "rtx-3090", "--prefer", "fast"]) != 0
-    assert "--prefer must be one of speed, quality, context" in capsys.readouterr().err
+    assert "--prefer must be one of balanced, speed, quality, context" in capsys.readouterr().err
 
 
 def test_planner_options_become_wishes() -> None:
@@ -163,11 +222,13 @@ def test_planner_option_help_states_the_planner_defaults() -> None:
 
     from tuner.cli import _options as o
     from tuner.planner import DEFAULT_RAM_BUFFER_BYTES, DEFAULT_VRAM_BUFFER_BYTES, WORKING_CTX
+    from tuner.policy import CTX_FLOOR
 
     buffer_help = get_args(o.BufferOpt)[1].help
     assert f"default {DEFAULT_VRAM_BUFFER_BYTES / GiB:g}G" in buffer_help
     assert f"RAM when CPU only: {DEFAULT_RAM_BUFFER_BYTES / GiB:g}G" in buffer_help
-    assert f"at least {WORKING_CTX}" in get_args(o.PlanCtxOpt)[1].help
+    ctx_help = get_args(o.PlanCtxOpt)[1].help
+    assert f"at least {CTX_FLOOR} if it can" in ctx_help and f"{WORKING_CTX} with --prefer speed" in ctx_help
 
 
 def test_the_default_plan_is_sized_for_the_file_it_names(capsys: pytest.CaptureFixture[str]) -> None:

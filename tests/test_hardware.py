@@ -59,12 +59,19 @@ def test_gpu_none_is_cpu_only_with_the_live_host() -> None:
     assert hardware.cpu_logical_cores == hw.read_host().cpu_logical_cores
 
 
-def test_catalog_gpu_option_plans_for_that_card_with_the_live_host() -> None:
+def test_catalog_gpu_option_plans_for_that_card_on_an_assumed_desktop_not_the_live_host() -> None:
     hardware = hw.hardware_for("RTX 4090", None, nvml=SnapshotNvml(NO_NVML))
     (gpu,) = hardware.gpus
     assert gpu.source == "catalog" and gpu.vram_free_bytes == 25757220864
-    assert hardware.ram_total_bytes == hw.read_host().ram_total_bytes
+    assert (hardware.host_source, hardware.ram_total_bytes, hardware.cpu_physical_cores) == ("assumed", 64 * GiB, 8)
+    assert hardware.ram_available_bytes == 60 * GiB and hardware.cpu_busy_logical == 0.0
     assert any("catalog" in note for note in hardware.notes)
+    assert any(note.startswith("host assumed: 64.00 GiB of RAM") for note in hardware.notes)
+    # two 80 GB cards: a server with four times the cards' memory rounded up, and many cores
+    big = hw.hardware_for("h100-80gbx2", None, nvml=SnapshotNvml(NO_NVML))
+    assert (big.ram_total_bytes, big.cpu_physical_cores) == (512 * GiB, 32)
+    given = hw.hardware_for("RTX 4090", None, nvml=SnapshotNvml(NO_NVML), host=hw.HostSpec.from_options("32G"))
+    assert (given.host_source, given.ram_total_bytes, given.ram_available_bytes) == ("given", 32 * GiB, 28 * GiB)
 
 
 @pytest.mark.parametrize("spelling", ["rtx-3090x2", "3090 x2", "RTX 3090*2", "rtx-3090×2"])

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from tuner.hardware import host as host_module
 from tuner.hardware.gpu import GB
 from tuner.hardware.host import (
     cgroup_memory_limit_bytes,
+    cpu_busy_logical,
     cpu_model_from_cpuinfo,
     default_ram_bandwidth_bytes_s,
     measure_ram_bandwidth_bytes_s,
@@ -62,3 +66,22 @@ def test_default_ram_bandwidth_is_conservative_and_grows_with_many_cores() -> No
 def test_measured_ram_bandwidth_is_plausible() -> None:
     measured = measure_ram_bandwidth_bytes_s(seconds=0.02, size_bytes=16 * MiB)
     assert 1 * GB < measured < 10_000 * GB
+
+
+def test_busy_cpus_are_the_sustained_load_and_the_measured_use_whichever_is_smaller(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host_module.os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.setattr(host_module.psutil, "cpu_percent", lambda interval, percpu: [90.0, 80.0, 100.0, 100.0])
+    monkeypatch.setattr(host_module.os, "getloadavg", lambda: (8.0, 7.5, 6.8))
+    assert cpu_busy_logical(0) == 1.7  # only this process's CPUs: 0 and 1
+    monkeypatch.setattr(host_module.os, "getloadavg", lambda: (3.0, 0.9, 0.4))  # a spike of the last minute
+    assert cpu_busy_logical(0) == 0.4
+    monkeypatch.setattr(host_module.psutil, "cpu_percent", lambda interval, percpu: [10.0, 5.0])
+    monkeypatch.setattr(host_module.os, "getloadavg", lambda: (30.0, 30.0, 30.0))  # a container: the host's load
+    assert cpu_busy_logical(0) == 0.15
+
+    def unreadable() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(host_module.os, "getloadavg", unreadable)
+    assert cpu_busy_logical(0) == 0.0

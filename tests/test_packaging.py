@@ -33,7 +33,7 @@ def test_the_wheel_holds_every_module_and_the_shipped_catalogs(wheel: Path) -> N
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "tuner").rglob("*.py")}
     assert modules - names == set()  # a sub-package setup.py does not find shows here
     catalogs = {"tuner/catalogs/" + p.relative_to(REPO / "profiles").as_posix()
-                for p in (REPO / "profiles").rglob("*.yaml")}
+                for pattern in ("*.yaml", "*.json") for p in (REPO / "profiles").rglob(pattern)}
     assert {"tuner/catalogs/gpus.yaml", "tuner/catalogs/models/_recipes.yaml",
             "tuner/catalogs/models/qwen3.5-35b-a3b.yaml"} <= catalogs
     assert catalogs - names == set()

@@ -27,7 +27,9 @@ from tuner.planner import (
     headroom_bytes,
     plan_for,
     recommend,
+    threads_for,
 )
+from tuner.policy import CTX_FLOOR, QUALITY_FLOOR_QUANT, SPEED_WINDOW
 from tuner.units import GiB, MiB, fmt_bytes
 
 NATIVE_CTX = 262_144
@@ -41,7 +43,7 @@ def ladder() -> list[QuantCandidate]:
 def machine(gpu: str, ram_gib: float = 64) -> Hardware:
     """A catalog GPU (or none) with a fixed host, so plans do not depend on the machine running the tests."""
     return replace(hardware_for(gpu), ram_total_bytes=int(ram_gib * GiB), ram_available_bytes=int(ram_gib * GiB),
-                   ram_bandwidth_bytes_s=50 * GB, cpu_physical_cores=8)
+                   ram_bandwidth_bytes_s=50 * GB, cpu_physical_cores=8, cpu_logical_cores=16, cpu_busy_logical=0.0)
 
 
 def reestimate(plan: Plan, flags: ServerFlags, hardware: Hardware):  # -> MemoryEstimate
@@ -78,21 +80,24 @@ def assert_minimal_experts_and_maximal_context(plan: Plan, hardware: Hardware, *
 
 
 @pytest.mark.parametrize("gpu", ["rtx-3090", "rtx-4090", "rtx-5080", "rtx-5060-ti", "h100-80gb"])
-@pytest.mark.parametrize("prefer", ["speed", "quality", "context"])
+@pytest.mark.parametrize("prefer", ["speed", "quality", "context", "balanced"])
 def test_plan_fits_with_the_buffer_kept_fewest_experts_in_ram_and_the_most_context(
         ladder: list[QuantCandidate], gpu: str, prefer: str) -> None:
     hw = machine(gpu)
     rec = recommend(ladder, hw, Wishes(prefer=prefer))
     assert rec.plan.budget.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES
-    # every plan reached its context floor (32768 tokens, or the native 262144 for context): no note beyond how the
-    # chosen file was sized
-    assert [n for n in rec.notes if n not in rec.plan.candidate.notes] == []
-    floor = NATIVE_CTX if prefer == "context" else WORKING_CTX
+    # every plan reached its context floor: no note beyond how the chosen file was sized, no warning
+    assert [n for n in rec.notes if n not in rec.plan.candidate.notes] == [] and not rec.warnings
+    # the floor each placement was searched at: 32768 tokens, the native 262144 for context; balanced searches one
+    # placement per context tier (so only the plan's own context is checked) and keeps 65536 at least
+    floor = {"context": NATIVE_CTX, "balanced": None}.get(prefer, WORKING_CTX)
     assert_minimal_experts_and_maximal_context(rec.plan, hw, floor=floor)
     assert 2 <= len(rec.alternatives) <= 4
     for alt, why in rec.alternatives:
         assert why and alt is not rec.plan
         assert_minimal_experts_and_maximal_context(alt, hw, floor=floor)
+        if prefer == "balanced":
+            assert alt.estimate.n_ctx_seq >= CTX_FLOOR
 
 
 def test_the_80gb_card_holds_the_whole_model_at_native_context(ladder: list[QuantCandidate]) -> None:
@@ -127,7 +132,7 @@ def test_16gb_cards_offload_experts_or_drop_a_quant_and_say_which_and_why(
 
 
 def test_speed_keeps_an_exact_kv_cache_when_quantizing_buys_little(ladder: list[QuantCandidate]) -> None:
-    rec = recommend(ladder, machine("rtx-3090"), Wishes())
+    rec = recommend(ladder, machine("rtx-3090"), Wishes(prefer="speed"))
     assert rec.plan.flags.cache_type_k == "f16" and rec.plan.flags.cache_type_v == "f16"
     kv_alt = [(a, why) for a, why in rec.alternatives if a.candidate is rec.plan.candidate]
     assert kv_alt and kv_alt[0][0].flags.cache_type_k == "q8_0"
@@ -200,8 +205,8 @@ def test_nothing_fits_is_an_error_saying_the_smallest_need_and_what_is_available
 def test_a_16gb_card_with_a_small_host_cannot_hold_experts_in_ram(ladder: list[QuantCandidate]) -> None:
     with pytest.raises(TunerError, match=r"\(Q4_K_M, .*\) needs .* of VRAM and .* of RAM"):
         recommend(ladder, machine("rtx-5080", ram_gib=3), Wishes(quant="Q4_K_M"))
-    # the same host holds a quant that needs no experts in RAM
-    assert recommend(ladder, machine("rtx-5080", ram_gib=3), Wishes()).plan.flags.n_cpu_moe == 0
+    # the same host holds a quant that needs no experts in RAM at 32K (--prefer speed)
+    assert recommend(ladder, machine("rtx-5080", ram_gib=3), Wishes(prefer="speed")).plan.flags.n_cpu_moe == 0
 
 
 def test_parallel_slots_get_separate_caches_and_their_own_state(ladder: list[QuantCandidate]) -> None:
@@ -373,3 +378,98 @@ def test_a_gpu_too_small_for_the_vision_projector_is_a_no_fit_error_counting_it(
     assert "nothing fits at 4096 tokens of context" in message
     assert f"needs {reserve} of VRAM ({reserve} of it for the vision projector)" in message  # -ngl 0: nothing else
     assert "available: 512.0 MiB of VRAM after a 0 B buffer per GPU" in message
+
+
+# ----------------------------------------------------------------------------------------- the balanced default
+
+
+COMMON_CARDS = ("rtx-3060", "rtx-5060-ti", "rtx-5080", "rtx-3090", "rtx-4090")
+
+
+@pytest.mark.parametrize("gpu", COMMON_CARDS)
+def test_the_default_keeps_q4_k_m_class_and_64k_tokens_within_10_percent_of_the_fastest_such_plan(
+        ladder: list[QuantCandidate], gpu: str) -> None:
+    q4 = next(c for c in ladder if c.quant == QUALITY_FLOOR_QUANT)
+    rec = recommend(ladder, machine(gpu, ram_gib=64), Wishes())
+    plan = rec.plan
+    assert rec.wishes.prefer == "balanced" and rec.policy["name"] == "balanced" and not rec.warnings
+    assert plan.candidate.quality_rank >= q4.quality_rank and plan.estimate.n_ctx_seq >= CTX_FLOOR
+    fastest = max([plan, *(a for a, _ in rec.alternatives)], key=lambda p: p.predicted.tg_tok_s
+                  if p.candidate.quality_rank >= q4.quality_rank and p.estimate.n_ctx_seq >= CTX_FLOOR else 0)
+    assert plan.predicted.tg_tok_s >= (1 - SPEED_WINDOW) * fastest.predicted.tg_tok_s
+    assert rec.policy["reference_tg_tok_s"] == pytest.approx(fastest.predicted.tg_tok_s, abs=0.1)
+
+
+def test_the_default_takes_more_context_than_the_fastest_floor_plan_when_it_costs_under_the_window(
+        ladder: list[QuantCandidate]) -> None:
+    rec = recommend(ladder, machine("rtx-5080", ram_gib=64), Wishes())
+    plan = rec.plan
+    ref, why = next((a, w) for a, w in rec.alternatives if "the fastest plan meeting the floors" in w)
+    assert plan.estimate.n_ctx_seq >= 2 * CTX_FLOOR > ref.estimate.n_ctx_seq
+    assert (1 - SPEED_WINDOW) * ref.predicted.tg_tok_s <= plan.predicted.tg_tok_s < ref.predicted.tg_tok_s
+    assert why.startswith("less context")
+    # and the native context, more than 10% slower, is shown with why it lost
+    assert any(a.estimate.n_ctx_seq == NATIVE_CTX and "more than 10% under the fastest plan" in w
+               for a, w in rec.alternatives)
+
+
+def test_on_a_24gb_card_a_whole_gpu_plan_beats_the_last_tenth_of_native_context(ladder: list[QuantCandidate]) -> None:
+    plan = recommend(ladder, machine("rtx-4090", ram_gib=64), Wishes()).plan
+    assert plan.flags.n_cpu_moe == 0 and plan.estimate.n_ctx_seq >= 0.9 * NATIVE_CTX
+    assert any("no higher context tier" in r for r in plan.reasons)
+
+
+def test_a_floor_given_up_to_fit_is_a_warning_and_the_context_floor_is_kept_first(
+        ladder: list[QuantCandidate]) -> None:
+    q4 = next(c for c in ladder if c.quant == QUALITY_FLOOR_QUANT)
+    rec = recommend(ladder, machine("rtx-5080", ram_gib=3), Wishes())
+    assert rec.plan.candidate.quality_rank < q4.quality_rank and rec.plan.estimate.n_ctx_seq >= CTX_FLOOR
+    assert len(rec.warnings) == 1 and rec.warnings[0].startswith("no Q4_K_M-class quant fits with 65536 tokens")
+    assert rec.policy["quality_floor_met"] is False and rec.policy["ctx_floor_met"] is True
+    # nothing reaches the context floor: the most context that fits, said so
+    tight = recommend(ladder, machine("none", ram_gib=13.3), Wishes())
+    assert tight.plan.estimate.n_ctx_seq < CTX_FLOOR and tight.policy["ctx_floor_met"] is False
+    assert tight.warnings[0].startswith("nothing reaches 65536 tokens of context per slot here")
+
+
+def test_an_asked_quant_or_context_replaces_its_floor_without_a_warning(ladder: list[QuantCandidate]) -> None:
+    hw = machine("rtx-5080", ram_gib=64)
+    iq4 = recommend(ladder, hw, Wishes(quant="IQ4_XS"))
+    assert iq4.plan.quant == "IQ4_XS" and iq4.plan.estimate.n_ctx_seq >= CTX_FLOOR and not iq4.warnings
+    short = recommend(ladder, hw, Wishes(ctx_size=32768))
+    assert short.plan.estimate.n_ctx_seq == 32768 and not short.warnings
+    assert short.plan.candidate.quality_rank >= next(c for c in ladder if c.quant == "Q4_K_M").quality_rank
+
+
+def test_without_a_gpu_the_default_quantizes_the_kv_cache_only_to_reach_the_floor(
+        ladder: list[QuantCandidate]) -> None:
+    roomy = recommend(ladder, machine("none", ram_gib=64), Wishes()).plan
+    assert roomy.flags.cache_type_k == "f16" and roomy.estimate.n_ctx_seq >= CTX_FLOOR
+    tight = recommend(ladder, machine("none", ram_gib=14), Wishes())  # f16 cannot hold 65536 tokens here
+    assert tight.plan.flags.cache_type_k != "f16" and tight.plan.estimate.n_ctx_seq >= CTX_FLOOR
+
+
+def test_the_json_says_which_policy_was_followed(ladder: list[QuantCandidate]) -> None:
+    balanced = recommend(ladder, machine("rtx-3090"), Wishes()).to_dict()
+    assert balanced["policy"]["name"] == "balanced" and balanced["policy"]["ctx_tiers"] == [65536, 131072, 262144]
+    assert balanced["policy"]["rule"] in balanced["reasons"][0] and balanced["warnings"] == []
+    speed = recommend(ladder, machine("rtx-3090"), Wishes(prefer="speed")).to_dict()
+    assert speed["policy"]["name"] == "speed" and speed["policy"]["rule"] in speed["reasons"][0]
+
+
+def test_a_busy_machine_gets_fewer_threads_and_a_quiet_one_llama_servers_default(
+        ladder: list[QuantCandidate]) -> None:
+    quiet = machine("none", ram_gib=64)
+    assert threads_for(quiet) == (None, None)
+    plan = recommend(ladder, quiet, Wishes()).plan
+    assert "--threads" not in plan.command()
+    busy = replace(quiet, cpu_busy_logical=12.0)  # 12 of 16 logical CPUs: 6 of 8 cores
+    n, why = threads_for(busy)
+    assert n == 2 and why is not None and why.startswith("--threads 2: other work keeps 6.0 of this machine's 8")
+    plan = recommend(ladder, busy, Wishes()).plan
+    assert plan.command()[-5:] == ["--threads", "2", "--fit", "off", "--jinja"] and why in plan.reasons
+    assert threads_for(replace(quiet, cpu_busy_logical=16.0))[0] == 1  # never fewer than one
+    assert threads_for(replace(quiet, cpu_busy_logical=0.9))[0] is None  # half a core: not worth a thread
+    # a plan wholly on the GPU computes nothing on the CPU: no thread count to pick
+    gpu = recommend(ladder, replace(machine("rtx-4090"), cpu_busy_logical=12.0), Wishes(prefer="speed")).plan
+    assert gpu.flags.n_cpu_moe == 0 and "--threads" not in gpu.command()

@@ -54,7 +54,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu() -> Hardware:
-    return hardware_for("none")
+    # a quiet host, whatever else runs beside the tests: its plans keep llama-server's thread count (no --threads)
+    return replace(hardware_for("none"), cpu_busy_logical=0.0)
 
 
 def document(model: Path, hardware: Hardware, sets: list[tuple[b.FlagSet, list[tuple[int, float, float]]]], *,
@@ -153,7 +154,8 @@ def test_a_new_driver_or_a_changed_file_invalidates_but_another_repos_file_of_th
     assert sorted(e.key.model.header_sha256 or "" for e in store.load()) == ["bb", "cc"], "org/one's file changed"
 
 
-def test_measured_hook_answers_for_the_measured_flags_only(store: ProfileStore, model: Path, cpu: Hardware) -> None:
+def test_measured_hook_gives_the_measured_figure_for_the_measured_flags_only(store: ProfileStore, model: Path,
+                                                                             cpu: Hardware) -> None:
     plan = plan_for(str(model), cpu, Wishes(ctx_size=2048, cache_type="q8_0")).plan
     q8 = b.flagset_from_flags("q8", plan.flags, (*plan.extra_args, "--fit", "off"))
     f16 = b.flagset_from_flags("f16", plan.flags.with_(cache_type_k="f16", cache_type_v="f16"), ("--fit", "off"))
@@ -167,7 +169,8 @@ def test_measured_hook_answers_for_the_measured_flags_only(store: ProfileStore, 
     assert (got.tg_tok_s, got.pp_tok_s) == (44.0, 500.0), "the deepest depth measured"
     assert got.tg_bound_tok_s > 0 and got.efficiency == pytest.approx(44.0 / got.tg_bound_tok_s)
     assert hook(cand, plan.flags.with_(cache_ram_mib=0), cpu) is not None, "host RAM limits do not change speed"
-    assert hook(cand, plan.flags.with_(ubatch_size=1024), cpu) is None
+    other = hook(cand, plan.flags.with_(ubatch_size=1024), cpu)
+    assert other is not None and other.source == "rescaled", "an unmeasured flag set is only rescaled"
     assert measured_hook(cpu, FakeBuild("fffffff"), store=store)(cand, plan.flags, cpu) is None
     assert measured_hook(hardware_for("rtx-4090"), FakeBuild(), store=store)(cand, plan.flags, cpu) is None
     store.reset()
@@ -269,3 +272,88 @@ def test_profile_show_prints_the_best_flags_speed_and_efficiency(store: ProfileS
     assert main(["profile", "export", "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["entries"][0]["best"]["set_name"] == "fast"
+
+
+def test_a_bench_result_rescales_a_neighbouring_plans_predicted_speed(store: ProfileStore, model: Path,
+                                                                     cpu: Hardware) -> None:
+    """A measurement of one flag set moves the prediction of the other flag sets of the same model file by its
+    measured / predicted ratio: the planner's alternatives then rest on this machine's figures too."""
+    from tuner.speed import predict_speed
+
+    cand = resolve_candidates(str(model))[0]
+    measured = ServerFlags(ctx_size=2048, parallel=1, cache_type_k="f16", cache_type_v="f16")
+    pred = predict_speed(cand.layout, measured, cpu, depth_tokens=1024)
+    fs = b.flagset_from_flags("m", measured, ("--fit", "off"))
+    store.learn(document(model, cpu, [(fs, [(1024, round(pred.pp_tok_s * 0.5, 3), round(pred.tg_tok_s * 2.0, 3))])]))
+    hook = measured_hook(cpu, FakeBuild(), store=store)
+    neighbour = measured.with_(ctx_size=4096, ubatch_size=256)
+    got = hook(cand, neighbour, cpu)
+    base = predict_speed(cand.layout, neighbour, cpu)
+    assert got.source == "rescaled"
+    assert got.tg_tok_s == pytest.approx(base.tg_tok_s * 2.0, rel=1e-3)
+    assert got.pp_tok_s == pytest.approx(base.pp_tok_s * 0.5, rel=1e-3)
+    assert "rescaled by 1 tuner bench measurement of this model file (cpu): tg ×2.00, pp ×0.50" in got.notes
+    assert hook(cand, measured, cpu).source == "measured", "the measured flag set keeps its measured figure"
+    other = tmp_model(model.parent, "other-model")
+    assert hook(resolve_candidates(str(other))[0], neighbour, cpu) is None, "another model file is not rescaled"
+    plan = plan_for(str(model), cpu, Wishes(ctx_size=4096, cache_type="f16"), measured=hook).plan
+    assert plan.flags != measured and plan.predicted.source == "rescaled"
+    roof = predict_speed(cand.layout, plan.flags, cpu)
+    assert plan.predicted.tg_tok_s == pytest.approx(roof.tg_tok_s * 2.0, rel=1e-3)
+
+
+def tmp_model(folder: Path, name: str) -> Path:
+    path = folder / f"{name}.gguf"
+    if not path.exists():
+        write_synthetic_gguf(path, replace(SPEC, name=name, n_layer=8))
+    return path
+
+
+def test_reset_forgets_calibration_points_and_serves_observations(store: ProfileStore, model: Path,
+                                                                   cpu: Hardware) -> None:
+    from tuner.corrections import MemoryPoint
+
+    p = MemoryPoint(id="serve:k:CPU", device="CPU: x", build="0c1e570", cuda=False, shape="s", n_ubatch=512,
+                    flags=("--ctx-size", "2048"), predicted={"compute": 100}, reported={"compute": 110})
+    obs_dir = store.path.parent / "observations"
+    obs_dir.mkdir(parents=True)
+    (obs_dir / "mine.json").write_text(json.dumps({**observation(model, [], "0c1e570"), "points": [p.to_dict()]}))
+    store.learn(document(model, cpu, [(b.parse_set("a=-c 1024"), [(0, 10.0, 1.0)])], build=FakeBuild("0c1e570")))
+    store.absorb_observations()
+    assert store.load_points() == [p], "serve's points are absorbed once"
+    store.absorb_observations()
+    assert len(store.load_points()) == 1
+    assert store.reset() is True
+    assert store.load_points() == [] and not list(obs_dir.glob("*.json"))
+    store.absorb_observations()
+    assert store.load_points() == [], "nothing comes back after a reset"
+
+
+def test_a_format_1_profile_still_reads_and_is_rewritten_as_format_2(store: ProfileStore, model: Path,
+                                                                     cpu: Hardware) -> None:
+    import yaml
+
+    store.learn(document(model, cpu, [(b.parse_set("a=-c 1024"), [(0, 10.0, 1.0)])]))
+    data = yaml.safe_load(store.path.read_text())
+    data["format"] = 1
+    del data["calibration"]
+    store.path.write_text(yaml.safe_dump(data))
+    assert len(store.load()) == 1 and store.load_points() == []
+    store.learn(document(model, cpu, [(b.parse_set("b=-c 1024"), [(0, 11.0, 1.0)])]))
+    assert yaml.safe_load(store.path.read_text())["format"] == 2
+
+
+def test_profile_show_lists_the_calibration_points(store: ProfileStore, capsys: pytest.CaptureFixture[str]) -> None:
+    from tuner.cli import main
+    from tuner.corrections import MemoryPoint
+
+    store.add_points([MemoryPoint(id=f"calibrate:r:{i}:CPU", device="CPU: AMD EPYC", build="0c1e570abc", cuda=False,
+                                  shape="qwen35moe-8L-512e-1234abcd", n_ubatch=512, flags=("--ctx-size", "4096"),
+                                  predicted={"compute": 100}, reported={"compute": 101}, source="calibrate",
+                                  observed_at=f"2026-01-01T00:00:0{i}") for i in range(3)])
+    assert main(["profile", "show", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["calibration"]
+    assert row == {"kind": "memory", "device": "CPU: AMD EPYC", "build": "0c1e570abc", "points": 3,
+                   "shapes": ["qwen35moe-8L-512e-1234abcd"], "sources": ["calibrate"], "last": "2026-01-01T00:00:02"}
+    assert main(["profile", "show"]) == 0
+    assert "calibration points" in capsys.readouterr().out

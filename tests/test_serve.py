@@ -232,6 +232,39 @@ def test_observation_is_keyed_by_model_file_and_flags(config_dir: Path, hybrid_g
     assert len(list((config_dir / "observations").iterdir())) == 2
 
 
+@pytest.mark.server
+def test_a_serve_observation_corrects_the_next_estimate(server_bin: Path, hybrid_gguf: Path, config_dir: Path,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 6: a compute term deliberately 30% too large, served once on the real CPU llama-server; its
+    load log (parsed) lands in the profile, and the next estimate and plan for the same shape and build use it."""
+    import tuner.estimate as estimate_module
+    from tuner.cli.estimate import estimate_result
+    from tuner.profile_store import load_calibration
+    from tuner.serve import ServeOptions, start_serving
+
+    true_compute = estimate_module.compute_bytes_cpu
+    monkeypatch.setattr(estimate_module, "compute_bytes_cpu", lambda *a, **k: int(true_compute(*a, **k) * 1.3))
+    hardware = hardware_for("none")
+    wishes = Wishes(cache_type="f16")
+    serving = start_serving(str(hybrid_gguf), hardware, wishes,
+                            ServeOptions(port=free_port(), server_bin=str(server_bin), log_path=tmp_path / "s.log"))
+    try:
+        reported = parse_load_log(serving.server.log_text()).total("compute", "CPU")
+    finally:
+        serving.server.stop()
+    assert serving.observation_path is not None and json.loads(serving.observation_path.read_text())["points"]
+    layout, flags = serving.plan.candidate.layout, serving.plan.flags
+    before = estimate_result(layout, flags, hardware)["memory"]["compute_bytes"]
+    assert before > 1.2 * reported, "the biased term, uncorrected"
+    cal = load_calibration(hardware, serving.build)
+    after = estimate_result(layout, flags, hardware, calibration=cal)
+    assert abs(after["memory"]["compute_bytes"] - reported) <= 2, "corrected to what llama.cpp reported"
+    assert after["calibration"]["line"] == "calibrated on this machine by 1 run"
+    replanned = plan_for(str(hybrid_gguf), hardware, wishes, calibration=cal)
+    assert replanned.plan.estimate.compute_bytes == after["memory"]["compute_bytes"]
+    assert replanned.to_dict()["calibration"]["devices"]["CPU"]["scope"] == "this shape and ubatch"
+
+
 # ------------------------------------------------------------------------------------------------ NVML and the watch
 
 
@@ -630,6 +663,14 @@ def test_serve_becomes_ready_answers_checks_memory_and_stops_cleanly(
     assert serve.events[-1] == {"status": "stopped", "reason": "exit code 0"}
     assert not process_alive(server_pid)
     assert _llama_servers_for(hybrid_gguf) == []
+
+    # the closed loop: what this launch reported now calibrates the next estimate of the same shape and build
+    est = subprocess.run([sys.executable, "-m", "tuner", "estimate", str(hybrid_gguf), "--gpu", "none", "-c", "4096",
+                          "-np", "1", "-ctk", "f16", "-ctv", "f16", "--json"], env=serve_env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    cal = json.loads(est.stdout)["calibration"]
+    assert cal["line"] == "calibrated on this machine by 1 run" and cal["devices"]["CPU"]["compute_runs"] == 1
+    assert cal["devices"]["CPU"]["scope"] == "this shape and ubatch"
 
 
 @pytest.mark.server

@@ -21,18 +21,24 @@ context; or the one type asked for):
    (``--no-kv-unified``), so every slot is guaranteed its context.
 
 The **context floor** a plan must reach: ``Wishes.ctx_size`` when given (exactly that); otherwise
-:data:`WORKING_CTX` (32768) for ``speed`` and ``quality`` — then grown to the largest that fits — and the model's
-maximum for ``context``. When nothing reaches the floor, it drops to :data:`MIN_CTX` (4096) and the largest context
-that fits wins; when nothing fits even then, :class:`~tuner.errors.TunerError` says what the smallest plan needs.
+:data:`tuner.policy.CTX_FLOOR` (65536) for ``balanced``, :data:`WORKING_CTX` (32768) for ``speed`` and ``quality``
+— then grown to the largest that fits — and the model's maximum for ``context``. ``balanced`` searches every quant
+and KV type once per context tier (:func:`tuner.policy.ctx_tiers`: 65536, 131072, 262144), each with the fewest
+expert layers in RAM that reach it. When nothing reaches the floor, it drops to :data:`MIN_CTX` (4096) and the
+largest context that fits wins; when nothing fits even then, :class:`~tuner.errors.TunerError` says what the
+smallest plan needs.
 
 **Scoring** (``Wishes.prefer``), over the options that fit; quant quality is the candidates' own order
 (``quality_rank``, then bits per weight), KV quality is f16 > q8_0 > q4_0:
 
-* first, one KV type per quant: the most exact one (f16), unless a more compact one (q8_0) predicts more than
-  :data:`SPEED_TOLERANCE` (5%) faster generation, i.e. it saves expert layers in RAM — VRAM goes to experts before
-  the cache is quantized; without a GPU, only when context needs it. With ``context``, the type that reaches more
-  context, then that rule.
-* ``speed`` (default): the fastest predicted generation among quants of at least
+* ``balanced`` (default): :mod:`tuner.policy` — Q4_K_M-class quality and 65536 tokens per slot where they fit, then
+  more context, a better quant and an exact KV cache while generation stays within 10% of the fastest plan meeting
+  those floors; a floor given up to fit is a warning. Every quant × KV type × tier competes.
+* the other policies first take one KV type per quant: the most exact one (f16), unless a more compact one (q8_0)
+  predicts more than :data:`SPEED_TOLERANCE` (5%) faster generation, i.e. it saves expert layers in RAM — VRAM goes
+  to experts before the cache is quantized; without a GPU, only when context needs it. With ``context``, the type
+  that reaches more context, then that rule.
+* ``speed``: the fastest predicted generation among quants of at least
   :data:`SPEED_MIN_BITS_PER_WEIGHT` bits per weight (below that only if nothing else fits); plans within
   :data:`SPEED_TOLERANCE` (5%, below the accuracy of the prediction) of the fastest count as equally fast, and among
   those the best quant wins, then the most context. A smaller quant is thus taken only when it is clearly faster
@@ -48,6 +54,12 @@ memory breakdown does not count either (its "unaccounted" column is total − fr
 common/fit.cpp:984). llama.cpp's own ``--fit`` keeps a margin of the same size, 1024 MiB per device by default
 (``fit_params_target``, common/common.h:482-483). Without a GPU the buffer applies to RAM and defaults to
 :data:`DEFAULT_RAM_BUFFER_BYTES`.
+
+**Calibration** (a :class:`tuner.corrections.Calibration`, from ``tuner serve``'s observations and ``tuner
+calibrate``): every estimate is :func:`tuner.corrections.corrected_estimate` (compute buffers scaled by what llama.cpp
+reported on this device model and build), roofline predictions are rescaled by the measured speed scale, and when
+the CUDA context and pools were measured on every GPU here, the default buffer becomes that measurement plus a
+margin (:meth:`~tuner.corrections.Calibration.buffer_bytes`).
 """
 
 from __future__ import annotations
@@ -58,7 +70,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tuner import policy
 from tuner.cards import preset_args
+from tuner.corrections import Calibration, corrected_estimate, shape_id
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.flags import FLAGS, SPEC_MTP
@@ -67,12 +81,13 @@ from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, read_projector, resolve_candidates
 from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, mtp_flags, predict_mtp
+from tuner.policy import BALANCED
 from tuner.speed import Prediction, predict_speed
 from tuner.units import GiB, MiB, fmt_bytes
 
 __all__ = [
     "Budget", "Measured", "Plan", "Prediction", "Recommendation", "Wishes", "budget_for", "estimate_on", "fits",
-    "gpu_split", "headroom_bytes", "plan_for", "recommend",
+    "gpu_split", "headroom_bytes", "plan_for", "recommend", "threads_for",
 ]
 
 COMMUNITY_HEADROOM_BYTES = 768 * MiB
@@ -97,8 +112,10 @@ KV_LAST_RESORT = ("q4_0",)
 KV_QUALITY = {"f32": 4, "f16": 3, "bf16": 3, "q8_0": 2, "q5_1": 1, "q5_0": 1, "q4_1": 0, "q4_0": 0, "iq4_nl": 0}
 DEFAULT_UBATCH = 512
 OFFLOAD_UBATCHES = (2048, 1024)
-UBATCH_MIN_PP_GAIN = 1.5
-PREFERENCES = ("speed", "quality", "context")
+UBATCH_MIN_PP_GAIN = 1.25
+"""A larger ubatch is taken for prompts at least this much faster (for at most :data:`SPEED_TOLERANCE` slower
+generation): in long agent turns prompt processing is most of the wait. 512 → 1024 with experts in RAM gives ~1.5×."""
+PREFERENCES = (BALANCED, "speed", "quality", "context")
 SPEED_TOLERANCE = 0.05
 SPEED_MIN_BITS_PER_WEIGHT = 4.0
 QUALITY_MIN_SPEED_FRACTION = 1 / 3
@@ -121,6 +138,7 @@ class Budget:
     ram_available_bytes: int
     gpu_free_bytes: tuple[tuple[str, int], ...] = ()  # per GPU, llama.cpp's name and its free bytes
     reserved_bytes: int = 0  # what the estimate does not count: the vision encoder's run-time growth, on its device
+    buffer_source: str = ""  # why buffer_bytes is what it is, when a calibration set it
 
     @property
     def cpu_only(self) -> bool:
@@ -130,6 +148,7 @@ class Budget:
         return {"device": self.device, "vram_total_bytes": self.vram_total_bytes,
                 "vram_free_bytes": self.vram_free_bytes, "buffer_bytes": self.buffer_bytes,
                 "ram_available_bytes": self.ram_available_bytes, "reserved_bytes": self.reserved_bytes,
+                "buffer_source": self.buffer_source or None,
                 "gpus": [{"name": n, "vram_free_bytes": b} for n, b in self.gpu_free_bytes]}
 
 
@@ -139,7 +158,7 @@ class Wishes:
 
     ctx_size: int | None = None  # context per slot; None = the largest that fits
     parallel: int = 1
-    prefer: str = "speed"  # speed | quality | context
+    prefer: str = BALANCED  # balanced | speed | quality | context
     vision: bool = False
     buffer_bytes: int | None = None  # None = DEFAULT_VRAM_BUFFER_BYTES (GPU) / DEFAULT_RAM_BUFFER_BYTES (CPU only)
     quant: str | None = None
@@ -248,6 +267,9 @@ class Recommendation:
     notes: tuple[str, ...] = ()
     wishes: Wishes = field(default_factory=Wishes)
     planning_s: float = 0.0
+    calibration: Calibration | None = None
+    policy: dict[str, Any] = field(default_factory=dict)  # the policy followed: name, rule, floors (balanced)
+    warnings: tuple[str, ...] = ()  # a floor of the policy given up to fit
 
     def to_dict(self, server_bin: str = "llama-server") -> dict[str, Any]:
         p = self.plan
@@ -266,9 +288,19 @@ class Recommendation:
             "wishes": {"ctx_size": self.wishes.ctx_size, "parallel": self.wishes.parallel,
                        "prefer": self.wishes.prefer, "vision": self.wishes.vision, "quant": self.wishes.quant,
                        "cache_type": self.wishes.cache_type, "allow_yarn": self.wishes.allow_yarn},
+            "policy": self.policy,
+            "warnings": list(self.warnings),
             "notes": list(self.notes),
+            "calibration": self._calibration_dict(),
             "planning_s": round(self.planning_s, 3),
         }
+
+    def _calibration_dict(self) -> dict[str, Any] | None:
+        cal = self.calibration
+        if not cal:
+            return None
+        lay, est = self.plan.candidate.layout, self.plan.estimate
+        return {"line": cal.describe(self.hardware), **cal.summary(self.hardware, shape_id(lay), est.n_ubatch)}
 
 
 # ---------------------------------------------------------------------------------------------- the budget
@@ -279,11 +311,17 @@ def estimate_on(layout: ModelLayout, flags: ServerFlags, hardware: Hardware) -> 
     return estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware))
 
 
-def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:
+def budget_for(hardware: Hardware, wishes: Wishes, calibration: Calibration | None = None) -> Budget:
+    """What a plan may use on ``hardware``; the buffer is ``--buffer``, else the calibrated one (see the module
+    doc), else the default."""
     if hardware.cpu_only:
         buffer = DEFAULT_RAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
         return Budget("CPU", 0, 0, buffer, hardware.ram_available_bytes)
     buffer = DEFAULT_VRAM_BUFFER_BYTES if wishes.buffer_bytes is None else wishes.buffer_bytes
+    source = ""
+    calibrated = calibration.buffer_bytes(hardware) if calibration and wishes.buffer_bytes is None else None
+    if calibrated is not None:
+        buffer, source = calibrated
     return Budget(
         device="+".join(g.llama_name for g in hardware.gpus),
         vram_total_bytes=sum(g.vram_total_bytes for g in hardware.gpus),
@@ -291,6 +329,7 @@ def budget_for(hardware: Hardware, wishes: Wishes) -> Budget:
         buffer_bytes=buffer,
         ram_available_bytes=hardware.ram_available_bytes,
         gpu_free_bytes=tuple((g.llama_name, g.vram_free_bytes) for g in hardware.gpus),
+        buffer_source=source,
     )
 
 
@@ -326,6 +365,7 @@ class _Option:
     predicted: Prediction
     quant_quality: int
     host_notes: tuple[str, ...] = ()
+    floor: int = 0  # the context per slot the placement was searched at (balanced: its tier)
 
     @property
     def kv(self) -> str:
@@ -391,11 +431,12 @@ class _Search:
     """One planning run: hardware, budget, wishes and the quant ladder, with the estimates it needs."""
 
     def __init__(self, candidates: Sequence[QuantCandidate], hardware: Hardware, wishes: Wishes,
-                 measured: Measured | None) -> None:
+                 measured: Measured | None, calibration: Calibration | None = None) -> None:
         self.hardware = hardware
         self.wishes = wishes
         self.measured = measured
-        self.budget = budget_for(hardware, wishes)
+        self.calibration = calibration
+        self.budget = budget_for(hardware, wishes, calibration)
         self.gpu_names = tuple(g.llama_name for g in hardware.gpus)
         self.split = gpu_split(hardware)
         order = sorted({(c.quality_rank, round(c.bits_per_weight, 4)) for c in candidates})
@@ -409,7 +450,7 @@ class _Search:
         cand = self.candidate_of.get(id(layout))
         draft = cand.mtp_draft if cand is not None and not layout.has_mtp else None
         vision = cand.vision_projector() if cand is not None and self.wishes.vision else None
-        return estimate_memory(layout, flags, self.gpu_names, self.split, draft=draft, vision=vision)
+        return corrected_estimate(layout, flags, self.hardware, self.calibration, draft=draft, vision=vision)
 
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
         projector = cand.vision_projector() if self.wishes.vision else None
@@ -425,7 +466,8 @@ class _Search:
         if flags.spec_type == SPEC_MTP:
             plain = self.predict(cand, flags.with_(spec_type=None))
             return predict_mtp(cand.layout, flags, self.hardware, plain, draft=cand.mtp_draft, gpu_split=self.split)
-        return predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
+        pred = predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
+        return self.calibration.rescale(pred, cand.layout, flags, self.hardware) if self.calibration else pred
 
     def with_ctx(self, flags: ServerFlags, ctx_per_slot: int) -> ServerFlags:
         return flags.with_(ctx_size=ctx_per_slot * flags.n_seq)
@@ -545,12 +587,13 @@ class _Search:
                          _placement(flags, budget))
         flags, est, host_notes = hosted
         flags, est = self.largest_ctx(cand, flags, est, budget, floor, cap)
-        return _Option(cand, flags, est, budget, self.predict(cand, flags), self.quality[id(cand)], host_notes)
+        return _Option(cand, flags, est, budget, self.predict(cand, flags), self.quality[id(cand)], host_notes,
+                       floor)
 
     def raise_ubatch(self, opt: _Option, floor: int, cap: int) -> tuple[_Option, str | None]:
         """With experts in RAM, a larger ubatch amortises their per-ubatch copy to the GPU: take 2048 (or 1024)
-        when, re-placed at that ubatch, generation stays within the speed tolerance and prompts get faster by
-        at least :data:`UBATCH_MIN_PP_GAIN`."""
+        when, re-placed at that ubatch (from ``floor`` tokens per slot), generation stays within the speed tolerance
+        and prompts get faster by at least :data:`UBATCH_MIN_PP_GAIN`."""
         if opt.experts_on_cpu == 0 or opt.budget.cpu_only or opt.flags.n_gpu_layers is not None:
             return opt, None
         cand = opt.candidate
@@ -583,19 +626,20 @@ class _Search:
         cand = opt.candidate
         if not cand.has_mtp:
             return opt, None
+        floor = floor or MIN_CTX
         where = ("the MTP head of " + cand.mtp_sidecar.rsplit("/", 1)[-1] if not cand.layout.has_mtp
                  and cand.mtp_sidecar else "the model's MTP head")
         if opt.budget.cpu_only:
             return opt, (f"MTP off: no GPU; {where} drafts on the CPU, where verifying the drafted tokens costs "
                          f"about what it saves (tuner bench measures it on and off)")
-        if opt.flags.n_gpu_layers is not None or opt.experts_on_cpu:
-            return opt, (f"MTP off: experts of {opt.experts_on_cpu or cand.layout.n_layer} layers in RAM; "
-                         "verifying 1 + n drafted tokens reads up to 1 + n times the routed experts from RAM, "
-                         "more than drafting saves")
         if self.wishes.parallel > 1:
             return opt, f"MTP off: --parallel {self.wishes.parallel}; MTP drafting is planned for one slot"
         if self.wishes.vision:
             return opt, "MTP off: not planned together with --vision (the MTP GGUFs' uploaders do not support it)"
+        if opt.flags.n_gpu_layers is not None or opt.experts_on_cpu:
+            return opt, (f"MTP off: experts of {opt.experts_on_cpu or cand.layout.n_layer} layer(s) in RAM; "
+                         "verifying 1 + n drafted tokens reads up to 1 + n times the routed experts from RAM, "
+                         "more than drafting saves")
         best: tuple[ServerFlags, MemoryEstimate, Prediction] | None = None
         for n in DRAFT_LENGTHS:
             f = mtp_flags(opt.flags, n)
@@ -740,7 +784,7 @@ def _ctx_bounds(layouts: Sequence[ModelLayout], wishes: Wishes) -> tuple[int, in
                    else "; allow YaRN rope scaling (--allow-yarn) to go further"))
         return want, want, native
     cap = native  # YaRN only when a context beyond native was asked for
-    floor = cap if wishes.prefer == "context" else min(WORKING_CTX, cap)
+    floor = {"context": cap, BALANCED: min(policy.CTX_FLOOR, cap)}.get(wishes.prefer, min(WORKING_CTX, cap))
     return floor, cap, native
 
 
@@ -782,7 +826,7 @@ def _no_fit_error(misses: Sequence[_Miss], search: _Search, floor: int) -> Tuner
 
 
 def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wishes, *,
-              measured: Measured | None = None) -> Recommendation:
+              measured: Measured | None = None, calibration: Calibration | None = None) -> Recommendation:
     """The best plan for ``candidates`` (the quants of one model) on ``hardware``, and the runners-up."""
     started = time.perf_counter()
     if not candidates:
@@ -797,9 +841,13 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         pool = [c for c in pool if c.mmproj]
         if not pool:
             raise TunerError("--vision: no vision projector (mmproj) is known for this model")
-    search = _Search(pool, hardware, wishes, measured)
+    search = _Search(pool, hardware, wishes, measured, calibration)
     floor, cap, native = _ctx_bounds([c.layout for c in pool], wishes)
     notes: list[str] = []
+
+    pf = policy.Floors(floor, policy.ctx_tiers(floor, cap) if wishes.ctx_size is None else (floor,),
+                       quality=not wishes.quant, ctx_asked=wishes.ctx_size is not None,
+                       cpu_only=search.budget.cpu_only)
 
     def run(floor_: int, last_resort: bool) -> tuple[list[_Option], list[_Miss]]:
         opts: list[_Option] = []
@@ -811,6 +859,12 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
                     opts.append(got)
                 else:
                     misses.append(got)
+        if wishes.prefer == BALANCED and floor_ == pf.ctx:
+            def place(o: _Option, tier: int) -> _Option | None:
+                got = search.option(o.candidate, o.kv, tier, cap)
+                return got if isinstance(got, _Option) else None
+
+            opts += policy.climb_tiers(opts, pf, place, SPEED_TOLERANCE)
         return opts, misses
 
     floors = [floor] + ([MIN_CTX] if wishes.ctx_size is None and floor > MIN_CTX else [])
@@ -830,38 +884,64 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
     if floor < floors[0]:
         notes.append(f"planned from {floor} tokens of context instead")
 
-    # one KV type per quant, then the quants ranked
-    groups: dict[int, list[_Option]] = {}
-    for o in options:
-        groups.setdefault(id(o.candidate), []).append(o)
-    winners = [_kv_choice(g, wishes.prefer) for g in groups.values()]
-    ranked = _rank(winners, wishes.prefer)
-    best, best_key = ranked[0]
-    kv_losers = [o for o in groups[id(best.candidate)] if o is not best]
-    ub_reason = None
-    if wishes.prefer != "context":
-        best, ub_reason = search.raise_ubatch(best, floor, cap)
-    best, mtp_reason = search.try_mtp(best, floor)
+    choice: policy.Choice | None = None
+    more_ctx: _Option | None = None
+    if wishes.prefer == BALANCED:
+        choice, ub_reasons = policy.rank_as_planned(options, pf, lambda o: search.raise_ubatch(o, o.floor, cap),
+                                                    SPEED_TOLERANCE)
+        ranked: list[tuple[_Option, tuple]] = list(choice.ranked)  # type: ignore[arg-type]
+        best, best_key = ranked[0]
+        ub_reason = ub_reasons.get(id(best))
+        if not choice.window_tg:  # no window (no plan meets the floors): the speed tolerance alone
+            best, ub_reason = search.raise_ubatch(best, best.floor, cap)
 
-    planned: dict[int, _Option] = {id(ranked[0][0]): best}
+        def as_planned(o: _Option) -> _Option:  # an alternative as it would be planned if it were chosen
+            return o if id(o) in ub_reasons else search.raise_ubatch(o, o.floor, cap)[0]
 
-    def as_planned(o: _Option) -> _Option:  # an option as it would be planned if it were chosen (once each)
-        if id(o) not in planned:
-            planned[id(o)] = search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
-        return planned[id(o)]
+        same = [o for o, _ in ranked if o.candidate is best.candidate and o is not ranked[0][0]]
+        other_kv = [o for o in same if o.kv != best.kv]  # at the plan's tier if there is one, else the highest
+        kv_losers = [as_planned(max(other_kv, key=lambda o: (pf.tier(o) == pf.tier(best), pf.tier(o), o.tg)))
+                     ] if other_kv else []
+        more = [o for o in same if o.ctx > best.ctx]
+        more_ctx = max(more, key=lambda o: o.tg) if more else None
+        alts = [(o, policy.why_lost(o, best, choice))
+                for o in map(as_planned, policy.alternatives(best, choice, MAX_ALTERNATIVES))]  # type: ignore[arg-type]
+    else:
+        # one KV type per quant, then the quants ranked
+        groups: dict[int, list[_Option]] = {}
+        for o in options:
+            groups.setdefault(id(o.candidate), []).append(o)
+        winners = [_kv_choice(g, wishes.prefer) for g in groups.values()]
+        ranked = _rank(winners, wishes.prefer)
+        best, best_key = ranked[0]
+        kv_losers = [o for o in groups[id(best.candidate)] if o is not best]
+        ub_reason = None
+        if wishes.prefer != "context":
+            best, ub_reason = search.raise_ubatch(best, floor, cap)
 
-    # one computation for the whole report: the reasons quote the same plans as the alternatives table shows
-    kv_losers = [as_planned(o) for o in kv_losers]
-    shown = [(as_planned(o), key) for o, key in ranked]
-    alts: list[tuple[_Option, str]] = [(o, _kv_why_lost(o, best, wishes.prefer)) for o in kv_losers[:1]]
-    for opt, key in shown[1:MAX_ALTERNATIVES + 1 - len(alts)]:
-        alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
+        planned: dict[int, _Option] = {id(ranked[0][0]): best}
 
-    reasons = _reasons(best, best_key, shown, kv_losers, search, floor, cap, native, ub_reason)
+        def as_planned(o: _Option) -> _Option:  # an option as it would be planned if it were chosen (once each)
+            if id(o) not in planned:
+                planned[id(o)] = search.raise_ubatch(o, floor, cap)[0] if wishes.prefer != "context" else o
+            return planned[id(o)]
+
+        # one computation for the whole report: the reasons quote the same plans as the alternatives table shows
+        kv_losers = [as_planned(o) for o in kv_losers]
+        ranked = [(as_planned(o), key) for o, key in ranked]
+        alts = [(o, _kv_why_lost(o, best, wishes.prefer)) for o in kv_losers[:1]]
+        for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
+            alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
+
+    best, mtp_reason = search.try_mtp(best, best.floor)
+    reasons = _reasons(best, best_key, ranked, kv_losers, search, cap, native, ub_reason, choice, more_ctx)
     if mtp_reason:
-        reasons += (mtp_reason,)
-    plan = _to_plan(best, reasons, wishes, native)
-    alt_plans = tuple((_to_plan(o, (), wishes, native), why) for o, why in alts)
+        reasons = (*reasons, mtp_reason)
+    threads, why_threads = threads_for(hardware)
+    if threads is not None and _runs_on_cpu(best):
+        reasons = (*reasons, why_threads or "")
+    plan = _to_plan(best, reasons, wishes, native, threads)
+    alt_plans = tuple((_to_plan(o, (), wishes, native, threads), why) for o, why in alts)
     missing: dict[int, _Miss] = {}
     for m in sorted(misses, key=lambda m: m.gpu_need_bytes + m.host_need_bytes):
         if not any(o.candidate is m.candidate for o in options):
@@ -871,24 +951,51 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         notes.append(f"{m.candidate.quant} does not fit in {m.why}: it needs {fmt_bytes(m.host_need_bytes)} of "
                      f"RAM at least{gpu}")
     notes[:0] = plan.candidate.notes  # a card quant sized from another file than its own (tuner.cards.quant_mix)
-    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started)
+    followed = {**(choice.to_dict() if choice else {"name": wishes.prefer}), "rule": _rule(wishes, best, choice)}
+    return Recommendation(plan, alt_plans, hardware, tuple(notes), wishes, time.perf_counter() - started,
+                          calibration or None, followed, choice.warnings if choice else ())
 
 
-def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int) -> Plan:
+def threads_for(hardware: Hardware) -> tuple[int | None, str | None]:
+    """``--threads`` where other work keeps some of this machine's cores busy (None: llama-server's default, every
+    physical core, common/common.cpp:201-225), and the reason.
+
+    llama.cpp's CPU threads meet at a barrier after every graph node (ggml/src/ggml-cpu/ggml-cpu.c: ggml_barrier),
+    so a thread waiting for a core another process holds stalls all of them, every node: on a 2-core machine with a
+    load of 8, ``-t 2`` generated 0.7 tok/s where ``-t 1`` generated 12
+    (bench_results/w2-qwen35moe/cpu-amd-epyc/threads-llama-bench.md), and the plan measured ×9.5-15 llama-server's
+    defaults in generation, ×1.4-1.6 in prompts (20261201T234440119948Z.json there). The plan takes the cores left
+    free (at least one); a quiet machine keeps the default."""
+    phys = hardware.cpu_physical_cores
+    busy = hardware.cpu_busy_logical * phys / max(hardware.cpu_logical_cores, 1)
+    n = max(1, int(phys - busy + 0.5))
+    if n >= phys:
+        return None, None
+    return n, (f"--threads {n}: other work keeps {busy:.1f} of this machine's {phys} cores busy (measured when "
+               f"planning); llama.cpp's threads wait for each other after every operation, so one that waits for a "
+               f"busy core stalls them all (llama-server's default: all {phys})")
+
+
+def _runs_on_cpu(opt: _Option) -> bool:
+    return opt.budget.cpu_only or opt.experts_on_cpu > 0 or opt.flags.n_gpu_layers is not None
+
+
+def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int, threads: int | None = None
+             ) -> Plan:
     extra: tuple[str, ...] = ()
     if opt.estimate.n_ctx_seq > native:
         scale = -(-opt.estimate.n_ctx_seq // native)
         extra = (*FLAGS["rope_scaling"].to_args("yarn"), *FLAGS["rope_scale"].to_args(scale),
                  *FLAGS["yarn_orig_ctx"].to_args(native))
+    if threads is not None and _runs_on_cpu(opt):
+        extra += tuple(FLAGS["threads"].to_args(threads))
     return Plan(opt.candidate, opt.flags, opt.estimate, opt.budget, opt.predicted, reasons, wishes.vision, extra)
 
 
-def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tuple]],
-             kv_losers: Sequence[_Option], search: _Search, floor: int, cap: int, native: int,
-             ub_reason: str | None) -> tuple[str, ...]:
-    w = search.wishes
-    out: list[str] = []
-    lay = best.candidate.layout
+def _rule(w: Wishes, best: _Option, choice: policy.Choice | None) -> str:
+    """The rule ``w.prefer`` follows, as the first reason (and the JSON's ``policy.rule``) says it."""
+    if choice is not None:
+        return policy.rule_text(choice)
     rule = {
         "speed": (f"the fastest predicted generation among quants of at least {SPEED_MIN_BITS_PER_WEIGHT:g} bits/"
                   f"weight, counting plans within {SPEED_TOLERANCE:.0%} as equal and then taking the best quality"),
@@ -898,7 +1005,22 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
     }[w.prefer]
     if w.prefer != "context" and best.bpw < SPEED_MIN_BITS_PER_WEIGHT:
         rule += f" (no quant of {SPEED_MIN_BITS_PER_WEIGHT:g} bits/weight or more fits)"
-    out.append(f"{best.candidate.quant} ({best.bpw:.2f} bits/weight): --prefer {w.prefer} takes {rule}; "
+    return rule
+
+
+def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tuple]],
+             kv_losers: Sequence[_Option], search: _Search, cap: int, native: int, ub_reason: str | None,
+             choice: policy.Choice | None = None, more_ctx: _Option | None = None) -> tuple[str, ...]:
+    w = search.wishes
+    out: list[str] = []
+    lay = best.candidate.layout
+
+    def why(o: _Option, okey: tuple) -> str:
+        return policy.why_lost(o, best, choice) if choice else _why_lost(o, okey, best, best_key, w.prefer)
+
+    verb = "keeps" if choice else "takes"
+    rule = _rule(w, best, choice).removeprefix("keeps ")
+    out.append(f"{best.candidate.quant} ({best.bpw:.2f} bits/weight): --prefer {w.prefer} {verb} {rule}; "
                f"{best.tg:.0f} tok/s predicted")
     b = best.budget
     if b.cpu_only:
@@ -908,7 +1030,8 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                       else "") + ")")
     else:
         out.append(f"{fmt_bytes(b.buffer_bytes)} of VRAM kept free on every GPU"
-                   + (" (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
+                   + (f" ({b.buffer_source})" if b.buffer_source else
+                      " (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
                       "count)" if b.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES else " (--buffer)")
                    + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision encoder's largest image"
                       if b.reserved_bytes else ""))
@@ -919,7 +1042,7 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
         elif n == 0:
             out.append("every layer, expert and cache on the GPU")
         else:
-            out.append(f"--n-cpu-moe {n}: the fewest expert layers in RAM that fit {floor} tokens of context "
+            out.append(f"--n-cpu-moe {n}: the fewest expert layers in RAM that fit {best.floor} tokens of context "
                        f"({n} × {fmt_bytes(lay.expert_bytes_by_layer().get(0, 0))}); attention, DeltaNet, shared "
                        f"experts, router, output head, KV cache and recurrent state stay on the GPU")
             on_gpu = [o for o, _ in ranked if o.experts_on_cpu == 0]
@@ -929,7 +1052,7 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                     okey = next(k for x, k in ranked if x is o)
                     out.append(f"kept {best.candidate.quant} with experts in RAM rather than drop to "
                                f"{o.candidate.quant}, which fits entirely on the GPU: "
-                               + _why_lost(o, okey, best, best_key, w.prefer))
+                               + why(o, okey))
             else:
                 out.append("no quant fits entirely on the GPU with that context, so experts are offloaded")
         bigger = [o for o, _ in ranked if o.quant_quality > best.quant_quality]
@@ -945,10 +1068,17 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
         out.append(f"context {best.ctx}: the model's native maximum" if cap == native
                    else f"context {best.ctx} with YaRN")
     else:
-        out.append(f"context {best.ctx}: the largest that fits with this placement (native {native})")
+        out.append(f"context {best.ctx}: the largest that fits with this placement (native {native})"
+                   + (f"; {more_ctx.ctx} would need --n-cpu-moe {more_ctx.experts_on_cpu} and predict "
+                      f"{more_ctx.tg:.0f} tok/s" + (f", outside the {policy.SPEED_WINDOW:.0%} window"
+                                                    if choice and not choice.in_window(more_ctx) else
+                                                    ", for no higher context tier")
+                      if more_ctx else ""))
     alt = next(iter(kv_losers), None)
     if w.cache_type:
         out.append(f"KV cache {best.kv}, as asked")
+    elif choice is not None:
+        out.append(policy.kv_reason(best, alt, choice))
     elif alt is None:
         out.append(f"KV cache {best.kv}: the only type that fits")
     elif best.kv_quality > alt.kv_quality:
@@ -966,6 +1096,10 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
         out.append(f"vision: {vision['file'] or 'the projector'} on {vision['device']}, "
                    f"{fmt_bytes(vision['weights_bytes'])} of weights and a {fmt_bytes(vision['compute_bytes'])} "
                    f"compute buffer (sized from its {vision['sized_from']}), counted in the memory estimate")
+    cal = search.calibration.describe(search.hardware) if search.calibration else None
+    if cal:
+        out.append(f"{cal}: memory and speed corrected by what llama.cpp reported and what was measured "
+                   "(tuner profile show; cleared by tuner profile reset)")
     if w.parallel == 1:
         state = fmt_bytes(lay.recurrent_bytes_per_seq())
         checkpoints = best.flags.ctx_checkpoints
@@ -983,11 +1117,11 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
 
 
 def plan_for(model_ref: str | None, hardware: Hardware, wishes: Wishes, *, measured: Measured | None = None,
-             on_progress: ProgressFn | None = None) -> Recommendation:
+             on_progress: ProgressFn | None = None, calibration: Calibration | None = None) -> Recommendation:
     """Plan for a model reference as the CLI takes it (None = the Qwen3.5-35B-A3B card's quant ladder, offline):
     the one planning entry ``recommend``, ``serve`` and ``bench`` share. With ``--vision`` the projector's header is
-    read (:func:`tuner.vision.read_projector`), so its real tensors and encoder are sized."""
+    read (:func:`tuner.models.read_projector`), so its real tensors and encoder are sized."""
     candidates = resolve_candidates(model_ref, on_progress)
     if wishes.vision:
         candidates = [replace(c, projector=read_projector(c)) if c.mmproj else c for c in candidates]
-    return recommend(candidates, hardware, wishes, measured=measured)
+    return recommend(candidates, hardware, wishes, measured=measured, calibration=calibration)

@@ -22,6 +22,14 @@ Invalidation: when a new measurement arrives, entries for the same file name (fr
 on the same GPU models (or CPU) whose model hash, driver, or llama.cpp build differ are dropped (the file, the
 driver or the build changed: old speeds no longer hold). Lookups only ever use an entry whose whole key matches.
 
+**Calibration points** (format 2): the store's top-level ``calibration`` list holds the memory and speed points of
+:mod:`tuner.corrections` (``kind: memory`` / ``kind: speed``, their fields in :meth:`MemoryPoint.to_dict` /
+:meth:`SpeedPoint.to_dict`), written by ``tuner serve`` (one memory point per device of each launch, also kept in its
+observation file) and ``tuner calibrate`` (memory and speed points of every rung), replaced by ``id``.
+:func:`load_calibration` picks the ones that apply to a machine and build: this machine's of the same llama.cpp
+commit, else (per device model) those of the shipped calibration files (:mod:`tuner.calibration_file`). A format-1
+file reads as before, with no points. ``tuner profile reset`` removes the store and serve's observation files.
+
 What is read from ``config_dir()/observations/*.json`` (written by ``tuner serve``, format 1, see
 :mod:`tuner.serve`): ``model.path`` / ``model.file`` / ``model.bytes``, ``flags``, ``build.commit``, ``gpus[].name``,
 ``observed_at``, ``mismatches`` and, per kind of ``memory_check`` (weights, kv, recurrent, compute),
@@ -32,9 +40,12 @@ and build commit; others are skipped.
 :func:`measured_hook` is the planner's ``measured`` hook: for a candidate and flag set it returns the measured
 :class:`~tuner.speed.Prediction` (``source="measured"``, with the roofline bounds and efficiency recorded at
 measurement time) when this exact flag set (the fields that change speed) was measured, single stream and without
-extra arguments, on the same model file, hardware and build; else None, and the planner keeps its roofline. Measured
-efficiencies are not spread to unmeasured flag sets or quants: a factor measured on one quant would tilt the
-planner's comparison between quants.
+extra arguments, on the same model file, hardware and build. A flag set of that model file that was not measured
+gets the speed model's prediction rescaled (``source="rescaled"``) by ``measured / predicted`` of the file's
+measurements: the median over those of the same placement (:func:`tuner.corrections.placement_class`), else over
+all of them, each measurement's prediction recomputed with today's speed model at its depth. Else None, and the
+planner keeps its roofline (rescaled by a calibration, if any). Measurements are not spread to other quants: a
+factor measured on one quant would tilt the planner's comparison between quants.
 """
 
 from __future__ import annotations
@@ -44,8 +55,9 @@ import hashlib
 import json
 import os
 import re
+import statistics
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,13 +65,23 @@ from typing import Any
 import filelock
 import yaml
 
+from tuner.corrections import (
+    Calibration,
+    MemoryPoint,
+    SpeedPoint,
+    hardware_label,
+    placement_class,
+    point_from_dict,
+)
 from tuner.errors import TunerError
 from tuner.estimate import ServerFlags
 from tuner.flags import Occurrence, scan
-from tuner.hardware import Hardware
+from tuner.hardware import Hardware, gpu_split
 from tuner.paths import config_dir, write_atomic
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+MAX_POINTS = 2000
 STORE_FILE = "profiles.yaml"
 OBSERVATIONS_DIR = "observations"
 MAX_MEASUREMENTS = 400
@@ -331,24 +353,37 @@ class ProfileStore:
         self.path = Path(path) if path is not None else store_path()
 
     # --- file ----------------------------------------------------------------------------------------------------
-    def load(self) -> list[ProfileEntry]:
+    def _read(self) -> dict[str, Any]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return []
+            return {}
         except OSError as exc:
             raise TunerError(f"cannot read the profile {self.path}: {exc.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+            data = yaml.load(text, Loader=loader) or {}
         except yaml.YAMLError as exc:
             raise TunerError(f"the profile {self.path} is not valid YAML ({exc.__class__.__name__}); "
                              "`tuner profile reset` starts a new one") from None
-        if not isinstance(data, dict) or int(data.get("format", 0) or 0) > STORE_FORMAT:
+        if not isinstance(data, dict) or int(data.get("format", 1) or 1) not in READABLE_FORMATS:
             raise TunerError(f"the profile {self.path} has an unknown format; `tuner profile reset` starts a new one")
-        return [ProfileEntry.from_dict(e) for e in data.get("entries") or () if isinstance(e, dict)]
+        return data
 
-    def _write(self, entries: Sequence[ProfileEntry]) -> None:
-        data = {"format": STORE_FORMAT, "updated_at": _now(), "entries": [e.to_dict() for e in entries]}
+    def load(self) -> list[ProfileEntry]:
+        return [ProfileEntry.from_dict(e) for e in self._read().get("entries") or () if isinstance(e, dict)]
+
+    def load_points(self) -> list[MemoryPoint | SpeedPoint]:
+        """The calibration points (see the module doc)."""
+        points = (point_from_dict(d) for d in self._read().get("calibration") or () if isinstance(d, dict))
+        return [p for p in points if p is not None]
+
+    def _write(self, entries: Sequence[ProfileEntry], points: Sequence[MemoryPoint | SpeedPoint] | None = None) -> None:
+        """Write the entries and the points (None: keep the points the file has)."""
+        if points is None:
+            points = self.load_points()
+        data = {"format": STORE_FORMAT, "updated_at": _now(), "entries": [e.to_dict() for e in entries],
+                "calibration": [p.to_dict() for p in points]}
         write_atomic(self.path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
 
     @contextlib.contextmanager
@@ -358,19 +393,39 @@ class ProfileStore:
             yield
 
     def reset(self) -> bool:
-        """Remove the file; True if there was one."""
+        """Remove the file and ``tuner serve``'s observation files beside it (which would otherwise be learnt again);
+        True if there was anything."""
         with self._locked():
+            removed = False
+            obs = self.path.parent / OBSERVATIONS_DIR
+            for f in obs.glob("*.json") if obs.is_dir() else ():
+                f.unlink(missing_ok=True)
+                removed = True
             try:
                 self.path.unlink()
                 return True
             except FileNotFoundError:
-                return False
+                return removed
+
+    def add_points(self, points: Sequence[MemoryPoint | SpeedPoint]) -> int:
+        """Add calibration points (replacing those of the same id); the newest :data:`MAX_POINTS` are kept."""
+        if not points:
+            return 0
+        with self._locked():
+            data = self._read()
+            entries = [ProfileEntry.from_dict(e) for e in data.get("entries") or () if isinstance(e, dict)]
+            kept = {p.id: p for p in self.load_points()}
+            for p in points:
+                kept.pop(p.id, None)
+                kept[p.id] = p
+            self._write(entries, list(kept.values())[-MAX_POINTS:])
+        return len(points)
 
     def export(self, dest: str | os.PathLike[str]) -> Path:
         """Copy the profile (as it is, YAML) to ``dest``, atomically."""
-        entries = self.load()
+        entries, points = self.load(), self.load_points()
         out = ProfileStore(dest)
-        out._write(entries)
+        out._write(entries, points)
         return out.path
 
     # --- lookups -------------------------------------------------------------------------------------------------
@@ -414,10 +469,15 @@ class ProfileStore:
         return self.learn(document, results_file=str(p))
 
     def absorb_observations(self, directory: str | os.PathLike[str] | None = None) -> tuple[int, int]:
-        """Attach ``tuner serve``'s memory observations to matching entries; returns (attached, skipped)."""
+        """Attach ``tuner serve``'s memory observations to matching entries, and add their calibration points (if
+        not there yet); returns (attached, skipped)."""
         obs = list(read_observations(directory))
         if not obs:
             return 0, 0
+        have = {p.id for p in self.load_points()}
+        new_points = [p for o in obs for d in o.get("points") or () if isinstance(d, dict)
+                      if (p := point_from_dict(d)) is not None and p.id not in have]
+        self.add_points(new_points)
         attached = skipped = 0
         with self._locked():
             entries = self.load()
@@ -581,7 +641,7 @@ PredictionHook = Callable[[Any, ServerFlags, Hardware], Any]
 def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore | None = None) -> PredictionHook:
     """The planner's ``measured`` hook (see the module doc). ``build`` None: entries of any llama.cpp build match
     (the newest is used); pass the build that will serve to honour the invalidation rule."""
-    from tuner.speed import Prediction
+    from tuner.speed import Prediction, predict_speed
 
     the_store = store or ProfileStore()
     entries = the_store.load()
@@ -603,6 +663,33 @@ def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore 
         memo[memo_key] = found
         return found
 
+    ratio_memo: dict[tuple[int, str], tuple[float, float, int, str] | None] = {}
+
+    def ratios(entry: ProfileEntry, candidate: Any, placement: str) -> tuple[float, float, int, str] | None:
+        """(tg, pp) medians of measured / predicted over the entry's single-stream measurements, preferring those
+        of ``placement``; with their count and scope."""
+        key = (id(entry), placement)
+        if key not in ratio_memo:
+            layout = candidate.layout
+            rows: list[tuple[str, float, float]] = []
+            for m in entry.measurements:
+                f = m.flags()
+                if f is None or m.concurrency != 1 or _extra_changes_speed(m.extra_args) or m.tg_tok_s <= 0:
+                    continue
+                try:
+                    p = predict_speed(layout, f, hardware, gpu_split=gpu_split(hardware),
+                                      depth_tokens=max(m.depth, 1))
+                except TunerError:
+                    continue
+                if p.tg_tok_s > 0 and p.pp_tok_s > 0 and m.pp_tok_s > 0:
+                    rows.append((placement_class(layout, f, hardware), m.tg_tok_s / p.tg_tok_s,
+                                 m.pp_tok_s / p.pp_tok_s))
+            same = [r for r in rows if r[0] == placement]
+            chosen, scope = (same, placement.replace("_", " ")) if same else (rows, "all placements")
+            ratio_memo[key] = (statistics.median(r[1] for r in chosen), statistics.median(r[2] for r in chosen),
+                               len(chosen), scope) if chosen else None
+        return ratio_memo[key]
+
     def hook(candidate: Any, flags: ServerFlags, hw: Hardware) -> Any:
         entry = entry_for(candidate)
         if entry is None:
@@ -615,7 +702,46 @@ def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore 
                               efficiency=m.tg_tok_s / tg_b if tg_b else 0.0, source="measured",
                               notes=(f"measured by tuner bench at depth {m.depth} ({m.n_samples} samples, "
                                      f"{m.measured_at[:10]})",))
-        return None
+        found = ratios(entry, candidate, placement_class(candidate.layout, flags, hw))
+        if found is None:
+            return None
+        tg_r, pp_r, n, scope = found
+        base = predict_speed(candidate.layout, flags, hw, gpu_split=gpu_split(hw))
+        return replace(base, tg_tok_s=base.tg_tok_s * tg_r, pp_tok_s=base.pp_tok_s * pp_r,
+                       efficiency=base.efficiency * tg_r, source="rescaled",
+                       notes=(*base.notes, f"rescaled by {n} tuner bench measurement{'s' if n != 1 else ''} of this "
+                                           f"model file ({scope}): tg ×{tg_r:.2f}, pp ×{pp_r:.2f}"))
 
     return hook
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def load_calibration(hardware: Hardware, build: Any | None, *, store: ProfileStore | None = None,
+                     shipped: Sequence[MemoryPoint | SpeedPoint] | None = None) -> Calibration:
+    """The calibration points that apply on ``hardware`` with ``build`` (a :class:`tuner.build.LlamaBuild`, or None
+    when there is no build yet: then the newest build's points): this machine's, of the same llama.cpp commit;
+    then, for each device model (and the hardware's speed) without any, the shipped calibration files'
+    (``shipped``: default :func:`tuner.calibration_file.shipped_points`)."""
+    from tuner.calibration_file import shipped_points
+    from tuner.corrections import device_model
+
+    local = (store or ProfileStore()).load_points()
+    commit = str(getattr(build, "commit", "") or "") if build is not None else ""
+    if not commit and local:
+        commit = max(local, key=lambda p: p.observed_at).build
+    key = BuildKey(commit, False, "")
+    names = [g.llama_name for g in hardware.gpus] or ["CPU"]
+    devices = {d for n in names if (d := device_model(n, hardware)) is not None}
+    label = hardware_label(hardware)
+    memory = [p for p in local if isinstance(p, MemoryPoint) and p.device in devices and key.same_commit(p.build)]
+    speed = [p for p in local if isinstance(p, SpeedPoint) and p.hardware == label and key.same_commit(p.build)]
+    missing = devices - {p.device for p in memory}
+    if missing or not speed:
+        others = shipped_points() if shipped is None else shipped
+        memory += [p for p in others if isinstance(p, MemoryPoint) and p.device in missing]
+        if not speed:
+            speed = [p for p in others if isinstance(p, SpeedPoint) and p.hardware == label]
+    return Calibration(tuple(memory), tuple(speed))
 

@@ -44,7 +44,13 @@ memory-relevant flags overwrites its earlier observation. The file (format 1)::
      "build": {"key": "pypi-0.3.36-cuda-89", "commit": "…", "cuda": true},
      "gpus": [{"index": 0, "name": "NVIDIA …", "vram_total_bytes": N}],
      "memory_check": {…as the event…},
-     "mismatches": ["compute"]}                       # kinds beyond tolerance; [] when the estimate held
+     "mismatches": ["compute"],                       # kinds beyond tolerance; [] when the estimate held
+     "points": [{"kind": "memory", …}]}               # tuner.corrections.MemoryPoint.to_dict(), one per device
+
+The points compare the *pure* estimate (:func:`tuner.corrections.corrected_estimate` without a calibration) with
+what llama.cpp reported on each device, and, on a GPU, NVML's memory of the process there: they go into the profile
+store at once (:meth:`tuner.profile_store.ProfileStore.add_points`), so the next plan or estimate for the same GPU
+model (or CPU) and llama.cpp build is corrected by them (the correction model is :mod:`tuner.corrections`'s).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from typing import Any, cast
 from tuner.build import LlamaBuild, obtain_build
 from tuner.build import ProgressFn as BuildProgressFn
 from tuner.cards import preset_args
+from tuner.corrections import MEMORY_KINDS, Calibration, MemoryPoint, corrected_estimate, memory_points
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate
 from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
@@ -132,11 +139,12 @@ def preflight(options: ServeOptions) -> None:
 # ------------------------------------------------------------------------------------------------------ plan
 
 
-def plan_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, measured: Measured | None = None) -> Plan:
+def plan_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, measured: Measured | None = None,
+               calibration: Calibration | None = None) -> Plan:
     """The plan ``tuner recommend`` would print for the same arguments (the planner's own entry point; None = the
-    Qwen3.5-35B-A3B card; ``measured``: the profile's hook, as recommend passes it). TunerError when nothing fits,
-    even at the smallest context."""
-    return plan_for(model_ref, hardware, wishes, measured=measured).plan
+    Qwen3.5-35B-A3B card; ``measured`` and ``calibration``: the profile's, as recommend passes them). TunerError
+    when nothing fits, even at the smallest context."""
+    return plan_for(model_ref, hardware, wishes, measured=measured, calibration=calibration).plan
 
 
 # ------------------------------------------------------------------------------------------------------ build
@@ -407,9 +415,41 @@ def observations_dir() -> Path:
     return config_dir() / "observations"
 
 
+def observation_points(plan: Plan, hardware: Hardware, reported: ReportedMemory, view: Mapping[str, Any] | None,
+                       build: LlamaBuild, key: str, observed_at: str) -> list[MemoryPoint]:
+    """The calibration points of one launch (see the module doc): the pure estimate of the plan's flags against
+    what llama.cpp reported per device (CPU_REPACK copies counted once, as :func:`memory_check` does) and, on a GPU,
+    NVML's view of the process (its own figure with one GPU, else each GPU's drop in free memory)."""
+    layout = plan.candidate.layout
+    pure = corrected_estimate(layout, plan.flags, hardware)
+    by_kind = {k: dict(reported.by_kind(k)) for k in MEMORY_KINDS}
+    if reported.repacked_bytes:
+        by_kind["weights"][CPU] = by_kind["weights"].get(CPU, 0) - reported.repacked_bytes
+    return memory_points(id_prefix=f"serve:{key}", estimate=pure, reported=by_kind, layout=layout, flags=plan.flags,
+                         hardware=hardware, build=build.commit, cuda=build.cuda,
+                         process_bytes=gpu_process_bytes(view, hardware), source="serve", observed_at=observed_at)
+
+
+def gpu_process_bytes(view: Mapping[str, Any] | None, hardware: Hardware) -> dict[str, int | None]:
+    """GPU memory the server holds per llama.cpp device, from :func:`nvml_view`: NVML's per-process figure with one
+    GPU (when NVML lists the process: not inside containers), else each GPU's drop in free memory since launch."""
+    out: dict[str, int | None] = {}
+    if not view:
+        return out
+    drops = view.get("free_drop_bytes_per_gpu") or {}
+    own = view.get("process_bytes")
+    local = hardware.local_gpus
+    for g in local:
+        if len(local) == 1 and own:
+            out[g.llama_name] = int(own)
+        elif str(g.index) in drops:
+            out[g.llama_name] = int(drops[str(g.index)])
+    return out
+
+
 def record_observation(check: MemoryCheck, *, model_path: Path, flags_args: Sequence[str], command: Sequence[str],
                        candidate: QuantCandidate | None = None, build: LlamaBuild | None = None,
-                       gpus: Sequence[Gpu] = ()) -> Path:
+                       gpus: Sequence[Gpu] = (), points: Sequence[MemoryPoint] = ()) -> Path:
     """Write the memory check for the profile store (format in the module docstring); returns the file."""
     key = observation_key(model_path, flags_args)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", model_path.name.removesuffix(".gguf"))
@@ -430,6 +470,7 @@ def record_observation(check: MemoryCheck, *, model_path: Path, flags_args: Sequ
         "gpus": [{"index": g.index, "name": g.name, "vram_total_bytes": g.vram_total_bytes} for g in gpus],
         "memory_check": check.to_dict(),
         "mismatches": check.mismatches,
+        "points": [p.to_dict() for p in points],
     }
     return write_atomic(path, json.dumps(data, indent=2) + "\n")
 
@@ -665,14 +706,15 @@ class Serving:
 def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, options: ServeOptions, *,
                   on_event: EventFn | None = None, on_build_progress: BuildProgressFn | None = None,
                   on_fetch_progress: FetchProgressFn | None = None,
-                  nvml: NvmlApi | None = None, measured: Measured | None = None) -> Serving:
+                  nvml: NvmlApi | None = None, measured: Measured | None = None,
+                  calibration: Calibration | None = None) -> Serving:
     """Plan, build, fetch, launch and verify, with their events up to the memory check (the ``ready`` event is
     :meth:`Serving.ready_event`, which :func:`run_serve` emits). The returned server runs until the caller stops it
     (``serving.server.stop()``); on failure nothing is left running."""
     t0 = time.monotonic()
     preflight(options)
     _emit(on_event, {"status": "planning", "model": model_ref})
-    plan = plan_serve(model_ref, hardware, wishes, measured)
+    plan = plan_serve(model_ref, hardware, wishes, measured, calibration)
     _emit(on_event, {"plan": plan.to_dict()})
 
     _emit(on_event, {"status": "building", "source": options.server_bin or options.source})
@@ -725,11 +767,18 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
         flags_args = plan.flags.to_args()
         observation = None
         try:
+            key = observation_key(fetched.model_path, flags_args)
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            points = observation_points(plan, hardware, reported, view, build, key, stamp) if reported.loaded else []
             observation = record_observation(check, model_path=fetched.model_path, flags_args=flags_args,
                                              command=server.command, candidate=candidate, build=build,
-                                             gpus=[g for g in hardware.local_gpus if g.index in gpu_indices])
-        except OSError as exc:
-            _emit(on_event, {"warning": f"could not write the observation: {exc}", "kind": "observation"})
+                                             gpus=[g for g in hardware.local_gpus if g.index in gpu_indices],
+                                             points=points)
+            from tuner.profile_store import ProfileStore  # the store is an edge: only once there is something to add
+
+            ProfileStore().add_points(points)
+        except (OSError, TunerError) as exc:
+            _emit(on_event, {"warning": f"could not record the observation: {exc}", "kind": "observation"})
         advice = spill_advice(args, candidate.layout.n_layer)
         return Serving(server, plan, build, fetched, alias, time.monotonic() - t0, ready_s, check, observation,
                        gpu_indices, advice, options.api_key)
@@ -741,7 +790,8 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
 def run_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, options: ServeOptions, *,
               on_event: EventFn | None = None, on_build_progress: BuildProgressFn | None = None,
               on_fetch_progress: FetchProgressFn | None = None,
-              nvml: NvmlApi | None = None, measured: Measured | None = None) -> None:
+              nvml: NvmlApi | None = None, measured: Measured | None = None,
+              calibration: Calibration | None = None) -> None:
     """:func:`start_serving`, the ``ready`` event, then watch until KeyboardInterrupt (Ctrl-C; the CLI maps SIGTERM
     to it too), then stop llama-server (SIGTERM, SIGKILL after the grace period). Returns normally after a requested
     stop, however soon after ``ready`` it comes; an interruption before that propagates (nothing is left running);
@@ -750,7 +800,7 @@ def run_serve(model_ref: str | None, hardware: Hardware, wishes: Wishes, options
     try:
         serving = start_serving(model_ref, hardware, wishes, options, on_event=on_event,
                                 on_build_progress=on_build_progress, on_fetch_progress=on_fetch_progress, nvml=nvml,
-                                measured=measured)
+                                measured=measured, calibration=calibration)
         _emit(on_event, serving.ready_event())
         watch = SpillWatch(serving.plan.budget.buffer_bytes, advice=serving.advice)
         watch_until_stopped(serving.server, watch, gpu_indices=serving.gpu_indices, nvml=nvml,

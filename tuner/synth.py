@@ -9,6 +9,11 @@ CPU. Two fillings:
   holds real data and can be split into shards;
 * ``fill="zeros"``: only the header is written and the file is extended to its full length, a sparse file: a
   20 GB-shaped model takes a few MB on disk and llama-server still loads it (zeros are valid for every ggml type).
+  ``random_roles`` (e.g. ``{"embd", "router"}``) writes random data into the tensors of those roles only: with
+  random token embeddings and routers the hidden state differs per token and the routers spread tokens over the
+  experts as a real model's do, while every other byte stays a hole (what ``tuner calibrate`` writes, see
+  :mod:`tuner.calibration`). Types gguf-py cannot quantize (the k-quants, i-quants) get random blocks whose f16
+  scales are set to a small finite value (:data:`BLOCK_SCALE_OFFSETS`, from ggml-common.h's block structs).
 
 Names and shapes come from the package's one shape table, :func:`tuner.shapes.tensor_shapes`, fed the metadata the
 file carries. The writer needs numpy and gguf, so nothing that plans or sizes a model imports this module: the tests
@@ -29,8 +34,8 @@ from gguf import quants as gguf_quants
 
 from tuner.cards import ModelCard
 from tuner.errors import TunerError
-from tuner.ggml import ggml_type, tensor_bytes
-from tuner.layout import HYBRID_ARCHS, recurrent_pattern
+from tuner.ggml import GgmlType, ggml_type, tensor_bytes
+from tuner.layout import HYBRID_ARCHS, ModelLayout, recurrent_pattern
 from tuner.shapes import MOE_ARCHS, TensorPlan, tensor_shapes
 
 CHATML_TEMPLATE = (
@@ -39,6 +44,15 @@ CHATML_TEMPLATE = (
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _MERGES = ("Ġ t", "h e", "i n", "Ġ a", "e r", "o n", "Ġt he", "r e", "a t", "e n")
+#: Byte offsets of the f16 scale fields inside one block of each block type (ggml/src/ggml-common.h:181-440): random
+#: bytes there could be inf or NaN, so a random block gets a small finite scale written over them.
+BLOCK_SCALE_OFFSETS: dict[str, tuple[int, ...]] = {
+    "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q8_0": (0,),
+    "q2_K": (80, 82), "q3_K": (108,), "q4_K": (0, 2), "q5_K": (0, 2), "q6_K": (208,),
+    "iq2_xxs": (0,), "iq2_xs": (0,), "iq2_s": (0,), "iq3_xxs": (0,), "iq3_s": (0,), "iq1_s": (0,),
+    "iq4_nl": (0,), "iq4_xs": (0,),
+}
+_RANDOM_BLOCK_SCALE = np.float16(2.0**-10)
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,7 @@ class SynthSpec:
                                                            "output": "f16"})
     fill: str = "random"
     seed: int = 0
+    random_roles: frozenset[str] = frozenset()  # fill="zeros": roles written with random data all the same
     extra_vocab: int = 0  # pad the vocabulary with this many unused tokens
     extra_merges: int = 0  # add this many never-applicable BPE merges (a real Qwen3.5 header has 247,587)
     chat_template: str | None = CHATML_TEMPLATE  # tokenizer.chat_template (None: the file carries none)
@@ -242,6 +257,42 @@ def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], type_name: 
         raise TunerError(f"cannot write a {t.name} tensor of shape {shape}: {exc}") from None
 
 
+def random_block_bytes(rng: np.random.Generator, t: GgmlType, n_elements: int) -> bytes:
+    """``n_elements`` of type ``t`` as random data: random floats for f32/f16/bf16, random blocks with a small finite
+    f16 scale (:data:`BLOCK_SCALE_OFFSETS`) for block types; TunerError for a type without an entry there."""
+    if t.name == "f32":
+        return rng.normal(0, 1, n_elements).astype(np.float32).tobytes()
+    if t.name == "f16":
+        return rng.normal(0, 1, n_elements).astype(np.float16).tobytes()
+    if t.name == "bf16":
+        return (rng.normal(0, 1, n_elements).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    offsets = BLOCK_SCALE_OFFSETS.get(t.name)
+    if offsets is None:
+        raise TunerError(f"cannot write random {t.name} data (no block layout known for it)")
+    n_blocks = n_elements // t.block_size
+    blocks = rng.integers(0, 256, (n_blocks, t.type_bytes), dtype=np.uint8)
+    scale = np.frombuffer(_RANDOM_BLOCK_SCALE.tobytes(), dtype=np.uint8)
+    for off in offsets:
+        blocks[:, off:off + 2] = scale
+    return blocks.tobytes()
+
+
+def _write_random_roles(path: Path, spec: SynthSpec, plan: TensorPlan, type_name: Callable[[str, str], str]) -> None:
+    """Random data into the tensors of ``spec.random_roles`` of a zero-filled file, in place."""
+    from tuner.gguf_file import read_gguf
+
+    header = read_gguf(path, use_cache=False)
+    data_start = header.header_bytes
+    roles = {name: role for name, _, role in plan}
+    rng = np.random.default_rng(spec.seed)
+    with open(path, "r+b") as fh:
+        for info in header.tensors:
+            if roles.get(info.name) not in spec.random_roles:
+                continue
+            fh.seek(data_start + info.offset)
+            fh.write(random_block_bytes(rng, ggml_type(type_name(info.name, roles[info.name])), info.n_elements))
+
+
 def write_synthetic_gguf(path: str | os.PathLike[str], spec: SynthSpec | None = None, *,
                          split_max_tensors: int = 0,
                          type_for: Callable[[str, str], str] | None = None,
@@ -282,6 +333,8 @@ def write_synthetic_gguf(path: str | os.PathLike[str], spec: SynthSpec | None = 
         data = sum(-(-tensor_bytes(ggml_type(type_name(n, r)), s) // align) * align for n, s, r in plan)
         with open(path, "r+b") as fh:
             fh.truncate(-(-header_end // align) * align + data)
+        if spec.random_roles:
+            _write_random_roles(path, spec, plan, type_name)
         return [path]
 
     rng = np.random.default_rng(spec.seed)
@@ -443,3 +496,44 @@ def write_synthetic_mmproj(path: str | os.PathLike[str], spec: MmprojSpec | None
     with open(path, "r+b") as fh:
         fh.truncate(-(-header_end // align) * align + sum(-(-n // align) * align for n in sizes))
     return path
+
+
+def spec_from_layout(layout: ModelLayout, **overrides: Any) -> SynthSpec:
+    """The :class:`SynthSpec` of a model's real shape, from its layout (a card's quant, a Hub or local header): same
+    architecture, widths, layer pattern, experts, MTP block and vocabulary size (padded with unused tokens), zero
+    filled. :func:`layout_type_for` gives the writer its tensor types. TunerError for a shape the writer cannot
+    express (per-layer head counts, an irregular attention pattern)."""
+    lay = layout
+    heads = {lay.n_head[i] for i in range(lay.n_layer)}
+    kv_heads = {lay.n_head_kv[i] for i in lay.attention_layers} or {lay.n_head_kv[0]}
+    if len(heads) > 1 or len(kv_heads) > 1:
+        raise TunerError(f"{lay.name}: per-layer head counts cannot be written as a synthetic model")
+    if lay.head_k != lay.head_v:
+        raise TunerError(f"{lay.name}: key and value heads of different sizes cannot be written as a synthetic model")
+    interval = 4
+    if lay.arch in HYBRID_ARCHS:
+        gaps = {b - a for a, b in zip((-1, *lay.attention_layers), lay.attention_layers, strict=False)}
+        if len(gaps) != 1:
+            raise TunerError(f"{lay.name}: an irregular attention pattern cannot be written as a synthetic model")
+        interval = gaps.pop()
+    base_tokens = len(vocabulary(SynthSpec())[0])
+    spec = SynthSpec(
+        arch=lay.arch, name=f"{lay.name} (sparse twin)", n_layer=lay.n_layer, n_embd=lay.n_embd,
+        n_head=heads.pop(), n_head_kv=kv_heads.pop(), head_dim=lay.head_k, full_attention_interval=interval,
+        n_expert=lay.n_expert, n_expert_used=lay.n_expert_used, n_ff_exp=lay.n_ff_exp, n_ff_shexp=lay.n_ff_shexp,
+        n_ff=lay.n_ff, ssm_d_conv=lay.ssm_d_conv, ssm_d_state=lay.ssm_d_state, ssm_n_group=lay.ssm_n_group,
+        ssm_dt_rank=lay.ssm_dt_rank, n_ctx_train=lay.n_ctx_train, mtp=lay.has_mtp,
+        tie_embeddings=lay.tied_embeddings, fill="zeros", extra_vocab=max(lay.n_vocab - base_tokens, 0))
+    return replace(spec, **overrides)
+
+
+def layout_type_for(layout: ModelLayout) -> Callable[[str, str], str]:
+    """A ``type_for`` for :func:`write_synthetic_gguf` that gives every tensor the type it has in ``layout`` (1-D
+    tensors and any the layout lacks keep the writer's defaults)."""
+    types = {t.name: t.ggml_type.name for t in layout.tensors}
+    defaults = SynthSpec()
+
+    def type_for(name: str, role: str) -> str:
+        return types.get(name) or _role_type(defaults, role)
+
+    return type_for

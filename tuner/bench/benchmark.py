@@ -26,7 +26,7 @@ from tuner.build import obtain_build
 from tuner.errors import TunerError
 from tuner.fetch import fetch_candidate
 from tuner.flags import FLAGS, SPEC_MTP, flag_value
-from tuner.hardware import Hardware, hardware_for, rpc_endpoints
+from tuner.hardware import Hardware, HostSpec, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import resolve_candidates
 from tuner.planner import Plan, Wishes, budget_for, plan_for
@@ -76,11 +76,12 @@ class BenchReport:
     profile: dict[str, Any] | None
 
 
-def bench_hardware(gpu: str | None, vram: str | None) -> Hardware:
-    """The hardware measured: this machine's (``--vram`` may lower what the plan counts on), or its CPU alone."""
+def bench_hardware(gpu: str | None, vram: str | None, host: HostSpec | None = None) -> Hardware:
+    """The hardware measured: this machine's (``--vram`` and ``host``, from ``--ram`` …, may change what the plan
+    counts on), or its CPU alone."""
     if gpu is not None and gpu.strip().lower() not in ("none", "cpu"):
         raise TunerError(f"--gpu {gpu}: tuner bench measures this machine; --gpu takes only 'none' (CPU only)")
-    return hardware_for(gpu, vram)
+    return hardware_for(gpu, vram, host=host)
 
 
 def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *, need_plan: bool,

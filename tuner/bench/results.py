@@ -19,7 +19,7 @@ from typing import Any
 from tuner.bench.flagsets import FlagSet, slug, uses_fit
 from tuner.bench.measure import BenchConfig
 from tuner.bench.run import BenchRun
-from tuner.bench.stats import SetResult, verdict
+from tuner.bench.stats import SetResult, predicted_ratios, verdict
 from tuner.bench.tune import TuneResult
 from tuner.errors import TunerError
 from tuner.flags import ServerFlags
@@ -145,15 +145,25 @@ def bench_document(run: BenchRun, *, model_path: str | os.PathLike[str], layout:
                    build: Any, objective: str = "both", model_identity: dict[str, Any] | None = None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results file of a plain benchmark (:mod:`tuner.profile_store` learns from it)."""
+    head = _document_head("bench", model_path, layout, hardware, build, model_identity, run.config, run.launches,
+                          run.results, run.samples)
     return {
-        **_document_head("bench", model_path, layout, hardware, build, model_identity, run.config, run.launches,
-                         run.results, run.samples),
+        **head,
         "mode": run.mode,
         "mode_reason": run.mode_reason,
-        "verdict": verdict(run.results, objective),
+        "verdict": with_predictions(verdict(run.results, objective), head["results"]),
         "notes": list(run.notes),
         **(extra or {}),
     }
+
+
+def with_predictions(found: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The verdict's comparisons with :mod:`tuner.speed`'s predicted ratio beside each measured one, by depth."""
+    for comp in found.get("comparisons", []):
+        pred = predicted_ratios(rows, comp["set"], comp["reference"])
+        for row in comp["by_depth"]:
+            row["predicted"] = pred.get(row["depth"])
+    return found
 
 
 def tune_document(result: TuneResult, *, model_path: str | os.PathLike[str], layout: ModelLayout,
@@ -164,9 +174,11 @@ def tune_document(result: TuneResult, *, model_path: str | os.PathLike[str], lay
         results.append(result.plan)
     if result.defaults is not None:
         results.append(result.defaults)
-    return {
-        **_document_head("tune", model_path, layout, hardware, build, model_identity,
-                         replace(cfg, depths=(result.depth,)), result.launches, results, result.samples),
+    verdict_depths = sorted({d.depth for r in results for d in r.by_depth}) or [result.depth]
+    head = _document_head("tune", model_path, layout, hardware, build, model_identity,
+                          replace(cfg, depths=tuple(verdict_depths)), result.launches, results, result.samples)
+    document = {
+        **head,
         "tune": {
             "depth": result.depth,
             "objective": result.objective,
@@ -181,9 +193,12 @@ def tune_document(result: TuneResult, *, model_path: str | os.PathLike[str], lay
             "winner_args": list(result.winner.fs.args),
             "ratio_to_plan": result.ratio(result.plan),
             "ratio_to_defaults": result.ratio(result.defaults),
+            "comparisons": result.comparisons(),
             "ref_depth": result.winner.ref_depth,
             "search_best": result.search_best,
         },
         "notes": list(result.notes),
         **(extra or {}),
     }
+    with_predictions(document["verdict"], head["results"])
+    return document

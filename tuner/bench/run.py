@@ -1,13 +1,14 @@
 """A plain benchmark: flag sets measured side by side, interleaved A B A B … at every depth.
 
-How sets are interleaved: the runs go A B A B … (for each depth, for each repeat, every set once), so drift —
-thermal, clocks, the page cache, other load — hits every set alike. That needs every set's server up at once:
+How sets are interleaved: the runs go A B, B A, A B … (for each depth, for each repeat, every set once, the order
+rotated every repeat: :func:`rotated`), so drift — thermal, clocks, the page cache, other load — hits every set
+alike, and no set always runs right after another. That needs every set's server up at once:
 
 * ``together`` (used when the sum of the sets' estimates fits the budget, with mmap'd weights counted once on the
   CPU since the page cache shares them): all servers stay up; an idle llama-server costs memory, not compute.
 * ``cycle`` (otherwise, and always on GPUs when a set relies on ``--fit``, which sizes itself to the memory free
   at launch, so another server beside it would change what it picks): one server at a time, relaunched for
-  every repeat (repeat → set → depths), so the order is still A B A B at the cost of sets × repeats launches.
+  every repeat (repeat → set → depths, rotated likewise), at the cost of sets × repeats launches.
 
 Nothing here prints: progress goes to ``on_progress(line)``; failures are :class:`~tuner.errors.TunerError`.
 """
@@ -18,6 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tuner.bench.flagsets import FlagSet, check_unique_names
 from tuner.bench.measure import BenchConfig, Sample, capacity_ok, measure_once, ready
@@ -46,6 +48,17 @@ class BenchRun:
             if r.fs.name == name:
                 return r
         raise KeyError(name)
+
+
+_T = TypeVar("_T")
+
+
+def rotated(items: Sequence[_T], rep: int) -> list[_T]:
+    """``items`` in the order of repeat ``rep``: A B C, then B C A, C A B …, so that every set runs first, second …
+    equally often and no set always follows another (a server that just finished still has threads spinning for
+    work, ggml-cpu.c: ggml_graph_compute_poll_for_work, and warms the caches for itself, not for the next)."""
+    k = rep % len(items) if items else 0
+    return [*items[k:], *items[:k]]
 
 
 def run_bench(model_path: str | os.PathLike[str], sets: Sequence[FlagSet], cfg: BenchConfig, *,
@@ -86,11 +99,11 @@ def run_bench(model_path: str | os.PathLike[str], sets: Sequence[FlagSet], cfg: 
             lives = [ready(pool, prompts, cfg, fs) for fs in sets]
             for di, depth in enumerate(cfg.depths):
                 for rep in range(cfg.repeat):
-                    for live in lives:
+                    for live in rotated(lives, rep):
                         one(live, depth, rep, di)
         else:
             for rep in range(cfg.repeat):
-                for fs in sets:
+                for fs in rotated(sets, rep):
                     live = ready(pool, prompts, cfg, fs)
                     for di, depth in enumerate(cfg.depths):
                         one(live, depth, rep, di)

@@ -175,8 +175,80 @@ def score_of(samples: Sequence[Sample], objective: str) -> float:
                  objective)
 
 
+METRICS = ("tg", "pp")
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """One set against a reference at one depth, for one metric: the ratio of their medians, and the spread of the
+    ratios of the runs taken back to back (same depth, same repeat: drift hits both alike)."""
+
+    ratio: float | None  # median / reference median
+    paired: Stats  # the per-repeat ratios
+    wins: int  # repeats in which the set was faster
+    noise: float  # the reference's own spread, (max - min) / median at this depth
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "paired": asdict(self.paired), "wins": self.wins, "n": self.paired.n,
+                "noise": self.noise}
+
+    @property
+    def slower(self) -> bool:
+        """Slower beyond doubt: the ratio of medians under 1 and the set slower in most paired repeats."""
+        return self.ratio is not None and self.ratio < 1.0 and 2 * self.wins < self.paired.n
+
+
+def _metric(s: Sample, metric: str) -> float:
+    return s.tg_tok_s if metric == "tg" else s.pp_tok_s
+
+
+def ratio_at(result: SetResult, reference: SetResult, depth: int, metric: str) -> Ratio | None:
+    """``result`` against ``reference`` at ``depth`` (None when either has no run there)."""
+    mine, ref = result.at(depth), reference.at(depth)
+    if mine is None or ref is None:
+        return None
+    m, r = (getattr(x, metric).median for x in (mine, ref))
+    ref_runs = {s.repeat: _metric(s, metric) for s in reference.samples if s.depth == depth}
+    pairs = [(_metric(s, metric), ref_runs[s.repeat]) for s in result.samples
+             if s.depth == depth and ref_runs.get(s.repeat)]
+    spread = getattr(ref, metric)
+    return Ratio(round(m / r, 3) if r else None, Stats.of(a / b for a, b in pairs), sum(a > b for a, b in pairs),
+                 round((spread.max - spread.min) / spread.median, 3) if spread.median else 0.0)
+
+
+def ratios_by_depth(result: SetResult, reference: SetResult) -> dict[int, dict[str, Ratio]]:
+    """:func:`ratio_at` at every depth both sets measured, for tg and pp."""
+    depths = sorted({d.depth for d in result.by_depth} & {d.depth for d in reference.by_depth})
+    out: dict[int, dict[str, Ratio]] = {}
+    for depth in depths:
+        got = {m: ratio_at(result, reference, depth, m) for m in METRICS}
+        out[depth] = {m: r for m, r in got.items() if r is not None}
+    return out
+
+
+def comparison(result: SetResult, reference: SetResult) -> dict[str, Any]:
+    """``result`` against ``reference`` at every depth, the worst depth per metric, and whether it is at least as
+    fast everywhere: its median at least the reference's (``at_least``), and never slower beyond doubt (``not_slower``:
+    a lower median that most paired repeats confirm; a lower median within the noise of paired runs that
+    disagree is not)."""
+    by_depth = ratios_by_depth(result, reference)
+    worst: dict[str, Any] = {}
+    for m in METRICS:
+        at = [(d, r[m]) for d, r in by_depth.items() if m in r and r[m].ratio is not None]
+        if at:
+            d, r = min(at, key=lambda x: x[1].ratio or 0.0)
+            worst[m] = {"ratio": r.ratio, "depth": d, "paired_min": r.paired.min, "paired_max": r.paired.max}
+    every = [r for rs in by_depth.values() for r in rs.values()]
+    return {"set": result.fs.name, "reference": reference.fs.name,
+            "by_depth": [{"depth": d, **{m: r.to_dict() for m, r in rs.items()}} for d, rs in by_depth.items()],
+            "worst": worst,
+            "at_least": bool(every) and all(r.ratio is not None and r.ratio >= 1.0 for r in every),
+            "not_slower": bool(every) and not any(r.slower for r in every)}
+
+
 def verdict(results: Sequence[SetResult], objective: str = "both") -> dict[str, Any]:
-    """Which set won at the reference depth, and every set's ratio to the first one (the reference set)."""
+    """Which set won at the reference depth, every set's ratio to the first one (the reference set) there, and
+    every other set against the reference at every depth with the spread (:func:`comparison`)."""
     if not results:
         return {}
     ranked = sorted(results, key=lambda r: -score(r.tg_tok_s, r.pp_tok_s, objective))
@@ -187,4 +259,18 @@ def verdict(results: Sequence[SetResult], objective: str = "both") -> dict[str, 
                              "pp": round(r.pp_tok_s / ref.pp_tok_s, 3) if ref.pp_tok_s else None}
     return {"objective": objective, "winner": ranked[0].fs.name, "ref_depth": results[0].ref_depth,
             "reference_set": ref.fs.name, "ratios_to_reference": ratios,
-            "ranking": [r.fs.name for r in ranked]}
+            "ranking": [r.fs.name for r in ranked],
+            "comparisons": [comparison(r, ref) for r in results[1:]]}
+
+
+def predicted_ratios(rows: Sequence[dict[str, Any]], name: str, reference: str) -> dict[int, dict[str, float]]:
+    """From the results rows' roofline predictions (:func:`tuner.bench.results.result_rows`): ``name``'s predicted
+    tg and pp over ``reference``'s, by depth (only where both have a prediction)."""
+    pred = {r["name"]: {x["depth"]: x for x in r.get("roofline", [])} for r in rows}
+    mine, ref = pred.get(name, {}), pred.get(reference, {})
+    out = {}
+    for depth in sorted(set(mine) & set(ref)):
+        a, b = mine[depth], ref[depth]
+        out[depth] = {m: round(a[f"{m}_predicted_tok_s"] / b[f"{m}_predicted_tok_s"], 3)
+                      for m in METRICS if b[f"{m}_predicted_tok_s"]}
+    return out

@@ -12,8 +12,10 @@ context per slot less the room a measurement needs), never at an empty context:
 * servers stay in a pool: the incumbent (and the plan, if memory allows) stay up between rounds, so a
   configuration is launched once; launches ≈ 1 + Σ (values − 1) + 1 for the baseline, against the grid's Π values;
 * a last **verdict** round measures llama-server's defaults (only the model and ``--fit on``), the plan and the
-  search's best side by side; the ratios come from that round alone, and if the best is not faster than the plan
-  there (median and most paired runs) the plan stays the winner.
+  search's best side by side, at every ``--depths`` depth up to the tuning depth and at that depth; the ratios come
+  from that round alone (every depth, with the spread of the paired runs:
+  :func:`tuner.bench.stats.comparison`), and if the best is not faster than the plan at the tuning depth (median
+  and most paired runs) the plan stays the winner.
 
 When a round's servers do not fit side by side (large models on one GPU), its members run one after another,
 each launched once for all its repeats; drift is then bounded only by re-measuring the incumbent every round.
@@ -35,11 +37,12 @@ from tuner.bench.flagsets import DEFAULTS_NAME, FIT_OFF_ARGS, PLAN_NAME, FlagSet
 from tuner.bench.measure import BenchConfig, Sample, capacity_ok, max_depth, measure_once, ready
 from tuner.bench.memory import decide_together, default_budget, estimate_for, fit_problem
 from tuner.bench.prompts import PromptSource
+from tuner.bench.run import rotated
 from tuner.bench.servers import Launch, ProgressFn, ServerPool
-from tuner.bench.stats import OBJECTIVES, SetResult, score_of, summarize
+from tuner.bench.stats import OBJECTIVES, SetResult, comparison, score_of, summarize
 from tuner.errors import TunerError
 from tuner.estimate import MemoryEstimate
-from tuner.flags import FLAGS, SPEC_MTP, ServerFlags
+from tuner.flags import FLAGS, SPEC_MTP, Occurrence, ServerFlags, scan
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout
 from tuner.planner import Budget
@@ -213,11 +216,34 @@ class TuneResult:
     notes: tuple[str, ...] = ()
     search_best: str = ""  # what the descent ended on; ``winner`` is the plan when the verdict did not confirm it
 
+    def comparisons(self) -> list[dict[str, Any]]:
+        """The verdict round at every depth it measured (:func:`tuner.bench.stats.comparison`): the winner, and the
+        plan when it is not the winner, against llama-server's defaults; the winner against the plan."""
+        out = []
+        if self.defaults is not None:
+            out.append(comparison(self.winner, self.defaults))
+            if self.plan.fs.name != self.winner.fs.name:
+                out.append(comparison(self.plan, self.defaults))
+        if self.plan.fs.name != self.winner.fs.name:
+            out.append(comparison(self.winner, self.plan))
+        return out
+
     def ratio(self, other: SetResult | None) -> dict[str, float] | None:
         if other is None or not other.tg_tok_s or not other.pp_tok_s:
             return None
         return {"tg": round(self.winner.tg_tok_s / other.tg_tok_s, 3),
                 "pp": round(self.winner.pp_tok_s / other.pp_tok_s, 3)}
+
+
+def _threads_apart(extra: Sequence[str]) -> tuple[int | None, tuple[str, ...]]:
+    """A plan's extra arguments as (its ``--threads``, the rest): the thread count is a tuning dimension."""
+    found = scan(extra)
+    threads = [occ for occ in found if isinstance(occ, Occurrence) and occ.row.key == "threads"]
+    if not threads:
+        return None, tuple(extra)
+    rest = [t for occ in found if not (isinstance(occ, Occurrence) and occ.row.key == "threads")
+            for t in ((occ,) if isinstance(occ, str) else occ.tokens)]
+    return int(threads[-1].value()), tuple(rest)
 
 
 def run_tune(model_path: str | os.PathLike[str], plan_flags: ServerFlags, cfg: BenchConfig, *,
@@ -235,7 +261,8 @@ def run_tune(model_path: str | os.PathLike[str], plan_flags: ServerFlags, cfg: B
     """
     if objective not in OBJECTIVES:
         raise TunerError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    base = TuneConfig(plan_flags, fixed=tuple(plan_extra), draft_model=str(draft_model) if draft_model else None)
+    threads, fixed = _threads_apart(plan_extra)
+    base = TuneConfig(plan_flags, threads=threads, fixed=fixed, draft_model=str(draft_model) if draft_model else None)
     search = _Search(model_path, base, cfg, server_bin=server_bin,
                      layout=layout, hardware=hardware, budget=budget or default_budget(hardware),
                      objective=objective, log_dir=log_dir, on_progress=on_progress)
@@ -290,7 +317,8 @@ def run_tune(model_path: str | os.PathLike[str], plan_flags: ServerFlags, cfg: B
             final.append(search.flagset(incumbent))
         if include_defaults:
             final.insert(0, defaults_set())
-        search.round(final, keep={fs.name for fs in final}, label="verdict")
+        verdict_depths = sorted({d for d in cfg.depths if d <= depth} | {depth})
+        search.round(final, keep={fs.name for fs in final}, label="verdict", depths=verdict_depths)
         if not any(t.config == search.base and t.fits for t in search.trials):
             search.trials.append(search.trial(search.base, "plan"))
         final_round = search.round_no - 1
@@ -367,23 +395,28 @@ class _Search:
         est = self.estimate(c) if c is not None else None
         return est or estimate_for(self.layout, fs, self.hardware)
 
-    def _measure(self, fs: FlagSet, rep: int, label: str) -> None:
+    def _measure(self, fs: FlagSet, rep: int, label: str, depth: int | None = None) -> None:
         live = ready(self.pool, self.prompts, self.cfg, fs)
-        d = self.depth if capacity_ok(live, self.depth, self.cfg) else max_depth(live, self.cfg)
-        if d != self.depth and not any(s.set_name == fs.name for s in self.samples):
-            self.notes.append(f"{fs.name}: measured at depth {d}; its context cannot hold {self.depth}")
+        want = self.depth if depth is None else depth
+        d = want if capacity_ok(live, want, self.cfg) else max_depth(live, self.cfg)
+        if d != want and not any(s.set_name == fs.name and s.depth == d for s in self.samples):
+            self.notes.append(f"{fs.name}: measured at depth {d}; its context cannot hold {want}")
         s = measure_once(live, self.prompts, self.cfg, depth=d, repeat=rep, seq=len(self.samples),
-                         key=("tune", self.round_no, rep), round_no=self.round_no)
+                         key=("tune", self.round_no, rep, d), round_no=self.round_no)
         self.samples.append(s)
         self.say(f"[{label}] {fs.name} #{rep + 1}: pp {s.pp_tok_s:.1f} tok/s, tg {s.tg_tok_s:.1f} tok/s")
 
-    def round(self, members: list[FlagSet], *, keep: set[str], label: str) -> dict[str, int]:
-        """Measure ``members``; return the ones successive halving dropped (name → repeats they got).
+    def round(self, members: list[FlagSet], *, keep: set[str], label: str,
+              depths: Sequence[int] | None = None) -> dict[str, int]:
+        """Measure ``members`` (at the search's depth, or at each of ``depths``); return the ones successive halving
+        dropped (name → repeats they got).
 
-        When their servers fit side by side, repeats are interleaved and after each one the slower half is
-        dropped (never a member of ``keep``) and stopped. Otherwise each member runs alone, launched once for all
-        its repeats. Servers still up stay up: the caller stops the losers (:meth:`settle`).
+        When their servers fit side by side, repeats are interleaved, the order rotated every repeat
+        (:func:`tuner.bench.run.rotated`), and after each one the slower half is dropped (never a member of
+        ``keep``) and stopped. Otherwise each member runs alone, launched once for all its repeats. Servers still
+        up stay up: the caller stops the losers (:meth:`settle`).
         """
+        at = tuple(depths) if depths else (self.depth,)
         together = self._fit_together(members)
         member_names = {fs.name for fs in members}
         idle: list[FlagSet] = []
@@ -398,8 +431,9 @@ class _Search:
         if together:
             alive = list(members)
             for rep in range(self.cfg.repeat):
-                for fs in alive:
-                    self._measure(fs, rep, label)
+                for depth in at:
+                    for fs in rotated(alive, rep):
+                        self._measure(fs, rep, label, depth)
                 if rep + 1 < self.cfg.repeat and len(alive) > 2:
                     ranked = sorted(alive, key=lambda x: -self._round_score(x.name))
                     survivors = {fs.name for fs in ranked[: max(2, math.ceil(len(alive) / 2))]} | keep
@@ -411,7 +445,8 @@ class _Search:
         else:
             for fs in members:
                 for rep in range(self.cfg.repeat):
-                    self._measure(fs, rep, label)
+                    for depth in at:
+                        self._measure(fs, rep, label, depth)
                 self.pool.down(fs.name)
         for fs in members:
             c = self._configs.get(fs.name)
@@ -434,9 +469,12 @@ class _Search:
         """Over the last round's interleaved repeats: the challenger's median score gain over the incumbent, and
         in how many of the paired repeats it was faster (drift hits both members of a pair alike)."""
         rn = self.round_no - 1
+        names = {self.name(incumbent), self.name(challenger)}
+        last = [s for s in self.samples if s.round == rn and s.set_name in names]
+        deepest = max((s.depth for s in last), default=0)  # the verdict round also measures shallower depths
         by_rep: dict[str, dict[int, Sample]] = {}
-        for s in self.samples:
-            if s.round == rn:
+        for s in last:
+            if s.depth == deepest:
                 by_rep.setdefault(s.set_name, {})[s.repeat] = s
         inc, ch = by_rep.get(self.name(incumbent), {}), by_rep.get(self.name(challenger), {})
         reps = sorted(set(inc) & set(ch))
@@ -455,6 +493,8 @@ class _Search:
     def trial(self, c: TuneConfig, dim: str, dropped_after: int | None = None) -> Trial:
         name = self.name(c)
         mine = [s for s in self.samples if s.set_name == name and s.round == self.round_no - 1]
+        deepest = max((s.depth for s in mine), default=0)  # the verdict round measures shallower depths too
+        mine = [s for s in mine if s.depth == deepest]
         return Trial(name, c, self.round_no - 1, dim, True, "", round(score_of(mine, self.objective), 3),
                      round(statistics.median(s.pp_tok_s for s in mine), 3) if mine else 0.0,
                      round(statistics.median(s.tg_tok_s for s in mine), 3) if mine else 0.0,

@@ -59,6 +59,7 @@ COMMANDS: dict[str, str] = {
     "serve": "tuner.cli.serve",
     "worker": "tuner.cli.worker",
     "bench": "tuner.cli.bench",
+    "calibrate": "tuner.cli.calibrate",
     "profile": "tuner.cli.profile",
     "hardware": "tuner.cli.hardware",
 }

@@ -44,6 +44,17 @@ GpuOpt = Annotated[str | None, typer.Option(
 VramOpt = Annotated[str | None, typer.Option("--vram", help="Override GPU memory, e.g. 16G.")]
 ServerBinOpt = Annotated[str | None, typer.Option("--server-bin", help="Use this llama-server binary.")]
 
+# A host you don't own (tuner.hardware.HostSpec): with a catalog --gpu, what is not given is assumed (64 GiB, 8 cores).
+RamOpt = Annotated[str | None, typer.Option(
+    "--ram", help="Plan for a host with this much RAM installed, e.g. 64G (4 GiB of it kept for the OS). Default: "
+                  "this machine's; with a catalog --gpu, a desktop built for it (64 GiB or more).",
+    show_default=False)]
+RamBandwidthOpt = Annotated[float | None, typer.Option(
+    "--ram-bandwidth", min=0.1, help="Host RAM bandwidth in GB/s (default: assumed from the cores: 50, or 100 past 16 "
+                                     "cores).", show_default=False)]
+CpuCoresOpt = Annotated[int | None, typer.Option("--cpu-cores", min=1, help="Host physical CPU cores.",
+                                                 show_default=False)]
+
 # llama-server's own flags (tuner estimate; the planner's wishes below reuse ctx_size and parallel): names, help and
 # defaults come from tuner.flags, the one table of llama-server's flags (tests/test_flags.py holds these to it).
 CtxSizeOpt = Annotated[int, server_option("ctx_size")]
@@ -90,12 +101,16 @@ CudaOpt = Annotated[bool | None, typer.Option(
 # Planner wishes (recommend, serve, bench): what the user asks for; the planner decides the rest. The defaults in the
 # help texts are tuner.planner's (not imported here: every command loads this module); a test keeps them equal.
 PlanCtxOpt = Annotated[int | None, server_option(
-    "ctx_size", help="Context per slot (default: the largest that fits, at least 32768 if it can).",
+    "ctx_size", help="Context per slot (default: the largest that fits, at least 65536 if it can; 32768 with "
+                     "--prefer speed or quality).",
     show_default=False)]
 PlanParallelOpt = Annotated[int, server_option("parallel", help="Slots (concurrent requests).")]
-PREFER_CHOICES = ("speed", "quality", "context")  # tuner.planner.PREFERENCES (a test keeps them equal)
-PreferOpt = Annotated[str, typer.Option("--prefer", metavar=f"[{'|'.join(PREFER_CHOICES)}]",
-                                        help="What to favour: speed, quality or context.")]
+PREFER_CHOICES = ("balanced", "speed", "quality", "context")  # tuner.planner.PREFERENCES (a test keeps them equal)
+DEFAULT_PREFER = PREFER_CHOICES[0]
+PreferOpt = Annotated[str, typer.Option(
+    "--prefer", metavar=f"[{'|'.join(PREFER_CHOICES)}]",
+    help="What to favour. balanced (default): Q4_K_M-class quality and 65536 tokens per slot where they fit, then "
+         "more context and a better quant within 10% of the fastest such plan; speed; quality; context.")]
 VisionOpt = Annotated[bool, typer.Option("--vision/--no-vision", help="Load the vision projector (mmproj).")]
 BufferOpt = Annotated[str | None, typer.Option(
     "--buffer", help="Memory to keep free on each GPU, e.g. 1.5G (default 1.25G; RAM when CPU only: 1G).",

@@ -2,7 +2,7 @@
 
 Each ``--set NAME=FLAGS`` is a llama-server flag string. Without ``--set`` the planner's plan is compared with
 llama-server's defaults (only the model, ``--fit on``). Every set gets its own server (all up at once when memory
-allows, so the runs interleave A B A B …), is warmed up, and at every ``--depths`` context depth measures prompt
+allows, so the runs interleave A B, B A …), is warmed up, and at every ``--depths`` context depth measures prompt
 processing of fresh tokens and the generation of ``--gen-tokens`` tokens, from the server's own timings. ``--tune``
 searches around the plan instead (coordinate descent; see :mod:`tuner.bench.tune`) and reports the winner against
 the plan and the defaults. The work is :func:`tuner.bench.run_benchmark`; this module parses and prints.
@@ -37,6 +37,7 @@ from rich.text import Text
 from tuner import bench as b
 from tuner.cli import _options as o
 from tuner.cli._output import emit, err_console
+from tuner.hardware import HostSpec
 
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="NAME=FLAGS: a named llama-server flag set to measure (repeatable). Default: the plan and "
@@ -78,6 +79,33 @@ def compact_results(document: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _fmt(stats: dict[str, Any]) -> str:
     return f"{stats['median']:,.1f} ({stats['min']:,.1f}–{stats['max']:,.1f})"
+
+
+def _ratio_cell(r: dict[str, Any] | None) -> str:
+    if not r or r["ratio"] is None:
+        return "-"
+    p = r["paired"]
+    return f"×{r['ratio']:.2f} ({p['min']:.2f}–{p['max']:.2f}, {r['wins']}/{r['n']})"
+
+
+def render_comparison(console: Console, comp: dict[str, Any]) -> None:
+    """One set against another at every depth: ratio of medians, the paired runs' min–max and wins, predicted."""
+    table = Table(title=f"{comp['set']} vs {comp['reference']}: ratio of medians (paired runs min–max, "
+                        f"{comp['set']} faster in k/n)", title_justify="left")
+    for col in ("depth", "tg", "pp", "predicted tg / pp"):
+        table.add_column(col, justify="right")
+    for row in comp["by_depth"]:
+        pred = row.get("predicted")
+        table.add_row(str(row["depth"]), _ratio_cell(row.get("tg")), _ratio_cell(row.get("pp")),
+                      f"×{pred.get('tg', 0):.2f} / ×{pred.get('pp', 0):.2f}" if pred else "-")
+    console.print(table)
+    worst = comp["worst"]
+    console.print(f"{comp['set']} vs {comp['reference']}: "
+                  + ("at least as fast at every depth" if comp["at_least"] else
+                     "not slower beyond the noise at any depth" if comp["not_slower"] else
+                     "[bold]slower[/bold] at some depth")
+                  + "; worst " + ", ".join(f"{m} ×{w['ratio']:.2f} at {w['depth']}" for m, w in worst.items()),
+                  highlight=False)
 
 
 def render_bench(console: Console, result: dict[str, Any]) -> None:
@@ -132,6 +160,8 @@ def render_bench(console: Console, result: dict[str, Any]) -> None:
         for name, ratio in verdict["ratios_to_reference"].items():
             if name != verdict["reference_set"] and ratio["tg"] is not None:
                 console.print(f"  {name} vs {verdict['reference_set']}: tg ×{ratio['tg']:.2f}, pp ×{ratio['pp']:.2f}")
+    for comp in verdict.get("comparisons", []):
+        render_comparison(console, comp)
     for note in result.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     # paths and the install hint as they are: rich would take "[plot]" (or a "[...]" in a path) for markup
@@ -160,13 +190,16 @@ def register(app: typer.Typer) -> None:
         server_bin: o.ServerBinOpt = None,
         ctx_size: o.PlanCtxOpt = None,
         parallel: o.PlanParallelOpt = 1,
-        prefer: o.PreferOpt = "speed",
+        prefer: o.PreferOpt = o.DEFAULT_PREFER,
         buffer: o.BufferOpt = None,
         quant: o.QuantOpt = None,
         cache_type: o.CacheTypeOpt = None,
         allow_yarn: o.AllowYarnOpt = False,
         gpu: BenchGpuOpt = None,
         vram: o.VramOpt = None,
+        ram: o.RamOpt = None,
+        ram_bandwidth: o.RamBandwidthOpt = None,
+        cpu_cores: o.CpuCoresOpt = None,
         rpc: o.PlanRpcOpt = None,
         rpc_gpu: o.RpcGpuOpt = None,
         link_gbit: o.LinkGbitOpt = None,
@@ -195,7 +228,8 @@ def register(app: typer.Typer) -> None:
             raise TunerError("--rpc-gpu alone plans workers that are not running; tuner bench measures: give --rpc "
                              "HOST:PORT of running ones (tuner worker)")
         build_progress = BuildProgress(err_console)
-        hardware = cluster_hardware(b.bench_hardware(gpu, vram), rpc=rpc, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
+        hardware = cluster_hardware(b.bench_hardware(gpu, vram, HostSpec.from_options(ram, ram_bandwidth, cpu_cores)),
+                                    rpc=rpc, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
                                     link_rtt_ms=link_rtt_ms, server_bin=server_bin, on_build_progress=build_progress)
 
         def say(line: str) -> None:

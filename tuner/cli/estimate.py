@@ -10,13 +10,15 @@ Examples:
     tuner estimate model.gguf --mmproj mmproj-F16.gguf --no-mmproj-offload    # the vision projector on the CPU
     tuner estimate model.gguf --rpc 192.168.1.20:50052   # layers on an RPC worker's devices too
 
+What this machine observed (``tuner serve``'s load logs, ``tuner calibrate``) corrects the compute buffers and the
+predicted speeds (:func:`tuner.corrections.corrected_estimate`); the output says "calibrated by N runs" when it did.
+
 The JSON's ``health`` lists what :mod:`tuner.health` finds beyond memory: a stale chat template, an MTP head the
 file lacks and where one is, a vision projector left out.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Annotated, Any
 
 import typer
@@ -27,13 +29,14 @@ from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
 from tuner.cli._output import emit, memory_table, render_health, text
 from tuner.cli.hardware import hardware_dict, network_line
+from tuner.cli.profile import calibration_for
+from tuner.corrections import Calibration, corrected_estimate, shape_id
 from tuner.errors import TunerError
 from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.gguf_file import read_gguf
-from tuner.hardware import GB, Hardware, gpu_split, hardware_for, rpc_endpoints
+from tuner.hardware import Hardware, HostSpec, gpu_split, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import local_layout, resolve_candidate
-from tuner.planner import estimate_on
 from tuner.rpc import cluster_hardware
 from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
@@ -41,19 +44,17 @@ from tuner.vision import Projector, projector_from_header
 
 
 def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
-                    depth_tokens: int = PLANNING_DEPTH_TOKENS, *, draft: ModelLayout | None = None,
+                    depth_tokens: int = PLANNING_DEPTH_TOKENS,
+                    calibration: Calibration | None = None, *, draft: ModelLayout | None = None,
                     vision: Projector | None = None, mmproj_offload: bool = True,
                     health: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    if draft is None and vision is None and mmproj_offload:
-        est = estimate_on(layout, flags, hardware)
-    else:
-        from tuner.estimate import estimate_memory
-
-        est = estimate_memory(layout, flags, [g.llama_name for g in hardware.gpus], gpu_split(hardware),
-                              draft=draft, vision=vision, mmproj_offload=mmproj_offload)
+    est = corrected_estimate(layout, flags, hardware, calibration, draft=draft, vision=vision,
+                             mmproj_offload=mmproj_offload)
     result: dict[str, Any] = {"model": layout.source or layout.name, "arch": layout.arch, **est.to_dict()}
-    pred = predict_on(layout, flags.with_(spec_type=None) if flags.spec_type else flags, hardware,
-                      depth_tokens=depth_tokens)
+    plain = flags.with_(spec_type=None) if flags.spec_type else flags  # MTP scales the plain prediction
+    pred = predict_on(layout, plain, hardware, depth_tokens=depth_tokens)
+    if calibration:
+        pred = calibration.rescale(pred, layout, plain, hardware)
     if flags.spec_type == SPEC_MTP:
         from tuner.mtp import predict_mtp
 
@@ -65,6 +66,8 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
         result["notes"] = [*result["notes"], *(n for n in pred.notes if n.startswith("MTP"))]
     if pred.network is not None:
         result["predicted"]["network"] = pred.network.to_dict()
+    result["calibration"] = ({"line": calibration.describe(hardware),
+                              **calibration.summary(hardware, shape_id(layout), est.n_ubatch)} if calibration else None)
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
     result["hardware"] = hardware_dict(hardware)
@@ -83,11 +86,14 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
                   f"{' unified' if ctx['kv_unified'] else ''}, flash-attn {'on' if ctx['flash_attn'] else 'off'},"
                   f" ubatch {ctx['n_ubatch']}")
     console.print(memory_table(result["memory"]))
+    cal = result.get("calibration") or {}
     for gpu in result["hardware"]["gpus"]:
         used = next((d["total_bytes"] for d in result["memory"]["devices"] if d["name"] == gpu["name"]), 0)
+        measured = ((cal.get("devices") or {}).get(gpu["name"]) or {}).get("uncounted_bytes")
+        extra = (f"{fmt_bytes(measured)} of CUDA context and pools measured here" if measured is not None
+                 else "~0.5-1 GiB of CUDA context and pools that llama.cpp does not count")
         console.print(f"{text(gpu['name'])} ({text(gpu['model'])}): {fmt_bytes(used)} of "
-                      f"{fmt_bytes(gpu['vram_total_bytes'])}"
-                      f" — add ~0.5-1 GiB of CUDA context and pools that llama.cpp does not count")
+                      f"{fmt_bytes(gpu['vram_total_bytes'])} — add {extra}")
     host = result["memory"]["host"]
     console.print(f"host RAM at worst: {fmt_bytes(host['total_bytes'])} "
                   f"(of {fmt_bytes(result['hardware']['ram_available_bytes'])} available)")
@@ -96,6 +102,8 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
                   f"(bound {pred['tg_bound_tok_s']:.1f}), pp {pred['pp_tok_s']:.0f} tok/s")
     if "network" in pred:
         console.print(network_line(pred["network"]), highlight=False, soft_wrap=True)
+    if cal.get("line"):
+        console.print(f"[green]{text(cal['line'])}[/green] (tuner profile show; tuner profile reset clears it)")
     for note in result["notes"] + result["hardware"]["notes"]:
         console.print(f"[yellow]note:[/yellow] {text(note)}")
     render_health(console, result["health"])
@@ -144,9 +152,9 @@ def register(app: typer.Typer) -> None:
         check: Annotated[bool, typer.Option("--check", help="Also run llama-fit-params' dry run.")] = False,
         depth: Annotated[int, typer.Option("--depth", min=0, help="Tokens already in the context, for the predicted "
                                            "speeds.")] = PLANNING_DEPTH_TOKENS,
-        ram_bandwidth: Annotated[float | None, typer.Option("--ram-bandwidth", min=0.1, help="Host RAM bandwidth in "
-                                                            "GB/s (default: assumed from the cores).")] = None,
-        cpu_cores: Annotated[int | None, typer.Option("--cpu-cores", min=1, help="Host physical CPU cores.")] = None,
+        ram: o.RamOpt = None,
+        ram_bandwidth: o.RamBandwidthOpt = None,
+        cpu_cores: o.CpuCoresOpt = None,
         server_bin: o.ServerBinOpt = None,
         as_json: o.JsonOpt = False,
     ) -> None:
@@ -174,15 +182,12 @@ def register(app: typer.Typer) -> None:
         from tuner import health as model_health
 
         health = model_health.check(candidate, vision=vision is not None).to_list()
-        hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc or None, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
-                                    link_rtt_ms=link_rtt_ms, server_bin=server_bin)
+        host = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
+        hardware = cluster_hardware(hardware_for(gpu, vram, host=host), rpc=rpc or None, rpc_gpu=rpc_gpu,
+                                    link_gbit=link_gbit, link_rtt_ms=link_rtt_ms, server_bin=server_bin)
         flags = flags.with_(rpc=rpc_endpoints(hardware.gpus))
-        if ram_bandwidth is not None:
-            hardware = replace(hardware, ram_bandwidth_bytes_s=round(ram_bandwidth * GB))
-        if cpu_cores is not None:
-            hardware = replace(hardware, cpu_physical_cores=cpu_cores)
-        result = estimate_result(layout, flags, hardware, depth, draft=draft, vision=vision,
-                                 mmproj_offload=mmproj_offload, health=health)
+        result = estimate_result(layout, flags, hardware, depth, calibration_for(hardware, server_bin), draft=draft,
+                                 vision=vision, mmproj_offload=mmproj_offload, health=health)
         if check:
             from tuner.fitcheck import run_fit_check
 

@@ -39,6 +39,7 @@ def hardware_dict(hardware: Hardware) -> dict[str, Any]:
         "cpu_model": hardware.cpu_model,
         "cpu_physical_cores": hardware.cpu_physical_cores,
         "cpu_logical_cores": hardware.cpu_logical_cores,
+        "host_source": hardware.host_source,
         "notes": list(hardware.notes),
         **({"network": hardware.network.to_dict()} if hardware.remote_gpus else {}),
     }

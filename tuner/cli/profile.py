@@ -1,7 +1,9 @@
-"""``tuner profile``: the speeds ``tuner bench`` measured on this machine, which ``tuner recommend`` reads.
+"""``tuner profile``: what this machine measured — ``tuner bench``'s speeds, and the calibration points of ``tuner
+serve`` and ``tuner calibrate`` — which ``tuner recommend`` and ``tuner estimate`` read.
 
 The profile lives in ``profiles.yaml`` under tuner's config folder (``TUNER_CONFIG_DIR`` moves it). One entry per
-GGUF file × GPU models and driver × llama.cpp build; see :mod:`tuner.profile_store`.
+GGUF file × GPU models and driver × llama.cpp build, and the calibration points beside them; see
+:mod:`tuner.profile_store` and, for what the points correct, :mod:`tuner.corrections`.
 
 Examples:
 
@@ -27,10 +29,11 @@ from rich.table import Table
 from tuner.build import current_build
 from tuner.cli import _options as o
 from tuner.cli._output import emit
+from tuner.corrections import Calibration
 from tuner.errors import TunerError
 from tuner.hardware import Hardware
 from tuner.paths import write_atomic
-from tuner.profile_store import ProfileEntry, ProfileStore, measured_hook
+from tuner.profile_store import ProfileEntry, ProfileStore, load_calibration, measured_hook
 
 
 def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
@@ -38,6 +41,15 @@ def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
     the profile cannot be read (the roofline then stands alone)."""
     try:
         return measured_hook(hardware, current_build(server_bin))
+    except TunerError:
+        return None
+
+
+def calibration_for(hardware: Hardware, server_bin: str | None = None) -> Calibration | None:
+    """The calibration that applies on ``hardware`` with the build that would run (this machine's points, else the
+    shipped files'); None when there is none or the profile cannot be read."""
+    try:
+        return load_calibration(hardware, current_build(server_bin)) or None
     except TunerError:
         return None
 
@@ -59,8 +71,33 @@ def entry_summary(e: ProfileEntry) -> dict[str, Any]:
     }
 
 
+def calibration_rows(points: list[Any]) -> list[dict[str, Any]]:
+    """The store's calibration points grouped by device (memory) or hardware (speed) and build."""
+    from tuner.corrections import MemoryPoint
+
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for p in points:
+        memory = isinstance(p, MemoryPoint)
+        key = ("memory" if memory else "speed", p.device if memory else p.hardware, p.build)
+        g = groups.setdefault(key, {"kind": key[0], "device": key[1], "build": key[2], "points": 0, "shapes": set(),
+                                    "sources": set(), "last": ""})
+        g["points"] += 1
+        g["shapes"].add(p.shape)
+        g["sources"].add(p.source)
+        g["last"] = max(g["last"], p.observed_at)
+    return [{**g, "shapes": sorted(g["shapes"]), "sources": sorted(g["sources"])} for g in groups.values()]
+
+
 def render_show(console: Console, result: dict[str, Any]) -> None:
     console.print(f"profile: {result['path']}", highlight=False)
+    if result.get("calibration"):
+        table = Table(title="calibration points (tuner serve, tuner calibrate)", title_justify="left")
+        for col in ("kind", "device", "llama.cpp", "points", "shapes", "from", "last"):
+            table.add_column(col, justify="right" if col == "points" else "left")
+        for g in result["calibration"]:
+            table.add_row(g["kind"], g["device"], g["build"][:12], str(g["points"]), ", ".join(g["shapes"]),
+                          ", ".join(g["sources"]), g["last"])
+        console.print(table)
     if not result["entries"]:
         console.print("nothing measured yet: run `tuner bench`")
         return
@@ -110,7 +147,8 @@ def register(app: typer.Typer) -> None:
         store = ProfileStore()
         store.absorb_observations()
         entries = sorted(store.load(), key=lambda e: e.updated_at, reverse=True)
-        result = {"path": str(store.path), "entries": [entry_summary(e) for e in entries]}
+        result = {"path": str(store.path), "entries": [entry_summary(e) for e in entries],
+                  "calibration": calibration_rows(store.load_points())}
         emit(result, as_json=as_json, render=lambda c: render_show(c, result))
 
     @profile_app.command("export")
@@ -125,7 +163,8 @@ def register(app: typer.Typer) -> None:
             written = store.export(path)
             sys.stderr.write(f"profile exported to {written}\n")
             return
-        data = {"format": 1, "entries": [e.to_dict() for e in store.load()]}
+        data = {"format": 2, "entries": [e.to_dict() for e in store.load()],
+                "calibration": [p.to_dict() for p in store.load_points()]}
         if as_json:
             import json
 
@@ -140,7 +179,7 @@ def register(app: typer.Typer) -> None:
 
     @profile_app.command("reset")
     def reset_cmd(yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False) -> None:
-        """Forget every measurement (removes the profile file)."""
+        """Forget every measurement and calibration (removes the profile file and tuner serve's observations)."""
         store = ProfileStore()
         if not yes:
             if not sys.stdin.isatty():

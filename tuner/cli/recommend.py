@@ -3,7 +3,9 @@
 Examples:
 
     tuner recommend                                   # Qwen3.5-35B-A3B's quant ladder on this machine
-    tuner recommend --gpu rtx-5080                    # plan for a catalog card
+    tuner recommend --gpu rtx-5080                    # plan for a catalog card (on an assumed 64 GiB desktop)
+    tuner recommend --gpu rtx-5080 --ram 32G --cpu-cores 6   # … on the host you have in mind
+    tuner recommend --gpu rtx-4090 --prefer speed     # the fastest plan of at least 4 bits/weight
     tuner recommend --gpu rtx-3090 --prefer context   # the most context, then speed
     tuner recommend qwen3.6-35b-a3b --gpu rtx-4090 --ctx-size 131072 --parallel 2
     tuner recommend model.gguf --vram 12G --buffer 1G --cache-type q8_0
@@ -31,8 +33,8 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli._output import bytes_cell, emit, memory_table, render_health, text
 from tuner.cli.hardware import hardware_dict, network_line, render_hardware
-from tuner.cli.profile import recommend_hook
-from tuner.hardware import hardware_for
+from tuner.cli.profile import calibration_for, recommend_hook
+from tuner.hardware import HostSpec, hardware_for
 from tuner.planner import Recommendation, Wishes, plan_for
 from tuner.rpc import cluster_hardware, memory_by_host
 from tuner.units import fmt_bytes, parse_size_bytes
@@ -212,6 +214,10 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
     ):
         table.add_row(key, value)
     console.print(table)
+    policy = result.get("policy") or {}
+    console.print(_bullets("Policy:", [f"{policy.get('name', '?')} — {policy.get('rule', '')}"], style="bold"))
+    if result.get("warnings"):
+        console.print(_bullets("warning:", result["warnings"], style="bold red"))
     console.print(_bullets("  •", result["reasons"]))
 
     console.print()
@@ -234,7 +240,8 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
                   + f", {fmt_bytes(left['CPU'])} to spare")
 
     console.print()
-    source = "measured" if pred["source"] == "measured" else "predicted (roofline)"
+    source = {"measured": "measured", "rescaled": "predicted, rescaled by bench measurements",
+              "calibrated": "predicted, calibrated"}.get(pred["source"], "predicted (roofline)")
     console.print(f"[bold]Speed, {source}:[/bold] generation {_tok_s(pred['tg_tok_s'])} tok/s "
                   f"(bound {_tok_s(pred['tg_bound_tok_s'])}, efficiency {pred['efficiency']:.2f}), prompt "
                   f"{_tok_s(pred['pp_tok_s'])} tok/s (bound {_tok_s(pred['pp_bound_tok_s'])})")
@@ -252,6 +259,8 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
             console.print(_alternatives_wide(result["alternatives"]))
     if result["notes"]:
         console.print(_bullets("note:", result["notes"], style="yellow"))
+    if result.get("calibration"):
+        console.print(f"[green]{text(result['calibration']['line'])}[/green]")
     render_health(console, result["health"])
     console.print()
     console.print("[bold]Command:[/bold]")
@@ -269,7 +278,7 @@ def register(app: typer.Typer) -> None:
         model: o.OptionalModelArg = None,
         ctx_size: o.PlanCtxOpt = None,
         parallel: o.PlanParallelOpt = 1,
-        prefer: o.PreferOpt = "speed",
+        prefer: o.PreferOpt = o.DEFAULT_PREFER,
         vision: o.VisionOpt = False,
         buffer: o.BufferOpt = None,
         quant: o.QuantOpt = None,
@@ -277,6 +286,9 @@ def register(app: typer.Typer) -> None:
         allow_yarn: o.AllowYarnOpt = False,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
+        ram: o.RamOpt = None,
+        ram_bandwidth: o.RamBandwidthOpt = None,
+        cpu_cores: o.CpuCoresOpt = None,
         rpc: o.PlanRpcOpt = None,
         rpc_gpu: o.RpcGpuOpt = None,
         link_gbit: o.LinkGbitOpt = None,
@@ -287,8 +299,10 @@ def register(app: typer.Typer) -> None:
         """Recommend quant, KV cache, --n-cpu-moe, context and batch sizes for MODEL on this machine (or --gpu)."""
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=vision,
                                      buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
-        hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
-                                    link_rtt_ms=link_rtt_ms, server_bin=server_bin)
-        rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin))
+        host = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
+        hardware = cluster_hardware(hardware_for(gpu, vram, host=host), rpc=rpc, rpc_gpu=rpc_gpu,
+                                    link_gbit=link_gbit, link_rtt_ms=link_rtt_ms, server_bin=server_bin)
+        rec = plan_for(model, hardware, wishes, measured=recommend_hook(hardware, server_bin),
+                       calibration=calibration_for(hardware, server_bin))
         result = recommend_result(rec, server_bin or "llama-server")
         emit(result, as_json=as_json, render=lambda c: render_recommendation(c, result))

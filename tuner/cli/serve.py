@@ -32,10 +32,10 @@ from tuner.cli import stop_signals
 from tuner.cli._options import server_option
 from tuner.cli._output import console, emit_json_line, err_console, render_health, text
 from tuner.cli.build import BuildProgress
-from tuner.cli.profile import recommend_hook
+from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.cli.recommend import wishes_from_options
 from tuner.errors import TunerError
-from tuner.hardware import hardware_for
+from tuner.hardware import HostSpec, hardware_for
 from tuner.rpc import cluster_hardware
 from tuner.serve import Event, ServeOptions, preflight, run_serve
 from tuner.units import fmt_bytes
@@ -228,7 +228,7 @@ def register(app: typer.Typer) -> None:
         model: o.OptionalModelArg = None,
         ctx_size: o.PlanCtxOpt = None,
         parallel: o.PlanParallelOpt = 1,
-        prefer: o.PreferOpt = "speed",
+        prefer: o.PreferOpt = o.DEFAULT_PREFER,
         vision: o.VisionOpt = False,
         buffer: o.BufferOpt = None,
         quant: o.QuantOpt = None,
@@ -236,6 +236,9 @@ def register(app: typer.Typer) -> None:
         allow_yarn: o.AllowYarnOpt = False,
         gpu: o.GpuOpt = None,
         vram: o.VramOpt = None,
+        ram: o.RamOpt = None,
+        ram_bandwidth: o.RamBandwidthOpt = None,
+        cpu_cores: o.CpuCoresOpt = None,
         rpc: o.PlanRpcOpt = None,
         rpc_gpu: o.RpcGpuOpt = None,
         link_gbit: o.LinkGbitOpt = None,
@@ -265,10 +268,12 @@ def register(app: typer.Typer) -> None:
         printer = EventPrinter(as_json, build_progress, fetch_progress)
         try:
             with stop_signals():
-                hardware = cluster_hardware(hardware_for(gpu, vram), rpc=rpc, rpc_gpu=rpc_gpu, link_gbit=link_gbit,
-                                            link_rtt_ms=link_rtt_ms, source=source, cuda=cuda, server_bin=server_bin,
-                                            on_build_progress=build_progress)
+                described = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
+                hardware = cluster_hardware(hardware_for(gpu, vram, host=described), rpc=rpc, rpc_gpu=rpc_gpu,
+                                            link_gbit=link_gbit, link_rtt_ms=link_rtt_ms, source=source, cuda=cuda,
+                                            server_bin=server_bin, on_build_progress=build_progress)
                 run_serve(model, hardware, wishes, options, on_event=printer, on_build_progress=build_progress,
-                          on_fetch_progress=fetch_progress, measured=recommend_hook(hardware, server_bin))
+                          on_fetch_progress=fetch_progress, measured=recommend_hook(hardware, server_bin),
+                          calibration=calibration_for(hardware, server_bin))
         finally:
             printer.close()

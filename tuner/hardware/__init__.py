@@ -37,6 +37,8 @@ from tuner.hardware.gpu import GB, Gpu
 from tuner.hardware.host import HostInfo, read_host
 from tuner.hardware.machine import (
     Hardware,
+    HostSpec,
+    assumed_host,
     detect_hardware,
     gpu_split,
     hardware_for,
@@ -55,8 +57,10 @@ __all__ = [
     "Gpu",
     "Hardware",
     "HostInfo",
+    "HostSpec",
     "NetworkLink",
     "NvmlApi",
+    "assumed_host",
     "catalog_entry_for_name",
     "catalog_gpu",
     "detect_hardware",

@@ -136,6 +136,26 @@ def read_host_noted() -> tuple[HostInfo, tuple[str, ...]]:
     return host, tuple(notes)
 
 
+def cpu_busy_logical(interval_s: float = 0.25) -> float:
+    """Logical CPUs of this process's affinity set that other work keeps busy: the smaller of their measured use
+    over ``interval_s`` and the smallest of the 1-, 5- and 15-minute load averages (sustained demand; a compile that
+    started a minute ago does not count), capped at the set's size.
+
+    The load average alone would do on a machine of its own, but in a container it is the whole host's; the
+    measured use alone cannot see demand beyond 100% and catches momentary spikes. 0.0 where neither can be read."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(psutil.cpu_count(logical=True) or 1))
+    try:
+        per_cpu = psutil.cpu_percent(interval=interval_s, percpu=True)
+        used = sum(per_cpu[i] for i in cpus if i < len(per_cpu)) / 100.0
+        load = min(os.getloadavg())
+    except (AttributeError, OSError):
+        return 0.0
+    return round(max(0.0, min(used, load, float(len(cpus)))), 2)
+
+
 def default_ram_bandwidth_bytes_s(cores: int) -> int:
     """A conservative RAM bandwidth for a CPU with ``cores`` physical cores, when none was measured.
 
