@@ -81,7 +81,7 @@ def test_a_cpu_calibration_lands_llama_cpps_buffers_and_corrects_a_biased_comput
         quick=True, server_bin=str(llama_build.server_bin), depths=(0, 128), prompt_tokens=32, gen_tokens=4,
         ignore_load=True),
         on_progress=seen.append)
-    assert [r.rung.name for r in report.rungs] == ["ctx4096-f16", "ctx32768-f16", "ctx32768-q8_0", "ctx4096-ub2048"]
+    assert [r.rung.name for r in report.rungs] == ["ctx4096-f16", "ctx32768-f16", "ctx32768-q8_0", "ctx4096-ubatch2048"]
     assert all(r.failed is None for r in report.rungs)
     assert seen[0].done == 0 and seen[0].eta_s and seen[-1].done == seen[-1].total == 5
     assert report.twin_disk_bytes < report.twin_file_bytes / 2, "a sparse file"
@@ -134,7 +134,7 @@ def test_an_exported_calibration_is_read_back_by_recommend_on_a_machine_without_
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["recorded_points"] == 12 and len(result["run"]["rungs"]) == 4
-    assert "[4/5] ctx4096-ub2048" in run.stderr and "s left" in run.stderr, "progress with an estimated time"
+    assert "[4/5] ctx4096-ubatch2048" in run.stderr and "s left" in run.stderr, "progress with an estimated time"
     text = exported.read_text()
     doc = json.loads(text)
     assert doc["format"] == "tuner-calibration" and doc["version"] == 1 and len(doc["points"]) == 12

@@ -260,7 +260,7 @@ def test_report_at_80_columns_fits_them_and_its_reasons_quote_the_alternatives_t
     from tuner.cli._output import console
 
     monkeypatch.setattr(console, "width", 80)
-    assert main(["recommend", "--gpu", "rtx-5080"]) == 0
+    assert main(["recommend", "--gpu", "rtx-5080", "--prefer", "speed"]) == 0  # its bullets quote alternatives
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= 80, max(lines, key=len)
@@ -283,7 +283,7 @@ def test_report_at_80_columns_fits_them_and_its_reasons_quote_the_alternatives_t
         pasted.append(line.rstrip(" \\").strip())
         if not line.endswith("\\"):
             break
-    assert shlex.split(" ".join(pasted)) == recommend_json(capsys, "--gpu", "rtx-5080")["command"]
+    assert shlex.split(" ".join(pasted)) == recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "speed")["command"]
 
 
 def test_a_narrow_terminal_gets_the_narrow_layout_from_the_command_line() -> None:

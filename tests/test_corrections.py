@@ -272,13 +272,13 @@ def test_calibrate_refuses_a_gpu_another_process_holds_most_of() -> None:
 
 def test_the_ladder_varies_context_kv_ubatch_and_experts_in_ram(layout, gpu: Hardware) -> None:
     quick, skipped = ladder(layout, gpu, budget_for(gpu, Wishes()), quick=True)
-    assert [r.name for r in quick] == ["ctx4096-f16", "ctx32768-f16", "ctx32768-q8_0", "ctx4096-ub2048",
-                                       f"ctx4096-ncmoe{quick[0].flags.n_cpu_moe + 10}"]
+    assert [r.name for r in quick] == ["ctx4096-f16", "ctx32768-f16", "ctx32768-q8_0", "ctx4096-ubatch2048",
+                                       f"ctx4096-moe-cpu{quick[0].flags.n_cpu_moe + 10}"]
     assert skipped == []
     assert {r.flags.to_args()[r.flags.to_args().index("--cache-ram") + 1] for r in quick} == {"0"}
     full, _ = ladder(layout, gpu, budget_for(gpu, Wishes()), quick=False)
     assert len(full) > len(quick) and any(r.name == "ctx65536-q8_0" for r in full)
-    assert any(r.name.endswith(f"ncmoe{layout.n_layer}") for r in full)
+    assert any(r.name.endswith(f"moe-cpu{layout.n_layer}") for r in full)
     cpu = hardware_for("none")
     rungs, _ = ladder(layout, cpu, budget_for(cpu, Wishes()), quick=True)
     assert all(r.flags.n_gpu_layers == 0 and "ncmoe" not in r.name for r in rungs)

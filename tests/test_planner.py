@@ -413,10 +413,16 @@ def test_the_default_takes_more_context_than_the_fastest_floor_plan_when_it_cost
                for a, w in rec.alternatives)
 
 
-def test_on_a_24gb_card_a_whole_gpu_plan_beats_the_last_tenth_of_native_context(ladder: list[QuantCandidate]) -> None:
+def test_on_a_24gb_card_the_whole_gpu_plan_takes_a_q8_0_cache_for_far_more_context(
+        ladder: list[QuantCandidate]) -> None:
+    """unsloth's Q4_K_M on a 4090: all on the GPU; q8_0 reaches 201K tokens where f16 reaches 130K at the same speed
+    (more context by half an octave outranks an exact cache), and native context would need experts in RAM, more
+    than the window's 10% slower."""
     plan = recommend(ladder, machine("rtx-4090", ram_gib=64), Wishes()).plan
-    assert plan.flags.n_cpu_moe == 0 and plan.estimate.n_ctx_seq >= 0.9 * NATIVE_CTX
-    assert any("no higher context tier" in r for r in plan.reasons)
+    assert plan.flags.n_cpu_moe == 0 and plan.flags.cache_type_k == "q8_0"
+    assert 0.75 * NATIVE_CTX <= plan.estimate.n_ctx_seq < NATIVE_CTX
+    assert any(f"{NATIVE_CTX} would need --n-cpu-moe" in r and "outside the 10% window" in r for r in plan.reasons)
+    assert any(r.startswith("KV cache q8_0: it reaches") and "f16 would reach" in r for r in plan.reasons)
 
 
 def test_a_floor_given_up_to_fit_is_a_warning_and_the_context_floor_is_kept_first(
@@ -467,7 +473,8 @@ def test_a_busy_machine_gets_fewer_threads_and_a_quiet_one_llama_servers_default
     n, why = threads_for(busy)
     assert n == 2 and why is not None and why.startswith("--threads 2: other work keeps 6.0 of this machine's 8")
     plan = recommend(ladder, busy, Wishes()).plan
-    assert plan.command()[-5:] == ["--threads", "2", "--fit", "off", "--jinja"] and why in plan.reasons
+    command = plan.command()
+    assert command[command.index("--threads") + 1] == "2" and why in plan.reasons
     assert threads_for(replace(quiet, cpu_busy_logical=16.0))[0] == 1  # never fewer than one
     assert threads_for(replace(quiet, cpu_busy_logical=0.9))[0] is None  # half a core: not worth a thread
     # a plan wholly on the GPU computes nothing on the CPU: no thread count to pick

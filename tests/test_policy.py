@@ -42,7 +42,8 @@ class Opt:
 
 
 def test_the_quality_floor_is_the_q4_k_m_class(ladder: dict[str, QuantCandidate]) -> None:
-    assert [q for q, c in ladder.items() if meets_quality_floor(c)] == ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"]
+    assert [q for q, c in ladder.items() if meets_quality_floor(c)] == [
+        "BF16", "Q8_0", "UD-Q6_K_XL", "Q6_K", "Q5_K_M", "Q4_K_M", "UD-Q4_K_XL"]  # the uploader's mixes of the card
     iq4 = ladder["IQ4_XS"]
     assert meets_quality_floor(replace(iq4, quant="UD-Q4_K_XL"))  # an uploader's Q4_K mix counts by its name
     assert not meets_quality_floor(replace(ladder["Q4_K_M"], quant="Q4_K_S", layout=iq4.layout))

@@ -49,7 +49,7 @@ from tuner.corrections import (
 )
 from tuner.errors import TunerError
 from tuner.estimate import CPU, kv_cache_type_supported
-from tuner.flags import ServerFlags
+from tuner.flags import FLAGS, ServerFlags
 from tuner.hardware import Hardware, NvmlApi, gpu_split, read_gpus
 from tuner.layout import ModelLayout
 from tuner.models import QuantCandidate, resolve_candidates
@@ -67,7 +67,7 @@ BUSY_CPU_LOAD_PER_CORE = 1.0
 core is busy: speeds measured on it (CPU-only plans, experts in RAM) say more about the other processes than about
 the machine, so they are reported but not recorded. Buffer sizes do not depend on load and are recorded."""
 TWIN_WEIGHTS = "zeros+routing"
-SERVER_ARGS: tuple[str, ...] = ("--fit", "off", "-lv", "4")
+SERVER_ARGS: tuple[str, ...] = (*FLAGS["fit"].to_args("off"), *FLAGS["verbosity"].to_args(4))
 """What every rung's llama-server gets beyond its flags: the rung is already placed (llama.cpp's fit would change
 it), and the buffer lines are INFO (verbosity 4, see :mod:`tuner.serverlog`)."""
 QUICK_CONTEXTS = (4096, 32768)
@@ -237,7 +237,7 @@ def ladder(layout: ModelLayout, hardware: Hardware, budget: Budget, *, quick: bo
             wanted.append((f"ctx{c}-q8_0", base.with_(ctx_size=c, cache_type_k="q8_0", cache_type_v="q8_0"),
                            f"context {c}, q8_0 KV"))
     for c in ((small,) if quick else tuple(dict.fromkeys((small, large)))):
-        wanted.append((f"ctx{c}-ub{BIG_UBATCH}", base.with_(ctx_size=c, ubatch_size=BIG_UBATCH),
+        wanted.append((f"ctx{c}-ubatch{BIG_UBATCH}", base.with_(ctx_size=c, ubatch_size=BIG_UBATCH),
                        f"context {c}, ubatch {BIG_UBATCH}"))
     rungs: list[Rung] = []
     skipped: list[str] = []
@@ -253,7 +253,7 @@ def ladder(layout: ModelLayout, hardware: Hardware, budget: Budget, *, quick: bo
         first = rungs[0].flags
         steps = (max(1, layout.n_layer // 4),) if quick else (max(1, layout.n_layer // 4), layout.n_layer)
         for n in sorted({min(first.n_cpu_moe + s, layout.n_layer) for s in steps}):
-            rungs.append(Rung(f"ctx{small}-ncmoe{n}", first.with_(n_cpu_moe=n),
+            rungs.append(Rung(f"ctx{small}-moe-cpu{n}", first.with_(n_cpu_moe=n),
                               f"context {small}, experts of {n} layers in RAM"))
     return rungs, skipped
 

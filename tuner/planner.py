@@ -747,7 +747,7 @@ def _why_lost(alt: _Option, key: tuple, best: _Option, best_key: tuple, prefer: 
         if not key[0]:
             return f"too slow for --prefer quality ({fast}, under a third of the fastest 4-bit plan{cpu})"
         if key[1] < best_key[1]:
-            return f"lower-quality quant ({alt.bpw:.2f} vs {best.bpw:.2f} bits/weight)"
+            return f"lower-quality quant {policy.quality_gap(alt, best)}"
         if key[2] < best_key[2]:
             return f"quantized KV cache ({alt.kv}) where {best.kv} fits as well"
         if key[3] < best_key[3]:
@@ -759,8 +759,8 @@ def _why_lost(alt: _Option, key: tuple, best: _Option, best_key: tuple, prefer: 
     if not key[1]:
         return f"slower: {fast}{cpu}"
     if key[2] < best_key[2]:
-        return (f"lower-quality quant ({alt.bpw:.2f} vs {best.bpw:.2f} bits/weight) for under "
-                f"{SPEED_TOLERANCE:.0%} of speed ({fast})")
+        return (f"lower-quality quant {policy.quality_gap(alt, best)} for under {SPEED_TOLERANCE:.0%} of speed "
+                f"({fast})")
     if key[3] < best_key[3]:
         return f"quantized KV cache ({alt.kv}) at a similar speed ({fast})"
     if key[4] < best_key[4]:

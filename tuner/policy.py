@@ -11,9 +11,10 @@ fewest expert layers in RAM that reach its tier and then grown to the most conte
    enough: the speed model is no more accurate than that (tuner/speed.py's fit), and 10% of generation is less
    than a user notices.
 4. **Within the window, in this order:** the higher context tier (:func:`ctx_tiers`: the floor, doubled up to the
-   native context; 10% short of a tier above the floor counts as reaching it), the better quant, the more exact KV
-   cache, then speed, then context. Every option is compared as it would be launched (the planner raises the
-   ubatch of those near the window first, tuner/planner.py's ``raise_ubatch``). Context comes before
+   native context; 10% short of a tier above the floor counts as reaching it), the better quant, more context by
+   half-octaves (:meth:`Floors.ctx_step`: 201K tokens with a q8_0 cache beat 130K with f16 on a 24 GB card), the
+   more exact KV cache, then speed, then context. Every option is compared as it would be launched (the planner
+   raises the ubatch of those near the window first, tuner/planner.py's ``raise_ubatch``). Context comes before
    quant: doubling the context is what lets an agent loop keep going, while above Q4_K_M a better quant changes
    perplexity by a few percent. Without a GPU a quantized KV cache counts only up to the context floor: on the CPU
    backend it cut prompt speed to a third where we measured it
@@ -29,6 +30,7 @@ where the rule needs more options placed (:func:`climb_tiers`) or an option as i
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,6 +87,14 @@ def meets_quality_floor(cand: QuantCandidate) -> bool:
     return bool(_FLOOR_LABEL.match(cand.quant)) or cand.bits_per_weight >= QUALITY_FLOOR_BITS_PER_WEIGHT
 
 
+def quality_gap(alt: Option, best: Option) -> str:
+    """Why ``alt``'s quant counts as worse than ``best``'s, in a parenthesis: fewer bits per weight, or, where it has
+    more, the card's quality order (measured perplexity ranks unsloth's UD-Q4_K_XL below Q4_K_M on the 35B-A3B,
+    profiles/models/qwen3.5-35b-a3b.yaml)."""
+    bits = f"{alt.bpw:.2f} vs {best.bpw:.2f} bits/weight"
+    return f"({bits})" if alt.bpw < best.bpw else f"({bits}, but ranked below it by the card's quality order)"
+
+
 def ctx_tiers(floor: int, cap: int) -> tuple[int, ...]:
     """The context tiers a balanced plan climbs: ``floor``, doubled while below ``cap``, and ``cap`` itself
     (65536, 131072, 262144 for a 262K-native model)."""
@@ -127,6 +137,13 @@ class Floors:
         if self.cpu_only and o.kv_quality < _EXACT_KV_QUALITY:  # see the module doc, rule 4
             t = min(t, self.ctx)
         return t
+
+    def ctx_step(self, o: Option) -> int:
+        """The half-octave ``o``'s context falls in (√2 apart: 92K, 131K, 185K, …), so that within a tier a
+        context clearly larger outranks an exact KV cache, and one a few percent larger does not; the CPU rule of
+        :meth:`tier` holds here too."""
+        ctx = min(o.ctx, self.ctx) if self.cpu_only and o.kv_quality < _EXACT_KV_QUALITY else o.ctx
+        return int(2 * math.log2(max(ctx, 1)))
 
 
 _EXACT_KV_QUALITY = 6  # f16 (or bf16) for K and V: tuner.planner.KV_QUALITY
@@ -188,7 +205,7 @@ def rank(options: Sequence[Option], floors: Floors) -> Choice:
 
     def key(o: Option) -> tuple:
         return (id(o) in chosen, id(o) in in_pool, floors.tier(o) if id(o) in chosen else 0,
-                o.quant_quality, o.kv_quality, o.tg, o.ctx)
+                o.quant_quality, floors.ctx_step(o) if id(o) in chosen else 0, o.kv_quality, o.tg, o.ctx)
 
     ranked = sorted(((o, key(o)) for o in options), key=lambda ok: ok[1], reverse=True)
     return Choice(tuple(ranked), floors, reference, window_tg, bool(both) or not floors.quality,
@@ -227,7 +244,9 @@ def why_lost(alt: Option, best: Option, choice: Choice) -> str:
     if alt.ctx > best.ctx and alt.tg < best.tg:
         return f"{alt.ctx} tokens, no higher context tier than {best.ctx}, for {fast}"
     if alt.quant_quality < best.quant_quality:
-        return f"lower-quality quant ({alt.bpw:.2f} vs {best.bpw:.2f} bits/weight) within the speed window ({fast})"
+        return f"lower-quality quant {quality_gap(alt, best)} within the speed window ({fast})"
+    if f.ctx_step(alt) < f.ctx_step(best):
+        return f"less context: {alt.ctx} vs {best.ctx} tokens ({fast})"
     if alt.kv_quality < best.kv_quality:
         return f"quantized KV cache ({alt.kv}) where {best.kv} reaches as far ({fast})"
     if ta > tb:  # only on the CPU: a quantized cache is not credited beyond the floor
