@@ -3,13 +3,19 @@
 It answers what ``huggingface_hub`` and :mod:`tuner.remote` call:
 
 * ``GET /api/models/{repo}[/revision/{rev}]`` (model info; ``?blobs=true`` adds sizes) and
-  ``GET /api/models/{repo}/tree/{rev}[/{path}]``, with the Hub's ``X-Error-Code`` headers on 404;
+  ``GET /api/models/{repo}/tree/{rev}[/{path}]`` (``?expand=true`` adds each file's ``lastCommit``), with the Hub's
+  ``X-Error-Code`` headers on 404;
+* ``POST /api/models/{repo}/paths-info/{rev}`` (form ``paths=…&paths=…&expand=true``, what
+  ``HfApi.get_paths_info`` sends): the entries of the paths that exist, with ``lastCommit`` when expanded;
 * ``GET|HEAD /{repo}/resolve/{rev}/{path}``: a 302 to a CDN-like ``/cdn-lfs/...`` URL for ``.gguf`` files (as the
   Hub redirects LFS files), served directly otherwise;
 * ``GET|HEAD /cdn-lfs/{repo}/{commit}/{path}``: the file, honouring ``Range: bytes=a-b`` with 206 and
   ``Content-Range`` (416 past the end).
 
-Repos are folders ``root/<owner>/<name>/``; a repo's commit is a hash of its file names and sizes. Every request is
+Repos are folders ``root/<owner>/<name>/``; a repo's commit is a hash of its file names, sizes and modification
+times (a file replaced in place with the same size is a new commit, as on the Hub). A file's last commit is dated by
+its modification time (set it with ``os.utime``). A small (non-LFS) file's ETag and ``oid`` are the sha1 of its
+content, so ``hf_hub_download`` keeps each file apart (its blobs are stored by ETag). Every request is
 recorded (method, path, headers) and every body byte sent is counted per ``owner/name/path``. A repo listed in
 ``tokens`` answers 401 unless the request carries ``Authorization: Bearer <token>``; ``ignore_range`` makes it send
 whole files (200) whatever the ``Range`` header says.
@@ -29,6 +35,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -161,7 +168,34 @@ class FakeHub:
         return sorted((p.relative_to(d).as_posix(), p.stat().st_size) for p in d.rglob("*") if p.is_file())
 
     def commit(self, repo: str) -> str:
-        return hashlib.sha1(json.dumps(self.files(repo)).encode()).hexdigest()
+        d = self.repo_dir(repo)
+        assert d is not None
+        stamped = [(name, size, (d / name).stat().st_mtime_ns) for name, size in self.files(repo)]
+        return hashlib.sha1(json.dumps(stamped).encode()).hexdigest()
+
+    def last_commit(self, repo: str, name: str) -> dict[str, str]:
+        """The Hub's ``lastCommit`` of a file: dated by its modification time."""
+        st = (self.root / repo / name).stat()
+        when = datetime.fromtimestamp(st.st_mtime, timezone.utc)
+        return {"id": hashlib.sha1(f"{repo}/{name}:{st.st_mtime_ns}".encode()).hexdigest(),
+                "title": f"Upload {name}", "date": when.strftime("%Y-%m-%dT%H:%M:%S.000Z")}
+
+    def oid(self, repo: str, name: str) -> str:
+        """A file's git-blob-like id: the sha1 of a small file's content (of its name and size for a GGUF, which
+        may be a sparse file of many GB)."""
+        file = self.root / repo / name
+        if name.endswith(".gguf"):
+            return hashlib.sha1(f"{name}:{file.stat().st_size}".encode()).hexdigest()
+        return hashlib.sha1(file.read_bytes()).hexdigest()
+
+    def entry(self, repo: str, name: str, size: int, expand: bool) -> dict[str, Any]:
+        """A tree / paths-info entry of a file."""
+        item: dict[str, Any] = {"type": "file", "oid": self.oid(repo, name), "size": size, "path": name}
+        if name.endswith(".gguf"):
+            item["lfs"] = {"oid": "0" * 64, "size": size, "pointerSize": 134}
+        if expand:
+            item["lastCommit"] = self.last_commit(repo, name)
+        return item
 
 
 def _lfs(size: int) -> dict[str, Any]:
@@ -213,6 +247,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self.do_GET()
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        self.fake._record(Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        length = int(self.headers.get("Content-Length") or 0)
+        form = parse_qs(self.rfile.read(length).decode("utf-8", errors="replace")) if length else {}
+        m = re.match(r"^/api/models/([^/]+/[^/]+)/paths-info/(.+)$", path)
+        try:
+            if not m:
+                self._error(404, "EntryNotFound", "unknown API path")
+                return
+            repo, rev = m.groups()
+            if self.fake.repo_dir(repo) is None:
+                self._error(404, "RepoNotFound", "Repository not found")
+                return
+            if not self._authorized(repo):
+                return
+            if rev not in ("main", self.fake.commit(repo)):
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+                return
+            expand = form.get("expand", ["false"])[0].lower() == "true"
+            files = dict(self.fake.files(repo))
+            self._json(200, [self.fake.entry(repo, p, files[p], expand) for p in form.get("paths", []) if p in files])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -275,6 +335,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
                 return
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
+            expand = query.get("expand", ["false"])[0].lower() == "true"
             out = []
             folders: set[str] = set()
             for name, size in self.fake.files(repo):
@@ -284,11 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if "/" in rel and not recursive:
                     folders.add((sub + "/" if sub else "") + rel.split("/")[0])
                     continue
-                item: dict[str, Any] = {"type": "file", "oid": hashlib.sha1(name.encode()).hexdigest(),
-                                        "size": size, "path": name}
-                if name.endswith(".gguf"):
-                    item["lfs"] = {"oid": "0" * 64, "size": size, "pointerSize": 134}
-                out.append(item)
+                out.append(self.fake.entry(repo, name, size, expand))
             out += [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
                     for f in sorted(folders)]
             self._json(200, out)
@@ -357,7 +414,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound", f"{name} does not exist on {rev}")
             return
         size = file.stat().st_size
-        common = {"X-Repo-Commit": commit, "ETag": f'"{commit[:16]}"', "Accept-Ranges": "bytes"}
+        common = {"X-Repo-Commit": commit, "ETag": f'"{self.fake.oid(repo, name)}"', "Accept-Ranges": "bytes"}
         if name.endswith(".gguf"):  # LFS: redirect to the CDN, as the Hub does
             # The CDN has another host name (the Hub's is cas-bridge.xethub.hf.co): huggingface_hub treats a
             # same-host redirect differently. Each file has its own etag (the Hub's is the content's sha256; a

@@ -113,16 +113,20 @@ def test_vram_overrides_the_gpu_memory_and_the_buffer_is_kept(capsys: pytest.Cap
     assert any("--buffer" in r for r in doc["reasons"])
 
 
-def test_vision_loads_the_projector_and_reserves_room_for_it(capsys: pytest.CaptureFixture[str]) -> None:
+def test_vision_counts_the_projector_on_the_gpu_and_loads_it(capsys: pytest.CaptureFixture[str]) -> None:
     plain = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M")
     vision = recommend_json(capsys, "--gpu", "rtx-3090", "--quant", "Q4_K_M", "--vision")
     assert vision["plan"]["vision"] and vision["plan"]["mmproj"] == "mmproj-F16.gguf"
     # -hf fetches and loads the repo's projector by itself; without vision the command says not to
     assert "--no-mmproj" in plain["command"] and "--no-mmproj" not in vision["command"]
     assert not any("mmproj" in a for a in vision["command"])
-    assert vision["budget"]["reserved_bytes"] > 899_283_648 and plain["budget"]["reserved_bytes"] == 0
-    assert vision["plan"]["ctx_size"] < plain["plan"]["ctx_size"]
     cuda0 = next(d for d in vision["memory"]["devices"] if d["name"] == "CUDA0")
+    seen = vision["memory"]["vision"]
+    assert seen["device"] == "CUDA0" and seen["weights_bytes"] == 899_283_648  # the card's file, no header read
+    assert cuda0["vision_bytes"] == seen["weights_bytes"] + seen["compute_bytes"] > 899_283_648 + 200 * MiB
+    assert vision["memory"]["vision_bytes"] == cuda0["vision_bytes"] and plain["memory"]["vision_bytes"] == 0
+    assert vision["budget"]["reserved_bytes"] == seen["growth_bytes"] > 0 and plain["budget"]["reserved_bytes"] == 0
+    assert vision["plan"]["ctx_size"] < plain["plan"]["ctx_size"]
     budget = vision["budget"]
     assert cuda0["total_bytes"] + budget["reserved_bytes"] + budget["buffer_bytes"] <= budget["vram_free_bytes"]
 

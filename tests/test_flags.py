@@ -44,10 +44,10 @@ def test_each_spelling_belongs_to_one_row_and_a_table_refuses_two() -> None:
         FlagTable([FLAGS["ctx_size"], Flag("other", "--other", ("-c",), Kind.INT, 0, "x", "")])
 
 
-def test_defaults_alone_write_only_the_explicit_rows() -> None:
+def test_defaults_alone_write_only_the_explicit_rows_that_need_nothing_else() -> None:
     args = ServerFlags().to_args()
     written = [a for a in args if a.startswith("-")]
-    assert written == [row.long for row in FLAGS.planned if row.explicit]
+    assert written == [row.long for row in FLAGS.planned if row.explicit and row.needs is None]
     assert args[args.index("--n-gpu-layers") + 1] == "all"
 
 
@@ -66,6 +66,8 @@ def test_a_flag_that_needs_another_is_written_only_with_it() -> None:
     assert "--kv-unified" not in ServerFlags(kv_unified=True).to_args(), "-np auto is unified whatever -kvu says"
     assert "--no-kv-unified" in ServerFlags(parallel=2, kv_unified=False).to_args()
     assert "--spec-draft-n-max" not in ServerFlags(spec_draft_n_max=5).to_args()
+    mtp = ServerFlags(spec_type="draft-mtp").to_args()  # explicit: the draft length shows even at its default
+    assert mtp[mtp.index("--spec-draft-n-max") + 1] == "3"
     cpu_moe = ServerFlags(cpu_moe=True, n_cpu_moe=3).to_args()
     assert "--cpu-moe" in cpu_moe and "--n-cpu-moe" not in cpu_moe, "all experts on the CPU says it all"
 

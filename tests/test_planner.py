@@ -237,23 +237,32 @@ def test_forced_cache_type_and_unknown_quant(ladder: list[QuantCandidate]) -> No
         recommend(ladder, machine("rtx-3090"), Wishes(quant="Q9_X"))
 
 
-def test_vision_reserves_the_projector_and_loads_it(ladder: list[QuantCandidate]) -> None:
+def test_vision_counts_the_projector_in_the_gpus_memory_and_loads_it(ladder: list[QuantCandidate]) -> None:
     hw = machine("rtx-3090")
     plain = recommend(ladder, hw, Wishes(quant="Q4_K_M")).plan
     vision = recommend(ladder, hw, Wishes(quant="Q4_K_M", vision=True)).plan
-    mmproj = vision.candidate
-    assert vision.budget.reserved_bytes == mmproj.mmproj_bytes + VISION_COMPUTE_BYTES
+    projector = vision.candidate.vision_projector()
+    assert projector is not None and projector.weights_bytes == vision.candidate.mmproj_bytes
+    cuda0 = vision.estimate.device("CUDA0")
+    assert cuda0.vision_bytes == projector.weights_bytes + projector.compute_bytes(True)
+    assert vision.estimate.host.vision_bytes == 0 and plain.estimate.vision_bytes == 0
+    assert vision.budget.reserved_bytes == projector.growth_bytes() > 0  # what an image grows it by, unlogged
+    assert projector.compute_bytes(True) + vision.budget.reserved_bytes < VISION_COMPUTE_BYTES + 256 * MiB
     assert vision.estimate.n_ctx_seq < plain.estimate.n_ctx_seq
+    assert any(r.startswith("vision: mmproj-F16.gguf on CUDA0") for r in vision.reasons)
     command = vision.command(model_path="/m/q4.gguf", mmproj_path="/m/mmproj.gguf")
     at = command.index("--mmproj")
     assert command[at + 1] == "/m/mmproj.gguf" and "--no-mmproj" not in command
+    assert "--no-mmproj" in plain.command(model_path="/m/q4.gguf")  # no projector behind the plan's back
 
 
-def test_vision_without_a_gpu_reserves_the_projector_in_ram(ladder: list[QuantCandidate]) -> None:
+def test_vision_without_a_gpu_counts_the_projector_in_ram(ladder: list[QuantCandidate]) -> None:
     hw = machine("none", ram_gib=64)
     plan = recommend(ladder, hw, Wishes(vision=True)).plan
     b = plan.budget
-    assert b.reserved_bytes == plan.candidate.mmproj_bytes + VISION_COMPUTE_BYTES
+    projector = plan.candidate.vision_projector()
+    assert projector is not None and plan.estimate.host.vision_bytes == projector.total_bytes()
+    assert b.reserved_bytes == projector.growth_bytes()
     assert plan.estimate.host_total_bytes + b.buffer_bytes + b.reserved_bytes <= hw.ram_available_bytes
     assert "--mmproj" not in plan.command() and "--no-mmproj" not in plan.command()  # -hf loads the projector
     assert plan.command(model_path="/m/x.gguf", mmproj_path="/m/mmproj.gguf")[-12:-10] == ["--mmproj", "/m/mmproj.gguf"]
@@ -273,7 +282,7 @@ def test_printed_command_runs_as_printed_hub_file_by_repo_and_quant_local_file_b
     monkeypatch.chdir(tmp_path)
     local = recommend(resolve_candidates("m.gguf"), machine("none"), Wishes(ctx_size=1024)).plan
     assert local.command()[1:3] == ["--model", str(tmp_path / "m.gguf")]
-    assert "--no-mmproj" not in local.command()
+    assert "--no-mmproj" in local.command()  # harmless with --model; no projector if -hf replaces it
 
 
 def test_plan_command_is_the_flags_with_fit_off_jinja_and_the_cards_sampling(ladder: list[QuantCandidate]) -> None:
@@ -282,7 +291,7 @@ def test_plan_command_is_the_flags_with_fit_off_jinja_and_the_cards_sampling(lad
     command = plan.command("/opt/llama-server", model_path="/models/x.gguf")
     assert command[:3] == ["/opt/llama-server", "--model", "/models/x.gguf"]
     assert command[3:3 + len(plan.flags.to_args())] == plan.flags.to_args()
-    assert command[-(3 + len(sampling)):] == ["--fit", "off", "--jinja", *sampling]
+    assert command[-(4 + len(sampling)):] == ["--fit", "off", "--jinja", "--no-mmproj", *sampling]
     coding = plan.command(model_path="/m.gguf", preset="non-thinking")
     assert coding[-2:] == ["--reasoning", "off"] and "0.8" in coding  # top_p 0.8
     read_back, rest = flags_from_args(command[3:])
@@ -363,7 +372,9 @@ def test_a_gpu_too_small_for_the_vision_projector_is_a_no_fit_error_counting_it(
     with pytest.raises(TunerError) as err:
         recommend(ladder, tiny, Wishes(buffer_bytes=0, vision=True))
     message = str(err.value)
-    reserve = fmt_bytes(ladder[0].mmproj_bytes + VISION_COMPUTE_BYTES)
+    projector = ladder[0].vision_projector()
+    assert projector is not None
+    reserve = fmt_bytes(projector.total_bytes() + projector.growth_bytes())
     assert "nothing fits at 4096 tokens of context" in message
     assert f"needs {reserve} of VRAM ({reserve} of it for the vision projector)" in message  # -ngl 0: nothing else
     assert "available: 512.0 MiB of VRAM after a 0 B buffer per GPU" in message

@@ -4,9 +4,10 @@ folder, or a Hugging Face repo."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tuner.layout import ModelLayout, TensorClass
+from tuner.vision import Projector, projector_from_file_size
 
 ProgressFn = Callable[[str, "int | None", "int | None"], None]
 """``on_progress(stage, done, total)`` of the Hub listing and header reads."""
@@ -27,7 +28,21 @@ class QuantCandidate:
     mmproj_bytes: int = 0
     quality_rank: int = 0  # higher = better: bits per weight, reordered by the card's quality_order if one matches
     card_key: str | None = None  # the built-in card this model matches, if any
+    mtp_sidecar: str | None = None  # the MTP head as its own file (mtp-*.gguf: local path or repo file name)
+    mtp_draft: ModelLayout | None = field(default=None, repr=False)  # that sidecar's layout (its header)
+    projector: Projector | None = None  # the vision projector read from its header (None: sized by file size)
     notes: tuple[str, ...] = ()  # what a plan of it must say (a card quant sized from another file, say)
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether MTP drafting is possible: the head is in the model or a sidecar of it was found."""
+        return self.layout.has_mtp or self.mtp_draft is not None
+
+    def vision_projector(self) -> Projector | None:
+        """The projector the estimate sizes: read from its header, else known by its file size; None without one."""
+        if self.projector is not None:
+            return self.projector
+        return projector_from_file_size(self.mmproj, self.mmproj_bytes) if self.mmproj else None
 
     @property
     def n_params(self) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from tuner.layout import ModelLayout, layout_from_metadata
 from tuner.paths import CATALOG_ENV, catalog_dir, load_yaml
 from tuner.shapes import tensor_shapes
 from tuner.units import GiB, fmt_bytes
+from tuner.untrusted import check_repo_id
 
 CARDS_SUBDIR = "models"
 RECIPES_FILE = "_recipes.yaml"  # files starting with "_" are not cards
@@ -220,7 +222,8 @@ class CardRepo:
     mtp: bool = False  # whether its GGUFs keep the MTP block
     mmproj: str | None = None
     mmproj_bytes: int = 0
-    chat_template_fixed: str | None = None  # date after which its chat template is the fixed one
+    chat_template_fixed: date | None = None  # the day its uploads got the fixed chat template
+    mtp_sidecar: str | None = None  # "{quant}" template of its MTP heads kept apart (mtp-<Model>-<QUANT>.gguf)
     mixes: Mapping[str, str] = field(default_factory=dict)  # quant label -> recipe or mix name its file carries
     plain: bool = False  # its files are llama-quantize's plain recipes (checked against known sizes)
 
@@ -278,6 +281,21 @@ class ModelCard:
     recipes: Mapping[str, Recipe]
     path: str = ""
     mixes: Mapping[str, Recipe] = field(default_factory=dict)  # uploaders' mixes, by lower-case name
+    official_repo: str | None = None  # the original model's Hub repo: its chat template is the current one
+    chat_template_fixed: date | None = None  # the day the official chat template was fixed (every uploader's date)
+
+    def template_fixed_on(self, repo: str | None) -> date | None:
+        """The day ``repo``'s files got the fixed chat template: the repo's own date on the card, else the card's."""
+        for r in self.repos:
+            if repo and r.repo.lower() == repo.lower() and r.chat_template_fixed:
+                return r.chat_template_fixed
+        return self.chat_template_fixed
+
+    def mtp_sources(self) -> list[str]:
+        """Where this model's MTP head can be had: repos whose GGUFs keep it, and repos with sidecar heads."""
+        out = [r.repo for r in self.repos if r.mtp]
+        out += [f"{r.repo} ({r.mtp_sidecar.format(quant='<QUANT>')})" for r in self.repos if r.mtp_sidecar]
+        return out
 
     def repo(self, name: str | None = None) -> CardRepo:
         want = (name or self.default_repo).lower()
@@ -380,7 +398,8 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe], mixes: dict
             repo=str(r["repo"]), file=str(r["file"]), split_file=r.get("split_file"),
             splits={str(k): int(v) for k, v in (r.get("splits") or {}).items()}, mtp=bool(r.get("mtp", False)),
             mmproj=r.get("mmproj"), mmproj_bytes=int(r.get("mmproj_bytes", 0)),
-            chat_template_fixed=str(r["chat_template_fixed"]) if r.get("chat_template_fixed") else None,
+            chat_template_fixed=_date(r.get("chat_template_fixed"), f"repo {r.get('repo')}", source),
+            mtp_sidecar=str(r["mtp_sidecar"]) if r.get("mtp_sidecar") else None,
             mixes={str(k): str(v) for k, v in (r.get("mixes") or {}).items()}, plain=bool(r.get("plain", False))))
     known = []
     for k in data.get("known_sizes") or []:
@@ -419,6 +438,8 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe], mixes: dict
         recipes=recipes,
         path=str(source),
         mixes=mixes,
+        official_repo=_official_repo(data.get("official_repo"), source),
+        chat_template_fixed=_date(data.get("chat_template_fixed"), "the card", source),
     )
     card.repo()  # the default repo must be listed
     card._preset(None)
@@ -431,6 +452,28 @@ def _parse_card(data: Any, source: Path, recipes: dict[str, Recipe], mixes: dict
                 raise TunerError(f"model card {source}: repo {r.repo} maps {label} to {name!r}, which is neither "
                                  "a recipe nor a mix in " + RECIPES_FILE)
     return card
+
+
+def _date(value: Any, what: str, source: Path) -> date | None:
+    """An ISO date from a card (``"2026-02-27"``, or YAML's unquoted date); TunerError for anything else."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise TunerError(f"model card {source}: {what}'s chat_template_fixed {value!r} is not a date (YYYY-MM-DD)") \
+            from None
+
+
+def _official_repo(value: Any, source: Path) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_repo_id(value, what="official_repo")
+    except TunerError as exc:
+        raise TunerError(f"model card {source}: {exc}") from None
 
 
 def _cards_dir() -> Path:

@@ -50,6 +50,7 @@ from tuner.layout import ModelLayout
 from tuner.placement import devices_of
 from tuner.speed import Prediction
 from tuner.units import MiB, fmt_bytes
+from tuner.vision import Projector
 
 MEMORY_KINDS: tuple[str, ...] = ("weights", "kv", "recurrent", "compute")
 CALIBRATED_MARGIN_BYTES = 512 * MiB
@@ -406,10 +407,13 @@ class Calibration:
 
 
 def corrected_estimate(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
-                       calibration: Calibration | None = None) -> MemoryEstimate:
+                       calibration: Calibration | None = None, *, draft: ModelLayout | None = None,
+                       vision: Projector | None = None, mmproj_offload: bool = True) -> MemoryEstimate:
     """The memory estimate on ``hardware``'s GPUs (named and split as llama.cpp does), corrected by
-    ``calibration``: the one function the planner and ``tuner estimate`` size memory with."""
-    est = estimate_memory(layout, flags, devices_of(hardware), gpu_split(hardware))
+    ``calibration``: the one function the planner and ``tuner estimate`` size memory with (``draft``, ``vision``,
+    ``mmproj_offload``: as :func:`tuner.estimate.estimate_memory` takes them)."""
+    est = estimate_memory(layout, flags, devices_of(hardware), gpu_split(hardware), draft=draft, vision=vision,
+                          mmproj_offload=mmproj_offload)
     return calibration.apply(est, layout, hardware) if calibration else est
 
 

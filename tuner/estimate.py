@@ -40,6 +40,17 @@ tests/test_estimate_vs_llama.py.
 * host extras: context checkpoints (``--ctx-checkpoints`` per slot, each one sequence's recurrent state) and the prompt
   cache (``--cache-ram`` MiB, 8192 by default, -1 = no limit), both host RAM (server-context.cpp:2290-2356,
   server-task.cpp:1691+, common/common.h:634).
+* MTP drafting (``--spec-type draft-mtp``): the head's tensors load only then (qwen35moe.cpp:37-40,
+  common/common.cpp:1625); the target context keeps ``--spec-draft-n-max`` rollback snapshots of the recurrent state;
+  a draft context on the head (common/speculative.cpp:2446-2570) has the target's ``n_ctx`` and slots, a KV cache
+  of the MTP block alone in the draft cache types (f16 by default), and its own compute and output buffers. A
+  **sidecar** head (``-md mtp-*.gguf``, ``draft`` below) is a second model: all of its tensors load, placed by the
+  draft's own ``-ngld`` (all on the GPU by default): ``token_embd`` on the CPU, the rest on the GPU, the trunk's
+  ``--n-cpu-moe`` / ``--cpu-moe`` not applying to it (common/speculative.cpp:2456-2466, 2537-2556) — so it
+  duplicates the trunk's ``token_embd`` and ``output``.
+* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer on the first GPU
+  of the backend registry (this machine's, before any RPC worker's; tools/mtmd/clip.cpp:188-208), on the CPU with
+  ``--no-mmproj-offload`` (:mod:`tuner.vision`), as ``vision_bytes`` of that device.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.ggml import CUDA_MATRIX_ROW_PADDING, is_quantized, kv_cache_type, row_bytes
 from tuner.layout import ModelLayout, Tensor, TensorClass
 from tuner.units import MiB
+from tuner.vision import Projector
 
 CPU = "CPU"
 # Architectures with M-RoPE / IMRoPE: four positions per token (llama-graph.cpp build_inp_pos).
@@ -81,6 +93,7 @@ class DeviceMemory:
     recurrent_bytes: int = 0
     compute_bytes: int = 0
     output_bytes: int = 0
+    vision_bytes: int = 0  # the vision projector: its weights and its encoder's compute buffer
 
     @property
     def is_gpu(self) -> bool:
@@ -88,7 +101,8 @@ class DeviceMemory:
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.compute_bytes + self.output_bytes
+        return (self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.compute_bytes + self.output_bytes
+                + self.vision_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -110,6 +124,8 @@ class MemoryEstimate:
     mtp_bytes: int = 0  # part of the totals above that the MTP draft context adds
     notes: tuple[str, ...] = field(default=())
     pipeline_parallel: bool = False  # llama.cpp's pipeline parallelism is on (bigger compute buffers)
+    vision: dict[str, Any] | None = None  # the projector: file, device, weights and compute bytes
+    mtp_draft: str | None = None  # the sidecar file the draft context runs on (None: the head in the model)
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(d, attr) for d in self.devices)
@@ -133,6 +149,10 @@ class MemoryEstimate:
     @property
     def output_bytes(self) -> int:
         return self._sum("output_bytes")
+
+    @property
+    def vision_bytes(self) -> int:
+        return self._sum("vision_bytes")
 
     @property
     def total_bytes(self) -> int:
@@ -169,12 +189,15 @@ class MemoryEstimate:
                 "recurrent_bytes": self.recurrent_bytes,
                 "compute_bytes": self.compute_bytes,
                 "output_bytes": self.output_bytes,
+                "vision_bytes": self.vision_bytes,
                 "total_bytes": self.total_bytes,
                 "devices": [d.to_dict() for d in self.devices],
                 "host": {"checkpoints_bytes": self.checkpoints_bytes,
                          "prompt_cache_bytes": self.prompt_cache_bytes,
                          "total_bytes": self.host_total_bytes},
                 "mtp_bytes": self.mtp_bytes,
+                "mtp_draft": self.mtp_draft,
+                "vision": self.vision,
             },
             "notes": list(self.notes),
         }
@@ -717,11 +740,45 @@ def compute_by_device(layout: ModelLayout, shape: ContextShape, devs: Sequence[s
     return out
 
 
+def sidecar_placement(draft: ModelLayout, gpu_names: Sequence[str] = (),
+                      gpu_split: Sequence[float] | None = None) -> list[tuple[Tensor, str]]:
+    """Every tensor of an MTP sidecar with its device, as the draft model loads it: the draft's ``-ngld`` (all on
+    the GPUs by default) and never the trunk's ``--n-cpu-moe`` / ``--cpu-moe`` (common/speculative.cpp:2456-2466),
+    ``token_embd`` on the CPU (llama-model.cpp:1603-1605)."""
+    devs = layer_devices(draft.n_layer_all, None, gpu_names, gpu_split)
+    out_dev = devs[draft.n_layer_all]
+    placed: list[tuple[Tensor, str]] = []
+    for t in draft.tensors:
+        if t.cls is TensorClass.TOKEN_EMBD:
+            placed.append((t, CPU))
+            if draft.tied_embeddings and out_dev != CPU:
+                placed.append((t, out_dev))
+            continue
+        placed.append((t, out_dev if t.layer is None else devs[t.layer]))
+    return placed
+
+
+def check_sidecar(layout: ModelLayout, draft: ModelLayout) -> None:
+    """A sidecar drafts for ``layout`` only if it is the same model's head: same architecture, widths, vocabulary
+    and trunk depth, an MTP block and no trunk blocks (llama.cpp's MTP-only test, qwen35moe.cpp:37-38)."""
+    what = f"{draft.source or 'the MTP sidecar'}"
+    if not draft.has_mtp or any(t.layer is not None and t.layer < draft.n_layer for t in draft.tensors):
+        raise TunerError(f"{what} is not an MTP sidecar: it needs nextn_predict_layers > 0 and only the MTP block")
+    mine = (draft.arch, draft.n_embd, draft.n_vocab, draft.n_layer)
+    theirs = (layout.arch, layout.n_embd, layout.n_vocab, layout.n_layer)
+    if mine != theirs:
+        raise TunerError(f"{what} is the MTP head of another model: (arch, n_embd, n_vocab, layers) {mine} vs the "
+                         f"model's {theirs}")
+
+
 def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str | Device] = (),
-                    gpu_split: Sequence[float] | None = None) -> MemoryEstimate:
+                    gpu_split: Sequence[float] | None = None, *, draft: ModelLayout | None = None,
+                    vision: Projector | None = None, mmproj_offload: bool = True) -> MemoryEstimate:
     """Bytes per device llama-server allocates for ``layout`` with ``flags`` on the devices ``gpu_names`` (llama.cpp's
     order; names or :class:`Device`), layers split by ``flags.tensor_split`` or else by ``gpu_split`` (llama.cpp's
-    default: the devices' free memory; equal shares when None)."""
+    default: the devices' free memory; equal shares when None); with ``draft``, the MTP sidecar given with ``-md``
+    (used only with ``--spec-type draft-mtp``); with ``vision``, the projector given with ``--mmproj`` (on the first
+    local device, or the CPU when not ``mmproj_offload``)."""
     shape = context_shape(layout, flags)
     tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
     notes: list[str] = []
@@ -734,8 +791,12 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
                 raise TunerError(f"{which} cache type {t.name} (blocks of {t.block_size}) does not divide the head "
                                  f"size {head} of this model: pick f16, bf16 or f32 for --cache-type-{which.lower()}")
     mtp = flags.spec_type == SPEC_MTP
-    if mtp and not layout.has_mtp:
-        raise TunerError("--spec-type draft-mtp needs a GGUF with the MTP layer (nextn_predict_layers = 0 here)")
+    if draft is not None:
+        check_sidecar(layout, draft)
+    head = draft if mtp and draft is not None else layout  # the model the draft context runs on
+    if mtp and not head.has_mtp:
+        raise TunerError("--spec-type draft-mtp needs a GGUF with the MTP layer (nextn_predict_layers = 0 here) "
+                         "or its MTP sidecar (-md mtp-*.gguf)")
     all_devices = [Device.of(d) for d in gpu_names]
     by_name = {d.name: d for d in all_devices}
     used = model_devices(all_devices, flags)
@@ -758,6 +819,16 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
         if t.cls is TensorClass.MTP:
             mtp_bytes += nbytes
         add(dev, "weights", nbytes)
+    head_devs = devs
+    if mtp and head is draft:  # a second model: every tensor of the sidecar
+        used_names = [d.name for d in used]
+        head_devs = layer_devices(draft.n_layer_all, None, used_names, gpu_split)
+        for t, dev in sidecar_placement(draft, used_names, gpu_split):
+            nbytes = t.nbytes
+            if dev != CPU and is_quantized(t.ggml_type) and t.shape and t.shape[0] % CUDA_MATRIX_ROW_PADDING:
+                nbytes += row_bytes(t.ggml_type, CUDA_MATRIX_ROW_PADDING - t.shape[0] % CUDA_MATRIX_ROW_PADDING)
+            mtp_bytes += nbytes
+            add(dev, "weights", nbytes)
 
     # KV cache and recurrent state, with their layers (or on the CPU with --no-kv-offload)
     def ctx_dev(il: int) -> str:
@@ -786,12 +857,17 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     output = layout.n_vocab * 4 * shape.n_seq
     add(CPU, "output", output)
 
-    # MTP draft context (common/common.cpp:1195-1232): same n_ctx and slots, one attention layer of KV per MTP block
-    # in the draft cache types (--cache-type-k/v-draft, f16 by default, not the main ones), and one compute and one
-    # output buffer of its own
+    # MTP draft context (common/speculative.cpp:2446-2570): same n_ctx and slots, one attention layer of KV per MTP
+    # block in the draft cache types (--cache-type-k/v-draft, f16 by default, not the main ones), and one compute and
+    # one output buffer of its own
     if mtp:
-        draft_compute = mtp_compute_bytes(layout, shape, flash_attn, False, shape.n_seq)
-        add(devs[layout.n_layer], "compute", draft_compute)
+        if head is draft:  # a sidecar: its MTP block's draft KV, on the sidecar's devices
+            for il in range(draft.n_layer, draft.n_layer_all):
+                kv = shape.n_ctx * draft.kv_bytes_per_cell(DRAFT_CACHE_TYPE, DRAFT_CACHE_TYPE, [il])
+                add(CPU if flags.no_kv_offload else head_devs[il], "kv", kv)
+                mtp_bytes += kv
+        draft_compute = mtp_compute_bytes(head, shape, flash_attn, False, shape.n_seq)
+        add(head_devs[head.n_layer], "compute", draft_compute)
         add(CPU, "output", output)
         mtp_bytes += draft_compute + output
         mtp_bytes += layout.recurrent_bytes_per_seq() * max(1, shape.n_seq) * n_rs_seq
@@ -799,9 +875,21 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     if flags.cache_ram_mib < 0:
         notes.append("--cache-ram -1: the prompt cache has no limit, host RAM below leaves it out")
 
+    vision_doc = None
+    if vision is not None:
+        # the first GPU the backend registry knows: this machine's before RPC workers' (registered later)
+        local = [d.name for d in all_devices if not d.remote]
+        vdev = (local or [d.name for d in all_devices])[0] if all_devices and mmproj_offload else CPU
+        add(vdev, "vision", vision.total_bytes(flash_attn))
+        vision_doc = {**vision.to_dict(flash_attn), "device": vdev}
+        growth = vision.growth_bytes(flash_attn)
+        if growth:
+            notes.append(f"vision: the largest image grows the projector's compute buffer by {growth / MiB:.0f} MiB "
+                         f"at run time beyond its warm-up reservation (not in the load log)")
+
     devices = tuple(
         DeviceMemory(name, v.get("weights", 0), v.get("kv", 0), v.get("recurrent", 0), v.get("compute", 0),
-                     v.get("output", 0))
+                     v.get("output", 0), v.get("vision", 0))
         for name, v in acc.items()
     )
     # worst case: every slot holds --ctx-checkpoints snapshots of its recurrent state (server-context.cpp:2290-2356)
@@ -822,4 +910,6 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
         mtp_bytes=mtp_bytes,
         notes=tuple(notes),
         pipeline_parallel=pipeline,
+        vision=vision_doc,
+        mtp_draft=(draft.source or "sidecar") if mtp and draft is not None else None,
     )

@@ -2,10 +2,11 @@
 
 * ``source == "local"``: the files are used where they are (checked to exist, nothing is copied).
 * ``source == "hub"`` or ``"card"`` (a card resolves to its default repo and file names): every shard of the quant,
-  plus the vision projector when vision is on, is downloaded with :func:`huggingface_hub.hf_hub_download` into the
-  Hub's own cache (``HF_HOME`` / ``HF_HUB_CACHE``), so files already there are not fetched again and other tools
-  share them. ``HF_ENDPOINT`` and ``HF_TOKEN`` (or the token ``hf auth login`` saved) are honoured, read when the
-  download starts, as :mod:`tuner.remote` reads them (the Hub library itself reads ``HF_ENDPOINT`` only at import).
+  plus the vision projector when vision is on and the MTP sidecar when the plan drafts with it, is downloaded with
+  :func:`huggingface_hub.hf_hub_download` into the Hub's own cache (``HF_HOME`` / ``HF_HUB_CACHE``), so files
+  already there are not fetched again and other tools share them. ``HF_ENDPOINT`` and ``HF_TOKEN`` (or the token
+  ``hf auth login`` saved) are honoured, read when the download starts, as :mod:`tuner.remote` reads them (the Hub
+  library itself reads ``HF_ENDPOINT`` only at import).
   Each file is downloaded by a child process (:mod:`tuner.fetch_worker`), so that a download that stalls is given
   up after ``TUNER_DOWNLOAD_STALL_S`` seconds without new bytes, and Ctrl-C or SIGTERM stop it at once, leaving no
   thread or process behind.
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +47,28 @@ class FetchedModel:
     shard_paths: tuple[Path, ...]
     mmproj_path: Path | None
     downloaded_bytes: int  # 0 when everything was local or already in the Hub cache
+    mtp_path: Path | None = None  # the MTP sidecar (-md), when the plan drafts with one
 
 
 def fetch_candidate(candidate: QuantCandidate, *, vision: bool = False, on_progress: FetchProgressFn | None = None,
-                    cache_dir: Path | None = None) -> FetchedModel:
-    """Local paths for every file of ``candidate`` (downloading what is not here), plus the mmproj if ``vision``.
-    ``cache_dir``: the Hub cache to use (default: the Hub library's, from ``HF_HUB_CACHE`` / ``HF_HOME``)."""
+                    cache_dir: Path | None = None, mtp_sidecar: bool = False) -> FetchedModel:
+    """Local paths for every file of ``candidate`` (downloading what is not here), plus the mmproj if ``vision`` and
+    its MTP sidecar if ``mtp_sidecar``. ``cache_dir``: the Hub cache to use (default: the Hub library's, from
+    ``HF_HUB_CACHE`` / ``HF_HOME``)."""
     if not candidate.files:
         raise TunerError(f"quant {candidate.quant} lists no files")
+    if mtp_sidecar and not candidate.mtp_sidecar:
+        raise TunerError(f"quant {candidate.quant} has no MTP sidecar to draft with")
     if candidate.source == "local":
-        return _local(candidate, vision)
+        fetched = _local(candidate, vision)
+        if mtp_sidecar:
+            path = Path(str(candidate.mtp_sidecar)).expanduser()
+            if not path.is_file():
+                raise TunerError(f"MTP sidecar {path} does not exist")
+            fetched = replace(fetched, mtp_path=path)
+        return fetched
     if candidate.source in ("hub", "card"):
-        return _from_hub(candidate, vision, on_progress, cache_dir)
+        return _from_hub(candidate, vision, on_progress, cache_dir, mtp_sidecar)
     raise TunerError(f"quant {candidate.quant} comes from {candidate.source!r}, which tuner cannot fetch")
 
 
@@ -79,7 +90,7 @@ def _local(candidate: QuantCandidate, vision: bool) -> FetchedModel:
 
 
 def _from_hub(candidate: QuantCandidate, vision: bool, on_progress: FetchProgressFn | None,
-              cache_dir: Path | None) -> FetchedModel:
+              cache_dir: Path | None, mtp_sidecar: bool = False) -> FetchedModel:
     if not candidate.repo:
         raise TunerError(f"quant {candidate.quant} has no Hugging Face repo to download it from")
     wanted = list(candidate.files)
@@ -88,6 +99,8 @@ def _from_hub(candidate: QuantCandidate, vision: bool, on_progress: FetchProgres
             raise TunerError(f"vision is on but {candidate.repo} has no mmproj file for {candidate.quant}",
                              hint="leave vision off, or pick a repo that ships an mmproj-*.gguf")
         wanted.append(candidate.mmproj)
+    if mtp_sidecar:
+        wanted.append(str(candidate.mtp_sidecar))
     local: list[Path] = []
     downloaded = 0
     for name in wanted:
@@ -96,7 +109,8 @@ def _from_hub(candidate: QuantCandidate, vision: bool, on_progress: FetchProgres
         local.append(path)
         downloaded += n_bytes
     shards = tuple(local[: len(candidate.files)])
-    return FetchedModel(shards[0], shards, local[-1] if vision else None, downloaded)
+    return FetchedModel(shards[0], shards, local[len(shards)] if vision else None, downloaded,
+                        local[-1] if mtp_sidecar else None)
 
 
 STALL_ENV = "TUNER_DOWNLOAD_STALL_S"

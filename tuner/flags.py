@@ -275,7 +275,7 @@ FLAGS = FlagTable((
          planned=True),
     # --draft, --draft-n and --draft-max are removed in this llama.cpp (arg.cpp:4387); read from older command lines
     Flag("spec_draft_n_max", "--spec-draft-n-max", (), Kind.INT, 3, f"{_H}:328", "Tokens drafted per step.",
-         legacy=("--draft-max", "--draft", "--draft-n"), planned=True, needs="spec_type"),
+         legacy=("--draft-max", "--draft", "--draft-n"), planned=True, explicit=True, needs="spec_type"),
     Flag("no_kv_offload", "--no-kv-offload", ("-nkvo",), Kind.SWITCH, False, f"{_H}:580",
          "Keep KV and state on the CPU.", negation=("--kv-offload", "-kvo"), planned=True),
     # ------------------------------------------------------------------ passed through: bench and serve write them
@@ -310,6 +310,18 @@ FLAGS = FlagTable((
          serve_owned=True),
     Flag("alias", "--alias", ("-a",), Kind.TEXT, None, f"{_A}:3011", "Model name clients see.", serve_owned=True),
     Flag("mmproj", "--mmproj", ("-mm",), Kind.TEXT, None, f"{_A}:2578", "Vision projector file.", serve_owned=True),
+    Flag("mmproj_offload", "--mmproj-offload", (), Kind.SWITCH, True, f"{_A}:2601",
+         "Vision projector on the GPU (--no-mmproj-offload: on the CPU).", negation=("--no-mmproj-offload",)),
+    # the file is read verbatim at parse time; it replaces the GGUF's template and its tool_use variant
+    # (common/arg.cpp:3762-3772, common/chat.cpp:757-786)
+    Flag("chat_template_file", "--chat-template-file", (), Kind.TEXT, None, f"{_A}:3762",
+         "Jinja chat template file instead of the GGUF's."),
+    Flag("chat_template", "--chat-template", (), Kind.TEXT, None, f"{_A}:3750",
+         "Jinja chat template (or a built-in name) instead of the GGUF's."),
+    # an MTP sidecar (mtp-*.gguf) is loaded only through it (or -hf): nothing is looked up beside -m
+    # (common/speculative.cpp:2537-2556)
+    Flag("spec_draft_model", "--spec-draft-model", ("-md", "--model-draft"), Kind.TEXT, None, f"{_A}:4241",
+         "Draft model file: the MTP sidecar (mtp-*.gguf) for --spec-type draft-mtp."),
     Flag("metrics", "--metrics", (), Kind.SWITCH, False, f"{_H}:675", "The /metrics endpoint.", serve_owned=True),
     Flag("jinja", "--jinja", (), Kind.SWITCH, True, f"{_H}:640", "The jinja chat template engine.",
          negation=("--no-jinja",), serve_owned=True),

@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -245,3 +246,80 @@ class RangeReader:
             raise TunerError(f"{self.label}: the Hub sent {len(got)} of {want} bytes asked for")
         self.buf += got[:want]
 
+
+
+# --- small files and file dates -----------------------------------------------------------------------------------
+
+SMALL_FILE_MAX_BYTES = 16 << 20  # a tokenizer_config.json is tens of kB; a chat template a few
+PATHS_INFO_MAX_BYTES = 4 << 20
+
+
+async def fetch_small_file(http: httpx.AsyncClient, url: str, headers: dict[str, str], what: str,
+                           limit: int = SMALL_FILE_MAX_BYTES) -> bytes:
+    """The whole of a small repo file (``{endpoint}/{repo}/resolve/{commit}/{path}``), at most ``limit`` bytes.
+
+    Hand-written rather than ``hf_hub_download``: that one has no size limit and, without a network, retries for
+    about 23 s before it gives up; here the caller has already listed the repo, so the file is known to exist."""
+    try:
+        async with http.stream("GET", url, headers=headers) as r:
+            if r.status_code in (401, 403):
+                raise TunerError(f"access denied reading {what} (HTTP {r.status_code}; set HF_TOKEN)")
+            if r.status_code == 404:
+                raise TunerError(f"{what} not found on the Hub (HTTP 404)")
+            if r.status_code != 200:
+                raise TunerError(f"the Hub answered HTTP {r.status_code} reading {what}")
+            return await _read_capped(r, limit, what)
+    except httpx.HTTPError as error:
+        raise transport_error(error, f"reading {what}") from None
+
+
+def _commit_date(entry: dict[str, Any], where: str) -> datetime | None:
+    last = entry.get("lastCommit")
+    if last is None:
+        return None
+    date = last.get("date") if isinstance(last, dict) else None
+    if not isinstance(date, str) or len(date) > 64:
+        raise TunerError(f"{where}: a last commit date is {shown(date, 40)}, not an ISO date")
+    try:
+        when = datetime.fromisoformat(date.replace("Z", "+00:00"))
+    except ValueError:
+        raise TunerError(f"{where}: a last commit date is {shown(date, 40)}, not an ISO date") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def paths_dates_from_json(data: Any, paths: list[str], where: str) -> dict[str, datetime | None]:
+    """The last-commit date of each asked path from a paths-info answer (``[{"path", "type", "lastCommit": {"id",
+    "title", "date"}}, …]``, what ``HfApi.get_paths_info(expand=True)`` reads); a path the answer lacks is None."""
+    if not isinstance(data, list) or len(data) > LISTING_MAX_FILES:
+        raise TunerError(f"{where}: the Hub answered {type(data).__name__}, not a list of paths")
+    found: dict[str, datetime | None] = dict.fromkeys(paths)
+    for entry in data:
+        if not isinstance(entry, dict):
+            raise TunerError(f"{where}: a path entry is {shown(entry, 40)}, not an object")
+        path = entry.get("path")
+        if path in found:
+            found[path] = _commit_date(entry, where)
+    return found
+
+
+async def fetch_paths_dates(http: httpx.AsyncClient, endpoint: str, repo: str, revision: str, paths: list[str],
+                            headers: dict[str, str]) -> dict[str, datetime | None]:
+    """The date of the last commit that touched each of ``paths`` at ``revision``: one ``POST
+    {endpoint}/api/models/{repo}/paths-info/{revision}`` with ``expand=true`` (the call ``HfApi.get_paths_info``
+    makes), its answer bounded and validated like the listing's."""
+    what = f"the file dates of {repo}"
+    for p in paths:
+        check_repo_path(p, where=what)
+    url = f"{endpoint}/api/models/{repo}/paths-info/{quote(revision, safe='')}"
+    try:
+        async with http.stream("POST", url, data={"paths": paths, "expand": "true"}, headers=headers) as r:
+            if r.status_code != 200:
+                raise _listing_status_error(r, repo, revision, endpoint)
+            body = await _read_capped(r, PATHS_INFO_MAX_BYTES, what)
+    except httpx.HTTPError as error:
+        raise transport_error(error, what) from None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise TunerError(f"the Hub's answer with {what} is not JSON ({len(body)} bytes)") from None
+    return paths_dates_from_json(data, paths, f"the Hub's answer with {what}")

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from math import prod
 from typing import Any
+from urllib.parse import urlsplit
 
 from tuner.errors import TunerError
 from tuner.ggml import GgmlType, kv_cache_type, row_bytes
 from tuner.gguf_file import ArraySummary, GgufHeader
 from tuner.gguf_schema import check_metadata
+from tuner.untrusted import check_repo_id
 
 HYBRID_ARCHS: frozenset[str] = frozenset({"qwen35moe", "qwen35", "qwen3next"})
 # Transformers where every layer has a KV cache, sized by the generic keys alone.
@@ -67,6 +69,8 @@ _BLOCK_CLASSES: tuple[tuple[re.Pattern[str], TensorClass], ...] = tuple(
     )
 )
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"  # src/llama-arch.cpp:411
+_HUB_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 # llama.cpp's --n-cpu-moe / --cpu-moe pattern (common/common.h:1198-1217).
 EXPERT_TENSOR_RE = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")
 
@@ -120,6 +124,8 @@ class ModelLayout:
     tensors: tuple[Tensor, ...] = field(default=(), repr=False)
     file_bytes: int = 0
     source: str = ""
+    chat_template: str | None = field(default=None, repr=False)  # tokenizer.chat_template, as the file holds it
+    base_model_repo: str | None = None  # the Hub repo general.base_model.0.repo_url names, when it names one
 
     # --- shape facts ------------------------------------------------------------------------------------------
     @property
@@ -360,7 +366,25 @@ def layout_from_metadata(metadata: dict[str, Any], tensors: Iterable[tuple[str, 
         tensors=tuple(classified),
         file_bytes=file_bytes,
         source=source,
+        chat_template=template if isinstance(template := metadata.get(CHAT_TEMPLATE_KEY), str) else None,
+        base_model_repo=base_model_repo(metadata),
     )
+
+
+def base_model_repo(metadata: dict[str, Any]) -> str | None:
+    """The Hub repo of the model a GGUF was converted from: ``general.base_model.0.repo_url`` when it is a
+    ``https://huggingface.co/<owner>/<name>`` URL (gguf-py/gguf/constants.py:81-90); None otherwise."""
+    url = metadata.get("general.base_model.0.repo_url")
+    if not isinstance(url, str) or len(url) > 512:
+        return None
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or parts.netloc.lower() not in _HUB_HOSTS:
+        return None
+    repo = parts.path.strip("/")
+    try:
+        return check_repo_id(repo)
+    except TunerError:
+        return None
 
 
 def layout_from_header(header: GgufHeader) -> ModelLayout:

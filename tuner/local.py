@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from tuner.candidate import QuantCandidate
@@ -10,7 +11,14 @@ from tuner.cards import match_card
 from tuner.errors import TunerError
 from tuner.gguf_file import read_gguf
 from tuner.layout import ModelLayout, layout_from_header
-from tuner.quant_files import FileGroup, GroupedFiles, candidates_from_headers, group_gguf_files, quant_label
+from tuner.quant_files import (
+    FileGroup,
+    GroupedFiles,
+    candidates_from_headers,
+    group_gguf_files,
+    quant_label,
+    sidecar_layout,
+)
 
 
 def local_layout(path: str | Path) -> ModelLayout:
@@ -19,17 +27,36 @@ def local_layout(path: str | Path) -> ModelLayout:
 
 
 def file_candidate(path: str) -> QuantCandidate:
-    """One local GGUF (or the first shard of a split model) as the only candidate, with the vision projector beside
-    it (chosen as in a folder or a repo: F16 first) and the card its shapes match."""
+    """One local GGUF (or the first shard of a split model) as the only candidate, with the vision projector and the
+    MTP sidecar beside it (chosen as in a folder or a repo) and the card its shapes match."""
     header = read_gguf(path)
     layout = layout_from_header(header)
     folder = Path(header.paths[0]).parent
-    mmproj = group_gguf_files((str(p), p.stat().st_size) for p in folder.glob("*.gguf") if p.is_file()).pick_mmproj()
+    grouped = group_gguf_files((str(p), p.stat().st_size) for p in folder.glob("*.gguf") if p.is_file())
+    mmproj = grouped.pick_mmproj()
     card = match_card(layout)
+    label = quant_label(header.paths[0])
+    sidecar = _sidecar(grouped, FileGroup(label, (header.paths[0],), (header.file_bytes,)), Path("/"), layout)
     return QuantCandidate(
-        quant=quant_label(header.paths[0]), layout=layout, files=header.paths, file_bytes=header.file_bytes,
+        quant=label, layout=layout, files=header.paths, file_bytes=header.file_bytes,
         source="local", mmproj=mmproj[0] if mmproj else None, mmproj_bytes=mmproj[1] if mmproj else 0,
-        quality_rank=1, card_key=card.key if card else None)
+        quality_rank=1, card_key=card.key if card else None, mtp_sidecar=sidecar[0] if sidecar else None,
+        mtp_draft=sidecar[1] if sidecar else None)
+
+
+def _sidecar(grouped: GroupedFiles, group: FileGroup, root: Path, layout: ModelLayout
+             ) -> tuple[str, ModelLayout] | None:
+    """The MTP sidecar picked for ``group`` (paths relative to ``root``) and its layout, when it is this model's
+    head; None when there is none, or it cannot be read or belongs to another model."""
+    pick = grouped.pick_mtp(group)
+    if pick is None:
+        return None
+    path = str(root / pick[0])
+    try:
+        draft = sidecar_layout(read_gguf(path), layout)
+    except TunerError:
+        return None
+    return (path, draft) if draft is not None else None
 
 
 def _dir_files(path: str | os.PathLike[str]) -> tuple[Path, GroupedFiles]:
@@ -57,5 +84,12 @@ def dir_candidates(path: str | os.PathLike[str], quant: str | None = None) -> li
     headers = [read_gguf(root / g.files[0]) for g in groups]
     local_groups = [FileGroup(g.label, tuple(str(root / f) for f in g.files), g.sizes) for g in groups]
     mm = grouped.pick_mmproj()
-    return candidates_from_headers(headers, local_groups, source="local", repo=None, revision=None,
-                                   mmproj=(str(root / mm[0]), mm[1]) if mm else None)
+    candidates = candidates_from_headers(headers, local_groups, source="local", repo=None, revision=None,
+                                         mmproj=(str(root / mm[0]), mm[1]) if mm else None)
+    by_file = {g.files[0]: g for g in groups}
+    out = []
+    for c in candidates:
+        group = by_file[Path(c.files[0]).relative_to(root).as_posix()]
+        sidecar = _sidecar(grouped, group, root, c.layout)
+        out.append(replace(c, mtp_sidecar=sidecar[0], mtp_draft=sidecar[1]) if sidecar else c)
+    return out

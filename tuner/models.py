@@ -16,18 +16,20 @@ wants one model and asks for a quant unless there is only one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tuner.candidate import ProgressFn, QuantCandidate
 from tuner.cards import DEFAULT_CARD, card_candidates, find_card, list_cards, load_card
 from tuner.errors import TunerError
+from tuner.gguf_file import read_gguf
 from tuner.layout import ModelLayout
 from tuner.local import dir_candidates, dir_quant_labels, file_candidate, local_layout
-from tuner.remote import hub_candidates, hub_quant_labels, parse_hub_ref
+from tuner.remote import hub_candidates, hub_quant_labels, parse_hub_ref, read_hub_file_header
+from tuner.vision import Projector, projector_from_header
 
-__all__ = ["ModelRef", "ProgressFn", "QuantCandidate", "local_layout", "parse_model_ref", "resolve_candidates",
-           "resolve_layout"]
+__all__ = ["ModelRef", "ProgressFn", "QuantCandidate", "local_layout", "parse_model_ref", "read_projector",
+           "resolve_candidate", "resolve_candidates", "resolve_layout"]
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,41 @@ def resolve_layout(ref: str, on_progress: ProgressFn | None = None) -> ModelLayo
     return candidates[0].layout
 
 
+def resolve_candidate(ref: str, on_progress: ProgressFn | None = None) -> QuantCandidate:
+    """The one quant a reference names (as :func:`resolve_layout` takes it), with what lies beside it: its vision
+    projector and MTP sidecar, its repo and commit."""
+    parsed = parse_model_ref(ref)
+    if parsed.kind == "file":
+        return file_candidate(parsed.target)
+    if parsed.quant is None:
+        labels = _ladder_labels(parsed)
+        if len(labels) != 1:
+            raise TunerError(f"{ref} comes in {len(labels)} quants; name one as {parsed.target}:QUANT "
+                             f"({', '.join(labels)})")
+    return resolve_candidates(ref, on_progress)[0]
+
+
 def _ladder_labels(parsed: ModelRef) -> list[str]:
     if parsed.kind == "card":
         return list(load_card(parsed.target).quants)
     if parsed.kind == "hub":
         return hub_quant_labels(parsed.target)
     return dir_quant_labels(parsed.target)
+
+
+def read_projector(candidate: QuantCandidate) -> Projector | None:
+    """The vision projector beside a quant, read from its header: a local file, or a Hub file by range requests
+    (cached like the models' headers). None when there is none, for a card (no file to read: its size stands in),
+    or when the header cannot be read (offline and never read: the file's size stands in, a few kB over the
+    tensors)."""
+    if not candidate.mmproj or candidate.source == "card":
+        return None
+    try:
+        if candidate.source == "local":
+            return projector_from_header(read_gguf(candidate.mmproj))
+        if not candidate.repo or not candidate.revision:
+            return None
+        header = read_hub_file_header(candidate.repo, candidate.revision, candidate.mmproj, candidate.mmproj_bytes)
+        return replace(projector_from_header(header), path=candidate.mmproj)
+    except TunerError:
+        return None

@@ -78,11 +78,12 @@ from tuner.cards import preset_args
 from tuner.corrections import Calibration, corrected_estimate, shape_id
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
-from tuner.flags import FLAGS
+from tuner.flags import FLAGS, SPEC_MTP
 from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
-from tuner.models import ProgressFn, QuantCandidate, resolve_candidates
+from tuner.models import ProgressFn, QuantCandidate, read_projector, resolve_candidates
+from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, mtp_flags, predict_mtp
 from tuner.placement import Placer, cpu_expert_layers, cpu_expert_tensors, devices_of, placement_reason
 from tuner.policy import BALANCED
 from tuner.speed import Prediction, predict_speed
@@ -99,10 +100,10 @@ DEFAULT_VRAM_BUFFER_BYTES = COMMUNITY_HEADROOM_BYTES + CUDA_UNACCOUNTED_BYTES
 DEFAULT_RAM_BUFFER_BYTES = 1 * GiB
 """CPU only: RAM kept free for the OS and the server process itself."""
 VISION_COMPUTE_BYTES = 384 * MiB
-"""Allowance for the vision encoder's compute buffer, on top of the mmproj weights: its warm-up image is 46 × 46
-tokens after a 2 × 2 merge, 8464 patches (tools/mtmd/clip.cpp:1668-1679), and one f32 activation of the encoder's MLP
-(width 1152 → 4304, from the Qwen3.5 mmproj's header) is 8464 × 4304 × 4 B = 139 MiB; a few of those live at once.
-Not measured."""
+"""Kept for reference: the flat allowance the planner once held back for the vision encoder's compute buffer. The
+projector's weights and warm-up buffer are now in the estimate (:mod:`tuner.vision`: 248 MiB measured for Qwen3.5's
+encoder with flash attention); the budget keeps only what an image grows that buffer by at run time
+(:meth:`tuner.vision.Projector.growth_bytes`)."""
 
 MIN_CTX = 4096
 """The smallest context a plan may have (llama.cpp's --fit stops at the same 4096)."""
@@ -140,7 +141,7 @@ class Budget:
     buffer_bytes: int
     ram_available_bytes: int
     gpu_free_bytes: tuple[tuple[str, int], ...] = ()  # per GPU, llama.cpp's name and its free bytes
-    reserved_bytes: int = 0  # what the estimate does not count, the vision projector: first GPU (RAM if none)
+    reserved_bytes: int = 0  # what the estimate does not count: the vision encoder's run-time growth, on its device
     gpu_total_bytes: tuple[int, ...] = ()  # per GPU (same order), its total memory
     buffer_source: str = ""  # why buffer_bytes is what it is, when a calibration set it
 
@@ -211,15 +212,22 @@ class Plan:
     def model_name(self) -> str:
         return self.candidate.card_key or self.candidate.layout.name or self.candidate.layout.source
 
+    @property
+    def uses_sidecar(self) -> bool:
+        """Whether the plan drafts with an MTP head kept in its own file (``-md``), not in the model."""
+        return self.flags.spec_type == SPEC_MTP and not self.candidate.layout.has_mtp
+
     def command(self, server_bin: str = "llama-server", model_path: str | None = None,
-                mmproj_path: str | None = None, *, preset: str | None = None) -> list[str]:
+                mmproj_path: str | None = None, mtp_path: str | None = None, *,
+                preset: str | None = None) -> list[str]:
         """The llama-server command line, runnable as printed. The model: ``model_path``, or a local file's absolute
         path, or else ``-hf REPO:QUANT`` for llama-server to fetch from the Hub itself (common/arg.cpp:3060; the
-        tag picks the file whose name carries it, with its shards, common/download.cpp:655-690), with
-        ``--no-mmproj`` unless vision is on (-hf would load the repo's projector too, common/arg.cpp:400). Then the
-        plan's flags, ``--fit off`` because the plan already fits, ``--jinja`` for the model's chat template (tool
-        calls), the vision projector, and the card's sampling ``preset`` (default: the card's own), as ``tuner
-        serve`` runs it."""
+        tag picks the file whose name carries it, with its shards, common/download.cpp:655-690). Then the plan's
+        flags, ``--fit off`` because the plan already fits, ``--jinja`` for the model's chat template (tool calls),
+        the MTP sidecar it drafts with (``-md``; with ``-hf`` llama-server fetches the repo's ``mtp-*`` sidecar
+        itself, common/arg.cpp:366-368, download.cpp:613-617), the vision projector, or else ``--no-mmproj`` (so
+        no projector the plan did not count is loaded: ``-hf`` would fetch the repo's, common/arg.cpp:383-401), and
+        the card's sampling ``preset`` (default: the card's own), as ``tuner serve`` runs it."""
         c = self.candidate
         if model_path:
             model = FLAGS["model"].to_args(str(model_path))
@@ -232,13 +240,19 @@ class Plan:
         args = [server_bin, *model, *self.flags.to_args(), *self.extra_args,
                 *FLAGS["fit"].to_args("off"), *FLAGS["jinja"].to_args(True)]
         on_hub = not model_path and not (c.source == "local" and c.files)
+        if self.uses_sidecar:
+            sidecar = mtp_path or (None if on_hub else c.mtp_sidecar)
+            if sidecar:
+                args += FLAGS["spec_draft_model"].to_args(str(sidecar))
+            elif not on_hub:
+                raise TunerError(f"{self.model_name} {self.quant}: MTP drafting needs the head's file (mtp-*.gguf)")
         if self.vision:
             mmproj = mmproj_path or (None if on_hub else c.mmproj)
             if mmproj:
                 args += FLAGS["mmproj"].to_args(str(mmproj))
             elif not on_hub:  # -hf fetches and loads the repo's projector by itself
                 raise TunerError(f"{self.model_name} {self.quant}: no vision projector (mmproj) known")
-        elif on_hub:
+        else:
             args += FLAGS["mmproj_auto"].to_args(False)
         return args + preset_args(c.card_key, c.layout, preset)
 
@@ -255,6 +269,8 @@ class Plan:
             "kv_unified": self.estimate.kv_unified, "batch_size": f.batch_size, "ubatch_size": f.ubatch_size,
             "flash_attn": f.flash_attn, "cache_ram_mib": f.cache_ram_mib, "ctx_checkpoints": f.ctx_checkpoints,
             "vision": self.vision, "mmproj": c.mmproj if self.vision else None,
+            "mtp": f.spec_type == SPEC_MTP, "spec_draft_n_max": f.spec_draft_n_max if f.spec_type else None,
+            "mtp_sidecar": c.mtp_sidecar if self.uses_sidecar else None,
             "extra_args": list(self.extra_args), "args": f.to_args() + list(self.extra_args),
         }
 
@@ -446,10 +462,16 @@ class _Search:
         self.split = gpu_split(hardware)
         order = sorted({(c.quality_rank, round(c.bits_per_weight, 4)) for c in candidates})
         self.quality = {id(c): order.index((c.quality_rank, round(c.bits_per_weight, 4))) for c in candidates}
+        # what the estimate adds to a layout: its MTP sidecar and, with --vision, its projector (keyed by the layout
+        # object, so every estimate of the search counts them without being handed the candidate)
+        self.candidate_of = {id(c.layout): c for c in candidates}
 
     # --- primitives -------------------------------------------------------------------------------------------
     def estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
-        return corrected_estimate(layout, flags, self.hardware, self.calibration)
+        cand = self.candidate_of.get(id(layout))
+        draft = cand.mtp_draft if cand is not None and not layout.has_mtp else None
+        vision = cand.vision_projector() if cand is not None and self.wishes.vision else None
+        return corrected_estimate(layout, flags, self.hardware, self.calibration, draft=draft, vision=vision)
 
     def placer(self, budget: Budget) -> Placer:
         """Several devices: the placement search with each GPU's budget and memory bandwidth."""
@@ -464,8 +486,9 @@ class _Search:
         return lambda est: calibration.apply(est, layout, self.hardware)
 
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
-        if self.wishes.vision:
-            return replace(self.budget, reserved_bytes=cand.mmproj_bytes + VISION_COMPUTE_BYTES)
+        projector = cand.vision_projector() if self.wishes.vision else None
+        if projector is not None:  # the estimate counts its warm-up buffer; an image grows it at run time
+            return replace(self.budget, reserved_bytes=projector.growth_bytes())
         return self.budget
 
     def predict(self, cand: QuantCandidate, flags: ServerFlags) -> Prediction:
@@ -473,6 +496,9 @@ class _Search:
             got = self.measured(cand, flags, self.hardware)
             if got is not None:
                 return got
+        if flags.spec_type == SPEC_MTP:
+            plain = self.predict(cand, flags.with_(spec_type=None))
+            return predict_mtp(cand.layout, flags, self.hardware, plain, draft=cand.mtp_draft, gpu_split=self.split)
         pred = predict_speed(cand.layout, flags, self.hardware, gpu_split=self.split)
         return self.calibration.rescale(pred, cand.layout, flags, self.hardware) if self.calibration else pred
 
@@ -648,6 +674,57 @@ class _Search:
             return replace(opt, flags=f, estimate=e, predicted=pred), why
         return opt, None
 
+    def try_mtp(self, opt: _Option, floor: int) -> tuple[_Option, str | None]:
+        """MTP drafting (:mod:`tuner.mtp`) for the chosen plan, when it has a head (in its GGUF or a sidecar): only
+        with the whole trunk on the GPU, one slot and no vision; the draft length that predicts (or measured) the
+        fastest generation, taken when that beats plain decoding by more than the speed tolerance and its draft
+        context fits (at this context, or, unless ``--prefer context``, at the largest that fits from the floor).
+        Returns the plan (changed or not) and the reason, or None when there is no head to talk about."""
+        cand = opt.candidate
+        if not cand.has_mtp:
+            return opt, None
+        floor = floor or MIN_CTX
+        where = ("the MTP head of " + cand.mtp_sidecar.rsplit("/", 1)[-1] if not cand.layout.has_mtp
+                 and cand.mtp_sidecar else "the model's MTP head")
+        if opt.budget.cpu_only:
+            return opt, (f"MTP off: no GPU; {where} drafts on the CPU, where verifying the drafted tokens costs "
+                         f"about what it saves (tuner bench measures it on and off)")
+        if self.wishes.parallel > 1:
+            return opt, f"MTP off: --parallel {self.wishes.parallel}; MTP drafting is planned for one slot"
+        if self.wishes.vision:
+            return opt, "MTP off: not planned together with --vision (the MTP GGUFs' uploaders do not support it)"
+        if opt.flags.n_gpu_layers is not None or opt.experts_on_cpu:
+            return opt, (f"MTP off: experts of {opt.experts_on_cpu or cand.layout.n_layer} layer(s) in RAM; "
+                         "verifying 1 + n drafted tokens reads up to 1 + n times the routed experts from RAM, "
+                         "more than drafting saves")
+        best: tuple[ServerFlags, MemoryEstimate, Prediction] | None = None
+        for n in DRAFT_LENGTHS:
+            f = mtp_flags(opt.flags, n)
+            est = self.estimate(cand.layout, f)
+            if not fits(est, opt.budget):
+                if self.wishes.prefer == "context":
+                    continue
+                start = self.with_ctx(f, floor)
+                lean = self.estimate(cand.layout, start)
+                if not fits(lean, opt.budget):
+                    continue
+                f, est = self.largest_ctx(cand, start, lean, opt.budget, floor, opt.ctx)
+            pred = self.predict(cand, f)
+            if best is None or pred.tg_tok_s > best[2].tg_tok_s:
+                best = (f, est, pred)
+        if best is None:
+            return opt, (f"MTP off: {where} would not fit: its draft context (one layer of KV, a compute buffer) "
+                         "and rollback states of the recurrent layers need memory this plan does not have")
+        f, est, pred = best
+        basis = "measured" if pred.source == "measured" else f"predicted at an assumed acceptance of {MTP_ACCEPTANCE}"
+        if pred.tg_tok_s <= (1 + SPEED_TOLERANCE) * opt.tg:
+            return opt, (f"MTP off: drafting with {where} gives {pred.tg_tok_s:.0f} vs {opt.tg:.0f} tok/s ({basis}), "
+                         f"not more than {SPEED_TOLERANCE:.0%} faster")
+        ctx = f" at context {est.n_ctx_seq} instead of {opt.ctx}" if est.n_ctx_seq < opt.ctx else ""
+        why = (f"--spec-type {SPEC_MTP} --spec-draft-n-max {f.spec_draft_n_max}: drafting with {where} generates "
+               f"{pred.tg_tok_s:.0f} instead of {opt.tg:.0f} tok/s ({basis}){ctx}; every layer is on the GPU")
+        return replace(opt, flags=f, estimate=est, predicted=pred), why
+
 
 # ----------------------------------------------------------------------------------------------- scoring
 
@@ -786,7 +863,9 @@ def _placement(flags: ServerFlags, budget: Budget) -> str:
 def _no_fit_error(misses: Sequence[_Miss], search: _Search, floor: int) -> TunerError:
     smallest = min(misses, key=lambda m: (m.gpu_need_bytes + m.host_need_bytes))
     b = search.budget_for_candidate(smallest.candidate)  # with the vision reserve, if any
-    vision = f" ({fmt_bytes(b.reserved_bytes)} of it for the vision projector)" if b.reserved_bytes else ""
+    projector = smallest.candidate.vision_projector() if search.wishes.vision else None
+    vision = (f" ({fmt_bytes(projector.total_bytes() + b.reserved_bytes)} of it for the vision projector)"
+              if projector is not None else "")
     if b.cpu_only:
         have = f"{fmt_bytes(b.ram_available_bytes - b.buffer_bytes)} of RAM after a {fmt_bytes(b.buffer_bytes)} buffer"
         need = (f"{fmt_bytes(smallest.host_need_bytes + b.reserved_bytes)} of RAM{vision} "
@@ -911,7 +990,10 @@ def recommend(candidates: list[QuantCandidate], hardware: Hardware, wishes: Wish
         for opt, key in ranked[1:MAX_ALTERNATIVES + 1 - len(alts)]:
             alts.append((opt, _why_lost(opt, key, best, best_key, wishes.prefer)))
 
+    best, mtp_reason = search.try_mtp(best, best.floor)
     reasons = _reasons(best, best_key, ranked, kv_losers, search, cap, native, ub_reason, choice, more_ctx)
+    if mtp_reason:
+        reasons = (*reasons, mtp_reason)
     threads, why_threads = threads_for(hardware)
     if threads is not None and _runs_on_cpu(best):
         reasons = (*reasons, why_threads or "")
@@ -1001,13 +1083,15 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
     if b.cpu_only:
         out.append(f"no GPU: everything runs from RAM ({fmt_bytes(b.ram_available_bytes)} available, "
                    f"{fmt_bytes(b.buffer_bytes)} kept free"
-                   + (f", {fmt_bytes(b.reserved_bytes)} for the vision projector" if b.reserved_bytes else "") + ")")
+                   + (f", {fmt_bytes(b.reserved_bytes)} for the vision encoder's largest image" if b.reserved_bytes
+                      else "") + ")")
     else:
         out.append(f"{fmt_bytes(b.buffer_bytes)} of VRAM kept free on every GPU"
                    + (f" ({b.buffer_source})" if b.buffer_source else
                       " (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
                       "count)" if b.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES else " (--buffer)")
-                   + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision projector" if b.reserved_bytes else ""))
+                   + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision encoder's largest image"
+                      if b.reserved_bytes else ""))
         n = best.experts_on_cpu
         if best.flags.n_gpu_layers is not None:
             out.append(f"--n-gpu-layers {best.flags.n_gpu_layers}: even with every expert in RAM the model does "
@@ -1068,6 +1152,11 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                                                   " (on CUDA it also costs an f16 conversion buffer, counted)"))
     if ub_reason:
         out.append(ub_reason)
+    vision = best.estimate.vision
+    if vision is not None:
+        out.append(f"vision: {vision['file'] or 'the projector'} on {vision['device']}, "
+                   f"{fmt_bytes(vision['weights_bytes'])} of weights and a {fmt_bytes(vision['compute_bytes'])} "
+                   f"compute buffer (sized from its {vision['sized_from']}), counted in the memory estimate")
     cal = search.calibration.describe(search.hardware) if search.calibration else None
     if cal:
         out.append(f"{cal}: memory and speed corrected by what llama.cpp reported and what was measured "
@@ -1091,6 +1180,9 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
 def plan_for(model_ref: str | None, hardware: Hardware, wishes: Wishes, *, measured: Measured | None = None,
              on_progress: ProgressFn | None = None, calibration: Calibration | None = None) -> Recommendation:
     """Plan for a model reference as the CLI takes it (None = the Qwen3.5-35B-A3B card's quant ladder, offline):
-    the one planning entry ``recommend``, ``serve`` and ``bench`` share."""
-    return recommend(resolve_candidates(model_ref, on_progress), hardware, wishes, measured=measured,
-                     calibration=calibration)
+    the one planning entry ``recommend``, ``serve`` and ``bench`` share. With ``--vision`` the projector's header is
+    read (:func:`tuner.models.read_projector`), so its real tensors and encoder are sized."""
+    candidates = resolve_candidates(model_ref, on_progress)
+    if wishes.vision:
+        candidates = [replace(c, projector=read_projector(c)) if c.mmproj else c for c in candidates]
+    return recommend(candidates, hardware, wishes, measured=measured, calibration=calibration)

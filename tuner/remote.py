@@ -23,8 +23,9 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -43,7 +44,7 @@ from tuner.gguf_file import (
     shard_to_dict,
 )
 from tuner.paths import cache_dir, write_atomic
-from tuner.quant_files import FileGroup, GroupedFiles, candidates_from_headers, group_gguf_files
+from tuner.quant_files import FileGroup, GroupedFiles, candidates_from_headers, group_gguf_files, sidecar_layout
 from tuner.records import read_json_file
 from tuner.untrusted import check_commit, check_repo_id, check_repo_path, check_revision, is_commit, path_under, shown
 
@@ -327,11 +328,108 @@ def hub_candidates(ref: str, on_progress: ProgressFn | None = None) -> list[Quan
         raise TunerError(f"{where} holds no GGUF model files" + (" (only mmproj files)" if grouped.mmproj else ""))
     groups = [grouped.find(hub.quant, where)] if hub.quant else list(grouped.complete)
     headers, _ = read_hub_headers(listing, groups, on_progress=on_progress)
-    return candidates_from_headers(headers, groups, source="hub", repo=hub.repo, revision=listing.commit,
-                       mmproj=grouped.pick_mmproj())
+    candidates = candidates_from_headers(headers, groups, source="hub", repo=hub.repo, revision=listing.commit,
+                                         mmproj=grouped.pick_mmproj())
+    return attach_sidecars(candidates, listing, grouped, groups, on_progress)
+
+
+def attach_sidecars(candidates: Sequence[QuantCandidate], listing: HubListing, grouped: GroupedFiles,
+                    groups: Sequence[FileGroup], on_progress: ProgressFn | None = None) -> list[QuantCandidate]:
+    """Each candidate with the MTP sidecar of its repo picked for it (:meth:`GroupedFiles.pick_mtp`), whose header is
+    read (once per sidecar, cached like the others) to size it; a sidecar that cannot be read, or is another
+    model's head, is left out."""
+    by_file = {g.files[0]: g for g in groups}
+    picks = {c.files[0]: grouped.pick_mtp(by_file[c.files[0]]) for c in candidates if c.files[0] in by_file}
+    wanted = sorted({p for p in picks.values() if p is not None})
+    if not wanted:
+        return list(candidates)
+    read: dict[str, GgufHeader] = {}
+    for path, size in wanted:
+        try:
+            read[path] = read_hub_headers(listing, [FileGroup("mtp", (path,), (size,))], on_progress=on_progress)[0][0]
+        except TunerError:
+            continue
+    out = []
+    for c in candidates:
+        pick = picks.get(c.files[0])
+        draft = sidecar_layout(read[pick[0]], c.layout) if pick is not None and pick[0] in read else None
+        out.append(replace(c, mtp_sidecar=pick[0], mtp_draft=draft) if pick is not None and draft else c)
+    return out
+
+
+def read_hub_file_header(repo: str, commit: str, path: str, size: int) -> GgufHeader:
+    """The header of one (unsplit) file of a Hub repo at ``commit``: cached, or read by range requests."""
+    listing = HubListing(repo, commit, check_commit(commit, where=repo), ((path, size),), hub_endpoint())
+    return read_hub_headers(listing, [FileGroup(PurePosixPath(path).name, (path,), (size,))])[0][0]
 
 
 def hub_quant_labels(ref: str) -> list[str]:
     """The quant labels of a Hub repo, from its listing alone (no header is read)."""
     hub = parse_hub_ref(ref)
     return [g.label for g in list_hub_repo(hub.repo, hub.revision).grouped().complete]
+
+
+# --- file dates ---------------------------------------------------------------------------------------------------
+
+_SNAPSHOT_RE = re.compile(r"(?:^|/)models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/"
+                          r"(?P<path>.+)$")
+
+
+def hf_snapshot(path: str | os.PathLike[str]) -> tuple[str, str, str] | None:
+    """``(repo, commit, path in repo)`` of a file inside a Hugging Face cache snapshot
+    (``…/models--{owner}--{name}/snapshots/{commit}/{path}``, the layout huggingface_hub and llama.cpp's ``-hf``
+    share: common/hf-cache.cpp:40-42, 69-79); None for any other path. The path is read as given (its link to the
+    blob is not followed)."""
+    m = _SNAPSHOT_RE.search(Path(path).expanduser().absolute().as_posix())
+    if not m:
+        return None
+    repo = f"{m.group('owner')}/{m.group('name')}"
+    try:
+        return check_repo_id(repo), m.group("commit"), check_repo_path(m.group("path"), where=repo)
+    except TunerError:
+        return None
+
+
+def hub_file_dates(repo: str, commit: str, paths: Sequence[str]) -> dict[str, datetime | None]:
+    """When each of ``paths`` was last committed in ``repo`` as of ``commit`` (the uploader's date of the file): the
+    Hub's paths-info, cached per (repo, commit, path) beside the headers since a commit never changes. Offline
+    (``HF_HUB_OFFLINE``) only the cache answers; a path neither cached nor answered is None. TunerError
+    (:class:`tuner.hub_api.HubUnreachable` when the Hub cannot be reached) for an uncached path it cannot ask."""
+    from tuner import hub_api
+
+    check_commit(commit, where=repo)
+    out: dict[str, datetime | None] = {}
+    todo: list[str] = []
+    for p in paths:
+        cached = _read_json(_repo_cache(repo, commit, check_repo_path(p, where=repo) + ".date.json"))
+        if isinstance(cached, dict) and "date" in cached:
+            out[p] = _parse_date(cached["date"])
+        else:
+            todo.append(p)
+    if not todo:
+        return out
+    if _offline():
+        raise hub_api.HubUnreachable("HF_HUB_OFFLINE is set")
+    endpoint, token = hub_endpoint(), hub_token()
+    headers = {"User-Agent": f"tuner/{__version__}", **({"Authorization": f"Bearer {token}"} if token else {})}
+
+    async def ask() -> dict[str, datetime | None]:
+        async with hub_api.client() as http:
+            return await hub_api.fetch_paths_dates(http, endpoint, repo, commit, todo, headers)
+
+    found = hub_api.run(ask, f"reading the file dates of {repo} at {endpoint}")
+    for p, when in found.items():
+        out[p] = when
+        with contextlib.suppress(OSError):
+            write_atomic(_repo_cache(repo, commit, p + ".date.json"),
+                         json.dumps({"date": when.isoformat() if when else None}), durable=False)
+    return out
+
+
+def _parse_date(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None

@@ -15,7 +15,12 @@ Events (each one dict; ``--json`` prints them one per line as they are):
   "diff_bytes", "diff_ratio", "tolerance_ratio", "tolerance_bytes", "within", "devices"}, "devices": [{"name",
   "weights" | "kv" | "recurrent" | "compute": {"predicted_bytes", "reported_bytes"}}], "nvml": {...}}}``
   (see :class:`MemoryCheck`; ``devices`` lists every device, ``RPC0[host:port]`` and ``CPU`` included).
-* ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned" | "replan", ...}``.
+* ``{"warning": "one line", "kind": "memory_check" | "spill" | "low_vram" | "pinned" | "replan" | "chat_template"
+  | ..., ...}``.
+* ``{"health": [{"kind", "severity", "message", "fix"}, ...]}``: :mod:`tuner.health`'s findings for the downloaded
+  file; its warnings also come one by one as ``warning`` events. When the file's chat template is stale, the server
+  gets the official one with ``--chat-template-file`` and ``{"status": "chat_template", "file": …, "message": …}``
+  says so.
 
 Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan
 already fitted; llama.cpp's own fitting would change it) and an explicit ``--ctx-size``; ``--jinja``; ``-lv 4``
@@ -72,6 +77,7 @@ from tuner.estimate import CPU, MemoryEstimate
 from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
 from tuner.flags import FLAGS, flag_value, has_flag, set_flag, without_flags
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus
+from tuner.health import Health
 from tuner.models import QuantCandidate
 from tuner.paths import cache_dir, config_dir, write_atomic
 from tuner.planner import Measured, Plan, Wishes, plan_for
@@ -94,7 +100,10 @@ Event = dict[str, Any]
 EventFn = Callable[[Event], None]
 
 #: How far llama-server's own figures may be from the estimate before it is a warning (fraction of the reported).
-TOLERANCE_RATIOS: Mapping[str, float] = {"weights": 0.01, "kv": 0.01, "recurrent": 0.01, "compute": 0.20}
+TOLERANCE_RATIOS: Mapping[str, float] = {"weights": 0.01, "kv": 0.01, "recurrent": 0.01, "compute": 0.20,
+                                          "vision": 0.05}
+#: kinds checked only when the plan has them (a projector): no line for them is then no warning
+_OPTIONAL_KINDS = ("vision",)
 OBSERVATION_FORMAT = 1
 
 
@@ -179,14 +188,16 @@ def sampling_args(candidate: QuantCandidate, preset: str | None) -> list[str]:
 
 
 def server_args(plan_command: Sequence[str], estimate: MemoryEstimate, *, alias: str,
-                mmproj_path: Path | None = None, sampling: Sequence[str] = ()) -> list[str]:
+                mmproj_path: Path | None = None, sampling: Sequence[str] = (),
+                chat_template_file: Path | None = None) -> list[str]:
     """llama-server's arguments after ``-m MODEL --host H --port P [--api-key K]`` for a plan.
 
     ``plan_command`` is ``Plan.command(server_bin, model_path)`` (its sampling preset included): its binary and the
     flags tuner sets itself (model, host, port, verbosity, alias, projector …, :data:`tuner.flags.FLAGS`'
     ``serve_owned`` rows) are dropped; ``--fit off`` and an explicit ``--ctx-size`` (the estimate's ``n_ctx`` when
     the plan says 0, the model's own) are made sure of; then ``--jinja``, verbosity 4, ``--metrics``, ``--alias``,
-    ``--mmproj`` when there is one, and any further ``sampling`` flags.
+    ``--mmproj`` when there is one, ``--chat-template-file`` when the file's template is replaced (unless the plan
+    already names a template), and any further ``sampling`` flags.
     """
     rest = list(plan_command)
     if rest and not rest[0].startswith("-"):
@@ -200,12 +211,37 @@ def server_args(plan_command: Sequence[str], estimate: MemoryEstimate, *, alias:
              *FLAGS["alias"].to_args(alias)]
     if mmproj_path is not None:
         rest += FLAGS["mmproj"].to_args(str(mmproj_path))
+    if chat_template_file is not None and not any(
+            a.split("=", 1)[0] in FLAGS.spellings(lambda f: f.key in ("chat_template", "chat_template_file"))
+            for a in rest):
+        rest += FLAGS["chat_template_file"].to_args(str(chat_template_file))
     return rest + list(sampling)
 
 
 def default_log_path(alias: str, port: int) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", alias).strip("._") or "model"
     return cache_dir() / "logs" / f"llama-server-{safe}-{port}.log"
+
+
+def check_served(plan: Plan, fetched: FetchedModel, on_event: EventFn | None = None) -> Health:
+    """:mod:`tuner.health`'s findings for the file about to be served (read from the downloaded file when the plan
+    came from a card), emitted as one ``health`` event and a ``warning`` per warning; when the chat template is
+    stale, a ``chat_template`` status says which official template replaces it."""
+    from tuner import health
+    from tuner.models import local_layout
+
+    layout = local_layout(fetched.model_path) if plan.candidate.source == "card" else None
+    found = health.check(plan.candidate, vision=plan.vision, layout=layout,
+                         model_paths=[str(p) for p in fetched.shard_paths] if plan.candidate.source != "hub" else ())
+    _emit(on_event, {"health": found.to_list()})
+    for f in found.findings:
+        if f.severity == health.WARNING:
+            _emit(on_event, {"warning": f"{f.message}" + (f" (fix: {f.fix})" if f.fix else ""), "kind": f.kind})
+    if found.chat_template_file is not None:
+        _emit(on_event, {"status": "chat_template", "file": str(found.chat_template_file),
+                         "message": f"serving with the official chat template {found.chat_template_file} "
+                                    "(--chat-template-file) instead of the file's stale one"})
+    return found
 
 
 # ------------------------------------------------------------------------------------------------------ launch
@@ -347,11 +383,13 @@ def memory_check(estimate: MemoryEstimate, reported: ReportedMemory, nvml: dict[
     rounding term matters only for buffers of a few MiB, whose two-decimal MiB figures are coarse.
     """
     fields = {"weights": "weights_bytes", "kv": "kv_bytes", "recurrent": "recurrent_bytes",
-              "compute": "compute_bytes"}
+              "compute": "compute_bytes", "vision": "vision_bytes"}
     checks = []
     for kind, ratio in tolerances.items():
         attr = fields[kind]
         predicted = {d.name: int(getattr(d, attr)) for d in estimate.devices if getattr(d, attr)}
+        if kind in _OPTIONAL_KINDS and not predicted and not any(b.kind == kind for b in reported.buffers):
+            continue
         per_device = dict(reported.by_kind(kind))
         reported_total = reported.total(kind)
         if kind == "weights" and reported.repacked_bytes:
@@ -710,18 +748,25 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
     candidate = plan.candidate
     _emit(on_event, {"status": "fetching", "quant": candidate.quant, "source": candidate.source,
                      "repo": candidate.repo})
-    fetched = fetch_candidate(candidate, vision=plan.vision, on_progress=on_fetch_progress)
+    fetched = fetch_candidate(candidate, vision=plan.vision, on_progress=on_fetch_progress,
+                              mtp_sidecar=plan.uses_sidecar)
     replanned = replan_from_file(plan, fetched.model_path, hardware, wishes, measured=measured)
     if replanned.replanned:
         plan = replanned.plan
         candidate = plan.candidate
         _emit(on_event, {"warning": replanned.message(), "kind": "replan", "changes": list(replanned.changes)})
         _emit(on_event, {"plan": plan.to_dict(), "replanned": True})
+        if plan.uses_sidecar and fetched.mtp_path is None:  # the file's header let it draft with the sidecar
+            fetched = fetch_candidate(candidate, vision=plan.vision, on_progress=on_fetch_progress, mtp_sidecar=True)
+    health = check_served(plan, fetched, on_event)
 
     alias = model_alias(candidate, fetched.model_path, options.alias)
     mmproj = str(fetched.mmproj_path) if fetched.mmproj_path else None
-    args = server_args(plan.command(str(build.server_bin), str(fetched.model_path), mmproj, preset=options.preset),
-                       plan.estimate, alias=alias, mmproj_path=fetched.mmproj_path)
+    mtp = str(fetched.mtp_path) if fetched.mtp_path else None
+    args = server_args(plan.command(str(build.server_bin), str(fetched.model_path), mmproj, mtp,
+                                    preset=options.preset),
+                       plan.estimate, alias=alias, mmproj_path=fetched.mmproj_path,
+                       chat_template_file=health.chat_template_file)
     log_path = options.log_path or default_log_path(alias, options.port)
     gpu_indices = tuple(g.index for g in hardware.gpus if g.source == "nvml") if build.cuda else ()
     free_before = {g.index: g.vram_free_bytes for g in read_gpus(nvml)[0]} if gpu_indices else {}

@@ -14,6 +14,10 @@ paths relative to the llama.cpp tree):
 * ``llama_context: <buffer>  output buffer size = X MiB`` (llama-context.cpp:381)
 * the JSON line ``{"type": "fit_memory_breakdown", …}`` (common/fit.cpp:1082, with ``--log-jsonl``); the server prints
   one on exit, so the last one describes the running context.
+* the vision projector (``--mmproj``), kind ``vision``: ``clip_ctx: CLIP using <backend> backend`` (its device,
+  tools/mtmd/clip.cpp:202, 207), ``load_hparams: model size: X MiB`` (its weights, clip.cpp:2125) and
+  ``reserve_compute_meta: <buffer> compute buffer size = X MiB`` (its encoder's compute buffer, clip.cpp:3815; when
+  flash attention falls back it reserves again, and the last line per buffer counts).
 
 Every size is printed in MiB with two decimals (``%8.2f``), so each parsed figure is exact to within
 :data:`MIB_PRINT_ROUNDING_BYTES`; :meth:`ReportedMemory.tolerance_bytes` gives the bound for a sum of lines.
@@ -41,7 +45,8 @@ from typing import Any
 from tuner.units import MiB
 
 CPU = "CPU"
-KINDS: tuple[str, ...] = ("weights", "kv", "recurrent", "compute", "output")
+KINDS: tuple[str, ...] = ("weights", "kv", "recurrent", "compute", "output", "vision")
+VISION_CONTEXT = -2  # the context index of the projector's buffers (it is no llama_context)
 # "%8.2f MiB" is exact to half a hundredth of a MiB.
 MIB_PRINT_ROUNDING_BYTES = -(-MiB // 200)
 
@@ -62,6 +67,9 @@ _RS_SIZE_RE = re.compile(
 _CTX_PARAM_RE = re.compile(r"llama_context: (?P<key>n_seq_max|n_ctx|n_ctx_seq|n_batch|n_ubatch|flash_attn|kv_unified"
                            r"|n_rs_seq|n_outputs_max)\s+= (?P<value>\S+)")
 _CTX_START_RE = re.compile(r"llama_context: constructing llama_context")
+_CLIP_BACKEND_RE = re.compile(r"clip_ctx: CLIP using (?P<buf>\S+) backend")
+_CLIP_WEIGHTS_RE = re.compile(rf"load_hparams: model size:\s*{_SIZE}")
+_CLIP_COMPUTE_RE = re.compile(rf"reserve_compute_meta:\s+(?P<buf>\S+) compute buffer size\s*=\s*{_SIZE}")
 _DEVICE_RE = re.compile(r"^(?P<dev>[A-Za-z]+\d+)(?:_Split)?$")
 # Lines that say the model did not load (llama-context.cpp:3838-3849, tools/server/server.cpp:475-480).
 _ERROR_RES: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
@@ -88,7 +96,8 @@ class ReportedBuffer:
     kind: str
     buffer: str  # as printed: CPU_Mapped, CPU_REPACK, CUDA0, CUDA_Host …
     bytes: int
-    context: int  # index of the llama_context it belongs to (-1: the model, before any context)
+    context: int  # index of the llama_context it belongs to (-1: the model, before any context; -2: the projector)
+    part: str = ""  # vision: "weights" or "compute"
 
     @property
     def device(self) -> str:
@@ -128,6 +137,7 @@ class ReportedMemory:
     recurrent: dict[str, int] = field(default_factory=dict)
     compute: dict[str, int] = field(default_factory=dict)
     output: dict[str, int] = field(default_factory=dict)
+    vision: dict[str, int] = field(default_factory=dict)  # the projector's weights and compute buffer
     buffers: tuple[ReportedBuffer, ...] = ()
     contexts: tuple[ContextReport, ...] = ()
     breakdown: dict[str, Any] | None = None  # the last fit_memory_breakdown JSON object's "data"
@@ -229,9 +239,13 @@ def _latest_reservations(buffers: list[ReportedBuffer]) -> list[ReportedBuffer]:
     scheduler's buffers (llama-context.cpp:630), so only the last compute line per context and buffer counts."""
     last: dict[tuple[int, str], int] = {}
     for i, b in enumerate(buffers):
-        if b.kind == "compute":
+        if _is_reservation(b):
             last[(b.context, b.buffer)] = i
-    return [b for i, b in enumerate(buffers) if b.kind != "compute" or last[(b.context, b.buffer)] == i]
+    return [b for i, b in enumerate(buffers) if not _is_reservation(b) or last[(b.context, b.buffer)] == i]
+
+
+def _is_reservation(b: ReportedBuffer) -> bool:
+    return b.kind == "compute" or (b.kind == "vision" and b.part == "compute")
 
 
 def _ctx_value(key: str, value: str) -> Any:
@@ -248,6 +262,7 @@ def parse_load_log(text: str) -> ReportedMemory:
     contexts: list[dict[str, Any]] = []
     errors: list[str] = []
     current = -1  # no context yet: model buffers
+    clip_backend = CPU
 
     def ctx() -> dict[str, Any]:
         return contexts[current]
@@ -260,6 +275,17 @@ def parse_load_log(text: str) -> ReportedMemory:
     for msg in log_messages(text):
         if _CTX_START_RE.search(msg):
             start_context()
+            continue
+        m = _CLIP_BACKEND_RE.search(msg)
+        if m:
+            clip_backend = m.group("buf")
+            continue
+        m = _CLIP_WEIGHTS_RE.search(msg) or _CLIP_COMPUTE_RE.search(msg)
+        if m:
+            compute = "buf" in m.groupdict()
+            buffers.append(ReportedBuffer("vision", m.group("buf") if compute else clip_backend,
+                                          mib_text_to_bytes(m.group("mib")), VISION_CONTEXT,
+                                          "compute" if compute else "weights"))
             continue
         m = _CTX_PARAM_RE.search(msg)
         if m:
@@ -312,6 +338,7 @@ def parse_load_log(text: str) -> ReportedMemory:
         recurrent=per_kind["recurrent"],
         compute=per_kind["compute"],
         output=per_kind["output"],
+        vision=per_kind["vision"],
         buffers=tuple(buffers),
         contexts=reports,
         breakdown=_last_breakdown(text),

@@ -89,6 +89,8 @@ class SynthSpec:
     random_roles: frozenset[str] = frozenset()  # fill="zeros": roles written with random data all the same
     extra_vocab: int = 0  # pad the vocabulary with this many unused tokens
     extra_merges: int = 0  # add this many never-applicable BPE merges (a real Qwen3.5 header has 247,587)
+    chat_template: str | None = CHATML_TEMPLATE  # tokenizer.chat_template (None: the file carries none)
+    base_model_repo: str | None = None  # general.base_model.0.repo_url = https://huggingface.co/<this>
 
     @property
     def ssm_d_inner(self) -> int:
@@ -225,7 +227,11 @@ def _metadata(spec: SynthSpec, writer: GGUFWriter) -> None:
     w.add_pad_token_id(tokens.index("<|endoftext|>"))
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    if spec.chat_template is not None:
+        w.add_chat_template(spec.chat_template)
+    if spec.base_model_repo:
+        w.add_uint32("general.base_model.count", 1)
+        w.add_string("general.base_model.0.repo_url", f"https://huggingface.co/{spec.base_model_repo}")
 
 
 def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], type_name: str, role: str) -> np.ndarray:
@@ -289,16 +295,19 @@ def _write_random_roles(path: Path, spec: SynthSpec, plan: TensorPlan, type_name
 
 def write_synthetic_gguf(path: str | os.PathLike[str], spec: SynthSpec | None = None, *,
                          split_max_tensors: int = 0,
-                         type_for: Callable[[str, str], str] | None = None) -> list[Path]:
+                         type_for: Callable[[str, str], str] | None = None,
+                         keep: Callable[[str], bool] | None = None) -> list[Path]:
     """Write a synthetic model; returns the file(s) written (several when split). ``type_for(name, role)`` may
-    override the ggml type name of any tensor (e.g. to follow a quant recipe)."""
+    override the ggml type name of any tensor (e.g. to follow a quant recipe); ``keep(name)`` writes only the
+    tensors it accepts (the metadata stays the whole model's)."""
     spec = spec or SynthSpec()
     if spec.fill not in ("random", "zeros"):
         raise TunerError(f"fill must be 'random' or 'zeros', got {spec.fill!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens, _, _ = vocabulary(spec)
-    plan = tensor_plan(spec, len(tokens))
+    full_plan = tensor_plan(spec, len(tokens))
+    plan = [p for p in full_plan if keep is None or keep(p[0])]
 
     def type_name(name: str, role: str) -> str:
         return type_for(name, role) if type_for else _role_type(spec, role)
@@ -331,9 +340,11 @@ def write_synthetic_gguf(path: str | os.PathLike[str], spec: SynthSpec | None = 
     rng = np.random.default_rng(spec.seed)
     writer = GGUFWriter(path, spec.arch, split_max_tensors=split_max_tensors)
     _metadata(spec, writer)
-    for name, shape, role in plan:
+    for name, shape, role in full_plan:  # every tensor draws from the generator, so a kept one is the same
         tname = type_name(name, role)
         array = _random_tensor(rng, shape, tname, role)
+        if keep is not None and not keep(name):
+            continue
         t = ggml_type(tname)
         raw = None if t.name in ("f32", "f16") else GGMLQuantizationType(t.type_id)
         writer.add_tensor(name, array, raw_dtype=raw)
@@ -392,6 +403,99 @@ def spec_from_card(card: ModelCard, *, mtp: bool = False) -> SynthSpec:
             mtp=mtp and card.mtp_layers > 0, tie_embeddings=card.tie_embeddings, fill="zeros")
     except KeyError as error:
         raise TunerError(f"model card {card.key} lacks GGUF key {error.args[0]}") from None
+
+
+def write_mtp_sidecar(path: str | os.PathLike[str], spec: SynthSpec) -> Path:
+    """The MTP head of ``spec`` (which must have ``mtp``) as its own GGUF, as ``convert_hf_to_gguf.py --mtp`` writes
+    it (conversion/qwen.py:340-367 in llama.cpp's tree): the whole model's metadata, and only ``token_embd``,
+    ``output_norm``, ``output`` and the MTP block ``blk.{n_layer}.*``. With the same ``seed`` its tensors are the
+    whole model's, so a sidecar cut from a model drafts for it as that model's own head would."""
+    if not spec.mtp:
+        raise TunerError("an MTP sidecar needs a spec with the MTP block (mtp=True)")
+    head = f"blk.{spec.n_layer}."
+    return write_synthetic_gguf(path, spec, keep=lambda n: not n.startswith("blk.") or n.startswith(head))[0]
+
+
+@dataclass(frozen=True)
+class MmprojSpec:
+    """A Qwen3-VL vision projector (``clip.projector_type`` ``qwen3vl_merger``, conversion/qwen3vl.py in llama.cpp's
+    tree), written sparse (zeros). Defaults: a tiny encoder for a tiny text model; :func:`qwen35_mmproj_spec` has
+    the Qwen3.5/3.6 shapes (27 blocks of 1152, MLP 4304, 16 heads)."""
+
+    n_embd_text: int = 64  # the merger's output: the text model's embedding width (mtmd checks they match)
+    n_layer: int = 2
+    n_embd: int = 64
+    n_ff: int = 128
+    n_head: int = 4
+    patch_size: int = 16
+    n_pos: int = 2304  # learned position embeddings (48 x 48), interpolated to the image
+    merge: int = 2
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, shape in ggml order, type) of every tensor, as clip.cpp loads them for qwen3vl_merger."""
+        e, ff, p = self.n_embd, self.n_ff, self.patch_size
+        out = [("v.patch_embd.weight", (p, p, 3, e), "f16"), ("v.patch_embd.weight.1", (p, p, 3, e), "f16"),
+               ("v.patch_embd.bias", (e,), "f32"), ("v.position_embd.weight", (e, self.n_pos), "f32")]
+        for i in range(self.n_layer):
+            b = f"v.blk.{i}."
+            out += [(b + "attn_qkv.weight", (e, 3 * e), "f16"), (b + "attn_qkv.bias", (3 * e,), "f32"),
+                    (b + "attn_out.weight", (e, e), "f16"), (b + "attn_out.bias", (e,), "f32"),
+                    (b + "ln1.weight", (e,), "f32"), (b + "ln1.bias", (e,), "f32"),
+                    (b + "ln2.weight", (e,), "f32"), (b + "ln2.bias", (e,), "f32"),
+                    (b + "ffn_up.weight", (e, ff), "f16"), (b + "ffn_up.bias", (ff,), "f32"),
+                    (b + "ffn_down.weight", (ff, e), "f16"), (b + "ffn_down.bias", (e,), "f32")]
+        m = e * self.merge * self.merge
+        out += [("v.post_ln.weight", (e,), "f32"), ("v.post_ln.bias", (e,), "f32"),
+                ("mm.0.weight", (m, m), "f16"), ("mm.0.bias", (m,), "f32"),
+                ("mm.2.weight", (m, self.n_embd_text), "f16"), ("mm.2.bias", (self.n_embd_text,), "f32")]
+        return out
+
+
+def qwen35_mmproj_spec(n_embd_text: int = 2048) -> MmprojSpec:
+    """The Qwen3.5 / 3.6 vision encoder (446,571,248 parameters with a 2048-wide merger output, as 35B-A3B's)."""
+    return MmprojSpec(n_embd_text=n_embd_text, n_layer=27, n_embd=1152, n_ff=4304, n_head=16)
+
+
+def write_synthetic_mmproj(path: str | os.PathLike[str], spec: MmprojSpec | None = None) -> Path:
+    """A sparse vision projector GGUF llama-server loads with ``--mmproj`` (its warm-up image runs on zeros)."""
+    spec = spec or MmprojSpec()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(path, "clip")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "qwen3vl_merger")
+    writer.add_bool("clip.use_gelu", True)
+    writer.add_uint32("clip.vision.image_size", int(spec.n_pos ** 0.5) * spec.patch_size)
+    writer.add_uint32("clip.vision.patch_size", spec.patch_size)
+    writer.add_uint32("clip.vision.embedding_length", spec.n_embd)
+    writer.add_uint32("clip.vision.feed_forward_length", spec.n_ff)
+    writer.add_uint32("clip.vision.block_count", spec.n_layer)
+    writer.add_uint32("clip.vision.projection_dim", spec.n_embd_text)
+    writer.add_uint32("clip.vision.attention.head_count", spec.n_head)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_uint32("clip.vision.spatial_merge_size", spec.merge)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    writer.add_uint32("general.file_type", 1)
+    sizes = []
+    for name, shape, type_name in spec.tensors():
+        t = ggml_type(type_name)
+        nbytes = tensor_bytes(t, shape)
+        writer.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nbytes,
+                               raw_dtype=GGMLQuantizationType(t.type_id))
+        sizes.append(nbytes)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    fout = writer.fout[0] if isinstance(writer.fout, list) else writer.fout
+    assert fout is not None
+    fout.flush()
+    header_end = fout.tell()
+    writer.close()
+    align = writer.data_alignment
+    with open(path, "r+b") as fh:
+        fh.truncate(-(-header_end // align) * align + sum(-(-n // align) * align for n in sizes))
+    return path
 
 
 def spec_from_layout(layout: ModelLayout, **overrides: Any) -> SynthSpec:

@@ -25,7 +25,7 @@ from tuner.build import ProgressFn as BuildProgressFn
 from tuner.build import obtain_build
 from tuner.errors import TunerError
 from tuner.fetch import fetch_candidate
-from tuner.flags import FLAGS, flag_value
+from tuner.flags import FLAGS, SPEC_MTP, flag_value
 from tuner.hardware import Hardware, HostSpec, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import resolve_candidates
@@ -90,20 +90,51 @@ def resolve_model(model: str | None, hardware: Hardware, wishes: Wishes, *, need
     quant) and fetched like ``tuner serve`` does, then planned again from the downloaded file's own header when it
     is not what the plan was sized for (:mod:`tuner.replan`; ``on_progress`` says so; TunerError, one line, when it
     no longer fits)."""
+    path, layout, plan, _ = resolve_model_files(model, hardware, wishes, need_plan=need_plan,
+                                                on_progress=on_progress)
+    return path, layout, plan
+
+
+def resolve_model_files(model: str | None, hardware: Hardware, wishes: Wishes, *, need_plan: bool,
+                        on_progress: ProgressFn | None = None
+                        ) -> tuple[Path, ModelLayout, Plan | None, Path | None]:
+    """:func:`resolve_model`, and the local MTP sidecar of the quant when it has one and no head of its own."""
     plan = None
     if need_plan or model is None or not Path(model).expanduser().is_file():
         plan = plan_for(model, hardware, wishes).plan
         candidate = plan.candidate
     else:
         candidate = resolve_candidates(model)[0]
-    fetched = fetch_candidate(candidate)
+    sidecar = not candidate.layout.has_mtp and candidate.mtp_draft is not None
+    fetched = fetch_candidate(candidate, mtp_sidecar=sidecar)
     if plan is not None:
         replanned = replan_from_file(plan, fetched.model_path, hardware, wishes)
         if replanned.replanned and on_progress is not None:
             on_progress(replanned.message())
         plan = replanned.plan
         candidate = plan.candidate
-    return fetched.model_path, candidate.layout, plan
+    return fetched.model_path, candidate.layout, plan, fetched.mtp_path
+
+
+def mtp_variant(plan: Plan, layout: ModelLayout, sidecar: Path | None) -> FlagSet | None:
+    """The plan with MTP drafting toggled, when the model can draft (its head or a sidecar): ``plan-no-mtp`` when
+    the plan drafts, ``plan-mtp`` (``--spec-draft-n-max`` 3, llama.cpp's default) when it does not; so a plain
+    benchmark measures MTP on and off side by side, with the acceptance rate."""
+    if not layout.has_mtp and sidecar is None:
+        return None
+    extra: tuple[str, ...] = (*plan.extra_args, *FIT_OFF_ARGS)
+    if plan.flags.spec_type == SPEC_MTP:
+        return flagset_from_flags(f"{PLAN_NAME}-no-mtp", plan.flags.with_(spec_type=None), extra)
+    if sidecar is not None:
+        extra = (*extra, *FLAGS["spec_draft_model"].to_args(str(sidecar)))
+    flags = plan.flags.with_(spec_type=SPEC_MTP, spec_draft_n_max=FLAGS["spec_draft_n_max"].default)
+    return flagset_from_flags(f"{PLAN_NAME}-mtp", flags, extra)
+
+
+def _sidecar_args(plan: Plan, sidecar: Path | None) -> tuple[str, ...]:
+    if plan.flags.spec_type == SPEC_MTP and not plan.candidate.layout.has_mtp and sidecar is not None:
+        return tuple(FLAGS["spec_draft_model"].to_args(str(sidecar)))
+    return ()
 
 
 def on_workers(sets: Sequence[FlagSet], endpoints: Sequence[str]) -> list[FlagSet]:
@@ -145,8 +176,8 @@ def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
     if wishes.parallel < cfg.concurrency:
         wishes = replace(wishes, parallel=cfg.concurrency)  # the plan needs a slot per concurrent request
     budget = budget_for(hardware, wishes)
-    model_path, layout, plan = resolve_model(model_ref, hardware, wishes, need_plan=not options.sets,
-                                             on_progress=on_progress)
+    model_path, layout, plan, sidecar = resolve_model_files(model_ref, hardware, wishes, need_plan=not options.sets,
+                                                            on_progress=on_progress)
     check_sets_fit(layout, options.sets, hardware, budget)
     build, _cached = obtain_build(server_bin=options.server_bin, gpus=gpus_for_build(hardware),
                                   on_progress=on_build_progress)
@@ -162,14 +193,19 @@ def run_benchmark(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
                           budget=budget, plan_extra=plan.extra_args, depth=options.tune_depth,
                           objective=options.objective, only=options.dims,
                           min_parallel=max(wishes.parallel, cfg.concurrency), log_dir=log_dir,
-                          on_progress=on_progress)
+                          on_progress=on_progress, draft_model=sidecar)
         document = tune_document(result, model_path=model_path, layout=layout, hardware=hardware, build=build,
                                  cfg=cfg, model_identity=identity)
     else:
         assert options.sets or plan is not None
         # the baseline first: every ratio in the verdict is then "against llama-server's defaults"
-        sets = list(options.sets) or on_workers(
-            [defaults_set(), flagset_from_flags(PLAN_NAME, plan.flags, (*plan.extra_args, *FIT_OFF_ARGS))], endpoints)
+        sets = list(options.sets)
+        if not sets:
+            assert plan is not None
+            plan_set = flagset_from_flags(PLAN_NAME, plan.flags, (*plan.extra_args, *FIT_OFF_ARGS,
+                                                                  *_sidecar_args(plan, sidecar)))
+            variant = mtp_variant(plan, layout, sidecar)
+            sets = on_workers([defaults_set(), plan_set, *([variant] if variant is not None else [])], endpoints)
         run = run_bench(model_path, sets, cfg, server_bin=build.server_bin, layout=layout, hardware=hardware,
                         budget=budget, log_dir=log_dir, on_progress=on_progress)
         document = bench_document(run, model_path=model_path, layout=layout, hardware=hardware, build=build,

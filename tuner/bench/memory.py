@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from tuner.bench.flagsets import FlagSet, load_mode, uses_fit
 from tuner.errors import TunerError
 from tuner.estimate import CPU, MemoryEstimate
-from tuner.flags import FLAGS, ServerFlags
-from tuner.hardware import Hardware
+from tuner.flags import FLAGS, ServerFlags, flag_value
+from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout
 from tuner.planner import Budget, Wishes, budget_for, estimate_on, fits, headroom_bytes
 from tuner.units import fmt_bytes
@@ -18,8 +18,18 @@ _MAPPED_LOAD_MODES = ("auto", "mmap")
 
 
 def estimate_for(layout: ModelLayout, fs: FlagSet, hardware: Hardware) -> MemoryEstimate:
-    """The estimate of a set; a ``--fit`` set is estimated as llama-server's defaults would start."""
-    return estimate_on(layout, fs.flags or ServerFlags(), hardware)
+    """The estimate of a set; a ``--fit`` set is estimated as llama-server's defaults would start. A set that names
+    an MTP sidecar (``-md``) is estimated with it."""
+    flags = fs.flags or ServerFlags()
+    sidecar = flag_value(fs.args, "spec_draft_model")
+    if not sidecar:
+        return estimate_on(layout, flags, hardware)
+    from tuner.estimate import estimate_memory
+    from tuner.models import local_layout
+    from tuner.placement import devices_of
+
+    return estimate_memory(layout, flags, devices_of(hardware), gpu_split(hardware),
+                           draft=local_layout(str(sidecar)))
 
 
 def default_budget(hardware: Hardware) -> Budget:

@@ -32,6 +32,30 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class DraftStats:
+    """Speculative decoding as the server counted it: tokens drafted and accepted (``timings.draft_n`` and
+    ``timings.draft_n_accepted``, present only when something was drafted: tools/server/server-common.cpp:83-104)."""
+
+    drafted: int
+    accepted: int
+
+    @property
+    def rate(self) -> float | None:
+        return round(self.accepted / self.drafted, 4) if self.drafted else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"drafted": self.drafted, "accepted": self.accepted, "rate": self.rate}
+
+    @classmethod
+    def of(cls, samples: Iterable[Sample]) -> DraftStats | None:
+        """The sums over ``samples``' requests; None when none of them drafted."""
+        timings = [r for s in samples for r in s.requests if r.draft_n is not None]
+        if not timings:
+            return None
+        return cls(sum(r.draft_n or 0 for r in timings), sum(r.draft_n_accepted or 0 for r in timings))
+
+
+@dataclass(frozen=True)
 class DepthResult:
     depth: int
     pp: Stats
@@ -39,6 +63,7 @@ class DepthResult:
     per_request_pp: Stats | None = None
     per_request_tg: Stats | None = None
     cache_misses: int = 0
+    draft: DraftStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"depth": self.depth, "pp_tok_s": asdict(self.pp), "tg_tok_s": asdict(self.tg),
@@ -46,6 +71,8 @@ class DepthResult:
         if self.per_request_pp is not None and self.per_request_tg is not None:
             d["per_request_pp_tok_s"] = asdict(self.per_request_pp)
             d["per_request_tg_tok_s"] = asdict(self.per_request_tg)
+        if self.draft is not None:
+            d["draft_acceptance"] = self.draft.to_dict()
         return d
 
 
@@ -82,6 +109,11 @@ class SetResult:
     def ref_samples(self) -> list[Sample]:
         return [s for s in self.samples if s.depth == self.ref_depth]
 
+    @property
+    def draft(self) -> DraftStats | None:
+        """Tokens drafted and accepted over every measurement of the set (None: it does not draft)."""
+        return DraftStats.of(self.samples)
+
     def to_dict(self) -> dict[str, Any]:
         ref = self.ref_samples()
         return {
@@ -101,6 +133,7 @@ class SetResult:
             "commands": [list(launch.command) for launch in self.launches],
             "load_s": [launch.load_s for launch in self.launches],
             "n_ctx_slot": self.launches[-1].n_ctx_slot if self.launches else None,
+            "draft_acceptance": self.draft.to_dict() if self.draft is not None else None,
             "samples": [s.to_dict() for s in self.samples],
         }
 
@@ -116,7 +149,7 @@ def summarize(fs: FlagSet, samples: Sequence[Sample], ref_depth: int, skipped: I
             depth, Stats.of(s.pp_tok_s for s in at), Stats.of(s.tg_tok_s for s in at),
             Stats.of(s.per_request_pp_tok_s for s in at) if conc else None,
             Stats.of(s.per_request_tg_tok_s for s in at) if conc else None,
-            sum(1 for s in at if not s.cache_hit)))
+            sum(1 for s in at if not s.cache_hit), DraftStats.of(at)))
     est = {}
     if estimate is not None:
         est = {d.name: d.total_bytes for d in estimate.devices}

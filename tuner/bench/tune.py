@@ -45,7 +45,7 @@ from tuner.estimate import MemoryEstimate
 from tuner.flags import FLAGS, SPEC_MTP, Occurrence, ServerFlags, scan
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout
-from tuner.planner import Budget, estimate_on
+from tuner.planner import Budget
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,13 @@ class TuneConfig:
     threads: int | None = None  # -t; None = llama-server's default (physical cores)
     load_mode: str | None = None  # --load-mode; None = auto (mmap)
     fixed: tuple[str, ...] = ()  # the plan's own extra arguments (YaRN), kept as they are
+    draft_model: str | None = None  # the MTP sidecar (-md), given to the configurations that draft with MTP
 
     def extra_args(self) -> tuple[str, ...]:
         """Everything beyond :class:`ServerFlags`; ``--fit off`` because every configuration tried fits."""
         out: list[str] = [*self.fixed, *FIT_OFF_ARGS]
+        if self.draft_model is not None and self.flags.spec_type == SPEC_MTP:
+            out += FLAGS["spec_draft_model"].to_args(self.draft_model)
         if self.threads is not None:
             out += FLAGS["threads"].to_args(self.threads)
         if self.load_mode is not None:
@@ -136,7 +139,7 @@ def tune_dimensions(base: TuneConfig, layout: ModelLayout, hardware: Hardware, *
       which is the physical cores);
     * ``parallel`` (-np): 1 and auto (4 slots, unified), never below ``min_parallel``;
     * ``load_mode``: auto (mmap) and none (read into memory);
-    * ``mtp``: off and ``draft-mtp`` when the GGUF has the MTP layer.
+    * ``mtp``: off and ``draft-mtp`` when the GGUF has the MTP layer or an MTP sidecar is given.
     """
     f = base.flags
     dims: list[Dimension] = []
@@ -159,7 +162,7 @@ def tune_dimensions(base: TuneConfig, layout: ModelLayout, hardware: Hardware, *
     add("threads", [v for v in (None, logical, max(1, phys // 2)) if v != phys])
     add("parallel", [v for v in (1, -1) if (4 if v == -1 else v) >= min_parallel])
     add("load_mode", [None, "none"])
-    if layout.has_mtp:
+    if layout.has_mtp or base.draft_model is not None:
         add("mtp", [None, SPEC_MTP])
     if only is not None:
         unknown = [n for n in only if n not in _PROTOS]
@@ -248,8 +251,10 @@ def run_tune(model_path: str | os.PathLike[str], plan_flags: ServerFlags, cfg: B
              budget: Budget | None = None, plan_extra: Sequence[str] = (), depth: int | None = None,
              objective: str = "both", min_gain: float = 0.02,
              only: Sequence[str] | None = None, min_parallel: int = 1, include_defaults: bool = True,
-             log_dir: Path | None = None, on_progress: ProgressFn | None = None) -> TuneResult:
-    """Coordinate descent around ``plan_flags`` (see the module doc), measured at ``depth`` tokens of context.
+             log_dir: Path | None = None, on_progress: ProgressFn | None = None,
+             draft_model: str | os.PathLike[str] | None = None) -> TuneResult:
+    """Coordinate descent around ``plan_flags`` (see the module doc), measured at ``depth`` tokens of context;
+    ``draft_model``: the MTP sidecar to draft with when the model has no head of its own.
 
     ``depth`` defaults to the plan's context per slot minus the room a measurement needs. ``cfg.repeat`` is the
     most repeats a configuration gets in a round (successive halving drops the slower half after each one).
@@ -257,7 +262,8 @@ def run_tune(model_path: str | os.PathLike[str], plan_flags: ServerFlags, cfg: B
     if objective not in OBJECTIVES:
         raise TunerError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     threads, fixed = _threads_apart(plan_extra)
-    search = _Search(model_path, TuneConfig(plan_flags, threads=threads, fixed=fixed), cfg, server_bin=server_bin,
+    base = TuneConfig(plan_flags, threads=threads, fixed=fixed, draft_model=str(draft_model) if draft_model else None)
+    search = _Search(model_path, base, cfg, server_bin=server_bin,
                      layout=layout, hardware=hardware, budget=budget or default_budget(hardware),
                      objective=objective, log_dir=log_dir, on_progress=on_progress)
     problem = search.problem(search.base)
@@ -371,7 +377,7 @@ class _Search:
     def estimate(self, c: TuneConfig) -> MemoryEstimate | None:
         if c not in self._estimates:
             try:
-                self._estimates[c] = estimate_on(self.layout, c.flags, self.hardware)
+                self._estimates[c] = estimate_for(self.layout, self.flagset(c), self.hardware)
             except TunerError as exc:
                 self._estimates[c] = str(exc)
         est = self._estimates[c]

@@ -116,6 +116,9 @@ MainGpuOpt = Annotated[int, server_option("main_gpu")]
 DeviceOpt = Annotated[str, server_option("device")]
 TensorSplitOpt = Annotated[str, server_option("tensor_split")]
 OverrideTensorOpt = Annotated[list[str] | None, server_option("override_tensor")]
+SpecDraftModelOpt = Annotated[str | None, server_option("spec_draft_model", show_default=False)]
+MmprojOpt = Annotated[str | None, server_option("mmproj", show_default=False)]
+MmprojOffloadOpt = Annotated[bool, server_option("mmproj_offload")]
 
 # RPC workers (estimate, recommend, serve, bench): llama.cpp's --rpc, and what tuner adds to plan around it.
 RpcOpt = Annotated[str, server_option("rpc", show_default=False)]

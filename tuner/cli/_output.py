@@ -54,17 +54,35 @@ def memory_table(memory: dict[str, Any], title: str = "Memory estimate") -> Tabl
     """The per-device breakdown of an estimate's ``memory`` object (see MemoryEstimate.to_dict)."""
     table = Table(title=title, title_justify="left")
     table.add_column("device")
-    for col in ("weights", "KV cache", "recurrent", "compute", "output", "total"):
+    vision = any(dev.get("vision_bytes") for dev in memory["devices"])  # a column only when a projector is loaded
+    pad = [""] if vision else []
+    for col in ("weights", "KV cache", "recurrent", "compute", "output", *(["vision"] if vision else []), "total"):
         table.add_column(col, justify="right")
     for dev in memory["devices"]:
         table.add_row(text(dev["name"]), bytes_cell(dev["weights_bytes"]), bytes_cell(dev["kv_bytes"]),
                       bytes_cell(dev["recurrent_bytes"]), bytes_cell(dev["compute_bytes"]),
-                      bytes_cell(dev["output_bytes"]), fmt_bytes(dev["total_bytes"]))
+                      bytes_cell(dev["output_bytes"]), *([bytes_cell(dev.get("vision_bytes", 0))] if vision else []),
+                      fmt_bytes(dev["total_bytes"]))
     host = memory.get("host", {})
     if host.get("checkpoints_bytes"):
-        table.add_row("CPU ctx checkpoints", "", "", bytes_cell(host["checkpoints_bytes"]), "", "",
+        table.add_row("CPU ctx checkpoints", "", "", bytes_cell(host["checkpoints_bytes"]), "", "", *pad,
                       fmt_bytes(host["checkpoints_bytes"]), style="dim")
     if host.get("prompt_cache_bytes"):
-        table.add_row("CPU prompt cache (max)", "", "", "", "", "", fmt_bytes(host["prompt_cache_bytes"]),
+        table.add_row("CPU prompt cache (max)", "", "", "", "", "", *pad, fmt_bytes(host["prompt_cache_bytes"]),
                       style="dim")
     return table
+
+
+def render_health(out: Console, findings: list[dict[str, Any]]) -> None:
+    """``health`` findings (:mod:`tuner.health`): warnings in yellow, notes in cyan, each with its fix, wrapped
+    under their first word (a long file name folds rather than widen the line)."""
+    if not findings:
+        return
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(ratio=1, overflow="fold")
+    for f in findings:
+        label = "[yellow]warning:[/yellow]" if f["severity"] == "warning" else "[cyan]note:[/cyan]"
+        fix = f" [dim](fix: {text(f['fix'])})[/dim]" if f.get("fix") else ""
+        grid.add_row(label, f"{text(f['kind'])}: {text(f['message'])}{fix}")
+    out.print(grid, highlight=False)

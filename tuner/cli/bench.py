@@ -125,11 +125,18 @@ def render_bench(console: Console, result: dict[str, Any]) -> None:
     conc = result.get("concurrency", 1) > 1
     if conc:
         table.add_column("per request pp / tg", justify="right")
+    drafts = any(r.get("draft_acceptance") for r in result["results"])
+    if drafts:  # MTP on and off side by side: the server's own count of drafted and accepted tokens
+        table.add_column("draft accepted", justify="right")
     for r in result["results"]:
         for d in r["by_depth"]:
             row = [text(r["name"]), str(d["depth"]), _fmt(d["pp_tok_s"]), _fmt(d["tg_tok_s"]), str(d["tg_tok_s"]["n"])]
             if conc:
                 row.append(f"{d['per_request_pp_tok_s']['median']:,.1f} / {d['per_request_tg_tok_s']['median']:,.1f}")
+            if drafts:
+                a = d.get("draft_acceptance")
+                row.append(f"{a['rate']:.1%} ({a['accepted']}/{a['drafted']})" if a and a["rate"] is not None
+                           else "-")
             table.add_row(*row)
     console.print(table)
     console.print(bar_table(series_from_results(result["results"])))

@@ -6,10 +6,15 @@ Examples:
     tuner estimate Qwen3.5-35B-A3B-Q4_K_M-00001-of-00002.gguf -c 262144 -ctk q8_0 -ctv q8_0 --gpu rtx-4090
     tuner estimate model.gguf --n-cpu-moe 20 --gpu rtx-5080 --json
     tuner estimate model.gguf -c 32768 --check      # beside llama.cpp's own dry run (llama-fit-params)
+    tuner estimate model.gguf --spec-type draft-mtp -md mtp-model-Q8_0.gguf   # drafting with an MTP sidecar
+    tuner estimate model.gguf --mmproj mmproj-F16.gguf --no-mmproj-offload    # the vision projector on the CPU
     tuner estimate model.gguf --rpc 192.168.1.20:50052   # layers on an RPC worker's devices too
 
 What this machine observed (``tuner serve``'s load logs, ``tuner calibrate``) corrects the compute buffers and the
 predicted speeds (:func:`tuner.corrections.corrected_estimate`); the output says "calibrated by N runs" when it did.
+
+The JSON's ``health`` lists what :mod:`tuner.health` finds beyond memory: a stale chat template, an MTP head the
+file lacks and where one is, a vision projector left out.
 """
 
 from __future__ import annotations
@@ -22,29 +27,43 @@ from rich.table import Table
 
 from tuner.cli import _options as o
 from tuner.cli._options import SERVER_DEFAULTS as D
-from tuner.cli._output import emit, memory_table, text
+from tuner.cli._output import emit, memory_table, render_health, text
 from tuner.cli.hardware import hardware_dict, network_line
 from tuner.cli.profile import calibration_for
 from tuner.corrections import Calibration, corrected_estimate, shape_id
-from tuner.flags import INT32_MAX, ServerFlags
-from tuner.hardware import Hardware, HostSpec, hardware_for, rpc_endpoints
+from tuner.errors import TunerError
+from tuner.flags import INT32_MAX, SPEC_MTP, ServerFlags
+from tuner.gguf_file import read_gguf
+from tuner.hardware import Hardware, HostSpec, gpu_split, hardware_for, rpc_endpoints
 from tuner.layout import ModelLayout
-from tuner.models import resolve_layout
+from tuner.models import local_layout, resolve_candidate
 from tuner.rpc import cluster_hardware
 from tuner.speed import PLANNING_DEPTH_TOKENS, predict_on
 from tuner.units import fmt_bytes
+from tuner.vision import Projector, projector_from_header
 
 
 def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
                     depth_tokens: int = PLANNING_DEPTH_TOKENS,
-                    calibration: Calibration | None = None) -> dict[str, Any]:
-    est = corrected_estimate(layout, flags, hardware, calibration)
+                    calibration: Calibration | None = None, *, draft: ModelLayout | None = None,
+                    vision: Projector | None = None, mmproj_offload: bool = True,
+                    health: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    est = corrected_estimate(layout, flags, hardware, calibration, draft=draft, vision=vision,
+                             mmproj_offload=mmproj_offload)
     result: dict[str, Any] = {"model": layout.source or layout.name, "arch": layout.arch, **est.to_dict()}
-    pred = predict_on(layout, flags, hardware, depth_tokens=depth_tokens)
+    plain = flags.with_(spec_type=None) if flags.spec_type else flags  # MTP scales the plain prediction
+    pred = predict_on(layout, plain, hardware, depth_tokens=depth_tokens)
     if calibration:
-        pred = calibration.rescale(pred, layout, flags, hardware)
+        pred = calibration.rescale(pred, layout, plain, hardware)
+    if flags.spec_type == SPEC_MTP:
+        from tuner.mtp import predict_mtp
+
+        pred = predict_mtp(layout, flags, hardware, pred, draft=draft, gpu_split=gpu_split(hardware),
+                           depth_tokens=depth_tokens)
     result["predicted"] = {"depth_tokens": depth_tokens, "tg_tok_s": round(pred.tg_tok_s, 2),
                            "pp_tok_s": round(pred.pp_tok_s, 2), "tg_bound_tok_s": round(pred.tg_bound_tok_s, 2)}
+    if flags.spec_type == SPEC_MTP:  # what the MTP prediction assumed
+        result["notes"] = [*result["notes"], *(n for n in pred.notes if n.startswith("MTP"))]
     if pred.network is not None:
         result["predicted"]["network"] = pred.network.to_dict()
     result["calibration"] = ({"line": calibration.describe(hardware),
@@ -52,6 +71,7 @@ def estimate_result(layout: ModelLayout, flags: ServerFlags, hardware: Hardware,
     result["flags"] = flags.to_args()
     result["layout"] = layout.to_dict()
     result["hardware"] = hardware_dict(hardware)
+    result["health"] = list(health or [])
     return result
 
 
@@ -86,6 +106,7 @@ def render_estimate(console: Console, result: dict[str, Any]) -> None:
         console.print(f"[green]{text(cal['line'])}[/green] (tuner profile show; tuner profile reset clears it)")
     for note in result["notes"] + result["hardware"]["notes"]:
         console.print(f"[yellow]note:[/yellow] {text(note)}")
+    render_health(console, result["health"])
     check = result.get("check")
     if check:
         table = Table(title=f"llama.cpp's own dry run ({check['tool']})", title_justify="left")
@@ -124,6 +145,9 @@ def register(app: typer.Typer) -> None:
         device: o.DeviceOpt = D.device,
         tensor_split: o.TensorSplitOpt = D.tensor_split,
         override_tensor: o.OverrideTensorOpt = D.override_tensor,
+        spec_draft_model: o.SpecDraftModelOpt = None,
+        mmproj: o.MmprojOpt = None,
+        mmproj_offload: o.MmprojOffloadOpt = True,
         rpc: o.RpcOpt = D.rpc,
         rpc_gpu: o.RpcGpuOpt = None,
         link_gbit: o.LinkGbitOpt = None,
@@ -148,12 +172,28 @@ def register(app: typer.Typer) -> None:
             ctx_checkpoints=ctx_checkpoints, spec_type=spec_type, spec_draft_n_max=spec_draft_n_max,
             no_kv_offload=no_kv_offload, split_mode=split_mode, main_gpu=main_gpu, device=device,
             tensor_split=tensor_split, override_tensor=override_tensor))
-        layout = resolve_layout(model)
+        candidate = resolve_candidate(model)
+        layout = candidate.layout
+        draft = None
+        if spec_draft_model:
+            draft = local_layout(spec_draft_model)
+        elif flags.spec_type == SPEC_MTP and not layout.has_mtp:
+            draft = candidate.mtp_draft  # the sidecar found beside the model (-md)
+        vision = None
+        if mmproj:
+            try:
+                vision = projector_from_header(read_gguf(mmproj))
+            except TunerError as exc:
+                raise TunerError(f"--mmproj {mmproj}: {exc}") from None
+        from tuner import health as model_health
+
+        health = model_health.check(candidate, vision=vision is not None).to_list()
         host = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
         hardware = cluster_hardware(hardware_for(gpu, vram, host=host), rpc=rpc or None, rpc_gpu=rpc_gpu,
                                     link_gbit=link_gbit, link_rtt_ms=link_rtt_ms, server_bin=server_bin)
         flags = flags.with_(rpc=rpc_endpoints(hardware.gpus))
-        result = estimate_result(layout, flags, hardware, depth, calibration_for(hardware, server_bin))
+        result = estimate_result(layout, flags, hardware, depth, calibration_for(hardware, server_bin), draft=draft,
+                                 vision=vision, mmproj_offload=mmproj_offload, health=health)
         if check:
             from tuner.fitcheck import run_fit_check
 

@@ -16,6 +16,9 @@ Examples:
 
 Speeds are tuner.speed's roofline predictions, or what ``tuner bench`` measured on this machine for the same model,
 flags, hardware and build (shown as measured).
+
+The JSON's ``health`` lists what :mod:`tuner.health` finds beyond memory (a stale chat template and its fix, an MTP
+head the file lacks and where one is, a vision projector left out), printed as warnings and notes.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.cli import _options as o
-from tuner.cli._output import bytes_cell, emit, memory_table, text
+from tuner.cli._output import bytes_cell, emit, memory_table, render_health, text
 from tuner.cli.hardware import hardware_dict, network_line, render_hardware
 from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.hardware import HostSpec, hardware_for
@@ -49,7 +52,10 @@ def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vis
 
 
 def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> dict[str, Any]:
-    result = {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware)}
+    from tuner import health
+
+    found = health.check(rec.plan.candidate, vision=rec.plan.vision)
+    result = {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware), "health": found.to_list()}
     p = rec.plan
     if len(rec.hardware.gpus) > 1:  # several devices: what each holds, against its budget
         result["placement"] = [share.to_dict() for share in describe(
@@ -132,18 +138,22 @@ def _memory_narrow(memory: dict[str, Any]) -> Table:
     table = Table(title="Memory (estimate)", title_justify="left", box=None, padding=(0, 1), show_edge=False,
                   header_style="bold")
     table.add_column("device", overflow="fold")
-    for col in ("weights", "KV", "state", "compute", "output", "total"):
+    vision = any(dev.get("vision_bytes") for dev in memory["devices"])  # the projector's column, when loaded
+    pad = [""] if vision else []
+    for col in ("weights", "KV", "state", "compute", "output", *(["vision"] if vision else []), "total"):
         table.add_column(col, justify="right", no_wrap=True)
     for dev in memory["devices"]:
         table.add_row(text(dev["name"]), bytes_cell(dev["weights_bytes"]), bytes_cell(dev["kv_bytes"]),
                       bytes_cell(dev["recurrent_bytes"]), bytes_cell(dev["compute_bytes"]),
-                      bytes_cell(dev["output_bytes"]), fmt_bytes(dev["total_bytes"]))
+                      bytes_cell(dev["output_bytes"]), *([bytes_cell(dev.get("vision_bytes", 0))] if vision else []),
+                      fmt_bytes(dev["total_bytes"]))
     host = memory.get("host", {})
     if host.get("checkpoints_bytes"):
-        table.add_row("CPU checkpoints", "", "", bytes_cell(host["checkpoints_bytes"]), "", "",
+        table.add_row("CPU checkpoints", "", "", bytes_cell(host["checkpoints_bytes"]), "", "", *pad,
                       fmt_bytes(host["checkpoints_bytes"]), style="dim")
     if host.get("prompt_cache_bytes"):
-        table.add_row("CPU prompt cache", "", "", "", "", "", fmt_bytes(host["prompt_cache_bytes"]), style="dim")
+        table.add_row("CPU prompt cache", "", "", "", "", "", *pad, fmt_bytes(host["prompt_cache_bytes"]),
+                      style="dim")
     return table
 
 
@@ -276,6 +286,7 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
         console.print(_bullets("note:", result["notes"], style="yellow"))
     if result.get("calibration"):
         console.print(f"[green]{text(result['calibration']['line'])}[/green]")
+    render_health(console, result["health"])
     console.print()
     console.print("[bold]Command:[/bold]")
     env = " ".join(f"{k}={v}" for k, v in (result.get("env") or {}).items())

@@ -30,7 +30,7 @@ from rich.table import Table
 from tuner.cli import _options as o
 from tuner.cli import stop_signals
 from tuner.cli._options import server_option
-from tuner.cli._output import console, emit_json_line, err_console, text
+from tuner.cli._output import console, emit_json_line, err_console, render_health, text
 from tuner.cli.build import BuildProgress
 from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.cli.recommend import wishes_from_options
@@ -130,6 +130,9 @@ class EventPrinter:
         if "plan" in event:
             console.print(visible(plan_line(event["plan"])), highlight=False, soft_wrap=True, markup=False)
             return
+        if "health" in event:  # its warnings come again as warning events: the notes here
+            render_health(err_console, [f for f in event["health"] if f["severity"] != "warning"])
+            return
         if "memory_check" in event:
             self._unspin()
             console.print(memory_check_table(event["memory_check"]))
@@ -143,6 +146,9 @@ class EventPrinter:
                           f"{'CUDA' if event['cuda'] else 'CPU'})", highlight=False, soft_wrap=True)
         elif status == "fetching":
             self._unspin()
+        elif status == "chat_template":
+            self._unspin()
+            console.print(text(event["message"]), highlight=False, soft_wrap=True)
         elif status == "launching":
             self.fetch_progress.close()
             self._spin("starting llama-server")
