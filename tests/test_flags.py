@@ -206,6 +206,7 @@ def test_each_row_cites_the_line_of_llama_cpp_that_defines_it(llama_build) -> No
 _OTHER_PROGRAMS = {
     "tuner/build/": "command lines of cmake, git, pip and python, whose -m and -c are theirs, not llama-server's",
     "tuner/speedfit.py": "python -m tuner (the estimate CLI run as a child process)",
+    "tuner/fetch.py": "python -m tuner.fetch_worker (each download's child process)",
     "tuner/worker.py": "ggml-rpc-server's command line: its --host, --port, --device, --threads are its own",
     "tuner/cli/worker.py": "tuner worker's options, which go to ggml-rpc-server, not to llama-server",
 }
