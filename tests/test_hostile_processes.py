@@ -205,6 +205,9 @@ CONFIG_CASES = [
          setup=_header_cache_of_model("[" * 100_000)),
     Case("header-cache-wrong-types", ("estimate", "{model}"), outcome="ignored",
          setup=_header_cache_of_model('{"format": 3, "tensors": "all", "metadata": [], "data_offset": -1}')),
+    Case("header-cache-offset-1e400", ("estimate", "{model}"), outcome="ignored",
+         setup=_header_cache_of_model('{"format": 3, "size": 1, "version": 3, "data_offset": 1e400, '
+                                      '"metadata": {}, "tensors": []}')),
     Case("listing-cache-corrupt-offline", ("recommend", "acme/offline:Q4_K_M", "--gpu", "none"),
          r"cannot reach .* to list acme/offline \(HF_HUB_OFFLINE is set\) and it was never listed before",
          setup=_both(_write("cache/hub-headers/acme/offline/refs/main.json", '{"commit": "' + "a" * 40 + '"}'),
