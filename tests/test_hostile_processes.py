@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ from hostile import (
 )
 from hubserver import LADDER_SPEC, FakeHub, Misbehave
 
+from tuner.paths import catalog_dir
 from tuner.server import free_port
 from tuner.synth import write_synthetic_gguf
 
@@ -130,11 +132,20 @@ def _catalog_with_gpus(text: str | bytes) -> Setup:
     return _write("catalog/gpus.yaml", text)
 
 
+def _catalog_with_calibration(text: str) -> Setup:
+    """A copy of the shipped catalogs (TUNER_CATALOG_DIR) with ``calibrations/bad.json`` holding ``text``."""
+    def setup(root: Path, world: World) -> None:
+        shutil.copytree(catalog_dir(), root / "catalog")
+        _write("catalog/calibrations/bad.json", text)(root, world)
+    return setup
+
+
 PROFILE = "config/profiles.yaml"
 OBS = "config/observations"
 MEASUREMENT = ("{set_name: a, args: [], server_flags: null, extra_args: [], depth: %s, pp_tok_s: %s, tg_tok_s: 1.0, "
                "n_samples: 1, kind: bench, measured_at: '2026-01-01'}")
 RECOMMEND = ("recommend", "{model}", "--gpu", "none")
+CALIBRATION = '{"format": "tuner-calibration", "version": 1, "points": [%s]}'
 SHOW = ("profile", "show")
 RESET = "`tuner profile reset --yes` starts a new one"
 CONFIG_CASES = [
@@ -216,6 +227,23 @@ CONFIG_CASES = [
     # the shipped catalogs, moved with TUNER_CATALOG_DIR
     Case("catalog-alias-bomb", ("hardware", "--gpu", "rtx-4090"), r"gpus\.yaml is not valid YAML: .*uses a YAML "
          r"alias", setup=_catalog_with_gpus(ALIAS_BOMB.replace("format: 1\nentries: *i", "gpus: *i")),
+         env={"TUNER_CATALOG_DIR": "{root}/catalog"}),
+    # a shipped calibration file (TUNER_CATALOG_DIR/calibrations): skipped with one line naming it
+    Case("calibration-depth-1e400-recommend", RECOMMEND, r"skipped the calibration file .*/calibrations/bad\.json is "
+         r"not JSON \(the number 1e400 is out of range\); delete or replace the file", "warned",
+         setup=_catalog_with_calibration(CALIBRATION % '{"kind": "speed", "depth": 1e400}'),
+         env={"TUNER_CATALOG_DIR": "{root}/catalog"}),
+    Case("calibration-depth-1e400-estimate", ("estimate", "{model}", "--gpu", "none"), r"skipped the calibration "
+         r"file .*bad\.json is not JSON \(the number 1e400", "warned",
+         setup=_catalog_with_calibration(CALIBRATION % '{"kind": "speed", "depth": 1e400}'),
+         env={"TUNER_CATALOG_DIR": "{root}/catalog"}),
+    Case("calibration-depth-a-string-estimate", ("estimate", "{model}", "--gpu", "none"), r"bad\.json is not a valid "
+         r"calibration file \(points\[0\]\.depth: 'deep', expected a whole number", "warned",
+         setup=_catalog_with_calibration(CALIBRATION % '{"kind": "speed", "depth": "deep"}'),
+         env={"TUNER_CATALOG_DIR": "{root}/catalog"}),
+    Case("calibration-version-of-1MB-recommend", RECOMMEND, r"bad\.json is a calibration file of version '9{30,79}…; "
+         r"this tuner reads version 1; delete", "warned",
+         setup=_catalog_with_calibration('{"format": "tuner-calibration", "version": "' + "9" * 1_000_000 + '"}'),
          env={"TUNER_CATALOG_DIR": "{root}/catalog"}),
     Case("catalog-not-utf8", ("hardware", "--gpu", "rtx-4090"), r"gpus\.yaml is not valid YAML: .*is not UTF-8",
          setup=_catalog_with_gpus(b"gpus: \xff\n"), env={"TUNER_CATALOG_DIR": "{root}/catalog"}),
