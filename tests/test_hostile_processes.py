@@ -332,6 +332,12 @@ FAKE_CASES = [
     Case("fake-huge-json", (*SERVE, "--server-bin", "{fake:huge-json}"), r"answer to POST /v1/chat/completions is "
          r"larger than the limit of 67108864 bytes"),
     Case("fake-deep-json", (*SERVE, "--server-bin", "{fake:deep-json}"), r"\(the top level: nested too deep"),
+    # a log far past what tuner keeps of it (tuner.growing_log: its first and last 4 MiB), read without holding it
+    Case("fake-floods-its-log-then-dies", (*SERVE, "--server-bin", "{fake:floods-log-then-dies}"), r"llama-server "
+         r"stopped \(exit code 1\) while loading the model: error loading model: the fake flooded its log "
+         r"\\x1b\[31mRED"),
+    Case("fake-floods-its-log-while-loading", (*SERVE, "--server-bin", "{fake:floods-log-while-loading}"),
+         r"llama-server was not healthy after 3 s", env={"TUNER_READY_TIMEOUT_S": "3"}),
     Case("fake-wrong-types", (*SERVE, "--server-bin", "{fake:wrong-types}"), r"usage\.completion_tokens: 'many', "
          r"expected a whole number"),
     Case("fake-no-tokens", (*SERVE, "--server-bin", "{fake:no-tokens}"), r"loaded but produced no tokens"),
