@@ -17,7 +17,8 @@ the fix date is the card's ``chat_template_fixed`` (the repo's own, else the car
    checked; it says stale when the file's date alone shows it (dated before the fix). Never an error.
 
 **MTP** (kind ``mtp``): when the file has no MTP head and no sidecar of it was found, but the card knows a repo
-whose GGUFs keep the head, or one with sidecars, an ``info`` says where.
+whose GGUFs keep the head, or one with sidecars, an ``info`` says where: only where drafting could be planned (the
+caller's ``mtp_blocked``, :func:`tuner.mtp.drafting_blocked`, is None: the whole trunk on the GPU, one slot).
 
 **Vision** (kind ``vision``): a projector beside the model that the plan leaves out (``--no-mmproj``) is an ``info``
 naming it and ``--vision``.
@@ -157,11 +158,12 @@ def check_chat_template(candidate: QuantCandidate, layout: ModelLayout | None = 
 # ------------------------------------------------------------------------------------------------------- MTP
 
 
-def mtp_findings(candidate: QuantCandidate) -> Health:
-    """Where an MTP head is, when the chosen file has none (see the module docstring)."""
+def mtp_findings(candidate: QuantCandidate, blocked: str | None = None) -> Health:
+    """Where an MTP head is, when the chosen file has none and drafting could be planned (``blocked``: why it could
+    not, then nothing is said; see the module docstring)."""
     from tuner.cards import load_card, match_card
 
-    if candidate.has_mtp:
+    if candidate.has_mtp or blocked:
         return Health()
     card = load_card(candidate.card_key) if candidate.card_key else match_card(candidate.layout)
     if card is None:
@@ -192,9 +194,11 @@ def vision_findings(candidate: QuantCandidate, vision: bool) -> Health:
 
 
 def check(candidate: QuantCandidate, *, vision: bool = False, layout: ModelLayout | None = None,
-          model_paths: Sequence[str | Path] = (), chat_template: bool = True) -> Health:
-    """Every finding for ``candidate`` as planned (``vision``: whether the plan loads the projector)."""
+          model_paths: Sequence[str | Path] = (), chat_template: bool = True, mtp_blocked: str | None = None
+          ) -> Health:
+    """Every finding for ``candidate`` as planned (``vision``: whether the plan loads the projector;
+    ``mtp_blocked``: why the plan could not draft with an MTP head, :func:`tuner.mtp.drafting_blocked`)."""
     out = Health()
     if chat_template:
         out = out + check_chat_template(candidate, layout, model_paths)
-    return out + mtp_findings(candidate) + vision_findings(candidate, vision)
+    return out + mtp_findings(candidate, mtp_blocked) + vision_findings(candidate, vision)

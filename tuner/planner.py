@@ -83,7 +83,7 @@ from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, read_projector, resolve_candidates
-from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, mtp_flags, predict_mtp
+from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, drafting_blocked, mtp_flags, predict_mtp
 from tuner.placement import Placer, cpu_expert_layers, cpu_expert_tensors, devices_of, placement_reason
 from tuner.policy import BALANCED
 from tuner.speed import Prediction, predict_speed
@@ -229,6 +229,12 @@ class Plan:
     @property
     def model_name(self) -> str:
         return self.candidate.card_key or self.candidate.layout.name or self.candidate.layout.source
+
+    @property
+    def mtp_blocked(self) -> str | None:
+        """Why this plan could not draft with an MTP head, whatever the file (:func:`tuner.mtp.drafting_blocked`)."""
+        return drafting_blocked(self.candidate.layout, self.flags, [n for n, _ in self.budget.gpu_free_bytes],
+                                vision=self.vision)
 
     @property
     def uses_sidecar(self) -> bool:

@@ -231,7 +231,7 @@ def check_served(plan: Plan, fetched: FetchedModel, on_event: EventFn | None = N
     from tuner.models import local_layout
 
     layout = local_layout(fetched.model_path) if plan.candidate.source == "card" else None
-    found = health.check(plan.candidate, vision=plan.vision, layout=layout,
+    found = health.check(plan.candidate, vision=plan.vision, layout=layout, mtp_blocked=plan.mtp_blocked,
                          model_paths=[str(p) for p in fetched.shard_paths] if plan.candidate.source != "hub" else ())
     _emit(on_event, {"health": found.to_list()})
     for f in found.findings:

@@ -56,7 +56,7 @@ def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vis
 def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> dict[str, Any]:
     from tuner import health
 
-    found = health.check(rec.plan.candidate, vision=rec.plan.vision)
+    found = health.check(rec.plan.candidate, vision=rec.plan.vision, mtp_blocked=rec.plan.mtp_blocked)
     result = {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware), "health": found.to_list()}
     p = rec.plan
     if len(rec.hardware.gpus) > 1:  # several devices: what each holds, against its budget
