@@ -293,6 +293,20 @@ def test_a_file_without_a_head_is_told_where_one_is(capsys: pytest.CaptureFixtur
     assert not any(r.startswith(("MTP", "--spec-type")) for r in doc["reasons"])  # no head: nothing to plan
 
 
+def test_the_head_elsewhere_is_reported_not_stated_and_its_fix_says_it_needs_the_hub(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["recommend", "qwen3.5-35b-a3b", "--gpu", "rtx-4090", "--json"]) == 0
+    [online] = [f for f in json.loads(capsys.readouterr().out)["health"] if f["kind"] == "mtp"]
+    said = "reported (by tuner's model card, not checked) to be in unsloth/Qwen3.5-35B-A3B-MTP-GGUF"
+    assert said in online["message"]
+    assert online["fix"] == "tuner recommend unsloth/Qwen3.5-35B-A3B-MTP-GGUF"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["recommend", "qwen3.5-35b-a3b", "--gpu", "rtx-4090", "--json"]) == 0
+    [offline] = [f for f in json.loads(capsys.readouterr().out)["health"] if f["kind"] == "mtp"]
+    assert offline["fix"].startswith("tuner recommend unsloth/Qwen3.5-35B-A3B-MTP-GGUF (")
+    assert "from the Hub" in offline["fix"] and "HF_HUB_OFFLINE" in offline["fix"]
+
+
 @pytest.mark.parametrize("args", [["--gpu", "none"], ["--gpu", "rtx-3060-12gb"],
                                   ["--gpu", "rtx-4090", "--parallel", "2"]])
 def test_the_head_elsewhere_is_told_only_where_drafting_could_be_planned(args: list[str],

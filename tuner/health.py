@@ -17,7 +17,9 @@ the fix date is the card's ``chat_template_fixed`` (the repo's own, else the car
    checked; it says stale when the file's date alone shows it (dated before the fix). Never an error.
 
 **MTP** (kind ``mtp``): when the file has no MTP head and no sidecar of it was found, but the card knows a repo
-whose GGUFs keep the head, or one with sidecars, an ``info`` says where: only where drafting could be planned (the
+whose GGUFs keep the head, or one with sidecars, an ``info`` says where it is reported to be (the card's word,
+unchecked until that repo is read; its fix, ``tuner recommend REPO``, needs the Hub, which it says under
+``HF_HUB_OFFLINE``): only where drafting could be planned (the
 caller's ``mtp_blocked``, :func:`tuner.mtp.drafting_blocked`, is None: the whole trunk on the GPU, one slot).
 
 **Vision** (kind ``vision``): a projector beside the model that the plan leaves out (``--no-mmproj``) is an ``info``
@@ -172,10 +174,14 @@ def mtp_findings(candidate: QuantCandidate, blocked: str | None = None) -> Healt
     sources = [s for s in card.mtp_sources() if s.split(" ")[0].lower() != own]
     if not sources:
         return Health()
+    from tuner.remote import hub_offline
+
+    fix = f"tuner recommend {sources[0].split(' ')[0]}"
     return Health((Finding("mtp", INFO,
                            f"{candidate.quant} has no MTP head (speculative decoding with --spec-type draft-mtp); "
-                           f"{card.name}'s is in " + "; ".join(sources),
-                           f"tuner recommend {sources[0].split(' ')[0]}"),))
+                           f"{card.name}'s is reported (by tuner's model card, not checked) to be in "
+                           + "; ".join(sources),
+                           fix + (" (reads that repo from the Hub: unset HF_HUB_OFFLINE)" if hub_offline() else "")),))
 
 
 # ---------------------------------------------------------------------------------------------------- vision
