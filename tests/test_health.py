@@ -201,6 +201,16 @@ def test_an_unreachable_hub_is_a_warning_and_no_retry_storm(tmp_path: Path) -> N
     assert finding["severity"] == "warning" and "cannot reach" in finding["message"]
 
 
+def test_a_card_plan_says_its_template_is_checked_once_the_file_is_downloaded(
+        capsys: pytest.CaptureFixture[str], hub: FakeHub) -> None:
+    doc = _recommend(capsys, "qwen3.5-35b-a3b")
+    [finding] = _template_findings(doc)
+    assert finding["severity"] == "info" and finding["fix"] is None
+    assert "not checked yet" in finding["message"] and f"tuner serve checks the downloaded file's against " \
+        f"{QWEN_OFFICIAL}'s" in finding["message"]
+    assert hub.requests == []  # a card's plan stays offline: nothing fetched to say so
+
+
 def test_no_official_repo_means_no_check(tmp_path: Path) -> None:
     [cand] = resolve_candidates(str(_model(tmp_path / "Tiny-F16.gguf", CHATML_TEMPLATE, base=None)))
     assert check_chat_template(cand).findings == ()

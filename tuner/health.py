@@ -5,9 +5,10 @@ projector. One list of findings, ``health: [{kind, severity, message, fix}]`` in
 **Chat template** (kind ``chat_template``; the fetching is :mod:`tuner.chat_template`). The file's
 ``tokenizer.chat_template`` is compared with the current one of the model's original repo: the card's
 ``official_repo``, else the repo the GGUF's ``general.base_model.0.repo_url`` names (no check without either, nor
-for a card's quant that has no file yet). The file's date is the Hub's date of the last commit that touched it (its
-shards: the latest), for a Hub file or a file inside a Hugging Face cache snapshot (:func:`tuner.remote.hf_snapshot`);
-the fix date is the card's ``chat_template_fixed`` (the repo's own, else the card's).
+for a card's quant that has no file yet: an ``info`` says it is checked once downloaded). The file's date is the
+Hub's date of the last commit that touched it (its shards: the latest), for a Hub file or a file inside a Hugging
+Face cache snapshot (:func:`tuner.remote.hf_snapshot`); the fix date is the card's ``chat_template_fixed`` (the
+repo's own, else the card's).
 
 1. the same template (as llama.cpp reads it, :func:`tuner.chat_template.effective_template`): no finding;
 2. different, and the file dated before the fix date, or its date unknown, or no fix date known: **stale**, a
@@ -122,11 +123,13 @@ def check_chat_template(candidate: QuantCandidate, layout: ModelLayout | None = 
     from tuner.chat_template import official_template, same_template
 
     layout = layout or candidate.layout
-    if candidate.source == "card" and layout is candidate.layout:
-        return Health()  # no file yet: it is checked once downloaded (serve)
     repo, card = _official_repo(layout, candidate.card_key)
     if repo is None:
         return Health()
+    if candidate.source == "card" and layout is candidate.layout:  # no file yet: checked once downloaded (serve)
+        return Health((Finding("chat_template", INFO,
+                               f"the chat template is not checked yet: {candidate.quant} is the model card's, with no "
+                               f"file to read; tuner serve checks the downloaded file's against {repo}'s"),))
     fixed: date | None = card.template_fixed_on(candidate.repo) if card is not None else None
     origin = file_origin(candidate, model_paths)
     dated, no_date = file_date(origin)
