@@ -44,9 +44,11 @@ from tuner.untrusted import visible
 
 
 def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vision: bool, buffer: str | None,
-                        quant: str | None, cache_type: str | None, allow_yarn: bool) -> Wishes:
+                        quant: str | None, cache_type: str | None, allow_yarn: bool,
+                        mmproj_offload: bool = True) -> Wishes:
     """The planner's wishes from the shared planner options (``recommend``, ``serve`` and ``bench`` alike)."""
     return Wishes(ctx_size=ctx_size or None, parallel=parallel, prefer=prefer.lower(), vision=vision,
+                  mmproj_offload=mmproj_offload,
                   buffer_bytes=parse_size_bytes(buffer, default_unit="g") if buffer is not None else None,
                   quant=quant, allow_yarn=allow_yarn, cache_type=cache_type.lower() if cache_type else None)
 
@@ -54,7 +56,7 @@ def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vis
 def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> dict[str, Any]:
     from tuner import health
 
-    found = health.check(rec.plan.candidate, vision=rec.plan.vision)
+    found = health.check(rec.plan.candidate, vision=rec.plan.vision, mtp_blocked=rec.plan.mtp_blocked)
     result = {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware), "health": found.to_list()}
     p = rec.plan
     if len(rec.hardware.gpus) > 1:  # several devices: what each holds, against its budget
@@ -255,13 +257,15 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
                       f"{fmt_bytes(gpu['vram_free_bytes'])} free; "
                       f"buffer {fmt_bytes(budget['buffer_bytes'])} kept"
                       + (f", {fmt_bytes(budget['reserved_bytes'])} for the vision projector"
-                         if budget["reserved_bytes"] else "")
+                         if budget["reserved_bytes"] and budget["reserved_on"] == gpu["name"] else "")
                       + f", {fmt_bytes(left[gpu['name']])} more to spare")
     if result.get("hosts"):
         console.print(hosts_table(result["hosts"]))
     host = result["memory"]["host"]
     console.print(f"RAM at worst: {fmt_bytes(host['total_bytes'])} of {fmt_bytes(budget['ram_available_bytes'])} "
                   f"available" + (f" (buffer {fmt_bytes(budget['buffer_bytes'])})" if not budget["gpus"] else "")
+                  + (f", {fmt_bytes(budget['reserved_bytes'])} kept for the vision projector"
+                     if budget["reserved_bytes"] and budget["reserved_on"] == "CPU" else "")
                   + f", {fmt_bytes(left['CPU'])} to spare")
 
     console.print()
@@ -309,6 +313,7 @@ def register(app: typer.Typer) -> None:
         parallel: o.PlanParallelOpt = 1,
         prefer: o.PreferOpt = o.DEFAULT_PREFER,
         vision: o.VisionOpt = False,
+        mmproj_offload: o.MmprojOffloadOpt = True,
         buffer: o.BufferOpt = None,
         quant: o.QuantOpt = None,
         cache_type: o.CacheTypeOpt = None,
@@ -327,7 +332,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Recommend quant, KV cache, --n-cpu-moe, context and batch sizes for MODEL on this machine (or --gpu)."""
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=vision,
-                                     buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
+                                     buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn,
+                                     mmproj_offload=mmproj_offload)
         host = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
         hardware = cluster_hardware(hardware_for(gpu, vram, host=host), rpc=rpc, rpc_gpu=rpc_gpu,
                                     link_gbit=link_gbit, link_rtt_ms=link_rtt_ms, server_bin=server_bin)
