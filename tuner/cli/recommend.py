@@ -23,6 +23,7 @@ head the file lacks and where one is, a vision projector left out), printed as w
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Any
 
@@ -159,12 +160,27 @@ def _memory_narrow(memory: dict[str, Any]) -> Table:
     return table
 
 
+_SPILLED_BLOCKS_RE = re.compile(r"^blk\\\.\(([0-9|]+)\)\\\.ffn_")
+
+
+def _experts_setting(a: dict[str, Any]) -> str:
+    """How a plan keeps experts in RAM, as its command says it: ``-ot`` rules per device on several devices (their
+    blocks counted), else ``--n-cpu-moe N``."""
+    blocks = {int(n) for rule in a.get("override_tensor") or () for m in [_SPILLED_BLOCKS_RE.match(rule)] if m
+              for n in m.group(1).split("|")}
+    if blocks:
+        return f"-ot: experts of {len(blocks)} layers in RAM"
+    if len(a.get("tensor_split") or ()) > 1 and not a["n_cpu_moe"]:
+        return "-ot: none in RAM"
+    return f"--n-cpu-moe {a['n_cpu_moe']}"
+
+
 def _alternatives_wide(alternatives: list[dict[str, Any]]) -> Table:
     alt = Table(title="Alternatives", title_justify="left")
-    for col in ("#", "quant", "KV", "n-cpu-moe", "context", "ubatch", "tg tok/s", "pp tok/s", "why not"):
+    for col in ("#", "quant", "KV", "experts in RAM", "context", "ubatch", "tg tok/s", "pp tok/s", "why not"):
         alt.add_column(col, justify="right" if col not in ("quant", "KV", "why not") else "left")
     for i, a in enumerate(alternatives, 1):
-        alt.add_row(str(i), text(a["quant"]), a["cache_type_k"], str(a["n_cpu_moe"]), str(a["ctx_size"]),
+        alt.add_row(str(i), text(a["quant"]), a["cache_type_k"], _experts_setting(a), str(a["ctx_size"]),
                     str(a["ubatch_size"]), _tok_s(a["predicted"]["tg_tok_s"])
                     + (" (measured)" if a["predicted"]["source"] == "measured" else ""),
                     _tok_s(a["predicted"]["pp_tok_s"]), text(a["why_not"]))
@@ -178,7 +194,7 @@ def _alternatives_narrow(alternatives: list[dict[str, Any]]) -> Table:
     grid.add_column(ratio=1, overflow="fold")
     for i, a in enumerate(alternatives, 1):
         p = a["predicted"]
-        head = (f"[bold]{text(a['quant'])}[/bold] · KV {a['cache_type_k']} · --n-cpu-moe {a['n_cpu_moe']} · "
+        head = (f"[bold]{text(a['quant'])}[/bold] · KV {a['cache_type_k']} · {_experts_setting(a)} · "
                 f"context {a['ctx_size']} · ubatch {a['ubatch_size']} · {_tok_s(p['tg_tok_s'])} tok/s generation"
                 + (" (measured)" if p["source"] == "measured" else "") + f", {_tok_s(p['pp_tok_s'])} prompt")
         grid.add_row(f"{i}.", head)
@@ -292,8 +308,12 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
         console.print(f"[green]{text(result['calibration']['line'])}[/green]")
     render_health(console, result["health"])
     console.print()
-    console.print("[bold]Command:[/bold]")
     env = " ".join(f"{k}={v}" for k, v in (result.get("env") or {}).items())
+    if env:  # the JSON's command array leaves it to "env": say it here, where the command is copied from
+        console.print(f"[bold]Command[/bold] (keep {env} in front: CUDA numbers the fastest card first otherwise, and "
+                      "the split is planned in PCI bus order):")
+    else:
+        console.print("[bold]Command:[/bold]")
     if narrow:
         if env:
             console.print(env + " \\", soft_wrap=True, markup=False, highlight=False)
