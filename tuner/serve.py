@@ -252,7 +252,7 @@ def template_served(args: Sequence[str], official: Path | None) -> dict[str, Any
         return {"status": "chat_template", "file": str(official), "source": "official",
                 "message": f"serving with the official chat template {official} (--chat-template-file) instead of "
                            "the file's stale one"}
-    yours = f"--chat-template-file {given_file}" if given_file else "--chat-template"
+    yours = f"{FLAGS['chat_template_file'].long} {given_file}" if given_file else FLAGS["chat_template"].long
     return {"status": "chat_template", "file": given_file or None, "source": "user",
             "message": f"serving with the chat template you passed ({yours}), not the official one tuner fetched "
                        f"({official}); the file's own template is stale (see the warning)"}
