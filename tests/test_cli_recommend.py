@@ -326,3 +326,15 @@ def test_a_narrow_terminal_gets_the_narrow_layout_from_the_command_line() -> Non
     assert "┃" not in proc.stdout and "Alternatives" in proc.stdout  # no wide tables
     wide = run_cli("--gpu", "rtx-4090", env={"COLUMNS": "160"})
     assert "┃ why not" in wide.stdout
+
+
+def test_alternatives_name_ot_spills_on_several_devices_not_n_cpu_moe() -> None:
+    from tuner.cli.recommend import _experts_setting
+    from tuner.placement import NO_PIPELINE_RULE
+
+    rules = [r"blk\.(28|36)\.ffn_(down)_(ch|)exps=CPU", r"blk\.(3)\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"]
+    assert _experts_setting({"override_tensor": rules, "n_cpu_moe": 0, "tensor_split": [30, 31]}) == \
+        "-ot: experts of 3 layers in RAM"
+    assert _experts_setting({"override_tensor": [NO_PIPELINE_RULE], "n_cpu_moe": 0, "tensor_split": [30, 31]}) == \
+        "-ot: none in RAM"
+    assert _experts_setting({"override_tensor": [], "n_cpu_moe": 4, "tensor_split": []}) == "--n-cpu-moe 4"

@@ -201,6 +201,16 @@ def test_an_unreachable_hub_is_a_warning_and_no_retry_storm(tmp_path: Path) -> N
     assert finding["severity"] == "warning" and "cannot reach" in finding["message"]
 
 
+def test_a_card_plan_says_its_template_is_checked_once_the_file_is_downloaded(
+        capsys: pytest.CaptureFixture[str], hub: FakeHub) -> None:
+    doc = _recommend(capsys, "qwen3.5-35b-a3b")
+    [finding] = _template_findings(doc)
+    assert finding["severity"] == "info" and finding["fix"] is None
+    assert "not checked yet" in finding["message"] and f"tuner serve checks the downloaded file's against " \
+        f"{QWEN_OFFICIAL}'s" in finding["message"]
+    assert hub.requests == []  # a card's plan stays offline: nothing fetched to say so
+
+
 def test_no_official_repo_means_no_check(tmp_path: Path) -> None:
     [cand] = resolve_candidates(str(_model(tmp_path / "Tiny-F16.gguf", CHATML_TEMPLATE, base=None)))
     assert check_chat_template(cand).findings == ()
@@ -229,6 +239,34 @@ def test_the_fake_hub_keeps_small_files_apart_and_dates_them_as_the_hub_does(hub
 # ------------------------------------------------------------------------------------------------ served
 
 
+def test_serve_says_the_users_template_is_served_when_they_pass_one(tmp_path: Path) -> None:
+    from tuner.hardware import hardware_for
+    from tuner.planner import Wishes, plan_for
+    from tuner.serve import server_args, template_served
+
+    model = _model(tmp_path / "Tiny-F16.gguf", CHATML_TEMPLATE)
+    plan = plan_for(str(model), hardware_for("none"), Wishes()).plan
+    official, mine = tmp_path / "official.jinja", tmp_path / "mine.jinja"
+
+    def args(*given: str) -> list[str]:
+        return server_args([*plan.command("llama-server", str(model)), *given], plan.estimate, alias="tiny",
+                           chat_template_file=official)
+
+    ours = args()
+    assert ours[ours.index("--chat-template-file") + 1] == str(official)
+    said = template_served(ours, official)
+    assert said is not None and said["source"] == "official" and "official chat template" in said["message"]
+    theirs = args("--chat-template-file", str(mine))
+    assert theirs.count("--chat-template-file") == 1 and str(official) not in theirs
+    said = template_served(theirs, official)
+    assert said is not None and said["source"] == "user" and said["file"] == str(mine)
+    assert str(mine) in said["message"] and "not the official one" in said["message"]
+    assert "serving with the official" not in said["message"] and "stale" in said["message"]
+    inline = template_served(args("--chat-template", "chatml"), official)
+    assert inline is not None and inline["source"] == "user" and inline["file"] is None
+    assert template_served(ours, None) is None  # nothing stale, nothing replaced
+
+
 @pytest.mark.server
 def test_serve_passes_the_official_template_and_llama_server_uses_it(llama_build, hub: FakeHub,
                                                                     tmp_path: Path) -> None:
@@ -243,7 +281,7 @@ def test_serve_passes_the_official_template_and_llama_server_uses_it(llama_build
         [finding] = [f for e in serve.events if "health" in e for f in e["health"] if f["kind"] == "chat_template"]
         path = finding["fix"].split(" ", 1)[1]
         said = next(e for e in serve.events if e.get("status") == "chat_template")
-        assert said["file"] == path and "official chat template" in said["message"]
+        assert said["file"] == path and "official chat template" in said["message"] and said["source"] == "official"
         assert any(e.get("kind") == "chat_template" and "warning" in e for e in serve.events)
         command = next(e for e in serve.events if e.get("status") == "launching")["command"]
         assert command[command.index("--chat-template-file") + 1] == path

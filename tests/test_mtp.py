@@ -27,6 +27,7 @@ from tuner.models import local_layout
 from tuner.mtp import (
     VERIFY_LAYER_OVERHEAD,
     distinct_experts,
+    drafting_blocked,
     expected_tokens,
     fit_verify_layer_overhead,
     step_cost,
@@ -290,6 +291,42 @@ def test_a_file_without_a_head_is_told_where_one_is(capsys: pytest.CaptureFixtur
     assert mtp["severity"] == "info" and "unsloth/Qwen3.6-35B-A3B-MTP-GGUF" in mtp["message"]
     assert "ggml-org/Qwen3.6-35B-A3B-GGUF (mtp-Qwen3.6-35B-A3B-<QUANT>.gguf)" in mtp["message"]
     assert not any(r.startswith(("MTP", "--spec-type")) for r in doc["reasons"])  # no head: nothing to plan
+
+
+def test_the_head_elsewhere_is_reported_not_stated_and_its_fix_says_it_needs_the_hub(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["recommend", "qwen3.5-35b-a3b", "--gpu", "rtx-4090", "--json"]) == 0
+    [online] = [f for f in json.loads(capsys.readouterr().out)["health"] if f["kind"] == "mtp"]
+    said = "reported (by tuner's model card, not checked) to be in unsloth/Qwen3.5-35B-A3B-MTP-GGUF"
+    assert said in online["message"]
+    assert online["fix"] == "tuner recommend unsloth/Qwen3.5-35B-A3B-MTP-GGUF"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["recommend", "qwen3.5-35b-a3b", "--gpu", "rtx-4090", "--json"]) == 0
+    [offline] = [f for f in json.loads(capsys.readouterr().out)["health"] if f["kind"] == "mtp"]
+    assert offline["fix"].startswith("tuner recommend unsloth/Qwen3.5-35B-A3B-MTP-GGUF (")
+    assert "from the Hub" in offline["fix"] and "HF_HUB_OFFLINE" in offline["fix"]
+
+
+@pytest.mark.parametrize("args", [["--gpu", "none"], ["--gpu", "rtx-3060-12gb"],
+                                  ["--gpu", "rtx-4090", "--parallel", "2"]])
+def test_the_head_elsewhere_is_told_only_where_drafting_could_be_planned(args: list[str],
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recommend", "qwen3.6-35b-a3b", *args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert not [f for f in doc["health"] if f["kind"] == "mtp"], doc["health"]
+
+
+def test_the_plans_drafting_blocker_follows_the_planners_rules() -> None:
+    drafting = recommend(_mtp_ladder(), hardware_for("rtx-4090"), Wishes()).plan
+    assert drafting.flags.spec_type is not None and drafting.mtp_blocked is None
+    for gpu, wishes, why in [("rtx-3060-12gb", {}, "experts of"), ("none", {}, "no GPU"),
+                             ("rtx-4090", {"parallel": 2}, "--parallel 2"), ("rtx-4090", {"vision": True}, "--vision")]:
+        plan = recommend(_mtp_ladder(), hardware_for(gpu), Wishes(**wishes)).plan
+        assert plan.mtp_blocked is not None and plan.mtp_blocked.startswith(why), (gpu, plan.mtp_blocked)
+    on_cpu = drafting_blocked(drafting.candidate.layout, drafting.flags.with_(n_cpu_moe=4), ["CUDA0"])
+    assert on_cpu is not None and on_cpu.startswith("experts of 4 layer(s) in RAM")
+    some_layers = drafting_blocked(drafting.candidate.layout, drafting.flags.with_(n_gpu_layers=3), ["CUDA0"])
+    assert some_layers is not None and "on the CPU" in some_layers
 
 
 # ------------------------------------------------------------------------------------------------ measured

@@ -238,8 +238,8 @@ def test_placement_is_tight_every_device_in_budget_one_spill_less_does_not_fit(
     spilled = [t for ts in got.spilled for t in ts]
     assert sorted(t.name for t in spilled) == sorted(t.name for t in cpu_expert_tensors(lay, got.flags, devices))
     # one expert tensor fewer in RAM, any of them, no longer fits on its device
-    for t in spilled:
-        fewer = got.flags.with_(override_tensor=spill_rules([x for x in spilled if x is not t]) or ())
+    for t in spilled:  # the no-op rule keeps pipeline parallelism off when the last spill goes
+        fewer = got.flags.with_(override_tensor=spill_rules([x for x in spilled if x is not t]) or (NO_PIPELINE_RULE,))
         assert any(o > 0 for o in _overflow(lay, fewer, devices, budgets)), t.name
     # and no other split does with fewer: the search's own answer, and a brute force over every split
     if spilled:
@@ -248,7 +248,7 @@ def test_placement_is_tight_every_device_in_budget_one_spill_less_does_not_fit(
 
 
 @pytest.mark.parametrize("gpus", MIXED)
-@pytest.mark.parametrize("prefer", ["speed", "quality"])
+@pytest.mark.parametrize("prefer", ["speed", "balanced", "quality"])
 def test_mixed_gpus_plan_a_tensor_split_with_every_device_in_budget_and_tight(
         ladder: dict[str, QuantCandidate], gpus: str, prefer: str) -> None:
     hw = machine(gpus)
@@ -265,16 +265,30 @@ def test_mixed_gpus_plan_a_tensor_split_with_every_device_in_budget_and_tight(
     assert plan.estimate == estimate_memory(lay, plan.flags, devices)
     assert all(o <= 0 for o in _overflow(lay, plan.flags, devices, budgets))
     spilled = cpu_expert_tensors(lay, plan.flags, devices)
-    for t in spilled:  # one fewer in RAM does not fit
-        fewer = plan.flags.with_(override_tensor=spill_rules([x for x in spilled if x is not t]) or ())
+    for t in spilled:  # one fewer in RAM does not fit (the no-op rule keeps pipeline parallelism off, as the plan has)
+        fewer = plan.flags.with_(override_tensor=spill_rules([x for x in spilled if x is not t]) or (NO_PIPELINE_RULE,))
         assert any(o > 0 for o in _overflow(lay, fewer, devices, budgets)), t.name
-    if plan.estimate.n_ctx_seq < lay.n_ctx_train:  # 256 more tokens of context do not fit, whatever the split
-        bigger = plan.flags.with_(ctx_size=plan.estimate.n_ctx_seq + 256)
-        assert any(o > 0 for o in _overflow(lay, bigger, devices, budgets))
-        again = Placer(devices, budgets).place(lay, bigger, max_spills=len(spilled), allow_partial=False)
-        assert again is None or not fits(again.estimate, plan.budget)
+    counts = [int(v) for v in plan.flags.tensor_split]
+    order = list(plan.flags.device) or [d.device_name for d in devices]
+    by_name = {d.device_name: g for d, g in zip(devices, hw.gpus, strict=True)}
+    if plan.estimate.n_ctx_seq < lay.n_ctx_train:
+        # 256 more tokens of context overflow some device: this split, and every other split of the same spills
+        for first in range(1, n_slots):
+            split = (float(first), float(n_slots - first))
+            bigger = plan.flags.with_(ctx_size=plan.estimate.n_ctx_seq + 256, tensor_split=split)
+            assert any(o > 0 for o in _overflow(lay, bigger, devices, budgets)), split
     else:
         assert plan.estimate.n_ctx_seq == lay.n_ctx_train
+    if not spilled and prefer != "quality":
+        # nothing in RAM at the final context: the faster card holds all it can, one more layer there overflows
+        fast = max(range(len(order)), key=lambda i: by_name[order[i]].mem_bandwidth_bytes_s)
+        slow = 1 - fast
+        assert counts[slow] > 0
+        moved = counts.copy()
+        moved[fast] += 1
+        moved[slow] -= 1
+        more = plan.flags.with_(tensor_split=tuple(float(c) for c in moved))
+        assert any(o > 0 for o in _overflow(lay, more, devices, budgets)), moved
     rows = describe(lay, plan.flags, devices, budgets)
     assert [r.slots for r in rows] == [int(v) for v in plan.flags.tensor_split]
     assert all(r.budget_bytes is not None and r.total_bytes <= r.budget_bytes for r in rows)

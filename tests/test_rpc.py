@@ -30,7 +30,8 @@ from tuner.hardware import (
     with_remote_devices,
 )
 from tuner.models import local_layout
-from tuner.network import SET_OVERHEAD_BYTES, rpc_traffic
+from tuner.network import SET_OVERHEAD_BYTES, moe_spill_transfers, rpc_traffic
+from tuner.placement import NO_PIPELINE_RULE
 from tuner.planner import Wishes, estimate_on, headroom_bytes, plan_for
 from tuner.rpc import (
     HEAD,
@@ -185,6 +186,69 @@ def test_traffic_per_token_matches_the_proxied_byte_counts(proxy_layout) -> None
     assert at_512.bytes_down == (8 + 4 * 256) + (8 + 4 * proxy_layout.n_vocab)
     assert at_512.round_trips == 2 and at_512.boundaries == 3
     assert SET_OVERHEAD_BYTES == 314
+
+
+@pytest.mark.parametrize(("kinds", "back_to_host"), [
+    ("(down)", 256 + 8),  # par [n_ff_exp 32, 2 used] f32 and the 2 selected experts' ids
+    ("(up|down|gate|gate_up)", 1024 + 8),  # the normed input [n_embd 256] f32 and the ids
+])
+def test_traffic_of_an_rpc_layer_whose_experts_stay_on_the_head_matches_the_proxied_byte_counts(
+        proxy_layout, kinds: str, back_to_host: int) -> None:  # type: ignore[no-untyped-def]
+    """The same proxied run with ``-ot blk\\.(2)\\.ffn_<kinds>_(ch|)exps=CPU`` (block 2 on RPC0), against a no-op
+    ``-ot`` (pipeline parallelism off in both), measured per generated token: RPC0 made 2 more GET_TENSORs, whose
+    replies were ``back_to_host`` bytes (+ 8 B each) more, and 1 more SET_TENSOR of 2,048 B (the ``experts`` tensor
+    [256, 2 used] f32, weighted and summed on RPC0); its graph, cut in two splits, went whole every token: 95,893 +
+    141,349 B of GRAPH_COMPUTE instead of a 13 B GRAPH_RECOMPUTE."""
+    names = ["RPC0[127.0.0.1:50301]", "RPC0[127.0.0.1:50302]"]
+    endpoints = {names[0]: "127.0.0.1:50301", names[1]: "127.0.0.1:50302"}
+
+    def traffic(rule: str):  # type: ignore[no-untyped-def]
+        flags = ServerFlags(rpc=tuple(endpoints.values()), ctx_size=4096, parallel=1, flash_attn="on",
+                            override_tensor=(rule,))
+        return rpc_traffic(proxy_layout, flags, names, [5, 4], endpoints, n_tok=1, n_kv=512, new_graph=0)
+
+    base = traffic(NO_PIPELINE_RULE)
+    spilled = traffic(rf"blk\.(2)\.ffn_{kinds}_(ch|)exps=CPU")
+    assert spilled.round_trips - base.round_trips == 2
+    assert spilled.bytes_down - base.bytes_down == back_to_host + 2 * 8
+    graph = spilled.bytes_up - base.bytes_up - (2 * 321 + SET_OVERHEAD_BYTES + 2048 - 13)
+    assert graph == pytest.approx(95_893 + 141_349, rel=0.1)
+    assert spilled.boundaries == base.boundaries + 2
+
+
+def test_a_spilled_rpc_layer_moves_the_experts_output_back_per_token_and_per_ubatch(proxy_layout) -> None:  # type: ignore[no-untyped-def]
+    """build_moe_ffn (src/llama-graph.cpp:2007-2360) on an RPC device with experts in the head's RAM: out go the
+    tensors the host's matmuls read (the normed input or ``par``, and the ``selected_experts`` view of the argsort of
+    all experts), back comes ``experts`` [n_embd, n_expert_used] f32 per token; an up/gate-only spill sends the
+    matmul's output back instead, for the SwiGLU on the device."""
+    e, x, f, n = proxy_layout.n_embd, proxy_layout.n_expert_used, proxy_layout.n_ff_exp, proxy_layout.n_expert
+    for t in (1, 512):
+        ids = 4 * x + (t - 1) * 4 * n
+        assert moe_spill_transfers(proxy_layout, frozenset({"down"}), t) == ([4 * f * x * t, ids], [4 * e * x * t])
+        assert moe_spill_transfers(proxy_layout, frozenset({"up", "gate", "down"}), t) == (
+            [4 * e * t, ids], [4 * e * x * t])
+        assert moe_spill_transfers(proxy_layout, frozenset({"gate"}), t) == ([4 * e * t, ids], [4 * f * x * t])
+    # the 397B: 160 KiB back per token for every spilled layer, and a ubatch of 512 moves 512 times that
+    big = plan_for("qwen3.5-397b-a17b:Q2_K", _cluster(), Wishes(ctx_size=32768)).plan.candidate.layout
+    _, back = moe_spill_transfers(big, frozenset({"down"}), 1)
+    assert back == [4 * 4096 * 10] == [160 * 1024]
+    _, back_pp = moe_spill_transfers(big, frozenset({"down"}), 512)
+    assert back_pp == [512 * 160 * 1024]
+
+
+def test_op_offload_reads_the_selected_experts_once_more_from_the_worker(proxy_layout) -> None:  # type: ignore[no-untyped-def]
+    """A ubatch of 32 or more with a local CUDA device: the expert copy reads the ids from their device before the
+    split's own inputs are copied (ggml-backend.cpp:1714-1745): one more round trip per spilled RPC layer."""
+    worker = {"RPC0[h:1]": "h:1"}
+    flags = ServerFlags(ctx_size=4096, parallel=1, flash_attn="on",
+                        override_tensor=(r"blk\.(2)\.ffn_(down)_(ch|)exps=CPU",))
+
+    def trips(names: list[str], n_tok: int) -> float:
+        return rpc_traffic(proxy_layout, flags, names, [5, 4], worker, n_tok=n_tok, n_kv=512, new_graph=0).round_trips
+
+    with_cuda, with_cpu = ["RPC0[h:1]", "CUDA0"], ["RPC0[h:1]", "Vulkan0"]
+    assert trips(with_cuda, 64) - trips(with_cpu, 64) == 1
+    assert trips(with_cuda, 1) == trips(with_cpu, 1)
 
 
 def test_the_network_term_is_part_of_the_prediction_and_shrinks_with_a_faster_link() -> None:

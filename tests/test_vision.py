@@ -142,3 +142,26 @@ def test_estimate_takes_the_projector_and_its_offload_as_llama_server_does(visio
     assert gpu["memory"]["vision_bytes"] == cpu["memory"]["vision_bytes"] > 0
     assert main(["estimate", model, "--mmproj", model, "--json"]) != 0
     assert "not a vision projector" in capsys.readouterr().err
+
+
+def test_recommend_and_serve_take_no_mmproj_offload_and_plan_the_projector_on_the_cpu(
+        vision_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, mmproj = str(vision_dir / "tiny-F16.gguf"), str(vision_dir / "mmproj-F16.gguf")
+    assert main(["recommend", model, "--gpu", "rtx-4090", "--vision", "--json"]) == 0
+    gpu = json.loads(capsys.readouterr().out)
+    assert main(["recommend", model, "--gpu", "rtx-4090", "--vision", "--no-mmproj-offload", "--json"]) == 0
+    cpu = json.loads(capsys.readouterr().out)
+    assert gpu["memory"]["vision"]["device"] == "CUDA0" and cpu["memory"]["vision"]["device"] == "CPU"
+    on_cpu = {d["name"]: d["vision_bytes"] for d in cpu["memory"]["devices"]}
+    assert on_cpu["CPU"] == cpu["memory"]["vision_bytes"] > 0 and on_cpu["CUDA0"] == 0
+    assert cpu["budget"]["reserved_on"] == "CPU" and gpu["budget"]["reserved_on"] == "CUDA0"
+    assert cpu["command"][-3:] == ["--mmproj", mmproj, "--no-mmproj-offload"]
+    assert "--no-mmproj-offload" not in gpu["command"] and cpu["plan"]["mmproj_offload"] is False
+    # the projector's growth leaves the GPU's headroom and is held in RAM instead
+    reserve = cpu["budget"]["reserved_bytes"]
+    assert reserve > 0
+    assert cpu["headroom_bytes"]["CUDA0"] - gpu["headroom_bytes"]["CUDA0"] == reserve + gpu["memory"]["vision_bytes"]
+    assert gpu["headroom_bytes"]["CPU"] - cpu["headroom_bytes"]["CPU"] == reserve + cpu["memory"]["vision_bytes"]
+    for command in ("recommend", "serve"):  # both take the flag; without --vision it is one line, not a usage error
+        assert main([command, model, "--gpu", "rtx-4090", "--no-mmproj-offload"]) == 1
+        assert "--no-mmproj-offload places the vision projector: it needs --vision" in capsys.readouterr().err

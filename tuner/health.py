@@ -5,9 +5,10 @@ projector. One list of findings, ``health: [{kind, severity, message, fix}]`` in
 **Chat template** (kind ``chat_template``; the fetching is :mod:`tuner.chat_template`). The file's
 ``tokenizer.chat_template`` is compared with the current one of the model's original repo: the card's
 ``official_repo``, else the repo the GGUF's ``general.base_model.0.repo_url`` names (no check without either, nor
-for a card's quant that has no file yet). The file's date is the Hub's date of the last commit that touched it (its
-shards: the latest), for a Hub file or a file inside a Hugging Face cache snapshot (:func:`tuner.remote.hf_snapshot`);
-the fix date is the card's ``chat_template_fixed`` (the repo's own, else the card's).
+for a card's quant that has no file yet: an ``info`` says it is checked once downloaded). The file's date is the
+Hub's date of the last commit that touched it (its shards: the latest), for a Hub file or a file inside a Hugging
+Face cache snapshot (:func:`tuner.remote.hf_snapshot`); the fix date is the card's ``chat_template_fixed`` (the
+repo's own, else the card's).
 
 1. the same template (as llama.cpp reads it, :func:`tuner.chat_template.effective_template`): no finding;
 2. different, and the file dated before the fix date, or its date unknown, or no fix date known: **stale**, a
@@ -17,7 +18,10 @@ the fix date is the card's ``chat_template_fixed`` (the repo's own, else the car
    checked; it says stale when the file's date alone shows it (dated before the fix). Never an error.
 
 **MTP** (kind ``mtp``): when the file has no MTP head and no sidecar of it was found, but the card knows a repo
-whose GGUFs keep the head, or one with sidecars, an ``info`` says where.
+whose GGUFs keep the head, or one with sidecars, an ``info`` says where it is reported to be (the card's word,
+unchecked until that repo is read; its fix, ``tuner recommend REPO``, needs the Hub, which it says under
+``HF_HUB_OFFLINE``): only where drafting could be planned (the
+caller's ``mtp_blocked``, :func:`tuner.mtp.drafting_blocked`, is None: the whole trunk on the GPU, one slot).
 
 **Vision** (kind ``vision``): a projector beside the model that the plan leaves out (``--no-mmproj``) is an ``info``
 naming it and ``--vision``.
@@ -119,11 +123,13 @@ def check_chat_template(candidate: QuantCandidate, layout: ModelLayout | None = 
     from tuner.chat_template import official_template, same_template
 
     layout = layout or candidate.layout
-    if candidate.source == "card" and layout is candidate.layout:
-        return Health()  # no file yet: it is checked once downloaded (serve)
     repo, card = _official_repo(layout, candidate.card_key)
     if repo is None:
         return Health()
+    if candidate.source == "card" and layout is candidate.layout:  # no file yet: checked once downloaded (serve)
+        return Health((Finding("chat_template", INFO,
+                               f"the chat template is not checked yet: {candidate.quant} is the model card's, with no "
+                               f"file to read; tuner serve checks the downloaded file's against {repo}'s"),))
     fixed: date | None = card.template_fixed_on(candidate.repo) if card is not None else None
     origin = file_origin(candidate, model_paths)
     dated, no_date = file_date(origin)
@@ -157,11 +163,12 @@ def check_chat_template(candidate: QuantCandidate, layout: ModelLayout | None = 
 # ------------------------------------------------------------------------------------------------------- MTP
 
 
-def mtp_findings(candidate: QuantCandidate) -> Health:
-    """Where an MTP head is, when the chosen file has none (see the module docstring)."""
+def mtp_findings(candidate: QuantCandidate, blocked: str | None = None) -> Health:
+    """Where an MTP head is, when the chosen file has none and drafting could be planned (``blocked``: why it could
+    not, then nothing is said; see the module docstring)."""
     from tuner.cards import load_card, match_card
 
-    if candidate.has_mtp:
+    if candidate.has_mtp or blocked:
         return Health()
     card = load_card(candidate.card_key) if candidate.card_key else match_card(candidate.layout)
     if card is None:
@@ -170,10 +177,14 @@ def mtp_findings(candidate: QuantCandidate) -> Health:
     sources = [s for s in card.mtp_sources() if s.split(" ")[0].lower() != own]
     if not sources:
         return Health()
+    from tuner.remote import hub_offline
+
+    fix = f"tuner recommend {sources[0].split(' ')[0]}"
     return Health((Finding("mtp", INFO,
                            f"{candidate.quant} has no MTP head (speculative decoding with --spec-type draft-mtp); "
-                           f"{card.name}'s is in " + "; ".join(sources),
-                           f"tuner recommend {sources[0].split(' ')[0]}"),))
+                           f"{card.name}'s is reported (by tuner's model card, not checked) to be in "
+                           + "; ".join(sources),
+                           fix + (" (reads that repo from the Hub: unset HF_HUB_OFFLINE)" if hub_offline() else "")),))
 
 
 # ---------------------------------------------------------------------------------------------------- vision
@@ -192,9 +203,11 @@ def vision_findings(candidate: QuantCandidate, vision: bool) -> Health:
 
 
 def check(candidate: QuantCandidate, *, vision: bool = False, layout: ModelLayout | None = None,
-          model_paths: Sequence[str | Path] = (), chat_template: bool = True) -> Health:
-    """Every finding for ``candidate`` as planned (``vision``: whether the plan loads the projector)."""
+          model_paths: Sequence[str | Path] = (), chat_template: bool = True, mtp_blocked: str | None = None
+          ) -> Health:
+    """Every finding for ``candidate`` as planned (``vision``: whether the plan loads the projector;
+    ``mtp_blocked``: why the plan could not draft with an MTP head, :func:`tuner.mtp.drafting_blocked`)."""
     out = Health()
     if chat_template:
         out = out + check_chat_template(candidate, layout, model_paths)
-    return out + mtp_findings(candidate) + vision_findings(candidate, vision)
+    return out + mtp_findings(candidate, mtp_blocked) + vision_findings(candidate, vision)

@@ -35,7 +35,7 @@ from tuner.estimate import CPU, tensor_placement
 from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout, TensorClass
-from tuner.placement import devices_of
+from tuner.placement import Device, cpu_expert_layers, devices_of
 from tuner.speed import (
     CPU_LAYER_SECONDS,
     GPU_TG_BANDWIDTH_EFFICIENCY,
@@ -168,3 +168,26 @@ def predict_mtp(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, pla
 
 def mtp_flags(flags: ServerFlags, n_max: int) -> ServerFlags:
     return flags.with_(spec_type=SPEC_MTP, spec_draft_n_max=n_max)
+
+
+def drafting_blocked(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str | Device], *,
+                     vision: bool = False) -> str | None:
+    """Why MTP drafting would not be planned for ``layout`` with ``flags`` on ``devices`` (the GPUs, in llama.cpp's
+    order; none = CPU only) whatever head it had, by the rules :meth:`tuner.planner._Search.try_mtp` plans it by: a
+    GPU, one slot, no vision projector, every layer and every expert on the GPU (with experts in RAM, verifying
+    ``1 + n`` tokens reads up to ``1 + n`` times the routed experts from RAM). None when drafting could be planned
+    (it still has to fit and pay)."""
+    if not devices:
+        return "no GPU: drafting on the CPU costs about what it saves"
+    if flags.n_seq > 1:
+        return f"--parallel {flags.n_seq}: MTP drafting is planned for one slot"
+    if vision:
+        return "--vision: MTP is not planned together with the vision projector"
+    if flags.n_gpu_layers is not None and 0 <= flags.n_gpu_layers <= layout.n_layer_all:
+        return f"{layout.n_layer_all + 1 - flags.n_gpu_layers} layer(s) on the CPU"
+    in_ram = cpu_expert_layers(layout, flags, devices) if layout.is_moe else 0
+    if in_ram:
+        return (f"experts of {in_ram} layer(s) in RAM: verifying the drafted tokens reads more of them from RAM "
+                "than drafting saves")
+    return None
+

@@ -7,9 +7,9 @@ llama-server and two CPU workers):
 
 * The graph runs as splits, one per run of consecutive nodes on one device, in layer order: the input embedding on
   the host (CPU), each block on its layer's device, the output layer on the device of the last slot, the logits read
-  back by the host. A block whose expert tensors stay in host RAM runs its expert matmuls on the host (or, for a
+  back by the host. A block whose expert tensors stay in host RAM runs those expert matmuls on the host (or, for a
   ubatch of 32 tokens or more, on the first local GPU: op offload never picks an RPC device, which has no
-  ``offload_op``, ggml-rpc.cpp:2262): two more boundaries.
+  ``offload_op``, ggml-rpc.cpp:2262): see :func:`moe_spill_transfers` for what that costs on an RPC device.
 * A boundary into an RPC device from the host or a local GPU is a ``SET_TENSOR`` (request: 9 B header + 296 B
   tensor + 9 B + payload, no reply); out of an RPC device, a ``GET_TENSOR`` (321 B up, the payload back, one blocking
   round trip); between two workers both; between two devices of one worker a server-side ``COPY_TENSOR`` (one round
@@ -24,6 +24,12 @@ llama-server and two CPU workers):
   every ubatch in prompt processing, every 256 tokens in generation (when ``n_kv`` grows a step,
   src/llama-context.cpp:1412); otherwise a 13-byte ``GRAPH_RECOMPUTE``.
 
+* A device whose blocks a spill cuts in two or more splits sends every split's graph whole on every run: the RPC
+  backend remembers one graph per device (``last_graph_uid``, ggml-rpc.cpp:1044-1050) and the splits alternate; and
+  a split's serialized graph carries every tensor its nodes reach through their sources (``add_tensor`` recurses,
+  ggml-rpc.cpp:990-1008), the device's earlier blocks too (measured: 95,893 + 141,349 B per token for a 5-block device
+  cut at block 2, against one 160,565 B graph every 256 tokens uncut).
+
 Not counted: context checkpoints (each pulls the recurrent state held by RPC devices back to the host, a few per
 prompt), several sequences decoding at once (every payload times the sequences), the model load (every RPC-resident
 weight sent once).
@@ -36,8 +42,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.estimate import CPU, MROPE_ARCHS, ServerFlags, layer_devices, pad, tensor_placement
-from tuner.layout import ModelLayout
+from tuner.estimate import (
+    CPU,
+    MROPE_ARCHS,
+    OP_OFFLOAD_MIN_BATCH,
+    Device,
+    ServerFlags,
+    layer_devices,
+    pad,
+    tensor_placement,
+)
+from tuner.layout import EXPERT_TENSOR_RE, ModelLayout
 
 SET_OVERHEAD_BYTES = 314
 """``SET_TENSOR`` request beside its payload: 1 B command, 8 B size, a 296 B serialized tensor, 8 B offset, 1 B."""
@@ -79,22 +94,84 @@ class Traffic:
                 "round_trips": round(self.round_trips, 2), "boundaries": self.boundaries}
 
 
+def moe_spill_transfers(layout: ModelLayout, on_host: frozenset[str], n_tok: int) -> tuple[list[int], list[int]]:
+    """What one MoE block on an RPC device moves over the network when the expert tensors of ``on_host`` (kinds
+    ``up``, ``gate``, ``down``, ``gate_up``) stay in the head's RAM: the payloads it reads back (one ``GET_TENSOR``,
+    one blocking round trip, each) and those it sends (one ``SET_TENSOR`` each), for a ubatch of ``n_tok`` tokens.
+
+    From ``build_moe_ffn`` (src/llama-graph.cpp:2007-2360) and the scheduler (ggml/src/ggml-backend.cpp:1087-1420):
+    the router, the top-k ``selected_experts`` and their weights run on the layer's device (weights there); each
+    expert matmul (``ggml_mul_mat_id``) runs where its weight is (pass 1, :961-981); the activation between them
+    follows its neighbours (pass 2: a device expands down from a node it runs and up from the next one it runs,
+    :1124-1170, the CPU only where nothing else claims a node); the weighting ``experts * weights`` and the sum over
+    the ``n_expert_used`` experts land on the device, expanded up from the shared expert's matmuls that follow them
+    (src/models/qwen35moe.cpp:499-541). So the host needs the tensors its nodes read from the device, each copied
+    once per graph (:1363-1392): the normed input ``[n_embd, n_tok]`` for an up/gate matmul, ``par`` (the SwiGLU
+    output ``[n_ff_exp, n_expert_used, n_tok]`` f32) for a down matmul whose SwiGLU stayed on the device, and the
+    ``selected_experts`` view, ``4 * n_expert_used + (n_tok - 1) * 4 * n_expert`` bytes (a view of the argsort of
+    all experts, ggml.c:5450-5464, copied by ``ggml_nbytes``, ggml.c:1298-1320); and the device gets back what it
+    reads from the host: the down matmul's ``experts`` ``[n_embd, n_expert_used, n_tok]`` f32 (160 KiB per token for
+    the 397B), or an up/gate output when the SwiGLU runs on the device. Measured per generated token with two CPU
+    workers (width 256, 8 experts, 2 used, ``n_ff_exp`` 32): a down-only spill 2 GETs of 256 + 8 B and one SET of
+    2,048 B; a whole-layer spill 2 GETs of 1,024 + 8 B and the same SET."""
+    e, x, f, n = layout.n_embd, max(layout.n_expert_used, 1), layout.n_ff_exp, max(layout.n_expert, 1)
+    size = {"cur": 4 * e * n_tok, "ids": 4 * x + (n_tok - 1) * 4 * n, "up": 4 * f * x * n_tok,
+            "gate": 4 * f * x * n_tok, "par": 4 * f * x * n_tok, "experts": 4 * e * x * n_tok,
+            # the two halves of the merged gate_up output, strided views read by the SwiGLU
+            "gate_half": 4 * f + (x * n_tok - 1) * 8 * f, "up_half": 4 * f + (x * n_tok - 1) * 8 * f}
+    # (node, on the host?, tensors it reads): the nodes of build_moe_ffn in graph order
+    if layout_has_gate_up(layout):
+        last_mm = "gate_up" in on_host
+        nodes = [("gate_up", last_mm, ("cur", "ids"))]
+        swiglu_reads: tuple[str, ...] = ("gate_half", "up_half")
+        made = {"gate_half": last_mm, "up_half": last_mm}
+    else:
+        last_mm = "gate" in on_host
+        nodes = [("up", "up" in on_host, ("cur", "ids")), ("gate", last_mm, ("cur", "ids"))]
+        swiglu_reads = ("gate", "up")
+        made = {"up": "up" in on_host, "gate": last_mm}
+    down_host = "down" in on_host
+    # the SwiGLU: expanded down from a gate matmul on the device, else up from a down matmul there, else the host
+    swiglu_host = last_mm and down_host
+    nodes += [("swiglu", swiglu_host, swiglu_reads), ("down", down_host, ("par", "ids")),
+              ("weighted", False, ("experts",))]
+    made |= {"cur": False, "ids": False, "par": swiglu_host, "experts": down_host}
+    gets: list[int] = []
+    sets: list[int] = []
+    copied: set[tuple[str, bool]] = set()  # one copy of a tensor per backend per graph
+    for _, host, reads in nodes:
+        for name in reads:
+            if made[name] != host and (name, host) not in copied:
+                copied.add((name, host))
+                (gets if host else sets).append(size[name])
+    return gets, sets
+
+
+def layout_has_gate_up(layout: ModelLayout) -> bool:
+    """Whether the model's experts use the merged ``ffn_gate_up_exps`` tensor."""
+    return any(t.is_expert and ".ffn_gate_up_exps" in t.name for t in layout.tensors)
+
+
 def _stations(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str],
-              gpu_split: Sequence[float] | None) -> tuple[list[str], dict[str, set[int]]]:
-    """The devices one token's hidden state visits in order (host first and last), and the blocks per device."""
+              gpu_split: Sequence[float] | None) -> tuple[list[str], dict[str, set[int]], dict[int, frozenset[str]]]:
+    """The devices one token's hidden state visits in order (host first and last), the blocks per device, and per
+    block whose experts (some of them) stay in host RAM the kinds that do."""
     devs = layer_devices(layout.n_layer_all, flags.n_gpu_layers, gpu_names, gpu_split)
-    expert_on_host = {t.layer for t, dev in tensor_placement(layout, flags, gpu_names, gpu_split)
-                      if t.is_expert and dev == CPU and t.layer is not None}
+    on_host: dict[int, set[str]] = {}
+    for t, dev in tensor_placement(layout, flags, gpu_names, gpu_split):
+        if t.is_expert and dev == CPU and t.layer is not None and t.layer < layout.n_layer:
+            m = EXPERT_TENSOR_RE.search(t.name)
+            if m:
+                on_host.setdefault(t.layer, set()).add(m.group(1))
     path = [CPU]
     blocks: dict[str, set[int]] = {}
     for il in range(layout.n_layer):
         dev = devs[il]
         blocks.setdefault(dev, set()).add(il)
         path.append(dev)
-        if dev != CPU and il in expert_on_host:
-            path += [CPU, dev]
     path += [devs[layout.n_layer_all], CPU]
-    return path, blocks
+    spilled = {il: frozenset(ks) for il, ks in on_host.items() if devs[il] != CPU}
+    return path, blocks, spilled
 
 
 def rpc_traffic(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str],
@@ -105,7 +182,7 @@ def rpc_traffic(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str
     ``new_graph``: the share of runs that send a new graph (1 for a prompt ubatch, 1/256 in generation)."""
     if not endpoints:
         return Traffic()
-    path, blocks = _stations(layout, flags, gpu_names, gpu_split)
+    path, blocks, spilled = _stations(layout, flags, gpu_names, gpu_split)
     hidden = 4 * layout.n_embd * n_tok
     up = down = trips = 0.0
     boundaries = 0
@@ -127,6 +204,23 @@ def rpc_traffic(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str
             trips += 1
         if b in endpoints:
             up += SET_OVERHEAD_BYTES + payload
+    # op offload: the first local CUDA device multiplies host-resident experts for a large ubatch and reads the
+    # selected experts from their device once more before its inputs are copied (ggml-backend.cpp:1714-1745)
+    offload = n_tok >= OP_OFFLOAD_MIN_BATCH and any(
+        Device.of(g).cuda and g not in endpoints for g in gpu_names)
+    splits: dict[str, int] = {}
+    for il, kinds in sorted(spilled.items()):
+        dev = path[1 + il]
+        if dev not in endpoints:
+            continue
+        boundaries += 2
+        gets, sets = moe_spill_transfers(layout, kinds, n_tok)
+        if offload:
+            gets.append(4 * max(layout.n_expert_used, 1) + (n_tok - 1) * 4 * max(layout.n_expert, 1))
+        up += len(gets) * GET_REQUEST_BYTES + sum(SET_OVERHEAD_BYTES + p for p in sets)
+        down += sum(GET_REPLY_OVERHEAD_BYTES + p for p in gets)
+        trips += len(gets)
+        splits[dev] = splits.get(dev, 0) + 1
     attention, recurrent = set(layout.attention_layers), set(layout.recurrent_layers)
     mask = n_kv * n_tok * (2 if flags.flash_attn != "off" else 4)
     positions = 4 * (4 if layout.arch in MROPE_ARCHS else 1) * n_tok
@@ -141,11 +235,27 @@ def rpc_traffic(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str
             inputs.append(4)  # s_copy: one i32 per sequence in the ubatch, one sequence here
         if dev == out_dev:
             inputs.append(4 * n_outputs)
-        up += sum(SET_OVERHEAD_BYTES + p for p in inputs) + RECOMPUTE_BYTES
-        up += new_graph * (GRAPH_BYTES_PER_BLOCK * max(len(mine), 1) + ALLOC_SIZE_ROUND_TRIPS * ALLOC_SIZE_BYTES)
+        up += sum(SET_OVERHEAD_BYTES + p for p in inputs)
+        graph = GRAPH_BYTES_PER_BLOCK * _split_graph_blocks(sorted(mine), [il for il in spilled if il in mine])
+        if dev in splits:  # cut by spills: every split's graph, every run
+            up += graph
+        else:
+            up += RECOMPUTE_BYTES + new_graph * graph
+        up += new_graph * ALLOC_SIZE_ROUND_TRIPS * ALLOC_SIZE_BYTES
         down += new_graph * ALLOC_SIZE_ROUND_TRIPS * 16
         trips += new_graph * ALLOC_SIZE_ROUND_TRIPS
     return Traffic(up, down, trips, boundaries)
+
+
+def _split_graph_blocks(blocks: Sequence[int], cuts: Sequence[int]) -> int:
+    """Blocks' worth of serialized graph a device sends for one run: one graph of its blocks (at least one: the
+    output layer alone), or, cut by spills at ``cuts``, each split's graph reaching back to the device's first block
+    (ggml-rpc.cpp:990-1008): the blocks up to and including the cut, and all of them for the last split."""
+    n = max(len(blocks), 1)
+    if not cuts:
+        return n
+    first = blocks[0]
+    return sum(il - first + 1 for il in sorted(set(cuts))) + n
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, read_projector, resolve_candidates
-from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, mtp_flags, predict_mtp
+from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, drafting_blocked, mtp_flags, predict_mtp
 from tuner.placement import Placer, cpu_expert_layers, cpu_expert_tensors, devices_of, placement_reason
 from tuner.policy import BALANCED
 from tuner.speed import Prediction, predict_speed
@@ -142,6 +142,7 @@ class Budget:
     ram_available_bytes: int
     gpu_free_bytes: tuple[tuple[str, int], ...] = ()  # per GPU, llama.cpp's name and its free bytes
     reserved_bytes: int = 0  # what the estimate does not count: the vision encoder's run-time growth, on its device
+    reserved_on_host: bool = False  # that growth is in RAM (the projector on the CPU, --no-mmproj-offload)
     gpu_total_bytes: tuple[int, ...] = ()  # per GPU (same order), its total memory
     buffer_source: str = ""  # why buffer_bytes is what it is, when a calibration set it
 
@@ -151,15 +152,28 @@ class Budget:
 
     def device_budgets(self) -> list[int]:
         """Bytes the estimate may put on each GPU: its free memory less the buffer (and, on the first, the vision
-        projector's reserve)."""
-        return [free - self.buffer_bytes - (self.reserved_bytes if i == 0 else 0)
+        projector's reserve unless the projector is on the CPU)."""
+        return [free - self.buffer_bytes - self.gpu_reserved_bytes(i)
                 for i, (_, free) in enumerate(self.gpu_free_bytes)]
+
+    def gpu_reserved_bytes(self, index: int) -> int:
+        """The vision reserve on GPU ``index``: all of it on the first GPU, none when it is held in RAM."""
+        return self.reserved_bytes if index == 0 and not self.reserved_on_host else 0
+
+    @property
+    def ram_reserved_bytes(self) -> int:
+        """What RAM keeps free beyond the estimate: the buffer and the vision reserve without a GPU; the vision
+        reserve alone when the projector is on the CPU beside GPUs."""
+        if self.cpu_only:
+            return self.buffer_bytes + self.reserved_bytes
+        return self.reserved_bytes if self.reserved_on_host else 0
 
     def to_dict(self) -> dict[str, Any]:
         totals = self.gpu_total_bytes or tuple(0 for _ in self.gpu_free_bytes)
         return {"device": self.device, "vram_total_bytes": self.vram_total_bytes,
                 "vram_free_bytes": self.vram_free_bytes, "buffer_bytes": self.buffer_bytes,
                 "ram_available_bytes": self.ram_available_bytes, "reserved_bytes": self.reserved_bytes,
+                "reserved_on": CPU if self.reserved_on_host or self.cpu_only else self.gpu_free_bytes[0][0],
                 "buffer_source": self.buffer_source or None,
                 "gpus": [{"name": n, "vram_free_bytes": b} for n, b in self.gpu_free_bytes],
                 "devices": [{"device": n, "vram_total_bytes": t, "vram_free_bytes": b,
@@ -175,6 +189,7 @@ class Wishes:
     parallel: int = 1
     prefer: str = BALANCED  # balanced | speed | quality | context
     vision: bool = False
+    mmproj_offload: bool = True  # the vision projector on the GPU (False: --no-mmproj-offload, on the CPU)
     buffer_bytes: int | None = None  # None = DEFAULT_VRAM_BUFFER_BYTES (GPU) / DEFAULT_RAM_BUFFER_BYTES (CPU only)
     quant: str | None = None
     allow_yarn: bool = False
@@ -189,6 +204,8 @@ class Wishes:
             raise TunerError(f"--ctx-size must be at least {CTX_STEP}, got {self.ctx_size}")
         if self.buffer_bytes is not None and self.buffer_bytes < 0:
             raise TunerError("--buffer must not be negative")
+        if not self.mmproj_offload and not self.vision:
+            raise TunerError("--no-mmproj-offload places the vision projector: it needs --vision")
         if self.cache_type is not None:
             kv_cache_type(self.cache_type)
 
@@ -203,6 +220,7 @@ class Plan:
     reasons: tuple[str, ...] = ()
     vision: bool = False
     extra_args: tuple[str, ...] = ()  # beyond ServerFlags: YaRN rope scaling
+    mmproj_offload: bool = True  # with vision: the projector on the GPU (False: --no-mmproj-offload)
 
     @property
     def quant(self) -> str:
@@ -211,6 +229,12 @@ class Plan:
     @property
     def model_name(self) -> str:
         return self.candidate.card_key or self.candidate.layout.name or self.candidate.layout.source
+
+    @property
+    def mtp_blocked(self) -> str | None:
+        """Why this plan could not draft with an MTP head, whatever the file (:func:`tuner.mtp.drafting_blocked`)."""
+        return drafting_blocked(self.candidate.layout, self.flags, [n for n, _ in self.budget.gpu_free_bytes],
+                                vision=self.vision)
 
     @property
     def uses_sidecar(self) -> bool:
@@ -227,7 +251,9 @@ class Plan:
         the MTP sidecar it drafts with (``-md``; with ``-hf`` llama-server fetches the repo's ``mtp-*`` sidecar
         itself, common/arg.cpp:366-368, download.cpp:613-617), the vision projector, or else ``--no-mmproj`` (so
         no projector the plan did not count is loaded: ``-hf`` would fetch the repo's, common/arg.cpp:383-401), and
-        the card's sampling ``preset`` (default: the card's own), as ``tuner serve`` runs it."""
+        the card's sampling ``preset`` (default: the card's own), as ``tuner serve`` runs it. A projector planned on
+        the CPU adds ``--no-mmproj-offload`` (common/arg.cpp:2601-2606; tools/mtmd/clip.cpp:188 then
+        keeps it on the CPU backend)."""
         c = self.candidate
         if model_path:
             model = FLAGS["model"].to_args(str(model_path))
@@ -252,6 +278,8 @@ class Plan:
                 args += FLAGS["mmproj"].to_args(str(mmproj))
             elif not on_hub:  # -hf fetches and loads the repo's projector by itself
                 raise TunerError(f"{self.model_name} {self.quant}: no vision projector (mmproj) known")
+            if not self.mmproj_offload:
+                args += FLAGS["mmproj_offload"].to_args(False)
         else:
             args += FLAGS["mmproj_auto"].to_args(False)
         return args + preset_args(c.card_key, c.layout, preset)
@@ -269,6 +297,7 @@ class Plan:
             "kv_unified": self.estimate.kv_unified, "batch_size": f.batch_size, "ubatch_size": f.ubatch_size,
             "flash_attn": f.flash_attn, "cache_ram_mib": f.cache_ram_mib, "ctx_checkpoints": f.ctx_checkpoints,
             "vision": self.vision, "mmproj": c.mmproj if self.vision else None,
+            "mmproj_offload": self.mmproj_offload if self.vision else None,
             "mtp": f.spec_type == SPEC_MTP, "spec_draft_n_max": f.spec_draft_n_max if f.spec_type else None,
             "mtp_sidecar": c.mtp_sidecar if self.uses_sidecar else None,
             "extra_args": list(self.extra_args), "args": f.to_args() + list(self.extra_args),
@@ -355,10 +384,9 @@ def headroom_bytes(estimate: MemoryEstimate, budget: Budget) -> dict[str, int]:
     """Bytes left beyond the buffer on every GPU and in RAM (``"CPU"``); negative where the plan overflows."""
     out: dict[str, int] = {}
     for i, (name, free) in enumerate(budget.gpu_free_bytes):
-        used = estimate.device(name).total_bytes + (budget.reserved_bytes if i == 0 else 0)
+        used = estimate.device(name).total_bytes + budget.gpu_reserved_bytes(i)
         out[name] = free - budget.buffer_bytes - used
-    ram_extra = budget.buffer_bytes + budget.reserved_bytes if budget.cpu_only else 0
-    out[CPU] = budget.ram_available_bytes - ram_extra - estimate.host_total_bytes
+    out[CPU] = budget.ram_available_bytes - budget.ram_reserved_bytes - estimate.host_total_bytes
     return out
 
 
@@ -471,7 +499,8 @@ class _Search:
         cand = self.candidate_of.get(id(layout))
         draft = cand.mtp_draft if cand is not None and not layout.has_mtp else None
         vision = cand.vision_projector() if cand is not None and self.wishes.vision else None
-        return corrected_estimate(layout, flags, self.hardware, self.calibration, draft=draft, vision=vision)
+        return corrected_estimate(layout, flags, self.hardware, self.calibration, draft=draft, vision=vision,
+                                  mmproj_offload=self.wishes.mmproj_offload)
 
     def placer(self, budget: Budget) -> Placer:
         """Several devices: the placement search with each GPU's budget and memory bandwidth."""
@@ -488,7 +517,8 @@ class _Search:
     def budget_for_candidate(self, cand: QuantCandidate) -> Budget:
         projector = cand.vision_projector() if self.wishes.vision else None
         if projector is not None:  # the estimate counts its warm-up buffer; an image grows it at run time
-            return replace(self.budget, reserved_bytes=projector.growth_bytes())
+            return replace(self.budget, reserved_bytes=projector.growth_bytes(),
+                           reserved_on_host=not self.wishes.mmproj_offload)
         return self.budget
 
     def predict(self, cand: QuantCandidate, flags: ServerFlags) -> Prediction:
@@ -1046,7 +1076,8 @@ def _to_plan(opt: _Option, reasons: tuple[str, ...], wishes: Wishes, native: int
                  *FLAGS["yarn_orig_ctx"].to_args(native))
     if threads is not None and _runs_on_cpu(opt):
         extra += tuple(FLAGS["threads"].to_args(threads))
-    return Plan(opt.candidate, opt.flags, opt.estimate, opt.budget, opt.predicted, reasons, wishes.vision, extra)
+    return Plan(opt.candidate, opt.flags, opt.estimate, opt.budget, opt.predicted, reasons, wishes.vision, extra,
+                mmproj_offload=wishes.mmproj_offload)
 
 
 def _rule(w: Wishes, best: _Option, choice: policy.Choice | None) -> str:
@@ -1090,8 +1121,9 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                    + (f" ({b.buffer_source})" if b.buffer_source else
                       " (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
                       "count)" if b.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES else " (--buffer)")
-                   + (f"; {fmt_bytes(b.reserved_bytes)} more for the vision encoder's largest image"
-                      if b.reserved_bytes else ""))
+                   + (f"; {fmt_bytes(b.reserved_bytes)} more "
+                      + ("of RAM (the projector on the CPU) " if b.reserved_on_host else "")
+                      + "for the vision encoder's largest image" if b.reserved_bytes else ""))
         n = best.experts_on_cpu
         if best.flags.n_gpu_layers is not None:
             out.append(f"--n-gpu-layers {best.flags.n_gpu_layers}: even with every expert in RAM the model does "

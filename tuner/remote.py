@@ -183,6 +183,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` keeps tuner (and huggingface_hub) off the Hub."""
+    return _offline()
+
+
 def _cached_listing(repo: str, rev: str, ref_file: Path, endpoint: str) -> HubListing | None:
     """The listing cached for ``rev``; None when there is none or it does not pass the listing's own checks."""
     from tuner.hub_api import check_files

@@ -19,8 +19,8 @@ Events (each one dict; ``--json`` prints them one per line as they are):
   | ..., ...}``.
 * ``{"health": [{"kind", "severity", "message", "fix"}, ...]}``: :mod:`tuner.health`'s findings for the downloaded
   file; its warnings also come one by one as ``warning`` events. When the file's chat template is stale, the server
-  gets the official one with ``--chat-template-file`` and ``{"status": "chat_template", "file": …, "message": …}``
-  says so.
+  gets the official one with ``--chat-template-file`` (unless the arguments already pass a template) and
+  ``{"status": "chat_template", "file": …, "source": "official" | "user", "message": …}`` says which it got.
 
 Launch rules (tools/server/server-context.cpp, common/arg.cpp): the plan's flags with ``--fit off`` (the plan
 already fitted; llama.cpp's own fitting would change it) and an explicit ``--ctx-size``; ``--jinja``; ``-lv 4``
@@ -225,23 +225,44 @@ def default_log_path(alias: str, port: int) -> Path:
 
 def check_served(plan: Plan, fetched: FetchedModel, on_event: EventFn | None = None) -> Health:
     """:mod:`tuner.health`'s findings for the file about to be served (read from the downloaded file when the plan
-    came from a card), emitted as one ``health`` event and a ``warning`` per warning; when the chat template is
-    stale, a ``chat_template`` status says which official template replaces it."""
+    came from a card), emitted as one ``health`` event and a ``warning`` per warning (which template is served is
+    :func:`announce_template`'s, once the arguments are known)."""
     from tuner import health
     from tuner.models import local_layout
 
     layout = local_layout(fetched.model_path) if plan.candidate.source == "card" else None
-    found = health.check(plan.candidate, vision=plan.vision, layout=layout,
+    found = health.check(plan.candidate, vision=plan.vision, layout=layout, mtp_blocked=plan.mtp_blocked,
                          model_paths=[str(p) for p in fetched.shard_paths] if plan.candidate.source != "hub" else ())
     _emit(on_event, {"health": found.to_list()})
     for f in found.findings:
         if f.severity == health.WARNING:
             _emit(on_event, {"warning": f"{f.message}" + (f" (fix: {f.fix})" if f.fix else ""), "kind": f.kind})
-    if found.chat_template_file is not None:
-        _emit(on_event, {"status": "chat_template", "file": str(found.chat_template_file),
-                         "message": f"serving with the official chat template {found.chat_template_file} "
-                                    "(--chat-template-file) instead of the file's stale one"})
     return found
+
+
+def template_served(args: Sequence[str], official: Path | None) -> dict[str, Any] | None:
+    """The ``chat_template`` status for llama-server's arguments ``args`` (as :func:`server_args` returns them) when
+    the file's template is stale and ``official`` is the official one fetched: the official template when the
+    arguments pass it, else the one the user passed (``--chat-template[-file]``, which :func:`server_args` keeps and
+    llama-server uses, common/arg.cpp:3750-3772); None when nothing replaces the file's template."""
+    if official is None:
+        return None
+    given_file, given_text = flag_value(args, "chat_template_file"), flag_value(args, "chat_template")
+    if given_file == str(official) and not given_text:
+        return {"status": "chat_template", "file": str(official), "source": "official",
+                "message": f"serving with the official chat template {official} (--chat-template-file) instead of "
+                           "the file's stale one"}
+    yours = f"{FLAGS['chat_template_file'].long} {given_file}" if given_file else FLAGS["chat_template"].long
+    return {"status": "chat_template", "file": given_file or None, "source": "user",
+            "message": f"serving with the chat template you passed ({yours}), not the official one tuner fetched "
+                       f"({official}); the file's own template is stale (see the warning)"}
+
+
+def announce_template(args: Sequence[str], found: Health, on_event: EventFn | None = None) -> None:
+    """Emit :func:`template_served`'s status, if any: which template llama-server is about to be given."""
+    status = template_served(args, found.chat_template_file)
+    if status is not None:
+        _emit(on_event, status)
 
 
 # ------------------------------------------------------------------------------------------------------ launch
@@ -767,6 +788,7 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
                                     preset=options.preset),
                        plan.estimate, alias=alias, mmproj_path=fetched.mmproj_path,
                        chat_template_file=health.chat_template_file)
+    announce_template(args, health, on_event)
     log_path = options.log_path or default_log_path(alias, options.port)
     gpu_indices = tuple(g.index for g in hardware.gpus if g.source == "nvml") if build.cuda else ()
     free_before = {g.index: g.vram_free_bytes for g in read_gpus(nvml)[0]} if gpu_indices else {}

@@ -186,12 +186,15 @@ def register(app: typer.Typer) -> None:
             except TunerError as exc:
                 raise TunerError(f"--mmproj {mmproj}: {exc}") from None
         from tuner import health as model_health
+        from tuner.mtp import drafting_blocked
+        from tuner.placement import devices_of
 
-        health = model_health.check(candidate, vision=vision is not None).to_list()
         host = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
         hardware = cluster_hardware(hardware_for(gpu, vram, host=host), rpc=rpc or None, rpc_gpu=rpc_gpu,
                                     link_gbit=link_gbit, link_rtt_ms=link_rtt_ms, server_bin=server_bin)
         flags = flags.with_(rpc=rpc_endpoints(hardware.gpus))
+        blocked = drafting_blocked(layout, flags, devices_of(hardware), vision=vision is not None)
+        health = model_health.check(candidate, vision=vision is not None, mtp_blocked=blocked).to_list()
         result = estimate_result(layout, flags, hardware, depth, calibration_for(hardware, server_bin), draft=draft,
                                  vision=vision, mmproj_offload=mmproj_offload, health=health)
         if check:

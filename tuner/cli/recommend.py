@@ -23,6 +23,7 @@ head the file lacks and where one is, a vision projector left out), printed as w
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Any
 
@@ -44,9 +45,11 @@ from tuner.untrusted import visible
 
 
 def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vision: bool, buffer: str | None,
-                        quant: str | None, cache_type: str | None, allow_yarn: bool) -> Wishes:
+                        quant: str | None, cache_type: str | None, allow_yarn: bool,
+                        mmproj_offload: bool = True) -> Wishes:
     """The planner's wishes from the shared planner options (``recommend``, ``serve`` and ``bench`` alike)."""
     return Wishes(ctx_size=ctx_size or None, parallel=parallel, prefer=prefer.lower(), vision=vision,
+                  mmproj_offload=mmproj_offload,
                   buffer_bytes=parse_size_bytes(buffer, default_unit="g") if buffer is not None else None,
                   quant=quant, allow_yarn=allow_yarn, cache_type=cache_type.lower() if cache_type else None)
 
@@ -54,7 +57,7 @@ def wishes_from_options(*, ctx_size: int | None, parallel: int, prefer: str, vis
 def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> dict[str, Any]:
     from tuner import health
 
-    found = health.check(rec.plan.candidate, vision=rec.plan.vision)
+    found = health.check(rec.plan.candidate, vision=rec.plan.vision, mtp_blocked=rec.plan.mtp_blocked)
     result = {**rec.to_dict(server_bin), "hardware": hardware_dict(rec.hardware), "health": found.to_list()}
     p = rec.plan
     if len(rec.hardware.gpus) > 1:  # several devices: what each holds, against its budget
@@ -157,12 +160,27 @@ def _memory_narrow(memory: dict[str, Any]) -> Table:
     return table
 
 
+_SPILLED_BLOCKS_RE = re.compile(r"^blk\\\.\(([0-9|]+)\)\\\.ffn_")
+
+
+def _experts_setting(a: dict[str, Any]) -> str:
+    """How a plan keeps experts in RAM, as its command says it: ``-ot`` rules per device on several devices (their
+    blocks counted), else ``--n-cpu-moe N``."""
+    blocks = {int(n) for rule in a.get("override_tensor") or () for m in [_SPILLED_BLOCKS_RE.match(rule)] if m
+              for n in m.group(1).split("|")}
+    if blocks:
+        return f"-ot: experts of {len(blocks)} layers in RAM"
+    if len(a.get("tensor_split") or ()) > 1 and not a["n_cpu_moe"]:
+        return "-ot: none in RAM"
+    return f"--n-cpu-moe {a['n_cpu_moe']}"
+
+
 def _alternatives_wide(alternatives: list[dict[str, Any]]) -> Table:
     alt = Table(title="Alternatives", title_justify="left")
-    for col in ("#", "quant", "KV", "n-cpu-moe", "context", "ubatch", "tg tok/s", "pp tok/s", "why not"):
+    for col in ("#", "quant", "KV", "experts in RAM", "context", "ubatch", "tg tok/s", "pp tok/s", "why not"):
         alt.add_column(col, justify="right" if col not in ("quant", "KV", "why not") else "left")
     for i, a in enumerate(alternatives, 1):
-        alt.add_row(str(i), text(a["quant"]), a["cache_type_k"], str(a["n_cpu_moe"]), str(a["ctx_size"]),
+        alt.add_row(str(i), text(a["quant"]), a["cache_type_k"], _experts_setting(a), str(a["ctx_size"]),
                     str(a["ubatch_size"]), _tok_s(a["predicted"]["tg_tok_s"])
                     + (" (measured)" if a["predicted"]["source"] == "measured" else ""),
                     _tok_s(a["predicted"]["pp_tok_s"]), text(a["why_not"]))
@@ -176,7 +194,7 @@ def _alternatives_narrow(alternatives: list[dict[str, Any]]) -> Table:
     grid.add_column(ratio=1, overflow="fold")
     for i, a in enumerate(alternatives, 1):
         p = a["predicted"]
-        head = (f"[bold]{text(a['quant'])}[/bold] · KV {a['cache_type_k']} · --n-cpu-moe {a['n_cpu_moe']} · "
+        head = (f"[bold]{text(a['quant'])}[/bold] · KV {a['cache_type_k']} · {_experts_setting(a)} · "
                 f"context {a['ctx_size']} · ubatch {a['ubatch_size']} · {_tok_s(p['tg_tok_s'])} tok/s generation"
                 + (" (measured)" if p["source"] == "measured" else "") + f", {_tok_s(p['pp_tok_s'])} prompt")
         grid.add_row(f"{i}.", head)
@@ -255,13 +273,15 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
                       f"{fmt_bytes(gpu['vram_free_bytes'])} free; "
                       f"buffer {fmt_bytes(budget['buffer_bytes'])} kept"
                       + (f", {fmt_bytes(budget['reserved_bytes'])} for the vision projector"
-                         if budget["reserved_bytes"] else "")
+                         if budget["reserved_bytes"] and budget["reserved_on"] == gpu["name"] else "")
                       + f", {fmt_bytes(left[gpu['name']])} more to spare")
     if result.get("hosts"):
         console.print(hosts_table(result["hosts"]))
     host = result["memory"]["host"]
     console.print(f"RAM at worst: {fmt_bytes(host['total_bytes'])} of {fmt_bytes(budget['ram_available_bytes'])} "
                   f"available" + (f" (buffer {fmt_bytes(budget['buffer_bytes'])})" if not budget["gpus"] else "")
+                  + (f", {fmt_bytes(budget['reserved_bytes'])} kept for the vision projector"
+                     if budget["reserved_bytes"] and budget["reserved_on"] == "CPU" else "")
                   + f", {fmt_bytes(left['CPU'])} to spare")
 
     console.print()
@@ -288,8 +308,12 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
         console.print(f"[green]{text(result['calibration']['line'])}[/green]")
     render_health(console, result["health"])
     console.print()
-    console.print("[bold]Command:[/bold]")
     env = " ".join(f"{k}={v}" for k, v in (result.get("env") or {}).items())
+    if env:  # the JSON's command array leaves it to "env": say it here, where the command is copied from
+        console.print(f"[bold]Command[/bold] (keep {env} in front: CUDA numbers the fastest card first otherwise, and "
+                      "the split is planned in PCI bus order):")
+    else:
+        console.print("[bold]Command:[/bold]")
     if narrow:
         if env:
             console.print(env + " \\", soft_wrap=True, markup=False, highlight=False)
@@ -309,6 +333,7 @@ def register(app: typer.Typer) -> None:
         parallel: o.PlanParallelOpt = 1,
         prefer: o.PreferOpt = o.DEFAULT_PREFER,
         vision: o.VisionOpt = False,
+        mmproj_offload: o.MmprojOffloadOpt = True,
         buffer: o.BufferOpt = None,
         quant: o.QuantOpt = None,
         cache_type: o.CacheTypeOpt = None,
@@ -327,7 +352,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Recommend quant, KV cache, --n-cpu-moe, context and batch sizes for MODEL on this machine (or --gpu)."""
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=vision,
-                                     buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
+                                     buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn,
+                                     mmproj_offload=mmproj_offload)
         host = HostSpec.from_options(ram, ram_bandwidth, cpu_cores)
         hardware = cluster_hardware(hardware_for(gpu, vram, host=host), rpc=rpc, rpc_gpu=rpc_gpu,
                                     link_gbit=link_gbit, link_rtt_ms=link_rtt_ms, server_bin=server_bin)

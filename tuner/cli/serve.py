@@ -232,6 +232,7 @@ def register(app: typer.Typer) -> None:
         parallel: o.PlanParallelOpt = 1,
         prefer: o.PreferOpt = o.DEFAULT_PREFER,
         vision: o.VisionOpt = False,
+        mmproj_offload: o.MmprojOffloadOpt = True,
         buffer: o.BufferOpt = None,
         quant: o.QuantOpt = None,
         cache_type: o.CacheTypeOpt = None,
@@ -258,7 +259,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Plan, build, download and launch llama-server for MODEL; verify it; serve until Ctrl-C."""
         wishes = wishes_from_options(ctx_size=ctx_size, parallel=parallel, prefer=prefer, vision=vision,
-                                     buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn)
+                                     buffer=buffer, quant=quant, cache_type=cache_type, allow_yarn=allow_yarn,
+                                     mmproj_offload=mmproj_offload)
         options = ServeOptions(host=host, port=port, api_key=api_key, source=source, server_bin=server_bin,
                                cuda=cuda, preset=preset, alias=alias, log_path=log_file)
         preflight(options)  # before probing hardware or reading the model: cheap refusals first
