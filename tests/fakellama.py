@@ -21,6 +21,9 @@ up before the model is loaded) and answer as the mode says:
 * ``error-500``: healthy, then HTTP 500 with a body holding escape sequences;
 * ``forks-and-exits``: forks a child that serves healthy answers (as a daemonizing wrapper would), and exits 0;
 * ``dies-while-loading``: ``/health`` 503 for a moment, then "CUDA error: out of memory" and exit 134;
+* ``floods-log-then-dies``: writes 16 MiB of log lines, then 8 GiB more (a hole: no disk used), then
+  "error loading model" and exits 1;
+* ``floods-log-while-loading``: never listens; its log grows by 64 MiB (a line, then a hole) every 10 ms;
 * ``healthy``: answers like llama-server (used for bench's ``/props``-only modes below);
 * ``props-non-json`` / ``props-wrong-types`` / ``tokenize-wrong-types`` / ``timings-negative``: healthy, one
   endpoint bad (what ``tuner bench`` reads).
@@ -73,6 +76,8 @@ def main() -> int:
     if mode == "exits-at-once":
         log(f"error loading model: {ESC} the fake cannot load anything")
         return 1
+    if mode.startswith("floods-log"):
+        return flood(mode)
     if mode == "never-listens":
         log("llama_model_loader: loaded meta data")
         while True:
@@ -84,6 +89,24 @@ def main() -> int:
         mode = "healthy"
     serve(mode, arg(args, "--host", "127.0.0.1"), int(arg(args, "--port", "8080")))
     return 0
+
+
+def flood(mode: str) -> int:
+    """Write far more log than any reader should hold: real lines, then holes (seeking stdout, the log file tuner
+    opened, past its end), so that the test's disk holds little of what the log claims."""
+    sys.stdout.flush()
+    line = b"load_tensors: loading model tensors, this can take a while... (mmap = true) " * 8 + b"\n"
+    if mode == "floods-log-then-dies":
+        chunk = line * ((1 << 20) // len(line))
+        for _ in range(16):
+            os.write(1, chunk)
+        os.lseek(1, 8 << 30, os.SEEK_CUR)
+        os.write(1, f"\nerror loading model: the fake flooded its log {ESC}\n".encode())
+        return 1
+    while True:
+        os.write(1, line)
+        os.lseek(1, 64 << 20, os.SEEK_CUR)
+        time.sleep(0.01)
 
 
 def serve(mode: str, host: str, port: int) -> None:

@@ -99,6 +99,7 @@ class Outcome:
     stdout: str
     seconds: float
     left_running: list[tuple[int, str]]
+    after_signal_s: float | None = None  # from the first signal sent (``interrupt``) to tuner's end
 
 
 def run_tuner(argv: list[str], case_root: Path, env: dict[str, str], *, timeout_s: float = CASE_TIMEOUT_S,
@@ -109,6 +110,7 @@ def run_tuner(argv: list[str], case_root: Path, env: dict[str, str], *, timeout_
     other (0.3 s apart), as a user pressing Ctrl-C or a service manager stopping it would."""
     mark = env[MARK_ENV]
     t0 = time.monotonic()
+    signalled_at: float | None = None
     proc = subprocess.Popen([sys.executable, "-m", "tuner", *argv], cwd=case_root, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             errors="replace", preexec_fn=limit_memory, start_new_session=True)
@@ -119,10 +121,12 @@ def run_tuner(argv: list[str], case_root: Path, env: dict[str, str], *, timeout_
                 assert proc.poll() is None and time.monotonic() - t0 < timeout_s, \
                     "never reached the point to interrupt at"
                 time.sleep(0.05)
+            signalled_at = time.monotonic()
             for sig in signals:
                 proc.send_signal(sig)
                 time.sleep(0.3)
         stdout, stderr = proc.communicate(timeout=timeout_s)
+        ended_at = time.monotonic()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -130,4 +134,4 @@ def run_tuner(argv: list[str], case_root: Path, env: dict[str, str], *, timeout_
         left = wait_until_none_marked(mark)
         kill_marked(mark)  # clean up whatever the assertions say next
     return Outcome(proc.returncode, [ln for ln in stderr.splitlines() if ln.strip()], stdout,
-                   time.monotonic() - t0, left)
+                   time.monotonic() - t0, left, None if signalled_at is None else ended_at - signalled_at)

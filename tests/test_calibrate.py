@@ -190,3 +190,26 @@ def test_speeds_measured_on_a_busy_cpu_are_shown_but_not_recorded(llama_build: A
     assert stored and all(p.__class__.__name__ == "MemoryPoint" for p in stored), "buffer sizes only"
     assert report.recorded == len(stored) == 4
     assert "the CPU was busy (load average" in report.notes[0]
+
+
+def test_device_names_from_llama_servers_log_print_as_text_not_markup() -> None:
+    import io
+
+    from rich.console import Console
+
+    from tuner.cli.calibrate import render_calibration
+
+    hostile = "[/bold]CUDA0 [red]x[/red] \x1b[31mESC"
+    run = {"model": "m", "quant": "Q4_K_M", "shape": "qwen35moe-4L-256e-[b]", "hardware": "CPU",
+           "build": {"commit": "[/i]abc\x1b[0m", "cuda": False}, "seconds": 1.0,
+           "twin": {"file_bytes": 1, "disk_bytes": 1}, "skipped": [], "notes": [],
+           "rungs": [{"name": "ctx-4096", "failed": None, "reported": {"compute": {hostile: 2 << 20}},
+                      "predicted": {"compute": {hostile: 1 << 20}}, "uncounted_bytes": {}, "speed": []}]}
+    result = {"run": run, "calibration": {"devices": {hostile: {"compute_scale": 2.0, "scope": "this shape",
+                                                                "compute_runs": 1}}}}
+    out = io.StringIO()
+    render_calibration(Console(file=out, width=300, color_system=None), result)
+    printed = out.getvalue()
+    assert "\x1b" not in printed
+    assert printed.count("[/bold]CUDA0 [red]x[/red] \\x1b[31mESC") == 2  # the table row and the scale line
+    assert "qwen35moe-4L-256e-[b]" in printed and "[/i]abc\\x1b[0m" in printed

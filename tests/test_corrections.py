@@ -5,6 +5,7 @@ calibration file format; NVML's process memory turned into uncounted bytes."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -200,6 +201,33 @@ def test_the_calibration_file_reads_back_has_no_paths_and_refuses_other_versions
     good.write_text(blob)
     (tmp_path / "broken.json").write_text("{not json")
     assert len(shipped_points([good, tmp_path / "broken.json"])) == 2, "a broken shipped file is skipped"
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ('{"format": "tuner-calibration", "version": 1, "points": [{"kind": "speed", "depth": 1e400}]}',
+     r"is not JSON \(the number 1e400 is out of range\)"),
+    ('{"format": "tuner-calibration", "version": 1, "points": [{"kind": "speed", "depth": "deep"}]}',
+     r"is not a valid calibration file \(points\[0\]\.depth: 'deep', expected a whole number"),
+    ('{"format": "tuner-calibration", "version": 1, "points": [{"kind": "memory", "n_ubatch": -1}]}',
+     r"is not a valid calibration file \(points\[0\]\.n_ubatch: -1, expected"),
+    ('{"format": "tuner-calibration", "version": 1, "points": ["x"]}',
+     r"is not a valid calibration file \(points\[0\]: 'x', expected an object"),
+    ('{"format": "tuner-calibration", "version": "' + "9" * 100_000 + '"}',
+     r"is a calibration file of version '9{30,}…; this tuner reads version 1"),
+])
+def test_a_bad_calibration_file_is_skipped_with_one_line_naming_it(tmp_path: Path, text: str, problem: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    skipped: list[str] = []
+    assert shipped_points([bad], on_skip=skipped.append) == []
+    assert len(skipped) == 1 and len(skipped[0]) < 400, skipped
+    assert re.match(rf"skipped the calibration file {re.escape(str(bad))} {problem}.*; delete or replace the file$",
+                    skipped[0]), skipped[0]
+
+
+def test_a_point_of_a_kind_this_tuner_does_not_know_is_skipped_not_refused(tmp_path: Path) -> None:
+    doc = {"format": "tuner-calibration", "version": 1, "points": [{"kind": "energy", "joules": 5}]}
+    assert read_document(doc, origin="x") == []
 
 
 def test_shipped_calibrations_apply_where_this_machine_has_none(layout, gpu: Hardware, tmp_path: Path,

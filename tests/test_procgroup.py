@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tuner.procgroup import group_alive, start_group, stop_group
+from tuner.procgroup import group_alive, run_group, start_group, stop_group
 from tuner.server import process_alive
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX")
+CASE_S = 60  # generous: the machine running the tests may be loaded; a run that hangs takes 600 s
 
 
 def _gone(pid: int) -> bool:
@@ -135,3 +136,28 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_run_group_keeps_only_the_last_bytes_of_each_output_however_much_it_prints() -> None:
+    script = ("head -c 50000000 /dev/zero | tr '\\0' o; echo END-OUT; "
+              "head -c 5000000 /dev/zero | tr '\\0' e >&2; echo END-ERR >&2; exit 3")
+    run = run_group(["sh", "-c", script], timeout_s=CASE_S, max_output_bytes=1000)
+    assert run.returncode == 3 and not run.timed_out
+    assert len(run.stdout) == 1000 and run.stdout.endswith(b"o" * 100 + b"END-OUT\n")
+    assert len(run.stderr) == 1000 and run.stderr.endswith(b"e" * 100 + b"END-ERR\n")
+
+
+def test_run_group_stops_the_whole_group_at_its_deadline() -> None:
+    started = time.monotonic()
+    run = run_group(["sh", "-c", "trap '' TERM; sleep 600 & echo $!; wait"], timeout_s=1.0, max_output_bytes=100)
+    assert run.timed_out and run.returncode is None
+    assert time.monotonic() - started < CASE_S
+    assert _gone(int(run.stdout))
+
+
+def test_run_group_returns_when_the_child_exits_though_a_grandchild_holds_its_output() -> None:
+    started = time.monotonic()
+    run = run_group(["sh", "-c", "sleep 600 & echo $!"], timeout_s=600, max_output_bytes=100)
+    assert run.returncode == 0 and not run.timed_out
+    assert time.monotonic() - started < CASE_S, "waited for the grandchild to close its output"
+    assert _gone(int(run.stdout)), "the grandchild outlived run_group"

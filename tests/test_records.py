@@ -58,6 +58,28 @@ def test_json_files_are_refused_when_too_large_nested_too_deep_or_not_json(tmp_p
             rec.read_json_file(path, max_bytes=1000 if len(data) == 2000 else 1 << 20)
 
 
+@pytest.mark.parametrize("text", ["1e400", '{"data_offset": 1e400}', '[-1E999]', "NaN", '{"a": -Infinity}'])
+def test_json_numbers_that_are_not_finite_are_refused_where_they_are_parsed(text: str) -> None:
+    refused = r"^the top level: not JSON \((the number .* is out of range|.* is not JSON)\)$"
+    with pytest.raises(rec.RecordError, match=refused):
+        rec.parse_json(text)
+    assert rec.parse_json("[1e308, -2.5e-300]") == [1e308, -2.5e-300]
+
+
+def test_a_json_value_too_deep_is_named_where_it_is_too_deep() -> None:
+    with pytest.raises(rec.RecordError, match=r"^v\.a\[0\]\[0\]: more than 10 values or 2 levels deep$"):
+        rec.json_value(max_depth=2, max_items=10)({"a": [[1]]}, "v")
+
+
+def test_a_tuple_of_checks_each_position_and_the_length() -> None:
+    row = rec.tuple_of(rec.string(8), rec.integer(0, 9))
+    assert row(["w", 3], "t") == ("w", 3)
+    for bad, message in ((["w"], r"^t: a list of 1, expected a list of 2$"), (["w", 10], r"^t\[1\]: 10, expected"),
+                         ("w3", r"^t: 'w3', expected a list of 2$")):
+        with pytest.raises(rec.RecordError, match=message):
+            row(bad, "t")
+
+
 ALIAS_BOMB = ('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
               + "".join(f"{n}: &{n} [{','.join(['*' + p] * 9)}]\n"
                         for p, n in zip("abcdefgh", "bcdefghi", strict=True)))

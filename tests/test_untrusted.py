@@ -226,3 +226,28 @@ def test_cached_headers_past_the_parser_bounds_are_not_used(tmp_path: Path) -> N
                 {**good, "data_offset": MAX_HEADER_BYTES + 1},
                 {**good, "metadata": {f"k{i}": 1 for i in range(20_000)}}):
         assert shard_from_dict(bad, 0) is None
+    parsed = shard_from_dict(good, 0)
+    assert parsed is not None and parsed[0] == parse_header(path.read_bytes()[:header_.header_bytes])
+
+
+@pytest.mark.parametrize("patch", [
+    {"data_offset": 1e300}, {"data_offset": "64"}, {"data_offset": True}, {"size": -1}, {"version": 7},
+    {"metadata": {"a.b": {"array": -1}}}, {"metadata": {"a.b": [[1]]}}, {"metadata": {"a.b": None}},
+    {"tensors": [["w", [32], 0]]}, {"tensors": [["w", [32.0], 0, 0]]}, {"tensors": [["w", [32], 4242, 0]]},
+    {"tensors": [["w", [1 << 62, 4], 0, 0]]}, {"tensors": [["w", [32], 0, 0], ["w", [32], 0, 0]]},
+])
+def test_a_cached_header_with_a_value_the_parser_would_not_give_is_a_miss(patch: dict[str, object],
+                                                                          tmp_path: Path) -> None:
+    from tuner.gguf_file import read_gguf, shard_from_dict, shard_to_dict
+
+    path = write_synthetic_gguf(tmp_path / "m.gguf", SynthSpec(fill="zeros"))[0]
+    good = shard_to_dict(parse_header(path.read_bytes()[:read_gguf(path).header_bytes]), path.stat().st_size)
+    assert shard_from_dict(good, 0) is not None
+    assert shard_from_dict({**good, **patch}, 0) is None
+
+
+def test_a_cached_header_holding_1e400_is_refused_where_its_json_is_parsed() -> None:
+    from tuner.records import RecordError, parse_json
+
+    with pytest.raises(RecordError, match=r"the number 1e400 is out of range"):
+        parse_json('{"format": 3, "data_offset": 1e400}')

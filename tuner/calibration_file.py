@@ -12,21 +12,22 @@ The format is documented in docs/calibration.md; in short::
      "points": [{"kind": "memory", …}, {"kind": "speed", …}]}
 
 No paths and no host names: points carry device models, a build commit, model shapes, llama-server flags (which
-name no files) and byte counts. Reading validates the document (format, version, sizes) and skips points it cannot
-read; a file of another version is refused with one line.
+name no files) and byte counts. Reading validates the document (format, version, every point's fields) and skips
+points of a kind it does not know; a file of another version, or with a bad field, is refused with one line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tuner.corrections import SHIPPED, Calibration, MemoryPoint, SpeedPoint, point_from_dict
+from tuner import records as rec
+from tuner.corrections import POINT, SHIPPED, Calibration, MemoryPoint, SpeedPoint, point_from_dict
 from tuner.errors import TunerError
 from tuner.hardware import Hardware
 from tuner.paths import catalog_dir
-from tuner.records import RecordError, read_json_file
+from tuner.untrusted import shown
 
 FORMAT = "tuner-calibration"
 VERSION = 1
@@ -58,31 +59,35 @@ def export_document(points: Sequence[MemoryPoint | SpeedPoint], *, hardware: Har
 
 
 def read_document(data: Any, *, origin: str, source: str = "calibration file") -> list[MemoryPoint | SpeedPoint]:
-    """The points of a calibration document, each marked with ``origin``; TunerError (one line) when it is not one."""
+    """The points of a calibration document, each marked with ``origin``; TunerError (one line naming ``source`` and
+    the first bad field) when it is not one. Every point is checked against :data:`tuner.corrections.POINT`; a
+    point of a kind this tuner does not know (a newer one's) is skipped."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise TunerError(f"{source} is not a tuner calibration file (no \"format\": \"{FORMAT}\")")
     if data.get("version") != VERSION:
-        raise TunerError(f"{source} is a calibration file of version {data.get('version')!r}; this tuner reads "
-                         f"version {VERSION}")
-    raw = data.get("points")
-    if not isinstance(raw, list) or len(raw) > MAX_POINTS:
-        raise TunerError(f"{source}: \"points\" must be a list of at most {MAX_POINTS}")
-    points = (point_from_dict(d, origin) for d in raw if isinstance(d, dict))
+        raise TunerError(f"{source} is a calibration file of version {shown(data.get('version'), 40)}; this tuner "
+                         f"reads version {VERSION}")
+    try:
+        checked = rec.validate(rec.seq_of(POINT, MAX_POINTS), data.get("points"), "points")
+    except rec.RecordError as exc:
+        raise TunerError(f"{source} is not a valid calibration file ({exc})") from None
+    points = (point_from_dict(d, origin) for d in checked)
     return [p for p in points if p is not None]
 
 
 def read_file(path: str | Path, *, origin: str) -> list[MemoryPoint | SpeedPoint]:
-    """:func:`read_document` of a file (at most :data:`MAX_FILE_BYTES`)."""
+    """:func:`read_document` of a file (at most :data:`MAX_FILE_BYTES`); TunerError naming the file."""
     p = Path(path)
+    source = f"the calibration file {p}"
     try:
         if p.stat().st_size > MAX_FILE_BYTES:
-            raise TunerError(f"{p.name} is over {MAX_FILE_BYTES // (1024 * 1024)} MiB: not a calibration file")
-        data = read_json_file(p, MAX_FILE_BYTES)  # bounded in size and depth (tuner.records)
+            raise TunerError(f"{source} is over {MAX_FILE_BYTES // (1024 * 1024)} MiB: not a calibration file")
+        data = rec.read_json_file(p, MAX_FILE_BYTES)  # bounded in size and depth, numbers finite (tuner.records)
     except OSError as exc:
-        raise TunerError(f"cannot read {p.name}: {exc.strerror}") from None
-    except RecordError as exc:
-        raise TunerError(f"{p.name} is not JSON ({exc.problem})") from None
-    return read_document(data, origin=origin, source=p.name)
+        raise TunerError(f"cannot read {source}: {exc.strerror or exc}") from None
+    except rec.RecordError as exc:
+        raise TunerError(f"{source} is {exc.problem}") from None
+    return read_document(data, origin=origin, source=source)
 
 
 def shipped_files() -> list[Path]:
@@ -91,13 +96,15 @@ def shipped_files() -> list[Path]:
     return sorted(folder.glob("*.json")) if folder.is_dir() else []
 
 
-def shipped_points(files: Iterable[Path] | None = None) -> list[MemoryPoint | SpeedPoint]:
-    """Every point of the shipped calibration files (a file that does not read is skipped: a broken catalog file
-    must not stop planning), each with origin ``shipped <file name>``."""
+def shipped_points(files: Iterable[Path] | None = None,
+                   on_skip: Callable[[str], None] | None = None) -> list[MemoryPoint | SpeedPoint]:
+    """Every point of the shipped calibration files, each with origin ``shipped <file name>``. A file that does not
+    read is skipped (a broken catalog file must not stop planning), and ``on_skip`` gets one line naming it and why."""
     out: list[MemoryPoint | SpeedPoint] = []
     for f in shipped_files() if files is None else files:
         try:
             out += read_file(f, origin=f"{SHIPPED} {f.name}")
-        except TunerError:
-            continue
+        except TunerError as exc:
+            if on_skip is not None:
+                on_skip(f"skipped {exc.one_line()}; delete or replace the file")
     return out

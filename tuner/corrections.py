@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tuner import records as rec
 from tuner.estimate import CPU, MemoryEstimate, estimate_memory
 from tuner.flags import ServerFlags
 from tuner.hardware import Hardware, gpu_split
@@ -118,6 +119,29 @@ def _args(value: Any) -> tuple[str, ...]:
 
 def _int_map(d: Any) -> dict[str, int]:
     return {str(k): int(v) for k, v in (d or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _flags_text(value: Any, where: str) -> Any:
+    """A point's flags: one shell-quoted string (as written), or a list of arguments."""
+    if isinstance(value, str):
+        return rec.string(8192)(value, where)
+    return rec.seq_of(rec.string(4096), 1024)(value, where)
+
+
+_TEXT, _WHEN, _TOK_S = rec.string(1024), rec.string(64), rec.number(0.0, 1e9)
+_BYTES = rec.integer(-(1 << 62), 1 << 62)  # differences are negative
+_POINT_BYTES = rec.map_of(_BYTES, 16)
+_maybe, _or = rec.maybe, rec.field
+# A stored point (MemoryPoint and SpeedPoint, both kinds in one record), wherever it is read (the profile, an
+# observation file, a calibration file): every field their from_dict reads, checked before it does (tuner.records).
+POINT = rec.record(
+    kind=rec.string(32), id=_or(rec.string(512), ""), build=_or(rec.string(128), ""), cuda=_or(rec.boolean(), False),
+    shape=_or(rec.string(512), ""), flags=_or(_flags_text, ""), source=_or(rec.string(64), ""),
+    observed_at=_or(_WHEN, ""), device=_or(_TEXT, ""), driver=_maybe(rec.string(128)),
+    n_ubatch=_or(rec.integer(0, 1 << 31), 0), predicted=_or(_POINT_BYTES, {}), reported=_or(_POINT_BYTES, {}),
+    process_bytes=_maybe(_BYTES), hardware=_or(_TEXT, ""), placement=_or(rec.string(64), ""),
+    depth=_or(rec.integer(0, 1 << 40), 0), tg_tok_s=_or(_TOK_S, 0.0), pp_tok_s=_or(_TOK_S, 0.0),
+    tg_predicted_tok_s=_or(_TOK_S, 0.0), pp_predicted_tok_s=_or(_TOK_S, 0.0), weights=_or(rec.string(64), "real"))
 
 
 @dataclass(frozen=True)
@@ -209,16 +233,18 @@ class SpeedPoint:
                    observed_at=str(d.get("observed_at", "")), origin=origin)
 
 
-def point_from_dict(d: Mapping[str, Any], origin: str = LOCAL) -> MemoryPoint | SpeedPoint | None:
-    """A stored point by its ``kind``; None for anything else."""
-    kind = d.get("kind")
+def point_from_dict(d: Any, origin: str = LOCAL) -> MemoryPoint | SpeedPoint | None:
+    """A stored point by its ``kind``, checked against :data:`POINT`; None for a point that fails it and for a kind
+    this tuner does not know (a newer one's). A reader that must say which field is bad validates first."""
     try:
-        if kind == "memory":
-            return MemoryPoint.from_dict(d, origin)
-        if kind == "speed":
-            return SpeedPoint.from_dict(d, origin)
-    except (TypeError, ValueError):
+        checked = rec.validate(POINT, d)
+    except rec.RecordError:
         return None
+    kind = checked["kind"]
+    if kind == "memory":
+        return MemoryPoint.from_dict(checked, origin)
+    if kind == "speed":
+        return SpeedPoint.from_dict(checked, origin)
     return None
 
 

@@ -12,14 +12,15 @@ It is not llama-server, and three differences matter (common/fit.cpp, tools/fit-
   default is 1 where llama-server's is 4 unified: tuner passes ``-np`` explicitly;
 * it has no ``--spec-type``, so an MTP draft context is not part of its figures.
 
-The flags it accepts are passed through; the others are named in the result's notes.
+The flags it accepts are passed through; the others are named in the result's notes. It runs as llama-server does, in
+a process group of its own that dies with tuner (:func:`tuner.procgroup.run_group`), with a deadline and only the
+last :data:`MAX_OUTPUT_BYTES` of each output kept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,15 @@ from tuner.errors import TunerError
 from tuner.estimate import ServerFlags, context_shape
 from tuner.flags import FLAGS
 from tuner.layout import ModelLayout
+from tuner.procgroup import run_group
 from tuner.units import MiB, fmt_bytes
 
 FIT_PARAMS = "llama-fit-params"
 _ROW_RE = re.compile(r"^(?P<dev>\S+) (?P<model>\d+) (?P<context>\d+) (?P<compute>\d+)\s*$")
 TIMEOUT_S = 600
+# What is kept of each of its outputs (the last bytes): the figures are a row per device, at the end of stdout; its
+# log on stderr is tens of kB, the error that stopped it at its end.
+MAX_OUTPUT_BYTES = 1 << 20
 
 
 def fit_params_args(flags: ServerFlags) -> tuple[list[str], list[str]]:
@@ -109,15 +114,16 @@ def run_fit_check(layout: ModelLayout, flags: ServerFlags, server_bin: str | Pat
     cmd = [str(binary), *FLAGS["model"].to_args(str(model)), *FLAGS["fit"].to_args("off"),
            *FLAGS["fit_print"].to_args("on"), *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise TunerError(f"{FIT_PARAMS} did not finish within {TIMEOUT_S} s") from None
+        run = run_group(cmd, timeout_s=TIMEOUT_S, max_output_bytes=MAX_OUTPUT_BYTES)
     except OSError as exc:
         raise TunerError(f"cannot run {binary}: {exc.strerror or exc}") from None
-    rows = parse_fit_print(proc.stdout)
-    if proc.returncode != 0 or not rows:
-        why = f"exit code {proc.returncode}" if proc.returncode else "it printed no figures"
-        raise TunerError(f"{FIT_PARAMS} failed ({why}): {_last_error(proc.stderr + proc.stdout)}")
+    if run.timed_out:
+        raise TunerError(f"{FIT_PARAMS} did not finish within {TIMEOUT_S} s")
+    stdout, stderr = (b.decode("utf-8", errors="replace") for b in (run.stdout, run.stderr))
+    rows = parse_fit_print(stdout)
+    if run.returncode != 0 or not rows:
+        why = f"exit code {run.returncode}" if run.returncode else "it printed no figures"
+        raise TunerError(f"{FIT_PARAMS} failed ({why}): {_last_error(stderr + stdout)}")
     shape = context_shape(layout, flags)
     logits = shape.n_ubatch * layout.n_vocab * 4
     notes.insert(0, f"{FIT_PARAMS} reserves logits for a whole ubatch (n_outputs = n_batch): its compute includes "

@@ -22,6 +22,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tuner import records as rec
 from tuner.errors import TunerError
 from tuner.ggml import GGML_TYPES, GgmlType, ggml_type, tensor_bytes
 from tuner.paths import cache_dir, write_atomic
@@ -383,7 +384,7 @@ def _encode(value: Any) -> Any:
 
 def _decode(value: Any) -> Any:
     if isinstance(value, dict):
-        return ArraySummary(int(value["array"]))
+        return ArraySummary(value["array"])
     if isinstance(value, list) and value and isinstance(value[0], list | dict):
         return [_decode(v) for v in value]
     return value
@@ -399,22 +400,55 @@ def shard_to_dict(parsed: ParsedShard, size_bytes: int) -> dict[str, Any]:
     }
 
 
+# What a cache entry may hold (tuner.records): the bounds of the parser above, so an entry it could not have written is
+# a miss, never a header it would have refused. A metadata value is a scalar, a decoded array of at most
+# MAX_DECODED_ARRAY scalars or strings, or a long array's length (``{"array": n}``); GGUF arrays do not nest.
+_SCALAR = (int, float, bool, str)
+_ARRAY_SUMMARY = rec.record(array=rec.integer(0, MAX_ARRAY))
+_CACHED_STRING = rec.string(MAX_STRING, control=True)
+
+
+def _cached_value(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return _ARRAY_SUMMARY(value, where)
+    if isinstance(value, list):
+        if len(value) > MAX_DECODED_ARRAY or not all(isinstance(v, _SCALAR) for v in value):
+            raise rec.RecordError(where, f"expected at most {MAX_DECODED_ARRAY} scalars")
+        return [_CACHED_STRING(v, where) if isinstance(v, str) else v for v in value]
+    if isinstance(value, str):
+        return _CACHED_STRING(value, where)
+    if not isinstance(value, _SCALAR):
+        raise rec.RecordError(where, "expected a GGUF value")
+    return value
+
+
+_DIM = rec.integer(0, _INT64_MAX)
+CACHED_SHARD = rec.record(
+    format=rec.integer(HEADER_CACHE_FORMAT, HEADER_CACHE_FORMAT), size=rec.integer(1, _INT64_MAX),
+    version=rec.integer(2, 3), data_offset=rec.integer(0, MAX_HEADER_BYTES),
+    metadata=rec.map_of(_cached_value, MAX_KV, key_chars=MAX_KEY_BYTES),
+    tensors=rec.seq_of(rec.tuple_of(rec.string(MAX_TENSOR_NAME, control=True), rec.seq_of(_DIM, _MAX_DIMS),
+                                    rec.integer(0, (1 << 32) - 1), _DIM), MAX_TENSORS))
+
+
 def shard_from_dict(data: Any, shard: int) -> tuple[ParsedShard, int] | None:
-    """A shard from :func:`shard_to_dict`'s data, or None when it is unreadable, of another format or past the
-    parser's bounds (a cache file is only as trustworthy as the folder it sits in)."""
+    """A shard from :func:`shard_to_dict`'s data, or None when it is of another format or fails
+    :data:`CACHED_SHARD` (a cache file is only as trustworthy as the folder it sits in: a bad entry is a miss)."""
     try:
-        if data.get("format") != HEADER_CACHE_FORMAT or len(data["tensors"]) > MAX_TENSORS \
-                or len(data["metadata"]) > MAX_KV or not 0 <= int(data["data_offset"]) <= MAX_HEADER_BYTES:
-            return None
+        data = rec.validate(CACHED_SHARD, data)
         tensors = []
         for name, shape, type_id, offset in data["tensors"]:
-            t = ggml_type(int(type_id))
-            tensors.append(TensorInfo(str(name), tuple(int(d) for d in shape), t, int(offset),
-                                      tensor_bytes(t, tuple(shape)), shard))
-        metadata = {str(k): _decode(v) for k, v in data["metadata"].items()}
-        return ParsedShard(int(data["version"]), metadata, tuple(tensors), int(data["data_offset"])), int(data["size"])
-    except (AttributeError, KeyError, TypeError, ValueError, TunerError):
+            t = ggml_type(type_id)
+            info = TensorInfo(name, shape, t, offset, tensor_bytes(t, shape), shard)
+            if info.n_elements > _INT64_MAX:
+                return None
+            tensors.append(info)
+        if len({t.name for t in tensors}) != len(tensors):
+            return None
+        metadata = {k: _decode(v) for k, v in data["metadata"].items()}
+    except (rec.RecordError, TunerError):
         return None
+    return ParsedShard(data["version"], metadata, tuple(tensors), data["data_offset"]), data["size"]
 
 
 def _local_cache_path(path: Path, stat: os.stat_result) -> Path:

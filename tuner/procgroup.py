@@ -18,6 +18,8 @@ compilers of a build and llama-server.
 
   A cgroup would also catch a process that leaves the group with ``setsid``; it needs a delegated cgroup v2
   subtree, which most desktops and containers do not give a user process, so tuner does not rely on one.
+* :func:`run_group` runs a tool to its end that way (llama-fit-params), keeping only the last bytes of its output
+  and stopping the whole group at a deadline or when tuner is interrupted.
 * :func:`stop_group` sends SIGTERM to the group, SIGKILL after a grace period, and SIGKILL to whatever is left of
   the group once the child has exited (a compiler may outlive ninja by a moment). A child that has already exited
   may have left processes in its group (a ``--server-bin`` that forks llama-server and exits): they are stopped the
@@ -35,10 +37,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,3 +206,62 @@ def stop_group(proc: subprocess.Popen[Any], grace_s: float = 10.0) -> int | None
     finally:
         _release_watchdog(proc.pid)
     return proc.returncode
+
+
+@dataclass(frozen=True)
+class GroupRun:
+    """What :func:`run_group` kept of a run: the exit code (None when it was stopped at the deadline), and the last
+    bytes of stdout and of stderr."""
+
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+
+
+def run_group(cmd: Sequence[str], *, timeout_s: float, max_output_bytes: int, **popen_kwargs: Any) -> GroupRun:
+    """Run ``cmd`` to its end in a process group of its own that dies with tuner (:func:`start_group`), keeping the
+    last ``max_output_bytes`` of its stdout and of its stderr (read as they come: a tool that floods its output
+    costs no more memory), and stop the whole group when ``timeout_s`` has passed or this process is interrupted.
+    ``OSError`` when ``cmd`` cannot be run."""
+    proc = start_group(cmd, die_with_parent=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, **popen_kwargs)
+    assert proc.stdout is not None and proc.stderr is not None
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    kept: dict[int, deque[bytes]] = {out_fd: deque(), err_fd: deque()}
+    sizes = {out_fd: 0, err_fd: 0}
+    deadline = time.monotonic() + timeout_s
+    timed_out = False
+    try:
+        with selectors.DefaultSelector() as sel:
+            for fd in kept:
+                sel.register(fd, selectors.EVENT_READ)
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    break
+                events = sel.select(timeout=min(left, 0.2))
+                if not events and proc.poll() is not None:  # exited; what holds its pipes open is left behind
+                    break
+                for key, _ in events:
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        continue
+                    chunks = kept[key.fd]
+                    chunks.append(chunk)
+                    sizes[key.fd] += len(chunk)
+                    while sizes[key.fd] - len(chunks[0]) >= max_output_bytes:
+                        sizes[key.fd] -= len(chunks.popleft())
+        if not timed_out:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:  # closed its output but runs on
+                timed_out = True
+    finally:
+        stop_group(proc, grace_s=1.0)  # interrupted or out of time: the whole group; done: what it left behind
+        proc.stdout.close()
+        proc.stderr.close()
+    out, err = (b"".join(kept[fd])[-max_output_bytes:] for fd in (out_fd, err_fd))
+    return GroupRun(None if timed_out else proc.returncode, out, err, timed_out)

@@ -67,6 +67,7 @@ import yaml
 
 from tuner import records as rec
 from tuner.corrections import (
+    POINT,
     Calibration,
     MemoryPoint,
     SpeedPoint,
@@ -377,24 +378,6 @@ ENTRY = rec.record(key=_or(PROFILE_KEY, {}), updated_at=_or(_WHEN, ""),
                    memory_observations=_or(rec.seq_of(OBSERVATION_SUMMARY, 10_000), ()))
 
 
-def _flags_text(value: Any, where: str) -> Any:
-    """A point's flags: one shell-quoted string (as written), or a list of arguments."""
-    if isinstance(value, str):
-        return rec.string(8192)(value, where)
-    return rec.seq_of(rec.string(4096), 1024)(value, where)
-
-
-_POINT_BYTES = rec.map_of(_BYTES, 16)
-# A calibration point (tuner.corrections' MemoryPoint and SpeedPoint, both kinds in one record): every field the
-# points' from_dict reads, checked here before it does.
-POINT = rec.record(
-    kind=rec.string(32), id=_or(rec.string(512), ""), build=_or(rec.string(128), ""), cuda=_or(rec.boolean(), False),
-    shape=_or(rec.string(512), ""), flags=_or(_flags_text, ""), source=_or(rec.string(64), ""),
-    observed_at=_or(_WHEN, ""), device=_or(_TEXT, ""), driver=_maybe(rec.string(128)),
-    n_ubatch=_or(rec.integer(0, 1 << 31), 0), predicted=_or(_POINT_BYTES, {}), reported=_or(_POINT_BYTES, {}),
-    process_bytes=_maybe(_BYTES), hardware=_or(_TEXT, ""), placement=_or(rec.string(64), ""),
-    depth=_or(rec.integer(0, 1 << 40), 0), tg_tok_s=_or(_TOK_S, 0.0), pp_tok_s=_or(_TOK_S, 0.0),
-    tg_predicted_tok_s=_or(_TOK_S, 0.0), pp_predicted_tok_s=_or(_TOK_S, 0.0), weights=_or(rec.string(64), "real"))
 STORE = rec.record(format=_or(rec.integer(0, 1 << 31), 1), entries=_or(rec.optional(rec.seq_of(ENTRY, 100_000)), ()),
                    calibration=_or(rec.optional(rec.seq_of(POINT, 4 * MAX_POINTS)), ()))
 # tuner serve's observation file, format 1 (tuner.serve's module doc): the fields the store reads.
@@ -836,11 +819,13 @@ def measured_hook(hardware: Hardware, build: Any | None, *, store: ProfileStore 
 
 
 def load_calibration(hardware: Hardware, build: Any | None, *, store: ProfileStore | None = None,
-                     shipped: Sequence[MemoryPoint | SpeedPoint] | None = None) -> Calibration:
+                     shipped: Sequence[MemoryPoint | SpeedPoint] | None = None,
+                     on_skip: Callable[[str], None] | None = None) -> Calibration:
     """The calibration points that apply on ``hardware`` with ``build`` (a :class:`tuner.build.LlamaBuild`, or None
     when there is no build yet: then the newest build's points): this machine's, of the same llama.cpp commit;
     then, for each device model (and the hardware's speed) without any, the shipped calibration files'
-    (``shipped``: default :func:`tuner.calibration_file.shipped_points`)."""
+    (``shipped``: default :func:`tuner.calibration_file.shipped_points`, which tells ``on_skip`` of a file it
+    could not read)."""
     from tuner.calibration_file import shipped_points
     from tuner.corrections import device_model
 
@@ -856,7 +841,7 @@ def load_calibration(hardware: Hardware, build: Any | None, *, store: ProfileSto
     speed = [p for p in local if isinstance(p, SpeedPoint) and p.hardware == label and key.same_commit(p.build)]
     missing = devices - {p.device for p in memory}
     if missing or not speed:
-        others = shipped_points() if shipped is None else shipped
+        others = shipped_points(on_skip=on_skip) if shipped is None else shipped
         memory += [p for p in others if isinstance(p, MemoryPoint) and p.device in missing]
         if not speed:
             speed = [p for p in others if isinstance(p, SpeedPoint) and p.hardware == label]

@@ -139,6 +139,17 @@ def seq_of(item: Check, max_items: int) -> Check:
     return check
 
 
+def tuple_of(*items: Check) -> Check:
+    """A list of exactly ``len(items)`` values, each as its own check accepts it, as a tuple (a table row)."""
+
+    def check(value: Any, where: str) -> tuple[Any, ...]:
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise _refuse(value, where, f"a list of {len(items)}")
+        return tuple(item(v, _at(where, i)) for i, (item, v) in enumerate(zip(items, value, strict=True)))
+
+    return check
+
+
 def map_of(value_check: Check, max_items: int, *, key_chars: int = 256) -> Check:
     """An object of at most ``max_items`` string keys, each value as ``value_check`` accepts it."""
     key_check = string(key_chars)
@@ -162,7 +173,7 @@ def json_value(max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS)
             v, at, depth = stack.pop()
             count += 1
             if count > max_items or depth > max_depth:
-                raise RecordError(where, f"more than {max_items} values or {max_depth} levels deep")
+                raise RecordError(at, f"more than {max_items} values or {max_depth} levels deep")
             if isinstance(v, Mapping):
                 for k, x in v.items():
                     if not isinstance(k, str):
@@ -234,16 +245,24 @@ def read_json_file(path: Path, max_bytes: int = MAX_JSON_FILE_BYTES) -> Any:
 
 
 def parse_json(data: bytes | str, max_bytes: int = MAX_JSON_FILE_BYTES) -> Any:
-    """JSON text or bytes of at most ``max_bytes``, parsed; :class:`RecordError` otherwise. Non-finite numbers
-    (``NaN``, ``Infinity``, which Python's parser accepts and JSON does not) are refused too."""
+    """JSON text or bytes of at most ``max_bytes``, parsed; :class:`RecordError` otherwise. Non-finite numbers are
+    refused too: ``NaN`` and ``Infinity``, which Python's parser accepts and JSON does not, and a number too large
+    for a double (``1e400``), which it reads as infinity. This is the one place tuner parses a JSON record, so no
+    reader downstream meets an infinity (``int(inf)`` raises OverflowError)."""
     if len(data) > max_bytes:
         raise RecordError("", f"larger than the limit of {max_bytes} bytes")
 
     def no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"the number {text[:40]} is out of range")
+        return value
+
     try:
-        return json.loads(data, parse_constant=no_constant)
+        return json.loads(data, parse_constant=no_constant, parse_float=finite)
     except UnicodeDecodeError:
         raise RecordError("", "not UTF-8 text") from None
     except RecursionError:

@@ -283,7 +283,6 @@ def _card(devices: Sequence[Gpu], endpoint: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ failures
 
-_ABORT_PREFIX = r"(?:\S*ggml-rpc\.cpp:\d+: )?"
 _FAILURES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ...] = (
     (re.compile(r"RPC not supported in this build"),
      lambda m, t: "this llama-server was built without RPC (GGML_RPC=ON), so it cannot use --rpc: run tuner's own "
@@ -292,15 +291,15 @@ _FAILURES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str], str], str]], ..
      lambda m, t: f"RPC worker {_handshake_endpoint(t)} runs RPC protocol {m.group('v')}, which this llama-server "
                   "does not speak (it takes its own major version, and a minor version no newer than its own): run "
                   "ggml-rpc-server from the same llama.cpp build as llama-server (`tuner worker` does)"),
-    (re.compile(_ABORT_PREFIX + r"Failed to connect to (?P<e>\S+)"),
+    (re.compile(r"Failed to connect to (?P<e>\S+)"),
      lambda m, t: f"RPC worker {m.group('e')} is unreachable: nothing accepted the connection (start `tuner worker` "
                   "there; check the address, the port and the firewall)"),
     (re.compile(r"Cannot resolve host '(?P<h>[^']*)'"),
      lambda m, t: f"RPC worker host {m.group('h')!r} does not resolve"),
-    (re.compile(_ABORT_PREFIX + r"RPC handshake failed for (?P<e>\S+)"),
+    (re.compile(r"RPC handshake failed for (?P<e>\S+)"),
      lambda m, t: f"RPC worker {m.group('e')} failed the handshake: run ggml-rpc-server from the same llama.cpp "
                   "build as llama-server (`tuner worker` does)"),
-    (re.compile(_ABORT_PREFIX + r"Failed to parse endpoint: (?P<e>\S+)"),
+    (re.compile(r"Failed to parse endpoint: (?P<e>\S+)"),
      lambda m, t: f"llama.cpp could not read the RPC endpoint {m.group('e')!r} (HOST:PORT)"),
     (re.compile(r"Remote RPC server crashed or returned malformed response"),
      lambda m, t: "an RPC worker stopped answering (it crashed or was stopped, or the network dropped)"

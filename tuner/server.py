@@ -3,7 +3,8 @@
 * The child is started in its own session (a terminal's Ctrl-C reaches tuner only, which then stops the child in
   order) and with ``PR_SET_PDEATHSIG`` (Linux), so it dies with tuner even when tuner is killed outright
   (:func:`tuner.procgroup.start_group`).
-* Its stdout and stderr go to a log file, which is what :mod:`tuner.serverlog` parses and what errors quote.
+* Its stdout and stderr go to a log file, which is what :mod:`tuner.serverlog` parses and what errors quote; it is
+  read incrementally and bounded (:mod:`tuner.growing_log`), never whole.
 * The HTTP server comes up before the model is loaded (tools/server/server.cpp:461-483) and answers 503 while
   loading (tools/server/server-http.cpp:307-326); a process that exits while we wait is reported with the tail of
   its log, not as a timeout.
@@ -43,6 +44,7 @@ import httpx
 
 from tuner.errors import TunerError
 from tuner.flags import FLAGS
+from tuner.growing_log import GrowingLog
 from tuner.llama_api import ANY_OBJECT, CHAT_COMPLETION, MAX_METRICS_BYTES, check_answer, parse_metrics, read_body
 from tuner.paths import cache_dir
 from tuner.procgroup import start_group, stop_group
@@ -202,8 +204,12 @@ def ready_timeout_s(default: float) -> float:
     return value
 
 
+LOG_LINE_CHARS = 2000  # a log line quoted or searched for a cause is cut here (errors show 300 characters)
+
+
 def log_tail(text: str, n_lines: int = 12) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()][-n_lines:]
+    """The last ``n_lines`` non-blank lines of ``text``, each cut to :data:`LOG_LINE_CHARS`."""
+    return [line[:LOG_LINE_CHARS] for line in text.splitlines() if line.strip()][-n_lines:]
 
 
 def error_summary(text: str) -> str:
@@ -258,6 +264,7 @@ class LlamaServer:
         self.port = port or free_port(host if host not in ("0.0.0.0", "::") else "127.0.0.1")
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path else _temp_log_path()
+        self._log = GrowingLog(self.log_path)
         self.env = dict(env or {})
         self.api_key = api_key
         self.proc: subprocess.Popen[bytes] | None = None
@@ -287,6 +294,7 @@ class LlamaServer:
         ensure_port_free(self.host, self.port)
         env = {**os.environ, **CHILD_ENV, **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = GrowingLog(self.log_path)
         with open(self.log_path, "wb") as log:
             try:
                 self.proc = start_group(self.command, die_with_parent=True, stdin=subprocess.DEVNULL, stdout=log,
@@ -332,10 +340,10 @@ class LlamaServer:
 
     # --- the log --------------------------------------------------------------------------------------------------
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
+        """The log so far, read incrementally and bounded (:class:`tuner.growing_log.GrowingLog`: its first and
+        last 4 MiB, a line saying how much lies between): a ``--server-bin`` that floods its log costs neither
+        memory nor time in proportion to what it wrote."""
+        return self._log.text()
 
     def log_tail(self, n_lines: int = 12) -> list[str]:
         return log_tail(self.log_text(), n_lines)
@@ -368,6 +376,7 @@ class LlamaServer:
         timeout_s = ready_timeout_s(timeout_s)
         deadline = time.monotonic() + timeout_s
         last_stage: str | None = None
+        seen_bytes = -1
         with httpx.Client(timeout=2.0) as client:
             while True:
                 if not self.running():
@@ -376,7 +385,8 @@ class LlamaServer:
                         client.stream("GET", f"{self.base_url}/health", headers=self._headers()) as r:
                     if r.status_code == 200:
                         return time.monotonic() - self.started_at
-                if on_progress:
+                if on_progress and self._log.grew_since(seen_bytes):  # has it reached another stage?
+                    seen_bytes = self._log.read_bytes
                     stage = load_stage(self.log_text())
                     if stage and stage != last_stage:
                         last_stage = stage

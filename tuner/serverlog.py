@@ -36,12 +36,12 @@ A context that reserves its graph again (the draft context does) replaces its co
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuner import records as rec
 from tuner.units import MiB
 
 CPU = "CPU"
@@ -50,22 +50,26 @@ VISION_CONTEXT = -2  # the context index of the projector's buffers (it is no ll
 # "%8.2f MiB" is exact to half a hundredth of a MiB.
 MIB_PRINT_ROUNDING_BYTES = -(-MiB // 200)
 
-_SIZE = r"(?P<mib>\d+(?:\.\d+)?) MiB"
+# Figures of at most 15 digits (a double holds them exactly): a longer one matches nothing, so no line of a hostile
+# log becomes an infinity or an integer Python refuses to parse.
+_SIZE = r"(?P<mib>\d{1,15}(?:\.\d{1,15})?) MiB"
 _BUFFER_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("weights", re.compile(rf"load_tensors:\s+(?P<buf>\S+) model buffer size\s*=\s*{_SIZE}")),
     ("kv", re.compile(rf"llama_kv_cache:\s+(?P<buf>\S+) KV buffer size\s*=\s*{_SIZE}")),
     ("recurrent", re.compile(rf"llama_memory_recurrent:\s+(?P<buf>\S+) RS buffer size\s*=\s*{_SIZE}")),
     ("compute", re.compile(rf"sched_reserve:\s+(?P<buf>\S+) compute buffer size\s*=\s*{_SIZE}")),
-    ("output", re.compile(rf"(?P<buf>\S+)\s+output buffer size\s*=\s*{_SIZE}")),
+    # after the "llama_context:" of llama-context.cpp:381; a pattern that opens with \S+ would retry it at every
+    # character of a long line (quadratic time on a hostile log)
+    ("output", re.compile(rf":\s+(?P<buf>\S+)\s+output buffer size\s*=\s*{_SIZE}")),
 )
 _KV_SIZE_RE = re.compile(
-    rf"llama_kv_cache: size =\s*{_SIZE} \(\s*(?P<cells>\d+) cells,\s*(?P<layers>\d+) layers,\s*(?P<seqs>\d+)/"
+    rf"llama_kv_cache: size =\s*{_SIZE} \(\s*(?P<cells>\d{1,15}) cells,\s*(?P<layers>\d{1,15}) layers,\s*(?P<seqs>\d+)/"
     rf"(?P<streams>\d+) seqs\), K \((?P<tk>\w+)\):\s*(?P<k>[\d.]+) MiB, V \((?P<tv>\w+)\):\s*(?P<v>[\d.]+) MiB")
 _RS_SIZE_RE = re.compile(
-    rf"llama_memory_recurrent: size =\s*{_SIZE} \(\s*(?P<cells>\d+) cells,\s*(?P<layers>\d+) layers,\s*"
+    rf"llama_memory_recurrent: size =\s*{_SIZE} \(\s*(?P<cells>\d{1,15}) cells,\s*(?P<layers>\d+) layers,\s*"
     rf"(?P<seqs>\d+) seqs\s+(?P<rs_seq>\d+) rs_seq\)")
 _CTX_PARAM_RE = re.compile(r"llama_context: (?P<key>n_seq_max|n_ctx|n_ctx_seq|n_batch|n_ubatch|flash_attn|kv_unified"
-                           r"|n_rs_seq|n_outputs_max)\s+= (?P<value>\S+)")
+                           r"|n_rs_seq|n_outputs_max)\s+= (?P<value>\S{1,15})(?!\S)")
 _CTX_START_RE = re.compile(r"llama_context: constructing llama_context")
 _CLIP_BACKEND_RE = re.compile(r"clip_ctx: CLIP using (?P<buf>\S+) backend")
 _CLIP_WEIGHTS_RE = re.compile(rf"load_hparams: model size:\s*{_SIZE}")
@@ -202,19 +206,32 @@ def mib_text_to_bytes(text: str) -> int:
     return round(float(text) * MiB)
 
 
+# A --log-jsonl line is a message of a few hundred bytes, or the memory breakdown of a few kB per device
+# (common/fit.cpp:1082): a longer or deeper line is no record of llama-server's, and is read as plain text.
+MAX_JSON_LINE_CHARS = 1 << 20
+MAX_JSON_LINE_DEPTH = 16
+_JSON_LINE = rec.json_value(MAX_JSON_LINE_DEPTH, 100_000)
+
+
+def _json_record(stripped: str) -> dict[str, Any] | None:
+    """A ``--log-jsonl`` line as its object, parsed bounded in size and depth (tuner.records); None when it is not
+    a JSON object within those bounds."""
+    if not (stripped.startswith("{") and stripped.endswith("}")):
+        return None
+    try:
+        obj = rec.validate(_JSON_LINE, rec.parse_json(stripped, MAX_JSON_LINE_CHARS))
+    except rec.RecordError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def log_messages(text: str) -> Iterable[str]:
     """The message lines of a log: plain text lines as they are, ``--log-jsonl`` objects by their ``msg``."""
     for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("{") and stripped.endswith("}"):
-            try:
-                obj = json.loads(stripped)
-            except ValueError:
-                yield line
-                continue
-            if isinstance(obj, dict) and "msg" in obj:
-                yield from str(obj["msg"]).splitlines()
-                continue
+        obj = _json_record(line.strip())
+        if obj is not None and isinstance(obj.get("msg"), str):
+            yield from obj["msg"].splitlines()
+            continue
         yield line
 
 
@@ -222,13 +239,10 @@ def _last_breakdown(text: str) -> dict[str, Any] | None:
     found: dict[str, Any] | None = None
     for line in text.splitlines():
         stripped = line.strip()
-        if '"fit_memory_breakdown"' not in stripped or not stripped.startswith("{"):
+        if '"fit_memory_breakdown"' not in stripped:
             continue
-        try:
-            obj = json.loads(stripped)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and obj.get("type") == "fit_memory_breakdown":
+        obj = _json_record(stripped)
+        if obj is not None and obj.get("type") == "fit_memory_breakdown":
             data = obj.get("data")
             found = data if isinstance(data, dict) else obj
     return found
@@ -249,11 +263,12 @@ def _is_reservation(b: ReportedBuffer) -> bool:
 
 
 def _ctx_value(key: str, value: str) -> Any:
+    """A context parameter as printed; None for a count that is not a number (then the line counts for nothing)."""
     if key == "flash_attn":
         return value
     if key == "kv_unified":
         return value == "true"
-    return int(value)
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def parse_load_log(text: str) -> ReportedMemory:
@@ -289,11 +304,13 @@ def parse_load_log(text: str) -> ReportedMemory:
             continue
         m = _CTX_PARAM_RE.search(msg)
         if m:
-            key = m.group("key")
+            key, value = m.group("key"), _ctx_value(m.group("key"), m.group("value"))
+            if value is None:
+                continue
             # a context's parameter block starts with n_seq_max; a repeat without "constructing" is a new context
             if current < 0 or (key == "n_seq_max" and "n_seq" in ctx()):
                 start_context()
-            ctx()["n_seq" if key == "n_seq_max" else key] = _ctx_value(key, m.group("value"))
+            ctx()["n_seq" if key == "n_seq_max" else key] = value
             continue
         m = _KV_SIZE_RE.search(msg)
         if m:

@@ -92,8 +92,8 @@ def _mib(n: int | None) -> str:
 def render_calibration(console: Console, result: dict[str, Any]) -> None:
     run = result.get("run")
     if run:
-        console.print(f"[bold]{text(run['model'])}[/bold] {text(run['quant'])} (shape {run['shape']}) on "
-                      f"{text(run['hardware'])}, llama.cpp {run['build']['commit'][:12]}"
+        console.print(f"[bold]{text(run['model'])}[/bold] {text(run['quant'])} (shape {text(run['shape'])}) on "
+                      f"{text(run['hardware'])}, llama.cpp {text(run['build']['commit'][:12])}"
                       f"{' CUDA' if run['build']['cuda'] else ''}: {len(run['rungs'])} launches in "
                       f"{run['seconds']:.0f} s; sparse twin {fmt_bytes(run['twin']['file_bytes'])} "
                       f"({fmt_bytes(run['twin']['disk_bytes'])} on disk, deleted)")
@@ -111,7 +111,7 @@ def render_calibration(console: Console, result: dict[str, Any]) -> None:
             for dev, rep in (r["reported"].get("compute") or {}).items():
                 pred = (r["predicted"].get("compute") or {}).get(dev, 0)
                 proc = (r["uncounted_bytes"] or {}).get(dev)
-                table.add_row(r["name"], dev, _mib(pred), _mib(rep), f"{rep / pred:.3f}" if pred else "-",
+                table.add_row(r["name"], text(dev), _mib(pred), _mib(rep), f"{rep / pred:.3f}" if pred else "-",
                               _mib(proc))
             for s in r["speed"]:
                 speed.add_row(r["name"], str(s["depth"]), f"{s['tg_tok_s']:.1f} ({s['tg_predicted_tok_s']:.1f})",
@@ -124,7 +124,7 @@ def render_calibration(console: Console, result: dict[str, Any]) -> None:
             console.print(f"[yellow]note:[/yellow] {text(line)}")
     cal = result.get("calibration") or {}
     for dev, c in (cal.get("devices") or {}).items():
-        console.print(f"{dev}: compute ×{c['compute_scale']} ({c['scope']}, {c['compute_runs']} runs)"
+        console.print(f"{text(dev)}: compute ×{c['compute_scale']} ({c['scope']}, {c['compute_runs']} runs)"
                       + (f", {fmt_bytes(c['uncounted_bytes'])} uncounted" if c.get("uncounted_bytes") else ""))
     if cal.get("speed"):
         s = cal["speed"]

@@ -57,9 +57,10 @@ def recommend_hook(hardware: Hardware, server_bin: str | None = None) -> Any:
 
 def calibration_for(hardware: Hardware, server_bin: str | None = None) -> Calibration | None:
     """The calibration that applies on ``hardware`` with the build that would run (this machine's points, else the
-    shipped files'); None when there is none or the profile cannot be read."""
+    shipped files'); None when there is none or the profile cannot be read. A calibration file that does not read
+    is one warning line naming it, and planning goes on without it."""
     try:
-        return load_calibration(hardware, current_build(server_bin)) or None
+        return load_calibration(hardware, current_build(server_bin), on_skip=warn) or None
     except TunerError:
         return None
 
