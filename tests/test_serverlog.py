@@ -46,3 +46,21 @@ def test_figures_no_double_or_python_int_holds_are_not_read() -> None:
     assert reported.n_ctx == 4096 and reported.n_ctx_seq is None
     assert reported.total("weights") == round(62.81 * MiB)
     assert all(c.kv_cells is None for c in reported.contexts)
+
+
+def test_the_kv_and_recurrent_summary_lines_are_read() -> None:
+    """The "size = …" summaries llama.cpp prints per context (llama-kv-cache.cpp, llama-memory-recurrent.cpp) are
+    read with their cell and layer counts (their patterns are f-strings: a repeat count must be doubled braces)."""
+    log = "\n".join([
+        "llama_context: constructing llama_context",
+        "llama_context: n_seq_max     = 1",
+        "llama_context: n_ctx         = 4096",
+        "llama_kv_cache: size =  384.00 MiB (  4096 cells,  10 layers,  1/1 seqs), K (f16):  192.00 MiB, "
+        "V (f16):  192.00 MiB",
+        "llama_memory_recurrent: size =   62.81 MiB (     1 cells,  40 layers,  1 seqs   0 rs_seq)",
+    ])
+    ctx = parse_load_log(log).contexts[0]
+    assert ctx.kv_size_bytes == 384 * MiB
+    assert ctx.kv_cells == 4096
+    assert ctx.recurrent_size_bytes == round(62.81 * MiB)
+    assert ctx.kv_layers == 10

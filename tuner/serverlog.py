@@ -63,10 +63,11 @@ _BUFFER_LINES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("output", re.compile(rf":\s+(?P<buf>\S+)\s+output buffer size\s*=\s*{_SIZE}")),
 )
 _KV_SIZE_RE = re.compile(
-    rf"llama_kv_cache: size =\s*{_SIZE} \(\s*(?P<cells>\d{1,15}) cells,\s*(?P<layers>\d{1,15}) layers,\s*(?P<seqs>\d+)/"
+    rf"llama_kv_cache: size =\s*{_SIZE} \(\s*(?P<cells>\d{{1,15}}) cells,\s*(?P<layers>\d{{1,15}}) layers,\s*"
+    rf"(?P<seqs>\d+)/"
     rf"(?P<streams>\d+) seqs\), K \((?P<tk>\w+)\):\s*(?P<k>[\d.]+) MiB, V \((?P<tv>\w+)\):\s*(?P<v>[\d.]+) MiB")
 _RS_SIZE_RE = re.compile(
-    rf"llama_memory_recurrent: size =\s*{_SIZE} \(\s*(?P<cells>\d{1,15}) cells,\s*(?P<layers>\d+) layers,\s*"
+    rf"llama_memory_recurrent: size =\s*{_SIZE} \(\s*(?P<cells>\d{{1,15}}) cells,\s*(?P<layers>\d+) layers,\s*"
     rf"(?P<seqs>\d+) seqs\s+(?P<rs_seq>\d+) rs_seq\)")
 _CTX_PARAM_RE = re.compile(r"llama_context: (?P<key>n_seq_max|n_ctx|n_ctx_seq|n_batch|n_ubatch|flash_attn|kv_unified"
                            r"|n_rs_seq|n_outputs_max)\s+= (?P<value>\S{1,15})(?!\S)")
