@@ -50,14 +50,21 @@ def bytes_cell(n_bytes: int) -> str:
     return fmt_bytes(n_bytes) if n_bytes else "-"
 
 
-def memory_table(memory: dict[str, Any], title: str = "Memory estimate") -> Table:
-    """The per-device breakdown of an estimate's ``memory`` object (see MemoryEstimate.to_dict)."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("device")
+def memory_table(memory: dict[str, Any], title: str = "Memory estimate", *, narrow: bool = False) -> Table:
+    """The per-device breakdown of an estimate's ``memory`` object (see MemoryEstimate.to_dict); ``narrow``: in
+    about 75 columns (short headers, no box; numbers never wrap, the device names do)."""
+    if narrow:
+        table = Table(title=title, title_justify="left", box=None, padding=(0, 1), show_edge=False,
+                      header_style="bold")
+        table.add_column("device", overflow="fold")
+    else:
+        table = Table(title=title, title_justify="left")
+        table.add_column("device")
     vision = any(dev.get("vision_bytes") for dev in memory["devices"])  # a column only when a projector is loaded
     pad = [""] if vision else []
-    for col in ("weights", "KV cache", "recurrent", "compute", "output", *(["vision"] if vision else []), "total"):
-        table.add_column(col, justify="right")
+    columns = ("weights", "KV", "state") if narrow else ("weights", "KV cache", "recurrent")
+    for col in (*columns, "compute", "output", *(["vision"] if vision else []), "total"):
+        table.add_column(col, justify="right", no_wrap=narrow)
     for dev in memory["devices"]:
         table.add_row(text(dev["name"]), bytes_cell(dev["weights_bytes"]), bytes_cell(dev["kv_bytes"]),
                       bytes_cell(dev["recurrent_bytes"]), bytes_cell(dev["compute_bytes"]),
@@ -65,11 +72,12 @@ def memory_table(memory: dict[str, Any], title: str = "Memory estimate") -> Tabl
                       fmt_bytes(dev["total_bytes"]))
     host = memory.get("host", {})
     if host.get("checkpoints_bytes"):
-        table.add_row("CPU ctx checkpoints", "", "", bytes_cell(host["checkpoints_bytes"]), "", "", *pad,
-                      fmt_bytes(host["checkpoints_bytes"]), style="dim")
-    if host.get("prompt_cache_bytes"):
-        table.add_row("CPU prompt cache (max)", "", "", "", "", "", *pad, fmt_bytes(host["prompt_cache_bytes"]),
+        table.add_row("CPU checkpoints" if narrow else "CPU ctx checkpoints", "", "",
+                      bytes_cell(host["checkpoints_bytes"]), "", "", *pad, fmt_bytes(host["checkpoints_bytes"]),
                       style="dim")
+    if host.get("prompt_cache_bytes"):
+        table.add_row("CPU prompt cache" if narrow else "CPU prompt cache (max)", "", "", "", "", "", *pad,
+                      fmt_bytes(host["prompt_cache_bytes"]), style="dim")
     return table
 
 

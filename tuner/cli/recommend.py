@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuner.cli import _options as o
-from tuner.cli._output import bytes_cell, emit, memory_table, render_health, text
+from tuner.cli._output import emit, memory_table, render_health, text
 from tuner.cli.hardware import hardware_dict, network_line, render_hardware
 from tuner.cli.profile import calibration_for, recommend_hook
 from tuner.hardware import HostSpec, hardware_for
@@ -136,30 +136,6 @@ def _hardware_narrow(console: Console, hw: dict[str, Any]) -> None:
         console.print(_bullets("note:", hw["notes"], style="yellow"))
 
 
-def _memory_narrow(memory: dict[str, Any]) -> Table:
-    """The memory breakdown in about 75 columns: numbers never wrap, the device names do."""
-    table = Table(title="Memory (estimate)", title_justify="left", box=None, padding=(0, 1), show_edge=False,
-                  header_style="bold")
-    table.add_column("device", overflow="fold")
-    vision = any(dev.get("vision_bytes") for dev in memory["devices"])  # the projector's column, when loaded
-    pad = [""] if vision else []
-    for col in ("weights", "KV", "state", "compute", "output", *(["vision"] if vision else []), "total"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for dev in memory["devices"]:
-        table.add_row(text(dev["name"]), bytes_cell(dev["weights_bytes"]), bytes_cell(dev["kv_bytes"]),
-                      bytes_cell(dev["recurrent_bytes"]), bytes_cell(dev["compute_bytes"]),
-                      bytes_cell(dev["output_bytes"]), *([bytes_cell(dev.get("vision_bytes", 0))] if vision else []),
-                      fmt_bytes(dev["total_bytes"]))
-    host = memory.get("host", {})
-    if host.get("checkpoints_bytes"):
-        table.add_row("CPU checkpoints", "", "", bytes_cell(host["checkpoints_bytes"]), "", "", *pad,
-                      fmt_bytes(host["checkpoints_bytes"]), style="dim")
-    if host.get("prompt_cache_bytes"):
-        table.add_row("CPU prompt cache", "", "", "", "", "", *pad, fmt_bytes(host["prompt_cache_bytes"]),
-                      style="dim")
-    return table
-
-
 _SPILLED_BLOCKS_RE = re.compile(r"^blk\\\.\(([0-9|]+)\)\\\.ffn_")
 
 
@@ -258,8 +234,7 @@ def render_recommendation(console: Console, result: dict[str, Any]) -> None:
     console.print(_bullets("  •", result["reasons"]))
 
     console.print()
-    console.print(_memory_narrow(result["memory"]) if narrow else memory_table(result["memory"],
-                                                                                title="Memory (estimate)"))
+    console.print(memory_table(result["memory"], title="Memory (estimate)", narrow=narrow))
     devices = {d["name"]: d for d in result["memory"]["devices"]}
     left = result["headroom_bytes"]
     slots = {d["name"]: d for d in result.get("placement") or []}
