@@ -171,6 +171,27 @@ def test_tune_config_args_and_labels() -> None:
     assert other.args()[-6:] == ("--fit", "off", "--threads", "1", "--load-mode", "none")
 
 
+def test_a_tune_trial_that_drafts_keeps_the_servers_acceptance_counts_in_the_result() -> None:
+    from tuner.bench.tune import measured_trial
+
+    def timing(drafted: int | None, accepted: int | None) -> b.RequestTiming:
+        return b.RequestTiming(32, 0, 10.0, 6, 50.0, 3200.0, 120.0, drafted, accepted)
+
+    base = b.TuneConfig(ServerFlags(ctx_size=2048, parallel=1))
+    mtp = replace(base, flags=base.flags.with_(spec_type="draft-mtp"))
+    # the verdict round: two repeats at the tuning depth (1000), one at depth 0 that the trial's figures leave out
+    samples = [b.Sample(0, "mtp", 1000, 0, 300.0, 12.0, 32, 1000, 6, requests=(timing(10, 7),), round=3),
+               b.Sample(1, "mtp", 1000, 1, 320.0, 14.0, 32, 1000, 6, requests=(timing(6, 2),), round=3),
+               b.Sample(2, "mtp", 0, 0, 400.0, 20.0, 32, 0, 6, requests=(timing(50, 50),), round=3)]
+    trial = measured_trial("mtp", mtp, 3, "verdict", samples, "both")
+    assert (trial.n_samples, trial.tg_tok_s, trial.pp_tok_s) == (2, 13.0, 310.0)
+    d = json.loads(json.dumps(trial.to_dict()))
+    assert d["draft_acceptance"] == {"drafted": 16, "accepted": 9, "rate": round(9 / 16, 4)}
+    plain = [b.Sample(0, "plan", 1000, 0, 300.0, 12.0, 32, 1000, 6, round=3)]
+    assert measured_trial("plan", base, 3, "mtp", plain, "both").to_dict()["draft_acceptance"] is None
+    assert b.Trial("ub2048", base, 1, "ubatch", False, "RAM").to_dict()["draft_acceptance"] is None
+
+
 # --------------------------------------------------------------------------------------------- prompts and stats
 
 
@@ -474,6 +495,11 @@ def test_tune_searches_far_fewer_launches_than_the_grid_and_never_launches_what_
             assert fits(estimate_memory(layout, t.config.flags), budget)
     assert len(res.launches) < res.grid_size / 4
     assert dict(res.dimensions)["mtp"] == (None, "draft-mtp")
+    # every measured trial that drafts keeps the server's acceptance counts; the others have none
+    drafting = [t.to_dict() for t in res.trials if t.fits and t.config.flags.spec_type == "draft-mtp"]
+    assert drafting and all(t["draft_acceptance"]["drafted"] > 0 for t in drafting)
+    assert all(t.to_dict()["draft_acceptance"] is None for t in res.trials
+               if t.config.flags.spec_type is None or not t.fits)
     names = [la.name for la in res.launches]
     assert len(names) == len(set(names)), "each configuration launched once: the incumbent and plan stay up"
     depth = 2048 - cfg.room()

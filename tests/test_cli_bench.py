@@ -3,6 +3,7 @@ and ``tuner recommend`` showing the measured figure."""
 
 from __future__ import annotations
 
+import io
 import json
 import shlex
 import struct
@@ -178,3 +179,34 @@ def test_without_matplotlib_bench_says_in_one_line_how_to_get_the_chart() -> Non
     (line,) = [t for t in text.splitlines() if t.startswith("chart:")]
     assert line == "chart:   not drawn: the chart needs matplotlib: pip install 'tuner[plot]'"
     assert "results: /r/x.json" in text
+
+
+def _trial_rows(tune: dict[str, Any]) -> dict[str, list[str]]:
+    """The ``--tune`` trials table as rendered: configuration → its cells."""
+    from rich.console import Console
+
+    from tuner.cli.bench import render_bench
+
+    row = {"name": "plan", "flags": ["-c", "1024"], "by_depth": [
+        {"depth": 0, "pp_tok_s": {"median": 10.0, "min": 9.0, "max": 11.0, "n": 1},
+         "tg_tok_s": {"median": 2.0, "min": 1.5, "max": 2.5, "n": 1}}]}
+    console = Console(record=True, width=200, file=io.StringIO())
+    render_bench(console, {"results": [row], "saved_to": "/r/x.json", "plot": None, "notes": [], "verdict": {},
+                           "plot_problem": "none", "tune": tune})
+    text = console.export_text()
+    table = text[text.index("--tune at depth"):].splitlines()
+    cells = [[c.strip() for c in line.strip()[1:-1].split(line[0])] for line in table if line.startswith(("│", "┃"))]
+    return {c[2]: c for c in cells}
+
+
+def test_the_tune_report_shows_the_acceptance_rate_of_the_trials_that_drafted() -> None:
+    trial = {"round": 0, "dimension": "mtp", "fits": True, "reason": "", "dropped_after": None, "pp_tok_s": 10.0,
+             "tg_tok_s": 2.0, "n_samples": 2}
+    rows = _trial_rows({"depth": 988, "launches": 3, "grid_size": 2, "trials": [
+        {**trial, "name": "plan", "draft_acceptance": None},
+        {**trial, "name": "mtp", "draft_acceptance": {"drafted": 16, "accepted": 9, "rate": 0.5625}}]})
+    assert rows["configuration"][-1] == "draft accepted"
+    assert rows["mtp"][-1] == "56.2% (9/16)" and rows["plan"][-1] == "-"
+    # a results file written before trials kept the counts: no column
+    old = _trial_rows({"depth": 988, "launches": 2, "grid_size": 2, "trials": [{**trial, "name": "plan"}]})
+    assert old["configuration"][-1] == "note" and len(old["plan"]) == 7

@@ -39,7 +39,7 @@ from tuner.bench.memory import decide_together, default_budget, estimate_for, fi
 from tuner.bench.prompts import PromptSource
 from tuner.bench.run import rotated
 from tuner.bench.servers import Launch, ProgressFn, ServerPool
-from tuner.bench.stats import OBJECTIVES, SetResult, comparison, score_of, summarize
+from tuner.bench.stats import OBJECTIVES, DraftStats, SetResult, comparison, score_of, summarize
 from tuner.errors import TunerError
 from tuner.estimate import MemoryEstimate
 from tuner.flags import FLAGS, SPEC_MTP, Occurrence, ServerFlags, scan
@@ -193,12 +193,27 @@ class Trial:
     tg_tok_s: float = 0.0
     n_samples: int = 0
     dropped_after: int | None = None  # successive halving: dropped after this many repeats
+    draft: DraftStats | None = None  # tokens drafted and accepted over the same samples; None: it did not draft
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "args": list(self.config.args()), "round": self.round,
                 "dimension": self.dimension, "fits": self.fits, "reason": self.reason, "score": self.score,
                 "pp_tok_s": self.pp_tok_s, "tg_tok_s": self.tg_tok_s, "n_samples": self.n_samples,
-                "dropped_after": self.dropped_after}
+                "dropped_after": self.dropped_after,
+                "draft_acceptance": self.draft.to_dict() if self.draft is not None else None}
+
+
+def measured_trial(name: str, config: TuneConfig, round_no: int, dimension: str, samples: Sequence[Sample],
+                   objective: str, dropped_after: int | None = None) -> Trial:
+    """The trial of ``config`` from its samples of one round: medians, score and the server's draft counts
+    (:class:`~tuner.bench.stats.DraftStats`), all over the deepest depth measured (the verdict round measures
+    shallower depths too)."""
+    deepest = max((s.depth for s in samples), default=0)
+    mine = [s for s in samples if s.depth == deepest]
+    return Trial(name, config, round_no, dimension, True, "", round(score_of(mine, objective), 3),
+                 round(statistics.median(s.pp_tok_s for s in mine), 3) if mine else 0.0,
+                 round(statistics.median(s.tg_tok_s for s in mine), 3) if mine else 0.0,
+                 len(mine), dropped_after, DraftStats.of(mine))
 
 
 @dataclass(frozen=True)
@@ -491,14 +506,9 @@ class _Search:
                          self.objective)
 
     def trial(self, c: TuneConfig, dim: str, dropped_after: int | None = None) -> Trial:
-        name = self.name(c)
-        mine = [s for s in self.samples if s.set_name == name and s.round == self.round_no - 1]
-        deepest = max((s.depth for s in mine), default=0)  # the verdict round measures shallower depths too
-        mine = [s for s in mine if s.depth == deepest]
-        return Trial(name, c, self.round_no - 1, dim, True, "", round(score_of(mine, self.objective), 3),
-                     round(statistics.median(s.pp_tok_s for s in mine), 3) if mine else 0.0,
-                     round(statistics.median(s.tg_tok_s for s in mine), 3) if mine else 0.0,
-                     len(mine), dropped_after)
+        name, rn = self.name(c), self.round_no - 1
+        mine = [s for s in self.samples if s.set_name == name and s.round == rn]
+        return measured_trial(name, c, rn, dim, mine, self.objective, dropped_after)
 
     def result(self, name: str, launches: Sequence[Launch], round_no: int) -> SetResult:
         c = self._configs.get(name)

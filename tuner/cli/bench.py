@@ -96,6 +96,11 @@ def _ratio_cell(r: dict[str, Any] | None) -> str:
     return f"×{r['ratio']:.2f} ({p['min']:.2f}–{p['max']:.2f}, {r['wins']}/{r['n']})"
 
 
+def _draft_cell(a: dict[str, Any] | None) -> str:
+    """A ``draft_acceptance`` entry as ``rate (accepted/drafted)``; ``-`` when nothing was drafted."""
+    return f"{a['rate']:.1%} ({a['accepted']}/{a['drafted']})" if a and a["rate"] is not None else "-"
+
+
 def render_comparison(console: Console, comp: dict[str, Any]) -> None:
     """One set against another at every depth: ratio of medians, the paired runs' min–max and wins, predicted."""
     table = Table(title=f"{comp['set']} vs {comp['reference']}: ratio of medians (paired runs min–max, "
@@ -134,9 +139,7 @@ def render_bench(console: Console, result: dict[str, Any]) -> None:
             if conc:
                 row.append(f"{d['per_request_pp_tok_s']['median']:,.1f} / {d['per_request_tg_tok_s']['median']:,.1f}")
             if drafts:
-                a = d.get("draft_acceptance")
-                row.append(f"{a['rate']:.1%} ({a['accepted']}/{a['drafted']})" if a and a["rate"] is not None
-                           else "-")
+                row.append(_draft_cell(d.get("draft_acceptance")))
             table.add_row(*row)
     console.print(table)
     console.print(bar_table(series_from_results(result["results"])))
@@ -147,13 +150,19 @@ def render_bench(console: Console, result: dict[str, Any]) -> None:
     if tune:
         trials = Table(title=f"--tune at depth {tune['depth']}: {tune['launches']} launches for a grid of "
                              f"{tune['grid_size']}", title_justify="left")
+        trial_drafts = any(t.get("draft_acceptance") for t in tune["trials"])
         for col in ("round", "dimension", "configuration", "pp tok/s", "tg tok/s", "n", "note"):
             trials.add_column(col, justify="right" if col in ("round", "pp tok/s", "tg tok/s", "n") else "left")
+        if trial_drafts:  # the MTP trials: the server's own count of drafted and accepted tokens
+            trials.add_column("draft accepted", justify="right")
         for t in tune["trials"]:
             note = t["reason"] if not t["fits"] else (f"dropped after {t['dropped_after']}" if t["dropped_after"]
                                                       else "")
-            trials.add_row(str(t["round"]), text(t["dimension"]), text(t["name"]), f"{t['pp_tok_s']:,.1f}",
-                           f"{t['tg_tok_s']:,.1f}", str(t["n_samples"]), text(note))
+            cells = [str(t["round"]), text(t["dimension"]), text(t["name"]), f"{t['pp_tok_s']:,.1f}",
+                     f"{t['tg_tok_s']:,.1f}", str(t["n_samples"]), text(note)]
+            if trial_drafts:
+                cells.append(_draft_cell(t.get("draft_acceptance")))
+            trials.add_row(*cells)
         console.print(trials)
     verdict = result.get("verdict") or {}
     if "ratio_to_defaults" in verdict:
