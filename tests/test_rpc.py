@@ -29,10 +29,10 @@ from tuner.hardware import (
     rpc_endpoints,
     with_remote_devices,
 )
-from tuner.models import local_layout
+from tuner.models import local_layout, resolve_candidates
 from tuner.network import SET_OVERHEAD_BYTES, moe_spill_transfers, rpc_traffic
-from tuner.placement import NO_PIPELINE_RULE
-from tuner.planner import Wishes, estimate_on, headroom_bytes, plan_for
+from tuner.placement import NO_PIPELINE_RULE, Placement, Placer, devices_of
+from tuner.planner import DEFAULT_VRAM_BUFFER_BYTES, Wishes, estimate_on, headroom_bytes, plan_for
 from tuner.rpc import (
     HEAD,
     describe_remote_devices,
@@ -413,6 +413,46 @@ def test_the_397b_on_four_hosts_of_two_3090s_is_planned_with_the_network_in_its_
     faster = json.loads(capsys.readouterr().out)
     assert faster["predicted"]["network"]["tg_ms_per_token"] < net["tg_ms_per_token"]
     assert faster["predicted"]["tg_tok_s"] > result["predicted"]["tg_tok_s"]
+
+
+def test_spills_go_to_this_machines_gpus_before_the_workers_when_that_costs_no_context_or_spill() -> None:
+    """A spilled layer on a worker costs network time per token (the experts' input goes back to it), one on a local
+    GPU none: among the placements with the fewest expert tensors in RAM and the most room for context, the search
+    takes the one with the fewest on workers. The 397B at Q4_K_M and 32768 tokens on four 2 x RTX 3090 hosts has such
+    a choice (found by comparing the search with and without the tie-break)."""
+    hw = _cluster()
+    devices = devices_of(hw)
+    budgets = [g.vram_free_bytes - DEFAULT_VRAM_BUFFER_BYTES for g in hw.gpus]
+    layout = resolve_candidates("qwen3.5-397b-a17b:Q4_K_M")[0].layout
+    local_first, plain = Placer(devices, budgets), Placer(devices, budgets, local_spills_first=False)
+
+    def flags_at(ctx: int) -> ServerFlags:
+        return ServerFlags(rpc=rpc_endpoints(hw.gpus), ctx_size=ctx, parallel=1, batch_size=2048, ubatch_size=512,
+                           flash_attn="on")
+
+    def on_workers(p: Placement) -> int:
+        return sum(len(ts) for ts, d in zip(p.spilled, devices, strict=True) if d.remote)
+
+    got, before = local_first.place(layout, flags_at(32768)), plain.place(layout, flags_at(32768))
+    assert got is not None and before is not None
+    assert got.n_spilled == before.n_spilled > 0, "the same number of expert tensors in RAM"
+    assert got.secondary == before.secondary, "the same room for context on the tightest device"
+    assert on_workers(got) < on_workers(before), (got.counts, before.counts)
+    assert got.n_spilled - on_workers(got) > before.n_spilled - on_workers(before), "the rest on this machine's GPUs"
+    assert all(got.estimate.device(d.name).total_bytes <= b for d, b in zip(devices, budgets, strict=True))
+    assert local_first.place(layout, flags_at(32768), max_spills=got.n_spilled - 1, allow_partial=False) is None
+    net_got, net_before = predict_on(layout, got.flags, hw).network, predict_on(layout, before.flags, hw).network
+    assert net_got is not None and net_before is not None and net_got.tg_s < net_before.tg_s
+
+    def largest_ctx(placer: Placer) -> int:  # with no more expert tensors in RAM, in steps of 256
+        lo, hi = 32768 // 256, 262144 // 256 + 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            fits = placer.place(layout, flags_at(mid * 256), max_spills=got.n_spilled, allow_partial=False)
+            lo, hi = (mid, hi) if fits is not None else (lo, mid)
+        return lo * 256
+
+    assert largest_ctx(local_first) == largest_ctx(plain), "the tie-break costs no context"
 
 
 def test_the_estimate_over_workers_names_devices_as_llama_cpp_logs_them() -> None:

@@ -9,7 +9,9 @@ which only empties the first device, common/common.h:1202-1217). What it finds, 
    bytes per extra token`` (KV of its attention layers, its mask row); once the context is final (the planner's
    largest, or the model's maximum), the split that reads a generated token's bytes fastest: each device's share of
    the active bytes (weights, the used experts' share, recurrent state) over its memory bandwidth, so the faster card
-   takes the layers the slower one need not hold;
+   takes the layers the slower one need not hold; among placements equal on both, the fewest spills on RPC devices
+   (a spilled layer on a worker costs network time per token, :func:`tuner.network.moe_spill_transfers`; one on a
+   local device none), found exactly by a second pass with the first pass's context ratio as every device's floor;
 3. the command carries the split as integer layer counts, ``-ts n0,n1,…`` summing to ``n_layer_all + 1`` (the
    output layer is the last slot), so llama.cpp's float32 ``upper_bound`` gives device ``d`` exactly its ``n_d``
    slots (src/llama-model.cpp:1556-1614); and one ``-ot`` rule per set of spilled tensor kinds, e.g.
@@ -230,6 +232,7 @@ class _Choice:
     counts: tuple[int, ...]  # slots per device
     spills: tuple[int, ...]  # expert tensors in RAM per device
     secondary: float = 0.0  # the search's key after spills: seconds per token (speed), else -(least context ratio)
+    least_ratio: float = _INF  # the least over devices of spare bytes / bytes per extra token
 
 
 @dataclass
@@ -257,16 +260,18 @@ class Placer:
     """Places models on ``devices`` (llama.cpp's order) with ``budgets`` (bytes each may hold) and, when known, their
     memory ``bandwidths``: then also with the devices reordered slowest first (``--device``), so that the fastest
     holds the output layer (the last slot: a generated token reads the whole output matrix); the better of the two
-    orders wins (:attr:`Placement.score`). RPC devices keep llama.cpp's order (they come first to save transfers)."""
+    orders wins (:attr:`Placement.score`). RPC devices keep llama.cpp's order (they come first to save transfers).
+    ``local_spills_first``: among the placements equal on spills and context (or speed), the fewest spills on RPC
+    devices (off only to compare with the search without that tie-break)."""
 
     def __init__(self, devices: Sequence[Device], budgets: Sequence[int],
-                 bandwidths: Sequence[float] | None = None) -> None:
+                 bandwidths: Sequence[float] | None = None, *, local_spills_first: bool = True) -> None:
         if len(devices) != len(budgets) or (bandwidths is not None and len(bandwidths) != len(devices)):
             raise ValueError("one budget (and bandwidth) per device")
         if len(devices) > MAX_TENSOR_SPLIT:
             raise TunerError(f"{len(devices)} devices: llama.cpp's --tensor-split takes at most {MAX_TENSOR_SPLIT}")
         self.devices = tuple(devices)
-        self.orders = [_Ordered(devices, budgets, bandwidths, natural=devices)]
+        self.orders = [_Ordered(devices, budgets, bandwidths, natural=devices, local_spills_first=local_spills_first)]
         if bandwidths and len(devices) > 1 and not any(d.remote for d in devices):
             idx = sorted(range(len(devices)), key=lambda i: (bandwidths[i], i))
             if idx != list(range(len(devices))):
@@ -293,8 +298,10 @@ class _Ordered:
     """The search for one device order."""
 
     def __init__(self, devices: Sequence[Device], budgets: Sequence[int], bandwidths: Sequence[float] | None,
-                 natural: Sequence[Device], select: tuple[str, ...] = ()) -> None:
+                 natural: Sequence[Device], select: tuple[str, ...] = (), local_spills_first: bool = True) -> None:
         self.devices = tuple(devices)
+        self.local_spills_first = local_spills_first and any(d.remote for d in devices) and not all(
+            d.remote for d in devices)  # only a mix of local and RPC devices has a choice to make
         self.natural = tuple(natural)  # llama.cpp's order: the estimate's device list
         self.budgets = tuple(budgets)
         self.bandwidths = tuple(bandwidths) if bandwidths else None
@@ -322,18 +329,42 @@ class _Ordered:
     # --- one mode --------------------------------------------------------------------------------------------
     def _solve(self, led: _Ledger, mode: _Mode, max_spills: int | None, speed: bool = False) -> _Choice | None:
         """The split with the fewest spills, then the most room for context (``speed``: the least time per token,
-        each device's share of the active bytes over its bandwidth), in ``mode``; None if none fits."""
+        each device's share of the active bytes over its bandwidth), then the fewest spills on RPC devices, in
+        ``mode``; None if none fits.
+
+        A spill on an RPC device costs network time per token (:func:`tuner.network.moe_spill_transfers`), one on
+        a local device none. The context key is a least ratio over the devices (a bottleneck), so a tie-break after
+        it is not exact in one pass (a suffix that loses on its own ratio may tie once a tighter device comes
+        before it). So the first pass finds the best spills and ratio (or time); when that puts spills on RPC
+        devices and a local device exists, a second pass asks every device for at least that ratio (a per-device
+        bound, exact in the programme) and minimises (spills, time, RPC-device spills): the same spills, time and
+        ratio, the fewest of them on the network."""
+        first = self._dp(led, mode, max_spills, speed)
+        if first is None or not self.local_spills_first or not any(
+                n for n, d in zip(first.spills, self.devices, strict=True) if d.remote):
+            return first
+        again = self._dp(led, mode, max_spills, speed, ratio_floor=first.least_ratio)
+        return first if again is None else _Choice(again.counts, again.spills, first.secondary, first.least_ratio)
+
+    def _dp(self, led: _Ledger, mode: _Mode, max_spills: int | None, speed: bool,
+            ratio_floor: float | None = None) -> _Choice | None:
+        """The programme of :meth:`_solve`: with ``ratio_floor`` None, the key is (spills, seconds per token or 0,
+        -(least context ratio), RPC-device spills); else every device must leave at least ``ratio_floor`` and the
+        key is (spills, seconds per token or 0, RPC-device spills, -(least context ratio))."""
         by_speed = speed and self.bandwidths is not None
         n_dev, n_slots = len(self.devices), led.n_slots
         model = led.compute
         n_trunk = model.layout.n_layer
         spill_ok = mode.spills
         offload = led.largest_expert if (spill_ok or mode.cpu_slots) and model.op_offload else 0
-        # best[d][s]: (spills, -least context ratio, end slot) for devices d.. holding slots s..n_slots-1
-        # entries: (spills, seconds per token (speed) or 0, -(least context ratio), end slot)
-        best: list[list[tuple[float, float, float, int] | None]] = [
+        rpc_key = 3 if ratio_floor is None else 2  # where the RPC-device spills sit in an entry
+        ratio_key = 5 - rpc_key
+        neg_floor = _INF if ratio_floor is None else -ratio_floor
+        # best[d][s]: the best entry for devices d.. holding slots s..n_slots-1:
+        # (spills, seconds per token (speed) or 0, then -(least context ratio) and RPC-device spills, end slot)
+        best: list[list[tuple[float, float, float, float, int] | None]] = [
             [None] * (n_slots + 1) for _ in range(n_dev + 1)]
-        best[n_dev][n_slots] = (0, 0.0, -_INF, n_slots)
+        best[n_dev][n_slots] = (0, 0.0, -_INF, 0, n_slots) if rpc_key == 3 else (0, 0.0, 0, -_INF, n_slots)
         for d in range(n_dev - 1, -1, -1):
             dev = self.devices[d]
             base, experts = led.base[dev.cuda], led.experts[dev.cuda]
@@ -348,7 +379,7 @@ class _Ordered:
                 rate = 0.0
                 read = 0.0
                 sizes: dict[int, int] = {}
-                top: tuple[float, float, float, int] | None = None
+                top: tuple[float, float, float, float, int] | None = None
                 for e in range(s, n_slots + 1):
                     if e > s:  # grow the range by slot e - 1
                         il = e - 1
@@ -386,8 +417,13 @@ class _Ordered:
                         continue
                     grow = rate + (led.mask_rate * (4 if mode.pipeline else 1) if span.attn else 0.0)
                     ratio = slack / grow if grow > 0 else _INF
+                    if -ratio > neg_floor:
+                        continue  # the second pass: this device would leave less room than the best plan's
                     seconds = read / bandwidth + rest[1] if by_speed else 0.0
-                    cand = (total, seconds, max(-ratio, rest[2]), e)
+                    neg_ratio = max(-ratio, rest[ratio_key])
+                    rpc = (k if dev.remote else 0) + rest[rpc_key]
+                    cand = ((total, seconds, neg_ratio, rpc, e) if rpc_key == 3
+                            else (total, seconds, rpc, neg_ratio, e))
                     if top is None or _better(cand, top):
                         top = cand
                 best[d][s] = top
@@ -398,14 +434,15 @@ class _Ordered:
         for d in range(n_dev):
             entry = best[d][s]
             assert entry is not None
-            e = entry[3]
+            e = entry[4]
             after = best[d + 1][e]
             counts.append(e - s)
             spills.append(int(entry[0] - (after[0] if after else 0)))
             s = e
-        first = best[0][mode.cpu_slots]
-        assert first is not None
-        return _Choice(tuple(counts), tuple(spills), first[1] if by_speed else first[2])
+        top_entry = best[0][mode.cpu_slots]
+        assert top_entry is not None
+        least = -top_entry[ratio_key]
+        return _Choice(tuple(counts), tuple(spills), top_entry[1] if by_speed else -least, least)
 
     # --- the flags of a choice -------------------------------------------------------------------------------
     def _realise(self, layout: ModelLayout, flags: ServerFlags, led: _Ledger, choice: _Choice, mode: _Mode,
@@ -514,14 +551,15 @@ class _Ordered:
         return hi_result
 
 
-def _better(a: tuple[float, float, float, int], b: tuple[float, float, float, int]) -> bool:
+def _better(a: tuple[float, float, float, float, int], b: tuple[float, float, float, float, int]) -> bool:
     """Fewer spills; then (speed) fewer seconds per token, sums within a relative 1e-9 counting as equal (a split of
-    the same bytes over equally fast devices); then more room for context."""
+    the same bytes over equally fast devices); then the two keys after (:meth:`_Ordered._dp`), lower first; on a
+    full tie the first found (the shorter range) stays."""
     if a[0] != b[0]:
         return a[0] < b[0]
     if abs(a[1] - b[1]) > 1e-9 * max(abs(a[1]), abs(b[1])):
         return a[1] < b[1]
-    return a[2] < b[2]
+    return (a[2], a[3]) < (b[2], b[3])
 
 
 def _n_experts(layout: ModelLayout) -> int:
