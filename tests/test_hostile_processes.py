@@ -185,7 +185,9 @@ CONFIG_CASES = [
          setup=_write(PROFILE, ALIAS_BOMB)),
     Case("profile-alias-bomb-recommend", RECOMMEND, r"uses a YAML alias.*planning without measured speeds",
          "warned", setup=_write(PROFILE, ALIAS_BOMB)),
-    Case("profile-nested-5000-deep", SHOW, r"profiles\.yaml is not valid YAML \(ScannerError\)",
+    # refused by the YAML parser (a libyaml with its 1000-level limit, or Python's recursion limit) or, by a libyaml
+    # without the limit, parsed and refused by the profile's schema: the same one line naming the file either way
+    Case("profile-nested-5000-deep", SHOW, r"profiles\.yaml is not valid",
          setup=_write(PROFILE, "entries: " + "[" * 5000 + "]" * 5000 + "\n")),
     Case("profile-python-tag", SHOW, r"profiles\.yaml is not valid YAML \(ConstructorError\)",
          setup=_write(PROFILE, "entries: !!python/object/apply:os.system ['touch pwned']\n")),

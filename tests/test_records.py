@@ -93,6 +93,13 @@ def test_yaml_aliases_are_refused_before_anything_is_expanded(tmp_path: Path) ->
     assert isinstance(YamlRefused("x"), yaml.YAMLError), "callers that report bad YAML report these too"
 
 
+def test_yaml_nested_past_the_recursion_limit_is_refused_by_any_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pure-Python loader (no libyaml) recurses per nesting level: 5000 levels are one refusal, not a crash."""
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    with pytest.raises(YamlRefused, match="nested deeper"):
+        load_yaml_text("entries: " + "[" * 5000 + "]" * 5000, "deep.yaml")
+
+
 def test_yaml_files_are_read_bounded_and_as_utf8(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
     path.write_bytes(b"a: \xff\n")

@@ -83,8 +83,9 @@ def read_text_bounded(path: Path, max_bytes: int, *, what: str = "file") -> str:
 def load_yaml(path: Path, *, max_bytes: int = MAX_YAML_BYTES) -> Any:
     """Parse a YAML file (libyaml's loader when PyYAML has it: several times faster than the pure-Python one), safely:
     at most ``max_bytes``, UTF-8, and without anchors and aliases (:class:`YamlRefused` otherwise). An alias is how a
-    600-byte "billion laughs" file expands to gigabytes once walked; tuner's files never need one. libyaml itself
-    refuses nesting deeper than 1000 levels."""
+    600-byte "billion laughs" file expands to gigabytes once walked; tuner's files never need one. Nesting is bounded
+    by the parser: some libyaml builds refuse more than 1000 levels, the others and the pure-Python loader recurse,
+    and a nesting that exhausts Python's recursion limit is refused too (:func:`load_yaml_text`)."""
     try:
         text = read_text_bounded(Path(path), max_bytes, what="YAML file")
     except TunerError as error:
@@ -94,7 +95,10 @@ def load_yaml(path: Path, *, max_bytes: int = MAX_YAML_BYTES) -> Any:
 
 def load_yaml_text(text: str, source: str) -> Any:
     """:func:`load_yaml` for text already read; ``source`` names it in a refusal."""
-    return yaml.load(text, Loader=_loader(source))
+    try:
+        return yaml.load(text, Loader=_loader(source))
+    except RecursionError:
+        raise YamlRefused(f"{source} is nested deeper than tuner reads YAML") from None
 
 
 def _loader(source: str) -> Any:
