@@ -205,5 +205,6 @@ def register(app: typer.Typer) -> None:
         if check:
             from tuner.fitcheck import run_fit_check
 
-            result["check"] = run_fit_check(layout, flags, server_bin=server_bin)
+            result["check"] = run_fit_check(layout, flags, server_bin=server_bin, mmproj=mmproj,
+                                            draft_model=draft.source if draft and flags.spec_type == SPEC_MTP else None)
         emit(result, as_json=as_json, render=lambda c: render_estimate(c, result))
