@@ -12,7 +12,7 @@ from hubserver import LADDER_SPEC
 
 from tuner import fitcheck
 from tuner.errors import TunerError
-from tuner.flags import ServerFlags
+from tuner.flags import FLAGS, ServerFlags, flags_from_args
 from tuner.local import local_layout
 from tuner.server import process_alive
 from tuner.synth import write_synthetic_gguf
@@ -62,3 +62,23 @@ def test_a_fit_check_past_its_deadline_is_stopped_group_and_all(model: Path, tmp
     while process_alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not process_alive(grandchild), "a process the tool started outlived the check"
+
+
+def test_a_fit_check_gets_the_placement_flags_and_llama_servers_environment(model: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    seen = tmp_path / "seen"
+    server = _tools(tmp_path, f"printf '%s\\n' \"$@\" > {seen}.args; echo \"$CUDA_DEVICE_ORDER\" > {seen}.env; "
+                              "echo 'Host 10 20 30'")
+    flags = ServerFlags(rpc=("127.0.0.1:50052",), device=("RPC0", "CPU"), split_mode="none", main_gpu=1,
+                        tensor_split=(3.0, 1.0), override_tensor=(r"blk\.0\.ffn=CPU",), ctx_size=2048, parallel=1)
+    result = fitcheck.run_fit_check(local_layout(model), flags, server_bin=server, draft_model="/m/mtp-Head.gguf",
+                                    mmproj="/m/mmproj-F16.gguf")
+    args = seen.with_suffix(".args").read_text().splitlines()
+    passed, _ = flags_from_args(args)
+    assert args.index(FLAGS["rpc"].long) < args.index(FLAGS["device"].long)  # -dev may name an RPC device
+    for key in fitcheck.PLACEMENT_KEYS:
+        assert getattr(passed, key) == getattr(flags, key), key
+    assert seen.with_suffix(".env").read_text().strip() == "PCI_BUS_ID"
+    assert any("mtp-Head.gguf are not in its figures" in n for n in result["notes"])
+    assert any("mmproj-F16.gguf is not in its figures" in n for n in result["notes"])

@@ -89,10 +89,19 @@ def test_a_pasted_command_line_reads_aliases_negations_equals_and_legacy_spellin
     (["-ngl", "lots"], "-ngl must be a number, 'all' or 'auto'"),
     (["-ngl", "-5"], "-ngl must not be negative"),
     (["-fa", "maybe"], "--flash-attn must be one of on, off, auto"),
+    # std::stof throws out_of_range past a C float's range, and the shares are summed in float
+    (["-ts", "1e39,1"], "--tensor-split: the share 1e+39 is out of range"),
+    (["-ts", "3.40282357e38"], "--tensor-split: the share 3.4028236e+38 is out of range"),
+    (["-ts", "1e-40,1"], "--tensor-split: the share 1e-40 is out of range"),
+    (["-ts", "3e38,3e38"], "--tensor-split: the shares add up past 3.4028235e+38"),
 ])
 def test_a_bad_value_in_a_command_line_is_one_clear_error(args: list[str], message: str) -> None:
     with pytest.raises(TunerError, match=re.escape(message)):
         flags_from_args(args)
+
+
+def test_tensor_split_shares_within_a_c_floats_range_are_taken() -> None:
+    assert flags_from_args(["-ts", "3.4e38,0,1.2e-38"])[0].tensor_split == (3.4e38, 0.0, 1.2e-38)
 
 
 def test_flag_value_reads_a_flag_that_is_not_planned_or_gives_its_default() -> None:

@@ -128,6 +128,19 @@ def test_the_official_template_follows_the_converters_file_order_and_is_cached(h
         official_template("acme/Nobody")
 
 
+@pytest.mark.parametrize("source_json", [b"[" * 100_000 + b"]" * 100_000, b'{"file": ["chat_template.jinja"]}',
+                                         b'{"file": "../../etc/passwd"}', b'{"file": 1e400}', b"\xff", b"[]"],
+                         ids=["nested", "file-a-list", "file-not-a-source", "number-1e400", "not-utf8", "a-list"])
+def test_a_corrupt_cached_template_record_is_a_cache_miss_fetched_again(hub: FakeHub, source_json: bytes) -> None:
+    first = official_template(OFFICIAL)
+    (first.path.parent / "source.json").write_bytes(source_json)
+    hub.reset_counters()
+    again = official_template(OFFICIAL)
+    assert not again.from_cache and again.text == OFFICIAL_TEXT and again.source_file == "chat_template.jinja"
+    assert [r for r in hub.requests if "/resolve/" in r.path]  # read from the Hub again
+    assert official_template(OFFICIAL).from_cache  # and the rewritten record is read back
+
+
 def test_a_stale_template_is_a_warning_whose_fix_is_the_fetched_official_file(
         capsys: pytest.CaptureFixture[str], hub: FakeHub) -> None:
     doc = _recommend(capsys, "acme/Stale-GGUF")

@@ -317,6 +317,18 @@ CLI_CASES = [
          r"'--link-rtt-ms': nan is not a finite number"),
     Case("worker-port-0", ("worker", "--port", "0"), r"'--port': 0 is not in the range 1<=x<=65535"),
     Case("worker-threads-400-digits", ("worker", "--threads", NINES), r"'--threads': 9+ is not in the range"),
+    Case("ot-repeat-count-overflow", ("estimate", "{model}", "-ot", "a{99999999999}=CPU"),
+         r"-ot 'a\{99999999999\}=CPU': not a regular expression tuner can use \(the repetition number is too large"),
+    Case("ot-nested-500-deep", ("estimate", "{model}", "-ot", "(" * 500 + ")" * 500 + "=CPU"),
+         r"-ot '\(+…: not a regular expression tuner can use \(nested too deep\)"),
+    Case("ot-pattern-of-4000-chars", ("estimate", "{model}", "-ot", "(" * 2000 + ")" * 2000 + "=CPU"),
+         r"-ot '\(+…: a pattern of 4000 characters, more than tuner's limit of 1000"),
+    Case("ts-past-float32", ("estimate", "{model}", "-ts", "1e39,1"), r"--tensor-split: the share 1e\+39 is out of "
+         r"range \(llama\.cpp reads each as a C float"),
+    Case("ts-sum-past-float32", ("estimate", "{model}", "-ts", "3e38,3e38"), r"--tensor-split: the shares add up "
+         r"past 3\.4028235e\+38"),
+    Case("md-without-spec-type", ("estimate", "{model}", "-md", "{model}"), r"-md is sized only as the MTP sidecar "
+         r"of --spec-type draft-mtp"),
     Case("ready-timeout-not-a-number", SERVE, r"TUNER_READY_TIMEOUT_S must be a positive number of seconds, got "
          r"'soon'", env={"TUNER_READY_TIMEOUT_S": "soon"}),
 ]

@@ -156,7 +156,7 @@ def test_override_rules_first_match_wins_and_unknown_buffers_are_refused(ladder:
     assert placed["blk.3.ffn_down_exps.weight"] == "CUDA1"  # the first rule, though the second matches too
     assert placed["blk.3.ffn_up_exps.weight"] == placed["blk.3.ffn_gate_exps.weight"] == CPU
     assert placed["blk.3.ffn_gate_inp.weight"] == "CUDA0"  # the router stays with its layer
-    with pytest.raises(TunerError, match="unknown buffer type CUDA2"):
+    with pytest.raises(TunerError, match="unknown buffer type 'CUDA2'"):
         estimate_memory(lay, flags.with_(override_tensor=(r"blk\.3\.=CUDA2",)), TWO)
     with pytest.raises(TunerError, match="PATTERN=BUFFER_TYPE"):
         ServerFlags(override_tensor=("no-equals-sign",))

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tuner import __version__
+from tuner import records as rec
 from tuner.errors import TunerError
 from tuner.paths import cache_dir, write_atomic
 from tuner.untrusted import check_commit, check_repo_id, path_under
@@ -38,6 +39,10 @@ TEMPLATE_FILE = "chat_template.jinja"
 #: the converter's order (gguf-py/gguf/vocab.py:321-339)
 TEMPLATE_SOURCES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 MAX_TEMPLATE_CHARS = 1 << 20  # real templates are 5-20 kB
+MAX_TEMPLATE_BYTES = 4 * MAX_TEMPLATE_CHARS  # UTF-8: at most 4 bytes a character
+#: ``source.json`` beside a cached template: the repo file it came from (other keys are not read back).
+SOURCE_RECORD = rec.record(file=rec.one_of(*TEMPLATE_SOURCES))
+MAX_SOURCE_BYTES = 4096
 
 
 def effective_template(text: str) -> str:
@@ -74,16 +79,18 @@ def _template_dir(repo: str, commit: str) -> Path:
 
 
 def _cached(repo: str, commit: str) -> OfficialTemplate | None:
+    """The cached template of ``repo`` at ``commit``; None (a cache miss: fetched again) when it is missing or
+    anything in it is bad: the text too long or not UTF-8, ``source.json`` not JSON, nested, or of the wrong shape."""
     folder = _template_dir(repo, commit)
     try:
-        text = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
-        meta = json.loads((folder / "source.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        with open(folder / TEMPLATE_FILE, "rb") as fh:
+            text = fh.read(MAX_TEMPLATE_BYTES + 1).decode("utf-8")
+        meta = rec.validate(SOURCE_RECORD, rec.read_json_file(folder / "source.json", MAX_SOURCE_BYTES))
+    except (OSError, UnicodeDecodeError, rec.RecordError):
         return None
-    source = meta.get("file") if isinstance(meta, dict) else None
-    if source not in TEMPLATE_SOURCES or len(text) > MAX_TEMPLATE_CHARS:
+    if len(text) > MAX_TEMPLATE_CHARS:
         return None
-    return OfficialTemplate(repo, commit, source, text, folder / TEMPLATE_FILE, from_cache=True)
+    return OfficialTemplate(repo, commit, meta["file"], text, folder / TEMPLATE_FILE, from_cache=True)
 
 
 def template_from_file(name: str, raw: bytes, where: str) -> str | None:

@@ -67,6 +67,7 @@ from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.ggml import CUDA_MATRIX_ROW_PADDING, is_quantized, kv_cache_type, row_bytes
 from tuner.layout import ModelLayout, Tensor, TensorClass
 from tuner.units import MiB
+from tuner.untrusted import shown
 from tuner.vision import Projector
 
 CPU = "CPU"
@@ -78,6 +79,9 @@ OP_OFFLOAD_MIN_BATCH = 32  # GGML_OP_OFFLOAD_MIN_BATCH (ggml-cuda.cu:5825)
 RS_ROLLBACK_ARCHS: frozenset[str] = frozenset({"qwen35", "qwen35moe"})
 # The draft context's KV cache type unless --cache-type-k-draft / --cache-type-v-draft say otherwise (common.h).
 DRAFT_CACHE_TYPE = "f16"
+#: The longest ``-ot`` pattern tuner takes. llama-server takes any std::regex (common/arg.cpp:265-282); real rules are
+#: tens of characters, and the cap keeps a pasted megabyte from being compiled and matched against every tensor.
+MAX_OVERRIDE_PATTERN_CHARS = 1000
 
 
 def pad(n: int, multiple: int) -> int:
@@ -398,15 +402,23 @@ def override_rules(flags: ServerFlags) -> list[tuple[str, str]]:
 
 
 def _compiled_rules(flags: ServerFlags, known: set[str]) -> list[tuple[re.Pattern[str], str]]:
+    """The ``-ot`` rules compiled; one-line TunerError for an unknown buffer type, a pattern longer than
+    :data:`MAX_OVERRIDE_PATTERN_CHARS` or one Python's ``re`` cannot compile (a syntax error, a repeat count past its
+    limit, nesting past the recursion limit)."""
     out = []
     for pattern, target in override_rules(flags):
+        rule = shown(f"{pattern}={target}", 60)
         if target not in known:
-            raise TunerError(f"-ot {pattern}={target}: unknown buffer type {target} (llama-server knows "
+            raise TunerError(f"-ot {rule}: unknown buffer type {shown(target, 40)} (llama-server knows "
                              f"{', '.join(sorted(known))}; common/arg.cpp:272-278)")
+        if len(pattern) > MAX_OVERRIDE_PATTERN_CHARS:
+            raise TunerError(f"-ot {rule}: a pattern of {len(pattern)} characters, more than tuner's limit of "
+                             f"{MAX_OVERRIDE_PATTERN_CHARS}")
         try:
             out.append((re.compile(pattern), target))
-        except re.error as error:
-            raise TunerError(f"-ot {pattern}={target}: not a regular expression ({error})") from None
+        except (re.error, OverflowError, RecursionError) as error:
+            why = "nested too deep" if isinstance(error, RecursionError) else " ".join(str(error).split())[:80]
+            raise TunerError(f"-ot {rule}: not a regular expression tuner can use ({why})") from None
     return out
 
 

@@ -4,22 +4,28 @@
 ``no_alloc`` (no weights are read, nothing is allocated) and prints, per device, ``<dev> <model> <context> <compute>``
 in MiB, rounded down, then a ``Host`` row (common/fit.cpp:1088-1113, tools/fit-params/fit-params.cpp).
 
-It is not llama-server, and three differences matter (common/fit.cpp, tools/fit-params/fit-params.cpp):
+It is not llama-server, and these differences matter (common/fit.cpp, tools/fit-params/fit-params.cpp):
 
 * its ``n_outputs_max`` is ``n_batch``, not llama-server's one per slot, so its compute buffer holds the logits of a
   whole ubatch, ``n_ubatch * n_vocab * 4`` bytes (485 MiB at ub 512 for a 248k vocabulary);
 * it has no ``--kv-unified`` (server-only), so with several slots it sizes one KV stream per slot, and its ``-np``
   default is 1 where llama-server's is 4 unified: tuner passes ``-np`` explicitly;
-* it has no ``--spec-type``, so an MTP draft context is not part of its figures.
+* it has no ``--spec-type``, so an MTP draft context is not part of its figures;
+* it has no ``-md`` and no ``--mmproj`` (options of llama-server and a few other tools only: common/arg.cpp:60-64,
+  2578-2584, 4241), so an MTP sidecar's or a vision projector's weights are not in its figures either.
 
-The flags it accepts are passed through; the others are named in the result's notes. It runs as llama-server does, in
-a process group of its own that dies with tuner (:func:`tuner.procgroup.run_group`), with a deadline and only the
-last :data:`MAX_OUTPUT_BYTES` of each output kept.
+The placement flags are common options that it parses as llama-server does (``common_params_parse`` with
+``LLAMA_EXAMPLE_FIT_PARAMS``, tools/fit-params/fit-params.cpp:23; ``--rpc``, ``-dev``, ``-ot``, ``-sm``, ``-ts``,
+``-mg``: common/arg.cpp:2680-2858): they are passed through, and it runs with llama-server's environment
+(:data:`tuner.server.CHILD_ENV`: CUDA devices in PCI bus order). What it cannot take is named in the result's notes.
+It runs as llama-server does, in a process group of its own that dies with tuner (:func:`tuner.procgroup.run_group`),
+with a deadline and only the last :data:`MAX_OUTPUT_BYTES` of each output kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from tuner.estimate import ServerFlags, context_shape
 from tuner.flags import FLAGS
 from tuner.layout import ModelLayout
 from tuner.procgroup import run_group
+from tuner.server import CHILD_ENV
 from tuner.units import MiB, fmt_bytes
 
 FIT_PARAMS = "llama-fit-params"
@@ -37,10 +44,15 @@ TIMEOUT_S = 600
 # What is kept of each of its outputs (the last bytes): the figures are a row per device, at the end of stdout; its
 # log on stderr is tens of kB, the error that stopped it at its end.
 MAX_OUTPUT_BYTES = 1 << 20
+#: The placement flags llama-fit-params takes (common options, not llama-server's own), written in the table's order
+#: (``--rpc`` before ``-dev``, which may name an RPC device) when off their defaults.
+PLACEMENT_KEYS = frozenset({"rpc", "split_mode", "main_gpu", "device", "tensor_split", "override_tensor"})
 
 
-def fit_params_args(flags: ServerFlags) -> tuple[list[str], list[str]]:
-    """The llama-fit-params arguments for ``flags``, and notes on the flags it cannot take."""
+def fit_params_args(flags: ServerFlags, *, draft_model: str | None = None,
+                    mmproj: str | None = None) -> tuple[list[str], list[str]]:
+    """The llama-fit-params arguments for ``flags``, and notes on what it cannot take: ``--kv-unified``,
+    ``--spec-type``, the MTP sidecar ``draft_model`` and the vision projector ``mmproj`` given beside them."""
     args = [arg for key, value in (
         ("ctx_size", flags.ctx_size), ("parallel", flags.n_seq), ("cache_type_k", flags.cache_type_k),
         ("cache_type_v", flags.cache_type_v), ("batch_size", flags.batch_size), ("ubatch_size", flags.ubatch_size),
@@ -52,6 +64,10 @@ def fit_params_args(flags: ServerFlags) -> tuple[list[str], list[str]]:
         args += FLAGS["n_cpu_moe"].to_args(flags.n_cpu_moe)
     if flags.no_kv_offload:
         args += FLAGS["no_kv_offload"].to_args(True)
+    for row in FLAGS.planned:
+        value = getattr(flags, row.key)
+        if row.key in PLACEMENT_KEYS and value != row.default:
+            args += row.to_args(value)
     notes: list[str] = []
     if flags.unified and flags.n_seq > 1:
         notes.append(f"llama-fit-params has no --kv-unified: it sized {flags.n_seq} per-slot KV streams, so its "
@@ -59,6 +75,11 @@ def fit_params_args(flags: ServerFlags) -> tuple[list[str], list[str]]:
     if flags.spec_type:
         notes.append(f"llama-fit-params has no --spec-type: the {flags.spec_type} draft context and its snapshots "
                      "are not in its figures")
+    if draft_model:
+        notes.append(f"llama-fit-params has no -md: the weights of {Path(draft_model).name} are not in its figures")
+    if mmproj:
+        notes.append(f"llama-fit-params has no --mmproj: the vision projector {Path(mmproj).name} is not in its "
+                     "figures")
     return args, notes
 
 
@@ -104,17 +125,19 @@ def _last_error(text: str) -> str:
     return " ".join(lines[-1].split())[:300] if lines else "no output"
 
 
-def run_fit_check(layout: ModelLayout, flags: ServerFlags, server_bin: str | Path | None = None) -> dict[str, Any]:
-    """Run llama-fit-params on ``layout.source`` with ``flags``; its per-device figures in bytes, with notes."""
+def run_fit_check(layout: ModelLayout, flags: ServerFlags, server_bin: str | Path | None = None, *,
+                  draft_model: str | None = None, mmproj: str | None = None) -> dict[str, Any]:
+    """Run llama-fit-params on ``layout.source`` with ``flags`` (and llama-server's environment); its per-device
+    figures in bytes, with notes (``draft_model``, ``mmproj``: files llama-server would load beside, named there)."""
     model = Path(layout.source) if layout.source else None
     if model is None or not model.is_file():
         raise TunerError("--check runs llama.cpp on the model file itself: give a local .gguf")
     binary = find_fit_params(server_bin)
-    args, notes = fit_params_args(flags)
+    args, notes = fit_params_args(flags, draft_model=draft_model, mmproj=mmproj)
     cmd = [str(binary), *FLAGS["model"].to_args(str(model)), *FLAGS["fit"].to_args("off"),
            *FLAGS["fit_print"].to_args("on"), *args]
     try:
-        run = run_group(cmd, timeout_s=TIMEOUT_S, max_output_bytes=MAX_OUTPUT_BYTES)
+        run = run_group(cmd, timeout_s=TIMEOUT_S, max_output_bytes=MAX_OUTPUT_BYTES, env={**os.environ, **CHILD_ENV})
     except OSError as exc:
         raise TunerError(f"cannot run {binary}: {exc.strerror or exc}") from None
     if run.timed_out:

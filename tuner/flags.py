@@ -25,6 +25,7 @@ a switch pair (``--kv-unified`` / ``--no-kv-unified``) names its negation.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -39,6 +40,8 @@ FLASH_ATTN_MODES = ("on", "off", "auto")
 SPLIT_MODES = ("none", "layer", "row", "tensor")
 #: -ts takes fewer values than llama_max_devices() = 16 (common/arg.cpp:2841-2845, src/llama.cpp:86-88).
 MAX_TENSOR_SPLIT = 15
+FLOAT32_MAX = 3.4028234663852886e38  # FLT_MAX: -ts shares are C floats
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38  # FLT_MIN: std::stof throws out_of_range below it (glibc's ERANGE)
 #: the slots llama-server gives ``-np -1`` (auto), with one unified KV pool (tools/server/server.cpp:156-160).
 AUTO_SLOTS = 4
 INT32_MAX = (1 << 31) - 1  # llama-server's integer flags are C ints
@@ -47,6 +50,31 @@ MAX_SEQ = 256  # LLAMA_MAX_SEQ (src/llama-cparams.h:8): more sequences are refus
 TRUTHY = ("on", "enabled", "true", "1")
 #: -ngl words meaning every layer: auto (-1) and all (-2; <= -2 is all) (common/arg.cpp:2789-2797, common.h:475).
 _ALL_LAYERS = ("all", "auto", "-1", "-2")
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to a C float, as ``std::stof`` stores it; OverflowError past float32's range."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _check_float32_shares(shares: Sequence[float]) -> None:
+    """-ts shares as llama.cpp reads them: each with ``std::stof`` (common/arg.cpp:2847), which throws out_of_range
+    past float32's range (above ~3.4028235e38, or nonzero below its smallest normal ~1.1754944e-38), then summed in
+    float (src/llama-model.cpp:1580-1587), where an infinite sum turns every split point into NaN."""
+    total = 0.0
+    for v in shares:
+        try:
+            if 0 < v < FLOAT32_MIN_NORMAL:
+                raise OverflowError
+            share = _float32(v)
+        except OverflowError:
+            raise TunerError(f"{_opt('tensor_split')}: the share {v:.8g} is out of range (llama.cpp reads each as "
+                             f"a C float: 0, or {FLOAT32_MIN_NORMAL:.8g} to {FLOAT32_MAX:.8g})") from None
+        try:
+            total = _float32(total + share)
+        except OverflowError:
+            raise TunerError(f"{_opt('tensor_split')}: the shares add up past {FLOAT32_MAX:.8g}, the largest C float "
+                             "(llama.cpp sums them as one)") from None
 
 
 class Kind(enum.Enum):
@@ -421,6 +449,7 @@ class ServerFlags:
         if any(not 0 <= v < float('inf') for v in self.tensor_split) or len(self.tensor_split) > MAX_TENSOR_SPLIT:
             raise TunerError(f"{_opt('tensor_split')} takes at most {MAX_TENSOR_SPLIT} shares, none negative; "
                              f"got {FLAGS['tensor_split'].format(self.tensor_split)}")
+        _check_float32_shares(self.tensor_split)
         for rule in self.override_tensor:
             pattern, eq, target = rule.partition("=")  # the first '=' (common/arg.cpp:265)
             if not eq or not pattern or not target:

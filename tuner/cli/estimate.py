@@ -176,6 +176,11 @@ def register(app: typer.Typer) -> None:
         layout = candidate.layout
         draft = None
         if spec_draft_model:
+            if flags.spec_type != SPEC_MTP:  # llama-server loads any -md model and drafts with it (has_dft)
+                raise TunerError("-md is sized only as the MTP sidecar of --spec-type draft-mtp: without it "
+                                 "llama-server loads the file as a draft model with a context of its own "
+                                 "(tools/server/server-context.cpp:1000-1004, 1101-1118), which tuner does not "
+                                 "size; add --spec-type draft-mtp or drop -md")
             draft = local_layout(spec_draft_model)
         elif flags.spec_type == SPEC_MTP and not layout.has_mtp:
             draft = candidate.mtp_draft  # the sidecar found beside the model (-md)
@@ -200,5 +205,6 @@ def register(app: typer.Typer) -> None:
         if check:
             from tuner.fitcheck import run_fit_check
 
-            result["check"] = run_fit_check(layout, flags, server_bin=server_bin)
+            result["check"] = run_fit_check(layout, flags, server_bin=server_bin, mmproj=mmproj,
+                                            draft_model=draft.source if draft and flags.spec_type == SPEC_MTP else None)
         emit(result, as_json=as_json, render=lambda c: render_estimate(c, result))
