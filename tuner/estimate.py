@@ -356,6 +356,21 @@ def slot_devices(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str 
     return layer_devices(layout.n_layer_all, flags.n_gpu_layers, names, split)
 
 
+def projector_device(devices: Sequence[str | Device], flags: ServerFlags, mmproj_offload: bool = True) -> str:
+    """The device llama-server puts the vision projector on (``--mmproj``): the CPU with ``--no-mmproj-offload``;
+    else the first ``--device`` entry when ``--device`` is given (common/arg.cpp:889-893; ``none`` leaves it no
+    device: the CPU, tools/mtmd/clip.cpp:188-199); else the first GPU the backend registry knows
+    (clip.cpp:196-197): this machine's before RPC workers' (registered later); the CPU without a device."""
+    all_devices = [Device.of(d) for d in devices]
+    if not mmproj_offload or not all_devices:
+        return CPU
+    if flags.device:  # --device's order, whatever --split-mode none keeps for the model
+        chosen = model_devices(all_devices, flags.with_(split_mode="layer", main_gpu=0))
+        return chosen[0].name if chosen else CPU
+    local = [d.name for d in all_devices if not d.remote]
+    return (local or [d.name for d in all_devices])[0]
+
+
 def device_tensor_bytes(t: Tensor, device: Device | None) -> int:
     """Bytes of ``t`` in a buffer of ``device`` (None: the CPU): a quantized tensor whose rows are not a multiple of
     512 gets one row of padding on CUDA (``ggml_backend_cuda_buffer_type_get_alloc_size``, ggml-cuda.cu:903-920)."""
@@ -777,8 +792,9 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     """Bytes per device llama-server allocates for ``layout`` with ``flags`` on the devices ``gpu_names`` (llama.cpp's
     order; names or :class:`Device`), layers split by ``flags.tensor_split`` or else by ``gpu_split`` (llama.cpp's
     default: the devices' free memory; equal shares when None); with ``draft``, the MTP sidecar given with ``-md``
-    (used only with ``--spec-type draft-mtp``); with ``vision``, the projector given with ``--mmproj`` (on the first
-    local device, or the CPU when not ``mmproj_offload``)."""
+    (used only with ``--spec-type draft-mtp``); with ``vision``, the projector given with ``--mmproj`` (on
+    :func:`projector_device`: the first ``--device`` entry, else the first local device, or the CPU when not
+    ``mmproj_offload``)."""
     shape = context_shape(layout, flags)
     tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
     notes: list[str] = []
@@ -877,9 +893,7 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
 
     vision_doc = None
     if vision is not None:
-        # the first GPU the backend registry knows: this machine's before RPC workers' (registered later)
-        local = [d.name for d in all_devices if not d.remote]
-        vdev = (local or [d.name for d in all_devices])[0] if all_devices and mmproj_offload else CPU
+        vdev = projector_device(all_devices, flags, mmproj_offload)
         add(vdev, "vision", vision.total_bytes(flash_attn))
         vision_doc = {**vision.to_dict(flash_attn), "device": vdev}
         growth = vision.growth_bytes(flash_attn)
