@@ -152,6 +152,15 @@ def test_vision_on_several_gpus_counts_the_projector_on_the_first_device_within_
     assert shares[first]["budget_bytes"] == free[first] - budget["buffer_bytes"] - budget["reserved_bytes"]
 
 
+def test_on_several_gpus_the_reasons_name_expert_layers_in_ram_not_n_cpu_moe(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    got = recommend_json(capsys, "--gpu", "2xrtx-3060")
+    needs = [r for r in got["reasons"] if "would need" in r]
+    context = next(r for r in needs if r.startswith("context "))
+    assert re.search(r"; \d+ would need experts of \d+ layers in RAM \(--override-tensor\) and predict", context)
+    assert not any("--n-cpu-moe" in r for r in got["reasons"]) and "--n-cpu-moe" not in got["command"]
+
+
 def test_prefer_changes_the_plan_and_the_reason_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     speed = recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "speed")
     context = recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "context")

@@ -1106,6 +1106,14 @@ def _rule(w: Wishes, best: _Option, choice: policy.Choice | None) -> str:
     return rule
 
 
+def _experts_in_ram(n_layers: int, budget: Budget) -> str:
+    """What an option with experts of ``n_layers`` layers in RAM needs, in the flags that do it: ``--n-cpu-moe`` on
+    one GPU; on several devices, per-device ``--override-tensor`` rules (:mod:`tuner.placement`)."""
+    if len(budget.gpu_free_bytes) > 1:
+        return f"experts of {n_layers} layers in RAM (--override-tensor)"
+    return f"--n-cpu-moe {n_layers}"
+
+
 def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tuple]],
              kv_losers: Sequence[_Option], search: _Search, cap: int, native: int, ub_reason: str | None,
              choice: policy.Choice | None = None, more_ctx: _Option | None = None) -> tuple[str, ...]:
@@ -1162,8 +1170,7 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
             step = min(o.quant_quality for o in bigger)
             o = max((x for x in bigger if x.quant_quality == step), key=lambda x: x.tg)
             if o.experts_on_cpu > n:
-                need = (f"experts of {o.experts_on_cpu} layers in RAM" if len(b.gpu_free_bytes) > 1
-                        else f"--n-cpu-moe {o.experts_on_cpu}")
+                need = _experts_in_ram(o.experts_on_cpu, b)
                 out.append(f"{o.candidate.quant}, the next better quant, would need {need} here: {o.tg:.0f} vs "
                            f"{best.tg:.0f} tok/s")
     if w.ctx_size is not None:
@@ -1173,7 +1180,7 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                    else f"context {best.ctx} with YaRN")
     else:
         out.append(f"context {best.ctx}: the largest that fits with this placement (native {native})"
-                   + (f"; {more_ctx.ctx} would need --n-cpu-moe {more_ctx.experts_on_cpu} and predict "
+                   + (f"; {more_ctx.ctx} would need {_experts_in_ram(more_ctx.experts_on_cpu, b)} and predict "
                       f"{more_ctx.tg:.0f} tok/s" + (f", outside the {policy.SPEED_WINDOW:.0%} window"
                                                     if choice and not choice.in_window(more_ctx) else
                                                     ", for no higher context tier")
