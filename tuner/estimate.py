@@ -48,9 +48,10 @@ tests/test_estimate_vs_llama.py.
   draft's own ``-ngld`` (all on the GPU by default): ``token_embd`` on the CPU, the rest on the GPU, the trunk's
   ``--n-cpu-moe`` / ``--cpu-moe`` not applying to it (common/speculative.cpp:2456-2466, 2537-2556) — so it
   duplicates the trunk's ``token_embd`` and ``output``.
-* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer on the first GPU
-  of the backend registry (this machine's, before any RPC worker's; tools/mtmd/clip.cpp:188-208), on the CPU with
-  ``--no-mmproj-offload`` (:mod:`tuner.vision`), as ``vision_bytes`` of that device.
+* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer on the first
+  ``--device`` entry when given (common/arg.cpp:889-893), else the first GPU of the backend registry (this machine's,
+  before any RPC worker's; tools/mtmd/clip.cpp:188-208), on the CPU with ``--no-mmproj-offload`` or ``-dev none``
+  (:func:`projector_device`, :mod:`tuner.vision`), as ``vision_bytes`` of that device.
 """
 
 from __future__ import annotations
