@@ -131,6 +131,36 @@ def test_vision_counts_the_projector_on_the_gpu_and_loads_it(capsys: pytest.Capt
     assert cuda0["total_bytes"] + budget["reserved_bytes"] + budget["buffer_bytes"] <= budget["vram_free_bytes"]
 
 
+@pytest.mark.parametrize("gpus", ["2xrtx-3090", "rtx-3090,rtx-3060"])
+def test_vision_on_several_gpus_counts_the_projector_on_the_first_device_within_every_budget(
+        capsys: pytest.CaptureFixture[str], gpus: str) -> None:
+    got = recommend_json(capsys, "--gpu", gpus, "--vision")
+    command, seen, budget = got["command"], got["memory"]["vision"], got["budget"]
+    # llama.cpp puts the projector on --device's first entry (common/arg.cpp:889-893), else on the first GPU
+    first = command[command.index("--device") + 1].split(",")[0] if "--device" in command else "CUDA0"
+    if gpus == "rtx-3090,rtx-3060":
+        assert first == "CUDA1"  # the slower card first, so the 3090 holds the output layer
+    assert seen is not None and seen["device"] == first == budget["reserved_on"]
+    held = {d["name"]: d for d in got["memory"]["devices"]}
+    assert held[first]["vision_bytes"] == seen["weights_bytes"] + seen["compute_bytes"] == got["memory"]["vision_bytes"]
+    assert got["memory"]["vision_bytes"] > 899_283_648 and budget["reserved_bytes"] == seen["growth_bytes"] > 0
+    assert all(left >= 0 for left in got["headroom_bytes"].values())
+    shares = {p["name"]: p for p in got["placement"]}
+    for name, share in shares.items():
+        assert share["total_bytes"] == held[name]["total_bytes"] <= share["budget_bytes"]
+    free = dict((g["name"], g["vram_free_bytes"]) for g in budget["gpus"])
+    assert shares[first]["budget_bytes"] == free[first] - budget["buffer_bytes"] - budget["reserved_bytes"]
+
+
+def test_on_several_gpus_the_reasons_name_expert_layers_in_ram_not_n_cpu_moe(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    got = recommend_json(capsys, "--gpu", "2xrtx-3060")
+    needs = [r for r in got["reasons"] if "would need" in r]
+    context = next(r for r in needs if r.startswith("context "))
+    assert re.search(r"; \d+ would need experts of \d+ layers in RAM \(--override-tensor\) and predict", context)
+    assert not any("--n-cpu-moe" in r for r in got["reasons"]) and "--n-cpu-moe" not in got["command"]
+
+
 def test_prefer_changes_the_plan_and_the_reason_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     speed = recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "speed")
     context = recommend_json(capsys, "--gpu", "rtx-5080", "--prefer", "context")

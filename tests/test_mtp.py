@@ -253,6 +253,19 @@ def test_more_acceptance_or_fewer_experts_in_play_pay_more() -> None:
     assert step_cost(dense, flags, hw, acceptance=0.8).speedup > step_cost(layout, flags, hw, acceptance=0.8).speedup
 
 
+def test_the_head_drafts_on_the_device_holding_the_output_layer_in_devices_order() -> None:
+    layout = card_layout(load_card("qwen3.6-35b-a3b"), "Q4_K_M", mtp=True)
+    hw = hardware_for("rtx-3090,rtx-3060")
+    flags = ServerFlags(ctx_size=32768, parallel=1, spec_type=SPEC_MTP, spec_draft_n_max=2,
+                        tensor_split=(20.0, 21.0))
+    natural = step_cost(layout, flags, hw, acceptance=0.8)  # the output layer on CUDA1, the 3060
+    swapped = step_cost(layout, flags.with_(device=("CUDA1", "CUDA0")), hw, acceptance=0.8)  # on CUDA0, the 3090
+    only_3090 = step_cost(layout, flags.with_(tensor_split=(1.0, 0.0)), hw, acceptance=0.8)
+    only_3060 = step_cost(layout, flags.with_(tensor_split=(0.0, 1.0)), hw, acceptance=0.8)
+    assert swapped.draft_s == pytest.approx(only_3090.draft_s) and natural.draft_s == pytest.approx(only_3060.draft_s)
+    assert swapped.draft_s < natural.draft_s
+
+
 def _mtp_ladder(key: str = "qwen3.6-35b-a3b") -> list:
     from tuner.cards import card_candidates
 

@@ -10,7 +10,7 @@ import pytest
 
 from tuner.cli import main
 from tuner.errors import TunerError
-from tuner.estimate import ServerFlags, estimate_memory
+from tuner.estimate import ServerFlags, estimate_memory, projector_device
 from tuner.gguf_file import read_gguf
 from tuner.hardware import hardware_for
 from tuner.models import local_layout
@@ -102,6 +102,22 @@ def test_the_projector_sits_on_the_first_gpu_or_the_cpu_without_offload(vision_d
     assert on_cpu.host.vision_bytes == p.total_bytes() and on_cpu.device("CUDA0").vision_bytes == 0
     one_gpu = estimate_memory(layout, flags, ["CUDA0"], vision=p)
     assert on_cpu.total_bytes == one_gpu.total_bytes and one_gpu.device("CUDA0").vision_bytes == p.total_bytes()
+
+
+def test_the_projector_follows_the_first_device_entry_and_none_keeps_it_on_the_cpu(vision_dir: Path) -> None:
+    # common/arg.cpp:889-893: with --device, the projector's device is its first entry; "none" is no device
+    layout = local_layout(vision_dir / "tiny-F16.gguf")
+    p = projector_from_header(read_gguf(vision_dir / "mmproj-F16.gguf"))
+    flags = ServerFlags(ctx_size=1024, parallel=1)
+    gpus = ["CUDA0", "CUDA1"]
+    swapped = estimate_memory(layout, flags.with_(device=("CUDA1", "CUDA0")), gpus, vision=p)
+    assert swapped.vision and swapped.vision["device"] == "CUDA1"
+    assert swapped.device("CUDA1").vision_bytes == p.total_bytes() and swapped.device("CUDA0").vision_bytes == 0
+    only = estimate_memory(layout, flags.with_(device=("CUDA1",), split_mode="none"), gpus, vision=p)
+    assert only.vision and only.vision["device"] == "CUDA1"
+    none = estimate_memory(layout, flags.with_(device=("none",)), gpus, vision=p)
+    assert none.vision and none.vision["device"] == "CPU" and none.host.vision_bytes == p.total_bytes()
+    assert projector_device(gpus, flags.with_(device=("CUDA1", "CUDA0")), mmproj_offload=False) == "CPU"
 
 
 def test_recommend_vision_reads_the_projector_beside_the_model_and_counts_it(vision_dir: Path) -> None:

@@ -48,9 +48,10 @@ tests/test_estimate_vs_llama.py.
   draft's own ``-ngld`` (all on the GPU by default): ``token_embd`` on the CPU, the rest on the GPU, the trunk's
   ``--n-cpu-moe`` / ``--cpu-moe`` not applying to it (common/speculative.cpp:2456-2466, 2537-2556) — so it
   duplicates the trunk's ``token_embd`` and ``output``.
-* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer on the first GPU
-  of the backend registry (this machine's, before any RPC worker's; tools/mtmd/clip.cpp:188-208), on the CPU with
-  ``--no-mmproj-offload`` (:mod:`tuner.vision`), as ``vision_bytes`` of that device.
+* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer on the first
+  ``--device`` entry when given (common/arg.cpp:889-893), else the first GPU of the backend registry (this machine's,
+  before any RPC worker's; tools/mtmd/clip.cpp:188-208), on the CPU with ``--no-mmproj-offload`` or ``-dev none``
+  (:func:`projector_device`, :mod:`tuner.vision`), as ``vision_bytes`` of that device.
 """
 
 from __future__ import annotations
@@ -358,6 +359,21 @@ def slot_devices(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str 
         index = {Device.of(d).name: i for i, d in enumerate(devices)}
         split = [gpu_split[index[n]] for n in names]
     return layer_devices(layout.n_layer_all, flags.n_gpu_layers, names, split)
+
+
+def projector_device(devices: Sequence[str | Device], flags: ServerFlags, mmproj_offload: bool = True) -> str:
+    """The device llama-server puts the vision projector on (``--mmproj``): the CPU with ``--no-mmproj-offload``;
+    else the first ``--device`` entry when ``--device`` is given (common/arg.cpp:889-893; ``none`` leaves it no
+    device: the CPU, tools/mtmd/clip.cpp:188-199); else the first GPU the backend registry knows
+    (clip.cpp:196-197): this machine's before RPC workers' (registered later); the CPU without a device."""
+    all_devices = [Device.of(d) for d in devices]
+    if not mmproj_offload or not all_devices:
+        return CPU
+    if flags.device:  # --device's order, whatever --split-mode none keeps for the model
+        chosen = model_devices(all_devices, flags.with_(split_mode="layer", main_gpu=0))
+        return chosen[0].name if chosen else CPU
+    local = [d.name for d in all_devices if not d.remote]
+    return (local or [d.name for d in all_devices])[0]
 
 
 def device_tensor_bytes(t: Tensor, device: Device | None) -> int:
@@ -789,8 +805,9 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
     """Bytes per device llama-server allocates for ``layout`` with ``flags`` on the devices ``gpu_names`` (llama.cpp's
     order; names or :class:`Device`), layers split by ``flags.tensor_split`` or else by ``gpu_split`` (llama.cpp's
     default: the devices' free memory; equal shares when None); with ``draft``, the MTP sidecar given with ``-md``
-    (used only with ``--spec-type draft-mtp``); with ``vision``, the projector given with ``--mmproj`` (on the first
-    local device, or the CPU when not ``mmproj_offload``)."""
+    (used only with ``--spec-type draft-mtp``); with ``vision``, the projector given with ``--mmproj`` (on
+    :func:`projector_device`: the first ``--device`` entry, else the first local device, or the CPU when not
+    ``mmproj_offload``)."""
     shape = context_shape(layout, flags)
     tk, tv = kv_cache_type(flags.cache_type_k), kv_cache_type(flags.cache_type_v)
     notes: list[str] = []
@@ -889,9 +906,7 @@ def estimate_memory(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence
 
     vision_doc = None
     if vision is not None:
-        # the first GPU the backend registry knows: this machine's before RPC workers' (registered later)
-        local = [d.name for d in all_devices if not d.remote]
-        vdev = (local or [d.name for d in all_devices])[0] if all_devices and mmproj_offload else CPU
+        vdev = projector_device(all_devices, flags, mmproj_offload)
         add(vdev, "vision", vision.total_bytes(flash_attn))
         vision_doc = {**vision.to_dict(flash_attn), "device": vdev}
         growth = vision.growth_bytes(flash_attn)

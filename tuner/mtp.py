@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from tuner.estimate import CPU, tensor_placement
+from tuner.estimate import CPU, slot_devices, tensor_placement
 from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout, TensorClass
@@ -105,7 +105,6 @@ def step_cost(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *, dr
     """The cost of one step drafting ``flags.spec_draft_n_max`` tokens (see the module docstring)."""
     n_max = max(flags.spec_draft_n_max, 0)
     plain = flags.with_(spec_type=None)
-    gpu_names = [g.llama_name for g in hardware.gpus]
     parts = tg_parts(speed_terms(layout, plain, hardware, gpu_split=gpu_split, depth_tokens=depth_tokens))
     token_s = sum(parts.values())
     layers_s = sum(v for k, v in parts.items() if k.startswith(("GPU_LAYER_SECONDS", "CPU_LAYER_SECONDS")))
@@ -119,15 +118,16 @@ def step_cost(layout: ModelLayout, flags: ServerFlags, hardware: Hardware, *, dr
     verify_s = token_s + expert_s * max(extra, 0.0) + layers_s * VERIFY_LAYER_OVERHEAD
 
     head = draft if draft is not None else layout
-    head_dev = gpu_names[-1] if gpu_names else CPU
+    # the head drafts where the output layer is (the last slot): the last device of --device's order, not NVML's
+    head_dev = slot_devices(layout, plain, devices_of(hardware), gpu_split)[layout.n_layer_all]
     head_bytes = 0.0
     for t in head.tensors:
         if t.cls is TensorClass.MTP or (t.cls is TensorClass.OUTPUT and t.layer is None):
             head_bytes += t.nbytes * (active if t.is_expert else 1.0)
         elif t.cls is TensorClass.TOKEN_EMBD and head.tied_embeddings:
             head_bytes += t.nbytes
-    if gpu_names:
-        gen = gpu_generation(hardware.gpus[-1].compute_capability) or "?"
+    if head_dev != CPU:
+        gen = gpu_generation(next(g for g in hardware.gpus if g.llama_name == head_dev).compute_capability) or "?"
         layer_s = gpu_layer_seconds(gen)[0]
     else:
         layer_s = CPU_LAYER_SECONDS

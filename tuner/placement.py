@@ -30,7 +30,7 @@ layers, as fit does). It is tried three ways, the first that fits wins:
   local CUDA device's compute buffer for op offload;
 * with every expert in RAM, the fewest leading blocks on the CPU (``-ngl``) as well.
 
-The result is checked with :func:`~tuner.estimate.estimate_memory` itself (the truth the planner uses), then
+The result is checked with the planner's own estimate (its sidecar, projector and corrections), then
 tightened: a spill the check shows unneeded is taken back, one more is added where a device overflows.
 """
 
@@ -68,6 +68,7 @@ NO_PIPELINE_RULE = r"^tuner-no-pipeline-parallelism$=CPU"
 every graph input (the KQ mask: ``3 * n_ctx * n_ubatch * 2`` bytes per device and on the host)."""
 EXPERT_KINDS = ("up", "down", "gate", "gate_up")
 Correction = Callable[[MemoryEstimate], MemoryEstimate]
+Estimator = Callable[[ModelLayout, ServerFlags], MemoryEstimate]
 FLAG_TS = FLAGS["tensor_split"].long
 _INF = float("inf")
 
@@ -262,22 +263,32 @@ class Placer:
     holds the output layer (the last slot: a generated token reads the whole output matrix); the better of the two
     orders wins (:attr:`Placement.score`). RPC devices keep llama.cpp's order (they come first to save transfers).
     ``local_spills_first``: among the placements equal on spills and context (or speed), the fewest spills on RPC
-    devices (off only to compare with the search without that tie-break)."""
+    devices (off only to compare with the search without that tie-break).
+
+    ``estimate``: the truth a placement is checked with, the planner's own (its MTP sidecar, ``--vision``
+    projector and calibration corrections; ``correct`` then only scales the search's compute buffers); by default
+    :func:`~tuner.estimate.estimate_memory` on ``devices``, corrected by ``correct``. What it puts on a device beside
+    the model's layers (the projector, on the first ``--device`` entry) comes off that device's budget in the search,
+    and so does ``reserve_bytes`` (the projector's run-time growth, which no estimate counts) on the device the
+    estimate puts the projector on."""
 
     def __init__(self, devices: Sequence[Device], budgets: Sequence[int],
-                 bandwidths: Sequence[float] | None = None, *, local_spills_first: bool = True) -> None:
+                 bandwidths: Sequence[float] | None = None, *, local_spills_first: bool = True,
+                 estimate: Estimator | None = None, reserve_bytes: int = 0) -> None:
         if len(devices) != len(budgets) or (bandwidths is not None and len(bandwidths) != len(devices)):
             raise ValueError("one budget (and bandwidth) per device")
         if len(devices) > MAX_TENSOR_SPLIT:
             raise TunerError(f"{len(devices)} devices: llama.cpp's --tensor-split takes at most {MAX_TENSOR_SPLIT}")
         self.devices = tuple(devices)
-        self.orders = [_Ordered(devices, budgets, bandwidths, natural=devices, local_spills_first=local_spills_first)]
+        self.orders = [_Ordered(devices, budgets, bandwidths, natural=devices, local_spills_first=local_spills_first,
+                                estimator=estimate, reserve_bytes=reserve_bytes)]
         if bandwidths and len(devices) > 1 and not any(d.remote for d in devices):
             idx = sorted(range(len(devices)), key=lambda i: (bandwidths[i], i))
             if idx != list(range(len(devices))):
                 self.orders.append(_Ordered([devices[i] for i in idx], [budgets[i] for i in idx],
                                             [bandwidths[i] for i in idx], natural=devices,
-                                            select=tuple(devices[i].device_name for i in idx)))
+                                            select=tuple(devices[i].device_name for i in idx),
+                                            estimator=estimate, reserve_bytes=reserve_bytes))
 
     def place(self, layout: ModelLayout, flags: ServerFlags, *, max_spills: int | None = None,
               allow_partial: bool = True, speed: bool = False, correct: Correction | None = None
@@ -298,7 +309,8 @@ class _Ordered:
     """The search for one device order."""
 
     def __init__(self, devices: Sequence[Device], budgets: Sequence[int], bandwidths: Sequence[float] | None,
-                 natural: Sequence[Device], select: tuple[str, ...] = (), local_spills_first: bool = True) -> None:
+                 natural: Sequence[Device], select: tuple[str, ...] = (), local_spills_first: bool = True,
+                 estimator: Estimator | None = None, reserve_bytes: int = 0) -> None:
         self.devices = tuple(devices)
         self.local_spills_first = local_spills_first and any(d.remote for d in devices) and not all(
             d.remote for d in devices)  # only a mix of local and RPC devices has a choice to make
@@ -309,16 +321,47 @@ class _Ordered:
         self.first_cuda = next((i for i, d in enumerate(self.devices) if d.cuda and not d.remote), None)
         self.correct: Correction | None = None
         self.compute_scale: list[float] = [1.0] * len(self.devices)
+        self.estimator = estimator
+        self.reserve_bytes = reserve_bytes
+        self.outside: list[int] = [0] * len(self.devices)  # per device: bytes beside the ledger's (the projector)
+
+    def _probe_flags(self, flags: ServerFlags) -> ServerFlags:
+        """``flags`` with every device of this order holding layers, no spill."""
+        return flags.with_(tensor_split=(1.0,) * len(self.devices), override_tensor=(NO_PIPELINE_RULE,),
+                           device=self.select, split_mode="layer", n_cpu_moe=0, cpu_moe=False, n_gpu_layers=None)
+
+    def _estimate(self, layout: ModelLayout, flags: ServerFlags) -> MemoryEstimate:
+        """The truth of a placement: the given estimator's, else estimate_memory corrected by ``correct``."""
+        if self.estimator is not None:
+            return self.estimator(layout, flags)
+        est = estimate_memory(layout, flags, self.natural)
+        return self.correct(est) if self.correct is not None else est
+
+    def _reserve_on(self, est: MemoryEstimate, dev: Device) -> int:
+        """The projector's run-time growth, kept free on the device ``est`` puts the projector on."""
+        return self.reserve_bytes if est.vision is not None and est.vision.get("device") == dev.name else 0
+
+    def _outside_bytes(self, layout: ModelLayout, flags: ServerFlags) -> list[int]:
+        """Bytes each device holds beside the model's slots, which the ledger leaves out: what the estimator adds
+        to the plain estimate outside compute buffers (the ``--vision`` projector on its device; an MTP sidecar's
+        tensors, approximately: they follow the split) and the projector's reserve."""
+        if self.estimator is None:
+            return [0] * len(self.devices)
+        probe = self._probe_flags(flags)
+        full, plain = self.estimator(layout, probe), estimate_memory(layout, probe, self.natural)
+        out = []
+        for d in self.devices:
+            a, b = full.device(d.name), plain.device(d.name)
+            out.append(a.total_bytes - a.compute_bytes - (b.total_bytes - b.compute_bytes)
+                       + self._reserve_on(full, d))
+        return out
 
     def _compute_scales(self, layout: ModelLayout, flags: ServerFlags, correct: Correction | None) -> list[float]:
         """Each device's compute-buffer factor under ``correct`` (a calibration scales each device's buffer by its
         own factor), read off one estimate with every device holding layers."""
         if correct is None:
             return [1.0] * len(self.devices)
-        probe_flags = flags.with_(tensor_split=(1.0,) * len(self.devices), override_tensor=(NO_PIPELINE_RULE,),
-                                  device=self.select, split_mode="layer", n_cpu_moe=0, cpu_moe=False,
-                                  n_gpu_layers=None)
-        raw = estimate_memory(layout, probe_flags, self.natural)
+        raw = estimate_memory(layout, self._probe_flags(flags), self.natural)
         fixed = correct(raw)
         out = []
         for d in self.devices:
@@ -368,7 +411,7 @@ class _Ordered:
         for d in range(n_dev - 1, -1, -1):
             dev = self.devices[d]
             base, experts = led.base[dev.cuda], led.experts[dev.cuda]
-            budget = self.budgets[d]
+            budget = self.budgets[d] - self.outside[d]
             op = offload if d == self.first_cuda else 0
             bandwidth = self.bandwidths[d] if by_speed and self.bandwidths else 1.0
             scale = self.compute_scale[d]
@@ -465,13 +508,12 @@ class _Ordered:
         new = flags.with_(tensor_split=shares, override_tensor=rules, n_cpu_moe=0, cpu_moe=bool(mode.cpu_slots),
                           n_gpu_layers=led.n_slots - mode.cpu_slots if mode.cpu_slots else None,
                           split_mode="layer", device=self.select, main_gpu=0)
-        est = estimate_memory(layout, new, self.natural)
-        if self.correct is not None:
-            est = self.correct(est)
+        est = self._estimate(layout, new)
         return Placement(new, est, choice.counts, tuple(spilled), mode.cpu_slots, choice.secondary)
 
     def _overflow(self, est: MemoryEstimate) -> list[int]:
-        return [est.device(dev.name).total_bytes - b for dev, b in zip(self.devices, self.budgets, strict=True)]
+        return [est.device(dev.name).total_bytes + self._reserve_on(est, dev) - b
+                for dev, b in zip(self.devices, self.budgets, strict=True)]
 
     def _checked(self, layout: ModelLayout, flags: ServerFlags, led: _Ledger, choice: _Choice,
                  mode: _Mode) -> Placement | None:
@@ -519,6 +561,7 @@ class _Ordered:
         led = _ledger(layout, flags)
         self.correct = correct
         self.compute_scale = self._compute_scales(layout, flags, correct)
+        self.outside = self._outside_bytes(layout, flags)
         modes = (_Mode(True, spill=False), _Mode(False, spill=False)) if pipeline_possible else ()
         for mode in (*modes, _Mode(False)):
             choice = self._solve(led, mode, max_spills, speed)
@@ -601,12 +644,13 @@ class DeviceShare:
 
 
 def describe(layout: ModelLayout, flags: ServerFlags, devices: Sequence[Device],
-             budgets: Sequence[int] | None = None) -> list[DeviceShare]:
+             budgets: Sequence[int] | None = None, estimate: MemoryEstimate | None = None) -> list[DeviceShare]:
     """Each device's share of a plan (:class:`DeviceShare`): the model's devices in their order (``--device``'s when
-    given, the order of ``--tensor-split``), then any it leaves out."""
+    given, the order of ``--tensor-split``), then any it leaves out; bytes from ``estimate`` (the plan's, with its
+    projector and sidecar), else the plain estimate."""
     used = model_devices(devices, flags)
     placed = tensor_placement(layout, flags, devices)
-    est = estimate_memory(layout, flags, devices)
+    est = estimate if estimate is not None else estimate_memory(layout, flags, devices)
     slots = slot_devices(layout, flags, devices)
     budget_of = dict(zip((d.name for d in devices), budgets, strict=True)) if budgets is not None else {}
     out: list[DeviceShare] = []

@@ -150,30 +150,39 @@ class Budget:
     def cpu_only(self) -> bool:
         return not self.gpu_free_bytes
 
-    def device_budgets(self) -> list[int]:
-        """Bytes the estimate may put on each GPU: its free memory less the buffer (and, on the first, the vision
-        projector's reserve unless the projector is on the CPU)."""
-        return [free - self.buffer_bytes - self.gpu_reserved_bytes(i)
-                for i, (_, free) in enumerate(self.gpu_free_bytes)]
+    def reserved_device(self, estimate: MemoryEstimate | None = None) -> str:
+        """Where the vision reserve is kept free: the CPU without a GPU or with ``--no-mmproj-offload``; else the
+        projector's device in ``estimate`` (:func:`tuner.estimate.projector_device`: the first ``--device`` entry,
+        else the first local GPU); the first GPU when no estimate says."""
+        if self.cpu_only or self.reserved_on_host:
+            return CPU
+        if estimate is not None and estimate.vision is not None:
+            return str(estimate.vision["device"])
+        return self.gpu_free_bytes[0][0]
 
-    def gpu_reserved_bytes(self, index: int) -> int:
-        """The vision reserve on GPU ``index``: all of it on the first GPU, none when it is held in RAM."""
-        return self.reserved_bytes if index == 0 and not self.reserved_on_host else 0
+    def device_budgets(self, estimate: MemoryEstimate | None = None, *, reserve: bool = True) -> list[int]:
+        """Bytes the estimate may put on each GPU: its free memory less the buffer (and, with ``reserve``, less the
+        vision projector's reserve on :meth:`reserved_device`)."""
+        return [free - self.buffer_bytes - (self.gpu_reserved_bytes(name, estimate) if reserve else 0)
+                for name, free in self.gpu_free_bytes]
 
-    @property
-    def ram_reserved_bytes(self) -> int:
+    def gpu_reserved_bytes(self, name: str, estimate: MemoryEstimate | None = None) -> int:
+        """The vision reserve on GPU ``name``: all of it on :meth:`reserved_device`, none elsewhere."""
+        return self.reserved_bytes if name == self.reserved_device(estimate) else 0
+
+    def ram_reserved_bytes(self, estimate: MemoryEstimate | None = None) -> int:
         """What RAM keeps free beyond the estimate: the buffer and the vision reserve without a GPU; the vision
         reserve alone when the projector is on the CPU beside GPUs."""
         if self.cpu_only:
             return self.buffer_bytes + self.reserved_bytes
-        return self.reserved_bytes if self.reserved_on_host else 0
+        return self.reserved_bytes if self.reserved_device(estimate) == CPU else 0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, estimate: MemoryEstimate | None = None) -> dict[str, Any]:
         totals = self.gpu_total_bytes or tuple(0 for _ in self.gpu_free_bytes)
         return {"device": self.device, "vram_total_bytes": self.vram_total_bytes,
                 "vram_free_bytes": self.vram_free_bytes, "buffer_bytes": self.buffer_bytes,
                 "ram_available_bytes": self.ram_available_bytes, "reserved_bytes": self.reserved_bytes,
-                "reserved_on": CPU if self.reserved_on_host or self.cpu_only else self.gpu_free_bytes[0][0],
+                "reserved_on": self.reserved_device(estimate),
                 "buffer_source": self.buffer_source or None,
                 "gpus": [{"name": n, "vram_free_bytes": b} for n, b in self.gpu_free_bytes],
                 "devices": [{"device": n, "vram_total_bytes": t, "vram_free_bytes": b,
@@ -321,7 +330,7 @@ class Recommendation:
         return {
             "plan": p.to_dict(),
             "memory": p.estimate.to_dict()["memory"],
-            "budget": p.budget.to_dict(),
+            "budget": p.budget.to_dict(p.estimate),
             "headroom_bytes": headroom_bytes(p.estimate, p.budget),
             "predicted": p.predicted.to_dict(),
             "reasons": list(p.reasons),
@@ -383,10 +392,10 @@ def budget_for(hardware: Hardware, wishes: Wishes, calibration: Calibration | No
 def headroom_bytes(estimate: MemoryEstimate, budget: Budget) -> dict[str, int]:
     """Bytes left beyond the buffer on every GPU and in RAM (``"CPU"``); negative where the plan overflows."""
     out: dict[str, int] = {}
-    for i, (name, free) in enumerate(budget.gpu_free_bytes):
-        used = estimate.device(name).total_bytes + budget.gpu_reserved_bytes(i)
+    for name, free in budget.gpu_free_bytes:
+        used = estimate.device(name).total_bytes + budget.gpu_reserved_bytes(name, estimate)
         out[name] = free - budget.buffer_bytes - used
-    out[CPU] = budget.ram_available_bytes - budget.ram_reserved_bytes - estimate.host_total_bytes
+    out[CPU] = budget.ram_available_bytes - budget.ram_reserved_bytes(estimate) - estimate.host_total_bytes
     return out
 
 
@@ -504,8 +513,9 @@ class _Search:
 
     def placer(self, budget: Budget) -> Placer:
         """Several devices: the placement search with each GPU's budget and memory bandwidth."""
-        return Placer(self.devices, budget.device_budgets(),
-                      [float(g.mem_bandwidth_bytes_s) for g in self.hardware.gpus])
+        return Placer(self.devices, budget.device_budgets(reserve=False),
+                      [float(g.mem_bandwidth_bytes_s) for g in self.hardware.gpus], estimate=self.estimate,
+                      reserve_bytes=0 if budget.reserved_device() == CPU else budget.reserved_bytes)
 
     def correct(self, layout: ModelLayout) -> Callable[[MemoryEstimate], MemoryEstimate] | None:
         """The calibration's corrections of an estimate of ``layout`` on this hardware (None without one)."""
@@ -1096,6 +1106,14 @@ def _rule(w: Wishes, best: _Option, choice: policy.Choice | None) -> str:
     return rule
 
 
+def _experts_in_ram(n_layers: int, budget: Budget) -> str:
+    """What an option with experts of ``n_layers`` layers in RAM needs, in the flags that do it: ``--n-cpu-moe`` on
+    one GPU; on several devices, per-device ``--override-tensor`` rules (:mod:`tuner.placement`)."""
+    if len(budget.gpu_free_bytes) > 1:
+        return f"experts of {n_layers} layers in RAM (--override-tensor)"
+    return f"--n-cpu-moe {n_layers}"
+
+
 def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tuple]],
              kv_losers: Sequence[_Option], search: _Search, cap: int, native: int, ub_reason: str | None,
              choice: policy.Choice | None = None, more_ctx: _Option | None = None) -> tuple[str, ...]:
@@ -1122,7 +1140,8 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                       " (768 MiB of community headroom + 512 MiB of CUDA context and pools llama.cpp does not "
                       "count)" if b.buffer_bytes == DEFAULT_VRAM_BUFFER_BYTES else " (--buffer)")
                    + (f"; {fmt_bytes(b.reserved_bytes)} more "
-                      + ("of RAM (the projector on the CPU) " if b.reserved_on_host else "")
+                      + ("of RAM (the projector on the CPU) " if b.reserved_device(best.estimate) == CPU
+                         else f"on {b.reserved_device(best.estimate)} " if len(b.gpu_free_bytes) > 1 else "")
                       + "for the vision encoder's largest image" if b.reserved_bytes else ""))
         n = best.experts_on_cpu
         if best.flags.n_gpu_layers is not None:
@@ -1151,8 +1170,7 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
             step = min(o.quant_quality for o in bigger)
             o = max((x for x in bigger if x.quant_quality == step), key=lambda x: x.tg)
             if o.experts_on_cpu > n:
-                need = (f"experts of {o.experts_on_cpu} layers in RAM" if len(b.gpu_free_bytes) > 1
-                        else f"--n-cpu-moe {o.experts_on_cpu}")
+                need = _experts_in_ram(o.experts_on_cpu, b)
                 out.append(f"{o.candidate.quant}, the next better quant, would need {need} here: {o.tg:.0f} vs "
                            f"{best.tg:.0f} tok/s")
     if w.ctx_size is not None:
@@ -1162,7 +1180,7 @@ def _reasons(best: _Option, best_key: tuple, ranked: Sequence[tuple[_Option, tup
                    else f"context {best.ctx} with YaRN")
     else:
         out.append(f"context {best.ctx}: the largest that fits with this placement (native {native})"
-                   + (f"; {more_ctx.ctx} would need --n-cpu-moe {more_ctx.experts_on_cpu} and predict "
+                   + (f"; {more_ctx.ctx} would need {_experts_in_ram(more_ctx.experts_on_cpu, b)} and predict "
                       f"{more_ctx.tg:.0f} tok/s" + (f", outside the {policy.SPEED_WINDOW:.0%} window"
                                                     if choice and not choice.in_window(more_ctx) else
                                                     ", for no higher context tier")

@@ -1,8 +1,10 @@
 """The vision projector (``mmproj-*.gguf``): its weights and the compute buffer its encoder reserves.
 
 llama-server loads the projector after the text model (tools/server/server-context.cpp:1143) on one backend: the
-device ``--mmproj-device`` names, else the first GPU, else the CPU; ``--no-mmproj-offload`` keeps it on the CPU
-(tools/mtmd/clip.cpp:188-208). Two allocations, both on that device (paths in llama.cpp's tree):
+device ``--mmproj-device`` names (tuner does not plan it), else the first ``--device`` entry when ``--device`` is given
+(``-dev none``: the CPU; common/arg.cpp:889-893), else the first GPU the backend registry knows, else the CPU;
+``--no-mmproj-offload`` keeps it on the CPU (tools/mtmd/clip.cpp:188-208, :func:`tuner.estimate.projector_device`).
+Two allocations, both on that device (paths in llama.cpp's tree):
 
 * weights: one buffer holding every tensor of the file (clip.cpp:3641-3644), logged as
   ``load_hparams: model size: X MiB`` (the sum of the tensors' bytes, clip.cpp:1236-1245, 2125);

@@ -62,7 +62,8 @@ def recommend_result(rec: Recommendation, server_bin: str = "llama-server") -> d
     p = rec.plan
     if len(rec.hardware.gpus) > 1:  # several devices: what each holds, against its budget
         result["placement"] = [share.to_dict() for share in describe(
-            p.candidate.layout, p.flags, devices_of(rec.hardware), p.budget.device_budgets())]
+            p.candidate.layout, p.flags, devices_of(rec.hardware), p.budget.device_budgets(p.estimate),
+            p.estimate)]
     if len(rec.hardware.local_gpus) > 1:
         # the CUDA runtime numbers the fastest card first unless told otherwise: CUDAn must be NVML's GPU n, the
         # order the split is planned in (tuner's own launches set it too, tuner.server.CHILD_ENV)
