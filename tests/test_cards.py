@@ -110,7 +110,8 @@ def test_card_layout_has_the_real_tensor_and_parameter_counts() -> None:
     card = load_card(MAIN)
     text_only = card_layout(card, "Q8_0")
     with_mtp = card_layout(card, "Q8_0", mtp=True)
-    # qwen35-family.md: 733 tensors / 34,660,610,688 params; with the MTP layer 753 / 35,505,251,456
+    # Qwen3.5-35B-A3B's config.json and GGUF metadata: 733 tensors / 34,660,610,688 params;
+    # with the MTP layer 753 / 35,505,251,456
     assert (len(text_only.tensors), _params(text_only)) == (733, 34_660_610_688)
     assert (len(with_mtp.tensors), _params(with_mtp)) == (753, 35_505_251_456)
     assert (text_only.n_layer, text_only.n_layer_all, with_mtp.n_layer, with_mtp.n_layer_all) == (40, 40, 40, 41)

@@ -1,8 +1,8 @@
 """The memory estimate as pure arithmetic on real GGUF layouts (sparse files with the published Qwen3.5 shapes).
 
-The reference figures come from /work/shared/reference/llamacpp-memory.md: appendix B (CPU runs of llama-server on
-a sparse 35B-A3B file), section 9 (the worked single-H100 example) and section 5 (expert offload). The live
-comparison with llama-server itself is tests/test_estimate_vs_llama.py.
+The reference figures are llama-server's own reported buffers, written out in the tests below: CPU runs on a sparse
+35B-A3B file, a worked single-H100 example and expert offload. The live comparison with llama-server itself is
+tests/test_estimate_vs_llama.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ GPU = ("CUDA0",)
 
 
 def q4_k_m_like(name: str, role: str) -> str:
-    """The synthetic quant mix of llamacpp-memory.md section 9: Q4_K experts and embedding, Q8_0 other matrices,
+    """The synthetic quant mix of the worked single-H100 example: Q4_K experts and embedding, Q8_0 other matrices,
     Q6_K output, f32 router and 1-D tensors."""
     return {"norm": "f32", "router": "f32", "experts": "q4_K", "embd": "q4_K", "output": "q6_K"}.get(role, "q8_0")
 

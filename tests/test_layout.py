@@ -198,7 +198,8 @@ def test_missing_required_key_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_real_35b_a3b_parameter_counts_match_the_published_ones(real_35b: ModelLayout,
                                                                 real_35b_mtp: ModelLayout) -> None:
-    # qwen35-family.md: 34,660,610,688 params in 733 tensors; 35,505,251,456 in 753 with the MTP layer
+    # Qwen3.5-35B-A3B's config.json and GGUF metadata: 34,660,610,688 params in 733 tensors;
+    # 35,505,251,456 in 753 with the MTP layer
     assert (n_params(real_35b), len(real_35b.tensors)) == (34_660_610_688, 733)
     assert (n_params(real_35b_mtp), len(real_35b_mtp.tensors)) == (35_505_251_456, 753)
     assert n_params(real_35b, TensorClass.EXPERTS) == 32_212_254_720

@@ -457,7 +457,7 @@ def activation_peaks(layout: ModelLayout, n_tok: int, n_seq: int = 1, n_rs_seq: 
       output (qwen35moe.cpp:258-350; FA on, the KQ mask is counted apart).
 
     The coefficients count ggml-alloc's best-fit fragmentation as well as the live tensors: they were fitted to the
-    CPU backend's reported buffers (the reference notes' appendix B, re-checked by tests/test_estimate.py, and the
+    CPU backend's reported buffers (the sparse 35B-A3B runs re-checked by tests/test_estimate.py, and the
     live qwen35moe / qwen35 / qwen3next runs of tests/test_estimate_vs_llama.py at the 35B-A3B widths): the
     ``moe_ffn``/``dense_ffn``/``deltanet_conv`` terms are exact there (to 0.1 MiB); ``deltanet_state`` (many slots,
     MTP snapshots) is within about 15 %.
