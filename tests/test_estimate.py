@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tuner.devices import CPU, layer_devices
 from tuner.errors import TunerError
-from tuner.estimate import (
-    CPU,
-    ServerFlags,
-    activation_peaks,
-    context_shape,
-    estimate_memory,
-    layer_devices,
-    mtp_compute_bytes,
-)
+from tuner.estimate import ServerFlags, activation_peaks, context_shape, estimate_memory, mtp_compute_bytes
 from tuner.layout import ModelLayout, TensorClass
 from tuner.models import local_layout
 from tuner.synth import SynthSpec, qwen35_35b_a3b_spec, real_vocab_overrides, write_synthetic_gguf

@@ -1,9 +1,10 @@
 """Several devices against llama.cpp itself: two (or three) CPU ``ggml-rpc-server`` workers on loopback are devices
 ``RPC0``, ``RPC1`` … of a real llama-server (``--rpc``), which prints every buffer per device (``-lv 4``). Each
-placement rule of :mod:`tuner.estimate` — ``--tensor-split`` (float32 split points), ``--split-mode none`` with
-``--main-gpu``, ``--device`` order, ``-ot`` rules, partial ``-ngl``, KV and recurrent state with their layer's device,
-a compute buffer per device and the host's, pipeline parallelism's larger buffers — is compared with the log, and a
-plan of :class:`tuner.placement.Placer` (a split and per-device spills) is loaded and held to its budgets.
+placement rule of :mod:`tuner.devices` and :mod:`tuner.estimate` — ``--tensor-split`` (float32 split points),
+``--split-mode none`` with ``--main-gpu``, ``--device`` order, ``-ot`` rules, partial ``-ngl``, KV and recurrent
+state with their layer's device, a compute buffer per device and the host's, pipeline parallelism's larger buffers —
+is compared with the log, and a plan of :class:`tuner.placement.Placer` (a split and per-device spills) is loaded
+and held to its budgets.
 
 Weights, KV and recurrent state must match to the log's print rounding; compute buffers too, except where noted
 (measured differences of a few MiB: the ``--device`` reorder with pipeline parallelism, ``-fa off`` on the host,
@@ -27,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from tuner.build import LlamaBuild
-from tuner.estimate import Device, MemoryEstimate, ServerFlags, estimate_memory, slot_devices
+from tuner.devices import Device, slot_devices
+from tuner.estimate import MemoryEstimate, ServerFlags, estimate_memory
 from tuner.flags import flags_from_args
 from tuner.models import local_layout
 from tuner.placement import NO_PIPELINE_RULE, Placer, spill_rules

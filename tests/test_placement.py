@@ -10,17 +10,9 @@ from dataclasses import replace
 
 import pytest
 
+from tuner.devices import CPU, Device, layer_devices, model_devices, slot_devices, tensor_placement
 from tuner.errors import TunerError
-from tuner.estimate import (
-    CPU,
-    Device,
-    ServerFlags,
-    estimate_memory,
-    layer_devices,
-    model_devices,
-    slot_devices,
-    tensor_placement,
-)
+from tuner.estimate import ServerFlags, estimate_memory
 from tuner.flags import flags_from_args
 from tuner.hardware import GB, Hardware, hardware_for
 from tuner.layout import ModelLayout

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from tuner.cli import main
+from tuner.devices import projector_device
 from tuner.errors import TunerError
-from tuner.estimate import ServerFlags, estimate_memory, projector_device
+from tuner.estimate import ServerFlags, estimate_memory
 from tuner.gguf_file import read_gguf
 from tuner.hardware import hardware_for
 from tuner.models import local_layout

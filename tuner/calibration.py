@@ -47,8 +47,9 @@ from tuner.corrections import (
     placement_class,
     shape_id,
 )
+from tuner.devices import CPU
 from tuner.errors import TunerError
-from tuner.estimate import CPU, kv_cache_type_supported
+from tuner.estimate import kv_cache_type_supported
 from tuner.flags import FLAGS, ServerFlags
 from tuner.hardware import Hardware, NvmlApi, gpu_split, read_gpus
 from tuner.layout import ModelLayout

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuner import records as rec
-from tuner.estimate import CPU, MemoryEstimate, estimate_memory
+from tuner.devices import CPU
+from tuner.estimate import MemoryEstimate, estimate_memory
 from tuner.flags import ServerFlags
 from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout

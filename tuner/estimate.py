@@ -12,11 +12,10 @@ tests/test_estimate_vs_llama.py.
 * recurrent state: f32 whatever the cache type; ``(d_conv-1)*(d_inner+2*n_group*d_state) + d_state*d_inner``
   floats per recurrent layer and sequence, ``max(1, np) * (1 + n_rs_seq)`` sequences, ``n_rs_seq`` =
   ``--spec-draft-n-max`` with MTP drafting (llama-memory-recurrent.cpp:76-103, common/common.h:396-402).
-* weights: ``-ngl N`` offloads the last N-1 blocks and the output layer, ``token_embd`` stays on the CPU, ``--n-cpu-moe
-  N`` / ``--cpu-moe`` move the expert tensors of the first N / all blocks to the CPU, MTP tensors are skipped unless
-  drafting with MTP (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290, common/common.h:1198-1217). On
-  CUDA a quantized tensor whose row length is not a multiple of 512 gets one row's worth of padding
-  (``ggml_backend_cuda_buffer_type_get_alloc_size``, ggml-cuda.cu:903-920).
+* weights: every tensor's bytes on the device :mod:`tuner.devices` places it on (``-ngl``, ``--tensor-split``,
+  ``--n-cpu-moe``, ``-ot``; :func:`~tuner.devices.tensor_placement`). On CUDA a quantized tensor whose row length is
+  not a multiple of 512 gets one row's worth of padding (``ggml_backend_cuda_buffer_type_get_alloc_size``,
+  ggml-cuda.cu:903-920).
 * compute buffer (sched_reserve, llama-context.cpp:615-765): ggml-alloc's peak over the worst-case graph, a ubatch of
   ``n_tok = roundup(min(n_ctx, n_ubatch), np)`` tokens (:2528-2531) against the full cache (``init_full``).
   Derived from the graph code (src/models/qwen35moe.cpp, qwen35.cpp, delta-net-base.cpp, llama-graph.cpp), with the
@@ -44,34 +43,36 @@ tests/test_estimate_vs_llama.py.
   common/common.cpp:1625); the target context keeps ``--spec-draft-n-max`` rollback snapshots of the recurrent state;
   a draft context on the head (common/speculative.cpp:2446-2570) has the target's ``n_ctx`` and slots, a KV cache
   of the MTP block alone in the draft cache types (f16 by default), and its own compute and output buffers. A
-  **sidecar** head (``-md mtp-*.gguf``, ``draft`` below) is a second model: all of its tensors load, placed by the
-  draft's own ``-ngld`` (all on the GPU by default): ``token_embd`` on the CPU, the rest on the GPU, the trunk's
-  ``--n-cpu-moe`` / ``--cpu-moe`` not applying to it (common/speculative.cpp:2456-2466, 2537-2556) — so it
+  **sidecar** head (``-md mtp-*.gguf``, ``draft`` below) is a second model: all of its tensors load
+  (common/speculative.cpp:2456-2466, 2537-2556), placed by :func:`~tuner.devices.sidecar_placement` — so it
   duplicates the trunk's ``token_embd`` and ``output``.
-* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer on the first
-  ``--device`` entry when given (common/arg.cpp:889-893), else the first GPU of the backend registry (this machine's,
-  before any RPC worker's; tools/mtmd/clip.cpp:188-208), on the CPU with ``--no-mmproj-offload`` or ``-dev none``
-  (:func:`projector_device`, :mod:`tuner.vision`), as ``vision_bytes`` of that device.
+* vision (``--mmproj``, ``vision`` below): the projector's weights and its encoder's compute buffer
+  (:mod:`tuner.vision`), as ``vision_bytes`` of the device :func:`~tuner.devices.projector_device` puts it on.
 """
 
 from __future__ import annotations
 
-import bisect
-import re
-import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tuner.devices import (
+    CPU,
+    Device,
+    layer_devices,
+    model_devices,
+    projector_device,
+    sidecar_placement,
+    slot_devices,
+    tensor_placement,
+)
 from tuner.errors import TunerError
 from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.ggml import CUDA_MATRIX_ROW_PADDING, is_quantized, kv_cache_type, row_bytes
 from tuner.layout import ModelLayout, Tensor, TensorClass
 from tuner.units import MiB
-from tuner.untrusted import shown
 from tuner.vision import Projector
 
-CPU = "CPU"
 # Architectures with M-RoPE / IMRoPE: four positions per token (llama-graph.cpp build_inp_pos).
 MROPE_ARCHS: frozenset[str] = frozenset({"qwen35", "qwen35moe"})
 OP_OFFLOAD_MIN_BATCH = 32  # GGML_OP_OFFLOAD_MIN_BATCH (ggml-cuda.cu:5825)
@@ -80,9 +81,6 @@ OP_OFFLOAD_MIN_BATCH = 32  # GGML_OP_OFFLOAD_MIN_BATCH (ggml-cuda.cu:5825)
 RS_ROLLBACK_ARCHS: frozenset[str] = frozenset({"qwen35", "qwen35moe"})
 # The draft context's KV cache type unless --cache-type-k-draft / --cache-type-v-draft say otherwise (common.h).
 DRAFT_CACHE_TYPE = "f16"
-#: The longest ``-ot`` pattern tuner takes. llama-server takes any std::regex (common/arg.cpp:265-282); real rules are
-#: tens of characters, and the cap keeps a pasted megabyte from being compiled and matched against every tensor.
-MAX_OVERRIDE_PATTERN_CHARS = 1000
 
 
 def pad(n: int, multiple: int) -> int:
@@ -244,138 +242,6 @@ def context_shape(layout: ModelLayout, flags: ServerFlags) -> ContextShape:
     return ContextShape(n_ctx, n_ctx_seq, n_seq, flags.unified, n_batch, n_ubatch)
 
 
-@dataclass(frozen=True)
-class Device:
-    """A device llama.cpp offloads to, as the estimate needs it. Strings stand for devices too (:meth:`of`)."""
-
-    name: str  # its buffers' name in llama.cpp's log and -ot targets: CUDA0, RPC0[10.0.0.2:50052]; the memory key
-    select_name: str = ""  # its device name (--device, "using device" lines): CUDA0, RPC2; default: name
-    cuda: bool = True  # run by the CUDA backend, locally or on an RPC worker: row padding, f16 KV conversion
-    remote: bool = False  # behind RPC: no op offload (ggml-rpc.cpp:2262), no host buffer type (ggml-rpc.cpp:2258)
-
-    @property
-    def device_name(self) -> str:
-        return self.select_name or self.name
-
-    @classmethod
-    def of(cls, device: str | Device) -> Device:
-        """``CUDA0`` → a local CUDA device; ``RPC0[h:p]`` / ``RPC0`` → a remote device with a CPU backend (pass a
-        :class:`Device` with ``cuda=True`` for a CUDA worker); any other name → a local non-CUDA device."""
-        if isinstance(device, Device):
-            return device
-        if device.startswith("RPC"):
-            return cls(device, cuda=False, remote=True)
-        return cls(device, cuda=device.startswith("CUDA"))
-
-
-def model_devices(devices: Sequence[str | Device], flags: ServerFlags) -> tuple[Device, ...]:
-    """The devices llama.cpp puts the model on, in its order (llama_prepare_model_devices, src/llama.cpp:157-311):
-    ``--device`` picks and orders them (``none``: no device), ``--split-mode none`` keeps only ``--main-gpu``'s (an
-    index into that list; negative: none). ``--split-mode row`` and ``tensor`` are refused with the reason."""
-    all_devices = [Device.of(d) for d in devices]
-    if flags.split_mode == "row":
-        raise TunerError("--split-mode row does not load in this llama.cpp: CUDA and RPC devices have no split buffer "
-                         "type (src/llama-model.cpp:1160-1162); use --split-mode layer")
-    if flags.split_mode == "tensor":
-        raise TunerError("--split-mode tensor (one experimental meta device, src/llama.cpp:160-221) is not sized by "
-                         "tuner; use --split-mode layer or none")
-    chosen = all_devices
-    if flags.device:
-        if [d.lower() for d in flags.device] == ["none"]:
-            chosen = []
-        else:
-            by_name = {n: d for d in all_devices for n in (d.device_name, d.name)}
-            unknown = [n for n in flags.device if n not in by_name]
-            if unknown:
-                known = ", ".join(d.device_name for d in all_devices) or "none"
-                raise TunerError(f"--device {','.join(flags.device)}: no device {unknown[0]} here (devices: {known})")
-            chosen = [by_name[n] for n in flags.device]
-    if flags.split_mode == "none" and chosen:
-        if flags.main_gpu < 0:
-            return ()
-        if flags.main_gpu >= len(chosen):
-            raise TunerError(f"--main-gpu {flags.main_gpu}: there are {len(chosen)} device(s) (numbered from 0); "
-                             "llama.cpp refuses it (src/llama.cpp:294-296)")
-        return (chosen[flags.main_gpu],)
-    return tuple(chosen)
-
-
-def f32(x: float) -> float:
-    """``x`` rounded to the nearest float32. An operation on float32 values done in double and rounded so equals the
-    float32 operation (53 >= 2 * 24 + 2 bits: double rounding is innocuous for + - * /), which is how the split
-    arithmetic below emulates llama.cpp's floats without numpy."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def split_points(weights: Sequence[float]) -> list[float]:
-    """The cumulative split points llama.cpp computes from ``-ts`` (or the free memory), in float32 as it does
-    (src/llama-model.cpp:1579-1587)."""
-    acc = 0.0
-    cum: list[float] = []
-    for w in weights:
-        acc = f32(acc + f32(w))
-        cum.append(acc)
-    if acc <= 0:
-        raise TunerError("--tensor-split gives every device a share of 0")
-    return [f32(c / acc) for c in cum]
-
-
-def layer_devices(n_layer_all: int, n_gpu_layers: int | None, gpu_names: Sequence[str],
-                  gpu_split: Sequence[float] | None = None) -> list[str]:
-    """Device of every block and, last, of the output layer (index ``n_layer_all``), as llama-model.cpp:1589-1614:
-    the first ``n_layer_all + 1 - ngl`` slots on the CPU, then slot ``i`` of the ``act`` offloaded ones on the
-    device ``upper_bound(split points, float(i) / act)``, in float32. ``gpu_split`` defaults to equal shares.
-
-    With integer shares summing to ``act`` (what tuner plans), device ``d`` holds exactly the next ``n_d`` slots."""
-    if not gpu_names:
-        return [CPU] * (n_layer_all + 1)
-    n_slots = n_layer_all + 1
-    ngl = n_slots if n_gpu_layers is None or n_gpu_layers < 0 else n_gpu_layers
-    start = max(n_slots - ngl, 0)
-    act = min(ngl, n_slots)
-    weights = list(gpu_split)[: len(gpu_names)] if gpu_split else []
-    weights += [0.0] * (len(gpu_names) - len(weights))
-    cum = split_points(weights if any(weights) else [1.0] * len(gpu_names))
-    out: list[str] = []
-    for il in range(n_slots):
-        if il < start or il - start >= act:
-            out.append(CPU)
-            continue
-        frac = f32(f32(il - start) / f32(act))
-        out.append(gpu_names[min(bisect.bisect_right(cum, frac), len(gpu_names) - 1)])
-    return out
-
-
-def slot_devices(layout: ModelLayout, flags: ServerFlags, devices: Sequence[str | Device] = (),
-                 gpu_split: Sequence[float] | None = None) -> list[str]:
-    """:func:`layer_devices` for ``flags``: its model devices (``--device``, ``--split-mode none``), its
-    ``--tensor-split`` when any share is not 0 (else ``gpu_split``, llama.cpp's free-memory default), its ``-ngl``."""
-    used = model_devices(devices, flags)
-    names = [d.name for d in used]
-    split: Sequence[float] | None = gpu_split
-    if any(flags.tensor_split[: len(used)]):
-        split = flags.tensor_split
-    elif gpu_split is not None:  # free memory: the shares of the devices kept, in their new order
-        index = {Device.of(d).name: i for i, d in enumerate(devices)}
-        split = [gpu_split[index[n]] for n in names]
-    return layer_devices(layout.n_layer_all, flags.n_gpu_layers, names, split)
-
-
-def projector_device(devices: Sequence[str | Device], flags: ServerFlags, mmproj_offload: bool = True) -> str:
-    """The device llama-server puts the vision projector on (``--mmproj``): the CPU with ``--no-mmproj-offload``;
-    else the first ``--device`` entry when ``--device`` is given (common/arg.cpp:889-893; ``none`` leaves it no
-    device: the CPU, tools/mtmd/clip.cpp:188-199); else the first GPU the backend registry knows
-    (clip.cpp:196-197): this machine's before RPC workers' (registered later); the CPU without a device."""
-    all_devices = [Device.of(d) for d in devices]
-    if not mmproj_offload or not all_devices:
-        return CPU
-    if flags.device:  # --device's order, whatever --split-mode none keeps for the model
-        chosen = model_devices(all_devices, flags.with_(split_mode="layer", main_gpu=0))
-        return chosen[0].name if chosen else CPU
-    local = [d.name for d in all_devices if not d.remote]
-    return (local or [d.name for d in all_devices])[0]
-
-
 def device_tensor_bytes(t: Tensor, device: Device | None) -> int:
     """Bytes of ``t`` in a buffer of ``device`` (None: the CPU): a quantized tensor whose rows are not a multiple of
     512 gets one row of padding on CUDA (``ggml_backend_cuda_buffer_type_get_alloc_size``, ggml-cuda.cu:903-920)."""
@@ -406,36 +272,6 @@ def context_bytes_by_layer(layout: ModelLayout, flags: ServerFlags) -> dict[int,
             out.setdefault(il, [0, 0])[0] += shape.n_ctx * layout.kv_bytes_per_cell(DRAFT_CACHE_TYPE,
                                                                                     DRAFT_CACHE_TYPE, [il])
     return {il: (kv, rs) for il, (kv, rs) in out.items()}
-
-
-def override_rules(flags: ServerFlags) -> list[tuple[str, str]]:
-    """The ``-ot`` rules of ``flags`` as (regex, buffer type) pairs, checked (``PATTERN=BUFFER_TYPE``)."""
-    rules = []
-    for rule in flags.override_tensor:
-        pattern, _, target = rule.partition("=")
-        rules.append((pattern, target))
-    return rules
-
-
-def _compiled_rules(flags: ServerFlags, known: set[str]) -> list[tuple[re.Pattern[str], str]]:
-    """The ``-ot`` rules compiled; one-line TunerError for an unknown buffer type, a pattern longer than
-    :data:`MAX_OVERRIDE_PATTERN_CHARS` or one Python's ``re`` cannot compile (a syntax error, a repeat count past its
-    limit, nesting past the recursion limit)."""
-    out = []
-    for pattern, target in override_rules(flags):
-        rule = shown(f"{pattern}={target}", 60)
-        if target not in known:
-            raise TunerError(f"-ot {rule}: unknown buffer type {shown(target, 40)} (llama-server knows "
-                             f"{', '.join(sorted(known))}; common/arg.cpp:272-278)")
-        if len(pattern) > MAX_OVERRIDE_PATTERN_CHARS:
-            raise TunerError(f"-ot {rule}: a pattern of {len(pattern)} characters, more than tuner's limit of "
-                             f"{MAX_OVERRIDE_PATTERN_CHARS}")
-        try:
-            out.append((re.compile(pattern), target))
-        except (re.error, OverflowError, RecursionError) as error:
-            why = "nested too deep" if isinstance(error, RecursionError) else " ".join(str(error).split())[:80]
-            raise TunerError(f"-ot {rule}: not a regular expression tuner can use ({why})") from None
-    return out
 
 
 def activation_peaks(layout: ModelLayout, n_tok: int, n_seq: int = 1, n_rs_seq: int = 0) -> dict[str, int]:
@@ -567,36 +403,6 @@ def kv_cache_type_supported(layout: ModelLayout, type_name: str, *, flash_attn: 
     if not (flash_attn and layout.attention_layers and is_quantized(t)):
         return True
     return layout.head_k % t.block_size == 0 and layout.head_v % t.block_size == 0
-
-
-def tensor_placement(layout: ModelLayout, flags: ServerFlags, gpu_names: Sequence[str | Device] = (),
-                     gpu_split: Sequence[float] | None = None) -> list[tuple[Tensor, str]]:
-    """Every tensor llama-server loads with the device it lands on: its slot's device (:func:`slot_devices`), unless
-    a buffer override sends it elsewhere (``--n-cpu-moe N``: the experts of blocks ``0..N-1``; ``--cpu-moe``: every
-    expert; ``-ot``: ``CPU`` or a device's buffer type; common/common.h:1198-1217, common/arg.cpp:252-285), the
-    input embedding on the CPU (and loaded a second time on the output device when the embeddings are tied), the MTP
-    block only when drafting with it (llama-model.cpp:1589-1614, llama-model-loader.cpp:1114-1290)."""
-    devs = slot_devices(layout, flags, gpu_names, gpu_split)
-    rules = _compiled_rules(flags, {CPU} | {Device.of(d).name for d in gpu_names})
-    n_cpu_moe = layout.n_layer_all + 1 if flags.cpu_moe else flags.n_cpu_moe
-    out_dev = devs[layout.n_layer_all]
-    mtp = flags.spec_type == SPEC_MTP
-    placed: list[tuple[Tensor, str]] = []
-    for t in layout.tensors:
-        if t.cls is TensorClass.MTP and not mtp:
-            continue
-        # --n-cpu-moe / --cpu-moe come first on tuner's command lines (the table's order), then -ot: the first
-        # rule whose pattern regex_searches the name wins (llama-model-loader.cpp:1235-1262)
-        target = CPU if n_cpu_moe and t.layer is not None and t.layer < n_cpu_moe and t.is_expert else None
-        if target is None and rules:
-            target = next((tgt for pattern, tgt in rules if pattern.search(t.name)), None)
-        if t.cls is TensorClass.TOKEN_EMBD:
-            placed.append((t, target or CPU))
-            if layout.tied_embeddings and out_dev != CPU:
-                placed.append((t, target or out_dev))
-            continue
-        placed.append((t, target or (out_dev if t.layer is None else devs[t.layer])))
-    return placed
 
 
 # Per-device compute buffers, measured with CPU-backend devices (two ggml-rpc-server workers on loopback, a qwen35moe
@@ -766,24 +572,6 @@ def compute_by_device(layout: ModelLayout, shape: ContextShape, devs: Sequence[s
     out[CPU] = model.host_bytes(with_slots[0] if with_slots else None, cpu_runs_layers=cpu_runs_layers,
                                 cpu_runs_experts=bool(largest_cpu_expert) and not offloadable, pipeline=pipeline)
     return out
-
-
-def sidecar_placement(draft: ModelLayout, gpu_names: Sequence[str] = (),
-                      gpu_split: Sequence[float] | None = None) -> list[tuple[Tensor, str]]:
-    """Every tensor of an MTP sidecar with its device, as the draft model loads it: the draft's ``-ngld`` (all on
-    the GPUs by default) and never the trunk's ``--n-cpu-moe`` / ``--cpu-moe`` (common/speculative.cpp:2456-2466),
-    ``token_embd`` on the CPU (llama-model.cpp:1603-1605)."""
-    devs = layer_devices(draft.n_layer_all, None, gpu_names, gpu_split)
-    out_dev = devs[draft.n_layer_all]
-    placed: list[tuple[Tensor, str]] = []
-    for t in draft.tensors:
-        if t.cls is TensorClass.TOKEN_EMBD:
-            placed.append((t, CPU))
-            if draft.tied_embeddings and out_dev != CPU:
-                placed.append((t, out_dev))
-            continue
-        placed.append((t, out_dev if t.layer is None else devs[t.layer]))
-    return placed
 
 
 def check_sidecar(layout: ModelLayout, draft: ModelLayout) -> None:

@@ -36,7 +36,7 @@ from tuner.untrusted import shown
 
 SPEC_MTP = "draft-mtp"
 FLASH_ATTN_MODES = ("on", "off", "auto")
-#: --split-mode's values (common/arg.cpp:2807-2826); tuner sizes layer and none (tuner.estimate refuses the others).
+#: --split-mode's values (common/arg.cpp:2807-2826); tuner sizes layer and none (tuner.devices refuses the others).
 SPLIT_MODES = ("none", "layer", "row", "tensor")
 #: -ts takes fewer values than llama_max_devices() = 16 (common/arg.cpp:2841-2845, src/llama.cpp:86-88).
 MAX_TENSOR_SPLIT = 15

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from tuner.estimate import CPU, slot_devices, tensor_placement
+from tuner.devices import CPU, slot_devices, tensor_placement
 from tuner.flags import SPEC_MTP, ServerFlags
 from tuner.hardware import Hardware
 from tuner.layout import ModelLayout, TensorClass

@@ -42,16 +42,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.estimate import (
-    CPU,
-    MROPE_ARCHS,
-    OP_OFFLOAD_MIN_BATCH,
-    Device,
-    ServerFlags,
-    layer_devices,
-    pad,
-    tensor_placement,
-)
+from tuner.devices import CPU, Device, layer_devices, tensor_placement
+from tuner.estimate import MROPE_ARCHS, OP_OFFLOAD_MIN_BATCH, ServerFlags, pad
 from tuner.layout import EXPERT_TENSOR_RE, ModelLayout
 
 SET_OVERHEAD_BYTES = 314

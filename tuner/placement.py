@@ -1,5 +1,5 @@
 """Where a model goes over several devices: the layer split (``--tensor-split``) and which expert tensors each
-device sends to RAM (``--override-tensor``), chosen for llama.cpp's placement rules (:mod:`tuner.estimate`).
+device sends to RAM (``--override-tensor``), chosen for llama.cpp's placement rules (:mod:`tuner.devices`).
 
 The planner (:mod:`tuner.planner`) calls :class:`Placer` for two or more devices (one GPU keeps ``--n-cpu-moe``,
 which only empties the first device, common/common.h:1202-1217). What it finds, in this order:
@@ -40,22 +40,18 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tuner.devices import CPU, Device, model_devices, slot_devices, tensor_placement
 from tuner.errors import TunerError
 from tuner.estimate import (
-    CPU,
     RS_ROLLBACK_ARCHS,
     BlockSpan,
     ComputeModel,
-    Device,
     MemoryEstimate,
     context_bytes_by_layer,
     context_shape,
     device_tensor_bytes,
     estimate_memory,
-    model_devices,
     mtp_compute_bytes,
-    slot_devices,
-    tensor_placement,
 )
 from tuner.flags import FLAGS, MAX_TENSOR_SPLIT, SPEC_MTP, ServerFlags
 from tuner.ggml import is_quantized, kv_cache_type

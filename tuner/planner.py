@@ -76,8 +76,9 @@ from typing import Any, TypeVar
 from tuner import policy
 from tuner.cards import preset_args
 from tuner.corrections import Calibration, corrected_estimate, shape_id
+from tuner.devices import CPU
 from tuner.errors import TunerError
-from tuner.estimate import CPU, MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
+from tuner.estimate import MemoryEstimate, ServerFlags, estimate_memory, kv_cache_type_supported, pad
 from tuner.flags import FLAGS, SPEC_MTP
 from tuner.ggml import kv_cache_type
 from tuner.hardware import Hardware, gpu_split, rpc_endpoints
@@ -152,7 +153,7 @@ class Budget:
 
     def reserved_device(self, estimate: MemoryEstimate | None = None) -> str:
         """Where the vision reserve is kept free: the CPU without a GPU or with ``--no-mmproj-offload``; else the
-        projector's device in ``estimate`` (:func:`tuner.estimate.projector_device`: the first ``--device`` entry,
+        projector's device in ``estimate`` (:func:`tuner.devices.projector_device`: the first ``--device`` entry,
         else the first local GPU); the first GPU when no estimate says."""
         if self.cpu_only or self.reserved_on_host:
             return CPU

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from tuner.build import ProgressFn as BuildProgressFn
+from tuner.devices import CPU
 from tuner.errors import TunerError
-from tuner.estimate import CPU, MemoryEstimate
+from tuner.estimate import MemoryEstimate
 from tuner.flags import FLAGS
 from tuner.hardware import (
     GENERIC_GPU_BANDWIDTH_BYTES_S,

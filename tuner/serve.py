@@ -72,8 +72,9 @@ from tuner.build import LlamaBuild, obtain_build
 from tuner.build import ProgressFn as BuildProgressFn
 from tuner.cards import preset_args
 from tuner.corrections import MEMORY_KINDS, Calibration, MemoryPoint, corrected_estimate, memory_points
+from tuner.devices import CPU
 from tuner.errors import TunerError
-from tuner.estimate import CPU, MemoryEstimate
+from tuner.estimate import MemoryEstimate
 from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
 from tuner.flags import FLAGS, flag_value, has_flag, set_flag, without_flags
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus

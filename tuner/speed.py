@@ -57,15 +57,9 @@ import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from tuner.devices import CPU, slot_devices, tensor_placement
 from tuner.errors import TunerError
-from tuner.estimate import (
-    CPU,
-    OP_OFFLOAD_MIN_BATCH,
-    ServerFlags,
-    context_shape,
-    slot_devices,
-    tensor_placement,
-)
+from tuner.estimate import OP_OFFLOAD_MIN_BATCH, ServerFlags, context_shape
 from tuner.ggml import is_quantized, kv_cache_type
 from tuner.hardware import GB, Gpu, Hardware, catalog_entry_for_name, gpu_split, load_gpu_catalog
 from tuner.layout import ModelLayout, TensorClass

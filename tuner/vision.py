@@ -3,7 +3,7 @@
 llama-server loads the projector after the text model (tools/server/server-context.cpp:1143) on one backend: the
 device ``--mmproj-device`` names (tuner does not plan it), else the first ``--device`` entry when ``--device`` is given
 (``-dev none``: the CPU; common/arg.cpp:889-893), else the first GPU the backend registry knows, else the CPU;
-``--no-mmproj-offload`` keeps it on the CPU (tools/mtmd/clip.cpp:188-208, :func:`tuner.estimate.projector_device`).
+``--no-mmproj-offload`` keeps it on the CPU (tools/mtmd/clip.cpp:188-208, :func:`tuner.devices.projector_device`).
 Two allocations, both on that device (paths in llama.cpp's tree):
 
 * weights: one buffer holding every tensor of the file (clip.cpp:3641-3644), logged as

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tuner.bench.flagsets import FlagSet, load_mode, uses_fit
+from tuner.devices import CPU
 from tuner.errors import TunerError
-from tuner.estimate import CPU, MemoryEstimate
+from tuner.estimate import MemoryEstimate
 from tuner.flags import FLAGS, ServerFlags, flag_value
 from tuner.hardware import Hardware, gpu_split
 from tuner.layout import ModelLayout
