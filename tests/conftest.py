@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tunerproc import live_cmdlines
 
 from tuner.build import LlamaBuild
 from tuner.synth import SynthSpec, write_synthetic_gguf
@@ -76,19 +77,8 @@ def server_bin(llama_build: LlamaBuild) -> Path:
 
 
 def _live_processes_naming(needle: str) -> list[int]:
-    """Live (not zombie) processes other than this one whose command line contains ``needle`` (reads /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
+    """Live (not zombie) processes other than this one whose command line contains ``needle``."""
+    return [pid for pid, argv in live_cmdlines() if needle.encode() in b" ".join(argv)]
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from tunerproc import other_protocol_worker
 
 from tuner import speed
 from tuner.bench.benchmark import on_workers
@@ -326,35 +326,8 @@ def test_a_log_without_rpc_trouble_says_nothing() -> None:
 
 @pytest.fixture
 def v6_worker() -> Iterator[str]:
-    """A TCP server that answers llama.cpp's RPC handshake as a protocol 6.0.0 worker would."""
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.bind(("127.0.0.1", 0))
-    server.listen(4)
-    stop = threading.Event()
-
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                got = b""
-                while len(got) < 1 + 8 + 24:
-                    chunk = conn.recv(64)
-                    if not chunk:
-                        break
-                    got += chunk
-                conn.sendall((28).to_bytes(8, "little") + bytes([6, 0, 0, 0]) + bytes(24))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join(5)
-    server.close()
+    with other_protocol_worker((6, 0, 0)) as endpoint:
+        yield endpoint
 
 
 def test_the_protocol_a_worker_speaks_is_read_from_its_handshake(v6_worker: str) -> None:

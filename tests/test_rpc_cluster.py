@@ -5,21 +5,19 @@ a chat request, Ctrl-C, and every failure issue 11 names: one line, a non-zero e
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from tunerproc import TunerProcess, other_protocol_worker, programs_running, status_is
 
 from tuner.server import free_port, process_alive
 from tuner.serverlog import MIB_PRINT_ROUNDING_BYTES, parse_load_log
@@ -46,113 +44,15 @@ def env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "TUNER_CONFIG_DIR": str(tmp_path / "config"), "PYTHONUNBUFFERED": "1"}
 
 
-class Tuner:
-    """``tuner COMMAND … --json`` in a subprocess: its JSON lines as events, stderr kept."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tuner", *args, "--json"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.events: list[dict[str, Any]] = []
-        self.stderr: list[str] = []
-        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True),
-                         threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _pump(self, stream: Any, is_stdout: bool) -> None:
-        for line in stream:
-            if is_stdout:
-                self.lines.put(line)
-            else:
-                self.stderr.append(line)
-        if is_stdout:
-            self.lines.put(None)
-
-    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 180) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"timed out; events={self.events} stderr={self.stderr}") from None
-            if line is None:
-                raise AssertionError(f"tuner exited ({self.proc.wait()}); events={self.events} stderr={self.stderr}")
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                self.events.append(event)
-                if pred(event):
-                    return event
-
-    def finish(self, timeout_s: float = 60) -> int:
-        code = self.proc.wait(timeout=timeout_s)
-        for t in self._threads:
-            t.join(5)
-        while True:
-            try:
-                line = self.lines.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                with contextlib.suppress(ValueError):
-                    self.events.append(json.loads(line))
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def one_line_error(self) -> str:
-        errors = [line for line in self.stderr if line.startswith("tuner: error:")]
-        assert len(errors) == 1, self.stderr
-        return errors[0].rstrip("\n")
-
-
-def _is(status: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: e.get("status") == status
-
-
-def _rpc_servers_on(port: int) -> list[int]:
-    """Live ggml-rpc-server processes listening on ``port`` (by their command line)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmdline and cmdline[0].endswith(b"ggml-rpc-server") and str(port).encode() in cmdline \
-                and process_alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
-
-
-def _llama_servers_for(model: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmdline and cmdline[0].endswith(b"llama-server") and str(model).encode() in cmdline \
-                and process_alive(int(proc.name)):
-            found.append(int(proc.name))
-    return found
-
-
 @contextlib.contextmanager
-def workers(n: int, env: dict[str, str]) -> Iterator[list[tuple[Tuner, int, dict[str, Any]]]]:
+def workers(n: int, env: dict[str, str]) -> Iterator[list[tuple[TunerProcess, int, dict[str, Any]]]]:
     """``n`` ``tuner worker`` processes on free loopback ports; stopped with SIGINT (Ctrl-C) on the way out."""
-    started: list[tuple[Tuner, int, dict[str, Any]]] = []
+    started: list[tuple[TunerProcess, int, dict[str, Any]]] = []
     try:
         for _ in range(n):
             port = free_port()
-            w = Tuner(["worker", "--port", str(port), "--threads", "1"], env)
-            started.append((w, port, w.wait_for(_is("listening"))))
+            w = TunerProcess(["worker", "--port", str(port), "--threads", "1"], env)
+            started.append((w, port, w.wait_for(status_is("listening"))))
         yield started
     finally:
         for w, _port, _ in started:
@@ -208,17 +108,17 @@ def test_worker_shows_its_devices_and_ctrl_c_leaves_nothing(llama_build: Any, en
         assert listening["loopback_only"] is True and "no authentication" in listening["security"]
         cpu = listening["devices"][0]
         assert cpu["name"] == "CPU" and cpu["free_bytes"] > 0
-        assert _rpc_servers_on(port) == [listening["pid"]]
+        assert programs_running("ggml-rpc-server", str(port)) == [listening["pid"]]
     assert w.proc.returncode == 0, w.stderr
     assert w.events[-1]["status"] == "stopped"
-    assert _rpc_servers_on(port) == []
+    assert programs_running("ggml-rpc-server", str(port)) == []
 
 
 def test_killing_tuner_worker_outright_takes_ggml_rpc_server_with_it(llama_build: Any, env: dict[str, str]) -> None:
     port = free_port()
-    w = Tuner(["worker", "--port", str(port)], env)
+    w = TunerProcess(["worker", "--port", str(port)], env)
     try:
-        rpc_pid = w.wait_for(_is("listening"))["pid"]
+        rpc_pid = w.wait_for(status_is("listening"))["pid"]
         w.proc.send_signal(signal.SIGKILL)
         w.finish(30)
         deadline = time.monotonic() + 10
@@ -226,7 +126,7 @@ def test_killing_tuner_worker_outright_takes_ggml_rpc_server_with_it(llama_build
             time.sleep(0.05)
     finally:
         w.kill()
-    assert not process_alive(rpc_pid) and _rpc_servers_on(port) == []
+    assert not process_alive(rpc_pid) and programs_running("ggml-rpc-server", str(port)) == []
 
 
 def test_a_port_in_use_is_one_line_and_starts_nothing(llama_build: Any, env: dict[str, str]) -> None:
@@ -234,21 +134,21 @@ def test_a_port_in_use_is_one_line_and_starts_nothing(llama_build: Any, env: dic
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        w = Tuner(["worker", "--port", str(port)], env)
+        w = TunerProcess(["worker", "--port", str(port)], env)
         code = w.finish(120)
     assert code == 1
     assert w.one_line_error() == (f"tuner: error: port {port} on 127.0.0.1 is already in use (Address already in "
                                   "use); pick another with --port")
-    assert _rpc_servers_on(port) == []
+    assert programs_running("ggml-rpc-server", str(port)) == []
 
 
 def test_an_unknown_device_is_one_line_naming_the_ones_there_are(llama_build: Any, env: dict[str, str]) -> None:
     port = free_port()
-    w = Tuner(["worker", "--port", str(port), "--device", "CUDA7"], env)
+    w = TunerProcess(["worker", "--port", str(port), "--device", "CUDA7"], env)
     code = w.finish(120)
     assert code == 1
     assert w.one_line_error().startswith("tuner: error: --device CUDA7: no such device on this machine (available: ")
-    assert _rpc_servers_on(port) == []
+    assert programs_running("ggml-rpc-server", str(port)) == []
 
 
 # ------------------------------------------------------------------------------------------------ serving over RPC
@@ -262,10 +162,10 @@ def test_serve_over_two_workers_matches_llamas_log_per_device_answers_and_stops_
     with workers(2, env) as started:
         endpoints = [f"127.0.0.1:{port}" for _, port, _ in started]
         log = tmp_path / "server.log"
-        serve = Tuner(["serve", str(cluster_gguf), "--gpu", "none", "--rpc", ",".join(endpoints), "--cache-type",
+        serve = TunerProcess(["serve", str(cluster_gguf), "--gpu", "none", "--rpc", ",".join(endpoints), "--cache-type",
                        "f16", "--port", str(free_port()), "--log-file", str(log)], env)
         try:
-            ready = serve.wait_for(_is("ready"), 300)
+            ready = serve.wait_for(status_is("ready"), 300)
             command = next(e for e in serve.events if e.get("status") == "launching")["command"]
             assert command[command.index("--rpc") + 1] == ",".join(endpoints)
             reply = httpx.post(f"{ready['endpoint']}/chat/completions", timeout=120, json={
@@ -303,77 +203,48 @@ def test_serve_over_two_workers_matches_llamas_log_per_device_answers_and_stops_
             serve.kill()
         assert code == 0, serve.stderr
         assert serve.events[-1] == {"status": "stopped", "reason": "exit code 0"}
-        assert not process_alive(server_pid) and _llama_servers_for(cluster_gguf) == []
+        assert not process_alive(server_pid) and programs_running("llama-server", str(cluster_gguf)) == []
         for w, port, _ in started:
             assert w.proc.poll() is None, "a worker outlives the llama-server that used it"
-            assert len(_rpc_servers_on(port)) == 1
+            assert len(programs_running("ggml-rpc-server", str(port))) == 1
     for _, port, _ in started:
-        assert _rpc_servers_on(port) == []
+        assert programs_running("ggml-rpc-server", str(port)) == []
 
 
 def test_an_unreachable_worker_is_one_line_and_nothing_runs(llama_build: Any, cluster_gguf: Path,
                                                              env: dict[str, str]) -> None:
     port = free_port()
-    serve = Tuner(["serve", str(cluster_gguf), "--gpu", "none", "--rpc", f"127.0.0.1:{port}", "--port",
+    serve = TunerProcess(["serve", str(cluster_gguf), "--gpu", "none", "--rpc", f"127.0.0.1:{port}", "--port",
                    str(free_port())], env)
     code = serve.finish(120)
     assert code == 1
     assert serve.one_line_error().startswith(f"tuner: error: RPC worker 127.0.0.1:{port} is unreachable: the "
                                              "connection was refused")
     assert not any(e.get("status") == "launching" for e in serve.events)
-    assert _llama_servers_for(cluster_gguf) == []
+    assert programs_running("llama-server", str(cluster_gguf)) == []
 
 
 def test_a_worker_of_another_protocol_version_is_one_line(llama_build: Any, cluster_gguf: Path,
                                                           env: dict[str, str]) -> None:
     """A worker that answers the handshake as protocol 6.0.0 (a ggml-rpc-server from an older llama.cpp)."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(4)
-        port = server.getsockname()[1]
-        stop = threading.Event()
-
-        def answer() -> None:
-            server.settimeout(0.2)
-            while not stop.is_set():
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    continue
-                with conn:
-                    conn.settimeout(5)
-                    with contextlib.suppress(OSError):
-                        got = b""
-                        while len(got) < 33:
-                            chunk = conn.recv(64)
-                            if not chunk:
-                                break
-                            got += chunk
-                        conn.sendall((28).to_bytes(8, "little") + bytes([6, 0, 0, 0]) + bytes(24))
-
-        thread = threading.Thread(target=answer, daemon=True)
-        thread.start()
-        try:
-            serve = Tuner(["serve", str(cluster_gguf), "--gpu", "none", "--rpc", f"127.0.0.1:{port}", "--port",
-                           str(free_port())], env)
-            code = serve.finish(120)
-        finally:
-            stop.set()
-            thread.join(5)
+    with other_protocol_worker((6, 0, 0)) as endpoint:
+        serve = TunerProcess(["serve", str(cluster_gguf), "--gpu", "none", "--rpc", endpoint, "--port",
+                              str(free_port())], env)
+        code = serve.finish(120)
     assert code == 1
-    assert serve.one_line_error().startswith(f"tuner: error: RPC worker 127.0.0.1:{port} runs RPC protocol 6.0.0, "
+    assert serve.one_line_error().startswith(f"tuner: error: RPC worker {endpoint} runs RPC protocol 6.0.0, "
                                              "which this llama-server does not speak")
-    assert _llama_servers_for(cluster_gguf) == []
+    assert programs_running("llama-server", str(cluster_gguf)) == []
 
 
 def test_a_worker_that_dies_while_serving_is_one_line_and_leaves_nothing(
         llama_build: Any, cluster_gguf: Path, env: dict[str, str], tmp_path: Path) -> None:
     with workers(2, env) as started:
         endpoints = [f"127.0.0.1:{port}" for _, port, _ in started]
-        serve = Tuner(["serve", str(cluster_gguf), "--gpu", "none", "--rpc", ",".join(endpoints), "--cache-type",
+        serve = TunerProcess(["serve", str(cluster_gguf), "--gpu", "none", "--rpc", ",".join(endpoints), "--cache-type",
                        "f16", "--port", str(free_port()), "--log-file", str(tmp_path / "die.log")], env)
         try:
-            ready = serve.wait_for(_is("ready"), 300)
+            ready = serve.wait_for(status_is("ready"), 300)
             lost_worker, lost_port, listening = started[1]
             os.kill(listening["pid"], signal.SIGKILL)  # the worker's ggml-rpc-server
             with contextlib.suppress(httpx.HTTPError):  # the request that finds the worker gone: an empty reply
@@ -386,9 +257,10 @@ def test_a_worker_that_dies_while_serving_is_one_line_and_leaves_nothing(
         assert serve.one_line_error().startswith(
             "tuner: error: llama-server stopped unexpectedly (killed by SIGABRT): an RPC worker stopped answering "
             f"(it crashed or was stopped, or the network dropped); RPC worker {endpoints[1]} does not answer now")
-        assert not process_alive(ready["pid"]) and _llama_servers_for(cluster_gguf) == []
+        assert not process_alive(ready["pid"]) and programs_running("llama-server", str(cluster_gguf)) == []
         assert lost_worker.finish(30) == 1
         assert lost_worker.one_line_error() == "tuner: error: ggml-rpc-server stopped (killed by SIGKILL)"
-        assert _rpc_servers_on(lost_port) == []
+        assert programs_running("ggml-rpc-server", str(lost_port)) == []
         survivor, port, _ = started[0]
-        assert survivor.proc.poll() is None and len(_rpc_servers_on(port)) == 1, "the other worker keeps serving"
+        assert survivor.proc.poll() is None, "the other worker keeps serving"
+        assert len(programs_running("ggml-rpc-server", str(port))) == 1

@@ -7,13 +7,11 @@ import contextlib
 import copy
 import json
 import os
-import queue
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -23,6 +21,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from tunerproc import TunerProcess, status_is
 
 from tuner.errors import TunerError
 from tuner.fetch import fetch_candidate
@@ -549,71 +548,16 @@ def test_hub_quant_is_downloaded_once_with_all_shards_and_the_mmproj(fake_hub: A
 # ------------------------------------------------------------------------------------------------ the command
 
 
-class ServeProcess:
-    """``tuner serve … --json`` in a subprocess; its stdout JSON lines and stderr collected as they come."""
+class ServeProcess(TunerProcess):
+    """``tuner serve … [--json]`` in a subprocess (:class:`tunerproc.TunerProcess`)."""
 
     def __init__(self, args: list[str], env: dict[str, str], as_json: bool = True) -> None:
-        cmd = [sys.executable, "-m", "tuner", "serve", *args, *(["--json"] if as_json else [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self.events: list[dict[str, Any]] = []
-        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True),
-                         threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _pump(self, stream: Any, is_stdout: bool) -> None:
-        for line in stream:
-            (self.stdout if is_stdout else self.stderr).append(line)
-            if is_stdout:
-                self.lines.put(line)
-        if is_stdout:
-            self.lines.put(None)
-
-    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 120) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"timed out; stdout={self.stdout} stderr={self.stderr}") from None
-            if line is None:
-                raise AssertionError(f"tuner exited ({self.proc.wait()}); stdout={self.stdout} stderr={self.stderr}")
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                self.events.append(event)
-                if pred(event):
-                    return event
-
-    def finish(self, timeout_s: float = 60) -> int:
-        code = self.proc.wait(timeout=timeout_s)
-        for t in self._threads:
-            t.join(timeout=5)
-        while True:  # the events printed after the last wait_for
-            try:
-                line = self.lines.get_nowait()
-            except queue.Empty:
-                break
-            if line is not None:
-                with contextlib.suppress(ValueError):
-                    self.events.append(json.loads(line))
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(["serve", *args], env, as_json)
 
 
 @pytest.fixture
 def serve_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "TUNER_CONFIG_DIR": str(tmp_path / "config"), "PYTHONUNBUFFERED": "1"}
-
-
-def _is(status: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: e.get("status") == status
 
 
 @pytest.mark.server
@@ -625,7 +569,7 @@ def test_serve_becomes_ready_answers_checks_memory_and_stops_cleanly(
     serve = ServeProcess([str(hybrid_gguf), "--gpu", "none", "--cache-type", "f16", "--port", str(port),
                           "--log-file", str(tmp_path / "server.log")], serve_env)
     try:
-        ready = serve.wait_for(_is("ready"))
+        ready = serve.wait_for(status_is("ready"))
         server_pid = ready["pid"]
         assert process_alive(server_pid)
         assert psutil.Process(server_pid).ppid() == serve.proc.pid
@@ -683,7 +627,7 @@ def test_time_to_healthy_against_llama_server_started_by_hand(
     serve = ServeProcess([str(hybrid_gguf), "--gpu", "none", "--cache-type", "f16", "--port", str(free_port()),
                           "--log-file", str(tmp_path / "tuner.log")], serve_env)
     try:
-        serve.wait_for(_is("ready"))
+        serve.wait_for(status_is("ready"))
         tuner_s = time.monotonic() - started
         command = next(e for e in serve.events if e.get("status") == "launching")["command"]
         serve.proc.send_signal(signal.SIGINT)
@@ -889,7 +833,7 @@ def test_llama_server_dying_while_serving_is_reported_with_its_log(
     serve = ServeProcess([str(tiny_moe_gguf), "--gpu", "none", "--cache-type", "f16", "--port", str(free_port()),
                           "--log-file", str(tmp_path / "die.log")], serve_env)
     try:
-        ready = serve.wait_for(_is("ready"))
+        ready = serve.wait_for(status_is("ready"))
         os.kill(ready["pid"], signal.SIGKILL)
         code = serve.finish()
     finally:
@@ -906,7 +850,7 @@ def test_killing_tuner_outright_takes_llama_server_with_it(llama_build: Any, tin
     serve = ServeProcess([str(tiny_moe_gguf), "--gpu", "none", "--cache-type", "f16", "--port", str(free_port()),
                           "--log-file", str(tmp_path / "k.log")], serve_env)
     try:
-        server_pid = serve.wait_for(_is("ready"))["pid"]
+        server_pid = serve.wait_for(status_is("ready"))["pid"]
         serve.proc.send_signal(signal.SIGKILL)
         serve.finish()
         deadline = time.monotonic() + 10
@@ -927,7 +871,7 @@ def test_hub_model_is_planned_downloaded_and_served(llama_build: Any, fake_hub: 
     serve = ServeProcess(["acme/Tiny-GGUF:F16", "--gpu", "none", "--cache-type", "f16", "--port", str(free_port()),
                           "--server-bin", str(llama_build.server_bin), "--log-file", str(tmp_path / "hub.log")], env)
     try:
-        ready = serve.wait_for(_is("ready"))
+        ready = serve.wait_for(status_is("ready"))
         plan = next(e for e in serve.events if "plan" in e)["plan"]
         assert plan["source"] == "hub" and len(plan["files"]) == 3
         model_path = next(e for e in serve.events if e.get("status") == "launching")["command"][2]
@@ -987,7 +931,7 @@ def test_serve_replans_from_the_downloaded_header_when_it_differs_from_the_card(
     serve = ServeProcess([card_hub.card, "--gpu", "none", "--ctx-size", "1024", "--port", str(free_port()),
                           "--server-bin", str(llama_build.server_bin), "--log-file", str(tmp_path / "s.log")], env)
     try:
-        serve.wait_for(_is("ready"))
+        serve.wait_for(status_is("ready"))
         warning = next(e for e in serve.events if e.get("kind") == "replan")
         assert "Tiny-Q8_0.gguf is not the file the plan was sized for" in warning["warning"]
         plans = [e for e in serve.events if "plan" in e]

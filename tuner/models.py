@@ -100,13 +100,8 @@ def resolve_layout(ref: str, on_progress: ProgressFn | None = None) -> ModelLayo
     parsed = parse_model_ref(ref)
     if parsed.kind == "file":
         return local_layout(parsed.target)
-    if parsed.quant is None:
-        labels = _ladder_labels(parsed)
-        if len(labels) != 1:
-            raise TunerError(f"{ref} comes in {len(labels)} quants; name one as {parsed.target}:QUANT "
-                             f"({', '.join(labels)})")
-    candidates = resolve_candidates(ref, on_progress)
-    return candidates[0].layout
+    _require_one_quant(ref, parsed)
+    return resolve_candidates(ref, on_progress)[0].layout
 
 
 def resolve_candidate(ref: str, on_progress: ProgressFn | None = None) -> QuantCandidate:
@@ -115,12 +110,17 @@ def resolve_candidate(ref: str, on_progress: ProgressFn | None = None) -> QuantC
     parsed = parse_model_ref(ref)
     if parsed.kind == "file":
         return file_candidate(parsed.target)
+    _require_one_quant(ref, parsed)
+    return resolve_candidates(ref, on_progress)[0]
+
+
+def _require_one_quant(ref: str, parsed: ModelRef) -> None:
+    """A reference without ``:QUANT`` names one quant only when its ladder has one."""
     if parsed.quant is None:
         labels = _ladder_labels(parsed)
         if len(labels) != 1:
             raise TunerError(f"{ref} comes in {len(labels)} quants; name one as {parsed.target}:QUANT "
                              f"({', '.join(labels)})")
-    return resolve_candidates(ref, on_progress)[0]
 
 
 def _ladder_labels(parsed: ModelRef) -> list[str]:

@@ -293,6 +293,29 @@ def _write_random_roles(path: Path, spec: SynthSpec, plan: TensorPlan, type_name
             fh.write(random_block_bytes(rng, ggml_type(type_name(info.name, roles[info.name])), info.n_elements))
 
 
+def _write_sparse(writer: GGUFWriter, path: Path, tensors: list[tuple[str, tuple[int, ...], str]]) -> None:
+    """Write ``writer``'s header for ``tensors`` (name, shape, ggml type name) and extend the file to its full size
+    without writing the data (a sparse file: the full size, reading as zeros, with no data blocks)."""
+    sizes = []
+    for name, shape, type_name in tensors:
+        t = ggml_type(type_name)
+        nbytes = tensor_bytes(t, shape)
+        writer.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nbytes,
+                               raw_dtype=GGMLQuantizationType(t.type_id))
+        sizes.append(nbytes)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    fout = writer.fout[0] if isinstance(writer.fout, list) else writer.fout
+    assert fout is not None
+    fout.flush()
+    header_end = fout.tell()
+    writer.close()
+    align = writer.data_alignment
+    with open(path, "r+b") as fh:
+        fh.truncate(-(-header_end // align) * align + sum(-(-n // align) * align for n in sizes))
+
+
 def write_synthetic_gguf(path: str | os.PathLike[str], spec: SynthSpec | None = None, *,
                          split_max_tensors: int = 0,
                          type_for: Callable[[str, str], str] | None = None,
@@ -317,22 +340,7 @@ def write_synthetic_gguf(path: str | os.PathLike[str], spec: SynthSpec | None = 
             raise TunerError("sparse (fill='zeros') models are written as one file")
         writer = GGUFWriter(path, spec.arch)
         _metadata(spec, writer)
-        for name, shape, role in plan:
-            t = ggml_type(type_name(name, role))
-            writer.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), tensor_bytes(t, shape),
-                                   raw_dtype=GGMLQuantizationType(t.type_id))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0] if isinstance(writer.fout, list) else writer.fout
-        assert fout is not None
-        fout.flush()
-        header_end = fout.tell()
-        writer.close()
-        align = writer.data_alignment
-        data = sum(-(-tensor_bytes(ggml_type(type_name(n, r)), s) // align) * align for n, s, r in plan)
-        with open(path, "r+b") as fh:
-            fh.truncate(-(-header_end // align) * align + data)
+        _write_sparse(writer, path, [(name, shape, type_name(name, role)) for name, shape, role in plan])
         if spec.random_roles:
             _write_random_roles(path, spec, plan, type_name)
         return [path]
@@ -477,24 +485,7 @@ def write_synthetic_mmproj(path: str | os.PathLike[str], spec: MmprojSpec | None
     writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     writer.add_uint32("general.file_type", 1)
-    sizes = []
-    for name, shape, type_name in spec.tensors():
-        t = ggml_type(type_name)
-        nbytes = tensor_bytes(t, shape)
-        writer.add_tensor_info(name, tuple(reversed(shape)), np.dtype(np.float32), nbytes,
-                               raw_dtype=GGMLQuantizationType(t.type_id))
-        sizes.append(nbytes)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    fout = writer.fout[0] if isinstance(writer.fout, list) else writer.fout
-    assert fout is not None
-    fout.flush()
-    header_end = fout.tell()
-    writer.close()
-    align = writer.data_alignment
-    with open(path, "r+b") as fh:
-        fh.truncate(-(-header_end // align) * align + sum(-(-n // align) * align for n in sizes))
+    _write_sparse(writer, path, list(spec.tensors()))
     return path
 
 
