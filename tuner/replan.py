@@ -35,6 +35,7 @@ class Replanned:
     changed (one line)."""
 
     plan: Plan
+    header: ModelLayout  # the downloaded file's layout, read once here (serve's health check reads it too)
     why: str | None = None
     changes: tuple[str, ...] = ()
 
@@ -66,7 +67,7 @@ def replan_from_file(plan: Plan, model_path: str | Path, hardware: Hardware, wis
     header = local_layout(path)
     planned = plan.candidate.layout
     if same_tensors(header, planned):
-        return Replanned(plan)
+        return Replanned(plan, header)
     why = (f"{path.name} is not the file the plan was sized for: its weights are "
            f"{fmt_bytes(header.weights_bytes)}, not {fmt_bytes(planned.weights_bytes)}"
            if header.weights_bytes != planned.weights_bytes else
@@ -78,4 +79,4 @@ def replan_from_file(plan: Plan, model_path: str | Path, hardware: Hardware, wis
         raise TunerError(f"{why}; re-planned from its header, it no longer fits: {exc.one_line()}") from None
     before, after = plan.to_dict(), new.to_dict()
     changes = tuple(f"{label} {before[key]} → {after[key]}" for key, label in _COMPARED if before[key] != after[key])
-    return Replanned(new, why, changes)
+    return Replanned(new, header, why, changes)

@@ -79,6 +79,7 @@ from tuner.fetch import FetchedModel, FetchProgressFn, fetch_candidate
 from tuner.flags import FLAGS, flag_value, has_flag, set_flag, without_flags
 from tuner.hardware import Gpu, Hardware, NvmlApi, gpu_process_memory_bytes, read_gpus
 from tuner.health import Health
+from tuner.layout import ModelLayout
 from tuner.models import QuantCandidate
 from tuner.paths import cache_dir, config_dir, write_atomic
 from tuner.planner import Measured, Plan, Wishes, plan_for
@@ -224,14 +225,13 @@ def default_log_path(alias: str, port: int) -> Path:
     return cache_dir() / "logs" / f"llama-server-{safe}-{port}.log"
 
 
-def check_served(plan: Plan, fetched: FetchedModel, on_event: EventFn | None = None) -> Health:
-    """:mod:`tuner.health`'s findings for the file about to be served (read from the downloaded file when the plan
-    came from a card), emitted as one ``health`` event and a ``warning`` per warning (which template is served is
-    :func:`announce_template`'s, once the arguments are known)."""
+def check_served(plan: Plan, fetched: FetchedModel, header: ModelLayout, on_event: EventFn | None = None) -> Health:
+    """:mod:`tuner.health`'s findings for the file about to be served (``header``: the downloaded file's layout, which
+    a plan from a card is checked on), emitted as one ``health`` event and a ``warning`` per warning (which template
+    is served is :func:`announce_template`'s, once the arguments are known)."""
     from tuner import health
-    from tuner.models import local_layout
 
-    layout = local_layout(fetched.model_path) if plan.candidate.source == "card" else None
+    layout = header if plan.candidate.source == "card" else None
     found = health.check(plan.candidate, vision=plan.vision, layout=layout, mtp_blocked=plan.mtp_blocked,
                          model_paths=[str(p) for p in fetched.shard_paths] if plan.candidate.source != "hub" else ())
     _emit(on_event, {"health": found.to_list()})
@@ -780,7 +780,7 @@ def start_serving(model_ref: str | None, hardware: Hardware, wishes: Wishes, opt
         _emit(on_event, {"plan": plan.to_dict(), "replanned": True})
         if plan.uses_sidecar and fetched.mtp_path is None:  # the file's header let it draft with the sidecar
             fetched = fetch_candidate(candidate, vision=plan.vision, on_progress=on_fetch_progress, mtp_sidecar=True)
-    health = check_served(plan, fetched, on_event)
+    health = check_served(plan, fetched, replanned.header, on_event)
 
     alias = model_alias(candidate, fetched.model_path, options.alias)
     mmproj = str(fetched.mmproj_path) if fetched.mmproj_path else None
