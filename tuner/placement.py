@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tuner.devices import CPU, Device, model_devices, slot_devices, tensor_placement
 from tuner.errors import TunerError
@@ -67,6 +68,23 @@ Correction = Callable[[MemoryEstimate], MemoryEstimate]
 Estimator = Callable[[ModelLayout, ServerFlags], MemoryEstimate]
 FLAG_TS = FLAGS["tensor_split"].long
 _INF = float("inf")
+
+
+_T = TypeVar("_T")
+
+
+def bisect_fit(bad: int, good: int, probe: Callable[[int], _T | None], good_result: _T) -> _T:
+    """Binary search over a monotone fit: ``probe(good)`` fits (its result is ``good_result``), ``probe(bad)``
+    does not; the result at the fitting value nearest ``bad`` (``probe`` is called O(log|good - bad|) times).
+    Works in either direction: the fewest expert layers in RAM, the most GPU layers, the largest context."""
+    while abs(good - bad) > 1:
+        mid = (good + bad) // 2
+        got = probe(mid)
+        if got is not None:
+            good, good_result = mid, got
+        else:
+            bad = mid
+    return good_result
 
 
 def devices_of(hardware: Hardware) -> list[Device]:
@@ -576,18 +594,11 @@ class _Ordered:
             choice = self._solve(led, mode, None)
             return None if choice is None else self._checked(layout, flags, led, choice, mode)
 
-        lo, hi = 0, led.n_slots  # lo: does not fit (tried above, with spills); hi: every slot on the CPU (-ngl 0)
-        hi_result = probe(hi)
-        if hi_result is None:  # not even the CPU's share of the compute buffers on the devices
+        # 0 does not fit (tried above, with spills); n_slots: every slot on the CPU (-ngl 0)
+        all_on_cpu = probe(led.n_slots)
+        if all_on_cpu is None:  # not even the CPU's share of the compute buffers on the devices
             return None
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            at = probe(mid)
-            if at is not None:
-                hi, hi_result = mid, at
-            else:
-                lo = mid
-        return hi_result
+        return bisect_fit(0, led.n_slots, probe, all_on_cpu)
 
 
 def _better(a: tuple[float, float, float, float, int], b: tuple[float, float, float, float, int]) -> bool:

@@ -71,7 +71,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tuner import policy
 from tuner.cards import preset_args
@@ -85,7 +85,7 @@ from tuner.hardware import Hardware, gpu_split, rpc_endpoints
 from tuner.layout import ModelLayout
 from tuner.models import ProgressFn, QuantCandidate, read_projector, resolve_candidates
 from tuner.mtp import DRAFT_LENGTHS, MTP_ACCEPTANCE, drafting_blocked, mtp_flags, predict_mtp
-from tuner.placement import Placer, cpu_expert_layers, cpu_expert_tensors, devices_of, placement_reason
+from tuner.placement import Placer, bisect_fit, cpu_expert_layers, cpu_expert_tensors, devices_of, placement_reason
 from tuner.policy import BALANCED
 from tuner.speed import Prediction, predict_speed
 from tuner.units import GiB, MiB, fmt_bytes
@@ -469,21 +469,6 @@ class _Miss:
         return ", ".join(x for x in (self.candidate.quant, f"KV {self.kv}", self.placement) if x)
 
 
-_T = TypeVar("_T")
-
-
-def _bisect(bad: int, good: int, probe: Callable[[int], _T | None], good_result: _T) -> _T:
-    """Binary search over a monotone fit: ``probe(good)`` fits (its result is ``good_result``), ``probe(bad)``
-    does not; the result at the fitting value nearest ``bad`` (``probe`` is called O(log|good - bad|) times).
-    Works in either direction: the fewest expert layers in RAM, the most GPU layers, the largest context."""
-    while abs(good - bad) > 1:
-        mid = (good + bad) // 2
-        got = probe(mid)
-        if got is not None:
-            good, good_result = mid, got
-        else:
-            bad = mid
-    return good_result
 
 
 class _Search:
@@ -578,13 +563,13 @@ class _Search:
             all_cpu = flags.with_(n_cpu_moe=lay.n_layer)
             fitted = probe(all_cpu)
             if fitted is not None:  # the fewest expert layers in RAM
-                return _bisect(0, lay.n_layer, lambda n: probe(flags.with_(n_cpu_moe=n)), fitted)
+                return bisect_fit(0, lay.n_layer, lambda n: probe(flags.with_(n_cpu_moe=n)), fitted)
             flags = all_cpu
         # not even with every expert in RAM: leave whole layers on the CPU as well (the most -ngl that fits)
         none_on_gpu = probe(flags.with_(n_gpu_layers=0))
         if none_on_gpu is None:
             return None
-        return _bisect(lay.n_layer_all + 1, 0, lambda ngl: probe(flags.with_(n_gpu_layers=ngl)), none_on_gpu)
+        return bisect_fit(lay.n_layer_all + 1, 0, lambda ngl: probe(flags.with_(n_gpu_layers=ngl)), none_on_gpu)
 
     def fit_host(self, cand: QuantCandidate, flags: ServerFlags, est: MemoryEstimate, budget: Budget
                  ) -> tuple[ServerFlags, MemoryEstimate, tuple[str, ...]] | None:
@@ -648,7 +633,7 @@ class _Search:
                 hi = step
                 break
             lo, best = step, got
-        return _bisect(hi, lo, probe, best)
+        return bisect_fit(hi, lo, probe, best)
 
     def _largest_ctx_placed(self, cand: QuantCandidate, flags: ServerFlags, est: MemoryEstimate, budget: Budget,
                             floor: int, cap: int) -> tuple[ServerFlags, MemoryEstimate]:
@@ -666,7 +651,7 @@ class _Search:
         top = probe(cap // CTX_STEP, speed=True)  # the context is final: the fastest split that holds it
         if top is not None:
             return top
-        return _bisect(cap // CTX_STEP, floor // CTX_STEP, probe, (flags, est))
+        return bisect_fit(cap // CTX_STEP, floor // CTX_STEP, probe, (flags, est))
 
     def option(self, cand: QuantCandidate, kv: str, floor: int, cap: int) -> _Option | _Miss:
         budget = self.budget_for_candidate(cand)
