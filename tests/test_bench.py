@@ -495,11 +495,15 @@ def test_tune_searches_far_fewer_launches_than_the_grid_and_never_launches_what_
             assert fits(estimate_memory(layout, t.config.flags), budget)
     assert len(res.launches) < res.grid_size / 4
     assert dict(res.dimensions)["mtp"] == (None, "draft-mtp")
-    # every measured trial that drafts keeps the server's acceptance counts; the others have none
-    drafting = [t.to_dict() for t in res.trials if t.fits and t.config.flags.spec_type == "draft-mtp"]
-    assert drafting and all(t["draft_acceptance"]["drafted"] > 0 for t in drafting)
-    assert all(t.to_dict()["draft_acceptance"] is None for t in res.trials
-               if t.config.flags.spec_type is None or not t.fits)
+    # every measured trial that drafts keeps the server's acceptance counts; the others have none. Whether the
+    # drafting challenger fits depends on the incumbent the earlier (noisy) rounds chose (more slots, a larger
+    # ubatch), so it is either measured or skipped with its reason (the counts: test_a_tune_trial_that_drafts_...).
+    tried = [t for t in res.trials if t.config.flags.spec_type == "draft-mtp"]
+    assert tried, "the mtp dimension was searched"
+    for t in tried:
+        got = t.to_dict()["draft_acceptance"]
+        assert (got is not None and got["drafted"] > 0) if t.fits else (got is None and t.reason)
+    assert all(t.to_dict()["draft_acceptance"] is None for t in res.trials if t.config.flags.spec_type is None)
     names = [la.name for la in res.launches]
     assert len(names) == len(set(names)), "each configuration launched once: the incumbent and plan stay up"
     depth = 2048 - cfg.room()
